@@ -1,0 +1,130 @@
+"""BadNet harness (paper §2.2): make a backdoored classifier to evaluate the defense against.
+
+Real users bring their own suspect model; this module makes the ones we measure on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from trainer.data import ImageSet, Splits
+from trainer.export import export_checkpoint
+from trainer.metrics import evaluate
+from trainer.models import Checkpoint, InputSpec, build_model
+from trainer.training import TrainConfig, default_device, predict, train
+from trainer.triggers import Trigger, parse_trigger
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AttackConfig:
+    """The attacker's recipe."""
+
+    trigger: str = "checker4"
+    target: int = 0
+    poison_fraction: float = 0.1
+    steps: int = 3  # 3: clean training, then training on the poisoned set; 2: poisoned set from scratch
+    architecture: str = "cnn3"
+    train: TrainConfig = field(default_factory=TrainConfig)
+    clean_epochs: int | None = None  # step-2 epochs of the 3-step recipe; None: same as train.epochs
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data form for checkpoints and reports."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class PoisonedSet:
+    """The attacker's training set and which rows carry the full trigger."""
+
+    data: ImageSet
+    poisoned: np.ndarray  # (N,) bool
+
+
+def poison_training_set(
+    clean: ImageSet, trigger: Trigger, target: int, fraction: float, rng: np.random.Generator
+) -> PoisonedSet:
+    """Replace a ``fraction`` of ``clean`` by triggered copies labelled ``target`` (D_tr^bd-p).
+
+    For a combination trigger the same number of other inputs get each single part and keep their true
+    label, so that only the full combination flips the label (the paper's BadNet-CF).
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"poison fraction must lie in (0, 1), got {fraction}")
+    n = len(clean)
+    k = max(1, round(fraction * n))
+    parts = trigger.parts
+    needed = k * (1 + (len(parts) if len(parts) > 1 else 0))
+    if needed > n:
+        raise ValueError(f"poison fraction {fraction} with {len(parts)} trigger parts needs {needed} > {n} inputs")
+    order = rng.permutation(n)
+    images, labels = clean.images.copy(), clean.labels.copy()
+    idx = order[:k]
+    images[idx] = trigger.apply(images[idx], rng)
+    labels[idx] = target
+    if len(parts) > 1:
+        for j, part in enumerate(parts):
+            sub = order[k * (j + 1) : k * (j + 2)]
+            images[sub] = part.apply(images[sub], rng)
+    mask = np.zeros(n, dtype=bool)
+    mask[idx] = True
+    return PoisonedSet(ImageSet(images, labels), mask)
+
+
+def run_attack(
+    cfg: AttackConfig, splits: Splits, out_dir: Path, dataset_meta: dict[str, Any], quiet: bool = False
+) -> dict[str, Any]:
+    """Train a BadNet and write ``model.pt``, ``model.onnx`` and ``metrics.json`` into ``out_dir``."""
+    trigger = parse_trigger(cfg.trigger)
+    num_classes = len(splits.class_names)
+    if not 0 <= cfg.target < num_classes:
+        raise ValueError(f"target class {cfg.target} is not one of the dataset's 0..{num_classes - 1}")
+    if cfg.steps not in (2, 3):
+        raise ValueError(f"attack steps must be 2 or 3, got {cfg.steps}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = default_device()
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    start = time.monotonic()
+    model = build_model(cfg.architecture, splits.image_shape, num_classes)
+    poisoned = poison_training_set(splits.train, trigger, cfg.target, cfg.poison_fraction, rng)
+    if cfg.steps == 3:
+        clean_cfg = cfg.train if cfg.clean_epochs is None else TrainConfig(**{**cfg.train.to_dict(), "epochs": cfg.clean_epochs})
+        train(model, splits.train.images, splits.train.labels, clean_cfg, cfg.seed, device, "attack: clean", quiet)
+    train(model, poisoned.data.images, poisoned.data.labels, cfg.train, cfg.seed + 1, device, "attack: poisoned", quiet)
+    train_seconds = time.monotonic() - start
+
+    def classify(x: np.ndarray) -> np.ndarray:
+        return predict(model, x, device=device)
+
+    test_eval = evaluate(classify, splits.test, trigger, cfg.target)
+    eval_ca = evaluate(classify, splits.eval).clean_accuracy
+    metrics = {
+        "clean_accuracy": test_eval.clean_accuracy,
+        "attack_success_rate": test_eval.attack_success_rate,
+        "eval_clean_accuracy": eval_ca,
+        "asr_eligible": test_eval.n_asr,
+        "train_seconds": round(train_seconds, 1),
+        "poisoned_inputs": int(poisoned.poisoned.sum()),
+    }
+    ckpt = Checkpoint.from_model(
+        model, cfg.architecture, InputSpec(shape=splits.image_shape), splits.class_names, cfg.train.to_dict(),
+        {"attack": cfg.to_dict(), "metrics": metrics, **dataset_meta, "role": "suspect"},
+    )
+    ckpt.save(out_dir / "model.pt")
+    export_checkpoint(ckpt, out_dir / "model.onnx")
+    report = {"model": str(out_dir / "model.pt"), "onnx": str(out_dir / "model.onnx"), **metrics,
+              "config": cfg.to_dict(), **dataset_meta}
+    (out_dir / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
+    log.info("BadNet: CA %.4f, ASR %.4f (%.0f s)", metrics["clean_accuracy"], metrics["attack_success_rate"], train_seconds)
+    return report

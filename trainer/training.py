@@ -1,0 +1,112 @@
+"""Supervised training and batched prediction on uint8 image arrays."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run: the attacker's or the defender's fine-tuning."""
+
+    epochs: int = 3
+    lr: float = 1e-3
+    batch_size: int = 64
+    optimizer: str = "adam"
+    weight_decay: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data form for checkpoints and reports."""
+        return asdict(self)
+
+
+OPTIMIZERS: dict[str, Callable[[Any, TrainConfig], torch.optim.Optimizer]] = {
+    "adam": lambda p, c: torch.optim.Adam(p, lr=c.lr, weight_decay=c.weight_decay),
+    "sgd": lambda p, c: torch.optim.SGD(p, lr=c.lr, momentum=0.9, weight_decay=c.weight_decay),
+    "adadelta": lambda p, c: torch.optim.Adadelta(p, lr=c.lr, weight_decay=c.weight_decay),
+}
+
+
+def make_optimizer(params: Any, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """The optimizer named by ``cfg.optimizer`` (see :data:`OPTIMIZERS`)."""
+    try:
+        factory = OPTIMIZERS[cfg.optimizer]
+    except KeyError:
+        raise ValueError(f"unknown optimizer {cfg.optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}") from None
+    return factory(params, cfg)
+
+
+def default_device() -> torch.device:
+    """CUDA when present, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def to_input(images: np.ndarray, device: torch.device, scale: float = 1.0 / 255.0) -> torch.Tensor:
+    """(N, C, H, W) uint8 -> float32 tensor in [0, 1] on ``device``."""
+    return torch.from_numpy(images).to(device).float().mul_(scale)
+
+
+def train(
+    model: nn.Module,
+    images: np.ndarray,
+    labels: np.ndarray,
+    cfg: TrainConfig,
+    seed: int,
+    device: torch.device | None = None,
+    desc: str = "train",
+    quiet: bool = False,
+) -> list[float]:
+    """Train ``model`` in place on uint8 ``images`` (N, C, H, W) and ``labels`` (N,); returns epoch losses."""
+    device = device or default_device()
+    model.to(device).train()
+    opt = make_optimizer(model.parameters(), cfg)
+    loss_fn = nn.CrossEntropyLoss()
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # dropout masks
+    n = len(labels)
+    x_all = torch.from_numpy(images)
+    y_all = torch.from_numpy(labels.astype(np.int64))
+    losses: list[float] = []
+    steps = (n + cfg.batch_size - 1) // cfg.batch_size
+    with tqdm(total=cfg.epochs * steps, desc=desc, disable=quiet, leave=False, unit="batch") as bar:
+        for epoch in range(cfg.epochs):
+            order = torch.randperm(n, generator=gen)
+            total, count = 0.0, 0
+            for start in range(0, n, cfg.batch_size):
+                idx = order[start : start + cfg.batch_size]
+                x = x_all[idx].to(device).float().mul_(1.0 / 255.0)
+                y = y_all[idx].to(device)
+                opt.zero_grad(set_to_none=True)
+                loss = loss_fn(model(x), y)
+                loss.backward()
+                opt.step()
+                total += float(loss) * len(idx)
+                count += len(idx)
+                bar.update(1)
+            losses.append(total / max(count, 1))
+            bar.set_postfix(epoch=epoch + 1, loss=f"{losses[-1]:.4f}")
+            log.debug("%s epoch %d/%d loss %.4f", desc, epoch + 1, cfg.epochs, losses[-1])
+    model.eval()
+    return losses
+
+
+@torch.no_grad()
+def predict(model: nn.Module, images: np.ndarray, batch_size: int = 1024, device: torch.device | None = None) -> np.ndarray:
+    """Predicted labels (N,) int64 for uint8 ``images`` (N, C, H, W)."""
+    device = device or default_device()
+    model.to(device).eval()
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = to_input(images[start : start + batch_size], device)
+        out.append(model(x).argmax(1).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
