@@ -90,7 +90,7 @@ def train(
                 loss = loss_fn(model(x), y)
                 loss.backward()
                 opt.step()
-                total += float(loss) * len(idx)
+                total += loss.item() * len(idx)
                 count += len(idx)
                 bar.update(1)
             losses.append(total / max(count, 1))

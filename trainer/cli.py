@@ -1,0 +1,243 @@
+"""``nnoc-trainer``: the trainer's command line. It parses flags into configs and calls the stages."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger("trainer")
+
+EXIT_BAD_INPUT = 2
+EXIT_GATE = 3
+
+
+def _image_size(text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HxW, e.g. 32x32, got {text!r}") from None
+    return h, w
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1], got {text}")
+    return value
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("output")
+    g.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
+    g.add_argument("--quiet", action="store_true", help="no progress bars, warnings only")
+    g.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING (default INFO, WARNING with --quiet)")
+
+
+def _add_data(p: argparse.ArgumentParser) -> None:
+    from trainer.data import DATASETS
+
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default="fashion-mnist", choices=sorted(DATASETS), help="dataset (default fashion-mnist)")
+    g.add_argument("--data-dir", type=Path, default=None,
+                   help="folder with the dataset's idx files or an ImageFolder tree (default: the Debian package's)")
+    g.add_argument("--image-size", type=_image_size, default=None, help="resize ImageFolder images to HxW")
+    g.add_argument("--split-seed", type=int, default=0, help="seed of the train/valid/stream split (default 0)")
+    g.add_argument("--valid-size", type=int, default=5000, help="defender's D_valid size (default 5000)")
+    g.add_argument("--eval-fraction", type=float, default=0.2, help="share of D_valid held out as D_eval (default 0.2)")
+    g.add_argument("--stream-size", type=int, default=5000, help="post-deployment stream size (default 5000)")
+    g.add_argument("--train-size", type=int, default=None, help="cap on the attacker's training set (default: rest)")
+    g.add_argument("--test-size", type=int, default=None, help="cap on the test set (default: all)")
+
+
+def _splits(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
+    from trainer.data import DataConfig, SplitConfig, load_splits
+
+    data = DataConfig(args.dataset, args.data_dir, args.image_size)
+    split = SplitConfig(valid=args.valid_size, eval_fraction=args.eval_fraction, stream=args.stream_size,
+                        train=args.train_size, test=args.test_size, seed=args.split_seed)
+    splits = load_splits(data, split)
+    meta = {"dataset": args.dataset, "data_dir": str(args.data_dir) if args.data_dir else None,
+            "split": {**split.__dict__}, "split_sizes": splits.sizes()}
+    return splits, meta
+
+
+def cmd_attack(args: argparse.Namespace) -> dict[str, Any]:
+    """Train a BadNet (evaluation harness)."""
+    from trainer.attack import AttackConfig, run_attack
+    from trainer.training import TrainConfig
+
+    splits, meta = _splits(args)
+    cfg = AttackConfig(
+        trigger=args.trigger, target=args.target, poison_fraction=args.poison_fraction, steps=args.attack_steps,
+        architecture=args.arch, clean_epochs=args.clean_epochs, seed=args.seed,
+        train=TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, optimizer=args.optimizer),
+    )
+    return run_attack(cfg, splits, args.out, meta, quiet=args.quiet)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
+    """CA (and ASR with a trigger) of a .pt or .onnx classifier."""
+    from trainer.metrics import evaluate
+    from trainer.triggers import parse_trigger
+
+    splits, meta = _splits(args)
+    trigger = parse_trigger(args.trigger) if args.trigger else None
+    if (trigger is None) != (args.target is None):
+        raise ValueError("--trigger and --target go together (ASR needs both)")
+    classify = load_classifier(args.model, splits.image_shape, len(splits.class_names))
+    reference = load_classifier(args.reference, splits.image_shape, len(splits.class_names)) if args.reference else None
+    result = evaluate(classify, splits.test, trigger, args.target, reference, seed=args.seed)
+    out = {"model": str(args.model), **result.to_dict(), "trigger": args.trigger, "target": args.target,
+           "reference": str(args.reference) if args.reference else None, "dataset": meta["dataset"]}
+    return out
+
+
+def load_classifier(path: Path, shape: tuple[int, int, int], num_classes: int) -> Callable[[Any], Any]:
+    """A .pt checkpoint of ours or any .onnx classifier, checked against the dataset's input shape."""
+    if path.suffix == ".onnx":
+        from trainer.export import OnnxClassifier
+
+        onnx_model = OnnxClassifier(path, expected_shape=shape)
+        n_out = onnx_model.logits(np.zeros((1, *shape), dtype=np.uint8)).shape[-1]
+        if n_out != num_classes:
+            raise ValueError(f"{path}: model has {n_out} outputs, the dataset has {num_classes} classes")
+        return onnx_model
+    from trainer.models import Checkpoint
+    from trainer.training import predict
+
+    ckpt = Checkpoint.load(path)
+    if tuple(ckpt.input_spec.shape) != tuple(shape):
+        raise ValueError(f"{path}: model expects inputs of shape {ckpt.input_spec.shape}, the dataset has {shape}")
+    if len(ckpt.class_names) != num_classes:
+        raise ValueError(f"{path}: model has {len(ckpt.class_names)} classes, the dataset has {num_classes}")
+    model = ckpt.build()
+    return lambda x: predict(model, x)
+
+
+def cmd_predeploy(args: argparse.Namespace) -> dict[str, Any]:
+    """Algorithm 1 and bundle v1."""
+    from trainer.noise import NoiseConfig
+    from trainer.predeploy import PredeployConfig, run_predeploy
+    from trainer.triggers import parse_trigger
+
+    if (args.eval_trigger is None) != (args.target is None):
+        raise ValueError("--eval-trigger and --target go together")
+    trigger = parse_trigger(args.eval_trigger) if args.eval_trigger else None
+    splits, _ = _splits(args)
+    cfg = PredeployConfig(
+        gammas=tuple(args.gammas), alpha0=args.alpha0, max_rounds=args.max_rounds, max_ca_drop=args.max_ca_drop,
+        epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
+        noise=NoiseConfig(mode=args.noise_mode, grid=args.noise_grid, mean=args.noise_mean, std=args.noise_std),
+    )
+    result = run_predeploy(args.model, splits, cfg, args.out, args.fleet, trigger, args.target, quiet=args.quiet)
+    return result.report
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """All subcommands and their flags."""
+    from trainer.models import ARCHITECTURES
+    from trainer.noise import MASK_MODES
+    from trainer.predeploy import PAPER_GAMMAS
+    from trainer.training import OPTIMIZERS
+    from trainer.triggers import GRAMMAR
+
+    parser = argparse.ArgumentParser(prog="nnoc-trainer", description="NNoculation trainer backend",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=GRAMMAR)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("attack", help="train a BadNet to evaluate the defense against",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=GRAMMAR)
+    _add_data(p)
+    p.add_argument("--trigger", default="checker4", help="trigger spec (see below)")
+    p.add_argument("--target", type=int, default=0, help="attacker's target class (default 0)")
+    p.add_argument("--poison-fraction", type=_fraction, default=0.1, help="share of training inputs poisoned")
+    p.add_argument("--attack-steps", type=int, choices=(2, 3), default=3,
+                   help="3: clean training then the poisoned set (paper); 2: poisoned set from scratch")
+    p.add_argument("--arch", default="cnn3", choices=sorted(ARCHITECTURES))
+    p.add_argument("--epochs", type=int, default=3, help="epochs on the poisoned set")
+    p.add_argument("--clean-epochs", type=int, default=None, help="epochs of the clean step (3-step only)")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--optimizer", default="adam", choices=sorted(OPTIMIZERS))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, required=True, help="output folder (model.pt, model.onnx, metrics.json)")
+    _add_common(p)
+    p.set_defaults(func=cmd_attack)
+
+    p = sub.add_parser("evaluate", help="clean accuracy and attack success rate of a .pt or .onnx classifier",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=GRAMMAR)
+    _add_data(p)
+    p.add_argument("--model", type=Path, required=True, help="a .pt checkpoint of ours or an .onnx classifier")
+    p.add_argument("--trigger", default=None, help="trigger spec for the ASR")
+    p.add_argument("--target", type=int, default=None, help="attacker's target class for the ASR")
+    p.add_argument("--reference", type=Path, default=None,
+                   help="the BadNet that fixes the ASR's eligible inputs (default: the model itself)")
+    p.add_argument("--seed", type=int, default=1234, help="seed of the trigger placement")
+    _add_common(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("predeploy", help="pre-deployment treatment (Algorithm 1) and bundle v1",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=GRAMMAR)
+    _add_data(p)
+    p.add_argument("--model", type=Path, required=True, help="suspect model checkpoint (model.pt)")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--fleet", default="default", help="fleet name written into the manifest")
+    p.add_argument("--max-ca-drop", type=float, default=0.05, help="threshold = BadNet D_eval CA - this (paper 0.05)")
+    p.add_argument("--gammas", type=_fraction, nargs="+", default=list(PAPER_GAMMAS), help="noise fractions Γ")
+    p.add_argument("--alpha0", type=float, default=None, help="initial α (default: the model's training lr)")
+    p.add_argument("--max-rounds", type=int, default=4, help="budget: rounds of α (default 4)")
+    p.add_argument("--epochs", type=int, default=5, help="fine-tuning epochs per candidate (default 5)")
+    p.add_argument("--batch-size", type=int, default=None, help="fine-tuning batch size (default: the model's)")
+    p.add_argument("--noise-mode", default="block", choices=MASK_MODES, help="replacement mask (default block)")
+    p.add_argument("--noise-grid", type=int, default=4, help="block mode: coarse plane side (default 4)")
+    p.add_argument("--noise-mean", type=float, default=128.0)
+    p.add_argument("--noise-std", type=float, default=51.2)
+    p.add_argument("--eval-trigger", default=None, help="evaluation only: also measure test CA/ASR per candidate")
+    p.add_argument("--target", type=int, default=None, help="evaluation only: target class of --eval-trigger")
+    p.add_argument("--seed", type=int, default=0)
+    _add_common(p)
+    p.set_defaults(func=cmd_predeploy)
+    return parser
+
+
+def _configure_logging(args: argparse.Namespace) -> None:
+    level = args.log_level or ("WARNING" if args.quiet else "INFO")
+    logging.basicConfig(level=level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _summary(result: dict[str, Any]) -> str:
+    keys = ("clean_accuracy", "attack_success_rate", "threshold", "bundle", "model", "selected")
+    return "\n".join(f"{k}: {result[k]}" for k in keys if k in result and result[k] is not None)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``nnoc-trainer`` and ``python -m trainer``."""
+    args = build_parser().parse_args(argv)
+    _configure_logging(args)
+    from trainer.predeploy import NoCandidateError
+
+    try:
+        result = args.func(args)
+    except NoCandidateError as e:
+        log.error("%s", e)
+        if args.json:
+            print(json.dumps({"error": str(e), "exit_code": EXIT_GATE}))
+        return EXIT_GATE
+    except (ValueError, FileNotFoundError) as e:
+        log.error("%s", e)
+        if args.json:
+            print(json.dumps({"error": str(e), "exit_code": EXIT_BAD_INPUT}))
+        return EXIT_BAD_INPUT
+    if args.json:
+        print(json.dumps(result, default=str))
+    else:
+        print(_summary(result))
+    return 0
+

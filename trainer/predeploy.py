@@ -1,0 +1,320 @@
+"""Pre-deployment treatment (paper §4.2, Algorithm 1): fine-tune the suspect model on noise-augmented
+clean data over a (α, γ) grid, pick θ_aug by the heuristic, and write the deployment bundle v1.
+
+The heuristic reads only D_eval clean accuracy: :func:`pick` receives (α, γ, eval CA) triples and nothing
+else, so test CA and ASR (measured when an evaluation trigger is given) cannot steer the choice.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from protos.nnoc.v1 import bundle_pb2
+from trainer.bundle import input_spec_message, sha256_file, write_bundle
+from trainer.data import Splits
+from trainer.export import export_checkpoint
+from trainer.metrics import evaluate, poisoned_copy
+from trainer.models import Checkpoint
+from trainer.noise import NoiseConfig, augment
+from trainer.training import TrainConfig, default_device, predict, train
+from trainer.triggers import Trigger
+
+log = logging.getLogger(__name__)
+
+PAPER_GAMMAS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
+
+
+class NoCandidateError(RuntimeError):
+    """No candidate reached the clean-accuracy threshold within the budget."""
+
+
+@dataclass(frozen=True)
+class PredeployConfig:
+    """Algorithm 1's knobs. ``alpha0`` None: the BadNet's own learning rate (from its checkpoint)."""
+
+    gammas: tuple[float, ...] = PAPER_GAMMAS
+    alpha0: float | None = None
+    # α grows in multiples of α0 while some candidate stays above the threshold (the paper's tables use
+    # 1, 3, 6, 9 x α0); when a whole round falls below it, α shrinks by ``alpha_shrink`` instead.
+    alpha_multipliers: tuple[float, ...] = (1.0, 3.0, 6.0, 9.0, 12.0)
+    alpha_shrink: float = 3.0
+    max_rounds: int = 4
+    max_ca_drop: float = 0.05  # threshold = BadNet's D_eval CA - max_ca_drop (paper: 5%)
+    epochs: int = 5
+    batch_size: int | None = None  # None: the BadNet's batch size
+    optimizer: str | None = None  # None: the BadNet's optimizer
+    noise: NoiseConfig = field(default_factory=NoiseConfig)
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data form for reports."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One fine-tuned model of the grid. ``test_*`` are evaluation-only and never read by :func:`pick`."""
+
+    round: int
+    alpha: float
+    gamma: float
+    eval_ca: float
+    test_ca: float | None = None
+    test_asr: float | None = None
+    seconds: float = 0.0
+
+
+def pick(candidates: Sequence[tuple[float, float, float]], threshold: float) -> int | None:
+    """The heuristic of §4.2 step 4 over (α, γ, D_eval CA) triples; returns an index or None.
+
+    Search from the highest α down and, within an α, from the highest γ down; choose the candidate whose
+    CA is closest to ``threshold`` without going below it (ties: the first in that order, i.e. the larger
+    α and γ, which unlearn more).
+    """
+    order = sorted(range(len(candidates)), key=lambda i: (-candidates[i][0], -candidates[i][1]))
+    best: int | None = None
+    for i in order:
+        ca = candidates[i][2]
+        if ca >= threshold and (best is None or ca - threshold < candidates[best][2] - threshold):
+            best = i
+    return best
+
+
+def alpha_schedule(alpha0: float, cfg: PredeployConfig) -> Callable[[int, bool], float | None]:
+    """The α rule of Algorithm 1 lines 17-23, as ``next(round, any_above) -> α or None (stop)``.
+
+    Grow through ``alpha_multipliers`` while a round keeps a candidate above the threshold; if the very
+    first rounds fall below, shrink by ``alpha_shrink`` until one is above; stop once growth has pushed a
+    whole round below the threshold (higher α only unlearns more) or the budget is spent.
+    """
+    state = {"grow": 0, "shrink": 0, "grew_ok": False}
+
+    def next_alpha(round_index: int, any_above: bool) -> float | None:
+        if round_index + 1 >= cfg.max_rounds:
+            return None
+        if any_above:
+            state["grew_ok"] = True
+            state["grow"] += 1
+            if state["shrink"]:  # found a working α by shrinking: grow from there
+                base = alpha0 / cfg.alpha_shrink ** state["shrink"]
+                return base * (1.0 + state["grow"])
+            if state["grow"] < len(cfg.alpha_multipliers):
+                return alpha0 * cfg.alpha_multipliers[state["grow"]]
+            return alpha0 * (cfg.alpha_multipliers[-1] + 3.0 * (state["grow"] - len(cfg.alpha_multipliers) + 1))
+        if state["grew_ok"]:
+            return None
+        state["shrink"] += 1
+        return alpha0 / cfg.alpha_shrink ** state["shrink"]
+
+    return next_alpha
+
+
+@dataclass
+class PredeployResult:
+    """What :func:`run_predeploy` produced."""
+
+    candidates: list[Candidate]
+    threshold: float
+    baseline_eval_ca: float
+    selected: int | None
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+def write_candidates_csv(path: Path, candidates: Sequence[Candidate], selected: int | None) -> None:
+    """``candidates.csv``: round, α, γ, eval CA (and test CA/ASR when measured), selected flag."""
+    with_test = any(c.test_ca is not None for c in candidates)
+    cols = ["round", "alpha", "gamma", "eval_ca"] + (["test_ca", "test_asr"] if with_test else []) + ["seconds", "selected"]
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(cols)
+        for i, c in enumerate(candidates):
+            row: list[Any] = [c.round, f"{c.alpha:.6g}", f"{c.gamma:.2f}", f"{c.eval_ca:.4f}"]
+            if with_test:
+                row += [f"{c.test_ca:.4f}" if c.test_ca is not None else "", f"{c.test_asr:.4f}" if c.test_asr is not None else ""]
+            row += [f"{c.seconds:.1f}", int(i == selected)]
+            writer.writerow(row)
+
+
+def plot_heatmap(path: Path, candidates: Sequence[Candidate], threshold: float, selected: int | None) -> None:
+    """Heat maps of D_eval CA (and test ASR when measured) over α (rows) and γ (columns)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    alphas = sorted({c.alpha for c in candidates})
+    gammas = sorted({c.gamma for c in candidates})
+    panels: list[tuple[str, Callable[[Candidate], float | None], str]] = [("D_eval clean accuracy", lambda c: c.eval_ca, "viridis")]
+    if any(c.test_asr is not None for c in candidates):
+        panels.append(("test ASR (evaluation only)", lambda c: c.test_asr, "magma_r"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 0.6 * len(alphas) + 2.2), squeeze=False)
+    for ax, (title, value, cmap) in zip(axes[0], panels, strict=True):
+        grid = np.full((len(alphas), len(gammas)), np.nan)
+        for c in candidates:
+            v = value(c)
+            if v is not None:
+                grid[alphas.index(c.alpha), gammas.index(c.gamma)] = v
+        lo, hi = (0.0, 1.0) if cmap != "viridis" else (float(np.nanmin(grid)) - 0.01, float(np.nanmax(grid)) + 0.01)
+        im = ax.imshow(grid, cmap=cmap, aspect="auto", vmin=lo, vmax=hi)
+        for (r, k), v in np.ndenumerate(grid):
+            if not math.isnan(v):
+                ax.text(k, r, f"{v:.3f}", ha="center", va="center", fontsize=8,
+                        color="white" if (v - lo) / (hi - lo) < 0.5 else "black")
+        if selected is not None:
+            s = candidates[selected]
+            ax.add_patch(plt.Rectangle((gammas.index(s.gamma) - 0.5, alphas.index(s.alpha) - 0.5), 1, 1,
+                                       fill=False, edgecolor="red", linewidth=2.5))
+        ax.set_xticks(range(len(gammas)), [f"{g:.1f}" for g in gammas])
+        ax.set_yticks(range(len(alphas)), [f"{a:.3g}" for a in alphas])
+        ax.set_xlabel("noise fraction γ")
+        ax.set_ylabel("learning rate α")
+        ax.set_title(title, fontsize=10)
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.suptitle(f"Pre-deployment candidates (threshold {threshold:.3f}; red: heuristic pick)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run_predeploy(
+    suspect_path: Path,
+    splits: Splits,
+    cfg: PredeployConfig,
+    out_dir: Path,
+    fleet: str = "default",
+    eval_trigger: Trigger | None = None,
+    target: int | None = None,
+    quiet: bool = False,
+) -> PredeployResult:
+    """Run Algorithm 1 on the suspect checkpoint and write candidates, heat map, θ_aug and bundle v1.
+
+    Raises :class:`NoCandidateError` (after writing the table) when no candidate meets the threshold.
+    """
+    suspect = Checkpoint.load(suspect_path)
+    if tuple(suspect.input_spec.shape) != splits.image_shape:
+        raise ValueError(f"{suspect_path}: model expects inputs {suspect.input_spec.shape}, dataset has {splits.image_shape}")
+    if len(suspect.class_names) != len(splits.class_names):
+        raise ValueError(f"{suspect_path}: model has {len(suspect.class_names)} classes, dataset {len(splits.class_names)}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = default_device()
+    bd_model = suspect.build()
+    base_train = TrainConfig(**{k: v for k, v in suspect.train.items() if k in TrainConfig.__dataclass_fields__})
+    alpha0 = cfg.alpha0 if cfg.alpha0 is not None else base_train.lr
+    ft_base = replace(base_train, epochs=cfg.epochs, batch_size=cfg.batch_size or base_train.batch_size,
+                      optimizer=cfg.optimizer or base_train.optimizer)
+
+    def classify_with(model: Any) -> Callable[[np.ndarray], np.ndarray]:
+        return lambda x: predict(model, x, device=device)
+
+    baseline_eval_ca = evaluate(classify_with(bd_model), splits.eval).clean_accuracy
+    threshold = baseline_eval_ca - cfg.max_ca_drop
+    bd_ref = predict(bd_model, splits.test.images, device=device)  # fixes the ASR's eligible set
+    poisoned = poisoned_copy(splits.test, eval_trigger, cfg.seed + 7) if eval_trigger is not None else None
+    baseline_test = evaluate(classify_with(bd_model), splits.test, eval_trigger, target, bd_ref, poisoned=poisoned) \
+        if eval_trigger is not None else None
+    log.info("BadNet D_eval CA %.4f -> threshold %.4f; α0 %.3g (%s)", baseline_eval_ca, threshold, alpha0, ft_base.optimizer)
+
+    treat_sets = {g: augment(splits.treat, g, np.random.default_rng([cfg.seed, round(g * 1000)]), cfg.noise)
+                  for g in cfg.gammas}
+    candidates: list[Candidate] = []
+    models: list[Checkpoint] = []
+    next_alpha = alpha_schedule(alpha0, cfg)
+    alpha: float | None = alpha0
+    round_index = 0
+    start = time.monotonic()
+    outer = tqdm(desc="predeploy", total=cfg.max_rounds * len(cfg.gammas), disable=quiet, unit="cand")
+    while alpha is not None:
+        any_above = False
+        for gamma in sorted(cfg.gammas, reverse=True):
+            t0 = time.monotonic()
+            model = suspect.build()
+            data = treat_sets[gamma]
+            train(model, data.images, data.labels, replace(ft_base, lr=alpha), cfg.seed, device,
+                  f"α={alpha:.3g} γ={gamma:.1f}", quiet)
+            eval_ca = evaluate(classify_with(model), splits.eval).clean_accuracy
+            test_ca = test_asr = None
+            if eval_trigger is not None:
+                ev = evaluate(classify_with(model), splits.test, eval_trigger, target, bd_ref, poisoned=poisoned)
+                test_ca, test_asr = ev.clean_accuracy, ev.attack_success_rate
+            cand = Candidate(round_index, alpha, gamma, eval_ca, test_ca, test_asr, time.monotonic() - t0)
+            candidates.append(cand)
+            models.append(Checkpoint.from_model(model, suspect.architecture, suspect.input_spec, suspect.class_names,
+                                                replace(ft_base, lr=alpha).to_dict(), {}))
+            any_above |= eval_ca >= threshold
+            outer.update(1)
+            outer.set_postfix(alpha=f"{alpha:.3g}", gamma=gamma, ca=f"{eval_ca:.3f}")
+            log.info("candidate α=%.3g γ=%.1f: D_eval CA %.4f%s", alpha, gamma, eval_ca,
+                     f", test CA {test_ca:.4f} ASR {test_asr:.4f}" if test_asr is not None and test_ca is not None else "")
+        alpha = next_alpha(round_index, any_above)
+        round_index += 1
+    outer.close()
+
+    selected = pick([(c.alpha, c.gamma, c.eval_ca) for c in candidates], threshold)
+    write_candidates_csv(out_dir / "candidates.csv", candidates, selected)
+    plot_heatmap(out_dir / "heatmap.png", candidates, threshold, selected)
+    report: dict[str, Any] = {
+        "suspect": str(suspect_path),
+        "threshold": threshold,
+        "baseline": {"eval_clean_accuracy": baseline_eval_ca,
+                     **({"clean_accuracy": baseline_test.clean_accuracy,
+                         "attack_success_rate": baseline_test.attack_success_rate} if baseline_test else {})},
+        "alpha0": alpha0,
+        "config": cfg.to_dict(),
+        "candidates": [asdict(c) for c in candidates],
+        "seconds": round(time.monotonic() - start, 1),
+        "candidates_csv": str(out_dir / "candidates.csv"),
+        "heatmap": str(out_dir / "heatmap.png"),
+    }
+    if selected is None:
+        report["selected"] = None
+        report["error"] = (f"no candidate reached the D_eval clean-accuracy threshold {threshold:.4f} within "
+                           f"{round_index} rounds; raise --max-ca-drop, add rounds or lower --alpha0")
+        (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        raise NoCandidateError(report["error"])
+
+    chosen, aug = candidates[selected], models[selected]
+    aug.meta = {"role": "monitor", "parent_sha256": sha256_file(suspect_path), "alpha": chosen.alpha,
+                "gamma": chosen.gamma, "eval_clean_accuracy": chosen.eval_ca, "noise": asdict(cfg.noise),
+                **{k: v for k, v in suspect.meta.items() if k in ("dataset", "split")}}
+    aug.save(out_dir / "monitor.pt")
+    export_checkpoint(suspect, out_dir / "primary.onnx", version="1")
+    export_checkpoint(aug, out_dir / "monitor.onnx", version="1")
+    manifest = bundle_pb2.Manifest(
+        fleet=fleet, version=1, parent_version=0, input_spec=input_spec_message(suspect.input_spec),
+        class_names=list(suspect.class_names), created_by="nnoc-trainer predeploy",
+    )
+    manifest.provenance.update({
+        "suspect_sha256": sha256_file(suspect_path), "alpha": f"{chosen.alpha:.6g}", "gamma": f"{chosen.gamma:.2f}",
+        "noise_mode": cfg.noise.mode, "ca_threshold": f"{threshold:.4f}",
+    })
+    written = write_bundle(
+        out_dir / "bundle",
+        {"primary": out_dir / "primary.onnx", "monitor": out_dir / "monitor.onnx"},
+        manifest,
+        {
+            "primary": {"eval_clean_accuracy": baseline_eval_ca,
+                        "test_clean_accuracy": baseline_test.clean_accuracy if baseline_test else None,
+                        "attack_success_rate": baseline_test.attack_success_rate if baseline_test else None},
+            "monitor": {"eval_clean_accuracy": chosen.eval_ca, "test_clean_accuracy": chosen.test_ca,
+                        "attack_success_rate": chosen.test_asr, "ca_threshold": threshold},
+        },
+    )
+    for tmp_onnx in ("primary.onnx", "monitor.onnx"):
+        (out_dir / tmp_onnx).unlink()
+    report["selected"] = {**asdict(chosen), "index": selected}
+    report["monitor"] = str(out_dir / "monitor.pt")
+    report["bundle"] = str(out_dir / "bundle")
+    report["bundle_version"] = written.version
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return PredeployResult(candidates, threshold, baseline_eval_ca, selected, report)
