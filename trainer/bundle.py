@@ -132,25 +132,6 @@ def read_manifest(bundle: Path) -> bundle_pb2.Manifest:
     return msg
 
 
-def verify_bundle(bundle: Path) -> bundle_pb2.Manifest:
-    """Read the manifest and check every artifact's size and sha256; raise ``ValueError`` on a mismatch."""
-    manifest = read_manifest(bundle)
-    roles = {a.role for a in manifest.artifacts}
-    if not set(ROLES) <= roles:
-        raise ValueError(f"{bundle}: manifest lists roles {sorted(roles)}, needs {list(ROLES)}")
-    for art in manifest.artifacts:
-        path = bundle / art.name
-        if Path(art.name).name != art.name:
-            raise ValueError(f"{bundle}: artifact name {art.name!r} is not a plain file name")
-        if not path.is_file():
-            raise ValueError(f"{bundle}: artifact {art.name} is missing")
-        if path.stat().st_size != art.size:
-            raise ValueError(f"{bundle}: {art.name} has {path.stat().st_size} bytes, manifest says {art.size}")
-        if sha256_file(path) != art.sha256:
-            raise ValueError(f"{bundle}: {art.name} does not match its sha256 in the manifest")
-    return manifest
-
-
 def artifact_path(bundle: Path, manifest: bundle_pb2.Manifest, role: str) -> Path:
     """The file of the artifact with ``role``."""
     for art in manifest.artifacts:

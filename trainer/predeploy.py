@@ -170,7 +170,7 @@ def plot_heatmap(path: Path, candidates: Sequence[Candidate], threshold: float, 
         for (r, k), v in np.ndenumerate(grid):
             if not math.isnan(v):
                 ax.text(k, r, f"{v:.3f}", ha="center", va="center", fontsize=8,
-                        color="white" if (v - lo) / (hi - lo) < 0.5 else "black")
+                        color="white" if ((v - lo) / (hi - lo) < 0.5) == (cmap == "viridis") else "black")
         if selected is not None:
             s = candidates[selected]
             ax.add_patch(plt.Rectangle((gammas.index(s.gamma) - 0.5, alphas.index(s.alpha) - 0.5), 1, 1,

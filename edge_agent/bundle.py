@@ -1,0 +1,79 @@
+"""Reading and verifying deployment bundles on the edge (no torch, no trainer imports)."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from protos.nnoc.v1 import bundle_pb2
+
+MANIFEST_FORMAT = 1
+MANIFEST_PB = "manifest.pb"
+ROLES = ("primary", "monitor")
+
+
+class BundleError(ValueError):
+    """A bundle that must not be loaded; the message says what is wrong."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class VerifiedBundle:
+    """A bundle folder whose files matched their manifest when it was verified."""
+
+    path: Path
+    manifest: bundle_pb2.Manifest
+
+    def model_path(self, role: str) -> Path:
+        """The ONNX file playing ``role`` ("primary" or "monitor")."""
+        for art in self.manifest.artifacts:
+            if art.role == role:
+                return self.path / art.name
+        raise BundleError(f"{self.path}: no {role} model in the manifest")
+
+    @property
+    def version(self) -> int:
+        """The bundle's version number."""
+        return int(self.manifest.version)
+
+
+def verify_bundle(path: Path) -> VerifiedBundle:
+    """Parse ``path/manifest.pb`` and check each artifact's name, size and sha256.
+
+    Raises :class:`BundleError` naming the first problem found.
+    """
+    manifest_file = path / MANIFEST_PB
+    if not manifest_file.is_file():
+        raise BundleError(f"{path} is not a bundle: {MANIFEST_PB} is missing")
+    manifest = bundle_pb2.Manifest()
+    try:
+        manifest.ParseFromString(manifest_file.read_bytes())
+    except Exception as e:  # protobuf's DecodeError and friends
+        raise BundleError(f"{manifest_file}: malformed manifest ({e})") from e
+    if manifest.format > MANIFEST_FORMAT:
+        raise BundleError(f"{manifest_file}: manifest format {manifest.format} is newer than this agent knows")
+    roles = [a.role for a in manifest.artifacts]
+    for role in ROLES:
+        if roles.count(role) != 1:
+            raise BundleError(f"{path}: manifest must list exactly one {role} model, found {roles.count(role)}")
+    if len(manifest.input_spec.shape) == 0:
+        raise BundleError(f"{path}: manifest has no input spec")
+    for art in manifest.artifacts:
+        if Path(art.name).name != art.name or art.name in ("", ".", ".."):
+            raise BundleError(f"{path}: artifact name {art.name!r} is not a plain file name")
+        f = path / art.name
+        if not f.is_file():
+            raise BundleError(f"{path}: artifact {art.name} is missing")
+        if f.stat().st_size != art.size:
+            raise BundleError(f"{path}: {art.name} has {f.stat().st_size} bytes, the manifest says {art.size}")
+        if _sha256(f) != art.sha256:
+            raise BundleError(f"{path}: {art.name} does not match the sha256 in its manifest")
+    return VerifiedBundle(path, manifest)

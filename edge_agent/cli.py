@@ -1,0 +1,99 @@
+"""``nnoc-edge``: the edge agent's command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger("edge_agent")
+
+
+def _load_images(paths: Sequence[Path], shape: tuple[int, ...]) -> np.ndarray:
+    """Read image files as raw uint8 (N, C, H, W) of the bundle's shape (resized and converted as needed)."""
+    from PIL import Image
+
+    c, h, w = shape
+    out = []
+    for p in paths:
+        with Image.open(p) as im:
+            im = im.convert("L" if c == 1 else "RGB").resize((w, h))
+            arr = np.asarray(im, dtype=np.uint8)
+        out.append(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1))
+    return np.stack(out)
+
+
+def cmd_verify(args: argparse.Namespace) -> dict:
+    """Check a bundle's manifest and hashes."""
+    from edge_agent.bundle import verify_bundle
+
+    b = verify_bundle(args.bundle)
+    return {"bundle": str(b.path), "fleet": b.manifest.fleet, "version": b.version, "verified": True}
+
+
+def cmd_classify(args: argparse.Namespace) -> dict:
+    """One-off classification of image files through the ensemble."""
+    from edge_agent.bundle import verify_bundle
+    from edge_agent.ensemble import Ensemble, scale_raw
+    from edge_agent.runtime import RuntimeConfig
+
+    bundle = verify_bundle(args.bundle)
+    ensemble = Ensemble(bundle, RuntimeConfig(providers=tuple(args.providers) if args.providers else None))
+    shape = tuple(int(d) for d in bundle.manifest.input_spec.shape)
+    try:
+        raw = _load_images(args.images, shape)
+    except OSError as e:
+        raise ValueError(f"cannot read image: {e}") from e
+    decision = ensemble.classify(scale_raw(raw, bundle.manifest.input_spec))
+    names = list(bundle.manifest.class_names)
+    results = [
+        {"image": str(p), "label": int(lbl), "class": names[lbl] if lbl >= 0 and lbl < len(names) else None,
+         "rejected": bool(rej)}
+        for p, lbl, rej in zip(args.images, decision.labels, decision.rejected, strict=True)
+    ]
+    return {"bundle_version": bundle.version, "provider": ensemble.provider, "results": results}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """All subcommands and their flags."""
+    parser = argparse.ArgumentParser(prog="nnoc-edge", description="NNoculation edge agent")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("verify", help="verify a bundle's manifest, sizes and hashes")
+    p.add_argument("--bundle", type=Path, required=True)
+    p.set_defaults(func=cmd_verify)
+    p = sub.add_parser("classify", help="classify image files with a bundle's ensemble (rejects print label -1)")
+    p.add_argument("--bundle", type=Path, required=True)
+    p.add_argument("--providers", nargs="+", default=None, help="onnxruntime providers, in order (default: best)")
+    p.add_argument("images", type=Path, nargs="+")
+    p.set_defaults(func=cmd_classify)
+    for sp in sub.choices.values():
+        sp.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+        sp.add_argument("--quiet", action="store_true", help="warnings only")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``nnoc-edge`` and ``python -m edge_agent``."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        result = args.func(args)
+    except ValueError as e:  # BundleError, InputError and bad files are ValueErrors with a message
+        log.error("%s", e)
+        if args.json:
+            print(json.dumps({"error": str(e)}))
+        return 2
+    if args.json:
+        print(json.dumps(result))
+    elif "results" in result:
+        for r in result["results"]:
+            print(f"{r['image']}: {'REJECTED' if r['rejected'] else r['class'] or r['label']}")
+    else:
+        print(json.dumps(result, indent=2))
+    return 0

@@ -1,0 +1,104 @@
+"""onnxruntime sessions: provider choice (TensorRT -> CUDA -> CPU), threads, graph optimisation, warm-up."""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+log = logging.getLogger(__name__)
+
+PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+GRAPH_OPT_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """How sessions are made. ``providers`` None: the best the installed onnxruntime offers."""
+
+    providers: tuple[str, ...] | None = None
+    intra_op_threads: int = 0  # 0: onnxruntime's default (one per core)
+    inter_op_threads: int = 0
+    graph_optimization: str = "all"
+
+
+_PROVIDER_LIBS = {"TensorrtExecutionProvider": "tensorrt", "CUDAExecutionProvider": "cuda"}
+
+
+@functools.cache
+def provider_loads(provider: str) -> bool:
+    """Whether a GPU provider's shared library and its CUDA/TensorRT dependencies can be loaded here.
+
+    onnxruntime-gpu lists its GPU providers as available even on a machine without CUDA; asking for one
+    there prints errors and falls back. Loading the provider library first tells the two cases apart.
+    """
+    lib = _PROVIDER_LIBS.get(provider)
+    if lib is None:
+        return True
+    if hasattr(ort, "preload_dlls"):  # CUDA/cuDNN from pip packages, where installed
+        try:
+            ort.preload_dlls(directory="")
+        except Exception:  # preload is best effort; the probe below decides
+            log.debug("onnxruntime.preload_dlls failed", exc_info=True)
+    path = os.path.join(os.path.dirname(ort.__file__), "capi", f"libonnxruntime_providers_{lib}.so")
+    try:
+        ctypes.CDLL(path, mode=os.RTLD_LAZY)
+    except OSError as e:
+        log.info("%s is not usable here (%s); skipping it", provider, e)
+        return False
+    return True
+
+
+def choose_providers(requested: Sequence[str] | None = None) -> list[str]:
+    """Providers to ask for, in order; the CPU is always last. Unknown names are an error.
+
+    Without ``requested``: TensorRT, then CUDA, then the CPU, keeping those that can load on this machine.
+    """
+    available = ort.get_available_providers()
+    if requested:
+        unknown = [p for p in requested if p not in available]
+        if unknown:
+            raise ValueError(f"execution providers {unknown} are not available; this onnxruntime offers {available}")
+        chosen = list(requested)
+    else:
+        chosen = [p for p in PREFERRED_PROVIDERS if p in available and provider_loads(p)]
+    if "CPUExecutionProvider" not in chosen:
+        chosen.append("CPUExecutionProvider")
+    return chosen
+
+
+def make_session(path: Path, cfg: RuntimeConfig | None = None) -> ort.InferenceSession:
+    """Load an ONNX model; logs which provider actually runs (a GPU provider may fail to load and fall back)."""
+    cfg = cfg or RuntimeConfig()
+    if cfg.graph_optimization not in GRAPH_OPT_LEVELS:
+        raise ValueError(f"unknown graph optimisation {cfg.graph_optimization!r}; choose one of {list(GRAPH_OPT_LEVELS)}")
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = cfg.intra_op_threads
+    opts.inter_op_num_threads = cfg.inter_op_threads
+    opts.graph_optimization_level = GRAPH_OPT_LEVELS[cfg.graph_optimization]
+    opts.log_severity_level = 3  # GPU providers that cannot load are reported by us, once, below
+    try:
+        session = ort.InferenceSession(str(path), sess_options=opts, providers=choose_providers(cfg.providers))
+    except Exception as e:  # onnxruntime's own exception types for corrupt or unsupported files
+        raise ValueError(f"cannot load ONNX model {path}: {e}") from e
+    log.info("%s runs on %s", path.name, session.get_providers()[0])
+    return session
+
+
+def warm_up(session: ort.InferenceSession, example: np.ndarray, runs: int = 2) -> None:
+    """Run ``example`` through the session so the first real request does not pay for lazy initialisation."""
+    name = session.get_inputs()[0].name
+    for _ in range(runs):
+        session.run(None, {name: example})
