@@ -21,9 +21,8 @@ def _load_images(paths: Sequence[Path], shape: tuple[int, ...]) -> np.ndarray:
     c, h, w = shape
     out = []
     for p in paths:
-        with Image.open(p) as im:
-            im = im.convert("L" if c == 1 else "RGB").resize((w, h))
-            arr = np.asarray(im, dtype=np.uint8)
+        with Image.open(p) as src:
+            arr = np.asarray(src.convert("L" if c == 1 else "RGB").resize((w, h)), dtype=np.uint8)
         out.append(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1))
     return np.stack(out)
 
@@ -52,8 +51,12 @@ def cmd_classify(args: argparse.Namespace) -> dict:
     decision = ensemble.classify(scale_raw(raw, bundle.manifest.input_spec))
     names = list(bundle.manifest.class_names)
     results = [
-        {"image": str(p), "label": int(lbl), "class": names[lbl] if lbl >= 0 and lbl < len(names) else None,
-         "rejected": bool(rej)}
+        {
+            "image": str(p),
+            "label": int(lbl),
+            "class": names[lbl] if lbl >= 0 and lbl < len(names) else None,
+            "rejected": bool(rej),
+        }
         for p, lbl, rej in zip(args.images, decision.labels, decision.rejected, strict=True)
     ]
     return {"bundle_version": bundle.version, "provider": ensemble.provider, "results": results}
@@ -80,8 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``nnoc-edge`` and ``python -m edge_agent``."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     try:
         result = args.func(args)
     except ValueError as e:  # BundleError, InputError and bad files are ValueErrors with a message

@@ -83,7 +83,9 @@ def make_session(path: Path, cfg: RuntimeConfig | None = None) -> ort.InferenceS
     """Load an ONNX model; logs which provider actually runs (a GPU provider may fail to load and fall back)."""
     cfg = cfg or RuntimeConfig()
     if cfg.graph_optimization not in GRAPH_OPT_LEVELS:
-        raise ValueError(f"unknown graph optimisation {cfg.graph_optimization!r}; choose one of {list(GRAPH_OPT_LEVELS)}")
+        raise ValueError(
+            f"unknown graph optimisation {cfg.graph_optimization!r}; choose one of {list(GRAPH_OPT_LEVELS)}"
+        )
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = cfg.intra_op_threads
     opts.inter_op_num_threads = cfg.inter_op_threads

@@ -99,7 +99,11 @@ def run_attack(
     model = build_model(cfg.architecture, splits.image_shape, num_classes)
     poisoned = poison_training_set(splits.train, trigger, cfg.target, cfg.poison_fraction, rng)
     if cfg.steps == 3:
-        clean_cfg = cfg.train if cfg.clean_epochs is None else TrainConfig(**{**cfg.train.to_dict(), "epochs": cfg.clean_epochs})
+        clean_cfg = (
+            cfg.train
+            if cfg.clean_epochs is None
+            else TrainConfig(**{**cfg.train.to_dict(), "epochs": cfg.clean_epochs})
+        )
         train(model, splits.train.images, splits.train.labels, clean_cfg, cfg.seed, device, "attack: clean", quiet)
     train(model, poisoned.data.images, poisoned.data.labels, cfg.train, cfg.seed + 1, device, "attack: poisoned", quiet)
     train_seconds = time.monotonic() - start
@@ -118,13 +122,24 @@ def run_attack(
         "poisoned_inputs": int(poisoned.poisoned.sum()),
     }
     ckpt = Checkpoint.from_model(
-        model, cfg.architecture, InputSpec(shape=splits.image_shape), splits.class_names, cfg.train.to_dict(),
+        model,
+        cfg.architecture,
+        InputSpec(shape=splits.image_shape),
+        splits.class_names,
+        cfg.train.to_dict(),
         {"attack": cfg.to_dict(), "metrics": metrics, **dataset_meta, "role": "suspect"},
     )
     ckpt.save(out_dir / "model.pt")
     export_checkpoint(ckpt, out_dir / "model.onnx")
-    report = {"model": str(out_dir / "model.pt"), "onnx": str(out_dir / "model.onnx"), **metrics,
-              "config": cfg.to_dict(), **dataset_meta}
+    report = {
+        "model": str(out_dir / "model.pt"),
+        "onnx": str(out_dir / "model.onnx"),
+        **metrics,
+        "config": cfg.to_dict(),
+        **dataset_meta,
+    }
     (out_dir / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
-    log.info("BadNet: CA %.4f, ASR %.4f (%.0f s)", metrics["clean_accuracy"], metrics["attack_success_rate"], train_seconds)
+    log.info(
+        "BadNet: CA %.4f, ASR %.4f (%.0f s)", metrics["clean_accuracy"], metrics["attack_success_rate"], train_seconds
+    )
     return report

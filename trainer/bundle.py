@@ -34,8 +34,13 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 def input_spec_message(spec: InputSpec) -> bundle_pb2.InputSpec:
     """The manifest's form of an input spec."""
     return bundle_pb2.InputSpec(
-        shape=list(spec.shape), dtype=spec.dtype, layout=spec.layout, scale=spec.scale,
-        min_value=spec.min_value, max_value=spec.max_value, input_name=spec.input_name,
+        shape=list(spec.shape),
+        dtype=spec.dtype,
+        layout=spec.layout,
+        scale=spec.scale,
+        min_value=spec.min_value,
+        max_value=spec.max_value,
+        input_name=spec.input_name,
         output_name=spec.output_name,
     )
 
@@ -89,7 +94,9 @@ def write_bundle(
         for role in ROLES:
             name = f"{role}.onnx"
             shutil.copyfile(models[role], tmp / name)
-            art = out.artifacts.add(name=name, role=role, sha256=sha256_file(tmp / name), size=(tmp / name).stat().st_size)
+            art = out.artifacts.add(
+                name=name, role=role, sha256=sha256_file(tmp / name), size=(tmp / name).stat().st_size
+            )
             if metrics and role in metrics:
                 art.metrics.CopyFrom(metrics_message(metrics[role]))
         (tmp / MANIFEST_PB).write_bytes(out.SerializeToString(deterministic=True))

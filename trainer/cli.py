@@ -44,9 +44,15 @@ def _add_data(p: argparse.ArgumentParser) -> None:
     from trainer.data import DATASETS
 
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", default="fashion-mnist", choices=sorted(DATASETS), help="dataset (default fashion-mnist)")
-    g.add_argument("--data-dir", type=Path, default=None,
-                   help="folder with the dataset's idx files or an ImageFolder tree (default: the Debian package's)")
+    g.add_argument(
+        "--dataset", default="fashion-mnist", choices=sorted(DATASETS), help="dataset (default fashion-mnist)"
+    )
+    g.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="folder with the dataset's idx files or an ImageFolder tree (default: the Debian package's)",
+    )
     g.add_argument("--image-size", type=_image_size, default=None, help="resize ImageFolder images to HxW")
     g.add_argument("--split-seed", type=int, default=0, help="seed of the train/valid/stream split (default 0)")
     g.add_argument("--valid-size", type=int, default=5000, help="defender's D_valid size (default 5000)")
@@ -60,11 +66,21 @@ def _splits(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     from trainer.data import DataConfig, SplitConfig, load_splits
 
     data = DataConfig(args.dataset, args.data_dir, args.image_size)
-    split = SplitConfig(valid=args.valid_size, eval_fraction=args.eval_fraction, stream=args.stream_size,
-                        train=args.train_size, test=args.test_size, seed=args.split_seed)
+    split = SplitConfig(
+        valid=args.valid_size,
+        eval_fraction=args.eval_fraction,
+        stream=args.stream_size,
+        train=args.train_size,
+        test=args.test_size,
+        seed=args.split_seed,
+    )
     splits = load_splits(data, split)
-    meta = {"dataset": args.dataset, "data_dir": str(args.data_dir) if args.data_dir else None,
-            "split": {**split.__dict__}, "split_sizes": splits.sizes()}
+    meta = {
+        "dataset": args.dataset,
+        "data_dir": str(args.data_dir) if args.data_dir else None,
+        "split": {**split.__dict__},
+        "split_sizes": splits.sizes(),
+    }
     return splits, meta
 
 
@@ -75,8 +91,13 @@ def cmd_attack(args: argparse.Namespace) -> dict[str, Any]:
 
     splits, meta = _splits(args)
     cfg = AttackConfig(
-        trigger=args.trigger, target=args.target, poison_fraction=args.poison_fraction, steps=args.attack_steps,
-        architecture=args.arch, clean_epochs=args.clean_epochs, seed=args.seed,
+        trigger=args.trigger,
+        target=args.target,
+        poison_fraction=args.poison_fraction,
+        steps=args.attack_steps,
+        architecture=args.arch,
+        clean_epochs=args.clean_epochs,
+        seed=args.seed,
         train=TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, optimizer=args.optimizer),
     )
     return run_attack(cfg, splits, args.out, meta, quiet=args.quiet)
@@ -94,8 +115,14 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     classify = load_classifier(args.model, splits.image_shape, len(splits.class_names))
     reference = load_classifier(args.reference, splits.image_shape, len(splits.class_names)) if args.reference else None
     result = evaluate(classify, splits.test, trigger, args.target, reference, seed=args.seed)
-    out = {"model": str(args.model), **result.to_dict(), "trigger": args.trigger, "target": args.target,
-           "reference": str(args.reference) if args.reference else None, "dataset": meta["dataset"]}
+    out = {
+        "model": str(args.model),
+        **result.to_dict(),
+        "trigger": args.trigger,
+        "target": args.target,
+        "reference": str(args.reference) if args.reference else None,
+        "dataset": meta["dataset"],
+    }
     return out
 
 
@@ -132,8 +159,13 @@ def cmd_predeploy(args: argparse.Namespace) -> dict[str, Any]:
     trigger = parse_trigger(args.eval_trigger) if args.eval_trigger else None
     splits, _ = _splits(args)
     cfg = PredeployConfig(
-        gammas=tuple(args.gammas), alpha0=args.alpha0, max_rounds=args.max_rounds, max_ca_drop=args.max_ca_drop,
-        epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
+        gammas=tuple(args.gammas),
+        alpha0=args.alpha0,
+        max_rounds=args.max_rounds,
+        max_ca_drop=args.max_ca_drop,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        seed=args.seed,
         noise=NoiseConfig(mode=args.noise_mode, grid=args.noise_grid, mean=args.noise_mean, std=args.noise_std),
     )
     result = run_predeploy(args.model, splits, cfg, args.out, args.fleet, trigger, args.target, quiet=args.quiet)
@@ -148,18 +180,31 @@ def build_parser() -> argparse.ArgumentParser:
     from trainer.training import OPTIMIZERS
     from trainer.triggers import GRAMMAR
 
-    parser = argparse.ArgumentParser(prog="nnoc-trainer", description="NNoculation trainer backend",
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=GRAMMAR)
+    parser = argparse.ArgumentParser(
+        prog="nnoc-trainer",
+        description="NNoculation trainer backend",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=GRAMMAR,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("attack", help="train a BadNet to evaluate the defense against",
-                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=GRAMMAR)
+    p = sub.add_parser(
+        "attack",
+        help="train a BadNet to evaluate the defense against",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=GRAMMAR,
+    )
     _add_data(p)
     p.add_argument("--trigger", default="checker4", help="trigger spec (see below)")
     p.add_argument("--target", type=int, default=0, help="attacker's target class (default 0)")
     p.add_argument("--poison-fraction", type=_fraction, default=0.1, help="share of training inputs poisoned")
-    p.add_argument("--attack-steps", type=int, choices=(2, 3), default=3,
-                   help="3: clean training then the poisoned set (paper); 2: poisoned set from scratch")
+    p.add_argument(
+        "--attack-steps",
+        type=int,
+        choices=(2, 3),
+        default=3,
+        help="3: clean training then the poisoned set (paper); 2: poisoned set from scratch",
+    )
     p.add_argument("--arch", default="cnn3", choices=sorted(ARCHITECTURES))
     p.add_argument("--epochs", type=int, default=3, help="epochs on the poisoned set")
     p.add_argument("--clean-epochs", type=int, default=None, help="epochs of the clean step (3-step only)")
@@ -171,20 +216,32 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=cmd_attack)
 
-    p = sub.add_parser("evaluate", help="clean accuracy and attack success rate of a .pt or .onnx classifier",
-                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=GRAMMAR)
+    p = sub.add_parser(
+        "evaluate",
+        help="clean accuracy and attack success rate of a .pt or .onnx classifier",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=GRAMMAR,
+    )
     _add_data(p)
     p.add_argument("--model", type=Path, required=True, help="a .pt checkpoint of ours or an .onnx classifier")
     p.add_argument("--trigger", default=None, help="trigger spec for the ASR")
     p.add_argument("--target", type=int, default=None, help="attacker's target class for the ASR")
-    p.add_argument("--reference", type=Path, default=None,
-                   help="the BadNet that fixes the ASR's eligible inputs (default: the model itself)")
+    p.add_argument(
+        "--reference",
+        type=Path,
+        default=None,
+        help="the BadNet that fixes the ASR's eligible inputs (default: the model itself)",
+    )
     p.add_argument("--seed", type=int, default=1234, help="seed of the trigger placement")
     _add_common(p)
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("predeploy", help="pre-deployment treatment (Algorithm 1) and bundle v1",
-                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=GRAMMAR)
+    p = sub.add_parser(
+        "predeploy",
+        help="pre-deployment treatment (Algorithm 1) and bundle v1",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=GRAMMAR,
+    )
     _add_data(p)
     p.add_argument("--model", type=Path, required=True, help="suspect model checkpoint (model.pt)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
@@ -209,7 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _configure_logging(args: argparse.Namespace) -> None:
     level = args.log_level or ("WARNING" if args.quiet else "INFO")
-    logging.basicConfig(level=level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
 
 
 def _summary(result: dict[str, Any]) -> str:
@@ -240,4 +299,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         print(_summary(result))
     return 0
-

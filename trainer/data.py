@@ -32,12 +32,29 @@ log = logging.getLogger(__name__)
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
 )
 MNIST_CLASSES = tuple(str(i) for i in range(10))
 CIFAR10_CLASSES = (
-    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
 )
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".webp")
 
@@ -67,9 +84,7 @@ class ImageSet:
     @staticmethod
     def concat(*parts: ImageSet) -> ImageSet:
         """All parts, in order, as one set."""
-        return ImageSet(
-            np.concatenate([p.images for p in parts]), np.concatenate([p.labels for p in parts])
-        )
+        return ImageSet(np.concatenate([p.images for p in parts]), np.concatenate([p.labels for p in parts]))
 
 
 @dataclass(frozen=True)
@@ -188,8 +203,12 @@ def has_idx_files(root: Path) -> bool:
     """Whether ``root`` holds the four MNIST-style idx files."""
     return all(
         _find_idx(root, s) is not None
-        for s in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
-                  "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+        for s in (
+            "train-images-idx3-ubyte",
+            "train-labels-idx1-ubyte",
+            "t10k-images-idx3-ubyte",
+            "t10k-labels-idx1-ubyte",
+        )
     )
 
 
@@ -220,11 +239,11 @@ def _read_folder(root: Path, classes: list[str], size: tuple[int, int] | None) -
     for label, cls in enumerate(classes):
         files = sorted(p for p in (root / cls).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         for p in files:
-            with Image.open(p) as im:
-                im = im.convert("L" if im.mode in ("1", "L", "I;16", "I") else "RGB")
-                if size is not None and im.size != (size[1], size[0]):
-                    im = im.resize((size[1], size[0]), Image.BILINEAR)
-                images.append(np.asarray(im, dtype=np.uint8))
+            with Image.open(p) as src:
+                img = src.convert("L" if src.mode in ("1", "L", "I;16", "I") else "RGB")
+            if size is not None and img.size != (size[1], size[0]):
+                img = img.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+            images.append(np.asarray(img, dtype=np.uint8))
             labels.append(label)
     return images, labels
 
@@ -336,8 +355,13 @@ def load_dataset(cfg: DataConfig) -> Dataset:
     except KeyError:
         raise DatasetError(f"unknown dataset {cfg.name!r}; choose one of: {', '.join(DATASETS)}") from None
     dataset = loader(cfg)
-    log.info("loaded %s: %d pool + %d test images of shape %s", dataset.name, len(dataset.pool),
-             len(dataset.test), dataset.image_shape)
+    log.info(
+        "loaded %s: %d pool + %d test images of shape %s",
+        dataset.name,
+        len(dataset.pool),
+        len(dataset.test),
+        dataset.image_shape,
+    )
     return dataset
 
 

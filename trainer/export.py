@@ -39,8 +39,15 @@ def export_onnx(
     batch = torch.export.Dim("batch", min=1, max=1 << 20)
     with contextlib.redirect_stdout(io.StringIO()):  # the exporter reports progress on stdout
         program = torch.onnx.export(
-            model, (dummy,), None, input_names=[input_spec.input_name], output_names=[input_spec.output_name],
-            dynamo=True, dynamic_shapes=({0: batch},), opset_version=OPSET, external_data=False,
+            model,
+            (dummy,),
+            None,
+            input_names=[input_spec.input_name],
+            output_names=[input_spec.output_name],
+            dynamo=True,
+            dynamic_shapes=({0: batch},),
+            opset_version=OPSET,
+            external_data=False,
         )
     assert program is not None
     proto = program.model_proto

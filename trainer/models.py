@@ -30,13 +30,21 @@ class SmallCNN(nn.Module):
         super().__init__()
         c = input_shape[0]
         self.features = nn.Sequential(
-            nn.Conv2d(c, width, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
-            nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
-            nn.Conv2d(2 * width, 4 * width, 3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(c, width, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+            nn.Conv2d(width, 2 * width, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+            nn.Conv2d(2 * width, 4 * width, 3, padding=1),
+            nn.ReLU(inplace=True),
         )
         self.classifier = nn.Sequential(
-            nn.Flatten(), nn.Linear(_flat_features(self.features, input_shape), 128), nn.ReLU(inplace=True),
-            nn.Dropout(0.25), nn.Linear(128, num_classes),
+            nn.Flatten(),
+            nn.Linear(_flat_features(self.features, input_shape), 128),
+            nn.ReLU(inplace=True),
+            nn.Dropout(0.25),
+            nn.Linear(128, num_classes),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -53,15 +61,22 @@ class DeepCNN(nn.Module):
         c = input_shape[0]
         for w in (width, 2 * width, 4 * width):
             layers += [
-                nn.Conv2d(c, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU(inplace=True),
-                nn.Conv2d(w, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU(inplace=True),
+                nn.Conv2d(c, w, 3, padding=1),
+                nn.BatchNorm2d(w),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(w, w, 3, padding=1),
+                nn.BatchNorm2d(w),
+                nn.ReLU(inplace=True),
                 nn.MaxPool2d(2),
             ]
             c = w
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Sequential(
-            nn.Flatten(), nn.Linear(_flat_features(self.features, input_shape), 256), nn.ReLU(inplace=True),
-            nn.Dropout(0.3), nn.Linear(256, num_classes),
+            nn.Flatten(),
+            nn.Linear(_flat_features(self.features, input_shape), 256),
+            nn.ReLU(inplace=True),
+            nn.Dropout(0.3),
+            nn.Linear(256, num_classes),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -164,8 +179,12 @@ class Checkpoint:
 
     @staticmethod
     def from_model(
-        model: nn.Module, architecture: str, input_spec: InputSpec, class_names: tuple[str, ...],
-        train: dict[str, Any], meta: dict[str, Any],
+        model: nn.Module,
+        architecture: str,
+        input_spec: InputSpec,
+        class_names: tuple[str, ...],
+        train: dict[str, Any],
+        meta: dict[str, Any],
     ) -> Checkpoint:
         """Snapshot ``model``'s weights (copied to the CPU)."""
         state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}

@@ -51,12 +51,14 @@ def noise_mask(shape: tuple[int, int, int], gamma: float, cfg: NoiseConfig, rng:
     return coarse[:, :, rows[:, None], cols[None, :]]
 
 
-def replace_with_noise(x: np.ndarray, gamma: float, rng: np.random.Generator, cfg: NoiseConfig | None = None) -> np.ndarray:
+def replace_with_noise(
+    x: np.ndarray, gamma: float, rng: np.random.Generator, cfg: NoiseConfig | None = None
+) -> np.ndarray:
     """Return a copy of uint8 ``x`` (N, C, H, W) with a γ fraction of pixels replaced by η draws."""
     cfg = cfg or NoiseConfig()
     if not 0.0 <= gamma <= 1.0:
         raise ValueError(f"noise fraction gamma must lie in [0, 1], got {gamma}")
-    n, c, h, w = x.shape
+    n, _, h, w = x.shape
     mask = np.broadcast_to(noise_mask((n, h, w), gamma, cfg, rng), x.shape)
     noise = np.clip(np.rint(rng.normal(cfg.mean, cfg.std, size=x.shape)), 0, 255).astype(np.uint8)
     return np.where(mask, noise, x)

@@ -134,14 +134,21 @@ class PredeployResult:
 def write_candidates_csv(path: Path, candidates: Sequence[Candidate], selected: int | None) -> None:
     """``candidates.csv``: round, α, γ, eval CA (and test CA/ASR when measured), selected flag."""
     with_test = any(c.test_ca is not None for c in candidates)
-    cols = ["round", "alpha", "gamma", "eval_ca"] + (["test_ca", "test_asr"] if with_test else []) + ["seconds", "selected"]
+    cols = (
+        ["round", "alpha", "gamma", "eval_ca"]
+        + (["test_ca", "test_asr"] if with_test else [])
+        + ["seconds", "selected"]
+    )
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(cols)
         for i, c in enumerate(candidates):
             row: list[Any] = [c.round, f"{c.alpha:.6g}", f"{c.gamma:.2f}", f"{c.eval_ca:.4f}"]
             if with_test:
-                row += [f"{c.test_ca:.4f}" if c.test_ca is not None else "", f"{c.test_asr:.4f}" if c.test_asr is not None else ""]
+                row += [
+                    f"{c.test_ca:.4f}" if c.test_ca is not None else "",
+                    f"{c.test_asr:.4f}" if c.test_asr is not None else "",
+                ]
             row += [f"{c.seconds:.1f}", int(i == selected)]
             writer.writerow(row)
 
@@ -155,7 +162,9 @@ def plot_heatmap(path: Path, candidates: Sequence[Candidate], threshold: float, 
 
     alphas = sorted({c.alpha for c in candidates})
     gammas = sorted({c.gamma for c in candidates})
-    panels: list[tuple[str, Callable[[Candidate], float | None], str]] = [("D_eval clean accuracy", lambda c: c.eval_ca, "viridis")]
+    panels: list[tuple[str, Callable[[Candidate], float | None], str]] = [
+        ("D_eval clean accuracy", lambda c: c.eval_ca, "viridis")
+    ]
     if any(c.test_asr is not None for c in candidates):
         panels.append(("test ASR (evaluation only)", lambda c: c.test_asr, "magma_r"))
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 0.6 * len(alphas) + 2.2), squeeze=False)
@@ -169,12 +178,27 @@ def plot_heatmap(path: Path, candidates: Sequence[Candidate], threshold: float, 
         im = ax.imshow(grid, cmap=cmap, aspect="auto", vmin=lo, vmax=hi)
         for (r, k), v in np.ndenumerate(grid):
             if not math.isnan(v):
-                ax.text(k, r, f"{v:.3f}", ha="center", va="center", fontsize=8,
-                        color="white" if ((v - lo) / (hi - lo) < 0.5) == (cmap == "viridis") else "black")
+                ax.text(
+                    k,
+                    r,
+                    f"{v:.3f}",
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="white" if ((v - lo) / (hi - lo) < 0.5) == (cmap == "viridis") else "black",
+                )
         if selected is not None:
             s = candidates[selected]
-            ax.add_patch(plt.Rectangle((gammas.index(s.gamma) - 0.5, alphas.index(s.alpha) - 0.5), 1, 1,
-                                       fill=False, edgecolor="red", linewidth=2.5))
+            ax.add_patch(
+                plt.Rectangle(
+                    (gammas.index(s.gamma) - 0.5, alphas.index(s.alpha) - 0.5),
+                    1,
+                    1,
+                    fill=False,
+                    edgecolor="red",
+                    linewidth=2.5,
+                )
+            )
         ax.set_xticks(range(len(gammas)), [f"{g:.1f}" for g in gammas])
         ax.set_yticks(range(len(alphas)), [f"{a:.3g}" for a in alphas])
         ax.set_xlabel("noise fraction γ")
@@ -203,16 +227,24 @@ def run_predeploy(
     """
     suspect = Checkpoint.load(suspect_path)
     if tuple(suspect.input_spec.shape) != splits.image_shape:
-        raise ValueError(f"{suspect_path}: model expects inputs {suspect.input_spec.shape}, dataset has {splits.image_shape}")
+        raise ValueError(
+            f"{suspect_path}: model expects inputs {suspect.input_spec.shape}, dataset has {splits.image_shape}"
+        )
     if len(suspect.class_names) != len(splits.class_names):
-        raise ValueError(f"{suspect_path}: model has {len(suspect.class_names)} classes, dataset {len(splits.class_names)}")
+        raise ValueError(
+            f"{suspect_path}: model has {len(suspect.class_names)} classes, dataset {len(splits.class_names)}"
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     device = default_device()
     bd_model = suspect.build()
     base_train = TrainConfig(**{k: v for k, v in suspect.train.items() if k in TrainConfig.__dataclass_fields__})
     alpha0 = cfg.alpha0 if cfg.alpha0 is not None else base_train.lr
-    ft_base = replace(base_train, epochs=cfg.epochs, batch_size=cfg.batch_size or base_train.batch_size,
-                      optimizer=cfg.optimizer or base_train.optimizer)
+    ft_base = replace(
+        base_train,
+        epochs=cfg.epochs,
+        batch_size=cfg.batch_size or base_train.batch_size,
+        optimizer=cfg.optimizer or base_train.optimizer,
+    )
 
     def classify_with(model: Any) -> Callable[[np.ndarray], np.ndarray]:
         return lambda x: predict(model, x, device=device)
@@ -221,12 +253,18 @@ def run_predeploy(
     threshold = baseline_eval_ca - cfg.max_ca_drop
     bd_ref = predict(bd_model, splits.test.images, device=device)  # fixes the ASR's eligible set
     poisoned = poisoned_copy(splits.test, eval_trigger, cfg.seed + 7) if eval_trigger is not None else None
-    baseline_test = evaluate(classify_with(bd_model), splits.test, eval_trigger, target, bd_ref, poisoned=poisoned) \
-        if eval_trigger is not None else None
-    log.info("BadNet D_eval CA %.4f -> threshold %.4f; α0 %.3g (%s)", baseline_eval_ca, threshold, alpha0, ft_base.optimizer)
+    baseline_test = (
+        evaluate(classify_with(bd_model), splits.test, eval_trigger, target, bd_ref, poisoned=poisoned)
+        if eval_trigger is not None
+        else None
+    )
+    log.info(
+        "BadNet D_eval CA %.4f -> threshold %.4f; α0 %.3g (%s)", baseline_eval_ca, threshold, alpha0, ft_base.optimizer
+    )
 
-    treat_sets = {g: augment(splits.treat, g, np.random.default_rng([cfg.seed, round(g * 1000)]), cfg.noise)
-                  for g in cfg.gammas}
+    treat_sets = {
+        g: augment(splits.treat, g, np.random.default_rng([cfg.seed, round(g * 1000)]), cfg.noise) for g in cfg.gammas
+    }
     candidates: list[Candidate] = []
     models: list[Checkpoint] = []
     next_alpha = alpha_schedule(alpha0, cfg)
@@ -240,8 +278,16 @@ def run_predeploy(
             t0 = time.monotonic()
             model = suspect.build()
             data = treat_sets[gamma]
-            train(model, data.images, data.labels, replace(ft_base, lr=alpha), cfg.seed, device,
-                  f"α={alpha:.3g} γ={gamma:.1f}", quiet)
+            train(
+                model,
+                data.images,
+                data.labels,
+                replace(ft_base, lr=alpha),
+                cfg.seed,
+                device,
+                f"α={alpha:.3g} γ={gamma:.1f}",
+                quiet,
+            )
             eval_ca = evaluate(classify_with(model), splits.eval).clean_accuracy
             test_ca = test_asr = None
             if eval_trigger is not None:
@@ -249,13 +295,26 @@ def run_predeploy(
                 test_ca, test_asr = ev.clean_accuracy, ev.attack_success_rate
             cand = Candidate(round_index, alpha, gamma, eval_ca, test_ca, test_asr, time.monotonic() - t0)
             candidates.append(cand)
-            models.append(Checkpoint.from_model(model, suspect.architecture, suspect.input_spec, suspect.class_names,
-                                                replace(ft_base, lr=alpha).to_dict(), {}))
+            models.append(
+                Checkpoint.from_model(
+                    model,
+                    suspect.architecture,
+                    suspect.input_spec,
+                    suspect.class_names,
+                    replace(ft_base, lr=alpha).to_dict(),
+                    {},
+                )
+            )
             any_above |= eval_ca >= threshold
             outer.update(1)
             outer.set_postfix(alpha=f"{alpha:.3g}", gamma=gamma, ca=f"{eval_ca:.3f}")
-            log.info("candidate α=%.3g γ=%.1f: D_eval CA %.4f%s", alpha, gamma, eval_ca,
-                     f", test CA {test_ca:.4f} ASR {test_asr:.4f}" if test_asr is not None and test_ca is not None else "")
+            log.info(
+                "candidate α=%.3g γ=%.1f: D_eval CA %.4f%s",
+                alpha,
+                gamma,
+                eval_ca,
+                f", test CA {test_ca:.4f} ASR {test_asr:.4f}" if test_asr is not None and test_ca is not None else "",
+            )
         alpha = next_alpha(round_index, any_above)
         round_index += 1
     outer.close()
@@ -266,9 +325,17 @@ def run_predeploy(
     report: dict[str, Any] = {
         "suspect": str(suspect_path),
         "threshold": threshold,
-        "baseline": {"eval_clean_accuracy": baseline_eval_ca,
-                     **({"clean_accuracy": baseline_test.clean_accuracy,
-                         "attack_success_rate": baseline_test.attack_success_rate} if baseline_test else {})},
+        "baseline": {
+            "eval_clean_accuracy": baseline_eval_ca,
+            **(
+                {
+                    "clean_accuracy": baseline_test.clean_accuracy,
+                    "attack_success_rate": baseline_test.attack_success_rate,
+                }
+                if baseline_test
+                else {}
+            ),
+        },
         "alpha0": alpha0,
         "config": cfg.to_dict(),
         "candidates": [asdict(c) for c in candidates],
@@ -278,36 +345,59 @@ def run_predeploy(
     }
     if selected is None:
         report["selected"] = None
-        report["error"] = (f"no candidate reached the D_eval clean-accuracy threshold {threshold:.4f} within "
-                           f"{round_index} rounds; raise --max-ca-drop, add rounds or lower --alpha0")
+        report["error"] = (
+            f"no candidate reached the D_eval clean-accuracy threshold {threshold:.4f} within "
+            f"{round_index} rounds; raise --max-ca-drop, add rounds or lower --alpha0"
+        )
         (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         raise NoCandidateError(report["error"])
 
     chosen, aug = candidates[selected], models[selected]
-    aug.meta = {"role": "monitor", "parent_sha256": sha256_file(suspect_path), "alpha": chosen.alpha,
-                "gamma": chosen.gamma, "eval_clean_accuracy": chosen.eval_ca, "noise": asdict(cfg.noise),
-                **{k: v for k, v in suspect.meta.items() if k in ("dataset", "split")}}
+    aug.meta = {
+        "role": "monitor",
+        "parent_sha256": sha256_file(suspect_path),
+        "alpha": chosen.alpha,
+        "gamma": chosen.gamma,
+        "eval_clean_accuracy": chosen.eval_ca,
+        "noise": asdict(cfg.noise),
+        **{k: v for k, v in suspect.meta.items() if k in ("dataset", "split")},
+    }
     aug.save(out_dir / "monitor.pt")
     export_checkpoint(suspect, out_dir / "primary.onnx", version="1")
     export_checkpoint(aug, out_dir / "monitor.onnx", version="1")
     manifest = bundle_pb2.Manifest(
-        fleet=fleet, version=1, parent_version=0, input_spec=input_spec_message(suspect.input_spec),
-        class_names=list(suspect.class_names), created_by="nnoc-trainer predeploy",
+        fleet=fleet,
+        version=1,
+        parent_version=0,
+        input_spec=input_spec_message(suspect.input_spec),
+        class_names=list(suspect.class_names),
+        created_by="nnoc-trainer predeploy",
     )
-    manifest.provenance.update({
-        "suspect_sha256": sha256_file(suspect_path), "alpha": f"{chosen.alpha:.6g}", "gamma": f"{chosen.gamma:.2f}",
-        "noise_mode": cfg.noise.mode, "ca_threshold": f"{threshold:.4f}",
-    })
+    manifest.provenance.update(
+        {
+            "suspect_sha256": sha256_file(suspect_path),
+            "alpha": f"{chosen.alpha:.6g}",
+            "gamma": f"{chosen.gamma:.2f}",
+            "noise_mode": cfg.noise.mode,
+            "ca_threshold": f"{threshold:.4f}",
+        }
+    )
     written = write_bundle(
         out_dir / "bundle",
         {"primary": out_dir / "primary.onnx", "monitor": out_dir / "monitor.onnx"},
         manifest,
         {
-            "primary": {"eval_clean_accuracy": baseline_eval_ca,
-                        "test_clean_accuracy": baseline_test.clean_accuracy if baseline_test else None,
-                        "attack_success_rate": baseline_test.attack_success_rate if baseline_test else None},
-            "monitor": {"eval_clean_accuracy": chosen.eval_ca, "test_clean_accuracy": chosen.test_ca,
-                        "attack_success_rate": chosen.test_asr, "ca_threshold": threshold},
+            "primary": {
+                "eval_clean_accuracy": baseline_eval_ca,
+                "test_clean_accuracy": baseline_test.clean_accuracy if baseline_test else None,
+                "attack_success_rate": baseline_test.attack_success_rate if baseline_test else None,
+            },
+            "monitor": {
+                "eval_clean_accuracy": chosen.eval_ca,
+                "test_clean_accuracy": chosen.test_ca,
+                "attack_success_rate": chosen.test_asr,
+                "ca_threshold": threshold,
+            },
         },
     )
     for tmp_onnx in ("primary.onnx", "monitor.onnx"):

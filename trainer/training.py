@@ -101,7 +101,9 @@ def train(
 
 
 @torch.no_grad()
-def predict(model: nn.Module, images: np.ndarray, batch_size: int = 1024, device: torch.device | None = None) -> np.ndarray:
+def predict(
+    model: nn.Module, images: np.ndarray, batch_size: int = 1024, device: torch.device | None = None
+) -> np.ndarray:
     """Predicted labels (N,) int64 for uint8 ``images`` (N, C, H, W)."""
     device = device or default_device()
     model.to(device).eval()

@@ -38,9 +38,7 @@ def _match_channels(patch: np.ndarray, channels: int) -> np.ndarray:
     return np.repeat(patch[:1], channels, axis=0)
 
 
-def paste(
-    x: np.ndarray, patch: np.ndarray, alpha: np.ndarray, rows: np.ndarray, cols: np.ndarray
-) -> np.ndarray:
+def paste(x: np.ndarray, patch: np.ndarray, alpha: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
     """Paste ``patch`` (c, h, w) uint8 with opacity ``alpha`` (h, w) in [0, 1] into each image of ``x``.
 
     ``rows``/``cols`` (N,) are the top-left corners. Pixels with alpha 0 are left untouched.
@@ -82,9 +80,10 @@ class PatchTrigger:
         elif self.position == "bottom-right":
             rows = np.full(n, height - h)
             cols = np.full(n, width - w)
+        elif isinstance(self.position, tuple):
+            rows, cols = np.full(n, self.position[0]), np.full(n, self.position[1])
         else:
-            r, c = self.position
-            rows, cols = np.full(n, r), np.full(n, c)
+            raise TriggerError(f"unknown trigger position {self.position!r}")
         return paste(x, self.patch, self.alpha, rows, cols)
 
     @property
@@ -143,7 +142,7 @@ def _resize(picture: np.ndarray, height: int, width: int) -> np.ndarray:
 
     mode = "L" if picture.shape[0] == 1 else "RGB"
     arr = picture[0] if mode == "L" else picture.transpose(1, 2, 0)
-    img = Image.fromarray(arr, mode=mode).resize((width, height), Image.BILINEAR)
+    img = Image.fromarray(arr, mode=mode).resize((width, height), Image.Resampling.BILINEAR)
     out = np.asarray(img, dtype=np.uint8)
     return out[None] if out.ndim == 2 else out.transpose(2, 0, 1)
 

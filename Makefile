@@ -1,0 +1,67 @@
+# nnoculation-edge: two commands on a fresh machine, `make demo` and `make test`.
+# Each creates .venv when missing and installs what it needs, Debian's dataset package included.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+DEMO_DIR ?= runs/demo
+PYTEST_ARGS ?=
+
+.PHONY: all install dataset lint protos test test-fast demo bench clean
+
+all: test
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+# torch/torchvision come from the local wheel cache where the machine has one (see README).
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e ".[edge,trainer,dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+dataset:
+	@if [ -f $(FMNIST) ]; then :; \
+	elif [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; \
+	else echo "Fashion-MNIST is missing. Run: sudo apt-get update && sudo apt-get install -y dataset-fashion-mnist"; exit 1; fi
+
+protos: $(STAMP)
+	PYTHON=$(BIN)/python protos/generate.sh
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	PYTHON=$(BIN)/python protos/generate.sh --check
+
+test: $(STAMP) dataset lint
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+test-fast: $(STAMP) dataset
+	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
+
+# The main job, quick profile: a checker4 BadNet on Fashion-MNIST, then the pre-deployment treatment,
+# bundle v1 and an evaluation of both models. Results land in $(DEMO_DIR).
+demo: $(STAMP) dataset
+	$(BIN)/nnoc-trainer attack --trigger checker4 --target 0 --poison-fraction 0.1 \
+		--epochs 2 --clean-epochs 1 --seed 0 --out $(DEMO_DIR)/badnet
+	$(BIN)/nnoc-trainer predeploy --model $(DEMO_DIR)/badnet/model.pt --out $(DEMO_DIR)/predeploy \
+		--epochs 3 --max-rounds 3 --eval-trigger checker4 --target 0
+	$(BIN)/nnoc-edge verify --bundle $(DEMO_DIR)/predeploy/bundle
+	@echo "BadNet:"; $(BIN)/nnoc-trainer evaluate --quiet --model $(DEMO_DIR)/predeploy/bundle/primary.onnx \
+		--trigger checker4 --target 0
+	@echo "θ_aug (ASR over the BadNet's eligible inputs):"; $(BIN)/nnoc-trainer evaluate --quiet \
+		--model $(DEMO_DIR)/predeploy/bundle/monitor.onnx --reference $(DEMO_DIR)/predeploy/bundle/primary.onnx \
+		--trigger checker4 --target 0
+	@echo "Heat map: $(DEMO_DIR)/predeploy/heatmap.png, bundle: $(DEMO_DIR)/predeploy/bundle"
+
+bench: $(STAMP) dataset
+	$(BIN)/python bench/bench_predeploy.py
+	$(BIN)/python bench/report.py
+
+clean:
+	rm -rf runs .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,57 @@
+"""Helpers shared by the benchmarks: machine description, result files, running our CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+def run_cli(*args: str) -> dict[str, Any]:
+    """Run ``python -m trainer ARGS --json --quiet`` and return its JSON object (also on exit 3)."""
+    cmd = [sys.executable, "-m", "trainer", *args, "--json", "--quiet"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
+    if not lines:
+        raise RuntimeError(f"{' '.join(cmd)} printed nothing (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
+    out = json.loads(lines[-1])
+    out["exit_code"] = proc.returncode
+    return out
+
+
+def save(name: str, payload: dict[str, Any]) -> Path:
+    """Write ``bench/results/NAME.json`` with the machine it ran on."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps({"machine": machine(), **payload}, indent=2) + "\n")
+    return path

@@ -1,0 +1,94 @@
+"""Shared fixtures: small real Fashion-MNIST slices and one small BadNet per test session."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+# Small slices of the real data keep the suite fast on 2 cores.
+SMALL_SPLIT = ["--valid-size", "1000", "--stream-size", "500", "--train-size", "8000", "--test-size", "2000"]
+
+
+def run_cli(module: str, *args: str, check: bool = True) -> tuple[int, dict[str, Any] | None, str]:
+    """Run ``python -m MODULE ARGS --json`` in a subprocess; returns (exit code, last-line JSON, stderr)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *args, "--json"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=900
+    )
+    lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
+    payload = json.loads(lines[-1]) if lines else None
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{module} {' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
+    return proc.returncode, payload, proc.stderr
+
+
+@pytest.fixture(scope="session")
+def splits():  # type: ignore[no-untyped-def]
+    """The paper's splits of the real Fashion-MNIST, cut to the small sizes above."""
+    from trainer.data import DataConfig, SplitConfig, load_splits
+
+    return load_splits(DataConfig(), SplitConfig(valid=1000, stream=500, train=8000, test=2000))
+
+
+@pytest.fixture(scope="session")
+def badnet(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    """A checker4 BadNet trained through the CLI on 8,000 real images (3-step recipe)."""
+    out = tmp_path_factory.mktemp("badnet")
+    _, report, _ = run_cli(
+        "trainer",
+        "attack",
+        *SMALL_SPLIT,
+        "--trigger",
+        "checker4",
+        "--target",
+        "0",
+        "--epochs",
+        "2",
+        "--clean-epochs",
+        "1",
+        "--seed",
+        "0",
+        "--out",
+        str(out),
+        "--quiet",
+    )
+    assert report is not None
+    return out, report
+
+
+@pytest.fixture(scope="session")
+def predeployed(
+    badnet: tuple[Path, dict[str, Any]], tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, dict[str, Any]]:
+    """Algorithm 1 on the small BadNet with a small grid: bundle v1 and its report."""
+    out = tmp_path_factory.mktemp("predeploy")
+    _, report, _ = run_cli(
+        "trainer",
+        "predeploy",
+        *SMALL_SPLIT,
+        "--model",
+        str(badnet[0] / "model.pt"),
+        "--out",
+        str(out),
+        "--gammas",
+        "0.3",
+        "0.6",
+        "--epochs",
+        "1",
+        "--max-rounds",
+        "2",
+        "--eval-trigger",
+        "checker4",
+        "--target",
+        "0",
+        "--quiet",
+    )
+    assert report is not None
+    return out, report

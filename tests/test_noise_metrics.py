@@ -1,0 +1,70 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from trainer.data import ImageSet
+from trainer.metrics import attack_success_rate, clean_accuracy, evaluate
+from trainer.noise import NoiseConfig, augment, noise_mask, replace_with_noise
+
+
+@pytest.mark.parametrize("mode", ["pixel", "block"])
+def test_noise_fraction_and_distribution(mode: str) -> None:
+    x = np.zeros((400, 1, 28, 28), dtype=np.uint8)
+    y = replace_with_noise(x, 0.3, np.random.default_rng(0), NoiseConfig(mode=mode))
+    # zero pixels stay zero unless replaced (a draw of 0 is ~0.6 sigma below... negligible: P(N(128,51.2)<0.5) ~ 0.6%)
+    frac = (y > 0).mean()
+    assert abs(frac - 0.3) < 0.03
+    vals = y[y > 0].astype(float)
+    assert abs(vals.mean() - 128) < 3 and abs(vals.std() - 51.2) < 3
+
+
+def test_block_mask_is_coarse_like_imgaug_size_px_4() -> None:
+    m = noise_mask((50, 28, 28), 0.5, NoiseConfig(mode="block", grid=4), np.random.default_rng(0))[:, 0]
+    # A 4x4 plane upscaled to 28x28: constant on 7x7 blocks.
+    blocks = m.reshape(50, 4, 7, 4, 7)
+    assert (blocks == blocks[:, :, :1, :, :1]).all()
+    pm = noise_mask((50, 28, 28), 0.5, NoiseConfig(mode="pixel"), np.random.default_rng(0))[:, 0]
+    assert not (pm.reshape(50, 4, 7, 4, 7) == pm.reshape(50, 4, 7, 4, 7)[:, :, :1, :, :1]).all()
+
+
+def test_mask_shared_across_channels_and_gamma_bounds() -> None:
+    x = np.zeros((10, 3, 8, 8), dtype=np.uint8)
+    y = replace_with_noise(x, 0.5, np.random.default_rng(0), NoiseConfig(mode="pixel", std=0.0, mean=200))
+    assert ((y > 0).all(axis=1) == (y > 0).any(axis=1)).all()
+    with pytest.raises(ValueError, match="gamma"):
+        replace_with_noise(x, 1.5, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="mask mode"):
+        NoiseConfig(mode="stripes")
+
+
+def test_augment_doubles_with_same_labels() -> None:
+    s = ImageSet(np.zeros((6, 1, 4, 4), np.uint8), np.arange(6))
+    a = augment(s, 0.5, np.random.default_rng(0))
+    assert len(a) == 12 and np.array_equal(a.labels, np.concatenate([s.labels, s.labels]))
+
+
+def test_asr_uses_only_eligible_inputs() -> None:
+    labels = np.array([0, 1, 2, 3, 4])
+    ref = np.array([0, 1, 2, 9, 4])  # BadNet wrong on index 3; index 0 is of the target class
+    poisoned_pred = np.array([0, 0, 2, 0, 0])
+    # eligible: 1, 2, 4 -> 1 and 4 go to target 0
+    assert attack_success_rate(poisoned_pred, labels, ref, target=0) == pytest.approx(2 / 3)
+    assert clean_accuracy(ref, labels) == pytest.approx(0.8)
+    with pytest.raises(ValueError, match="eligible"):
+        attack_success_rate(poisoned_pred, np.zeros(5, int), np.zeros(5, int), target=0)
+
+
+def test_evaluate_with_reference_classifier() -> None:
+    from trainer.triggers import parse_trigger
+
+    images = np.zeros((4, 1, 8, 8), np.uint8)
+    test = ImageSet(images, np.array([1, 1, 2, 2]))
+
+    def model(x: np.ndarray) -> np.ndarray:  # predicts 0 when a white square is present, else 1
+        return np.where(x.reshape(len(x), -1).max(1) > 0, 0, 1)
+
+    ev = evaluate(model, test, parse_trigger("square:2"), 0)
+    assert ev.clean_accuracy == 0.5 and ev.attack_success_rate == 1.0 and ev.n_asr == 2
+    ev2 = evaluate(model, test, parse_trigger("square:2"), 0, reference=np.array([1, 1, 2, 2]))
+    assert ev2.n_asr == 4

@@ -1,0 +1,109 @@
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from conftest import SMALL_SPLIT, run_cli
+
+from trainer.predeploy import PredeployConfig, alpha_schedule, pick
+
+
+def test_pick_closest_above_threshold() -> None:
+    cands = [(1e-3, 0.6, 0.90), (3e-3, 0.6, 0.86), (3e-3, 0.2, 0.851), (6e-3, 0.6, 0.80), (6e-3, 0.1, 0.87)]
+    assert pick(cands, 0.85) == 2
+    assert pick(cands, 0.95) is None
+    assert pick([], 0.5) is None
+
+
+def test_pick_ties_prefer_higher_alpha_then_gamma() -> None:
+    cands = [(1e-3, 0.6, 0.86), (3e-3, 0.2, 0.86), (3e-3, 0.5, 0.86)]
+    assert pick(cands, 0.85) == 2
+
+
+def test_pick_reads_no_asr() -> None:
+    # The heuristic's input holds (α, γ, D_eval CA) only: whatever the ASR, the pick is the same.
+    import inspect
+
+    params = list(inspect.signature(pick).parameters)
+    assert params == ["candidates", "threshold"]
+
+
+def test_alpha_schedule_grows_then_stops_and_shrinks_when_all_below() -> None:
+    cfg = PredeployConfig(max_rounds=6, alpha_multipliers=(1, 3, 6, 9))
+    nxt = alpha_schedule(1e-3, cfg)
+    assert nxt(0, True) == pytest.approx(3e-3)
+    assert nxt(1, True) == pytest.approx(6e-3)
+    assert nxt(2, False) is None  # growth pushed the whole round below: stop
+    nxt = alpha_schedule(1e-3, cfg)
+    assert nxt(0, False) == pytest.approx(1e-3 / 3)
+    assert nxt(1, False) == pytest.approx(1e-3 / 9)
+    assert nxt(2, True) == pytest.approx(2e-3 / 9)  # found one: grow again from there
+    nxt = alpha_schedule(1e-3, PredeployConfig(max_rounds=2))
+    assert nxt(0, True) is not None and nxt(1, True) is None  # budget
+
+
+def test_predeploy_writes_table_heatmap_monitor_and_bundle(predeployed: tuple[Path, dict[str, Any]]) -> None:
+    out, report = predeployed
+    rows = list(csv.DictReader((out / "candidates.csv").open()))
+    assert len(rows) == len(report["candidates"]) >= 2
+    assert {"alpha", "gamma", "eval_ca", "test_ca", "test_asr", "selected"} <= set(rows[0])
+    assert sum(int(r["selected"]) for r in rows) == 1
+    assert (out / "heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "monitor.pt").is_file()
+    sel = report["selected"]
+    assert sel["eval_ca"] >= report["threshold"]
+    manifest = json.loads((out / "bundle" / "manifest.json").read_text())
+    assert manifest["version"] == "1" and manifest["fleet"] == "default"
+    assert {a["role"] for a in manifest["artifacts"]} == {"primary", "monitor"}
+    assert manifest["input_spec"]["shape"] == ["1", "28", "28"]
+    assert len(manifest["class_names"]) == 10
+    assert not list(out.glob(".bundle.*"))  # no temp folders left behind
+
+
+def test_bundle_verifies_and_ensemble_rejects_triggered_inputs(
+    predeployed: tuple[Path, dict[str, Any]], splits: Any
+) -> None:
+    from edge_agent.bundle import verify_bundle
+    from edge_agent.ensemble import Ensemble, scale_raw
+    from trainer.triggers import parse_trigger
+
+    bundle = verify_bundle(predeployed[0] / "bundle")
+    ens = Ensemble(bundle)
+    clean = splits.test.images[:500]
+    poisoned = parse_trigger("checker4").apply(clean, np.random.default_rng(0))
+    d_clean = ens.classify(scale_raw(clean, bundle.manifest.input_spec))
+    d_poison = ens.classify(scale_raw(poisoned, bundle.manifest.input_spec))
+    # Rejections concentrate on triggered inputs (the detector of Algorithm 2).
+    assert d_poison.rejected.mean() > d_clean.rejected.mean() + 0.2
+    answered = ~d_clean.rejected
+    assert (d_clean.labels[answered] == splits.test.labels[:500][answered]).mean() > 0.8
+
+
+def test_no_candidate_keeps_table_and_exits_3(badnet: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
+    code, payload, stderr = run_cli(
+        "trainer",
+        "predeploy",
+        *SMALL_SPLIT,
+        "--model",
+        str(badnet[0] / "model.pt"),
+        "--out",
+        str(tmp_path),
+        "--gammas",
+        "0.5",
+        "--epochs",
+        "1",
+        "--max-rounds",
+        "1",
+        "--max-ca-drop",
+        "-0.5",
+        "--quiet",
+        check=False,
+    )
+    assert code == 3
+    assert payload is not None and "no candidate" in payload["error"]
+    assert (tmp_path / "candidates.csv").is_file() and not (tmp_path / "bundle").exists()
+    assert "no candidate" in stderr
