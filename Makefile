@@ -60,8 +60,8 @@ demo: $(STAMP) dataset
 	@echo "Heat map: $(DEMO_DIR)/predeploy/heatmap.png, bundle: $(DEMO_DIR)/predeploy/bundle"
 
 bench: $(STAMP) dataset
-	$(BIN)/python bench/bench_predeploy.py
-	$(BIN)/python bench/report.py
+	$(BIN)/python -m bench.bench_predeploy
+	$(BIN)/python -m bench.report
 
 clean:
 	rm -rf runs .pytest_cache .mypy_cache .ruff_cache

@@ -11,11 +11,9 @@ Usage: python bench/bench_predeploy.py [--triggers checker4 square:4 ...] [--epo
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, run_cli, save
 
 VARIANTS = {

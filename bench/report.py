@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, ROOT  # noqa: E402
+from bench.common import RESULTS, ROOT
 
 HEADER = """# Benchmarks
 
@@ -42,16 +39,17 @@ def predeploy_section(data: dict[str, Any]) -> str:
         "Each row is the heuristic's pick (it reads D_eval CA only); test CA/ASR are measured for this table only. "
         "`clean-ft` is the control: the same search with γ = 0 (fine-tuning on clean D_treat alone).",
         "",
-        "| trigger | variant | BadNet CA | BadNet ASR | θ_aug CA | θ_aug ASR | CA drop | pick α, γ | lowest ASR on grid "
-        "| candidates | time (s) |",
+        "| trigger | variant | BadNet CA | BadNet ASR | θ_aug CA | θ_aug ASR | CA drop | pick α, γ "
+        "| lowest ASR on grid | candidates | time (s) |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in data["rows"]:
         drop = r["badnet_ca"] - r["aug_ca"] if r["aug_ca"] is not None else None
         pick = f"{r['alpha']:.3g}, {r['gamma']:.1f}" if r["alpha"] is not None else "none met the threshold"
         lines.append(
-            f"| `{r['trigger']}` | {r['variant']} | {_fmt(r['badnet_ca'])} | {_fmt(r['badnet_asr'])} | {_fmt(r['aug_ca'])} "
-            f"| {_fmt(r['aug_asr'])} | {_fmt(drop)} | {pick} | {_fmt(r['best_asr_any_candidate'])} | {r['candidates']} "
+            f"| `{r['trigger']}` | {r['variant']} | {_fmt(r['badnet_ca'])} | {_fmt(r['badnet_asr'])} "
+            f"| {_fmt(r['aug_ca'])} | {_fmt(r['aug_asr'])} | {_fmt(drop)} | {pick} "
+            f"| {_fmt(r['best_asr_any_candidate'])} | {r['candidates']} "
             f"| {r['seconds']:.0f} |"
         )
     return "\n".join(lines) + "\n"

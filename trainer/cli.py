@@ -172,6 +172,63 @@ def cmd_predeploy(args: argparse.Namespace) -> dict[str, Any]:
     return result.report
 
 
+def cmd_stream(args: argparse.Namespace) -> dict[str, Any]:
+    """Play a poisoned stream through a bundle's ensemble; quarantine the rejects."""
+    from trainer.stream import StreamConfig, run_stream
+    from trainer.triggers import parse_trigger
+
+    trigger = parse_trigger(args.trigger)
+    splits, _ = _splits(args)
+    cfg = StreamConfig(n=args.n, cpd=args.cpd, target=args.target, seed=args.seed, device_id=args.device_id)
+    return run_stream(args.bundle, splits, trigger, cfg, args.out)
+
+
+def cmd_repair(args: argparse.Namespace) -> dict[str, Any]:
+    """CycleGAN trigger learning and repair; bundle v+1 behind a gate."""
+    from trainer.cyclegan import CycleGANConfig
+    from trainer.repair import RepairConfig, run_repair
+    from trainer.triggers import parse_trigger
+
+    if (args.eval_trigger is None) != (args.target is None):
+        raise ValueError("--eval-trigger and --target go together")
+    trigger = parse_trigger(args.eval_trigger) if args.eval_trigger else None
+    splits, _ = _splits(args)
+    gan = CycleGANConfig(
+        ngf=args.gan_width,
+        ndf=args.gan_width,
+        n_res_blocks=args.gan_blocks,
+        epochs=args.gan_epochs,
+        epochs_decay=args.gan_epochs_decay,
+        batch_size=args.gan_batch_size,
+        patience=args.gan_patience,
+        lambda_identity=args.gan_identity,
+        seed=args.seed,
+    )
+    cfg = RepairConfig(
+        base=args.repair_base,
+        purify=args.purify,
+        min_quarantine=args.min_quarantine,
+        clean_domain=args.clean_domain,
+        cyclegan=gan,
+        epochs=args.epochs,
+        lr=args.lr,
+        max_ca_drop=args.max_ca_drop,
+        seed=args.seed,
+    )
+    return run_repair(
+        args.bundle,
+        args.quarantine,
+        splits,
+        cfg,
+        args.out,
+        trigger,
+        args.target,
+        args.primary_checkpoint,
+        args.monitor_checkpoint,
+        quiet=args.quiet,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """All subcommands and their flags."""
     from trainer.models import ARCHITECTURES
@@ -261,6 +318,60 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     _add_common(p)
     p.set_defaults(func=cmd_predeploy)
+
+    p = sub.add_parser(
+        "stream",
+        help="simulate a poisoned deployment stream through a bundle (Algorithm 2, 1-12)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=GRAMMAR,
+    )
+    _add_data(p)
+    p.add_argument("--bundle", type=Path, required=True, help="bundle folder (primary.onnx, monitor.onnx, manifest)")
+    p.add_argument("--trigger", required=True, help="the attacker's trigger spec for the poisoned inputs")
+    p.add_argument("--target", type=int, default=0, help="attacker's target class (its inputs are not poisoned)")
+    p.add_argument("--cpd", type=_fraction, default=0.1, help="poisoned share of the stream (default 0.1)")
+    p.add_argument("--n", type=int, default=1000, help="stream inputs (paper: N = 1000)")
+    p.add_argument("--device-id", default="sim-0", help="device id written into the quarantine")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, required=True, help="quarantine folder (quarantine.sqlite, report.json)")
+    _add_common(p)
+    p.set_defaults(func=cmd_stream)
+
+    from trainer.repair import PURIFIERS, REPAIR_BASES
+
+    p = sub.add_parser(
+        "repair",
+        help="learn the trigger from a quarantine (CycleGAN) and repair: bundle v+1",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=GRAMMAR,
+    )
+    _add_data(p)
+    p.add_argument("--bundle", type=Path, required=True, help="the deployed bundle (its checkpoints lie beside it)")
+    p.add_argument("--quarantine", type=Path, required=True, help="quarantine folder or .sqlite file")
+    p.add_argument("--out", type=Path, required=True, help="output folder (bundle/, report.json, samples.png)")
+    p.add_argument("--primary-checkpoint", type=Path, default=None, help="θ_bd weights (default: BUNDLE/../primary.pt)")
+    p.add_argument(
+        "--monitor-checkpoint", type=Path, default=None, help="θ_aug weights (default: BUNDLE/../monitor.pt)"
+    )
+    p.add_argument("--repair-base", choices=REPAIR_BASES, default="bd", help="model to fine-tune (default bd)")
+    p.add_argument("--purify", choices=PURIFIERS, default="majority", help="quarantine purification (label-free)")
+    p.add_argument("--min-quarantine", type=int, default=20, help="fewer usable quarantined inputs is an error")
+    p.add_argument("--clean-domain", type=int, default=500, help="clean D_valid images for the CycleGAN (paper 500)")
+    p.add_argument("--gan-epochs", type=int, default=60, help="CycleGAN epochs at constant lr")
+    p.add_argument("--gan-epochs-decay", type=int, default=20, help="CycleGAN epochs of linear lr decay")
+    p.add_argument("--gan-batch-size", type=int, default=16)
+    p.add_argument("--gan-width", type=int, default=32, help="generator/discriminator base width")
+    p.add_argument("--gan-blocks", type=int, default=6, help="generator residual blocks")
+    p.add_argument("--gan-identity", type=float, default=0.5, help="identity loss weight (x cycle weight); 0: off")
+    p.add_argument("--gan-patience", type=int, default=15, help="early stop after this many epochs w/o better score")
+    p.add_argument("--epochs", type=int, default=5, help="fine-tuning epochs")
+    p.add_argument("--lr", type=float, default=None, help="fine-tuning lr (default: the BadNet's)")
+    p.add_argument("--max-ca-drop", type=float, default=0.03, help="gate: D_eval CA floor below the BadNet's")
+    p.add_argument("--eval-trigger", default=None, help="evaluation only: report test CA/ASR for this trigger")
+    p.add_argument("--target", type=int, default=None, help="evaluation only: target class of --eval-trigger")
+    p.add_argument("--seed", type=int, default=0)
+    _add_common(p)
+    p.set_defaults(func=cmd_repair)
     return parser
 
 
@@ -281,10 +392,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _configure_logging(args)
     from trainer.predeploy import NoCandidateError
+    from trainer.repair import GateError
 
     try:
         result = args.func(args)
-    except NoCandidateError as e:
+    except (NoCandidateError, GateError) as e:
         log.error("%s", e)
         if args.json:
             print(json.dumps({"error": str(e), "exit_code": EXIT_GATE}))

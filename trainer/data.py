@@ -189,7 +189,7 @@ def read_idx(path: Path) -> np.ndarray:
     body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if body.size != int(np.prod(dims)):
         raise DatasetError(f"{path}: header says {dims} but the file holds {body.size} bytes")
-    return body.reshape(dims)
+    return body.reshape(dims).copy()  # writable: torch.from_numpy warns on read-only buffers
 
 
 def _find_idx(root: Path, stem: str) -> Path | None:

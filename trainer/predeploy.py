@@ -11,6 +11,7 @@ import csv
 import json
 import logging
 import math
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -363,6 +364,8 @@ def run_predeploy(
         **{k: v for k, v in suspect.meta.items() if k in ("dataset", "split")},
     }
     aug.save(out_dir / "monitor.pt")
+    # Fine-tuning (repair) needs torch weights: both checkpoints live next to the bundle.
+    shutil.copyfile(suspect_path, out_dir / "primary.pt")
     export_checkpoint(suspect, out_dir / "primary.onnx", version="1")
     export_checkpoint(aug, out_dir / "monitor.onnx", version="1")
     manifest = bundle_pb2.Manifest(
@@ -380,6 +383,8 @@ def run_predeploy(
             "gamma": f"{chosen.gamma:.2f}",
             "noise_mode": cfg.noise.mode,
             "ca_threshold": f"{threshold:.4f}",
+            "primary_checkpoint_sha256": sha256_file(out_dir / "primary.pt"),
+            "monitor_checkpoint_sha256": sha256_file(out_dir / "monitor.pt"),
         }
     )
     written = write_bundle(

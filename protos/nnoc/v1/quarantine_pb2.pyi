@@ -1,0 +1,53 @@
+import datetime
+
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class QuarantineHeader(_message.Message):
+    __slots__ = ("device_id", "fleet", "bundle_version", "seq", "shape", "dtype", "primary_label", "monitor_label", "captured_at")
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    FLEET_FIELD_NUMBER: _ClassVar[int]
+    BUNDLE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    PRIMARY_LABEL_FIELD_NUMBER: _ClassVar[int]
+    MONITOR_LABEL_FIELD_NUMBER: _ClassVar[int]
+    CAPTURED_AT_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    fleet: str
+    bundle_version: int
+    seq: int
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    dtype: str
+    primary_label: int
+    monitor_label: int
+    captured_at: _timestamp_pb2.Timestamp
+    def __init__(self, device_id: _Optional[str] = ..., fleet: _Optional[str] = ..., bundle_version: _Optional[int] = ..., seq: _Optional[int] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., primary_label: _Optional[int] = ..., monitor_label: _Optional[int] = ..., captured_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class QuarantineReply(_message.Message):
+    __slots__ = ("device_id", "seq", "status", "error")
+    class Status(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        STATUS_UNSPECIFIED: _ClassVar[QuarantineReply.Status]
+        ACK: _ClassVar[QuarantineReply.Status]
+        REJECTED: _ClassVar[QuarantineReply.Status]
+    STATUS_UNSPECIFIED: QuarantineReply.Status
+    ACK: QuarantineReply.Status
+    REJECTED: QuarantineReply.Status
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    seq: int
+    status: QuarantineReply.Status
+    error: str
+    def __init__(self, device_id: _Optional[str] = ..., seq: _Optional[int] = ..., status: _Optional[_Union[QuarantineReply.Status, str]] = ..., error: _Optional[str] = ...) -> None: ...

@@ -1,0 +1,186 @@
+"""The on-disk quarantine: one SQLite file (WAL mode) per fleet and bundle version.
+
+Written by ``nnoc-trainer stream`` (the offline twin of the edge loop) and by the trainer's ZeroMQ collector;
+read by ``nnoc-trainer repair --quarantine``. Each row is one rejected input: its
+:class:`~protos.nnoc.v1.quarantine_pb2.QuarantineHeader` and the raw tensor bytes. ``(device_id, seq)`` is the
+primary key, so a resent message is stored once (at-least-once delivery, exactly-once storage).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from protos.nnoc.v1 import quarantine_pb2
+
+STORE_NAME = "quarantine.sqlite"
+SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS quarantine (
+    device_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    fleet TEXT NOT NULL,
+    bundle_version INTEGER NOT NULL,
+    shape TEXT NOT NULL,
+    dtype TEXT NOT NULL,
+    primary_label INTEGER NOT NULL,
+    monitor_label INTEGER NOT NULL,
+    captured_at REAL NOT NULL,
+    received_at REAL NOT NULL,
+    header BLOB NOT NULL,
+    tensor BLOB NOT NULL,
+    PRIMARY KEY (device_id, seq)
+);
+"""
+
+
+class QuarantineError(ValueError):
+    """A quarantine store or message that cannot be used; the message says why."""
+
+
+@dataclass(frozen=True)
+class Quarantine:
+    """A quarantine loaded for repair: inputs as uint8 pixels and the labels the two models gave."""
+
+    images: np.ndarray  # (N, C, H, W) uint8
+    primary: np.ndarray  # (N,) int64, θ_bd's label
+    monitor: np.ndarray  # (N,) int64, θ_aug's label
+    keys: list[tuple[str, int]]  # (device_id, seq) per row
+
+    def __len__(self) -> int:
+        return len(self.primary)
+
+
+def tensor_to_pixels(tensor: np.ndarray, scale: float) -> np.ndarray:
+    """Model-input tensors (N, C, H, W) (raw pixels times ``scale``) back to uint8 pixels."""
+    if tensor.dtype == np.uint8:
+        return tensor
+    return np.clip(np.rint(tensor.astype(np.float64) / scale), 0, 255).astype(np.uint8)
+
+
+def check_message(header: quarantine_pb2.QuarantineHeader, tensor: bytes, max_bytes: int = 1 << 22) -> np.ndarray:
+    """Validate a header and its tensor frame; return the tensor as an array of the declared shape."""
+    if not header.device_id:
+        raise QuarantineError("header has no device_id")
+    try:
+        dtype = np.dtype(header.dtype)
+    except TypeError as e:
+        raise QuarantineError(f"unknown dtype {header.dtype!r}") from e
+    if dtype.kind not in "uif":
+        raise QuarantineError(f"dtype {header.dtype!r} is not numeric")
+    shape = tuple(int(d) for d in header.shape)
+    if not shape or any(d <= 0 for d in shape):
+        raise QuarantineError(f"bad shape {list(shape)}")
+    expected = int(np.prod(shape)) * dtype.itemsize
+    if expected > max_bytes:
+        raise QuarantineError(f"tensor of {expected} bytes exceeds the {max_bytes}-byte limit")
+    if len(tensor) != expected:
+        raise QuarantineError(f"tensor frame has {len(tensor)} bytes, shape {list(shape)} {dtype} needs {expected}")
+    arr = np.frombuffer(tensor, dtype=dtype).reshape(shape)
+    if dtype.kind == "f" and not np.isfinite(arr).all():
+        raise QuarantineError("tensor holds NaN or infinite values")
+    return arr
+
+
+class QuarantineStore:
+    """A SQLite quarantine file. Use as a context manager; one writer at a time (SQLite's own locking)."""
+
+    def __init__(self, path: Path, create: bool = True) -> None:
+        if path.is_dir() or path.suffix != ".sqlite":
+            path = path / STORE_NAME
+        if not create and not path.is_file():
+            raise QuarantineError(f"no quarantine at {path}; pass the folder written by 'nnoc-trainer stream'")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.db = sqlite3.connect(path, timeout=30.0, isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")  # an ACK promises the row survives a crash
+        self.db.executescript(_SCHEMA)
+        self.db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+        version = int(self.meta("schema_version") or SCHEMA_VERSION)
+        if version > SCHEMA_VERSION:
+            raise QuarantineError(f"{path}: schema version {version} is newer than this tool knows")
+
+    def __enter__(self) -> QuarantineStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the connection."""
+        self.db.close()
+
+    def meta(self, key: str) -> str | None:
+        """A metadata value (input spec, fleet ...), or None."""
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_meta(self, **values: str) -> None:
+        """Set metadata values."""
+        with self.db:
+            self.db.execute("BEGIN")
+            self.db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", list(values.items()))
+
+    def add_many(self, messages: Iterable[tuple[quarantine_pb2.QuarantineHeader, bytes]]) -> int:
+        """Store messages in one transaction; returns how many were new (duplicates are ignored)."""
+        now = time.time()
+        rows = []
+        for header, tensor in messages:
+            check_message(header, tensor)
+            rows.append(
+                (
+                    header.device_id,
+                    header.seq,
+                    header.fleet,
+                    header.bundle_version,
+                    json.dumps(list(header.shape)),
+                    header.dtype,
+                    header.primary_label,
+                    header.monitor_label,
+                    header.captured_at.ToNanoseconds() / 1e9 if header.HasField("captured_at") else now,
+                    now,
+                    header.SerializeToString(),
+                    tensor,
+                )
+            )
+        before = self.db.total_changes
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            self.db.executemany("INSERT OR IGNORE INTO quarantine VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", rows)
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        return self.db.total_changes - before
+
+    def count(self) -> int:
+        """Number of stored inputs."""
+        return int(self.db.execute("SELECT COUNT(*) FROM quarantine").fetchone()[0])
+
+    def load(self, scale: float) -> Quarantine:
+        """All stored inputs, in arrival order, as uint8 pixels (model tensors divided by ``scale``)."""
+        rows = self.db.execute(
+            "SELECT device_id, seq, shape, dtype, primary_label, monitor_label, tensor FROM quarantine "
+            "ORDER BY received_at, device_id, seq"
+        ).fetchall()
+        if not rows:
+            return Quarantine(np.zeros((0, 1, 1, 1), np.uint8), np.zeros(0, np.int64), np.zeros(0, np.int64), [])
+        shapes = {r[2] for r in rows}
+        if len(shapes) > 1:
+            raise QuarantineError(f"{self.path}: inputs of different shapes {sorted(shapes)}")
+        shape = tuple(json.loads(rows[0][2]))
+        tensors = np.stack([np.frombuffer(r[6], dtype=np.dtype(r[3])).reshape(shape) for r in rows])
+        return Quarantine(
+            images=tensor_to_pixels(tensors, scale),
+            primary=np.array([r[4] for r in rows], dtype=np.int64),
+            monitor=np.array([r[5] for r in rows], dtype=np.int64),
+            keys=[(str(r[0]), int(r[1])) for r in rows],
+        )

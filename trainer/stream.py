@@ -1,0 +1,134 @@
+"""Stream simulation: the offline twin of the edge loop (paper Algorithm 2, lines 1-12).
+
+N stream inputs, a CPD fraction of them poisoned, go through the bundle's two ONNX models in onnxruntime.
+Agreement answers the label; disagreement rejects and quarantines the input in the same store the trainer's
+collector writes. Which inputs were poisoned is known only because we made the stream: it goes to
+``truth.json`` for evaluation and is never read by the repair.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from protos.nnoc.v1 import quarantine_pb2
+from trainer.bundle import artifact_path, read_manifest
+from trainer.data import Splits
+from trainer.export import OnnxClassifier
+from trainer.quarantine import QuarantineStore
+from trainer.triggers import Trigger
+
+log = logging.getLogger(__name__)
+
+TRUTH_NAME = "truth.json"
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    """One simulated deployment stream."""
+
+    n: int = 1000
+    cpd: float = 0.1  # clean/poison input data ratio: the poisoned share of the stream
+    target: int = 0
+    seed: int = 0
+    device_id: str = "sim-0"
+
+
+def _safe_div(a: float, b: float) -> float | None:
+    return a / b if b else None
+
+
+def run_stream(bundle_dir: Path, splits: Splits, trigger: Trigger, cfg: StreamConfig, out_dir: Path) -> dict[str, Any]:
+    """Play the stream, write ``out_dir/quarantine.sqlite``, ``report.json`` and ``truth.json``."""
+    if not 0.0 <= cfg.cpd <= 1.0:
+        raise ValueError(f"--cpd must lie in [0, 1], got {cfg.cpd}")
+    if cfg.n > len(splits.stream):
+        raise ValueError(f"--n {cfg.n} exceeds the stream split's {len(splits.stream)} inputs; raise --stream-size")
+    manifest = read_manifest(bundle_dir)
+    shape = splits.image_shape
+    primary = OnnxClassifier(artifact_path(bundle_dir, manifest, "primary"), expected_shape=shape)
+    monitor = OnnxClassifier(artifact_path(bundle_dir, manifest, "monitor"), expected_shape=shape)
+    rng = np.random.default_rng(cfg.seed)
+    idx = rng.choice(len(splits.stream), cfg.n, replace=False)
+    images, labels = splits.stream.images[idx].copy(), splits.stream.labels[idx]
+    eligible = np.flatnonzero(labels != cfg.target)  # a triggered target-class input attacks nothing
+    n_poison = min(round(cfg.cpd * cfg.n), len(eligible))
+    poisoned = np.zeros(cfg.n, dtype=bool)
+    poisoned[rng.choice(eligible, n_poison, replace=False)] = True
+    images[poisoned] = trigger.apply(images[poisoned], rng)
+
+    p_pred, m_pred = primary(images), monitor(images)
+    rejected = p_pred != m_pred
+    scale = manifest.input_spec.scale or 1.0 / 255.0
+    out_dir.mkdir(parents=True, exist_ok=True)
+    messages = []
+    for i in np.flatnonzero(rejected):
+        header = quarantine_pb2.QuarantineHeader(
+            device_id=cfg.device_id,
+            fleet=manifest.fleet,
+            bundle_version=manifest.version,
+            seq=int(i),
+            shape=list(shape),
+            dtype="float32",
+            primary_label=int(p_pred[i]),
+            monitor_label=int(m_pred[i]),
+        )
+        header.captured_at.GetCurrentTime()
+        messages.append((header, (images[i].astype(np.float32) * np.float32(scale)).tobytes()))
+    with QuarantineStore(out_dir) as store:
+        store.set_meta(
+            fleet=manifest.fleet,
+            bundle_version=str(manifest.version),
+            input_spec=json.dumps({"shape": list(shape), "dtype": "float32", "scale": scale}),
+        )
+        stored = store.add_many(messages)
+        total = store.count()
+
+    answered = ~rejected
+    clean = ~poisoned
+    tp = int((rejected & poisoned).sum())
+    report = {
+        "bundle": str(bundle_dir),
+        "bundle_version": int(manifest.version),
+        "trigger": trigger.spec,
+        "config": asdict(cfg),
+        "quarantine": str(out_dir),
+        "n": cfg.n,
+        "poisoned": int(poisoned.sum()),
+        "rejected": int(rejected.sum()),
+        "reject_rate": float(rejected.mean()),
+        "stored": stored,
+        "quarantine_size": total,
+        # Evaluation only (we made the stream): how good the disagreement detector was.
+        "precision": _safe_div(tp, int(rejected.sum())),
+        "recall": _safe_div(tp, int(poisoned.sum())),
+        "clean_reject_rate": _safe_div(int((rejected & clean).sum()), int(clean.sum())),
+        "answered_clean_accuracy": _safe_div(
+            int(((p_pred == labels) & answered & clean).sum()), int((answered & clean).sum())
+        ),
+        "attack_success_through_ensemble": _safe_div(
+            int((answered & poisoned & (p_pred == cfg.target)).sum()), int(poisoned.sum())
+        ),
+    }
+    truth = {
+        "evaluation_only": True,
+        "device_id": cfg.device_id,
+        "poisoned_seq": [int(i) for i in np.flatnonzero(poisoned)],
+        "true_labels": {str(int(i)): int(labels[i]) for i in np.flatnonzero(rejected)},
+    }
+    (out_dir / TRUTH_NAME).write_text(json.dumps(truth) + "\n")
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    log.info(
+        "stream: %d inputs, %d poisoned, %d rejected (precision %s, recall %s)",
+        cfg.n,
+        report["poisoned"],
+        report["rejected"],
+        report["precision"],
+        report["recall"],
+    )
+    return report
