@@ -14,7 +14,7 @@ import argparse
 import time
 from pathlib import Path
 
-from common import ROOT, run_cli, save
+from bench.common import ROOT, run_cli, save
 
 VARIANTS = {
     "block": ["--noise-mode", "block"],
