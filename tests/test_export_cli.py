@@ -9,8 +9,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import SMALL_SPLIT, run_cli
 
+from conftest import SMALL_SPLIT, run_cli
 from trainer.export import META_CLASS_NAMES, META_INPUT_SPEC, export_onnx
 from trainer.models import ARCHITECTURES, Checkpoint, InputSpec, build_model
 

@@ -7,8 +7,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import SMALL_SPLIT, run_cli
 
+from conftest import SMALL_SPLIT, run_cli
 from trainer.predeploy import PredeployConfig, alpha_schedule, pick
 
 

@@ -206,6 +206,7 @@ def cmd_repair(args: argparse.Namespace) -> dict[str, Any]:
     )
     cfg = RepairConfig(
         base=args.repair_base,
+        learner=args.learner,
         purify=args.purify,
         min_quarantine=args.min_quarantine,
         clean_domain=args.clean_domain,
@@ -337,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=cmd_stream)
 
-    from trainer.repair import PURIFIERS, REPAIR_BASES
+    from trainer.repair import LEARNERS, PURIFIERS, REPAIR_BASES
 
     p = sub.add_parser(
         "repair",
@@ -355,6 +356,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--repair-base", choices=REPAIR_BASES, default="bd", help="model to fine-tune (default bd)")
     p.add_argument("--purify", choices=PURIFIERS, default="majority", help="quarantine purification (label-free)")
+    p.add_argument(
+        "--learner",
+        choices=LEARNERS,
+        default="cyclegan",
+        help="trigger learner; 'none' fine-tunes on clean data alone (a baseline)",
+    )
     p.add_argument("--min-quarantine", type=int, default=20, help="fewer usable quarantined inputs is an error")
     p.add_argument("--clean-domain", type=int, default=500, help="clean D_valid images for the CycleGAN (paper 500)")
     p.add_argument("--gan-epochs", type=int, default=60, help="CycleGAN epochs at constant lr")

@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 REPAIR_BASES = ("bd", "aug")
 PURIFIERS = ("majority", "none")
+LEARNERS = ("cyclegan", "none")
 
 
 class GateError(RuntimeError):
@@ -47,6 +48,7 @@ class RepairConfig:
 
     base: str = "bd"  # which model is fine-tuned: θ_bd (paper's Algorithm 2) or θ_aug (authors' code)
     purify: str = "majority"
+    learner: str = "cyclegan"  # "none": fine-tune on clean D_treat alone (the baseline the bench compares to)
     dominance: float = 2.0  # majority filter: the top BadNet label needs >= this x the runner-up's count
     min_quarantine: int = 20  # fewer (after purification) is an error, not a meaningless model
     clean_domain: int = 500  # CycleGAN domain U: this many clean D_valid images (paper: 500)
@@ -59,6 +61,8 @@ class RepairConfig:
     def __post_init__(self) -> None:
         if self.base not in REPAIR_BASES:
             raise ValueError(f"unknown repair base {self.base!r}; choose one of: {', '.join(REPAIR_BASES)}")
+        if self.learner not in LEARNERS:
+            raise ValueError(f"unknown trigger learner {self.learner!r}; choose one of: {', '.join(LEARNERS)}")
         if self.purify not in PURIFIERS:
             raise ValueError(f"unknown purifier {self.purify!r}; choose one of: {', '.join(PURIFIERS)}")
 
@@ -206,10 +210,30 @@ def run_repair(
         def score(gen: np.ndarray) -> float:
             return float(np.mean(bd(gen) != aug(gen)))
 
-    gan = train_cyclegan(u_images, v_images, cfg.cyclegan, score, probe, out_dir / "cyclegan.pt", quiet, device)
-    generated = translate(gan.generator, treat.images, device=device)
+    if cfg.learner == "cyclegan":
+        gan = train_cyclegan(u_images, v_images, cfg.cyclegan, score, probe, out_dir / "cyclegan.pt", quiet, device)
+        generator = gan.generator
+
+        def generate(x: np.ndarray) -> np.ndarray:
+            return translate(generator, x, device=device)
+
+        gan_info: dict[str, Any] = {
+            "best_epoch": gan.best_epoch,
+            "best_score": gan.best_score,
+            "epochs_run": len(gan.history),
+            "stopped_early": gan.stopped_early,
+            "seconds": round(gan.seconds, 1),
+            "history": gan.history,
+        }
+        plot_history(out_dir / "cyclegan.png", gan.history, gan.best_epoch, score_name)
+    else:  # the baseline without a trigger learner: fine-tuning on clean D_treat alone
+
+        def generate(x: np.ndarray) -> np.ndarray:
+            return x.copy()
+
+        gan_info = {"best_epoch": None, "best_score": None, "epochs_run": 0, "history": []}
+    generated = generate(treat.images)
     save_sample_grid(out_dir / "samples.png", treat.images[:10], generated[:10])
-    plot_history(out_dir / "cyclegan.png", gan.history, gan.best_epoch, score_name)
 
     # D_repair = G(D_treat) with the clean labels ∪ D_treat.
     repair_set = ImageSet.concat(ImageSet(generated, treat.labels), treat)
@@ -225,8 +249,12 @@ def run_repair(
     bd_eval_ca = evaluate(bd, splits.eval).clean_accuracy
     rep_eval_ca = evaluate(repaired, splits.eval).clean_accuracy
     floor = bd_eval_ca - cfg.max_ca_drop
-    gen_eval = translate(gan.generator, splits.eval.images, device=device)
-    label_free: dict[str, Any] = {"score_name": score_name, "best_score": gan.best_score, "best_epoch": gan.best_epoch}
+    gen_eval = generate(splits.eval.images)
+    label_free: dict[str, Any] = {
+        "score_name": score_name,
+        "best_score": gan_info["best_score"],
+        "best_epoch": gan_info["best_epoch"],
+    }
     if pur.dominant is not None:
         mask = splits.eval.labels != pur.dominant
         label_free["flip_rate_bd_on_G_eval"] = flip_rate(bd, gen_eval[mask], pur.dominant)
@@ -241,14 +269,7 @@ def run_repair(
         "purified_size": int(pur.keep.sum()),
         "dominant_label": pur.dominant,
         "label_counts": pur.counts,
-        "cyclegan": {
-            "best_epoch": gan.best_epoch,
-            "best_score": gan.best_score,
-            "epochs_run": len(gan.history),
-            "stopped_early": gan.stopped_early,
-            "seconds": round(gan.seconds, 1),
-            "history": gan.history,
-        },
+        "cyclegan": gan_info,
         "label_free": label_free,
         "eval_clean_accuracy": {"badnet": bd_eval_ca, "repaired": rep_eval_ca, "floor": floor},
         "samples": str(out_dir / "samples.png"),

@@ -1,0 +1,241 @@
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import SMALL_SPLIT, run_cli
+from protos.nnoc.v1 import quarantine_pb2
+from trainer.cyclegan import CycleGANConfig, ImagePool, PatchDiscriminator, ResnetGenerator, train_cyclegan
+from trainer.quarantine import QuarantineError, QuarantineStore, check_message, tensor_to_pixels
+from trainer.repair import purify
+
+
+def _header(seq: int, device: str = "d1", shape: tuple[int, ...] = (1, 4, 4)) -> quarantine_pb2.QuarantineHeader:
+    return quarantine_pb2.QuarantineHeader(
+        device_id=device,
+        fleet="f",
+        bundle_version=1,
+        seq=seq,
+        shape=list(shape),
+        dtype="float32",
+        primary_label=0,
+        monitor_label=3,
+    )
+
+
+def test_quarantine_store_is_idempotent_and_survives_reopen(tmp_path: Path) -> None:
+    x = np.linspace(0, 1, 16, dtype=np.float32).reshape(1, 4, 4)
+    with QuarantineStore(tmp_path) as store:
+        assert store.add_many([(_header(i), x.tobytes()) for i in range(5)]) == 5
+        assert store.add_many([(_header(i), x.tobytes()) for i in range(3, 8)]) == 3  # 3, 4 are duplicates
+        assert store.add_many([(_header(0, device="d2"), x.tobytes())]) == 1
+    with QuarantineStore(tmp_path, create=False) as store:
+        assert store.count() == 9
+        q = store.load(scale=1 / 255)
+    assert q.images.shape == (9, 1, 4, 4) and q.images.dtype == np.uint8
+    assert q.images[0, 0, 3, 3] == 255 and (q.primary == 0).all() and (q.monitor == 3).all()
+    mode = sqlite3.connect(tmp_path / "quarantine.sqlite").execute("PRAGMA journal_mode").fetchone()[0]
+    assert mode == "wal"
+
+
+@pytest.mark.parametrize(
+    ("header", "payload", "problem"),
+    [
+        (_header(1), b"\x00" * 10, "needs 64"),
+        (quarantine_pb2.QuarantineHeader(seq=1, shape=[4], dtype="float32"), b"\x00" * 16, "device_id"),
+        (quarantine_pb2.QuarantineHeader(device_id="d", shape=[4], dtype="object"), b"\x00" * 16, "numeric"),
+        (quarantine_pb2.QuarantineHeader(device_id="d", shape=[4], dtype="nonsense"), b"\x00" * 16, "dtype"),
+        (quarantine_pb2.QuarantineHeader(device_id="d", shape=[0], dtype="float32"), b"", "shape"),
+        (quarantine_pb2.QuarantineHeader(device_id="d", shape=[1 << 21], dtype="float32"), b"", "limit"),
+        (
+            quarantine_pb2.QuarantineHeader(device_id="d", shape=[1], dtype="float32"),
+            np.array([np.nan], np.float32).tobytes(),
+            "NaN",
+        ),
+    ],
+)
+def test_malformed_quarantine_messages_are_refused(header: Any, payload: bytes, problem: str) -> None:
+    with pytest.raises(QuarantineError, match=problem):
+        check_message(header, payload)
+
+
+def test_missing_quarantine_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(QuarantineError, match="nnoc-trainer stream"):
+        QuarantineStore(tmp_path / "none", create=False)
+    assert (tensor_to_pixels(np.array([0.5], np.float32), 1 / 255) == 128).all()
+
+
+def test_purify_majority_and_fallback() -> None:
+    labels = np.array([0] * 50 + [4] * 10 + [6] * 12 + [2] * 3)
+    p = purify(labels)
+    assert p.dominant == 0 and p.keep.sum() == 50
+    flat = np.array([0] * 10 + [4] * 9 + [6] * 8)  # no label dominates (e.g. all-to-all)
+    p = purify(flat)
+    assert p.dominant is None and p.keep.all()
+    assert purify(labels, method="none").keep.all()
+    assert purify(np.zeros(0, np.int64)).keep.shape == (0,)
+
+
+@pytest.mark.parametrize("shape", [(1, 28, 28), (3, 32, 32), (1, 30, 30)])
+def test_cyclegan_networks_fit_the_input(shape: tuple[int, int, int]) -> None:
+    g = ResnetGenerator(shape[0], ngf=8, n_blocks=2)
+    d = PatchDiscriminator(shape[0], ndf=8, n_layers=2)
+    x = torch.rand(2, *shape) * 2 - 1
+    y = g(x)
+    assert y.shape == x.shape and y.abs().max() <= 1.0
+    assert d(x).shape[:2] == (2, 1) and d(x).shape[-1] >= 2
+
+
+def test_image_pool_mixes_history() -> None:
+    import random
+
+    pool = ImagePool(4, random.Random(0))
+    first = pool.query(torch.zeros(4, 1, 2, 2))
+    assert torch.equal(first, torch.zeros(4, 1, 2, 2))
+    mixed = torch.cat([pool.query(torch.ones(4, 1, 2, 2)) for _ in range(10)])
+    assert 0 < (mixed == 0).all(dim=(1, 2, 3)).sum() < len(mixed)
+
+
+def test_cyclegan_learns_a_patch_and_resumes(tmp_path: Path) -> None:
+    # U: dark images; V: the same kind of images with a white 4x4 corner patch. The score counts how many
+    # G(U) gained a bright corner; a few epochs of a small CycleGAN must raise it well above zero.
+    rng = np.random.default_rng(0)
+    u = rng.integers(0, 60, (64, 1, 12, 12), dtype=np.uint8)
+    v = rng.integers(0, 60, (64, 1, 12, 12), dtype=np.uint8)
+    v[:, :, 8:, 8:] = 255
+
+    def score(gen: np.ndarray) -> float:
+        return float(np.mean(gen[:, :, 8:, 8:].mean(axis=(1, 2, 3)) > 150))
+
+    cfg = CycleGANConfig(ngf=8, ndf=8, n_res_blocks=2, epochs=6, epochs_decay=2, batch_size=8, patience=0)
+    ckpt = tmp_path / "gan.pt"
+    res = train_cyclegan(u, v, cfg, score, u, checkpoint=ckpt, quiet=True, device=torch.device("cpu"))
+    assert res.best_score is not None and res.best_score > 0.5
+    assert len(res.history) == 8 and ckpt.is_file()
+    again = train_cyclegan(u, v, cfg, score, u, checkpoint=ckpt, quiet=True, device=torch.device("cpu"))
+    assert len(again.history) == 8  # resumed at the end: nothing more to train
+    assert again.best_score == res.best_score
+
+
+def test_stream_then_repair_end_to_end(predeployed: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
+    bundle = predeployed[0] / "bundle"
+    _, rep, _ = run_cli(
+        "trainer",
+        "stream",
+        *SMALL_SPLIT,
+        "--bundle",
+        str(bundle),
+        "--trigger",
+        "checker4",
+        "--target",
+        "0",
+        "--cpd",
+        "0.2",
+        "--n",
+        "500",
+        "--out",
+        str(tmp_path / "q"),
+        "--quiet",
+    )
+    assert rep is not None and rep["poisoned"] == 100 and rep["n"] == 500
+    assert rep["rejected"] == rep["quarantine_size"] > 0
+    assert rep["recall"] is not None and rep["recall"] > 0.5  # the detector catches triggered inputs
+    truth = json.loads((tmp_path / "q" / "truth.json").read_text())
+    assert truth["evaluation_only"] and len(truth["poisoned_seq"]) == 100
+
+    code, out, stderr = run_cli(
+        "trainer",
+        "repair",
+        *SMALL_SPLIT,
+        "--bundle",
+        str(bundle),
+        "--quarantine",
+        str(tmp_path / "q"),
+        "--out",
+        str(tmp_path / "r"),
+        "--gan-epochs",
+        "2",
+        "--gan-epochs-decay",
+        "1",
+        "--gan-width",
+        "8",
+        "--gan-blocks",
+        "2",
+        "--clean-domain",
+        "100",
+        "--epochs",
+        "1",
+        "--max-ca-drop",
+        "0.2",
+        "--eval-trigger",
+        "checker4",
+        "--target",
+        "0",
+        "--quiet",
+        check=False,
+    )
+    assert code == 0, stderr[-2000:]
+    assert out is not None and out["published"] and out["version"] == 2 and out["parent_version"] == 1
+    assert out["dominant_label"] == 0 and out["purified_size"] <= out["quarantine_size"]
+    assert {"badnet", "monitor", "repaired"} <= set(out["test"])
+    manifest = json.loads((tmp_path / "r" / "bundle" / "manifest.json").read_text())
+    assert manifest["version"] == "2" and manifest["parent_version"] == "1"
+    assert manifest["created_by"] == "nnoc-trainer repair"
+    assert (tmp_path / "r" / "samples.png").read_bytes()[:4] == b"\x89PNG"
+    from edge_agent.bundle import verify_bundle
+
+    assert verify_bundle(tmp_path / "r" / "bundle").version == 2
+    # The gate: an impossible floor publishes nothing and exits 3.
+    code, out, _ = run_cli(
+        "trainer",
+        "repair",
+        *SMALL_SPLIT,
+        "--bundle",
+        str(bundle),
+        "--quarantine",
+        str(tmp_path / "q"),
+        "--out",
+        str(tmp_path / "r2"),
+        "--gan-epochs",
+        "1",
+        "--gan-epochs-decay",
+        "0",
+        "--gan-width",
+        "8",
+        "--gan-blocks",
+        "1",
+        "--clean-domain",
+        "50",
+        "--epochs",
+        "1",
+        "--max-ca-drop",
+        "-0.5",
+        "--quiet",
+        check=False,
+    )
+    assert code == 3 and out is not None and "gate" in out["error"]
+    assert not (tmp_path / "r2" / "bundle").exists()
+    assert json.loads((tmp_path / "r2" / "report.json").read_text())["published"] is False
+    # Too few quarantined inputs is a clear error.
+    code, out, stderr = run_cli(
+        "trainer",
+        "repair",
+        *SMALL_SPLIT,
+        "--bundle",
+        str(bundle),
+        "--quarantine",
+        str(tmp_path / "q"),
+        "--out",
+        str(tmp_path / "r3"),
+        "--min-quarantine",
+        "100000",
+        "--quiet",
+        check=False,
+    )
+    assert code == 2 and "quarantined inputs" in stderr
