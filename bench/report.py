@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 from bench.common import RESULTS, ROOT
@@ -55,6 +56,63 @@ def predeploy_section(data: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot_cpd(data: dict[str, Any], path: Path) -> bool:
+    """CA and ASR of the repaired model against CPD (the paper's Fig. 8); False when there is no sweep."""
+    rows = sorted(
+        (r for r in data["rows"] if r["variant"] == "purified" and r["repaired_ca"] is not None), key=lambda r: r["cpd"]
+    )
+    if len(rows) < 2:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cpd = [r["cpd"] for r in rows]
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    ax.plot(cpd, [r["repaired_ca"] for r in rows], "o-", label="CA (θ_repair)")
+    ax.plot(cpd, [r["repaired_asr"] for r in rows], "s-", label="ASR (θ_repair)")
+    ax.axhline(rows[0]["badnet_ca"], color="gray", linestyle=":", label="CA (BadNet)")
+    ax.axhline(rows[0]["aug_asr"], color="tab:red", linestyle=":", label="ASR (θ_aug alone)")
+    ax.set_xscale("log")
+    ax.set_xticks(cpd, [f"{c:g}" for c in cpd])
+    ax.set_xlabel("CPD (poisoned share of the stream)")
+    ax.set_ylim(0, 1)
+    ax.set_title(f"Repair vs CPD, trigger {data['trigger']}", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def repair_section(data: dict[str, Any], name: str) -> str:
+    lines = [
+        f"## Post-deployment repair, trigger `{data['trigger']}`",
+        "",
+        _machine(data["machine"]),
+        "",
+        f"Same BadNet and heuristic θ_aug (block noise) as above; stream of N = {data['n']} inputs per CPD "
+        "(stream split, seed 0); the repair job's defaults unless the variant says otherwise"
+        + (f" (extra flags: `{' '.join(data['extra'])}`)" if data.get("extra") else "")
+        + ". Purity = poisoned share of the images the CycleGAN learned from (evaluation only).",
+        "",
+        "| CPD | variant | rejects | recall | kept | purity | θ_repair CA | θ_repair ASR | BadNet CA | θ_aug ASR "
+        "| GAN score | time (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(data["rows"], key=lambda r: (r["cpd"], r["variant"])):
+        lines.append(
+            f"| {r['cpd']:g} | {r['variant']} | {r['rejected']} | {_fmt(r['recall'], 2)} | {r['kept']} "
+            f"| {_fmt(r['kept_purity'], 2)} | {_fmt(r['repaired_ca'])} | {_fmt(r['repaired_asr'])} "
+            f"| {_fmt(r['badnet_ca'])} | {_fmt(r['aug_asr'])} | {_fmt(r['gan_best_score'], 3)} | {r['seconds']:.0f} |"
+        )
+    png = RESULTS / f"{name}.png"
+    if plot_cpd(data, png):
+        lines += ["", f"![CA and ASR against CPD]({png.relative_to(ROOT)})"]
+    return "\n".join(lines) + "\n"
+
+
 SECTIONS = {"predeploy": predeploy_section}
 
 
@@ -64,6 +122,8 @@ def main() -> None:
         path = RESULTS / f"{name}.json"
         if path.is_file():
             parts.append(render(json.loads(path.read_text())))
+    for path in sorted(RESULTS.glob("repair-*.json")):
+        parts.append(repair_section(json.loads(path.read_text()), path.stem))
     notes = ROOT / "bench" / "NOTES.md"
     if notes.is_file():
         parts.append(notes.read_text())
