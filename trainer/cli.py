@@ -193,14 +193,22 @@ def cmd_repair(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError("--eval-trigger and --target go together")
     trigger = parse_trigger(args.eval_trigger) if args.eval_trigger else None
     splits, _ = _splits(args)
+    from trainer.repair import REPAIR_PROFILES
+
+    prof = REPAIR_PROFILES[args.profile]
+
+    def knob(name: str) -> Any:
+        value = getattr(args, name)
+        return prof[name] if value is None else value
+
     gan = CycleGANConfig(
-        ngf=args.gan_width,
-        ndf=args.gan_width,
-        n_res_blocks=args.gan_blocks,
-        epochs=args.gan_epochs,
-        epochs_decay=args.gan_epochs_decay,
-        batch_size=args.gan_batch_size,
-        patience=args.gan_patience,
+        ngf=knob("gan_width"),
+        ndf=knob("gan_width"),
+        n_res_blocks=knob("gan_blocks"),
+        epochs=knob("gan_epochs"),
+        epochs_decay=knob("gan_epochs_decay"),
+        batch_size=knob("gan_batch_size"),
+        patience=knob("gan_patience"),
         lambda_identity=args.gan_identity,
         seed=args.seed,
     )
@@ -211,7 +219,7 @@ def cmd_repair(args: argparse.Namespace) -> dict[str, Any]:
         min_quarantine=args.min_quarantine,
         clean_domain=args.clean_domain,
         cyclegan=gan,
-        epochs=args.epochs,
+        epochs=knob("epochs"),
         lr=args.lr,
         max_ca_drop=args.max_ca_drop,
         seed=args.seed,
@@ -338,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=cmd_stream)
 
-    from trainer.repair import LEARNERS, PURIFIERS, REPAIR_BASES
+    from trainer.repair import LEARNERS, PURIFIERS, REPAIR_BASES, REPAIR_PROFILES
 
     p = sub.add_parser(
         "repair",
@@ -364,14 +372,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--min-quarantine", type=int, default=20, help="fewer usable quarantined inputs is an error")
     p.add_argument("--clean-domain", type=int, default=500, help="clean D_valid images for the CycleGAN (paper 500)")
-    p.add_argument("--gan-epochs", type=int, default=60, help="CycleGAN epochs at constant lr")
-    p.add_argument("--gan-epochs-decay", type=int, default=20, help="CycleGAN epochs of linear lr decay")
-    p.add_argument("--gan-batch-size", type=int, default=16)
-    p.add_argument("--gan-width", type=int, default=32, help="generator/discriminator base width")
-    p.add_argument("--gan-blocks", type=int, default=6, help="generator residual blocks")
+    p.add_argument(
+        "--profile",
+        choices=sorted(REPAIR_PROFILES),
+        default="standard",
+        help="sizes of the CycleGAN and fine-tuning runs; the flags below override single knobs",
+    )
+    p.add_argument("--gan-epochs", type=int, default=None, help="CycleGAN epochs at constant lr")
+    p.add_argument("--gan-epochs-decay", type=int, default=None, help="CycleGAN epochs of linear lr decay")
+    p.add_argument("--gan-batch-size", type=int, default=None)
+    p.add_argument("--gan-width", type=int, default=None, help="generator/discriminator base width")
+    p.add_argument("--gan-blocks", type=int, default=None, help="generator residual blocks")
     p.add_argument("--gan-identity", type=float, default=0.5, help="identity loss weight (x cycle weight); 0: off")
-    p.add_argument("--gan-patience", type=int, default=15, help="early stop after this many epochs w/o better score")
-    p.add_argument("--epochs", type=int, default=5, help="fine-tuning epochs")
+    p.add_argument("--gan-patience", type=int, default=None, help="early stop after this many epochs w/o better score")
+    p.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs")
     p.add_argument("--lr", type=float, default=None, help="fine-tuning lr (default: the BadNet's)")
     p.add_argument("--max-ca-drop", type=float, default=0.03, help="gate: D_eval CA floor below the BadNet's")
     p.add_argument("--eval-trigger", default=None, help="evaluation only: report test CA/ASR for this trigger")

@@ -38,6 +38,39 @@ PURIFIERS = ("majority", "none")
 LEARNERS = ("cyclegan", "none")
 
 
+# Sizes of one repair job (CLI --profile). quick: the ≤ 10-minute job on a 2-core CPU; paper: 200 CycleGAN
+# epochs as in the paper, no early stop. Measured in BENCHMARKS.md.
+REPAIR_PROFILES: dict[str, dict[str, int]] = {
+    "quick": {
+        "gan_width": 32,
+        "gan_blocks": 6,
+        "gan_epochs": 30,
+        "gan_epochs_decay": 10,
+        "gan_batch_size": 16,
+        "gan_patience": 10,
+        "epochs": 5,
+    },
+    "standard": {
+        "gan_width": 32,
+        "gan_blocks": 6,
+        "gan_epochs": 60,
+        "gan_epochs_decay": 20,
+        "gan_batch_size": 16,
+        "gan_patience": 15,
+        "epochs": 5,
+    },
+    "paper": {
+        "gan_width": 64,
+        "gan_blocks": 6,
+        "gan_epochs": 100,
+        "gan_epochs_decay": 100,
+        "gan_batch_size": 1,
+        "gan_patience": 0,
+        "epochs": 5,
+    },
+}
+
+
 class GateError(RuntimeError):
     """The repaired model failed the publish gate; no bundle was written."""
 
