@@ -3,10 +3,10 @@
 Starts from the outputs of ``bench.bench_predeploy`` (BadNet + heuristic θ_aug, block noise). For each CPD a
 stream of N inputs is played through the bundle; the quarantine then feeds the repair variants:
 
-- ``purified``: the default repair (majority-filtered quarantine, CycleGAN, fine-tune θ_bd);
+- ``purified``: the default repair (majority-filtered quarantine, CycleGAN, fine-tune θ_aug);
 - ``raw``: the same on the unfiltered quarantine;
-- ``clean-ft``: no trigger learner, fine-tuning θ_bd on clean D_treat alone;
-- ``aug-base``: the default, fine-tuning θ_aug instead of θ_bd.
+- ``clean-ft``: no trigger learner, fine-tuning on clean D_treat alone;
+- ``bd-base``: the default, fine-tuning θ_bd (the paper's Algorithm 2) instead of θ_aug.
 
 Purity (share of the CycleGAN's quarantine that was really poisoned) is computed here from the stream's
 ``truth.json``; the repair never sees it.
@@ -32,7 +32,7 @@ VARIANTS: dict[str, list[str]] = {
     "purified": [],
     "raw": ["--purify", "none"],
     "clean-ft": ["--learner", "none"],
-    "aug-base": ["--repair-base", "aug"],
+    "bd-base": ["--repair-base", "bd"],
 }
 
 

@@ -106,20 +106,21 @@ def test_cyclegan_learns_a_patch_and_resumes(tmp_path: Path) -> None:
     # U: dark images; V: the same kind of images with a white 4x4 corner patch. The score counts how many
     # G(U) gained a bright corner; a few epochs of a small CycleGAN must raise it well above zero.
     rng = np.random.default_rng(0)
-    u = rng.integers(0, 60, (64, 1, 12, 12), dtype=np.uint8)
-    v = rng.integers(0, 60, (64, 1, 12, 12), dtype=np.uint8)
+    u = rng.integers(0, 60, (128, 1, 12, 12), dtype=np.uint8)
+    v = rng.integers(0, 60, (128, 1, 12, 12), dtype=np.uint8)
     v[:, :, 8:, 8:] = 255
 
     def score(gen: np.ndarray) -> float:
         return float(np.mean(gen[:, :, 8:, 8:].mean(axis=(1, 2, 3)) > 150))
 
-    cfg = CycleGANConfig(ngf=8, ndf=8, n_res_blocks=2, epochs=6, epochs_decay=2, batch_size=8, patience=0)
+    cfg = CycleGANConfig(ngf=8, ndf=8, n_res_blocks=2, epochs=20, epochs_decay=2, batch_size=8, patience=0)
     ckpt = tmp_path / "gan.pt"
     res = train_cyclegan(u, v, cfg, score, u, checkpoint=ckpt, quiet=True, device=torch.device("cpu"))
-    assert res.best_score is not None and res.best_score > 0.5
-    assert len(res.history) == 8 and ckpt.is_file()
+    assert res.best_score is not None and res.best_score > 0.3
+    assert res.history[0]["score"] < 0.05  # it was learned, not there from the start
+    assert len(res.history) == 22 and ckpt.is_file()
     again = train_cyclegan(u, v, cfg, score, u, checkpoint=ckpt, quiet=True, device=torch.device("cpu"))
-    assert len(again.history) == 8  # resumed at the end: nothing more to train
+    assert len(again.history) == 22  # resumed at the end: nothing more to train
     assert again.best_score == res.best_score
 
 

@@ -220,6 +220,7 @@ def cmd_repair(args: argparse.Namespace) -> dict[str, Any]:
         clean_domain=args.clean_domain,
         cyclegan=gan,
         epochs=knob("epochs"),
+        emphasis=args.emphasis,
         lr=args.lr,
         max_ca_drop=args.max_ca_drop,
         seed=args.seed,
@@ -362,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--monitor-checkpoint", type=Path, default=None, help="θ_aug weights (default: BUNDLE/../monitor.pt)"
     )
-    p.add_argument("--repair-base", choices=REPAIR_BASES, default="bd", help="model to fine-tune (default bd)")
+    p.add_argument("--repair-base", choices=REPAIR_BASES, default="aug", help="model to fine-tune (default aug)")
     p.add_argument("--purify", choices=PURIFIERS, default="majority", help="quarantine purification (label-free)")
     p.add_argument(
         "--learner",
@@ -386,6 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gan-identity", type=float, default=0.5, help="identity loss weight (x cycle weight); 0: off")
     p.add_argument("--gan-patience", type=int, default=None, help="early stop after this many epochs w/o better score")
     p.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs")
+    p.add_argument("--emphasis", type=int, default=0, help="extra copies of generated images that flip θ_bd")
     p.add_argument("--lr", type=float, default=None, help="fine-tuning lr (default: the BadNet's)")
     p.add_argument("--max-ca-drop", type=float, default=0.03, help="gate: D_eval CA floor below the BadNet's")
     p.add_argument("--eval-trigger", default=None, help="evaluation only: report test CA/ASR for this trigger")
