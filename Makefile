@@ -9,7 +9,7 @@ FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 DEMO_DIR ?= runs/demo
 PYTEST_ARGS ?=
 
-.PHONY: all install dataset lint protos test test-fast demo bench clean
+.PHONY: all install dataset lint protos test test-fast demo demo-repair bench clean
 
 all: test
 
@@ -59,8 +59,24 @@ demo: $(STAMP) dataset
 		--trigger checker4 --target 0
 	@echo "Heat map: $(DEMO_DIR)/predeploy/heatmap.png, bundle: $(DEMO_DIR)/predeploy/bundle"
 
+# The post-deployment stage on the demo's bundle: a stream of 1,000 inputs with 10% poisoned, the quarantine,
+# the CycleGAN repair (quick profile) and bundle v2. Run after `make demo`.
+demo-repair: $(STAMP) dataset
+	@test -f $(DEMO_DIR)/predeploy/bundle/manifest.pb || { echo "run 'make demo' first"; exit 1; }
+	$(BIN)/nnoc-trainer stream --bundle $(DEMO_DIR)/predeploy/bundle --trigger checker4 --target 0 \
+		--cpd 0.1 --n 1000 --seed 0 --out $(DEMO_DIR)/quarantine
+	$(BIN)/nnoc-trainer repair --bundle $(DEMO_DIR)/predeploy/bundle --quarantine $(DEMO_DIR)/quarantine \
+		--out $(DEMO_DIR)/repair --profile quick --eval-trigger checker4 --target 0
+	$(BIN)/nnoc-edge verify --bundle $(DEMO_DIR)/repair/bundle
+	@echo "Repaired model (ASR over the BadNet's eligible inputs):"; $(BIN)/nnoc-trainer evaluate --quiet \
+		--model $(DEMO_DIR)/repair/bundle/primary.onnx --reference $(DEMO_DIR)/predeploy/bundle/primary.onnx \
+		--trigger checker4 --target 0
+	@echo "Generated triggers: $(DEMO_DIR)/repair/samples.png, bundle v2: $(DEMO_DIR)/repair/bundle"
+
 bench: $(STAMP) dataset
 	$(BIN)/python -m bench.bench_predeploy
+	$(BIN)/python -m bench.bench_repair --trigger checker4 --variants purified raw clean-ft bd-base --extra --profile quick
+	$(BIN)/python -m bench.bench_repair --trigger square:4 --cpds 0.1 --extra --profile quick
 	$(BIN)/python -m bench.report
 
 clean:
