@@ -239,6 +239,20 @@ def cmd_repair(args: argparse.Namespace) -> dict[str, Any]:
     )
 
 
+def _command(
+    sub: Any, name: str, help_text: str, func: Callable[[argparse.Namespace], dict[str, Any]]
+) -> argparse.ArgumentParser:
+    """A subcommand with the data flags, the trigger grammar in its help, and its handler."""
+    from trainer.triggers import GRAMMAR
+
+    p: argparse.ArgumentParser = sub.add_parser(
+        name, help=help_text, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=GRAMMAR
+    )
+    _add_data(p)
+    p.set_defaults(func=func)
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     """All subcommands and their flags."""
     from trainer.models import ARCHITECTURES
@@ -255,13 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser(
-        "attack",
-        help="train a BadNet to evaluate the defense against",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=GRAMMAR,
-    )
-    _add_data(p)
+    p = _command(sub, "attack", "train a BadNet to evaluate the defense against", cmd_attack)
     p.add_argument("--trigger", default="checker4", help="trigger spec (see below)")
     p.add_argument("--target", type=int, default=0, help="attacker's target class (default 0)")
     p.add_argument("--poison-fraction", type=_fraction, default=0.1, help="share of training inputs poisoned")
@@ -280,16 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizer", default="adam", choices=sorted(OPTIMIZERS))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True, help="output folder (model.pt, model.onnx, metrics.json)")
-    _add_common(p)
-    p.set_defaults(func=cmd_attack)
 
-    p = sub.add_parser(
-        "evaluate",
-        help="clean accuracy and attack success rate of a .pt or .onnx classifier",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=GRAMMAR,
-    )
-    _add_data(p)
+    p = _command(sub, "evaluate", "clean accuracy and attack success rate of a .pt or .onnx classifier", cmd_evaluate)
     p.add_argument("--model", type=Path, required=True, help="a .pt checkpoint of ours or an .onnx classifier")
     p.add_argument("--trigger", default=None, help="trigger spec for the ASR")
     p.add_argument("--target", type=int, default=None, help="attacker's target class for the ASR")
@@ -300,16 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="the BadNet that fixes the ASR's eligible inputs (default: the model itself)",
     )
     p.add_argument("--seed", type=int, default=1234, help="seed of the trigger placement")
-    _add_common(p)
-    p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser(
-        "predeploy",
-        help="pre-deployment treatment (Algorithm 1) and bundle v1",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=GRAMMAR,
-    )
-    _add_data(p)
+    p = _command(sub, "predeploy", "pre-deployment treatment (Algorithm 1) and bundle v1", cmd_predeploy)
     p.add_argument("--model", type=Path, required=True, help="suspect model checkpoint (model.pt)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--fleet", default="default", help="fleet name written into the manifest")
@@ -326,16 +318,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-trigger", default=None, help="evaluation only: also measure test CA/ASR per candidate")
     p.add_argument("--target", type=int, default=None, help="evaluation only: target class of --eval-trigger")
     p.add_argument("--seed", type=int, default=0)
-    _add_common(p)
-    p.set_defaults(func=cmd_predeploy)
 
-    p = sub.add_parser(
-        "stream",
-        help="simulate a poisoned deployment stream through a bundle (Algorithm 2, 1-12)",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=GRAMMAR,
+    p = _command(
+        sub, "stream", "simulate a poisoned deployment stream through a bundle (Algorithm 2, 1-12)", cmd_stream
     )
-    _add_data(p)
     p.add_argument("--bundle", type=Path, required=True, help="bundle folder (primary.onnx, monitor.onnx, manifest)")
     p.add_argument("--trigger", required=True, help="the attacker's trigger spec for the poisoned inputs")
     p.add_argument("--target", type=int, default=0, help="attacker's target class (its inputs are not poisoned)")
@@ -344,18 +330,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device-id", default="sim-0", help="device id written into the quarantine")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True, help="quarantine folder (quarantine.sqlite, report.json)")
-    _add_common(p)
-    p.set_defaults(func=cmd_stream)
 
     from trainer.repair import LEARNERS, PURIFIERS, REPAIR_BASES, REPAIR_PROFILES
 
-    p = sub.add_parser(
-        "repair",
-        help="learn the trigger from a quarantine (CycleGAN) and repair: bundle v+1",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=GRAMMAR,
-    )
-    _add_data(p)
+    p = _command(sub, "repair", "learn the trigger from a quarantine (CycleGAN) and repair: bundle v+1", cmd_repair)
     p.add_argument("--bundle", type=Path, required=True, help="the deployed bundle (its checkpoints lie beside it)")
     p.add_argument("--quarantine", type=Path, required=True, help="quarantine folder or .sqlite file")
     p.add_argument("--out", type=Path, required=True, help="output folder (bundle/, report.json, samples.png)")
@@ -393,8 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-trigger", default=None, help="evaluation only: report test CA/ASR for this trigger")
     p.add_argument("--target", type=int, default=None, help="evaluation only: target class of --eval-trigger")
     p.add_argument("--seed", type=int, default=0)
-    _add_common(p)
-    p.set_defaults(func=cmd_repair)
+    for sp in sub.choices.values():
+        _add_common(sp)
     return parser
 
 
