@@ -1,0 +1,138 @@
+"""The quarantine uplink: a ZeroMQ DEALER that streams the spool to the trainer's collector (a ROUTER).
+
+Each spooled input goes out as the multipart message ``[QuarantineHeader, tensor bytes]`` with the spool's
+sequence number in the header; the collector answers a ``QuarantineReply`` after its durable write, and only
+then is the row deleted from the spool. Unacknowledged rows are resent after ``resend_after`` seconds;
+ZeroMQ reconnects by itself. The uplink runs in its own thread and never blocks inference: it reads the spool,
+the request path only writes it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+import zmq
+
+from edge_agent.spool import Spool
+from protos.nnoc.v1 import quarantine_pb2
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class UplinkConfig:
+    """Where the collector is and how eagerly to (re)send."""
+
+    endpoint: str  # e.g. "tcp://127.0.0.1:5555"
+    device_id: str
+    window: int = 256  # unacknowledged messages in flight at most
+    resend_after: float = 5.0  # seconds without an ACK before a message is sent again
+    poll_ms: int = 50
+    linger_ms: int = 0
+
+
+@dataclass
+class UplinkCounters:
+    """What the uplink did since it started (for metrics and tests)."""
+
+    sent: int = 0
+    resent: int = 0
+    acked: int = 0
+    refused: int = 0
+    bad_replies: int = 0
+
+
+class Uplink:
+    """Background sender of the spool. ``start()`` it, ``stop()`` it; one ZeroMQ context per process."""
+
+    def __init__(self, spool: Spool, cfg: UplinkConfig, context: zmq.Context | None = None) -> None:
+        self.spool = spool
+        self.cfg = cfg
+        self.context = context or zmq.Context.instance()
+        self.counters = UplinkCounters()
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"uplink-{cfg.device_id}", daemon=True)
+
+    def start(self) -> Uplink:
+        """Start the sender thread."""
+        self._thread.start()
+        return self
+
+    def notify(self) -> None:
+        """Tell the sender that the spool has new rows (it also polls on its own)."""
+        self._wake.set()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the sender thread; unacknowledged rows stay in the spool for the next start."""
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        sock = self.context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, self.cfg.linger_ms)
+        sock.setsockopt(zmq.IDENTITY, self.cfg.device_id.encode())
+        sock.setsockopt(zmq.SNDHWM, self.cfg.window * 2)
+        sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        sock.connect(self.cfg.endpoint)
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        in_flight: dict[int, float] = {}  # seq -> when it was sent
+        try:
+            while not self._stop.is_set():
+                horizon = time.monotonic() - self.cfg.resend_after
+                in_flight = {seq: t for seq, t in in_flight.items() if t > horizon}  # the rest is due again
+                room = self.cfg.window - len(in_flight)
+                if room > 0:
+                    for item in self.spool.due(room, self.cfg.resend_after):
+                        header = quarantine_pb2.QuarantineHeader.FromString(item.header)
+                        header.seq = item.seq
+                        header.device_id = self.cfg.device_id
+                        try:
+                            sock.send_multipart([header.SerializeToString(), item.tensor], flags=zmq.NOBLOCK)
+                        except zmq.Again:  # queue full while disconnected: try again after resend_after
+                            break
+                        self.counters.sent += 1
+                        if item.attempts > 1:
+                            self.counters.resent += 1
+                        in_flight[item.seq] = time.monotonic()
+                events = dict(poller.poll(self.cfg.poll_ms))
+                acks: list[int] = []
+                while sock in events:
+                    try:
+                        frames = sock.recv_multipart(flags=zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    reply = self._parse_reply(frames)
+                    if reply is None:
+                        continue
+                    in_flight.pop(reply.seq, None)
+                    if reply.status == quarantine_pb2.QuarantineReply.ACK:
+                        acks.append(reply.seq)
+                    elif reply.status == quarantine_pb2.QuarantineReply.REJECTED:
+                        # The collector will never accept this message as it is: drop it, count it, say why.
+                        log.warning("collector refused quarantine message %d: %s", reply.seq, reply.error)
+                        self.counters.refused += 1
+                        acks.append(reply.seq)
+                if acks:
+                    self.counters.acked += self.spool.ack(acks)
+                if not in_flight and self.spool.depth() == 0:
+                    self._wake.wait(self.cfg.poll_ms / 1000)
+                    self._wake.clear()
+        finally:
+            sock.close()
+
+    def _parse_reply(self, frames: list[bytes]) -> quarantine_pb2.QuarantineReply | None:
+        try:
+            if len(frames) != 1:
+                raise ValueError(f"{len(frames)} frames")
+            return quarantine_pb2.QuarantineReply.FromString(frames[0])
+        except Exception as e:  # a malformed reply must not kill the uplink
+            self.counters.bad_replies += 1
+            log.warning("ignoring a malformed collector reply: %s", e)
+            return None

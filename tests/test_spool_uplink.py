@@ -1,0 +1,127 @@
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zmq
+
+from edge_agent.spool import Spool, SpoolConfig, SpoolFull
+from edge_agent.uplink import Uplink, UplinkConfig
+from protos.nnoc.v1 import quarantine_pb2
+from trainer.quarantine import QuarantineStore
+
+TENSOR = np.zeros((1, 28, 28), np.float32).tobytes()
+
+
+def header(label: int = 0) -> bytes:
+    return quarantine_pb2.QuarantineHeader(
+        fleet="f", bundle_version=1, shape=[1, 28, 28], dtype="float32", primary_label=label, monitor_label=5
+    ).SerializeToString()
+
+
+def wait_for(cond, timeout: float = 20.0) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+class Collector:
+    """A minimal in-test collector: ROUTER, durable write into the trainer's quarantine store, then ACK."""
+
+    def __init__(self, store_dir: Path, port: int | None = None, ack: bool = True) -> None:
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.port = self.sock.bind_to_random_port("tcp://127.0.0.1") if port is None else port
+        if port is not None:
+            self.sock.bind(f"tcp://127.0.0.1:{port}")
+        self.store_dir, self.ack, self.received = store_dir, ack, 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self) -> None:
+        with QuarantineStore(self.store_dir) as store:
+            while not self.stop.is_set():
+                if not self.sock.poll(20):
+                    continue
+                ident, head, tensor = self.sock.recv_multipart()
+                self.received += 1
+                h = quarantine_pb2.QuarantineHeader.FromString(head)
+                store.add_many([(h, tensor)])
+                if self.ack:
+                    reply = quarantine_pb2.QuarantineReply(device_id=h.device_id, seq=h.seq,
+                                                           status=quarantine_pb2.QuarantineReply.ACK)
+                    self.sock.send_multipart([ident, reply.SerializeToString()])
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(5)
+        self.sock.close()
+        self.ctx.term()
+
+
+def test_spool_is_durable_bounded_and_counted(tmp_path: Path) -> None:
+    cfg = SpoolConfig(tmp_path / "spool.sqlite", max_items=5)
+    with Spool(cfg) as spool:
+        seqs = [spool.put(header(i), TENSOR) for i in range(8)]
+        assert seqs == sorted(seqs) and seqs[0] > 10**15  # time-based start: a reset spool never reuses numbers
+        assert spool.depth() == 5 and spool.counter("dropped") == 3
+    with Spool(cfg) as spool:  # reopened: rows and counters survived
+        assert spool.depth() == 5 and spool.counter("dropped") == 3
+        assert [i.seq for i in spool.due(10, resend_after=60)] == seqs[3:]
+        assert spool.due(10, resend_after=60) == []  # just sent: not due again yet
+        assert spool.ack(seqs[3:5]) == 2 and spool.depth() == 3
+    with Spool(SpoolConfig(tmp_path / "r.sqlite", max_items=2, policy="reject-new")) as spool:
+        spool.put(header(), TENSOR)
+        spool.put(header(), TENSOR)
+        with pytest.raises(SpoolFull, match="reject-new"):
+            spool.put(header(), TENSOR)
+        assert spool.counter("rejected_full") == 1 and spool.depth() == 2
+    with pytest.raises(ValueError, match="policy"):
+        SpoolConfig(tmp_path / "x", policy="keep-all")
+
+
+def test_uplink_drains_spool_exactly_once(tmp_path: Path) -> None:
+    collector = Collector(tmp_path / "q")
+    with Spool(SpoolConfig(tmp_path / "spool.sqlite")) as spool:
+        for i in range(200):
+            spool.put(header(i % 10), TENSOR)
+        up = Uplink(spool, UplinkConfig(f"tcp://127.0.0.1:{collector.port}", "cam-1", window=32)).start()
+        try:
+            assert wait_for(lambda: spool.depth() == 0)
+        finally:
+            up.stop()
+        assert up.counters.acked == 200
+    collector.close()
+    with QuarantineStore(tmp_path / "q", create=False) as store:
+        assert store.count() == 200
+
+
+def test_unacked_messages_are_resent_and_stored_once(tmp_path: Path) -> None:
+    # A collector that stores but never answers (as if it crashed after the write): the agent resends;
+    # a restarted, answering collector on the same port acknowledges; the store holds each message once.
+    silent = Collector(tmp_path / "q", ack=False)
+    port = silent.port
+    with Spool(SpoolConfig(tmp_path / "spool.sqlite")) as spool:
+        for _ in range(20):
+            spool.put(header(), TENSOR)
+        up = Uplink(spool, UplinkConfig(f"tcp://127.0.0.1:{port}", "cam-2", resend_after=0.3)).start()
+        try:
+            assert wait_for(lambda: silent.received >= 40)  # every message went out at least twice
+            silent.close()
+            assert spool.depth() == 20  # nothing acknowledged, nothing deleted
+            answering = Collector(tmp_path / "q", port=port)
+            assert wait_for(lambda: spool.depth() == 0)
+            answering.close()
+        finally:
+            up.stop()
+        assert up.counters.resent > 0
+    with QuarantineStore(tmp_path / "q", create=False) as store:
+        assert store.count() == 20
