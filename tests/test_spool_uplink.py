@@ -56,8 +56,9 @@ class Collector:
                 h = quarantine_pb2.QuarantineHeader.FromString(head)
                 store.add_many([(h, tensor)])
                 if self.ack:
-                    reply = quarantine_pb2.QuarantineReply(device_id=h.device_id, seq=h.seq,
-                                                           status=quarantine_pb2.QuarantineReply.ACK)
+                    reply = quarantine_pb2.QuarantineReply(
+                        device_id=h.device_id, seq=h.seq, status=quarantine_pb2.QuarantineReply.ACK
+                    )
                     self.sock.send_multipart([ident, reply.SerializeToString()])
 
     def close(self) -> None:
