@@ -126,3 +126,19 @@ def test_unacked_messages_are_resent_and_stored_once(tmp_path: Path) -> None:
         assert up.counters.resent > 0
     with QuarantineStore(tmp_path / "q", create=False) as store:
         assert store.count() == 20
+
+
+def test_reject_monitor_windows() -> None:
+    from edge_agent.monitor import RejectMonitor
+
+    m = RejectMonitor(window=10, threshold=0.2)
+    m.record([False] * 10)
+    assert m.snapshot().window_reject_rate == 0.0 and not m.snapshot().alarm
+    m.record([True] * 3)
+    snap = m.snapshot()
+    assert snap.window_reject_rate == pytest.approx(0.3) and snap.alarm
+    assert (snap.requests, snap.rejects, snap.window_fill) == (13, 3, 10)
+    m.record([False] * 10)
+    assert m.snapshot().window_reject_rate == 0.0
+    with pytest.raises(ValueError):
+        RejectMonitor(window=0)

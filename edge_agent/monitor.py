@@ -1,0 +1,53 @@
+"""Reject-rate monitoring (paper §7): the share of rejected requests over windows of N requests."""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class MonitorSnapshot:
+    """Counters at one moment."""
+
+    requests: int
+    rejects: int
+    window_size: int
+    window_fill: int
+    window_reject_rate: float  # over the last ``window_fill`` requests (<= window_size)
+    alarm: bool  # the windowed rate exceeds the threshold over a full window
+
+
+class RejectMonitor:
+    """Counts requests and rejects; the windowed reject rate can trigger a repair (paper §7)."""
+
+    def __init__(self, window: int = 1000, threshold: float = 0.05) -> None:
+        if window < 1 or not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"window must be >= 1 and threshold in [0, 1] (got {window}, {threshold})")
+        self.window, self.threshold = window, threshold
+        self._recent: deque[bool] = deque(maxlen=window)
+        self._in_window = 0
+        self._requests = 0
+        self._rejects = 0
+        self._lock = threading.Lock()
+
+    def record(self, rejected: list[bool]) -> None:
+        """Add one batch's outcomes (True: rejected)."""
+        with self._lock:
+            for r in rejected:
+                if len(self._recent) == self.window and self._recent[0]:
+                    self._in_window -= 1
+                self._recent.append(bool(r))
+                self._in_window += int(r)
+                self._requests += 1
+                self._rejects += int(r)
+
+    def snapshot(self) -> MonitorSnapshot:
+        """Current totals and the windowed reject rate."""
+        with self._lock:
+            fill = len(self._recent)
+            rate = self._in_window / fill if fill else 0.0
+            return MonitorSnapshot(
+                self._requests, self._rejects, self.window, fill, rate, fill == self.window and rate > self.threshold
+            )
