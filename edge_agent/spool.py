@@ -102,39 +102,57 @@ class Spool:
         return int(row[0]) if row else 0
 
     def put(self, header: bytes, tensor: bytes) -> int:
-        """Store one input durably; returns its sequence number. Applies the bound policy first."""
-        size = len(header) + len(tensor)
-        if size > self.cfg.max_bytes:
-            raise SpoolFull(f"one input of {size} bytes exceeds the spool's {self.cfg.max_bytes}-byte bound")
+        """Store one input durably; returns its sequence number."""
+        return self.put_many([(header, tensor)])[0]
+
+    def put_many(self, items: list[tuple[bytes, bytes]]) -> list[int]:
+        """Store inputs durably in one transaction (one fsync); returns their sequence numbers.
+
+        The bound policy applies per input: ``drop-oldest`` makes room, ``reject-new`` raises
+        :class:`SpoolFull` before anything of this batch is stored.
+        """
+        sizes = [len(h) + len(t) for h, t in items]
+        if any(size > self.cfg.max_bytes for size in sizes):
+            raise SpoolFull(f"an input of {max(sizes)} bytes exceeds the spool's {self.cfg.max_bytes}-byte bound")
+        seqs: list[int] = []
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 n, used = self._db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM spool").fetchone()
-                if n + 1 > self.cfg.max_items or used + size > self.cfg.max_bytes:
-                    if self.cfg.policy == "reject-new":
-                        self._bump("rejected_full", 1)
-                        self._db.execute("COMMIT")
-                        log.warning(
-                            "spool full (%d rows, %d bytes): new input not spooled (policy reject-new)", n, used
-                        )
-                        raise SpoolFull(f"spool full ({n} rows, {used} bytes) and policy is reject-new")
-                    dropped = self._drop_oldest(n, used, size)
-                    log.warning("spool full: dropped the %d oldest input(s) (policy drop-oldest)", dropped)
-                cur = self._db.execute(
-                    "INSERT INTO spool (header, tensor, size, created) VALUES (?, ?, ?, ?)",
-                    (header, tensor, size, time.time()),
-                )
-                self._bump("spooled", 1)
+                if self.cfg.policy == "reject-new" and (
+                    n + len(items) > self.cfg.max_items or used + sum(sizes) > self.cfg.max_bytes
+                ):
+                    self._bump("rejected_full", len(items))
+                    self._db.execute("COMMIT")
+                    log.warning(
+                        "spool full (%d rows, %d bytes): %d input(s) not spooled (policy reject-new)",
+                        n,
+                        used,
+                        len(items),
+                    )
+                    raise SpoolFull(f"spool full ({n} rows, {used} bytes) and policy is reject-new")
+                now = time.time()
+                for (header, tensor), size in zip(items, sizes, strict=True):
+                    if n + 1 > self.cfg.max_items or used + size > self.cfg.max_bytes:
+                        n, used, dropped = self._drop_oldest(n, used, size)
+                        log.warning("spool full: dropped the %d oldest input(s) (policy drop-oldest)", dropped)
+                    cur = self._db.execute(
+                        "INSERT INTO spool (header, tensor, size, created) VALUES (?, ?, ?, ?)",
+                        (header, tensor, size, now),
+                    )
+                    assert cur.lastrowid is not None
+                    seqs.append(int(cur.lastrowid))
+                    n, used = n + 1, used + size
+                self._bump("spooled", len(items))
                 self._db.execute("COMMIT")
             except SpoolFull:
                 raise
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
-        assert cur.lastrowid is not None
-        return int(cur.lastrowid)
+        return seqs
 
-    def _drop_oldest(self, n: int, used: int, size: int) -> int:
+    def _drop_oldest(self, n: int, used: int, size: int) -> tuple[int, int, int]:
         dropped = 0
         for seq, row_size in self._db.execute("SELECT seq, size FROM spool ORDER BY seq").fetchall():
             if n + 1 <= self.cfg.max_items and used + size <= self.cfg.max_bytes:
@@ -142,7 +160,7 @@ class Spool:
             self._db.execute("DELETE FROM spool WHERE seq = ?", (seq,))
             n, used, dropped = n - 1, used - row_size, dropped + 1
         self._bump("dropped", dropped)
-        return dropped
+        return n, used, dropped
 
     def due(self, limit: int, resend_after: float) -> list[SpooledItem]:
         """Up to ``limit`` rows never sent or sent more than ``resend_after`` seconds ago; marks them sent."""

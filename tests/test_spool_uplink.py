@@ -142,3 +142,40 @@ def test_reject_monitor_windows() -> None:
     assert m.snapshot().window_reject_rate == 0.0
     with pytest.raises(ValueError):
         RejectMonitor(window=0)
+
+
+def test_agent_spools_rejects_before_answering_and_uplinks_them(
+    predeployed: tuple[Path, dict], splits: object, tmp_path: Path
+) -> None:
+    from edge_agent.agent import Agent
+    from edge_agent.bundle import verify_bundle
+    from edge_agent.ensemble import Ensemble, InputError, scale_raw
+    from edge_agent.monitor import RejectMonitor
+    from trainer.triggers import parse_trigger
+
+    bundle = verify_bundle(predeployed[0] / "bundle")
+    images = splits.test.images[:200]  # type: ignore[attr-defined]
+    poisoned = parse_trigger("checker4").apply(images, np.random.default_rng(0))
+    x = scale_raw(np.concatenate([images, poisoned]), bundle.manifest.input_spec)
+    with Spool(SpoolConfig(tmp_path / "spool.sqlite")) as spool:
+        agent = Agent(Ensemble(bundle), spool, RejectMonitor(window=100), "cam-9")
+        decision, version = agent.classify(x)
+        assert version == 1
+        n_rej = int(decision.rejected.sum())
+        assert n_rej > 0 and spool.depth() == n_rej  # spooled before classify() returned
+        assert agent.monitor.snapshot().rejects == n_rej
+        with pytest.raises(InputError):
+            agent.classify(np.full((1, 1, 28, 28), np.nan, np.float32))
+        assert spool.depth() == n_rej and agent.monitor.snapshot().requests == 400
+        collector = Collector(tmp_path / "q")
+        up = Uplink(spool, UplinkConfig(f"tcp://127.0.0.1:{collector.port}", "cam-9")).start()
+        try:
+            assert wait_for(lambda: spool.depth() == 0)
+        finally:
+            up.stop()
+            collector.close()
+    with QuarantineStore(tmp_path / "q", create=False) as store:
+        q = store.load(bundle.manifest.input_spec.scale)
+    assert len(q) == n_rej and (q.primary != q.monitor).all()
+    rej_idx = np.flatnonzero(decision.rejected)
+    np.testing.assert_array_equal(np.sort(q.primary), np.sort(decision.primary[rej_idx]))

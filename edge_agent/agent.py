@@ -1,0 +1,64 @@
+"""The agent's request path: classify with the ensemble, spool every reject before answering, count."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+from edge_agent.ensemble import Decision, Ensemble
+from edge_agent.monitor import RejectMonitor
+from edge_agent.spool import Spool
+from edge_agent.uplink import Uplink
+from protos.nnoc.v1 import quarantine_pb2
+
+
+class Agent:
+    """Ensemble + durable quarantine + monitor. The ensemble can be swapped between two requests."""
+
+    def __init__(
+        self, ensemble: Ensemble, spool: Spool, monitor: RejectMonitor, device_id: str, uplink: Uplink | None = None
+    ) -> None:
+        self._ensemble = ensemble
+        self._swap_lock = threading.Lock()
+        self.spool, self.monitor, self.device_id, self.uplink = spool, monitor, device_id, uplink
+
+    @property
+    def ensemble(self) -> Ensemble:
+        """The ensemble serving now."""
+        return self._ensemble
+
+    def swap(self, ensemble: Ensemble) -> Ensemble:
+        """Serve ``ensemble`` from the next request on; returns the previous one."""
+        with self._swap_lock:
+            old, self._ensemble = self._ensemble, ensemble
+        return old
+
+    def classify(self, x: np.ndarray) -> tuple[Decision, int]:
+        """Classify a batch (model-input tensors); rejected inputs are spooled durably before this returns.
+
+        Returns the decision and the bundle version that made it. Raises ``InputError`` for a bad batch.
+        """
+        ensemble = self._ensemble  # one version answers the whole batch, even if a swap lands meanwhile
+        decision = ensemble.classify(x)
+        rejected = np.flatnonzero(decision.rejected)
+        if len(rejected):
+            manifest = ensemble.bundle.manifest
+            items = []
+            for i in rejected:
+                header = quarantine_pb2.QuarantineHeader(
+                    device_id=self.device_id,
+                    fleet=manifest.fleet,
+                    bundle_version=manifest.version,
+                    shape=list(x.shape[1:]),
+                    dtype=str(x.dtype),
+                    primary_label=int(decision.primary[i]),
+                    monitor_label=int(decision.monitor[i]),
+                )
+                header.captured_at.GetCurrentTime()
+                items.append((header.SerializeToString(), np.ascontiguousarray(x[i]).tobytes()))
+            self.spool.put_many(items)
+            if self.uplink is not None:
+                self.uplink.notify()
+        self.monitor.record(decision.rejected.tolist())
+        return decision, ensemble.bundle.version
