@@ -1,0 +1,258 @@
+"""Model updates: subscribe to the trainer's model service, download new bundles in chunks, verify, load,
+check on a canary input, then swap between two requests. The previous bundle stays on disk for rollback
+and the last good one is cached, so the agent starts and serves without the trainer.
+
+Cache layout (``cache_dir``)::
+
+    versions/<version>/   verified bundle folders (primary.onnx, monitor.onnx, manifest.pb, manifest.json)
+    state.json            {"current": V, "previous": V'}: written atomically
+    staging/              downloads in progress (resumed from their partial files)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from edge_agent.agent import Agent
+from edge_agent.bundle import BundleError, VerifiedBundle, verify_bundle
+from edge_agent.ensemble import Ensemble
+from edge_agent.runtime import RuntimeConfig
+from protos.nnoc.v1 import bundle_pb2, model_service_pb2, model_service_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+class BundleCache:
+    """Verified bundles on local disk and which one is current."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        (root / "versions").mkdir(parents=True, exist_ok=True)
+        (root / "staging").mkdir(parents=True, exist_ok=True)
+
+    def _state(self) -> dict[str, int | None]:
+        path = self.root / "state.json"
+        if not path.is_file():
+            return {"current": None, "previous": None}
+        try:
+            data = json.loads(path.read_text())
+            return {"current": data.get("current"), "previous": data.get("previous")}
+        except (OSError, ValueError) as e:
+            log.error("unreadable %s (%s): starting without a cached bundle", path, e)
+            return {"current": None, "previous": None}
+
+    def _write_state(self, current: int | None, previous: int | None) -> None:
+        tmp = self.root / "state.json.tmp"
+        tmp.write_text(json.dumps({"current": current, "previous": previous}))
+        with tmp.open("rb") as f:
+            os.fsync(f.fileno())
+        tmp.replace(self.root / "state.json")
+
+    def path(self, version: int) -> Path:
+        """Folder of a cached version."""
+        return self.root / "versions" / str(version)
+
+    def load(self, which: str = "current") -> VerifiedBundle | None:
+        """The current (or previous) bundle, verified again; None when there is none or it fails."""
+        version = self._state()[which]
+        if version is None:
+            return None
+        try:
+            return verify_bundle(self.path(int(version)))
+        except BundleError as e:
+            log.error("cached bundle v%s failed verification: %s", version, e)
+            return None
+
+    def install(self, staged: Path, version: int) -> Path:
+        """Move a verified staged folder into ``versions/``; returns its new path."""
+        dest = self.path(version)
+        if dest.exists():
+            shutil.rmtree(dest)
+        staged.rename(dest)
+        return dest
+
+    def set_current(self, version: int) -> None:
+        """Make ``version`` current; the old current becomes previous. Older versions are deleted."""
+        state = self._state()
+        previous = state["current"] if state["current"] != version else state["previous"]
+        self._write_state(version, previous)
+        keep = {str(version), str(previous)}
+        for d in (self.root / "versions").iterdir():
+            if d.name not in keep:
+                shutil.rmtree(d, ignore_errors=True)
+
+    def rollback(self) -> int:
+        """Swap current and previous; returns the version now current."""
+        state = self._state()
+        if state["previous"] is None or not self.path(int(state["previous"])).is_dir():
+            raise BundleError("no previous bundle to roll back to")
+        self._write_state(int(state["previous"]), state["current"])
+        return int(state["previous"])
+
+
+@dataclass(frozen=True)
+class UpdateConfig:
+    """Where the model service is and which fleet this agent belongs to."""
+
+    target: str  # host:port of the trainer's model service
+    fleet: str
+    device_id: str
+    retries: int = 5  # per artifact, for broken downloads (each retry resumes at the bytes already there)
+    backoff_max: float = 10.0  # seconds between reconnection attempts, at most
+
+
+@dataclass
+class UpdateCounters:
+    """What the updater did (for metrics, status and tests)."""
+
+    applied: int = 0
+    refused: int = 0
+    reconnects: int = 0
+    last_error: str = ""
+    history: list[str] = field(default_factory=list)
+
+
+def canary(ensemble: Ensemble) -> None:
+    """Run a neutral input through a freshly loaded ensemble; raise when it does not answer sanely."""
+    spec = ensemble.spec
+    x = np.full((2, *[int(d) for d in spec.shape]), spec.min_value, dtype=np.dtype(spec.dtype))
+    decision = ensemble.classify(x)
+    if decision.labels.shape != (2,):
+        raise BundleError(f"canary: expected 2 labels, got shape {decision.labels.shape}")
+
+
+class Updater:
+    """Background subscriber that keeps the agent on the fleet's current bundle."""
+
+    def __init__(
+        self, agent: Agent, cache: BundleCache, cfg: UpdateConfig, runtime: RuntimeConfig | None = None
+    ) -> None:
+        self.agent, self.cache, self.cfg, self.runtime = agent, cache, cfg, runtime
+        self.counters = UpdateCounters()
+        self._stop = threading.Event()
+        self._channel: grpc.Channel | None = None
+        self._thread = threading.Thread(target=self._run, name="updater", daemon=True)
+
+    def start(self) -> Updater:
+        """Start subscribing."""
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop subscribing (closes the channel, which ends the stream)."""
+        self._stop.set()
+        if self._channel is not None:
+            self._channel.close()
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        delay = 0.2
+        while not self._stop.is_set():
+            self._channel = grpc.insecure_channel(self.cfg.target)
+            stub = model_service_pb2_grpc.ModelServiceStub(self._channel)
+            try:
+                request = model_service_pb2.SubscribeRequest(
+                    fleet=self.cfg.fleet,
+                    device_id=self.cfg.device_id,
+                    current_version=self.agent.ensemble.bundle.version,
+                )
+                for notice in stub.Subscribe(request, wait_for_ready=True):
+                    delay = 0.2
+                    self.handle(stub, notice)
+                    if self._stop.is_set():
+                        break
+            except grpc.RpcError as e:
+                if self._stop.is_set():
+                    break
+                self.counters.reconnects += 1
+                log.info("model service %s unreachable (%s); retrying in %.1f s", self.cfg.target, e.code(), delay)
+            finally:
+                self._channel.close()
+            self._stop.wait(delay)
+            delay = min(delay * 2, self.cfg.backoff_max)
+
+    def _refuse(self, version: int, why: str) -> None:
+        self.counters.refused += 1
+        self.counters.last_error = f"v{version}: {why}"
+        self.counters.history.append(f"refused v{version}: {why}")
+        log.error("refused bundle v%d: %s (still serving v%d)", version, why, self.agent.ensemble.bundle.version)
+
+    def handle(self, stub: model_service_pb2_grpc.ModelServiceStub, notice: model_service_pb2.VersionNotice) -> bool:
+        """Apply one version notice; returns whether the agent now serves it. Never raises on a bad bundle."""
+        current = self.agent.ensemble.bundle
+        version = int(notice.version)
+        if notice.fleet != self.cfg.fleet:
+            self._refuse(version, f"notice for fleet {notice.fleet!r}, this agent serves {self.cfg.fleet!r}")
+            return False
+        if version == current.version:
+            return True
+        if version < current.version and not notice.rollback:
+            self._refuse(version, f"older than the current v{current.version} and not marked as a rollback")
+            return False
+        cur_spec, new_spec = current.manifest.input_spec, notice.manifest.input_spec
+        if list(cur_spec.shape) != list(new_spec.shape) or cur_spec.dtype != new_spec.dtype:
+            self._refuse(version, f"input spec {list(new_spec.shape)} {new_spec.dtype} differs from the fleet's")
+            return False
+        staged = self.cache.root / "staging" / str(version)
+        try:
+            self.download(stub, notice, staged)
+            bundle = verify_bundle(staged)
+            if bundle.version != version:
+                raise BundleError(f"manifest says v{bundle.version}, the notice v{version}")
+            ensemble = Ensemble(bundle, self.runtime)
+            canary(ensemble)
+        except (BundleError, ValueError, OSError, grpc.RpcError) as e:
+            shutil.rmtree(staged, ignore_errors=True)  # a bad download is not resumed: fetch it anew next time
+            self._refuse(version, str(e) if not isinstance(e, grpc.RpcError) else f"download failed: {e.code()}")
+            return False
+        path = self.cache.install(staged, version)
+        ensemble.bundle = VerifiedBundle(path, bundle.manifest)  # sessions are in memory; files moved
+        self.agent.swap(ensemble)
+        self.cache.set_current(version)
+        self.counters.applied += 1
+        self.counters.history.append(f"applied v{version}")
+        log.info("now serving bundle v%d (was v%d)", version, current.version)
+        return True
+
+    def download(
+        self, stub: model_service_pb2_grpc.ModelServiceStub, notice: model_service_pb2.VersionNotice, staged: Path
+    ) -> None:
+        """Fetch every artifact of ``notice`` into ``staged``, resuming partial files after a broken stream."""
+        staged.mkdir(parents=True, exist_ok=True)
+        manifest: bundle_pb2.Manifest = notice.manifest
+        for art in manifest.artifacts:
+            if Path(art.name).name != art.name:
+                raise BundleError(f"artifact name {art.name!r} is not a plain file name")
+            path = staged / art.name
+            for attempt in range(self.cfg.retries + 1):
+                have = path.stat().st_size if path.exists() else 0
+                if have > art.size:
+                    path.unlink()
+                    have = 0
+                if have == art.size:
+                    break
+                try:
+                    request = model_service_pb2.DownloadRequest(
+                        fleet=manifest.fleet, version=manifest.version, name=art.name, offset=have
+                    )
+                    with path.open("ab") as f:
+                        for chunk in stub.Download(request, timeout=60):
+                            if chunk.offset != f.tell():
+                                raise BundleError(f"{art.name}: chunk at {chunk.offset}, expected {f.tell()}")
+                            f.write(chunk.data)
+                except grpc.RpcError as e:
+                    if attempt == self.cfg.retries:
+                        raise
+                    log.warning("download of %s broke at %d bytes (%s); resuming", art.name, have, e.code())
+                    time.sleep(min(0.1 * 2**attempt, 2.0))
+        (staged / "manifest.pb").write_bytes(manifest.SerializeToString(deterministic=True))
