@@ -14,7 +14,7 @@ import numpy as np
 log = logging.getLogger("edge_agent")
 
 
-def _load_images(paths: Sequence[Path], shape: tuple[int, ...]) -> np.ndarray:
+def load_images(paths: Sequence[Path], shape: tuple[int, ...]) -> np.ndarray:
     """Read image files as raw uint8 (N, C, H, W) of the bundle's shape (resized and converted as needed)."""
     from PIL import Image
 
@@ -45,7 +45,7 @@ def cmd_classify(args: argparse.Namespace) -> dict:
     ensemble = Ensemble(bundle, RuntimeConfig(providers=tuple(args.providers) if args.providers else None))
     shape = tuple(int(d) for d in bundle.manifest.input_spec.shape)
     try:
-        raw = _load_images(args.images, shape)
+        raw = load_images(args.images, shape)
     except OSError as e:
         raise ValueError(f"cannot read image: {e}") from e
     decision = ensemble.classify(scale_raw(raw, bundle.manifest.input_spec))
@@ -62,6 +62,51 @@ def cmd_classify(args: argparse.Namespace) -> dict:
     return {"bundle_version": bundle.version, "provider": ensemble.provider, "results": results}
 
 
+def cmd_run(args: argparse.Namespace) -> dict:
+    """Serve until SIGTERM."""
+    from edge_agent.runtime import RuntimeConfig
+    from edge_agent.service import RunConfig, run
+
+    cfg = RunConfig(
+        device_id=args.device_id,
+        fleet=args.fleet,
+        state_dir=args.state_dir,
+        bundle=args.bundle,
+        model_service=args.model_service,
+        collector=args.collector,
+        host=args.host,
+        infer_port=args.infer_port,
+        metrics_port=args.metrics_port,
+        source=args.source,
+        source_batch=args.source_batch,
+        source_limit=args.source_limit,
+        window=args.window,
+        reject_threshold=args.reject_threshold,
+        spool_max_items=args.spool_max_items,
+        spool_policy=args.spool_policy,
+        runtime=RuntimeConfig(
+            providers=tuple(args.providers) if args.providers else None,
+            intra_op_threads=args.threads,
+            graph_optimization=args.graph_optimization,
+        ),
+    )
+    return run(cfg)
+
+
+def cmd_status(args: argparse.Namespace) -> dict:
+    """Cache, spool and the running agent."""
+    from edge_agent.service import status
+
+    return status(args.state_dir)
+
+
+def cmd_rollback(args: argparse.Namespace) -> dict:
+    """Return to the previous bundle."""
+    from edge_agent.service import rollback
+
+    return rollback(args.state_dir)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """All subcommands and their flags."""
     parser = argparse.ArgumentParser(prog="nnoc-edge", description="NNoculation edge agent")
@@ -74,6 +119,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--providers", nargs="+", default=None, help="onnxruntime providers, in order (default: best)")
     p.add_argument("images", type=Path, nargs="+")
     p.set_defaults(func=cmd_classify)
+    p = sub.add_parser("run", help="serve the ensemble: inference endpoint, quarantine uplink, model updates")
+    p.add_argument("--device-id", required=True)
+    p.add_argument("--fleet", required=True, help="fleet name: the model name on the inference endpoint")
+    p.add_argument("--model-service", default=None, help="HOST:PORT of the trainer's model service")
+    p.add_argument("--collector", default=None, help="tcp://HOST:PORT of the trainer's quarantine collector")
+    p.add_argument("--bundle", type=Path, default=None, help="a bundle to serve when the cache has nothing newer")
+    p.add_argument("--host", default="127.0.0.1", help="address the endpoints bind to")
+    p.add_argument("--infer-port", type=int, default=8001, help="Open Inference Protocol gRPC port (0: any)")
+    p.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics port (default: off)")
+    p.add_argument("--source", default=None, help="play inputs: npy:PATH (uint8 images or model inputs) or dir:PATH")
+    p.add_argument("--source-batch", type=int, default=1)
+    p.add_argument("--source-limit", type=int, default=None, help="stop playing after this many inputs")
+    p.add_argument("--window", type=int, default=1000, help="requests per reject-rate window (paper §7)")
+    p.add_argument("--reject-threshold", type=float, default=0.05, help="windowed reject rate that raises the alarm")
+    p.add_argument("--spool-max-items", type=int, default=100_000)
+    p.add_argument("--spool-policy", choices=("drop-oldest", "reject-new"), default="drop-oldest")
+    p.add_argument("--providers", nargs="+", default=None, help="onnxruntime providers, in order (default: best)")
+    p.add_argument("--threads", type=int, default=0, help="intra-op threads (0: one per core)")
+    p.add_argument("--graph-optimization", choices=("disable", "basic", "extended", "all"), default="all")
+    p.set_defaults(func=cmd_run)
+    p = sub.add_parser("status", help="what the agent serves, its spool, and where it listens")
+    p.set_defaults(func=cmd_status)
+    p = sub.add_parser("rollback", help="return to the previous bundle (a running agent swaps at once)")
+    p.set_defaults(func=cmd_rollback)
+    for name in ("run", "status", "rollback"):
+        sub.choices[name].add_argument(
+            "--state-dir",
+            type=Path,
+            default=Path("nnoc-edge-state"),
+            help="bundle cache, spool and agent.json (default ./nnoc-edge-state)",
+        )
     for sp in sub.choices.values():
         sp.add_argument("--json", action="store_true", help="print one JSON object as the last line")
         sp.add_argument("--quiet", action="store_true", help="warnings only")

@@ -6,10 +6,15 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+import zmq
+
+from protos.nnoc.v1 import quarantine_pb2
 
 ROOT = Path(__file__).resolve().parent.parent
 # Small slices of the real data keep the suite fast on 2 cores.
@@ -92,3 +97,52 @@ def predeployed(
     )
     assert report is not None
     return out, report
+
+
+def wait_for(cond, timeout: float = 20.0) -> bool:  # type: ignore[no-untyped-def]
+    """Poll ``cond`` until it holds or ``timeout`` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+class Collector:
+    """A minimal in-test collector: ROUTER, durable write into the trainer's quarantine store, then ACK."""
+
+    def __init__(self, store_dir: Path, port: int | None = None, ack: bool = True) -> None:
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.port = self.sock.bind_to_random_port("tcp://127.0.0.1") if port is None else port
+        if port is not None:
+            self.sock.bind(f"tcp://127.0.0.1:{port}")
+        self.store_dir, self.ack, self.received = store_dir, ack, 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self) -> None:
+        from trainer.quarantine import QuarantineStore
+
+        with QuarantineStore(self.store_dir) as store:
+            while not self.stop.is_set():
+                if not self.sock.poll(20):
+                    continue
+                ident, head, tensor = self.sock.recv_multipart()
+                self.received += 1
+                h = quarantine_pb2.QuarantineHeader.FromString(head)
+                store.add_many([(h, tensor)])
+                if self.ack:
+                    reply = quarantine_pb2.QuarantineReply(
+                        device_id=h.device_id, seq=h.seq, status=quarantine_pb2.QuarantineReply.ACK
+                    )
+                    self.sock.send_multipart([ident, reply.SerializeToString()])
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(5)
+        self.sock.close()
+        self.ctx.term()

@@ -1,13 +1,11 @@
 from __future__ import annotations
 
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-import zmq
 
+from conftest import Collector, wait_for
 from edge_agent.spool import Spool, SpoolConfig, SpoolFull
 from edge_agent.uplink import Uplink, UplinkConfig
 from protos.nnoc.v1 import quarantine_pb2
@@ -20,52 +18,6 @@ def header(label: int = 0) -> bytes:
     return quarantine_pb2.QuarantineHeader(
         fleet="f", bundle_version=1, shape=[1, 28, 28], dtype="float32", primary_label=label, monitor_label=5
     ).SerializeToString()
-
-
-def wait_for(cond, timeout: float = 20.0) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.02)
-    return False
-
-
-class Collector:
-    """A minimal in-test collector: ROUTER, durable write into the trainer's quarantine store, then ACK."""
-
-    def __init__(self, store_dir: Path, port: int | None = None, ack: bool = True) -> None:
-        self.ctx = zmq.Context()
-        self.sock = self.ctx.socket(zmq.ROUTER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.port = self.sock.bind_to_random_port("tcp://127.0.0.1") if port is None else port
-        if port is not None:
-            self.sock.bind(f"tcp://127.0.0.1:{port}")
-        self.store_dir, self.ack, self.received = store_dir, ack, 0
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self.run, daemon=True)
-        self.thread.start()
-
-    def run(self) -> None:
-        with QuarantineStore(self.store_dir) as store:
-            while not self.stop.is_set():
-                if not self.sock.poll(20):
-                    continue
-                ident, head, tensor = self.sock.recv_multipart()
-                self.received += 1
-                h = quarantine_pb2.QuarantineHeader.FromString(head)
-                store.add_many([(h, tensor)])
-                if self.ack:
-                    reply = quarantine_pb2.QuarantineReply(
-                        device_id=h.device_id, seq=h.seq, status=quarantine_pb2.QuarantineReply.ACK
-                    )
-                    self.sock.send_multipart([ident, reply.SerializeToString()])
-
-    def close(self) -> None:
-        self.stop.set()
-        self.thread.join(5)
-        self.sock.close()
-        self.ctx.term()
 
 
 def test_spool_is_durable_bounded_and_counted(tmp_path: Path) -> None:

@@ -1,0 +1,61 @@
+"""Prometheus metrics of a running agent, served over HTTP by prometheus-client."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from edge_agent.agent import Agent
+from edge_agent.updates import Updater
+from edge_agent.uplink import Uplink
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+
+
+class AgentMetrics:
+    """Counters and gauges; most gauges read the agent's own state when scraped."""
+
+    def __init__(self, agent: Agent, uplink: Uplink | None = None, updater: Updater | None = None) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.latency = Histogram(
+            "nnoc_request_seconds", "Time to classify one request batch", registry=r, buckets=LATENCY_BUCKETS
+        )
+        self.invalid = Counter("nnoc_invalid_requests", "Requests refused for a bad input", registry=r)
+        Gauge("nnoc_requests", "Inputs classified since start", registry=r).set_function(
+            lambda: agent.monitor.snapshot().requests
+        )
+        Gauge("nnoc_rejects", "Inputs rejected (models disagreed) since start", registry=r).set_function(
+            lambda: agent.monitor.snapshot().rejects
+        )
+        Gauge("nnoc_window_reject_rate", "Reject rate over the last window of requests", registry=r).set_function(
+            lambda: agent.monitor.snapshot().window_reject_rate
+        )
+        Gauge("nnoc_spool_depth", "Quarantined inputs waiting for the collector's ACK", registry=r).set_function(
+            agent.spool.depth
+        )
+        Gauge("nnoc_spool_dropped", "Quarantined inputs dropped at the spool bound", registry=r).set_function(
+            lambda: agent.spool.counter("dropped")
+        )
+        Gauge("nnoc_bundle_version", "Version of the bundle serving now", registry=r).set_function(
+            lambda: agent.ensemble.bundle.version
+        )
+        provider = Gauge("nnoc_provider_info", "Execution provider running the models", ["provider"], registry=r)
+        provider.labels(agent.ensemble.provider).set(1)
+        if uplink is not None:
+            Gauge("nnoc_uplink_sent", "Quarantine messages sent (resends included)", registry=r).set_function(
+                lambda: uplink.counters.sent
+            )
+            Gauge("nnoc_uplink_acked", "Quarantine messages acknowledged", registry=r).set_function(
+                lambda: uplink.counters.acked
+            )
+        if updater is not None:
+            Gauge("nnoc_updates_applied", "Bundles applied since start", registry=r).set_function(
+                lambda: updater.counters.applied
+            )
+            Gauge("nnoc_updates_refused", "Bundles refused since start", registry=r).set_function(
+                lambda: updater.counters.refused
+            )
+
+    def serve(self, port: int, address: str = "127.0.0.1") -> None:
+        """Expose ``/metrics`` on ``address:port`` (a daemon thread)."""
+        start_http_server(port, addr=address, registry=self.registry)

@@ -1,0 +1,199 @@
+"""``nnoc-edge run``: wire the agent's parts together, serve until SIGTERM, stop cleanly.
+
+The bundle cache under ``state_dir`` lets the agent start and serve without the trainer; ``agent.json`` there
+tells ``nnoc-edge status`` and ``nnoc-edge rollback`` where the running agent listens.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_agent.agent import Agent
+from edge_agent.bundle import BundleError, verify_bundle
+from edge_agent.ensemble import Ensemble, InputError, scale_raw
+from edge_agent.inference import serve
+from edge_agent.metrics import AgentMetrics
+from edge_agent.monitor import RejectMonitor
+from edge_agent.runtime import RuntimeConfig
+from edge_agent.spool import Spool, SpoolConfig
+from edge_agent.updates import BundleCache, UpdateConfig, Updater
+from edge_agent.uplink import Uplink, UplinkConfig
+
+log = logging.getLogger(__name__)
+
+AGENT_FILE = "agent.json"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything ``nnoc-edge run`` needs."""
+
+    device_id: str
+    fleet: str
+    state_dir: Path
+    bundle: Path | None = None
+    model_service: str | None = None
+    collector: str | None = None
+    host: str = "127.0.0.1"
+    infer_port: int = 0  # 0: any free port (written to agent.json)
+    metrics_port: int | None = None
+    source: str | None = None  # "npy:PATH" (raw uint8 images or model inputs) or "dir:PATH" (image files)
+    source_batch: int = 1
+    source_limit: int | None = None  # requests to play from the source (None: all, once)
+    window: int = 1000
+    reject_threshold: float = 0.05
+    spool_max_items: int = 100_000
+    spool_policy: str = "drop-oldest"
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+
+def seed_cache(cache: BundleCache, bundle_dir: Path | None) -> None:
+    """Install ``bundle_dir`` into the cache when it is newer than what the cache serves."""
+    if bundle_dir is None:
+        return
+    bundle = verify_bundle(bundle_dir)
+    current = cache.load()
+    if current is not None and current.version >= bundle.version:
+        log.info("cache already serves v%d; --bundle v%d not installed", current.version, bundle.version)
+        return
+    staged = cache.root / "staging" / f"seed-{bundle.version}"
+    shutil.rmtree(staged, ignore_errors=True)
+    shutil.copytree(bundle_dir, staged)
+    cache.install(staged, bundle.version)
+    cache.set_current(bundle.version)
+
+
+def source_batches(spec: str, ensemble: Ensemble, batch: int) -> Iterator[np.ndarray]:
+    """Model-input batches from a source spec: ``npy:PATH`` or ``dir:PATH``."""
+    kind, _, arg = spec.partition(":")
+    if kind == "npy":
+        data = np.load(arg)
+        if data.dtype == np.uint8:
+            data = scale_raw(data, ensemble.spec)
+    elif kind == "dir":
+        from edge_agent.cli import load_images
+
+        files = sorted(p for p in Path(arg).iterdir() if p.is_file())
+        data = scale_raw(load_images(files, tuple(int(d) for d in ensemble.spec.shape)), ensemble.spec)
+    else:
+        raise ValueError(f"unknown source {spec!r}; use npy:PATH or dir:PATH")
+    for start in range(0, len(data), batch):
+        yield np.ascontiguousarray(data[start : start + batch], dtype=np.dtype(ensemble.spec.dtype))
+
+
+def run(cfg: RunConfig, stop: threading.Event | None = None) -> dict[str, Any]:
+    """Run the agent until ``stop`` is set (SIGTERM/SIGINT set it); returns final counters."""
+    stop = stop or threading.Event()
+    cache = BundleCache(cfg.state_dir / "bundles")
+    seed_cache(cache, cfg.bundle)
+    bundle = cache.load()
+    if bundle is None:
+        raise BundleError(f"no bundle to serve: pass --bundle DIR (nothing cached in {cache.root})")
+    spool = Spool(SpoolConfig(cfg.state_dir / "spool.sqlite", max_items=cfg.spool_max_items, policy=cfg.spool_policy))
+    agent = Agent(Ensemble(bundle, cfg.runtime), spool, RejectMonitor(cfg.window, cfg.reject_threshold), cfg.device_id)
+    uplink = Uplink(spool, UplinkConfig(cfg.collector, cfg.device_id)).start() if cfg.collector else None
+    agent.uplink = uplink
+    updater = None
+    if cfg.model_service:
+        updater = Updater(agent, cache, UpdateConfig(cfg.model_service, cfg.fleet, cfg.device_id), cfg.runtime).start()
+    server, port = serve(agent, cfg.fleet, f"{cfg.host}:{cfg.infer_port}")
+    metrics = AgentMetrics(agent, uplink, updater)
+    if cfg.metrics_port is not None:
+        metrics.serve(cfg.metrics_port, cfg.host)
+
+    def reload(*_: object) -> None:  # SIGHUP: serve what the cache says is current (after `nnoc-edge rollback`)
+        fresh = cache.load()
+        if fresh is not None and fresh.version != agent.ensemble.bundle.version:
+            agent.swap(Ensemble(fresh, cfg.runtime))
+            log.info("reloaded: now serving v%d", fresh.version)
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        signal.signal(signal.SIGINT, lambda *_: stop.set())
+        signal.signal(signal.SIGHUP, reload)
+    info = {
+        "pid": os.getpid(),
+        "device_id": cfg.device_id,
+        "fleet": cfg.fleet,
+        "infer_port": port,
+        "metrics_port": cfg.metrics_port,
+        "host": cfg.host,
+        "started": time.time(),
+    }
+    (cfg.state_dir / AGENT_FILE).write_text(json.dumps(info))
+    log.info(
+        "agent %s serving %s v%d on %s:%d (%s)",
+        cfg.device_id,
+        cfg.fleet,
+        agent.ensemble.bundle.version,
+        cfg.host,
+        port,
+        agent.ensemble.provider,
+    )
+    try:
+        if cfg.source:
+            played = 0
+            for x in source_batches(cfg.source, agent.ensemble, cfg.source_batch):
+                if stop.is_set() or (cfg.source_limit is not None and played >= cfg.source_limit):
+                    break
+                t0 = time.perf_counter()
+                try:
+                    agent.classify(x)
+                except InputError as e:
+                    metrics.invalid.inc()
+                    log.warning("source input refused: %s", e)
+                metrics.latency.observe(time.perf_counter() - t0)
+                played += len(x)
+        stop.wait()
+    finally:
+        server.stop(grace=2.0).wait()
+        if updater is not None:
+            updater.stop()
+        if uplink is not None:
+            uplink.stop()
+        snap = agent.monitor.snapshot()
+        result = {"bundle_version": agent.ensemble.bundle.version, **asdict(snap), "spool_depth": spool.depth()}
+        spool.close()
+        (cfg.state_dir / AGENT_FILE).unlink(missing_ok=True)
+        log.info("agent stopped: %s", result)
+    return result
+
+
+def status(state_dir: Path) -> dict[str, Any]:
+    """What the cache serves, the spool depth, and where a running agent listens."""
+    cache = BundleCache(state_dir / "bundles")
+    cur, prev = cache.load(), cache.load("previous")
+    out: dict[str, Any] = {"current": cur.version if cur else None, "previous": prev.version if prev else None}
+    if (state_dir / "spool.sqlite").is_file():
+        with Spool(SpoolConfig(state_dir / "spool.sqlite")) as spool:
+            out.update(spool_depth=spool.depth(), spool_dropped=spool.counter("dropped"))
+    agent_file = state_dir / AGENT_FILE
+    out["running"] = json.loads(agent_file.read_text()) if agent_file.is_file() else None
+    return out
+
+
+def rollback(state_dir: Path) -> dict[str, Any]:
+    """Make the previous bundle current; a running agent is told (SIGHUP) and swaps to it."""
+    version = BundleCache(state_dir / "bundles").rollback()
+    agent_file = state_dir / AGENT_FILE
+    signalled = False
+    if agent_file.is_file():
+        pid = int(json.loads(agent_file.read_text())["pid"])
+        try:
+            os.kill(pid, signal.SIGHUP)
+            signalled = True
+        except ProcessLookupError:
+            pass
+    return {"current": version, "signalled_running_agent": signalled}

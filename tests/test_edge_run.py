@@ -1,0 +1,107 @@
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from conftest import ROOT, Collector, wait_for
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def edge(*args: str) -> tuple[int, dict[str, Any] | None, str]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "edge_agent", *args, "--json"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=120,
+    )
+    lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
+    return proc.returncode, (json.loads(lines[-1]) if lines else None), proc.stderr
+
+
+def test_nnoc_edge_run_serves_quarantines_reports_and_stops(
+    predeployed: tuple[Path, dict[str, Any]], splits: Any, tmp_path: Path
+) -> None:
+    from trainer.triggers import parse_trigger
+
+    images = splits.test.images[:100]
+    poisoned = parse_trigger("checker4").apply(images, np.random.default_rng(0))
+    np.save(tmp_path / "stream.npy", np.concatenate([images, poisoned]))  # raw uint8 pixels
+    collector = Collector(tmp_path / "q")
+    state, metrics_port = tmp_path / "state", free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "edge_agent",
+            "run",
+            "--device-id",
+            "cam-7",
+            "--fleet",
+            "fmnist",
+            "--bundle",
+            str(predeployed[0] / "bundle"),
+            "--collector",
+            f"tcp://127.0.0.1:{collector.port}",
+            "--infer-port",
+            "0",
+            "--metrics-port",
+            str(metrics_port),
+            "--source",
+            f"npy:{tmp_path / 'stream.npy'}",
+            "--source-batch",
+            "8",
+            "--state-dir",
+            str(state),
+            "--quiet",
+            "--json",
+        ],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert wait_for(lambda: (state / "agent.json").is_file(), 60)
+
+        def scrape() -> dict[str, float]:
+            body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+            return {ln.split()[0]: float(ln.split()[1]) for ln in body.splitlines() if ln.startswith("nnoc_")}
+
+        assert wait_for(lambda: scrape().get("nnoc_requests") == 200, 60)
+        m = scrape()
+        assert m["nnoc_bundle_version"] == 1 and m["nnoc_rejects"] > 0
+        assert wait_for(lambda: collector.received >= m["nnoc_rejects"] and scrape()["nnoc_spool_depth"] == 0, 30)
+        code, st, _ = edge("status", "--state-dir", str(state))
+        assert code == 0 and st is not None and st["current"] == 1 and st["running"]["device_id"] == "cam-7"
+        assert st["spool_depth"] == 0
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err[-2000:]
+        assert out.strip(), err[-2000:]
+        assert json.loads(out.strip().splitlines()[-1])["requests"] == 200, out[-2000:]
+        assert not (state / "agent.json").exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        collector.close()
+    code, _, stderr = edge("rollback", "--state-dir", str(state))
+    assert code == 2 and "no previous bundle" in stderr
+    code, _, stderr = edge("run", "--device-id", "x", "--fleet", "f", "--state-dir", str(tmp_path / "empty"))
+    assert code == 2 and "no bundle to serve" in stderr
