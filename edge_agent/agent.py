@@ -34,6 +34,23 @@ class Agent:
             old, self._ensemble = self._ensemble, ensemble
         return old
 
+    def stats(self) -> quarantine_pb2.AgentStats:
+        """A snapshot for the collector: requests, rejects, windowed reject rate, spool, version."""
+        snap = self.monitor.snapshot()
+        ensemble = self._ensemble
+        return quarantine_pb2.AgentStats(
+            device_id=self.device_id,
+            fleet=ensemble.bundle.manifest.fleet,
+            bundle_version=ensemble.bundle.version,
+            requests=snap.requests,
+            rejects=snap.rejects,
+            window_reject_rate=snap.window_reject_rate,
+            window_size=snap.window_size,
+            spool_depth=self.spool.depth(),
+            spool_dropped=self.spool.counter("dropped"),
+            provider=ensemble.provider,
+        )
+
     def classify(self, x: np.ndarray) -> tuple[Decision, int]:
         """Classify a batch (model-input tensors); rejected inputs are spooled durably before this returns.
 

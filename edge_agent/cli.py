@@ -84,6 +84,7 @@ def cmd_run(args: argparse.Namespace) -> dict:
         reject_threshold=args.reject_threshold,
         spool_max_items=args.spool_max_items,
         spool_policy=args.spool_policy,
+        stats_interval=args.stats_interval,
         runtime=RuntimeConfig(
             providers=tuple(args.providers) if args.providers else None,
             intra_op_threads=args.threads,
@@ -134,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window", type=int, default=1000, help="requests per reject-rate window (paper §7)")
     p.add_argument("--reject-threshold", type=float, default=0.05, help="windowed reject rate that raises the alarm")
     p.add_argument("--spool-max-items", type=int, default=100_000)
+    p.add_argument("--stats-interval", type=float, default=10.0, help="seconds between stats messages")
     p.add_argument("--spool-policy", choices=("drop-oldest", "reject-new"), default="drop-oldest")
     p.add_argument("--providers", nargs="+", default=None, help="onnxruntime providers, in order (default: best)")
     p.add_argument("--threads", type=int, default=0, help="intra-op threads (0: one per core)")

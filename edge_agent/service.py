@@ -56,6 +56,7 @@ class RunConfig:
     reject_threshold: float = 0.05
     spool_max_items: int = 100_000
     spool_policy: str = "drop-oldest"
+    stats_interval: float = 10.0
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
 
@@ -103,7 +104,10 @@ def run(cfg: RunConfig, stop: threading.Event | None = None) -> dict[str, Any]:
         raise BundleError(f"no bundle to serve: pass --bundle DIR (nothing cached in {cache.root})")
     spool = Spool(SpoolConfig(cfg.state_dir / "spool.sqlite", max_items=cfg.spool_max_items, policy=cfg.spool_policy))
     agent = Agent(Ensemble(bundle, cfg.runtime), spool, RejectMonitor(cfg.window, cfg.reject_threshold), cfg.device_id)
-    uplink = Uplink(spool, UplinkConfig(cfg.collector, cfg.device_id)).start() if cfg.collector else None
+    uplink = None
+    if cfg.collector:
+        uplink_cfg = UplinkConfig(cfg.collector, cfg.device_id, stats_interval=cfg.stats_interval)
+        uplink = Uplink(spool, uplink_cfg, stats=agent.stats).start()
     agent.uplink = uplink
     updater = None
     if cfg.model_service:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import zmq
@@ -32,6 +33,7 @@ class UplinkConfig:
     resend_after: float = 5.0  # seconds without an ACK before a message is sent again
     poll_ms: int = 50
     linger_ms: int = 0
+    stats_interval: float = 10.0  # seconds between AgentStats messages (when a stats source is given)
 
 
 @dataclass
@@ -43,13 +45,21 @@ class UplinkCounters:
     acked: int = 0
     refused: int = 0
     bad_replies: int = 0
+    stats_sent: int = 0
 
 
 class Uplink:
     """Background sender of the spool. ``start()`` it, ``stop()`` it; one ZeroMQ context per process."""
 
-    def __init__(self, spool: Spool, cfg: UplinkConfig, context: zmq.Context | None = None) -> None:
+    def __init__(
+        self,
+        spool: Spool,
+        cfg: UplinkConfig,
+        context: zmq.Context | None = None,
+        stats: Callable[[], quarantine_pb2.AgentStats] | None = None,
+    ) -> None:
         self.spool = spool
+        self.stats = stats
         self.cfg = cfg
         self.context = context or zmq.Context.instance()
         self.counters = UplinkCounters()
@@ -83,8 +93,19 @@ class Uplink:
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         in_flight: dict[int, float] = {}  # seq -> when it was sent
+        next_stats = time.monotonic()
         try:
             while not self._stop.is_set():
+                if self.stats is not None and time.monotonic() >= next_stats:
+                    next_stats = time.monotonic() + self.cfg.stats_interval
+                    msg = self.stats()
+                    msg.device_id = self.cfg.device_id
+                    msg.sent_at.GetCurrentTime()
+                    try:
+                        sock.send_multipart([msg.SerializeToString()], flags=zmq.NOBLOCK)
+                        self.counters.stats_sent += 1
+                    except zmq.Again:  # disconnected: stats are a snapshot, the next one will do
+                        pass
                 horizon = time.monotonic() - self.cfg.resend_after
                 in_flight = {seq: t for seq, t in in_flight.items() if t > horizon}  # the rest is due again
                 room = self.cfg.window - len(in_flight)

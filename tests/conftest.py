@@ -120,6 +120,7 @@ class Collector:
         if port is not None:
             self.sock.bind(f"tcp://127.0.0.1:{port}")
         self.store_dir, self.ack, self.received = store_dir, ack, 0
+        self.stats: list[quarantine_pb2.AgentStats] = []
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self.run, daemon=True)
         self.thread.start()
@@ -131,7 +132,11 @@ class Collector:
             while not self.stop.is_set():
                 if not self.sock.poll(20):
                     continue
-                ident, head, tensor = self.sock.recv_multipart()
+                frames = self.sock.recv_multipart()
+                if len(frames) == 2:  # [identity, AgentStats]
+                    self.stats.append(quarantine_pb2.AgentStats.FromString(frames[1]))
+                    continue
+                ident, head, tensor = frames
                 self.received += 1
                 h = quarantine_pb2.QuarantineHeader.FromString(head)
                 store.add_many([(h, tensor)])

@@ -70,6 +70,8 @@ def test_nnoc_edge_run_serves_quarantines_reports_and_stops(
             str(state),
             "--quiet",
             "--json",
+            "--stats-interval",
+            "0.3",
         ],
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
@@ -88,6 +90,10 @@ def test_nnoc_edge_run_serves_quarantines_reports_and_stops(
         m = scrape()
         assert m["nnoc_bundle_version"] == 1 and m["nnoc_rejects"] > 0
         assert wait_for(lambda: collector.received >= m["nnoc_rejects"] and scrape()["nnoc_spool_depth"] == 0, 30)
+        assert wait_for(lambda: bool(collector.stats) and collector.stats[-1].requests == 200, 30)
+        last = collector.stats[-1]
+        assert (last.device_id, last.fleet, last.bundle_version) == ("cam-7", "default", 1)
+        assert last.rejects == m["nnoc_rejects"] and last.provider
         code, st, _ = edge("status", "--state-dir", str(state))
         assert code == 0 and st is not None and st["current"] == 1 and st["running"]["device_id"] == "cam-7"
         assert st["spool_depth"] == 0
@@ -105,3 +111,62 @@ def test_nnoc_edge_run_serves_quarantines_reports_and_stops(
     assert code == 2 and "no previous bundle" in stderr
     code, _, stderr = edge("run", "--device-id", "x", "--fleet", "f", "--state-dir", str(tmp_path / "empty"))
     assert code == 2 and "no bundle to serve" in stderr
+
+
+def test_kill_9_loses_no_quarantined_input(
+    predeployed: tuple[Path, dict[str, Any]], splits: Any, tmp_path: Path
+) -> None:
+    """kill -9 while the collector is unreachable; on restart the spool drains: every reject stored once."""
+    from trainer.quarantine import QuarantineStore
+    from trainer.triggers import parse_trigger
+
+    images = splits.test.images[:100]
+    np.save(tmp_path / "s.npy", parse_trigger("checker4").apply(images, np.random.default_rng(1)))
+    port, state = free_port(), tmp_path / "state"
+    common = [
+        "-m",
+        "edge_agent",
+        "run",
+        "--device-id",
+        "cam-k",
+        "--fleet",
+        "fmnist",
+        "--infer-port",
+        "0",
+        "--collector",
+        f"tcp://127.0.0.1:{port}",
+        "--state-dir",
+        str(state),
+        "--quiet",
+    ]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    first = subprocess.Popen(
+        [sys.executable, *common, "--bundle", str(predeployed[0] / "bundle"), "--source", f"npy:{tmp_path / 's.npy'}"],
+        cwd=ROOT,
+        env=env,
+    )
+    try:
+        assert wait_for(lambda: (state / "agent.json").is_file(), 60)
+        code, st, _ = edge("status", "--state-dir", str(state))
+        assert wait_for(lambda: (edge("status", "--state-dir", str(state))[1] or {}).get("spool_depth", 0) > 0, 60)
+        first.kill()  # SIGKILL: no clean shutdown
+        first.wait(30)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    code, st, _ = edge("status", "--state-dir", str(state))
+    assert code == 0 and st is not None
+    spooled = st["spool_depth"]
+    assert spooled > 0
+    (state / "agent.json").unlink(missing_ok=True)  # left behind by the killed process
+    collector = Collector(tmp_path / "q", port=port)
+    second = subprocess.Popen([sys.executable, *common], cwd=ROOT, env=env)  # serves the cached bundle
+    try:
+        assert wait_for(lambda: collector.received >= spooled, 60)
+        assert wait_for(lambda: (edge("status", "--state-dir", str(state))[1] or {}).get("spool_depth") == 0, 30)
+    finally:
+        second.send_signal(signal.SIGTERM)
+        second.wait(30)
+        collector.close()
+    with QuarantineStore(tmp_path / "q", create=False) as store:
+        assert store.count() == spooled

@@ -51,3 +51,29 @@ class QuarantineReply(_message.Message):
     status: QuarantineReply.Status
     error: str
     def __init__(self, device_id: _Optional[str] = ..., seq: _Optional[int] = ..., status: _Optional[_Union[QuarantineReply.Status, str]] = ..., error: _Optional[str] = ...) -> None: ...
+
+class AgentStats(_message.Message):
+    __slots__ = ("device_id", "fleet", "bundle_version", "requests", "rejects", "window_reject_rate", "window_size", "spool_depth", "spool_dropped", "provider", "sent_at")
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    FLEET_FIELD_NUMBER: _ClassVar[int]
+    BUNDLE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    REJECTS_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_REJECT_RATE_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_SIZE_FIELD_NUMBER: _ClassVar[int]
+    SPOOL_DEPTH_FIELD_NUMBER: _ClassVar[int]
+    SPOOL_DROPPED_FIELD_NUMBER: _ClassVar[int]
+    PROVIDER_FIELD_NUMBER: _ClassVar[int]
+    SENT_AT_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    fleet: str
+    bundle_version: int
+    requests: int
+    rejects: int
+    window_reject_rate: float
+    window_size: int
+    spool_depth: int
+    spool_dropped: int
+    provider: str
+    sent_at: _timestamp_pb2.Timestamp
+    def __init__(self, device_id: _Optional[str] = ..., fleet: _Optional[str] = ..., bundle_version: _Optional[int] = ..., requests: _Optional[int] = ..., rejects: _Optional[int] = ..., window_reject_rate: _Optional[float] = ..., window_size: _Optional[int] = ..., spool_depth: _Optional[int] = ..., spool_dropped: _Optional[int] = ..., provider: _Optional[str] = ..., sent_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
