@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -151,3 +152,10 @@ class Collector:
         self.thread.join(5)
         self.sock.close()
         self.ctx.term()
+
+
+def free_port() -> int:
+    """A loopback TCP port that was free a moment ago (for servers a test starts later)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -3,7 +3,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import urllib.request
@@ -12,13 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from conftest import ROOT, Collector, wait_for
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from conftest import ROOT, Collector, free_port, wait_for
 
 
 def edge(*args: str) -> tuple[int, dict[str, Any] | None, str]:

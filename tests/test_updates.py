@@ -1,9 +1,7 @@
 from __future__ import annotations
 
 import shutil
-import socket
 import threading
-import time
 from concurrent import futures
 from pathlib import Path
 from typing import Any
@@ -12,6 +10,7 @@ import grpc
 import numpy as np
 import pytest
 
+from conftest import free_port, wait_for
 from edge_agent.agent import Agent
 from edge_agent.bundle import BundleError, verify_bundle
 from edge_agent.ensemble import Ensemble
@@ -20,15 +19,6 @@ from edge_agent.spool import Spool, SpoolConfig
 from edge_agent.updates import BundleCache, UpdateConfig, Updater
 from protos.nnoc.v1 import bundle_pb2, model_service_pb2, model_service_pb2_grpc
 from trainer.bundle import read_manifest, write_bundle
-
-
-def wait_for(cond, timeout: float = 30.0) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 class FakeModelService(model_service_pb2_grpc.ModelServiceServicer):
@@ -73,12 +63,6 @@ class FakeModelService(model_service_pb2_grpc.ModelServiceServicer):
                 context.abort(grpc.StatusCode.UNAVAILABLE, "connection dropped (test)")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def make_version(src: Path, dest: Path, version: int) -> Path:
     m = read_manifest(src)
     new = bundle_pb2.Manifest()
@@ -121,7 +105,8 @@ def test_subscribe_download_verify_swap_and_refusals(fleet: dict[str, Any]) -> N
         service.break_once.add("primary.onnx")  # the first download breaks after one chunk: resumed
         service.publish(2)
         assert wait_for(lambda: agent.ensemble.bundle.version == 2)
-        assert agent.classify(x)[1] == 2 and updater.counters.applied == 1
+        assert wait_for(lambda: updater.counters.applied == 1)  # counted just after the swap
+        assert agent.classify(x)[1] == 2
         assert verify_bundle(cache.path(2)).version == 2
         # A corrupted download is refused; v2 keeps serving.
         service.corrupt.add(3)
@@ -133,8 +118,10 @@ def test_subscribe_download_verify_swap_and_refusals(fleet: dict[str, Any]) -> N
         assert wait_for(lambda: updater.counters.refused == 2)
         assert agent.ensemble.bundle.version == 2
         service.publish(1, rollback=True)
-        assert wait_for(lambda: agent.ensemble.bundle.version == 1)
-        assert cache.load("previous") is not None
+        assert wait_for(lambda: updater.counters.applied == 2)
+        assert agent.ensemble.bundle.version == 1
+        current, previous = cache.load(), cache.load("previous")
+        assert current is not None and current.version == 1 and previous is not None and previous.version == 2
     finally:
         updater.stop()
         server.stop(0)
