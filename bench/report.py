@@ -113,7 +113,28 @@ def repair_section(data: dict[str, Any], name: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-SECTIONS = {"predeploy": predeploy_section}
+def edge_section(data: dict[str, Any]) -> str:
+    lines = [
+        "## Edge ensemble throughput (issue 4, first measurement)",
+        "",
+        _machine(data["machine"]),
+        "",
+        "Both models of the checker4 bundle on the CPU, inputs per second; `fused` is one ONNX graph holding both "
+        "models behind one input (argmax inside). Ratios are against eager PyTorch running the same two models "
+        f"({data['threads']} threads).",
+        "",
+        "| batch | two sessions | fused graph | eager PyTorch | two sessions / eager | fused / eager |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in data["rows"]:
+        lines.append(
+            f"| {r['batch']} | {r['two_sessions']:.0f} | {r['fused']:.0f} | {r['eager_torch']:.0f} "
+            f"| {r['two_sessions'] / r['eager_torch']:.2f}× | {r['fused'] / r['eager_torch']:.2f}× |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+SECTIONS = {"predeploy": predeploy_section, "edge": edge_section}
 
 
 def main() -> None:
