@@ -134,17 +134,18 @@ def edge_section(data: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-SECTIONS = {"predeploy": predeploy_section, "edge": edge_section}
-
-
 def main() -> None:
     parts = [HEADER]
-    for name, render in SECTIONS.items():
+
+    def section(name: str, render: Any) -> None:
         path = RESULTS / f"{name}.json"
         if path.is_file():
             parts.append(render(json.loads(path.read_text())))
+
+    section("predeploy", predeploy_section)
     for path in sorted(RESULTS.glob("repair-*.json")):
         parts.append(repair_section(json.loads(path.read_text()), path.stem))
+    section("edge", edge_section)
     notes = ROOT / "bench" / "NOTES.md"
     if notes.is_file():
         parts.append(notes.read_text())
