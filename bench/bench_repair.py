@@ -6,7 +6,8 @@ stream of N inputs is played through the bundle; the quarantine then feeds the r
 - ``purified``: the default repair (majority-filtered quarantine, CycleGAN, fine-tune θ_aug);
 - ``raw``: the same on the unfiltered quarantine;
 - ``clean-ft``: no trigger learner, fine-tuning on clean D_treat alone;
-- ``bd-base``: the default, fine-tuning θ_bd (the paper's Algorithm 2) instead of θ_aug.
+- ``bd-base``: the default, fine-tuning θ_bd (the paper's Algorithm 2) instead of θ_aug;
+- ``clean-ft-bd``: fine-tuning θ_bd on clean D_treat alone (what the CycleGAN adds to ``bd-base``).
 
 Purity (share of the CycleGAN's quarantine that was really poisoned) is computed here from the stream's
 ``truth.json``; the repair never sees it.
@@ -33,6 +34,7 @@ VARIANTS: dict[str, list[str]] = {
     "raw": ["--purify", "none"],
     "clean-ft": ["--learner", "none"],
     "bd-base": ["--repair-base", "bd"],
+    "clean-ft-bd": ["--learner", "none", "--repair-base", "bd"],
 }
 
 
