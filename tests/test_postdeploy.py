@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +123,9 @@ def test_cyclegan_learns_a_patch_and_resumes(tmp_path: Path) -> None:
     again = train_cyclegan(u, v, cfg, score, u, checkpoint=ckpt, quiet=True, device=torch.device("cpu"))
     assert len(again.history) == 22  # resumed at the end: nothing more to train
     assert again.best_score == res.best_score
+    other = replace(cfg, epochs=1, epochs_decay=0)  # another config: the stale checkpoint is not resumed
+    fresh = train_cyclegan(u, v, other, score, u, checkpoint=ckpt, quiet=True, device=torch.device("cpu"))
+    assert len(fresh.history) == 1
 
 
 def test_stream_then_repair_end_to_end(predeployed: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:

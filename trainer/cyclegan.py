@@ -13,6 +13,7 @@ stops early when the score plateaus.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 import time
@@ -249,8 +250,14 @@ def train_cyclegan(
     best_score: float | None = None
     best_epoch = -1
     start_epoch = 0
+    fingerprint = hashlib.sha256(clean.tobytes() + quarantine.tobytes()).hexdigest()
+    state = None
     if checkpoint is not None and checkpoint.is_file():
         state = torch.load(checkpoint, map_location=device, weights_only=True)
+        if state.get("config") != cfg.to_dict() or state.get("data") != fingerprint:
+            log.warning("%s was trained with another config or data; starting afresh", checkpoint)
+            state = None
+    if state is not None:
         for module, key in ((g_uv, "g_uv"), (g_vu, "g_vu"), (d_u, "d_u"), (d_v, "d_v")):
             module.load_state_dict(state[key])
         opt_g.load_state_dict(state["opt_g"])
@@ -336,6 +343,7 @@ def train_cyclegan(
                     "best_score": best_score,
                     "best_g_uv": best_state,
                     "config": cfg.to_dict(),
+                    "data": fingerprint,
                 },
                 tmp,
             )
