@@ -3,7 +3,7 @@
 Starts from the outputs of ``bench.bench_predeploy`` (BadNet + heuristic θ_aug, block noise). For each CPD a
 stream of N inputs is played through the bundle; the quarantine then feeds the repair variants:
 
-- ``purified``: the default repair (majority-filtered quarantine, CycleGAN, fine-tune θ_aug);
+- ``purified``: the default repair (quarantine purified by the label-excess filter, CycleGAN, fine-tune θ_aug);
 - ``raw``: the same on the unfiltered quarantine;
 - ``clean-ft``: no trigger learner, fine-tuning on clean D_treat alone;
 - ``bd-base``: the default, fine-tuning θ_bd (the paper's Algorithm 2) instead of θ_aug;
@@ -27,7 +27,6 @@ import numpy as np
 
 from bench.common import RESULTS, ROOT, run_cli, save
 from trainer.quarantine import QuarantineStore
-from trainer.repair import purify
 
 VARIANTS: dict[str, list[str]] = {
     "purified": [],
@@ -38,14 +37,15 @@ VARIANTS: dict[str, list[str]] = {
 }
 
 
-def purity(qdir: Path, method: str) -> dict[str, Any]:
-    """Poisoned share of the quarantine before and after purification (evaluation only)."""
+def purity(qdir: Path, report: dict[str, Any]) -> dict[str, Any]:
+    """Poisoned share of the quarantine and of what the repair kept (evaluation only, from truth.json)."""
     truth = json.loads((qdir / "truth.json").read_text())
     poisoned = set(truth["poisoned_seq"])
     with QuarantineStore(qdir, create=False) as store:
         q = store.load(1 / 255)
     is_p = np.array([seq in poisoned for _, seq in q.keys], dtype=bool)
-    keep = purify(q.primary, method).keep
+    kept = {tuple(k) for k in report.get("kept_keys", [])}
+    keep = np.array([tuple(k) in kept for k in q.keys], dtype=bool)
     return {
         "raw_size": len(q),
         "raw_purity": float(is_p.mean()) if len(q) else None,
@@ -128,7 +128,7 @@ def main() -> None:
                 "rejected": stream["rejected"],
                 "recall": stream["recall"],
                 "precision": stream["precision"],
-                **purity(qdir, "none" if variant == "raw" else "majority"),
+                **purity(qdir, out),
                 "repaired_ca": rep.get("clean_accuracy"),
                 "repaired_asr": rep.get("attack_success_rate"),
                 "published": out.get("published"),

@@ -80,6 +80,16 @@ def test_purify_majority_and_fallback() -> None:
     p = purify(flat)
     assert p.dominant is None and p.keep.all()
     assert purify(labels, method="none").keep.all()
+    # Low CPD: the attacked label (0) is not the most common reject, but it is far above its clean baseline.
+    low = np.array([0] * 20 + [4] * 28 + [6] * 33 + [2] * 8 + [3] * 8)
+    assert purify(low).dominant is None  # the majority filter falls back to everything
+    baseline = np.array([5, 0, 8, 8, 28, 0, 33, 0, 0, 0])  # clean disagreements' BadNet labels
+    p = purify(low, "excess", baseline_counts=baseline)
+    assert p.dominant == 0 and p.keep.sum() == 20
+    # No attack: counts follow the baseline, nothing stands out, everything is kept.
+    assert purify(np.array([0] * 5 + [4] * 28 + [6] * 33), "excess", baseline_counts=baseline).dominant is None
+    with pytest.raises(ValueError, match="baseline"):
+        purify(low, "excess")
     assert purify(np.zeros(0, np.int64)).keep.shape == (0,)
 
 

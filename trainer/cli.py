@@ -342,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--monitor-checkpoint", type=Path, default=None, help="θ_aug weights (default: BUNDLE/../monitor.pt)"
     )
     p.add_argument("--repair-base", choices=REPAIR_BASES, default="aug", help="model to fine-tune (default aug)")
-    p.add_argument("--purify", choices=PURIFIERS, default="majority", help="quarantine purification (label-free)")
+    p.add_argument("--purify", choices=PURIFIERS, default="excess", help="quarantine purification (label-free)")
     p.add_argument(
         "--learner",
         choices=LEARNERS,

@@ -34,7 +34,7 @@ from trainer.triggers import Trigger
 log = logging.getLogger(__name__)
 
 REPAIR_BASES = ("bd", "aug")
-PURIFIERS = ("majority", "none")
+PURIFIERS = ("majority", "excess", "none")
 LEARNERS = ("cyclegan", "none")
 
 
@@ -82,7 +82,7 @@ class RepairConfig:
     # Which model is fine-tuned: θ_bd (the paper's Algorithm 2) or θ_aug (the authors' code). θ_aug measured
     # better (BENCHMARKS.md: lower ASR at a similar CA), so it is the default.
     base: str = "aug"
-    purify: str = "majority"
+    purify: str = "excess"  # measured better than "majority" at low CPD (BENCHMARKS.md)
     learner: str = "cyclegan"  # "none": fine-tune on clean D_treat alone (the baseline the bench compares to)
     dominance: float = 2.0  # majority filter: the top BadNet label needs >= this x the runner-up's count
     min_quarantine: int = 20  # fewer (after purification) is an error, not a meaningless model
@@ -116,23 +116,46 @@ class Purified:
     counts: dict[int, int]
 
 
-def purify(primary_labels: np.ndarray, method: str = "majority", dominance: float = 2.0) -> Purified:
+def purify(
+    primary_labels: np.ndarray,
+    method: str = "majority",
+    dominance: float = 2.0,
+    baseline_counts: np.ndarray | None = None,
+    z_min: float = 3.0,
+) -> Purified:
     """Label-free purification of a quarantine from the BadNet's labels alone.
 
     A targeted backdoor sends every triggered input to one label, while clean disagreements spread over the
-    confusable classes; keeping the rejects whose BadNet label is the dominant one removes most clean inputs.
-    When no label dominates (top count < ``dominance`` x runner-up), everything is kept.
+    confusable classes. ``majority`` keeps the rejects whose BadNet label is the most common one when it
+    dominates (top count >= ``dominance`` x runner-up). ``excess`` compares each label's count with what clean
+    disagreements alone would give (``baseline_counts``: the BadNet labels of the inputs on which the two models
+    disagree on clean data) and keeps the label with the largest excess when its z-score reaches ``z_min``; it
+    finds the attacked label even when it is not the most common one (low CPD). Without a clear label,
+    everything is kept (e.g. an all-to-all attack).
     """
     n = len(primary_labels)
     values, counts = np.unique(primary_labels, return_counts=True)
     table = {int(v): int(c) for v, c in zip(values, counts, strict=True)}
+    keep_all = Purified(np.ones(n, dtype=bool), None, table)
     if method == "none" or n == 0:
-        return Purified(np.ones(n, dtype=bool), None, table)
+        return keep_all
+    if method == "excess":
+        if baseline_counts is None:
+            raise ValueError("excess purification needs the clean disagreement baseline")
+        k = max(len(baseline_counts), int(primary_labels.max()) + 1)
+        base = np.zeros(k)
+        base[: len(baseline_counts)] = baseline_counts
+        share = (base + 1.0) / (base.sum() + k)  # Laplace-smoothed share of clean disagreements per label
+        observed = np.bincount(primary_labels, minlength=k)
+        expected = n * share
+        z = (observed - expected) / np.sqrt(expected * (1.0 - share))
+        top = int(np.argmax(z))
+        return Purified(primary_labels == top, top, table) if z[top] >= z_min else keep_all
     order = np.argsort(-counts, kind="stable")
     top = int(values[order[0]])
     runner_up = int(counts[order[1]]) if len(order) > 1 else 0
     if counts[order[0]] < dominance * runner_up:
-        return Purified(np.ones(n, dtype=bool), None, table)
+        return keep_all
     return Purified(primary_labels == top, top, table)
 
 
@@ -217,7 +240,11 @@ def run_repair(
         quarantine: Quarantine = store.load(bd_ckpt.input_spec.scale)
     if len(quarantine) and quarantine.images.shape[1:] != splits.image_shape:
         raise ValueError(f"quarantine holds inputs {quarantine.images.shape[1:]}, the dataset has {splits.image_shape}")
-    pur = purify(quarantine.primary, cfg.purify, cfg.dominance)
+    baseline = None
+    if cfg.purify == "excess":  # the BadNet labels of clean disagreements on D_valid (no labels read)
+        p_bd, p_aug = bd(splits.valid.images), aug(splits.valid.images)
+        baseline = np.bincount(p_bd[p_bd != p_aug], minlength=len(splits.class_names))
+    pur = purify(quarantine.primary, cfg.purify, cfg.dominance, baseline)
     v_images = quarantine.images[pur.keep]
     log.info("quarantine: %d inputs, kept %d (dominant BadNet label %s)", len(quarantine), len(v_images), pur.dominant)
     if len(v_images) < cfg.min_quarantine:
@@ -313,6 +340,7 @@ def run_repair(
         "purified_size": int(pur.keep.sum()),
         "dominant_label": pur.dominant,
         "label_counts": pur.counts,
+        "kept_keys": [list(k) for k, keep in zip(quarantine.keys, pur.keep, strict=True) if keep],
         "cyclegan": gan_info,
         "label_free": label_free,
         "repair_set": {"size": len(repair_set), "generated": len(generated), "flipping_generated": n_flipping},
