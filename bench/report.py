@@ -75,6 +75,7 @@ def plot_cpd(data: dict[str, Any], path: Path) -> bool:
     ax.axhline(rows[0]["badnet_ca"], color="gray", linestyle=":", label="CA (BadNet)")
     ax.axhline(rows[0]["aug_asr"], color="tab:red", linestyle=":", label="ASR (θ_aug alone)")
     ax.set_xscale("log")
+    ax.minorticks_off()
     ax.set_xticks(cpd, [f"{c:g}" for c in cpd])
     ax.set_xlabel("CPD (poisoned share of the stream)")
     ax.set_ylim(0, 1)
