@@ -381,6 +381,8 @@ def _configure_logging(args: argparse.Namespace) -> None:
     logging.basicConfig(
         level=level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    for noisy in ("onnxscript", "onnx_ir"):  # the ONNX exporter's pass-by-pass chatter
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def _summary(result: dict[str, Any]) -> str:
