@@ -36,7 +36,7 @@ def fuse(primary: Path, monitor: Path) -> bytes:
     graph = helper.make_graph(
         nodes, "ensemble", [inp], outs, initializer=list(a.graph.initializer) + list(b.graph.initializer)
     )
-    model = helper.make_model(graph, opset_imports=a.opset_import)
+    model = helper.make_model(graph, opset_imports=a.opset_import, ir_version=a.ir_version)
     onnx.checker.check_model(model)
     return model.SerializeToString()
 
