@@ -42,7 +42,10 @@ def cmd_classify(args: argparse.Namespace) -> dict:
     from edge_agent.runtime import RuntimeConfig
 
     bundle = verify_bundle(args.bundle)
-    ensemble = Ensemble(bundle, RuntimeConfig(providers=tuple(args.providers) if args.providers else None))
+    runtime = RuntimeConfig(
+        providers=tuple(args.providers) if args.providers else None, ensemble_path=args.ensemble_path
+    )
+    ensemble = Ensemble(bundle, runtime)
     shape = tuple(int(d) for d in bundle.manifest.input_spec.shape)
     try:
         raw = load_images(args.images, shape)
@@ -59,7 +62,7 @@ def cmd_classify(args: argparse.Namespace) -> dict:
         }
         for p, lbl, rej in zip(args.images, decision.labels, decision.rejected, strict=True)
     ]
-    return {"bundle_version": bundle.version, "provider": ensemble.provider, "results": results}
+    return {"bundle_version": bundle.version, "provider": ensemble.provider, "path": ensemble.path, "results": results}
 
 
 def cmd_run(args: argparse.Namespace) -> dict:
@@ -89,6 +92,7 @@ def cmd_run(args: argparse.Namespace) -> dict:
             providers=tuple(args.providers) if args.providers else None,
             intra_op_threads=args.threads,
             graph_optimization=args.graph_optimization,
+            ensemble_path=args.ensemble_path,
         ),
     )
     return run(cfg)
@@ -129,7 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address the endpoints bind to")
     p.add_argument("--infer-port", type=int, default=8001, help="Open Inference Protocol gRPC port (0: any)")
     p.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics port (default: off)")
-    p.add_argument("--source", default=None, help="play inputs: npy:PATH (uint8 images or model inputs) or dir:PATH")
+    p.add_argument(
+        "--source",
+        default=None,
+        help="play inputs: npy:PATH (uint8 images or model inputs), dir:PATH (image files), or "
+        "replay:DATASET?n=N&poison=P&trigger=SPEC&target=T&seed=S&loop=1 (a dataset split, a share poisoned)",
+    )
     p.add_argument("--source-batch", type=int, default=1)
     p.add_argument("--source-limit", type=int, default=None, help="stop playing after this many inputs")
     p.add_argument("--window", type=int, default=1000, help="requests per reject-rate window (paper §7)")
@@ -145,6 +154,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_status)
     p = sub.add_parser("rollback", help="return to the previous bundle (a running agent swaps at once)")
     p.set_defaults(func=cmd_rollback)
+    for name in ("run", "classify"):
+        sub.choices[name].add_argument(
+            "--ensemble-path",
+            choices=("fused", "two-sessions", "timed"),
+            default="fused",
+            help="run both models in one fused graph (default), in two sessions, or time both at load",
+        )
     for name in ("run", "status", "rollback"):
         sub.choices[name].add_argument(
             "--state-dir",

@@ -3,13 +3,20 @@ reject (label -1) when they disagree."""
 
 from __future__ import annotations
 
+import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+import onnxruntime as ort
 
 from edge_agent.bundle import VerifiedBundle
+from edge_agent.fuse import MONITOR_OUT, PRIMARY_OUT, FuseError, fuse_models
 from edge_agent.runtime import RuntimeConfig, make_session, warm_up
 from protos.nnoc.v1 import bundle_pb2
+
+log = logging.getLogger(__name__)
 
 REJECTED = -1
 
@@ -60,22 +67,90 @@ def scale_raw(pixels: np.ndarray, spec: bundle_pb2.InputSpec) -> np.ndarray:
     return (pixels.astype(np.float32) * np.float32(spec.scale)).astype(np.dtype(spec.dtype))
 
 
+ENSEMBLE_PATHS = ("fused", "two-sessions", "timed")
+
+
+def _time_calls(fn: Callable[[np.ndarray], object], x: np.ndarray, calls: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn(x)
+    return time.perf_counter() - t0
+
+
 class Ensemble:
-    """θ_bd (primary) and θ_aug (monitor) side by side in onnxruntime."""
+    """θ_bd (primary) and θ_aug (monitor) side by side in onnxruntime.
+
+    Two ways to run them: one fused graph (``edge_agent.fuse``; the default, measured 2-3x faster here, see
+    BENCHMARKS.md) or two sessions. ``RuntimeConfig.ensemble_path`` picks: "fused" falls back to two sessions,
+    logged, when the models cannot share a graph or the fused graph disagrees with them on a probe batch;
+    "timed" also times both at batch 1 and 32 at load and keeps the faster (``self.timings``: seconds).
+    ``self.path`` says which path serves.
+    """
 
     def __init__(self, bundle: VerifiedBundle, runtime: RuntimeConfig | None = None) -> None:
+        runtime = runtime or RuntimeConfig()
+        if runtime.ensemble_path not in ENSEMBLE_PATHS:
+            raise ValueError(f"unknown ensemble path {runtime.ensemble_path!r}; choose one of {list(ENSEMBLE_PATHS)}")
         self.bundle = bundle
         self.spec = bundle.manifest.input_spec
-        self.primary = make_session(bundle.model_path("primary"), runtime)
-        self.monitor = make_session(bundle.model_path("monitor"), runtime)
+        self.timings: dict[str, float] = {}
+        primary_path, monitor_path = bundle.model_path("primary"), bundle.model_path("monitor")
+        self.primary = make_session(primary_path, runtime)
+        self.monitor = make_session(monitor_path, runtime)
         self.input_name = self.spec.input_name or self.primary.get_inputs()[0].name
         for role, session in (("primary", self.primary), ("monitor", self.monitor)):
             names = [i.name for i in session.get_inputs()]
             if names != [self.input_name]:
                 raise ValueError(f"{role} model takes inputs {names}, the manifest says [{self.input_name!r}]")
-        example = np.zeros((1, *[int(d) for d in self.spec.shape]), dtype=np.dtype(self.spec.dtype))
+        shape = [int(d) for d in self.spec.shape]
+        example = np.zeros((1, *shape), dtype=np.dtype(self.spec.dtype))
         for session in (self.primary, self.monitor):
             warm_up(session, example)
+        self.fused: ort.InferenceSession | None = None
+        self.path = "two-sessions"
+        if runtime.ensemble_path != "two-sessions":
+            try:
+                graph = fuse_models(primary_path, monitor_path, self.input_name)
+                self.fused = make_session(primary_path.with_name("ensemble.onnx"), runtime, model=graph)
+                warm_up(self.fused, example)
+            except (FuseError, ValueError) as e:
+                log.warning("serving two sessions: %s", e)
+        if self.fused is not None:
+            self.path = self._pick(shape, timed=runtime.ensemble_path == "timed")
+
+    def _pick(self, shape: list[int], timed: bool) -> str:
+        """Check the fused graph against the two sessions; with ``timed``, keep whichever is faster here."""
+        rng = np.random.default_rng(0)
+        lo, hi = self.spec.min_value, self.spec.max_value
+        if not (np.isfinite(lo) and np.isfinite(hi) and hi > lo):
+            lo, hi = 0.0, 1.0
+        probe = rng.uniform(lo, hi, (32, *shape)).astype(np.dtype(self.spec.dtype))
+        if not np.array_equal(np.stack(self._run_fused(probe)), np.stack(self._run_two(probe))):
+            log.warning("fused graph disagrees with the two sessions on a probe batch; serving two sessions")
+            return "two-sessions"
+        if not timed:
+            return "fused"
+        paths = (("fused", self._run_fused), ("two-sessions", self._run_two))
+        for _, fn in paths:  # the first calls at a new batch size grow onnxruntime's memory arena: not timed
+            _time_calls(fn, probe[:1], 3), _time_calls(fn, probe, 3)
+        for _ in range(3):  # rounds, best of each: the idle path's spinning threads can steal a round
+            for name, fn in paths:
+                t = _time_calls(fn, probe[:1], 100) + _time_calls(fn, probe, 10)
+                self.timings[name] = min(t, self.timings.get(name, t))
+        path = min(self.timings, key=self.timings.__getitem__)
+        log.info("ensemble path %s (load-time probe, s: %s)", path, {k: round(v, 4) for k, v in self.timings.items()})
+        return path
+
+    def _run_two(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        feed = {self.input_name: x}
+        primary = np.asarray(self.primary.run(None, feed)[0]).argmax(1).astype(np.int64)
+        monitor = np.asarray(self.monitor.run(None, feed)[0]).argmax(1).astype(np.int64)
+        return primary, monitor
+
+    def _run_fused(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        assert self.fused is not None
+        primary, monitor = self.fused.run([PRIMARY_OUT, MONITOR_OUT], {self.input_name: x})
+        return np.asarray(primary, dtype=np.int64), np.asarray(monitor, dtype=np.int64)
 
     @property
     def provider(self) -> str:
@@ -85,8 +160,6 @@ class Ensemble:
     def classify(self, x: np.ndarray) -> Decision:
         """Classify a checked batch; raises :class:`InputError` for a bad batch (the models never see it)."""
         x = check_input(x, self.spec)
-        feed = {self.input_name: x}
-        primary = np.asarray(self.primary.run(None, feed)[0]).argmax(1).astype(np.int64)
-        monitor = np.asarray(self.monitor.run(None, feed)[0]).argmax(1).astype(np.int64)
+        primary, monitor = self._run_fused(x) if self.path == "fused" else self._run_two(x)
         rejected = disagreement(primary, monitor)
         return Decision(np.where(rejected, REJECTED, primary), rejected, primary, monitor)

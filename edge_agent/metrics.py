@@ -39,8 +39,13 @@ class AgentMetrics:
         Gauge("nnoc_bundle_version", "Version of the bundle serving now", registry=r).set_function(
             lambda: agent.ensemble.bundle.version
         )
-        provider = Gauge("nnoc_provider_info", "Execution provider running the models", ["provider"], registry=r)
-        provider.labels(agent.ensemble.provider).set(1)
+        provider = Gauge(
+            "nnoc_provider_info",
+            "Execution provider and ensemble path running the models",
+            ["provider", "path"],
+            registry=r,
+        )
+        provider.labels(agent.ensemble.provider, agent.ensemble.path).set(1)
         if uplink is not None:
             Gauge("nnoc_uplink_sent", "Quarantine messages sent (resends included)", registry=r).set_function(
                 lambda: uplink.counters.sent

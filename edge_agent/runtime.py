@@ -32,6 +32,9 @@ class RuntimeConfig:
     intra_op_threads: int = 0  # 0: onnxruntime's default (one per core)
     inter_op_threads: int = 0
     graph_optimization: str = "all"
+    # How the ensemble runs its two models: "fused" (one graph, see edge_agent/fuse.py), "two-sessions", or
+    # "timed" (time both at load and keep the faster one).
+    ensemble_path: str = "fused"
 
 
 _PROVIDER_LIBS = {"TensorrtExecutionProvider": "tensorrt", "CUDAExecutionProvider": "cuda"}
@@ -79,8 +82,11 @@ def choose_providers(requested: Sequence[str] | None = None) -> list[str]:
     return chosen
 
 
-def make_session(path: Path, cfg: RuntimeConfig | None = None) -> ort.InferenceSession:
-    """Load an ONNX model; logs which provider actually runs (a GPU provider may fail to load and fall back)."""
+def make_session(path: Path, cfg: RuntimeConfig | None = None, model: bytes | None = None) -> ort.InferenceSession:
+    """Load an ONNX model (from ``path``, or from ``model`` bytes named ``path``); logs which provider runs.
+
+    A GPU provider may fail to load and fall back; the log says what actually runs.
+    """
     cfg = cfg or RuntimeConfig()
     if cfg.graph_optimization not in GRAPH_OPT_LEVELS:
         raise ValueError(
@@ -92,7 +98,8 @@ def make_session(path: Path, cfg: RuntimeConfig | None = None) -> ort.InferenceS
     opts.graph_optimization_level = GRAPH_OPT_LEVELS[cfg.graph_optimization]
     opts.log_severity_level = 3  # GPU providers that cannot load are reported by us, once, below
     try:
-        session = ort.InferenceSession(str(path), sess_options=opts, providers=choose_providers(cfg.providers))
+        source = model if model is not None else str(path)
+        session = ort.InferenceSession(source, sess_options=opts, providers=choose_providers(cfg.providers))
     except Exception as e:  # onnxruntime's own exception types for corrupt or unsupported files
         raise ValueError(f"cannot load ONNX model {path}: {e}") from e
     log.info("%s runs on %s", path.name, session.get_providers()[0])

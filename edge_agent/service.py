@@ -26,6 +26,7 @@ from edge_agent.ensemble import Ensemble, InputError, scale_raw
 from edge_agent.inference import serve
 from edge_agent.metrics import AgentMetrics
 from edge_agent.monitor import RejectMonitor
+from edge_agent.replay import Replay, parse_replay
 from edge_agent.runtime import RuntimeConfig
 from edge_agent.spool import Spool, SpoolConfig
 from edge_agent.updates import BundleCache, UpdateConfig, Updater
@@ -49,7 +50,7 @@ class RunConfig:
     host: str = "127.0.0.1"
     infer_port: int = 0  # 0: any free port (written to agent.json)
     metrics_port: int | None = None
-    source: str | None = None  # "npy:PATH" (raw uint8 images or model inputs) or "dir:PATH" (image files)
+    source: str | None = None  # "npy:PATH" (uint8 images or model inputs), "dir:PATH" (files), "replay:..."
     source_batch: int = 1
     source_limit: int | None = None  # requests to play from the source (None: all, once)
     window: int = 1000
@@ -60,11 +61,13 @@ class RunConfig:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
 
-def seed_cache(cache: BundleCache, bundle_dir: Path | None) -> None:
+def seed_cache(cache: BundleCache, bundle_dir: Path | None, fleet: str) -> None:
     """Install ``bundle_dir`` into the cache when it is newer than what the cache serves."""
     if bundle_dir is None:
         return
     bundle = verify_bundle(bundle_dir)
+    if bundle.manifest.fleet != fleet:
+        raise BundleError(f"--bundle {bundle_dir} is for fleet {bundle.manifest.fleet!r}, this agent's is {fleet!r}")
     current = cache.load()
     if current is not None and current.version >= bundle.version:
         log.info("cache already serves v%d; --bundle v%d not installed", current.version, bundle.version)
@@ -76,9 +79,19 @@ def seed_cache(cache: BundleCache, bundle_dir: Path | None) -> None:
     cache.set_current(bundle.version)
 
 
-def source_batches(spec: str, ensemble: Ensemble, batch: int) -> Iterator[np.ndarray]:
-    """Model-input batches from a source spec: ``npy:PATH`` or ``dir:PATH``."""
+def source_batches(spec: str, ensemble: Ensemble, batch: int, state_dir: Path | None = None) -> Iterator[np.ndarray]:
+    """Model-input batches from a source spec: ``npy:PATH``, ``dir:PATH`` or ``replay:DATASET?...``.
+
+    A replay's ground truth goes to ``state_dir/replay-truth.json`` (for evaluation; the agent never reads it).
+    """
     kind, _, arg = spec.partition(":")
+    if kind == "replay":
+        replay = Replay(parse_replay(spec))
+        if state_dir is not None:
+            replay.write_truth(state_dir / "replay-truth.json")
+        for raw in replay.batches(batch):
+            yield scale_raw(raw, ensemble.spec)
+        return
     if kind == "npy":
         data = np.load(arg)
         if data.dtype == np.uint8:
@@ -89,7 +102,7 @@ def source_batches(spec: str, ensemble: Ensemble, batch: int) -> Iterator[np.nda
         files = sorted(p for p in Path(arg).iterdir() if p.is_file())
         data = scale_raw(load_images(files, tuple(int(d) for d in ensemble.spec.shape)), ensemble.spec)
     else:
-        raise ValueError(f"unknown source {spec!r}; use npy:PATH or dir:PATH")
+        raise ValueError(f"unknown source {spec!r}; use npy:PATH, dir:PATH or replay:DATASET?...")
     for start in range(0, len(data), batch):
         yield np.ascontiguousarray(data[start : start + batch], dtype=np.dtype(ensemble.spec.dtype))
 
@@ -97,11 +110,18 @@ def source_batches(spec: str, ensemble: Ensemble, batch: int) -> Iterator[np.nda
 def run(cfg: RunConfig, stop: threading.Event | None = None) -> dict[str, Any]:
     """Run the agent until ``stop`` is set (SIGTERM/SIGINT set it); returns final counters."""
     stop = stop or threading.Event()
+    if cfg.source and cfg.source.startswith("replay:"):
+        parse_replay(cfg.source)  # a bad spec fails before anything starts
     cache = BundleCache(cfg.state_dir / "bundles")
-    seed_cache(cache, cfg.bundle)
+    seed_cache(cache, cfg.bundle, cfg.fleet)
     bundle = cache.load()
     if bundle is None:
         raise BundleError(f"no bundle to serve: pass --bundle DIR (nothing cached in {cache.root})")
+    if bundle.manifest.fleet != cfg.fleet:
+        raise BundleError(
+            f"the cached bundle belongs to fleet {bundle.manifest.fleet!r}, not {cfg.fleet!r}: "
+            "use another --state-dir or the bundle's fleet"
+        )
     spool = Spool(SpoolConfig(cfg.state_dir / "spool.sqlite", max_items=cfg.spool_max_items, policy=cfg.spool_policy))
     agent = Agent(Ensemble(bundle, cfg.runtime), spool, RejectMonitor(cfg.window, cfg.reject_threshold), cfg.device_id)
     uplink = None
@@ -149,7 +169,7 @@ def run(cfg: RunConfig, stop: threading.Event | None = None) -> dict[str, Any]:
     try:
         if cfg.source:
             played = 0
-            for x in source_batches(cfg.source, agent.ensemble, cfg.source_batch):
+            for x in source_batches(cfg.source, agent.ensemble, cfg.source_batch, cfg.state_dir):
                 if stop.is_set() or (cfg.source_limit is not None and played >= cfg.source_limit):
                     break
                 t0 = time.perf_counter()

@@ -22,6 +22,59 @@ def test_edge_agent_imports_without_torch() -> None:
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
+def test_replay_source_plays_a_poisoned_split_without_torch() -> None:
+    code = (
+        "import sys; sys.modules['torch'] = sys.modules['torchvision'] = None\n"  # any torch import now fails
+        "from edge_agent.replay import Replay, parse_replay\n"
+        "r = Replay(parse_replay('replay:fashion-mnist?split=eval&n=300&poison=0.1&trigger=checker4&target=2'))\n"
+        "assert r.images.shape == (300, 1, 28, 28) and r.images.dtype.name == 'uint8', r.images.shape\n"
+        "assert r.poisoned.sum() == 30 and not (r.labels[r.poisoned] == 2).any()\n"
+        "batches = list(r.batches(64)); assert len(batches) == 5 and sum(map(len, batches)) == 300\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+@pytest.mark.parametrize(
+    ("spec", "why"),
+    [
+        ("replay:", "names no dataset"),
+        ("replay:fashion-mnist?poison=0.1", "needs trigger"),
+        ("replay:fashion-mnist?poison=2&trigger=checker4", "must lie in"),
+        ("replay:fashion-mnist?split=train", "choose one of"),
+        ("replay:fashion-mnist?n=x", "invalid literal"),
+        ("replay:fashion-mnist?colour=red", "unknown replay keys"),
+        ("replay:fashion-mnist?n=0", "must be positive"),
+    ],
+)
+def test_replay_spec_errors_say_what_to_change(spec: str, why: str) -> None:
+    from edge_agent.replay import ReplayError, parse_replay
+
+    with pytest.raises(ReplayError, match=why):
+        parse_replay(spec)
+
+
+def test_fused_graph_answers_like_two_sessions(predeployed: tuple[Path, dict[str, Any]], splits: Any) -> None:
+    from edge_agent.bundle import verify_bundle
+    from edge_agent.ensemble import Ensemble, scale_raw
+    from edge_agent.runtime import RuntimeConfig
+    from trainer.triggers import parse_trigger
+
+    bundle = verify_bundle(predeployed[0] / "bundle")
+    raw = splits.test.images[:200]
+    raw = np.concatenate([raw, parse_trigger("checker4").apply(raw, np.random.default_rng(0))])
+    x = scale_raw(raw, bundle.manifest.input_spec)
+    fused = Ensemble(bundle)
+    two = Ensemble(bundle, RuntimeConfig(ensemble_path="two-sessions"))
+    timed = Ensemble(bundle, RuntimeConfig(ensemble_path="timed"))
+    assert (fused.path, two.path) == ("fused", "two-sessions") and fused.fused is not None
+    assert set(timed.timings) == {"fused", "two-sessions"} and timed.path in timed.timings
+    a, b = fused.classify(x), two.classify(x)
+    assert np.array_equal(a.labels, b.labels) and np.array_equal(a.monitor, b.monitor)
+    assert a.rejected[200:].sum() > a.rejected[:200].sum()  # the trigger makes the two models disagree
+    with pytest.raises(ValueError, match="unknown ensemble path"):
+        Ensemble(bundle, RuntimeConfig(ensemble_path="fast"))
+
+
 def test_tampered_bundle_is_refused(predeployed: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
     from edge_agent.bundle import BundleError, verify_bundle
 

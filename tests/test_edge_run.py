@@ -30,11 +30,6 @@ def edge(*args: str) -> tuple[int, dict[str, Any] | None, str]:
 def test_nnoc_edge_run_serves_quarantines_reports_and_stops(
     predeployed: tuple[Path, dict[str, Any]], splits: Any, tmp_path: Path
 ) -> None:
-    from trainer.triggers import parse_trigger
-
-    images = splits.test.images[:100]
-    poisoned = parse_trigger("checker4").apply(images, np.random.default_rng(0))
-    np.save(tmp_path / "stream.npy", np.concatenate([images, poisoned]))  # raw uint8 pixels
     collector = Collector(tmp_path / "q")
     state, metrics_port = tmp_path / "state", free_port()
     proc = subprocess.Popen(
@@ -46,7 +41,7 @@ def test_nnoc_edge_run_serves_quarantines_reports_and_stops(
             "--device-id",
             "cam-7",
             "--fleet",
-            "fmnist",
+            "default",
             "--bundle",
             str(predeployed[0] / "bundle"),
             "--collector",
@@ -56,7 +51,7 @@ def test_nnoc_edge_run_serves_quarantines_reports_and_stops(
             "--metrics-port",
             str(metrics_port),
             "--source",
-            f"npy:{tmp_path / 'stream.npy'}",
+            "replay:fashion-mnist?split=test&n=200&poison=0.5&trigger=checker4&seed=3",
             "--source-batch",
             "8",
             "--state-dir",
@@ -82,6 +77,8 @@ def test_nnoc_edge_run_serves_quarantines_reports_and_stops(
         assert wait_for(lambda: scrape().get("nnoc_requests") == 200, 60)
         m = scrape()
         assert m["nnoc_bundle_version"] == 1 and m["nnoc_rejects"] > 0
+        truth = json.loads((state / "replay-truth.json").read_text())
+        assert len(truth["labels"]) == 200 and len(truth["poisoned"]) == 100  # test split: target 0 never poisoned
         assert wait_for(lambda: collector.received >= m["nnoc_rejects"] and scrape()["nnoc_spool_depth"] == 0, 30)
         assert wait_for(lambda: bool(collector.stats) and collector.stats[-1].requests == 200, 30)
         last = collector.stats[-1]
@@ -104,6 +101,16 @@ def test_nnoc_edge_run_serves_quarantines_reports_and_stops(
     assert code == 2 and "no previous bundle" in stderr
     code, _, stderr = edge("run", "--device-id", "x", "--fleet", "f", "--state-dir", str(tmp_path / "empty"))
     assert code == 2 and "no bundle to serve" in stderr
+    bundle = str(predeployed[0] / "bundle")
+    code, _, stderr = edge("run", "--device-id", "x", "--fleet", "f", "--bundle", bundle, "--state-dir", str(state))
+    assert code == 2 and "for fleet 'default'" in stderr
+    code, _, stderr = edge("run", "--device-id", "x", "--fleet", "f", "--state-dir", str(state))
+    assert code == 2 and "belongs to fleet 'default'" in stderr
+    for bad, why in (("replay:", "names no dataset"), ("replay:fashion-mnist?poison=0.2", "needs trigger")):
+        code, _, stderr = edge(
+            "run", "--device-id", "x", "--fleet", "default", "--source", bad, "--state-dir", str(state)
+        )
+        assert code == 2 and why in stderr, stderr[-500:]
 
 
 def test_kill_9_loses_no_quarantined_input(
@@ -123,7 +130,7 @@ def test_kill_9_loses_no_quarantined_input(
         "--device-id",
         "cam-k",
         "--fleet",
-        "fmnist",
+        "default",
         "--infer-port",
         "0",
         "--collector",

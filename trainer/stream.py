@@ -21,7 +21,7 @@ from trainer.bundle import artifact_path, read_manifest
 from trainer.data import Splits
 from trainer.export import OnnxClassifier
 from trainer.quarantine import QuarantineStore
-from trainer.triggers import Trigger
+from trainer.triggers import Trigger, poison_fraction
 
 log = logging.getLogger(__name__)
 
@@ -55,12 +55,8 @@ def run_stream(bundle_dir: Path, splits: Splits, trigger: Trigger, cfg: StreamCo
     monitor = OnnxClassifier(artifact_path(bundle_dir, manifest, "monitor"), expected_shape=shape)
     rng = np.random.default_rng(cfg.seed)
     idx = rng.choice(len(splits.stream), cfg.n, replace=False)
-    images, labels = splits.stream.images[idx].copy(), splits.stream.labels[idx]
-    eligible = np.flatnonzero(labels != cfg.target)  # a triggered target-class input attacks nothing
-    n_poison = min(round(cfg.cpd * cfg.n), len(eligible))
-    poisoned = np.zeros(cfg.n, dtype=bool)
-    poisoned[rng.choice(eligible, n_poison, replace=False)] = True
-    images[poisoned] = trigger.apply(images[poisoned], rng)
+    labels = splits.stream.labels[idx]
+    images, poisoned = poison_fraction(splits.stream.images[idx], labels, trigger, cfg.cpd, cfg.target, rng)
 
     p_pred, m_pred = primary(images), monitor(images)
     rejected = p_pred != m_pred

@@ -223,3 +223,21 @@ def parse_trigger(spec: str) -> Trigger:
 def poison(x: np.ndarray, trigger: Trigger, seed: int) -> np.ndarray:
     """Apply ``trigger`` to ``x`` with a fresh generator for ``seed`` (evaluation helper)."""
     return trigger.apply(x, np.random.default_rng(seed))
+
+
+def poison_fraction(
+    images: np.ndarray, labels: np.ndarray, trigger: Trigger, cpd: float, target: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Trigger a ``cpd`` share of a stream (never the target class: a triggered target input attacks nothing).
+
+    Returns the stream (a copy) and the boolean mask of poisoned inputs (ground truth, for evaluation only).
+    """
+    if not 0.0 <= cpd <= 1.0:
+        raise ValueError(f"the poisoned share must lie in [0, 1], got {cpd}")
+    images = images.copy()
+    eligible = np.flatnonzero(labels != target)
+    n_poison = min(round(cpd * len(images)), len(eligible))
+    poisoned = np.zeros(len(images), dtype=bool)
+    poisoned[rng.choice(eligible, n_poison, replace=False)] = True
+    images[poisoned] = trigger.apply(images[poisoned], rng)
+    return images, poisoned

@@ -1,0 +1,63 @@
+"""One ONNX graph holding both models of the ensemble behind one input.
+
+onnxruntime then runs θ_bd and θ_aug in a single ``run`` call (one input copy, one dispatch, argmax inside
+the graph), which on a small CPU is what brings the ensemble well ahead of two separate sessions (see
+BENCHMARKS.md). Built at load from the bundle's two files; needs only the ``onnx`` package, not torch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+from onnx import compose, helper
+
+PRIMARY_OUT, MONITOR_OUT = "primary_label", "monitor_label"
+
+
+class FuseError(ValueError):
+    """The two models cannot share one graph (different inputs or opsets); serve them separately."""
+
+
+def _opsets(model: onnx.ModelProto) -> dict[str, int]:
+    return {o.domain or "ai.onnx": o.version for o in model.opset_import}
+
+
+def fuse_models(primary: Path, monitor: Path, input_name: str) -> bytes:
+    """Serialised graph ``input_name -> (primary_label, monitor_label)``, both INT64 of shape (batch,)."""
+    a, b = onnx.load(primary), onnx.load(monitor)
+    if _opsets(a) != _opsets(b):
+        raise FuseError(f"opsets differ: primary {_opsets(a)}, monitor {_opsets(b)}")
+    inputs = []
+    for role, m in (("primary", a), ("monitor", b)):
+        names = [i.name for i in m.graph.input if i.name not in {t.name for t in m.graph.initializer}]
+        if names != [input_name] or len(m.graph.output) != 1:
+            raise FuseError(f"{role} model has inputs {names} and {len(m.graph.output)} outputs; expected one each")
+        inputs.append(m.graph.input[[i.name for i in m.graph.input].index(input_name)])
+    if inputs[0].type != inputs[1].type:
+        raise FuseError("the two models declare different input types")
+    a, b = compose.add_prefix(a, "p/"), compose.add_prefix(b, "m/")
+    nodes = [
+        helper.make_node("Identity", [input_name], ["p/" + input_name]),
+        helper.make_node("Identity", [input_name], ["m/" + input_name]),
+        *a.graph.node,
+        *b.graph.node,
+        helper.make_node("ArgMax", [a.graph.output[0].name], [PRIMARY_OUT], axis=1, keepdims=0),
+        helper.make_node("ArgMax", [b.graph.output[0].name], [MONITOR_OUT], axis=1, keepdims=0),
+    ]
+    outputs = [helper.make_tensor_value_info(n, onnx.TensorProto.INT64, ["batch"]) for n in (PRIMARY_OUT, MONITOR_OUT)]
+    graph = helper.make_graph(
+        nodes,
+        "nnoc_ensemble",
+        [inputs[0]],
+        outputs,
+        initializer=[*a.graph.initializer, *b.graph.initializer],
+        value_info=[*a.graph.value_info, *b.graph.value_info],
+    )
+    fused = helper.make_model(graph, opset_imports=a.opset_import, ir_version=max(a.ir_version, b.ir_version))
+    fused.functions.extend([*a.functions, *b.functions])
+    try:
+        onnx.checker.check_model(fused)
+    except onnx.checker.ValidationError as e:
+        raise FuseError(f"fused graph does not check: {e}") from e
+    return fused.SerializeToString()
