@@ -29,7 +29,7 @@ from edge_agent.monitor import RejectMonitor
 from edge_agent.replay import Replay, parse_replay
 from edge_agent.runtime import RuntimeConfig
 from edge_agent.spool import Spool, SpoolConfig
-from edge_agent.updates import BundleCache, UpdateConfig, Updater
+from edge_agent.updates import BundleCache, UpdateConfig, Updater, bootstrap
 from edge_agent.uplink import Uplink, UplinkConfig
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,7 @@ class RunConfig:
     spool_max_items: int = 100_000
     spool_policy: str = "drop-oldest"
     stats_interval: float = 10.0
+    bootstrap_timeout: float = 60.0  # empty cache: how long to wait for the model service's first bundle
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
 
@@ -115,8 +116,12 @@ def run(cfg: RunConfig, stop: threading.Event | None = None) -> dict[str, Any]:
     cache = BundleCache(cfg.state_dir / "bundles")
     seed_cache(cache, cfg.bundle, cfg.fleet)
     bundle = cache.load()
+    if bundle is None and cfg.model_service:
+        bundle = bootstrap(cache, UpdateConfig(cfg.model_service, cfg.fleet, cfg.device_id), cfg.bootstrap_timeout)
     if bundle is None:
-        raise BundleError(f"no bundle to serve: pass --bundle DIR (nothing cached in {cache.root})")
+        raise BundleError(
+            f"no bundle to serve: pass --bundle DIR or --model-service HOST:PORT (nothing cached in {cache.root})"
+        )
     if bundle.manifest.fleet != cfg.fleet:
         raise BundleError(
             f"the cached bundle belongs to fleet {bundle.manifest.fleet!r}, not {cfg.fleet!r}: "

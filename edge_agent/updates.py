@@ -228,31 +228,73 @@ class Updater:
         self, stub: model_service_pb2_grpc.ModelServiceStub, notice: model_service_pb2.VersionNotice, staged: Path
     ) -> None:
         """Fetch every artifact of ``notice`` into ``staged``, resuming partial files after a broken stream."""
-        staged.mkdir(parents=True, exist_ok=True)
-        manifest: bundle_pb2.Manifest = notice.manifest
-        for art in manifest.artifacts:
-            if Path(art.name).name != art.name:
-                raise BundleError(f"artifact name {art.name!r} is not a plain file name")
-            path = staged / art.name
-            for attempt in range(self.cfg.retries + 1):
-                have = path.stat().st_size if path.exists() else 0
-                if have > art.size:
-                    path.unlink()
-                    have = 0
-                if have == art.size:
-                    break
-                try:
-                    request = model_service_pb2.DownloadRequest(
-                        fleet=manifest.fleet, version=manifest.version, name=art.name, offset=have
-                    )
-                    with path.open("ab") as f:
-                        for chunk in stub.Download(request, timeout=60):
-                            if chunk.offset != f.tell():
-                                raise BundleError(f"{art.name}: chunk at {chunk.offset}, expected {f.tell()}")
-                            f.write(chunk.data)
-                except grpc.RpcError as e:
-                    if attempt == self.cfg.retries:
-                        raise
-                    log.warning("download of %s broke at %d bytes (%s); resuming", art.name, have, e.code())
-                    time.sleep(min(0.1 * 2**attempt, 2.0))
-        (staged / "manifest.pb").write_bytes(manifest.SerializeToString(deterministic=True))
+        download_bundle(stub, notice, staged, self.cfg.retries)
+
+
+def download_bundle(
+    stub: model_service_pb2_grpc.ModelServiceStub,
+    notice: model_service_pb2.VersionNotice,
+    staged: Path,
+    retries: int = 5,
+) -> None:
+    """Fetch every artifact of ``notice`` into ``staged``, resuming partial files after a broken stream."""
+    staged.mkdir(parents=True, exist_ok=True)
+    manifest: bundle_pb2.Manifest = notice.manifest
+    for art in manifest.artifacts:
+        if Path(art.name).name != art.name:
+            raise BundleError(f"artifact name {art.name!r} is not a plain file name")
+        path = staged / art.name
+        for attempt in range(retries + 1):
+            have = path.stat().st_size if path.exists() else 0
+            if have > art.size:
+                path.unlink()
+                have = 0
+            if have == art.size:
+                break
+            try:
+                request = model_service_pb2.DownloadRequest(
+                    fleet=manifest.fleet, version=manifest.version, name=art.name, offset=have
+                )
+                with path.open("ab") as f:
+                    for chunk in stub.Download(request, timeout=60):
+                        if chunk.offset != f.tell():
+                            raise BundleError(f"{art.name}: chunk at {chunk.offset}, expected {f.tell()}")
+                        f.write(chunk.data)
+            except grpc.RpcError as e:
+                if attempt == retries:
+                    raise
+                log.warning("download of %s broke at %d bytes (%s); resuming", art.name, have, e.code())
+                time.sleep(min(0.1 * 2**attempt, 2.0))
+    (staged / "manifest.pb").write_bytes(manifest.SerializeToString(deterministic=True))
+
+
+def bootstrap(cache: BundleCache, cfg: UpdateConfig, timeout: float) -> VerifiedBundle:
+    """First start with an empty cache: fetch the fleet's current bundle from the model service and cache it.
+
+    Waits up to ``timeout`` seconds for the service (it may start after the agent); raises BundleError.
+    """
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(cfg.target) as channel:
+        stub = model_service_pb2_grpc.ModelServiceStub(channel)
+        request = model_service_pb2.SubscribeRequest(fleet=cfg.fleet, device_id=cfg.device_id, current_version=0)
+        try:
+            stream = stub.Subscribe(request, wait_for_ready=True, timeout=max(1.0, deadline - time.monotonic()))
+            notice = next(iter(stream))
+            stream.cancel()
+        except grpc.RpcError as e:
+            raise BundleError(f"no bundle cached and the model service {cfg.target} gave none: {e.code()}") from e
+        except StopIteration:
+            raise BundleError(f"fleet {cfg.fleet!r} has no current version on {cfg.target}") from None
+        if notice.fleet != cfg.fleet:
+            raise BundleError(f"the model service answered for fleet {notice.fleet!r}, not {cfg.fleet!r}")
+        staged = cache.root / "staging" / str(notice.version)
+        try:
+            download_bundle(stub, notice, staged, cfg.retries)
+            bundle = verify_bundle(staged)
+        except (BundleError, OSError, grpc.RpcError) as e:
+            shutil.rmtree(staged, ignore_errors=True)
+            raise BundleError(f"first download of v{notice.version} failed: {e}") from e
+    path = cache.install(staged, bundle.version)
+    cache.set_current(bundle.version)
+    log.info("first start: fetched %s v%d from %s", cfg.fleet, bundle.version, cfg.target)
+    return VerifiedBundle(path, bundle.manifest)

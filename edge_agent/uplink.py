@@ -44,6 +44,7 @@ class UplinkCounters:
     resent: int = 0
     acked: int = 0
     refused: int = 0
+    throttled: int = 0
     bad_replies: int = 0
     stats_sent: int = 0
 
@@ -140,6 +141,8 @@ class Uplink:
                         log.warning("collector refused quarantine message %d: %s", reply.seq, reply.error)
                         self.counters.refused += 1
                         acks.append(reply.seq)
+                    elif reply.status == quarantine_pb2.QuarantineReply.THROTTLED:
+                        self.counters.throttled += 1  # stays spooled; due again after resend_after
                 if acks:
                     self.counters.acked += self.spool.ack(acks)
                 if not in_flight and self.spool.depth() == 0:

@@ -236,7 +236,97 @@ def cmd_repair(args: argparse.Namespace) -> dict[str, Any]:
         args.primary_checkpoint,
         args.monitor_checkpoint,
         quiet=args.quiet,
+        version=args.version,
     )
+
+
+SERVE_KEYS = {
+    "store",
+    "state_dir",
+    "collector",
+    "listen",
+    "min_quarantine",
+    "reject_threshold",
+    "min_for_rate",
+    "max_rounds",
+    "no_jobs",
+    "repair_profile",
+    "repair_arg",
+    "rate_limit",
+    "burst",
+    "max_tensor_bytes",
+    "chunk_size",
+    "dataset",
+    "data_dir",
+    "split_seed",
+    "valid_size",
+    "eval_fraction",
+    "stream_size",
+    "train_size",
+    "test_size",
+}
+
+
+def _data_flags(args: argparse.Namespace) -> list[str]:
+    """The data flags of ``args`` as command-line flags (forwarded to the repair jobs)."""
+    out = ["--dataset", args.dataset, "--split-seed", str(args.split_seed), "--valid-size", str(args.valid_size)]
+    out += ["--eval-fraction", str(args.eval_fraction), "--stream-size", str(args.stream_size)]
+    if args.data_dir is not None:
+        out += ["--data-dir", str(args.data_dir)]
+    if args.image_size is not None:
+        out += ["--image-size", "x".join(map(str, args.image_size))]
+    for flag, value in (("--train-size", args.train_size), ("--test-size", args.test_size)):
+        if value is not None:
+            out += [flag, str(value)]
+    return out
+
+
+def serve_config(args: argparse.Namespace, parser_defaults: dict[str, Any] | None = None) -> Any:
+    """Flags (and the TOML file of ``--config``, for flags left at their defaults) -> ``ServeConfig``."""
+    from trainer.collector import CollectorConfig
+    from trainer.jobs import JobPolicy
+    from trainer.server import ServeConfig, load_toml
+    from trainer.service import ServiceConfig
+
+    if args.config is not None:
+        defaults = parser_defaults or {}
+        for key, value in load_toml(args.config, SERVE_KEYS).items():
+            if getattr(args, key) == defaults.get(key):
+                if key in ("store", "state_dir", "data_dir"):
+                    value = Path(value)
+                setattr(args, key, value)
+    policy = JobPolicy(
+        min_quarantine=args.min_quarantine,
+        reject_threshold=args.reject_threshold,
+        min_for_rate=args.min_for_rate,
+        max_rounds=args.max_rounds,
+        repair_args=("--profile", args.repair_profile, *_data_flags(args), *(args.repair_arg or [])),
+        enabled=not args.no_jobs,
+    )
+    collector = CollectorConfig(
+        endpoint=args.collector, rate=args.rate_limit, burst=args.burst, max_tensor_bytes=args.max_tensor_bytes
+    )
+    return ServeConfig(
+        store=args.store,
+        state_dir=args.state_dir,
+        collector=collector,
+        service=ServiceConfig(listen=args.listen, chunk_size=args.chunk_size),
+        policy=policy,
+    )
+
+
+def cmd_serve(args: argparse.Namespace) -> dict[str, Any]:
+    """Collector + model service + job runner until SIGTERM."""
+    from trainer.server import serve
+
+    return serve(serve_config(args, args.parser_defaults))
+
+
+def cmd_fleet(args: argparse.Namespace) -> dict[str, Any]:
+    """Operator commands on the model store (and the service state, for status)."""
+    from trainer.fleet import fleet_command
+
+    return fleet_command(args)
 
 
 def _command(
@@ -368,11 +458,54 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--emphasis", type=int, default=0, help="extra copies of generated images that flip θ_bd")
     p.add_argument("--lr", type=float, default=None, help="fine-tuning lr (default: the BadNet's)")
     p.add_argument("--max-ca-drop", type=float, default=0.03, help="gate: D_eval CA floor below the BadNet's")
+    p.add_argument("--version", type=int, default=None, help="version of the new bundle (default: deployed + 1)")
     p.add_argument("--eval-trigger", default=None, help="evaluation only: report test CA/ASR for this trigger")
     p.add_argument("--target", type=int, default=None, help="evaluation only: target class of --eval-trigger")
     p.add_argument("--seed", type=int, default=0)
+    p = _command(sub, "serve", "run the collector, the model service and the repair job runner", cmd_serve)
+    p.add_argument("--config", type=Path, default=None, help="TOML file; its keys are these flags' names")
+    p.add_argument("--store", type=Path, default=Path("exports"), help="model store (default ./exports)")
+    p.add_argument(
+        "--state-dir", type=Path, default=Path("nnoc-trainer-state"), help="registry, quarantine, jobs, serve.json"
+    )
+    p.add_argument("--collector", default="tcp://127.0.0.1:5555", help="ZeroMQ endpoint to bind (port 0: any)")
+    p.add_argument("--listen", default="127.0.0.1:50051", help="gRPC model service address (port 0: any)")
+    p.add_argument("--min-quarantine", type=int, default=200, help="quarantine size that starts a repair")
+    p.add_argument("--reject-threshold", type=float, default=0.05, help="agent reject rate that starts a repair")
+    p.add_argument("--min-for-rate", type=int, default=40, help="quarantine needed for a rate-started repair")
+    p.add_argument("--max-rounds", type=int, default=None, help="repairs per fleet at most (default: no cap)")
+    p.add_argument("--no-jobs", action="store_true", help="collect and serve, never start a repair")
+    p.add_argument("--repair-profile", default="quick", help="repair profile of the jobs (quick, standard, paper)")
+    p.add_argument("--repair-arg", action="append", default=None, help="extra flag for the repair jobs (repeat)")
+    p.add_argument("--rate-limit", type=float, default=2000.0, help="quarantine messages/s per device")
+    p.add_argument("--burst", type=float, default=20000.0, help="messages a quiet device may send at once")
+    p.add_argument("--max-tensor-bytes", type=int, default=1 << 20, help="larger quarantine tensors are refused")
+    p.add_argument("--chunk-size", type=int, default=1 << 20, help="download chunk bytes (at most 1 MiB)")
+    p.set_defaults(parser_defaults={a.dest: a.default for a in p._actions})
+
+    p = sub.add_parser("fleet", help="operator commands: create, publish, rollback, status, list")
+    p.set_defaults(func=cmd_fleet)
+    fsub = p.add_subparsers(dest="action", required=True)
+    fp = fsub.add_parser("create", help="create a fleet, optionally with its first bundle (published)")
+    fp.add_argument("fleet")
+    fp.add_argument("--from", dest="source", type=Path, default=None, help="predeploy/repair output folder")
+    fp = fsub.add_parser("publish", help="add a bundle as the next version and/or make a version current")
+    fp.add_argument("fleet")
+    fp.add_argument("--from", dest="source", type=Path, default=None, help="predeploy/repair output folder")
+    fp.add_argument("--version", type=int, default=None, help="a stored version to make current")
+    fp = fsub.add_parser("rollback", help="make an older version current (default: the one before)")
+    fp.add_argument("fleet")
+    fp.add_argument("--version", type=int, default=None)
+    fp = fsub.add_parser("status", help="versions, quarantine sizes, devices, jobs and history of a fleet")
+    fp.add_argument("fleet")
+    fp = fsub.add_parser("list", help="the fleets in the store")
+    for fp in fsub.choices.values():
+        fp.add_argument("--store", type=Path, default=Path("exports"), help="model store (default ./exports)")
+        fp.add_argument("--state-dir", type=Path, default=Path("nnoc-trainer-state"), help="the service's state")
+        _add_common(fp)
     for sp in sub.choices.values():
-        _add_common(sp)
+        if sp is not p:
+            _add_common(sp)
     return parser
 
 
@@ -386,6 +519,8 @@ def _configure_logging(args: argparse.Namespace) -> None:
 
 
 def _summary(result: dict[str, Any]) -> str:
+    if "text" in result:
+        return str(result["text"])
     keys = ("clean_accuracy", "attack_success_rate", "threshold", "bundle", "model", "selected")
     return "\n".join(f"{k}: {result[k]}" for k in keys if k in result and result[k] is not None)
 
@@ -410,7 +545,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps({"error": str(e), "exit_code": EXIT_BAD_INPUT}))
         return EXIT_BAD_INPUT
     if args.json:
-        print(json.dumps(result, default=str))
+        print(json.dumps({k: v for k, v in result.items() if k not in ("text", "parser_defaults")}, default=str))
     else:
         print(_summary(result))
     return 0

@@ -129,12 +129,16 @@ class QuarantineStore:
             self.db.execute("BEGIN")
             self.db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", list(values.items()))
 
-    def add_many(self, messages: Iterable[tuple[quarantine_pb2.QuarantineHeader, bytes]]) -> int:
-        """Store messages in one transaction; returns how many were new (duplicates are ignored)."""
+    def add_many(self, messages: Iterable[tuple[quarantine_pb2.QuarantineHeader, bytes]], checked: bool = False) -> int:
+        """Store messages in one transaction; returns how many were new (duplicates are ignored).
+
+        ``checked``: the caller has run :func:`check_message` on each already.
+        """
         now = time.time()
         rows = []
         for header, tensor in messages:
-            check_message(header, tensor)
+            if not checked:
+                check_message(header, tensor)
             rows.append(
                 (
                     header.device_id,

@@ -213,10 +213,12 @@ def run_repair(
     primary_checkpoint: Path | None = None,
     monitor_checkpoint: Path | None = None,
     quiet: bool = False,
+    version: int | None = None,
 ) -> dict[str, Any]:
     """Run the repair job and write ``out_dir/{bundle/, primary.pt, monitor.pt, report.json, samples.png}``.
 
-    Raises :class:`GateError` (after writing the report) when θ_repair misses the D_eval floor.
+    Raises :class:`GateError` (after writing the report) when θ_repair misses the D_eval floor. ``version``:
+    the new bundle's version (default: the deployed one + 1; a model store passes its next free number).
     """
     t_start = time.monotonic()
     manifest = read_manifest(bundle_dir)
@@ -345,6 +347,7 @@ def run_repair(
         "label_free": label_free,
         "repair_set": {"size": len(repair_set), "generated": len(generated), "flipping_generated": n_flipping},
         "eval_clean_accuracy": {"badnet": bd_eval_ca, "repaired": rep_eval_ca, "floor": floor},
+        "gate": {"eval_ca_badnet": bd_eval_ca, "eval_ca_repaired": rep_eval_ca, "floor": floor},
         "samples": str(out_dir / "samples.png"),
     }
     if eval_trigger is not None and target is not None:
@@ -382,7 +385,10 @@ def run_repair(
     rep_ckpt.save(out_dir / "primary.pt")
     if aug_path.resolve() != (out_dir / "monitor.pt").resolve():
         shutil.copyfile(aug_path, out_dir / "monitor.pt")
-    version = int(manifest.version) + 1
+    if version is None:
+        version = int(manifest.version) + 1
+    if version <= int(manifest.version):
+        raise ValueError(f"--version {version} must be above the deployed bundle's v{manifest.version}")
     export_checkpoint(rep_ckpt, out_dir / "primary.onnx", version=str(version))
     monitor_onnx = bundle_dir / next(a.name for a in manifest.artifacts if a.role == "monitor")
     new = bundle_pb2.Manifest()

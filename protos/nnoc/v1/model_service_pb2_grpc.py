@@ -44,6 +44,26 @@ class ModelServiceStub:
                 request_serializer=protos_dot_nnoc_dot_v1_dot_model__service__pb2.DownloadRequest.SerializeToString,
                 response_deserializer=protos_dot_nnoc_dot_v1_dot_model__service__pb2.Chunk.FromString,
                 _registered_method=True)
+        self.ListFleets = channel.unary_unary(
+                '/nnoc.v1.ModelService/ListFleets',
+                request_serializer=protos_dot_nnoc_dot_v1_dot_model__service__pb2.ListFleetsRequest.SerializeToString,
+                response_deserializer=protos_dot_nnoc_dot_v1_dot_model__service__pb2.ListFleetsResponse.FromString,
+                _registered_method=True)
+        self.FleetStatus = channel.unary_unary(
+                '/nnoc.v1.ModelService/FleetStatus',
+                request_serializer=protos_dot_nnoc_dot_v1_dot_model__service__pb2.FleetStatusRequest.SerializeToString,
+                response_deserializer=protos_dot_nnoc_dot_v1_dot_model__service__pb2.FleetStatusResponse.FromString,
+                _registered_method=True)
+        self.Publish = channel.unary_unary(
+                '/nnoc.v1.ModelService/Publish',
+                request_serializer=protos_dot_nnoc_dot_v1_dot_model__service__pb2.PublishRequest.SerializeToString,
+                response_deserializer=protos_dot_nnoc_dot_v1_dot_model__service__pb2.FleetStatusResponse.FromString,
+                _registered_method=True)
+        self.Rollback = channel.unary_unary(
+                '/nnoc.v1.ModelService/Rollback',
+                request_serializer=protos_dot_nnoc_dot_v1_dot_model__service__pb2.RollbackRequest.SerializeToString,
+                response_deserializer=protos_dot_nnoc_dot_v1_dot_model__service__pb2.FleetStatusResponse.FromString,
+                _registered_method=True)
 
 
 class ModelServiceServicer:
@@ -64,6 +84,31 @@ class ModelServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListFleets(self, request, context):
+        """Operators: what the service holds and knows of its agents, and changes of a fleet's current version.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FleetStatus(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Publish(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Rollback(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ModelServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -76,6 +121,26 @@ def add_ModelServiceServicer_to_server(servicer, server):
                     servicer.Download,
                     request_deserializer=protos_dot_nnoc_dot_v1_dot_model__service__pb2.DownloadRequest.FromString,
                     response_serializer=protos_dot_nnoc_dot_v1_dot_model__service__pb2.Chunk.SerializeToString,
+            ),
+            'ListFleets': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListFleets,
+                    request_deserializer=protos_dot_nnoc_dot_v1_dot_model__service__pb2.ListFleetsRequest.FromString,
+                    response_serializer=protos_dot_nnoc_dot_v1_dot_model__service__pb2.ListFleetsResponse.SerializeToString,
+            ),
+            'FleetStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.FleetStatus,
+                    request_deserializer=protos_dot_nnoc_dot_v1_dot_model__service__pb2.FleetStatusRequest.FromString,
+                    response_serializer=protos_dot_nnoc_dot_v1_dot_model__service__pb2.FleetStatusResponse.SerializeToString,
+            ),
+            'Publish': grpc.unary_unary_rpc_method_handler(
+                    servicer.Publish,
+                    request_deserializer=protos_dot_nnoc_dot_v1_dot_model__service__pb2.PublishRequest.FromString,
+                    response_serializer=protos_dot_nnoc_dot_v1_dot_model__service__pb2.FleetStatusResponse.SerializeToString,
+            ),
+            'Rollback': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rollback,
+                    request_deserializer=protos_dot_nnoc_dot_v1_dot_model__service__pb2.RollbackRequest.FromString,
+                    response_serializer=protos_dot_nnoc_dot_v1_dot_model__service__pb2.FleetStatusResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -132,6 +197,114 @@ class ModelService:
             '/nnoc.v1.ModelService/Download',
             protos_dot_nnoc_dot_v1_dot_model__service__pb2.DownloadRequest.SerializeToString,
             protos_dot_nnoc_dot_v1_dot_model__service__pb2.Chunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListFleets(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nnoc.v1.ModelService/ListFleets',
+            protos_dot_nnoc_dot_v1_dot_model__service__pb2.ListFleetsRequest.SerializeToString,
+            protos_dot_nnoc_dot_v1_dot_model__service__pb2.ListFleetsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FleetStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nnoc.v1.ModelService/FleetStatus',
+            protos_dot_nnoc_dot_v1_dot_model__service__pb2.FleetStatusRequest.SerializeToString,
+            protos_dot_nnoc_dot_v1_dot_model__service__pb2.FleetStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Publish(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nnoc.v1.ModelService/Publish',
+            protos_dot_nnoc_dot_v1_dot_model__service__pb2.PublishRequest.SerializeToString,
+            protos_dot_nnoc_dot_v1_dot_model__service__pb2.FleetStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rollback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nnoc.v1.ModelService/Rollback',
+            protos_dot_nnoc_dot_v1_dot_model__service__pb2.RollbackRequest.SerializeToString,
+            protos_dot_nnoc_dot_v1_dot_model__service__pb2.FleetStatusResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -39,9 +39,11 @@ class QuarantineReply(_message.Message):
         STATUS_UNSPECIFIED: _ClassVar[QuarantineReply.Status]
         ACK: _ClassVar[QuarantineReply.Status]
         REJECTED: _ClassVar[QuarantineReply.Status]
+        THROTTLED: _ClassVar[QuarantineReply.Status]
     STATUS_UNSPECIFIED: QuarantineReply.Status
     ACK: QuarantineReply.Status
     REJECTED: QuarantineReply.Status
+    THROTTLED: QuarantineReply.Status
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]

@@ -1,0 +1,194 @@
+"""Repair policy and jobs: when a fleet's quarantine is large enough, or an agent's windowed reject rate
+exceeds a threshold (paper §4.3, §7), repair in a worker process and publish what passes the gate.
+
+The job runs ``nnoc-trainer repair`` as a separate OS process (the collector and model service keep
+answering while it trains), on the bundle that is current and the quarantine collected while it served. A
+repaired bundle is added to the store as the next version and published; the model service's subscriptions
+then push it to the fleet. Job states: queued, running, published, gate-rejected, failed (with the reason).
+A version whose job did not publish gets another try once its quarantine has doubled.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from trainer.collector import quarantine_dir, quarantine_size
+from trainer.registry import ACTIVE_STATES, Job, Registry
+from trainer.store import ModelStore, StoreError
+
+log = logging.getLogger(__name__)
+
+GATE_EXIT = 3
+
+
+@dataclass(frozen=True)
+class JobPolicy:
+    """When a repair starts, and how it runs."""
+
+    min_quarantine: int = 200  # a fleet's quarantine for its current version reaching this starts a job
+    reject_threshold: float = 0.05  # ... or an agent's windowed reject rate above this
+    min_for_rate: int = 40  # ... when the quarantine holds at least this many (repair needs some to learn from)
+    max_rounds: int | None = None  # repairs per fleet at most (None: no cap)
+    poll_interval: float = 1.0
+    repair_args: tuple[str, ...] = ("--profile", "quick")  # extra flags for `nnoc-trainer repair` (data, profile)
+    enabled: bool = True
+
+
+@dataclass
+class _Running:
+    job: Job
+    proc: subprocess.Popen[bytes]
+    out_dir: Path
+    log_path: Path
+    next_version: int
+    started: dict[str, int] = field(default_factory=dict)
+
+
+class JobRunner:
+    """Watches quarantine sizes and agents' reject rates; runs one repair at a time in a child process."""
+
+    def __init__(
+        self, store: ModelStore, registry: Registry, quarantine_root: Path, jobs_root: Path, policy: JobPolicy
+    ) -> None:
+        self.store, self.registry, self.policy = store, registry, policy
+        self.quarantine_root, self.jobs_root = quarantine_root, jobs_root
+        self._running: _Running | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="job-runner", daemon=True)
+
+    def start(self) -> JobRunner:
+        """Mark jobs a previous process left behind as failed, then start watching."""
+        interrupted = self.registry.fail_interrupted()
+        if interrupted:
+            log.warning("%d repair jobs were interrupted by the last shutdown: marked failed", interrupted)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop watching; a running repair is terminated and its job marked failed."""
+        self._stop.set()
+        self._thread.join(timeout)
+        run = self._running
+        if run is not None and run.proc.poll() is None:
+            run.proc.send_signal(signal.SIGTERM)
+            try:
+                run.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                run.proc.kill()
+            self.registry.update_job(run.job.id, "failed", "stopped: the service shut down while it ran")
+            self._running = None
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.policy.poll_interval):
+            try:
+                if self._running is not None:
+                    self._reap()
+                if self._running is None and self.policy.enabled:
+                    for fleet in self.store.fleets():
+                        reason = self.due(fleet)
+                        if reason:
+                            self._launch(fleet, reason)
+                            break
+            except Exception:  # one bad fleet or store read must not stop the runner
+                log.exception("job runner pass failed")
+
+    def due(self, fleet: str) -> str:
+        """Why a repair of ``fleet`` should start now ("" when it should not)."""
+        state = self.store.state(fleet)
+        if state.current is None:
+            return ""
+        jobs = self.registry.jobs(fleet)
+        if any(j.state in ACTIVE_STATES for j in jobs):
+            return ""
+        if self.policy.max_rounds is not None and sum(j.state == "published" for j in jobs) >= self.policy.max_rounds:
+            return ""
+        size = quarantine_size(self.quarantine_root, fleet, state.current)
+        tried = [j for j in jobs if j.from_version == state.current]
+        if tried:  # this version was tried and did not publish: wait for twice the quarantine it had
+            last = json.loads(tried[-1].reason.split(" | ", 1)[1]) if " | " in tried[-1].reason else {}
+            if size < 2 * int(last.get("quarantine", 0) or 1):
+                return ""
+        facts = {"quarantine": size}
+        if size >= self.policy.min_quarantine:
+            return f"quarantine {size} >= {self.policy.min_quarantine} | {json.dumps(facts)}"
+        if size >= self.policy.min_for_rate:
+            rates = [
+                d["window_reject_rate"]
+                for d in self.registry.devices(fleet)
+                if d["bundle_version"] == state.current and d["window_size"] > 0
+            ]
+            if rates and max(rates) > self.policy.reject_threshold:
+                return (
+                    f"reject rate {max(rates):.3f} > {self.policy.reject_threshold} with {size} quarantined"
+                    f" | {json.dumps(facts)}"
+                )
+        return ""
+
+    def _launch(self, fleet: str, reason: str) -> None:
+        state = self.store.state(fleet)
+        assert state.current is not None
+        job = self.registry.add_job(fleet, state.current, reason)
+        out_dir = self.jobs_root / job.id
+        out_dir.mkdir(parents=True, exist_ok=True)
+        version = self.store.next_version(fleet)
+        cmd = [
+            sys.executable,
+            "-m",
+            "trainer",
+            "repair",
+            "--bundle",
+            str(self.store.version_dir(fleet, state.current) / "bundle"),
+            "--quarantine",
+            str(quarantine_dir(self.quarantine_root, fleet, state.current)),
+            "--out",
+            str(out_dir / "run"),
+            "--version",
+            str(version),
+            "--quiet",
+            "--json",
+            *self.policy.repair_args,
+        ]
+        log_path = out_dir / "repair.log"
+        log.info("repair job %s for %s v%d started (%s)", job.id, fleet, state.current, reason.split(" | ")[0])
+        with log_path.open("wb") as log_file:
+            proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env={**os.environ})
+        self.registry.update_job(job.id, "running", " ".join(cmd[3:6]), out_dir=str(out_dir))
+        self._running = _Running(job, proc, out_dir, log_path, version)
+
+    def _reap(self) -> None:
+        run = self._running
+        assert run is not None
+        code = run.proc.poll()
+        if code is None:
+            return
+        self._running = None
+        tail = run.log_path.read_text(errors="replace")[-4000:]
+        report_path = run.out_dir / "run" / "report.json"
+        report = json.loads(report_path.read_text()) if report_path.is_file() else {}
+        if code == 0:
+            try:
+                version = self.store.add(run.job.fleet, run.out_dir / "run", by=f"job {run.job.id}")
+                self.store.publish(run.job.fleet, version, by=f"job {run.job.id}", note=run.job.reason.split(" | ")[0])
+            except StoreError as e:
+                self.registry.update_job(run.job.id, "failed", f"could not publish: {e}")
+                log.error("repair job %s: could not publish: %s", run.job.id, e)
+                return
+            gate = report.get("gate", {})
+            self.registry.update_job(run.job.id, "published", json.dumps(gate)[:1000], version=version)
+            log.info("repair job %s published %s v%d", run.job.id, run.job.fleet, version)
+        elif code == GATE_EXIT:
+            detail = json.dumps(report.get("gate", {}))[:1000] or tail[-500:]
+            self.registry.update_job(run.job.id, "gate-rejected", detail)
+            log.warning("repair job %s: the gate refused the repaired model: %s", run.job.id, detail)
+        else:
+            lines = [ln for ln in tail.splitlines() if ln.strip()]
+            self.registry.update_job(run.job.id, "failed", f"exit {code}: " + " / ".join(lines[-3:])[:1000])
+            log.error("repair job %s failed (exit %d); log: %s", run.job.id, code, run.log_path)

@@ -1,0 +1,184 @@
+"""The trainer service's own state: what each agent last reported, and the repair jobs (SQLite, WAL).
+
+Written by the collector (agents' stats messages), the model service (subscriptions) and the job runner;
+read by ``nnoc-trainer fleet status`` and the service's FleetStatus RPC. One file, shared by threads of one
+process and readable by other processes while the service runs.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from protos.nnoc.v1 import quarantine_pb2
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS devices (
+    device_id TEXT PRIMARY KEY,
+    fleet TEXT NOT NULL,
+    bundle_version INTEGER NOT NULL DEFAULT 0,
+    requests INTEGER NOT NULL DEFAULT 0,
+    rejects INTEGER NOT NULL DEFAULT 0,
+    window_reject_rate REAL NOT NULL DEFAULT 0,
+    window_size INTEGER NOT NULL DEFAULT 0,
+    spool_depth INTEGER NOT NULL DEFAULT 0,
+    spool_dropped INTEGER NOT NULL DEFAULT 0,
+    provider TEXT NOT NULL DEFAULT '',
+    last_seen REAL NOT NULL,
+    subscribed INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    fleet TEXT NOT NULL,
+    from_version INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    detail TEXT NOT NULL DEFAULT '',
+    version INTEGER NOT NULL DEFAULT 0,
+    out_dir TEXT NOT NULL DEFAULT '',
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+"""
+
+JOB_STATES = ("queued", "running", "published", "gate-rejected", "failed")
+ACTIVE_STATES = ("queued", "running")
+
+
+@dataclass(frozen=True)
+class Job:
+    """One repair job as stored."""
+
+    id: str
+    fleet: str
+    from_version: int
+    state: str
+    reason: str
+    detail: str
+    version: int
+    out_dir: str
+    created_at: float
+    updated_at: float
+
+
+class Registry:
+    """Devices and jobs in ``path`` (SQLite)."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        """Close the connection."""
+        with self._lock:
+            self._db.close()
+
+    # -- devices -------------------------------------------------------------------------------------------
+
+    def record_stats(self, stats: quarantine_pb2.AgentStats) -> None:
+        """Store an agent's stats message (the newest one wins)."""
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO devices (device_id, fleet, bundle_version, requests, rejects, window_reject_rate, "
+                "window_size, spool_depth, spool_dropped, provider, last_seen) VALUES (?,?,?,?,?,?,?,?,?,?,?) "
+                "ON CONFLICT(device_id) DO UPDATE SET fleet=excluded.fleet, bundle_version=excluded.bundle_version, "
+                "requests=excluded.requests, rejects=excluded.rejects, window_reject_rate=excluded.window_reject_rate,"
+                " window_size=excluded.window_size, spool_depth=excluded.spool_depth, "
+                "spool_dropped=excluded.spool_dropped, provider=excluded.provider, last_seen=excluded.last_seen",
+                (
+                    stats.device_id,
+                    stats.fleet,
+                    stats.bundle_version,
+                    stats.requests,
+                    stats.rejects,
+                    stats.window_reject_rate,
+                    stats.window_size,
+                    stats.spool_depth,
+                    stats.spool_dropped,
+                    stats.provider,
+                    time.time(),
+                ),
+            )
+
+    def record_subscription(self, device_id: str, fleet: str, version: int, subscribed: bool) -> None:
+        """An agent opened (or closed) its Subscribe stream, serving ``version``."""
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO devices (device_id, fleet, bundle_version, last_seen, subscribed) VALUES (?,?,?,?,?) "
+                "ON CONFLICT(device_id) DO UPDATE SET fleet=excluded.fleet, last_seen=excluded.last_seen, "
+                "subscribed=excluded.subscribed, bundle_version=MAX(bundle_version, excluded.bundle_version)",
+                (device_id, fleet, version, time.time(), int(subscribed)),
+            )
+
+    def devices(self, fleet: str | None = None) -> list[dict[str, Any]]:
+        """Every known device (of one fleet), as dicts of the columns."""
+        with self._lock:
+            cur = self._db.execute(
+                "SELECT * FROM devices" + (" WHERE fleet = ?" if fleet else "") + " ORDER BY device_id",
+                (fleet,) if fleet else (),
+            )
+            names = [c[0] for c in cur.description]
+            return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+
+    # -- jobs ----------------------------------------------------------------------------------------------
+
+    def add_job(self, fleet: str, from_version: int, reason: str) -> Job:
+        """A new queued job."""
+        now = time.time()
+        job_id = time.strftime("%Y%m%d-%H%M%S", time.gmtime(now)) + "-" + uuid.uuid4().hex[:6]
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO jobs (id, fleet, from_version, state, reason, created_at, updated_at) "
+                "VALUES (?,?,?,?,?,?,?)",
+                (job_id, fleet, from_version, "queued", reason, now, now),
+            )
+        return self.job(job_id)
+
+    def update_job(self, job_id: str, state: str, detail: str = "", version: int = 0, out_dir: str = "") -> Job:
+        """Move a job to ``state`` (one of :data:`JOB_STATES`)."""
+        if state not in JOB_STATES:
+            raise ValueError(f"unknown job state {state!r}")
+        with self._lock:
+            self._db.execute(
+                "UPDATE jobs SET state=?, detail=?, version=?, out_dir=COALESCE(NULLIF(?, ''), out_dir), "
+                "updated_at=? WHERE id=?",
+                (state, detail, version, out_dir, time.time(), job_id),
+            )
+        return self.job(job_id)
+
+    def job(self, job_id: str) -> Job:
+        """One job by id."""
+        with self._lock:
+            row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise KeyError(job_id)
+        return Job(*row)
+
+    def jobs(self, fleet: str | None = None) -> list[Job]:
+        """Jobs (of one fleet), oldest first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM jobs" + (" WHERE fleet = ?" if fleet else "") + " ORDER BY created_at",
+                (fleet,) if fleet else (),
+            ).fetchall()
+        return [Job(*r) for r in rows]
+
+    def fail_interrupted(self) -> int:
+        """At start-up: jobs left queued/running by a previous process are marked failed; returns how many."""
+        with self._lock:
+            cur = self._db.execute(
+                "UPDATE jobs SET state='failed', detail='interrupted: the service stopped while it ran', "
+                "updated_at=? WHERE state IN ('queued', 'running')",
+                (time.time(),),
+            )
+            return int(cur.rowcount)

@@ -1,0 +1,220 @@
+"""The model store: fleets, their bundle versions, the current version of each fleet, and its history.
+
+Layout under the store root (``exports/`` by default)::
+
+    <fleet>/fleet.json               {"current": V, "history": [{"action", "version", "at", "by", "note"}]}
+    <fleet>/<V>/bundle/              what agents download: primary.onnx, monitor.onnx, manifest.pb/.json
+    <fleet>/<V>/primary.pt, monitor.pt   trainer-side checkpoints the next repair fine-tunes (never pushed)
+    <fleet>/<V>/report.json          the predeploy or repair report the version came from, when there is one
+
+A version folder is assembled in ``<fleet>/.staging-*`` and renamed into place; ``fleet.json`` is replaced
+atomically (write, fsync, rename). Writers hold an exclusive ``flock`` on ``.lock`` so two publishes never
+interleave; readers take no lock and always see a whole version and a consistent ``fleet.json``.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import shutil
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edge_agent.bundle import BundleError, VerifiedBundle, verify_bundle
+from trainer.bundle import read_manifest
+
+FLEET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+CHECKPOINTS = ("primary.pt", "monitor.pt")
+
+
+class StoreError(ValueError):
+    """A store operation that cannot be done; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class FleetState:
+    """A fleet's current version, its stored versions and its history (oldest first)."""
+
+    name: str
+    current: int | None
+    versions: list[int]
+    history: list[dict[str, Any]]
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class ModelStore:
+    """Fleets and versions under ``root``. Safe for one writer process at a time per store and any readers."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+
+    # -- reading -------------------------------------------------------------------------------------------
+
+    def fleets(self) -> list[str]:
+        """Names of the fleets in the store."""
+        return sorted(d.name for d in self.root.iterdir() if (d / "fleet.json").is_file())
+
+    def _fleet_dir(self, fleet: str) -> Path:
+        if not FLEET_NAME.match(fleet):
+            raise StoreError(f"fleet name {fleet!r}: use 1-64 letters, digits, '.', '_' or '-'")
+        return self.root / fleet
+
+    def state(self, fleet: str) -> FleetState:
+        """The fleet's state; :class:`StoreError` when there is no such fleet."""
+        d = self._fleet_dir(fleet)
+        try:
+            data = json.loads((d / "fleet.json").read_text())
+        except FileNotFoundError:
+            raise StoreError(f"no fleet {fleet!r} in {self.root}; create it with 'nnoc-trainer fleet create'") from None
+        versions = sorted(int(v.name) for v in d.iterdir() if v.name.isdigit() and (v / "bundle").is_dir())
+        return FleetState(fleet, data.get("current"), versions, list(data.get("history", [])))
+
+    def version_dir(self, fleet: str, version: int) -> Path:
+        """Folder of a stored version (``bundle/`` and checkpoints inside)."""
+        path = self._fleet_dir(fleet) / str(int(version))
+        if not (path / "bundle").is_dir():
+            raise StoreError(f"fleet {fleet!r} has no version {version}")
+        return path
+
+    def bundle(self, fleet: str, version: int | None = None) -> VerifiedBundle:
+        """A stored bundle (default: the current one), verified against its manifest."""
+        if version is None:
+            version = self.state(fleet).current
+            if version is None:
+                raise StoreError(f"fleet {fleet!r} has no current version")
+        try:
+            return verify_bundle(self.version_dir(fleet, version) / "bundle")
+        except BundleError as e:
+            raise StoreError(f"stored bundle {fleet} v{version} fails verification: {e}") from e
+
+    def artifact(self, fleet: str, version: int, name: str) -> Path:
+        """Path of one artifact file of a stored bundle, by its manifest name."""
+        bundle_dir = self.version_dir(fleet, version) / "bundle"
+        manifest = read_manifest(bundle_dir)
+        if name not in {a.name for a in manifest.artifacts}:
+            raise StoreError(f"{fleet} v{version} has no artifact {name!r}")
+        return bundle_dir / name
+
+    # -- writing -------------------------------------------------------------------------------------------
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        with (self.root / ".lock").open("a+") as f:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+    def _write_state(self, fleet: str, current: int | None, history: list[dict[str, Any]]) -> None:
+        d = self._fleet_dir(fleet)
+        tmp = d / f".fleet.json.{uuid.uuid4().hex}"
+        with tmp.open("w") as f:
+            json.dump({"current": current, "history": history}, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(d / "fleet.json")
+        _fsync_dir(d)
+
+    def create(self, fleet: str) -> FleetState:
+        """Create an empty fleet; an existing fleet is an error."""
+        with self._locked():
+            d = self._fleet_dir(fleet)
+            if (d / "fleet.json").is_file():
+                raise StoreError(f"fleet {fleet!r} already exists")
+            d.mkdir(parents=True, exist_ok=True)
+            self._write_state(fleet, None, [{"action": "create", "version": None, "at": time.time()}])
+        return self.state(fleet)
+
+    def next_version(self, fleet: str) -> int:
+        """The version number a new bundle of this fleet gets: one above every stored version."""
+        return max(self.state(fleet).versions, default=0) + 1
+
+    def add(self, fleet: str, run_dir: Path, by: str = "operator") -> int:
+        """Copy a predeploy/repair output folder (``bundle/`` + checkpoints) in as a new version; returns it.
+
+        The bundle's manifest must name this fleet and a version above every stored one.
+        """
+        bundle_dir = run_dir / "bundle" if (run_dir / "bundle").is_dir() else run_dir
+        try:
+            bundle = verify_bundle(bundle_dir)
+        except BundleError as e:
+            raise StoreError(str(e)) from e
+        manifest = bundle.manifest
+        if manifest.fleet != fleet:
+            raise StoreError(
+                f"{bundle_dir} was made for fleet {manifest.fleet!r}, not {fleet!r} (predeploy takes --fleet NAME)"
+            )
+        with self._locked():
+            state = self.state(fleet)
+            if state.versions and bundle.version <= max(state.versions):
+                raise StoreError(
+                    f"{bundle_dir} is v{bundle.version}; fleet {fleet!r} already holds v{max(state.versions)} "
+                    f"(a new bundle must be newer; repair takes --version {max(state.versions) + 1})"
+                )
+            d = self._fleet_dir(fleet)
+            staging = d / f".staging-{uuid.uuid4().hex}"
+            shutil.copytree(bundle_dir, staging / "bundle")
+            source = bundle_dir.parent if bundle_dir != run_dir else run_dir
+            for name in (*CHECKPOINTS, "report.json"):
+                if (source / name).is_file():
+                    shutil.copyfile(source / name, staging / name)
+            for f in staging.rglob("*"):
+                if f.is_file():
+                    with f.open("rb") as fh:
+                        os.fsync(fh.fileno())
+            staging.rename(d / str(bundle.version))
+            _fsync_dir(d)
+            history = [*state.history, {"action": "add", "version": bundle.version, "at": time.time(), "by": by}]
+            self._write_state(fleet, state.current, history)
+        return bundle.version
+
+    def _set_current(self, fleet: str, version: int, action: str, by: str, note: str = "") -> FleetState:
+        with self._locked():
+            state = self.state(fleet)
+            if version not in state.versions:
+                raise StoreError(f"fleet {fleet!r} has no version {version} (stored: {state.versions})")
+            entry = {"action": action, "version": version, "from": state.current, "at": time.time(), "by": by}
+            if note:
+                entry["note"] = note
+            self._write_state(fleet, version, [*state.history, entry])
+        return self.state(fleet)
+
+    def publish(self, fleet: str, version: int, by: str = "operator", note: str = "") -> FleetState:
+        """Make a stored version current: every subscribed agent of the fleet is told."""
+        return self._set_current(fleet, version, "publish", by, note)
+
+    def rollback(self, fleet: str, version: int | None = None, by: str = "operator") -> FleetState:
+        """Make an older version current on purpose (default: the version current before this one)."""
+        state = self.state(fleet)
+        if version is None:
+            earlier = [h["version"] for h in state.history if h["action"] in ("publish", "rollback")]
+            earlier = [v for v in earlier if v != state.current and v in state.versions]
+            if not earlier:
+                raise StoreError(f"fleet {fleet!r} has no earlier version to roll back to")
+            version = earlier[-1]
+        if state.current is not None and version >= state.current:
+            raise StoreError(f"rollback goes to an older version; v{version} is not older than v{state.current}")
+        return self._set_current(fleet, version, "rollback", by)
+
+    def last_action(self, fleet: str) -> str:
+        """The action that made the current version current ("publish" or "rollback")."""
+        for entry in reversed(self.state(fleet).history):
+            if entry["action"] in ("publish", "rollback"):
+                return str(entry["action"])
+        return ""
