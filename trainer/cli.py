@@ -322,6 +322,13 @@ def cmd_serve(args: argparse.Namespace) -> dict[str, Any]:
     return serve(serve_config(args, args.parser_defaults))
 
 
+def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
+    """The whole loop with real processes; see trainer/demo.py."""
+    from trainer.demo import run_demo
+
+    return run_demo(args)
+
+
 def cmd_fleet(args: argparse.Namespace) -> dict[str, Any]:
     """Operator commands on the model store (and the service state, for status)."""
     from trainer.fleet import fleet_command
@@ -483,6 +490,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-size", type=int, default=1 << 20, help="download chunk bytes (at most 1 MiB)")
     p.set_defaults(parser_defaults={a.dest: a.default for a in p._actions})
 
+    p = sub.add_parser("demo", help="the whole loop: BadNet, θ_aug, serve, agents, quarantine, repair, measure")
+    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder (default runs/demo)")
+    p.add_argument("--profile", choices=("tiny", "quick", "paper"), default="quick")
+    p.add_argument("--model", type=Path, default=None, help="a suspect model.pt to use instead of making a BadNet")
+    p.add_argument("--trigger", default="checker4", help="the attack's trigger (made BadNet and poisoned stream)")
+    p.add_argument("--target", type=int, default=0)
+    p.add_argument("--cpd", type=_fraction, default=0.1, help="poisoned share of each agent's stream")
+    p.add_argument("--agents", type=int, default=2, help="edge agent processes (default 2)")
+    p.add_argument("--dataset", default="fashion-mnist")
+    p.add_argument("--data-dir", type=Path, default=None)
+    p.set_defaults(func=cmd_demo)
+
     p = sub.add_parser("fleet", help="operator commands: create, publish, rollback, status, list")
     p.set_defaults(func=cmd_fleet)
     fsub = p.add_subparsers(dest="action", required=True)
@@ -504,7 +523,7 @@ def build_parser() -> argparse.ArgumentParser:
         fp.add_argument("--state-dir", type=Path, default=Path("nnoc-trainer-state"), help="the service's state")
         _add_common(fp)
     for sp in sub.choices.values():
-        if sp is not p:
+        if sp is not p:  # the fleet actions have them
             _add_common(sp)
     return parser
 

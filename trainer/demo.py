@@ -1,0 +1,372 @@
+"""``nnoc-trainer demo``: the whole loop of DESIGN.md on one machine, real processes on real sockets.
+
+1. make a BadNet (or take ``--model``), 2. pre-deployment treatment (θ_aug, bundle v1), 3. a model store with
+one fleet, 4. ``nnoc-trainer serve`` (collector, model service, job runner) as a child process, 5. agents
+(``nnoc-edge run`` processes) that fetch v1 from the service and replay the stream with a poisoned share,
+6. the quarantine starts a repair, which publishes v2 when its gate holds, 7. wait until every agent answers
+with v2, 8. measure what the agents serve through their inference endpoints, 9. stop everything; write
+``report.json`` and print a table.
+
+``before`` is the v1 ensemble measured offline with the agent's own ensemble code (the agents cannot be
+measured with triggered test inputs before the repair: those would land in the quarantine the repair learns
+from). ``after`` is measured through the agents' Open Inference Protocol endpoints, once each serves v2.
+Metrics: ``clean_accuracy`` is the share of clean test inputs answered with their true label (a rejected
+input counts as not answered correctly); ``attack_success_rate`` the share of triggered non-target inputs
+answered with the target label. The primary model alone (θ_bd, then θ_repair) is reported beside them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+
+from trainer.registry import Registry
+from trainer.store import ModelStore
+
+log = logging.getLogger(__name__)
+
+FLEET = "demo"
+
+
+@dataclass(frozen=True)
+class DemoProfile:
+    """Sizes of one demo run."""
+
+    attack: tuple[str, ...]
+    predeploy: tuple[str, ...]
+    repair: tuple[str, ...]
+    data: tuple[str, ...]
+    stream_per_agent: int
+    min_quarantine: int
+    test_images: int  # test inputs measured before and after (clean, plus their triggered copies)
+    timeout: float  # seconds to wait for the repaired version to reach every agent
+
+
+PROFILES = {
+    # CI: minutes on 2 cores; the models are weak, the loop is whole.
+    "tiny": DemoProfile(
+        attack=("--epochs", "1", "--clean-epochs", "1"),
+        predeploy=("--epochs", "1", "--max-rounds", "1", "--gammas", "0.2", "0.4"),
+        repair=(
+            "--profile",
+            "quick",
+            "--gan-epochs",
+            "4",
+            "--gan-epochs-decay",
+            "2",
+            "--epochs",
+            "1",
+            "--clean-domain",
+            "200",
+            "--max-ca-drop",
+            "0.10",
+            "--min-quarantine",
+            "10",
+        ),
+        data=("--train-size", "12000", "--test-size", "2000"),  # the replay plays the default stream split
+        stream_per_agent=300,
+        min_quarantine=40,
+        test_images=1000,
+        timeout=900,
+    ),
+    # `make demo`: the targets of the issues, within 15 minutes on 2 cores.
+    "quick": DemoProfile(
+        attack=("--epochs", "2", "--clean-epochs", "1"),
+        predeploy=("--epochs", "3", "--max-rounds", "3"),
+        repair=("--profile", "quick"),
+        data=(),
+        stream_per_agent=1000,
+        min_quarantine=150,
+        test_images=10000,
+        timeout=1800,
+    ),
+    # The paper's sizes (N = 1000 per agent, paper repair profile); hours on a CPU.
+    "paper": DemoProfile(
+        attack=("--epochs", "3"),
+        predeploy=(),
+        repair=("--profile", "paper"),
+        data=(),
+        stream_per_agent=1000,
+        min_quarantine=150,
+        test_images=10000,
+        timeout=6 * 3600,
+    ),
+}
+
+
+def _python(*args: str, log_path: Path | None = None) -> dict[str, Any]:
+    """Run ``python -m ...`` to completion; its JSON line is the result. Raises with the log's tail."""
+    cmd = [sys.executable, "-m", *args, "--json", "--quiet"]
+    log.info("running: %s", " ".join(args[:2]))
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if log_path is not None:
+        log_path.write_text(proc.stdout + proc.stderr)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(args[:2])} failed (exit {proc.returncode}): {proc.stderr[-1500:]}")
+    return json.loads(lines[-1]) if lines else {}
+
+
+def _wait_file(path: Path, procs: list[subprocess.Popen[bytes]], timeout: float) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.is_file():
+            try:
+                return dict(json.loads(path.read_text()))
+            except ValueError:
+                pass  # being written
+        for p in procs:
+            if p.poll() is not None:
+                raise RuntimeError(f"process {p.args!r} exited early with {p.returncode}")
+        time.sleep(0.2)
+    raise TimeoutError(f"{path} did not appear within {timeout:.0f} s")
+
+
+def _stop(procs: list[subprocess.Popen[bytes]], timeout: float = 20.0) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        try:
+            p.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+class AgentClient:
+    """Open Inference Protocol client of one agent (our generated stubs; no Triton in this process)."""
+
+    def __init__(self, port: int, model: str) -> None:
+        from protos.inference import grpc_predict_v2_pb2_grpc as pb_grpc
+
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        self.stub = pb_grpc.GRPCInferenceServiceStub(self.channel)
+        self.model = model
+
+    def version(self) -> int:
+        """The bundle version the agent serves."""
+        from protos.inference import grpc_predict_v2_pb2 as pb
+
+        meta = self.stub.ModelMetadata(pb.ModelMetadataRequest(name=self.model), timeout=5)
+        return int(meta.versions[0]) if meta.versions else 0
+
+    def infer(self, x: np.ndarray, input_name: str) -> tuple[np.ndarray, int]:
+        """Labels (-1: rejected) and the bundle version that answered."""
+        from protos.inference import grpc_predict_v2_pb2 as pb
+
+        req = pb.ModelInferRequest(model_name=self.model)
+        req.inputs.add(name=input_name, datatype="FP32", shape=list(x.shape))
+        req.raw_input_contents.append(np.ascontiguousarray(x, dtype=np.float32).tobytes())
+        resp = self.stub.ModelInfer(req, timeout=60)
+        labels = np.frombuffer(resp.raw_output_contents[0], dtype="<i8")
+        return labels, int(resp.parameters["bundle_version"].int64_param)
+
+
+def served_metrics(labels: np.ndarray, true: np.ndarray, poisoned_labels: np.ndarray, target: int) -> dict[str, float]:
+    """CA and ASR of what an ensemble answered (rejects count as not correct and as not attacked)."""
+    eligible = true != target
+    return {
+        "clean_accuracy": float((labels == true).mean()),
+        "attack_success_rate": float((poisoned_labels[eligible] == target).mean()),
+        "clean_reject_rate": float((labels == -1).mean()),
+        "triggered_reject_rate": float((poisoned_labels[eligible] == -1).mean()),
+    }
+
+
+def _test_set(args: Any, profile: DemoProfile) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    from trainer.data import DataConfig, SplitConfig, load_splits
+    from trainer.triggers import parse_trigger
+
+    splits = load_splits(DataConfig(args.dataset, args.data_dir), SplitConfig())
+    n = min(profile.test_images, len(splits.test))
+    images, labels = splits.test.images[:n], splits.test.labels[:n]
+    triggered = parse_trigger(args.trigger).apply(images, np.random.default_rng(1234))
+    return images, labels, triggered
+
+
+def _offline(bundle_dir: Path, raw: np.ndarray, raw_p: np.ndarray, true: np.ndarray, target: int) -> dict[str, Any]:
+    """The bundle's ensemble (the agent's own code) and its primary model alone, offline."""
+    from edge_agent.bundle import verify_bundle
+    from edge_agent.ensemble import Ensemble, scale_raw
+
+    ens = Ensemble(verify_bundle(bundle_dir))
+    x, x_p = scale_raw(raw, ens.spec), scale_raw(raw_p, ens.spec)
+    a, b = ens.classify(x), ens.classify(x_p)
+    out: dict[str, Any] = dict(served_metrics(a.labels, true, b.labels, target))
+    eligible = true != target
+    out["primary"] = {
+        "clean_accuracy": float((a.primary == true).mean()),
+        "attack_success_rate": float((b.primary[eligible] == target).mean()),
+    }
+    return out
+
+
+def run_demo(args: Any) -> dict[str, Any]:
+    """The loop; returns the report (also written to ``out/report.json``)."""
+    profile = PROFILES[args.profile]
+    out: Path = args.out
+    t0 = time.monotonic()
+    for sub in ("exports", "state", "agents"):
+        shutil.rmtree(out / sub, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    data = ["--dataset", args.dataset, *(["--data-dir", str(args.data_dir)] if args.data_dir else []), *profile.data]
+    timings: dict[str, float] = {}
+    model = args.model
+    if model is None:
+        t = time.monotonic()
+        _python(
+            "trainer", "attack", "--trigger", args.trigger, "--target", str(args.target),
+            "--out", str(out / "badnet"), *profile.attack, *data,
+            log_path=out / "attack.log",
+        )  # fmt: skip
+        model, timings["attack"] = out / "badnet" / "model.pt", time.monotonic() - t
+    t = time.monotonic()
+    predeploy = _python(
+        "trainer", "predeploy", "--model", str(model), "--out", str(out / "predeploy"), "--fleet", FLEET,
+        "--eval-trigger", args.trigger, "--target", str(args.target), *profile.predeploy, *data,
+        log_path=out / "predeploy.log",
+    )  # fmt: skip
+    timings["predeploy"] = time.monotonic() - t
+    store = ModelStore(out / "exports")
+    store.create(FLEET)
+    store.publish(FLEET, store.add(FLEET, out / "predeploy"), note="demo: pre-deployment treatment")
+
+    raw, true, raw_p = _test_set(args, profile)
+    before = _offline(store.version_dir(FLEET, 1) / "bundle", raw, raw_p, true, args.target)
+    log.info("before (v1 ensemble, offline): %s", before)
+
+    procs: list[subprocess.Popen[bytes]] = []
+    logs = out / "logs"
+    logs.mkdir(exist_ok=True)
+    try:
+        serve_cmd = [
+            sys.executable, "-m", "trainer", "serve", "--store", str(out / "exports"), "--state-dir",
+            str(out / "state"), "--collector", "tcp://127.0.0.1:0", "--listen", "127.0.0.1:0",
+            "--min-quarantine", str(profile.min_quarantine), "--max-rounds", "1",
+            "--repair-profile", profile.repair[1], *data,
+            *[f"--repair-arg={a}" for a in (*profile.repair[2:], "--eval-trigger", args.trigger, "--target",
+                                            str(args.target))],
+        ]  # fmt: skip
+        with (logs / "serve.log").open("wb") as f:
+            procs.append(subprocess.Popen(serve_cmd, stdout=f, stderr=subprocess.STDOUT))
+        info = _wait_file(out / "state" / "serve.json", procs, 60)
+        agents = []
+        for i in range(args.agents):
+            device = f"cam-{i}"
+            replay = (
+                f"replay:{args.dataset}?n={profile.stream_per_agent}&poison={args.cpd}&trigger={args.trigger}"
+                f"&target={args.target}&seed={i}" + (f"&data_dir={args.data_dir}" if args.data_dir else "")
+            )
+            cmd = [
+                sys.executable, "-m", "edge_agent", "run", "--device-id", device, "--fleet", FLEET,
+                "--model-service", info["model_service"], "--collector", info["collector"], "--infer-port", "0",
+                "--state-dir", str(out / "agents" / device), "--source", replay, "--source-batch", "8",
+                "--stats-interval", "2",
+            ]  # fmt: skip
+            with (logs / f"{device}.log").open("wb") as f:
+                procs.append(subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT))
+            agents.append(device)
+        ports = {d: _wait_file(out / "agents" / d / "agent.json", procs, 120)["infer_port"] for d in agents}
+        clients = {d: AgentClient(p, FLEET) for d, p in ports.items()}
+        log.info("%d agents serving; streaming %d inputs each (%.0f%% poisoned)", len(agents),
+                 profile.stream_per_agent, 100 * args.cpd)  # fmt: skip
+
+        t = time.monotonic()
+        registry = Registry(out / "state" / "registry.sqlite")
+        deadline, last_line = time.monotonic() + profile.timeout, ""
+        while True:
+            versions = {d: c.version() for d, c in clients.items()}
+            jobs = registry.jobs(FLEET)
+            job = jobs[-1] if jobs else None
+            if job is not None and job.state in ("gate-rejected", "failed"):
+                raise RuntimeError(f"repair job {job.id} {job.state}: {job.detail}")
+            if job is not None and job.state == "published" and all(v == job.version for v in versions.values()):
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no repaired version on every agent after {profile.timeout:.0f} s: {versions}")
+            from trainer.collector import quarantine_size
+
+            size = quarantine_size(out / "state" / "quarantine", FLEET, 1)
+            line = f"quarantine {size}/{profile.min_quarantine}; job {job.state if job else '-'}; agents {versions}"
+            if line != last_line:
+                log.info("%s (%.0f s)", line, time.monotonic() - t)
+                last_line = line
+            for p in procs:
+                if p.poll() is not None:
+                    raise RuntimeError(f"{p.args!r} exited early with {p.returncode}; see {logs}")
+            time.sleep(2.0)
+        timings["stream_and_repair"] = time.monotonic() - t
+        registry.close()
+
+        version = job.version
+        spec = store.bundle(FLEET, version).manifest.input_spec
+        scale = np.float32(spec.scale)
+        names = list(clients)
+        got, got_p, answered_by = np.zeros(len(true), np.int64), np.zeros(len(true), np.int64), set()
+        for k, start in enumerate(range(0, len(true), 250)):  # batches spread over the agents
+            c = clients[names[k % len(names)]]
+            sl = slice(start, start + 250)
+            got[sl], v1 = c.infer(raw[sl].astype(np.float32) * scale, spec.input_name)
+            got_p[sl], v2 = c.infer(raw_p[sl].astype(np.float32) * scale, spec.input_name)
+            answered_by |= {v1, v2}
+        after: dict[str, Any] = dict(served_metrics(got, true, got_p, args.target))
+        after_offline = _offline(store.version_dir(FLEET, version) / "bundle", raw, raw_p, true, args.target)
+        after["primary"] = after_offline["primary"]
+        after["answered_by_versions"] = sorted(answered_by)
+        agent_versions = {d: c.version() for d, c in clients.items()}
+    finally:
+        _stop(procs[1:])
+        _stop(procs[:1])
+    job_dir = out / "state" / "jobs" / job.id / "run"
+    report = {
+        "profile": args.profile,
+        "trigger": args.trigger,
+        "target": args.target,
+        "cpd": args.cpd,
+        "agents": agent_versions,
+        "before": before,
+        "after": after,
+        "repaired_version": version,
+        "job": {"id": job.id, "reason": job.reason.split(" | ")[0], "state": job.state},
+        "predeploy": {k: predeploy.get(k) for k in ("selected", "threshold", "bundle")},
+        "pictures": [
+            str(p)
+            for p in (out / "predeploy" / "heatmap.png", job_dir / "samples.png", job_dir / "cyclegan.png")
+            if p.is_file()
+        ],
+        "seconds": {**{k: round(v, 1) for k, v in timings.items()}, "total": round(time.monotonic() - t0, 1)},
+        "note": "before: the v1 ensemble offline (agent code); after: through the agents' inference endpoints",
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    report["text"] = render(report)
+    return report
+
+
+def render(r: dict[str, Any]) -> str:
+    """A short terminal table."""
+    rows = [
+        ("served by the ensemble", "before", r["before"]),
+        ("", "after", r["after"]),
+        ("primary model alone", "before", r["before"]["primary"]),
+        ("", "after", r["after"]["primary"]),
+    ]
+    lines = [f"{'':<24}{'':<8}{'CA':>8}{'ASR':>8}{'clean rej':>11}{'trig rej':>10}"]
+    for what, when, m in rows:
+        rej = f"{m['clean_reject_rate']:>11.4f}{m['triggered_reject_rate']:>10.4f}" if "clean_reject_rate" in m else ""
+        lines.append(f"{what:<24}{when:<8}{m['clean_accuracy']:>8.4f}{m['attack_success_rate']:>8.4f}{rej}")
+    lines.append(f"agents: {r['agents']}   total {r['seconds']['total']:.0f} s")
+    lines += [f"picture: {p}" for p in r["pictures"]]
+    return "\n".join(lines)
