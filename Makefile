@@ -44,23 +44,15 @@ test: $(STAMP) dataset lint
 test-fast: $(STAMP) dataset
 	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
 
-# The main job, quick profile: a checker4 BadNet on Fashion-MNIST, then the pre-deployment treatment,
-# bundle v1 and an evaluation of both models. Results land in $(DEMO_DIR).
+# The whole loop of DESIGN.md, quick profile (about 10-15 minutes on 2 cores): a checker4 BadNet, the
+# pre-deployment treatment (bundle v1), `nnoc-trainer serve`, two `nnoc-edge run` agents replaying a stream
+# with 10% poisoned inputs, the quarantine starting a repair, v2 pushed to the agents, and CA/ASR measured
+# through the agents' inference endpoints. Report: $(DEMO_DIR)/report.json and a table on the terminal.
 demo: $(STAMP) dataset
-	$(BIN)/nnoc-trainer attack --trigger checker4 --target 0 --poison-fraction 0.1 \
-		--epochs 2 --clean-epochs 1 --seed 0 --out $(DEMO_DIR)/badnet
-	$(BIN)/nnoc-trainer predeploy --model $(DEMO_DIR)/badnet/model.pt --out $(DEMO_DIR)/predeploy \
-		--epochs 3 --max-rounds 3 --eval-trigger checker4 --target 0
-	$(BIN)/nnoc-edge verify --bundle $(DEMO_DIR)/predeploy/bundle
-	@echo "BadNet:"; $(BIN)/nnoc-trainer evaluate --quiet --model $(DEMO_DIR)/predeploy/bundle/primary.onnx \
-		--trigger checker4 --target 0
-	@echo "θ_aug (ASR over the BadNet's eligible inputs):"; $(BIN)/nnoc-trainer evaluate --quiet \
-		--model $(DEMO_DIR)/predeploy/bundle/monitor.onnx --reference $(DEMO_DIR)/predeploy/bundle/primary.onnx \
-		--trigger checker4 --target 0
-	@echo "Heat map: $(DEMO_DIR)/predeploy/heatmap.png, bundle: $(DEMO_DIR)/predeploy/bundle"
+	$(BIN)/nnoc-trainer demo --profile quick --out $(DEMO_DIR)
 
-# The post-deployment stage on the demo's bundle: a stream of 1,000 inputs with 10% poisoned, the quarantine,
-# the CycleGAN repair (quick profile) and bundle v2. Run after `make demo`.
+# The post-deployment stage as offline batch jobs on the demo's bundle: a simulated stream of 1,000 inputs
+# with 10% poisoned, the quarantine, the CycleGAN repair (quick profile) and bundle v2. Run after `make demo`.
 demo-repair: $(STAMP) dataset
 	@test -f $(DEMO_DIR)/predeploy/bundle/manifest.pb || { echo "run 'make demo' first"; exit 1; }
 	$(BIN)/nnoc-trainer stream --bundle $(DEMO_DIR)/predeploy/bundle --trigger checker4 --target 0 \

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from protos.nnoc.v1 import bundle_pb2
 
@@ -45,10 +47,11 @@ class VerifiedBundle:
         return int(self.manifest.version)
 
 
-def verify_bundle(path: Path) -> VerifiedBundle:
+def verify_bundle(path: Path, trusted: Mapping[str, Any] | None = None) -> VerifiedBundle:
     """Parse ``path/manifest.pb`` and check each artifact's name, size and sha256.
 
-    Raises :class:`BundleError` naming the first problem found.
+    ``trusted`` (key id -> Ed25519 public key, see :mod:`edge_agent.signing`): also require a valid signature
+    by one of them. Raises :class:`BundleError` naming the first problem found.
     """
     manifest_file = path / MANIFEST_PB
     if not manifest_file.is_file():
@@ -76,4 +79,11 @@ def verify_bundle(path: Path) -> VerifiedBundle:
             raise BundleError(f"{path}: {art.name} has {f.stat().st_size} bytes, the manifest says {art.size}")
         if _sha256(f) != art.sha256:
             raise BundleError(f"{path}: {art.name} does not match the sha256 in its manifest")
+    if trusted is not None:
+        from edge_agent.signing import check_signature
+
+        try:
+            check_signature(manifest, trusted)
+        except BundleError as e:
+            raise BundleError(f"{path}: {e}") from None
     return VerifiedBundle(path, manifest)

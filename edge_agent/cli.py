@@ -30,9 +30,18 @@ def load_images(paths: Sequence[Path], shape: tuple[int, ...]) -> np.ndarray:
 def cmd_verify(args: argparse.Namespace) -> dict:
     """Check a bundle's manifest and hashes."""
     from edge_agent.bundle import verify_bundle
+    from edge_agent.signing import load_trusted_keys
 
-    b = verify_bundle(args.bundle)
-    return {"bundle": str(b.path), "fleet": b.manifest.fleet, "version": b.version, "verified": True}
+    trusted = load_trusted_keys(args.trusted_key) if args.trusted_key else None
+    b = verify_bundle(args.bundle, trusted)
+    signed_by = b.manifest.signature.key_id if trusted is not None else None
+    return {
+        "bundle": str(b.path),
+        "fleet": b.manifest.fleet,
+        "version": b.version,
+        "verified": True,
+        "signed_by": signed_by,
+    }
 
 
 def cmd_classify(args: argparse.Namespace) -> dict:
@@ -94,6 +103,14 @@ def cmd_run(args: argparse.Namespace) -> dict:
             graph_optimization=args.graph_optimization,
             ensemble_path=args.ensemble_path,
         ),
+        trusted_keys=tuple(args.trusted_key or ()),
+        curve_key=args.curve_key,
+        curve_server_key=args.curve_server_key,
+        tls_ca=args.tls_ca,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        infer_client_ca=args.infer_client_ca,
+        insecure=args.insecure,
     )
     return run(cfg)
 
@@ -149,11 +166,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--providers", nargs="+", default=None, help="onnxruntime providers, in order (default: best)")
     p.add_argument("--threads", type=int, default=0, help="intra-op threads (0: one per core)")
     p.add_argument("--graph-optimization", choices=("disable", "basic", "extended", "all"), default="all")
+    p.add_argument("--tls-ca", type=Path, default=None, help="CA of the model service's certificate (TLS)")
+    p.add_argument("--tls-cert", type=Path, default=None, help="this agent's certificate: endpoint TLS, client mTLS")
+    p.add_argument("--tls-key", type=Path, default=None, help="this agent's TLS key")
+    p.add_argument("--infer-client-ca", type=Path, default=None, help="inference endpoint: require client certs")
+    p.add_argument("--insecure", action="store_true", help="allow plaintext gRPC where TLS is not configured")
+    p.add_argument("--curve-key", type=Path, default=None, help="this agent's CURVE .key_secret file (uplink)")
+    p.add_argument("--curve-server-key", type=Path, default=None, help="the collector's CURVE public .key file")
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("status", help="what the agent serves, its spool, and where it listens")
     p.set_defaults(func=cmd_status)
     p = sub.add_parser("rollback", help="return to the previous bundle (a running agent swaps at once)")
     p.set_defaults(func=cmd_rollback)
+    for name in ("run", "verify"):
+        sub.choices[name].add_argument(
+            "--trusted-key",
+            type=Path,
+            action="append",
+            default=None,
+            help="Ed25519 public key (PEM) whose signature a bundle must carry (repeat for several)",
+        )
     for name in ("run", "classify"):
         sub.choices[name].add_argument(
             "--ensemble-path",

@@ -142,14 +142,23 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return resp
 
 
-def serve(agent: Agent, model_name: str, address: str, workers: int = 4) -> tuple[grpc.Server, int]:
-    """Start the endpoint on ``address`` (e.g. "127.0.0.1:0"); returns the server and the bound port."""
+def serve(
+    agent: Agent,
+    model_name: str,
+    address: str,
+    workers: int = 4,
+    credentials: grpc.ServerCredentials | None = None,
+) -> tuple[grpc.Server, int]:
+    """Start the endpoint on ``address`` (e.g. "127.0.0.1:0"); returns the server and the bound port.
+
+    ``credentials``: TLS (see :mod:`edge_agent.tls`); None serves plaintext.
+    """
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers),
         options=[("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE)],
     )
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(agent, model_name), server)
-    port = server.add_insecure_port(address)
+    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     if port == 0:
         raise ValueError(f"cannot bind the inference endpoint to {address}")
     server.start()

@@ -22,13 +22,16 @@ import numpy as np
 
 from edge_agent.agent import Agent
 from edge_agent.bundle import BundleError, verify_bundle
+from edge_agent.curve import load_public, load_secret
 from edge_agent.ensemble import Ensemble, InputError, scale_raw
 from edge_agent.inference import serve
 from edge_agent.metrics import AgentMetrics
 from edge_agent.monitor import RejectMonitor
 from edge_agent.replay import Replay, parse_replay
 from edge_agent.runtime import RuntimeConfig
+from edge_agent.signing import load_trusted_keys
 from edge_agent.spool import Spool, SpoolConfig
+from edge_agent.tls import server_credentials
 from edge_agent.updates import BundleCache, UpdateConfig, Updater, bootstrap
 from edge_agent.uplink import Uplink, UplinkConfig
 
@@ -59,6 +62,14 @@ class RunConfig:
     spool_policy: str = "drop-oldest"
     stats_interval: float = 10.0
     bootstrap_timeout: float = 60.0  # empty cache: how long to wait for the model service's first bundle
+    curve_key: Path | None = None  # this agent's CURVE .key_secret (uplink encrypted and authenticated)
+    curve_server_key: Path | None = None  # the collector's CURVE public .key
+    tls_ca: Path | None = None  # CA of the model service's certificate (TLS to the model service)
+    tls_cert: Path | None = None  # this agent's certificate: inference endpoint TLS, client cert for mTLS
+    tls_key: Path | None = None
+    infer_client_ca: Path | None = None  # inference endpoint: require client certificates signed by this CA
+    insecure: bool = False  # allow plaintext where TLS is not configured
+    trusted_keys: tuple[Path, ...] = ()  # Ed25519 public keys; when given, only bundles they signed load
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
 
@@ -66,7 +77,7 @@ def seed_cache(cache: BundleCache, bundle_dir: Path | None, fleet: str) -> None:
     """Install ``bundle_dir`` into the cache when it is newer than what the cache serves."""
     if bundle_dir is None:
         return
-    bundle = verify_bundle(bundle_dir)
+    bundle = verify_bundle(bundle_dir, cache.trusted)
     if bundle.manifest.fleet != fleet:
         raise BundleError(f"--bundle {bundle_dir} is for fleet {bundle.manifest.fleet!r}, this agent's is {fleet!r}")
     current = cache.load()
@@ -78,6 +89,30 @@ def seed_cache(cache: BundleCache, bundle_dir: Path | None, fleet: str) -> None:
     shutil.copytree(bundle_dir, staged)
     cache.install(staged, bundle.version)
     cache.set_current(bundle.version)
+
+
+def check_transport(cfg: RunConfig) -> None:
+    """Plaintext only where ``--insecure`` allows it; pairs of flags complete."""
+    if (cfg.tls_cert is None) != (cfg.tls_key is None):
+        raise ValueError("--tls-cert and --tls-key go together")
+    if cfg.infer_client_ca is not None and cfg.tls_cert is None:
+        raise ValueError("--infer-client-ca needs --tls-cert/--tls-key for the inference endpoint")
+    plain = []
+    if cfg.tls_cert is None:
+        plain.append("the inference endpoint (no --tls-cert/--tls-key)")
+    if cfg.model_service and cfg.tls_ca is None:
+        plain.append("the model service connection (no --tls-ca)")
+    if plain and not cfg.insecure:
+        raise ValueError(f"plaintext for {' and '.join(plain)}: configure TLS or pass --insecure")
+    for what in plain:
+        log.warning("--insecure: plaintext for %s", what)
+
+
+def update_config(cfg: RunConfig) -> UpdateConfig:
+    """The updater's settings from the run settings."""
+    return UpdateConfig(
+        cfg.model_service or "", cfg.fleet, cfg.device_id, tls_ca=cfg.tls_ca, tls_cert=cfg.tls_cert, tls_key=cfg.tls_key
+    )
 
 
 def source_batches(spec: str, ensemble: Ensemble, batch: int, state_dir: Path | None = None) -> Iterator[np.ndarray]:
@@ -111,13 +146,17 @@ def source_batches(spec: str, ensemble: Ensemble, batch: int, state_dir: Path | 
 def run(cfg: RunConfig, stop: threading.Event | None = None) -> dict[str, Any]:
     """Run the agent until ``stop`` is set (SIGTERM/SIGINT set it); returns final counters."""
     stop = stop or threading.Event()
+    check_transport(cfg)
     if cfg.source and cfg.source.startswith("replay:"):
         parse_replay(cfg.source)  # a bad spec fails before anything starts
-    cache = BundleCache(cfg.state_dir / "bundles")
+    trusted = load_trusted_keys(cfg.trusted_keys) if cfg.trusted_keys else None
+    if trusted is None:
+        log.warning("no --trusted-key: bundles are checked against their manifests' hashes but not signatures")
+    cache = BundleCache(cfg.state_dir / "bundles", trusted)
     seed_cache(cache, cfg.bundle, cfg.fleet)
     bundle = cache.load()
     if bundle is None and cfg.model_service:
-        bundle = bootstrap(cache, UpdateConfig(cfg.model_service, cfg.fleet, cfg.device_id), cfg.bootstrap_timeout)
+        bundle = bootstrap(cache, update_config(cfg), cfg.bootstrap_timeout)
     if bundle is None:
         raise BundleError(
             f"no bundle to serve: pass --bundle DIR or --model-service HOST:PORT (nothing cached in {cache.root})"
@@ -131,13 +170,26 @@ def run(cfg: RunConfig, stop: threading.Event | None = None) -> dict[str, Any]:
     agent = Agent(Ensemble(bundle, cfg.runtime), spool, RejectMonitor(cfg.window, cfg.reject_threshold), cfg.device_id)
     uplink = None
     if cfg.collector:
-        uplink_cfg = UplinkConfig(cfg.collector, cfg.device_id, stats_interval=cfg.stats_interval)
+        if (cfg.curve_key is None) != (cfg.curve_server_key is None):
+            raise ValueError("--curve-key and --curve-server-key go together")
+        if cfg.curve_key is not None and cfg.curve_server_key is not None:
+            load_secret(cfg.curve_key), load_public(cfg.curve_server_key)  # unreadable keys fail at start
+        else:
+            log.warning("quarantine uplink in plaintext: pass --curve-key and --curve-server-key to encrypt it")
+        uplink_cfg = UplinkConfig(
+            cfg.collector,
+            cfg.device_id,
+            stats_interval=cfg.stats_interval,
+            curve_key=cfg.curve_key,
+            curve_server_key=cfg.curve_server_key,
+        )
         uplink = Uplink(spool, uplink_cfg, stats=agent.stats).start()
     agent.uplink = uplink
     updater = None
     if cfg.model_service:
-        updater = Updater(agent, cache, UpdateConfig(cfg.model_service, cfg.fleet, cfg.device_id), cfg.runtime).start()
-    server, port = serve(agent, cfg.fleet, f"{cfg.host}:{cfg.infer_port}")
+        updater = Updater(agent, cache, update_config(cfg), cfg.runtime).start()
+    creds = server_credentials(cfg.tls_cert, cfg.tls_key, cfg.infer_client_ca) if cfg.tls_cert and cfg.tls_key else None
+    server, port = serve(agent, cfg.fleet, f"{cfg.host}:{cfg.infer_port}", credentials=creds)
     metrics = AgentMetrics(agent, uplink, updater)
     if cfg.metrics_port is not None:
         metrics.serve(cfg.metrics_port, cfg.host)

@@ -17,8 +17,10 @@ import os
 import shutil
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -27,6 +29,8 @@ from edge_agent.agent import Agent
 from edge_agent.bundle import BundleError, VerifiedBundle, verify_bundle
 from edge_agent.ensemble import Ensemble
 from edge_agent.runtime import RuntimeConfig
+from edge_agent.tls import channel as tls_channel
+from edge_agent.tls import channel_credentials
 from protos.nnoc.v1 import bundle_pb2, model_service_pb2, model_service_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -35,8 +39,9 @@ log = logging.getLogger(__name__)
 class BundleCache:
     """Verified bundles on local disk and which one is current."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, trusted: Mapping[str, Any] | None = None) -> None:
         self.root = root
+        self.trusted = trusted  # when set, every bundle must carry a valid signature by one of these keys
         (root / "versions").mkdir(parents=True, exist_ok=True)
         (root / "staging").mkdir(parents=True, exist_ok=True)
 
@@ -68,7 +73,7 @@ class BundleCache:
         if version is None:
             return None
         try:
-            return verify_bundle(self.path(int(version)))
+            return verify_bundle(self.path(int(version)), self.trusted)
         except BundleError as e:
             log.error("cached bundle v%s failed verification: %s", version, e)
             return None
@@ -109,6 +114,14 @@ class UpdateConfig:
     device_id: str
     retries: int = 5  # per artifact, for broken downloads (each retry resumes at the bytes already there)
     backoff_max: float = 10.0  # seconds between reconnection attempts, at most
+    tls_ca: Path | None = None  # verify the model service with this CA (None: plaintext)
+    tls_cert: Path | None = None  # this agent's certificate, for mutual TLS
+    tls_key: Path | None = None
+
+    def channel(self) -> grpc.Channel:
+        """A channel to the model service, TLS when ``tls_ca`` is set."""
+        creds = channel_credentials(self.tls_ca, self.tls_cert, self.tls_key) if self.tls_ca else None
+        return tls_channel(self.target, creds)
 
 
 @dataclass
@@ -158,7 +171,7 @@ class Updater:
     def _run(self) -> None:
         delay = 0.2
         while not self._stop.is_set():
-            self._channel = grpc.insecure_channel(self.cfg.target)
+            self._channel = self.cfg.channel()
             stub = model_service_pb2_grpc.ModelServiceStub(self._channel)
             try:
                 request = model_service_pb2.SubscribeRequest(
@@ -206,7 +219,7 @@ class Updater:
         staged = self.cache.root / "staging" / str(version)
         try:
             self.download(stub, notice, staged)
-            bundle = verify_bundle(staged)
+            bundle = verify_bundle(staged, self.cache.trusted)
             if bundle.version != version:
                 raise BundleError(f"manifest says v{bundle.version}, the notice v{version}")
             ensemble = Ensemble(bundle, self.runtime)
@@ -274,7 +287,7 @@ def bootstrap(cache: BundleCache, cfg: UpdateConfig, timeout: float) -> Verified
     Waits up to ``timeout`` seconds for the service (it may start after the agent); raises BundleError.
     """
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(cfg.target) as channel:
+    with cfg.channel() as channel:
         stub = model_service_pb2_grpc.ModelServiceStub(channel)
         request = model_service_pb2.SubscribeRequest(fleet=cfg.fleet, device_id=cfg.device_id, current_version=0)
         try:
@@ -290,7 +303,7 @@ def bootstrap(cache: BundleCache, cfg: UpdateConfig, timeout: float) -> Verified
         staged = cache.root / "staging" / str(notice.version)
         try:
             download_bundle(stub, notice, staged, cfg.retries)
-            bundle = verify_bundle(staged)
+            bundle = verify_bundle(staged, cache.trusted)
         except (BundleError, OSError, grpc.RpcError) as e:
             shutil.rmtree(staged, ignore_errors=True)
             raise BundleError(f"first download of v{notice.version} failed: {e}") from e

@@ -14,9 +14,11 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import zmq
 
+from edge_agent.curve import configure_client
 from edge_agent.spool import Spool
 from protos.nnoc.v1 import quarantine_pb2
 
@@ -34,6 +36,8 @@ class UplinkConfig:
     poll_ms: int = 50
     linger_ms: int = 0
     stats_interval: float = 10.0  # seconds between AgentStats messages (when a stats source is given)
+    curve_key: Path | None = None  # this agent's CURVE .key_secret file (with curve_server_key: encrypted link)
+    curve_server_key: Path | None = None  # the collector's CURVE public .key file
 
 
 @dataclass
@@ -90,6 +94,8 @@ class Uplink:
         sock.setsockopt(zmq.SNDHWM, self.cfg.window * 2)
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        if self.cfg.curve_key is not None and self.cfg.curve_server_key is not None:
+            configure_client(sock, self.cfg.curve_key, self.cfg.curve_server_key)
         sock.connect(self.cfg.endpoint)
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -159,3 +160,27 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def make_version(src: Path, dest: Path, version: int) -> Path:
+    """A copy of a predeploy output whose manifest says ``version`` (files unchanged, so it still verifies)."""
+    from edge_agent.bundle import verify_bundle
+    from trainer.bundle import manifest_json
+
+    shutil.copytree(src, dest)
+    bundle = verify_bundle(dest / "bundle")
+    manifest = bundle.manifest
+    manifest.version = version
+    (dest / "bundle" / "manifest.pb").write_bytes(manifest.SerializeToString(deterministic=True))
+    (dest / "bundle" / "manifest.json").write_text(manifest_json(manifest))
+    return dest
+
+
+def start_service(store: Any, tmp_path: Path, chunk: int = 1 << 20) -> Any:
+    """The real model service on a free loopback port, over ``store``."""
+    from trainer.registry import Registry
+    from trainer.service import ModelServer, ModelServicer, ServiceConfig
+
+    cfg = ServiceConfig(listen="127.0.0.1:0", chunk_size=chunk, watch_interval=0.05)
+    servicer = ModelServicer(store, Registry(tmp_path / "registry.sqlite"), tmp_path / "q", cfg)
+    return ModelServer(servicer, cfg).start()

@@ -14,7 +14,9 @@ import numpy as np
 from conftest import ROOT, Collector, free_port, wait_for
 
 
-def edge(*args: str) -> tuple[int, dict[str, Any] | None, str]:
+def edge(*args: str, insecure: bool = True) -> tuple[int, dict[str, Any] | None, str]:
+    if args[0] == "run" and insecure:
+        args = ("run", "--insecure", *args[1:])
     proc = subprocess.run(
         [sys.executable, "-m", "edge_agent", *args, "--json"],
         capture_output=True,
@@ -38,6 +40,7 @@ def test_nnoc_edge_run_serves_quarantines_reports_and_stops(
             "-m",
             "edge_agent",
             "run",
+            "--insecure",
             "--device-id",
             "cam-7",
             "--fleet",
@@ -101,6 +104,8 @@ def test_nnoc_edge_run_serves_quarantines_reports_and_stops(
     assert code == 2 and "no previous bundle" in stderr
     code, _, stderr = edge("run", "--device-id", "x", "--fleet", "f", "--state-dir", str(tmp_path / "empty"))
     assert code == 2 and "no bundle to serve" in stderr
+    code, _, stderr = edge("run", "--device-id", "x", "--fleet", "f", "--state-dir", str(state), insecure=False)
+    assert code == 2 and "configure TLS or pass --insecure" in stderr
     bundle = str(predeployed[0] / "bundle")
     code, _, stderr = edge("run", "--device-id", "x", "--fleet", "f", "--bundle", bundle, "--state-dir", str(state))
     assert code == 2 and "for fleet 'default'" in stderr
@@ -127,6 +132,7 @@ def test_kill_9_loses_no_quarantined_input(
         "-m",
         "edge_agent",
         "run",
+        "--insecure",
         "--device-id",
         "cam-k",
         "--fleet",

@@ -241,6 +241,13 @@ def cmd_repair(args: argparse.Namespace) -> dict[str, Any]:
 
 
 SERVE_KEYS = {
+    "tls_cert",
+    "tls_key",
+    "tls_client_ca",
+    "insecure",
+    "signing_key",
+    "curve_secret",
+    "curve_allow",
     "store",
     "state_dir",
     "collector",
@@ -292,7 +299,14 @@ def serve_config(args: argparse.Namespace, parser_defaults: dict[str, Any] | Non
         defaults = parser_defaults or {}
         for key, value in load_toml(args.config, SERVE_KEYS).items():
             if getattr(args, key) == defaults.get(key):
-                if key in ("store", "state_dir", "data_dir"):
+                if key in (
+                    "store",
+                    "state_dir",
+                    "data_dir",
+                    "signing_key",
+                    "curve_secret",
+                    "curve_allow",
+                ) or key.startswith("tls_"):
                     value = Path(value)
                 setattr(args, key, value)
     policy = JobPolicy(
@@ -303,15 +317,38 @@ def serve_config(args: argparse.Namespace, parser_defaults: dict[str, Any] | Non
         repair_args=("--profile", args.repair_profile, *_data_flags(args), *(args.repair_arg or [])),
         enabled=not args.no_jobs,
     )
+    if (args.curve_secret is None) != (args.curve_allow is None):
+        raise ValueError("--curve-secret and --curve-allow go together")
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise ValueError("--tls-cert and --tls-key go together")
+    if args.tls_cert is None and not args.insecure:
+        raise ValueError(
+            "the model service needs --tls-cert/--tls-key (nnoc-trainer keys tls makes a local CA), "
+            "or --insecure for plaintext"
+        )
+    if args.tls_cert is None:
+        log.warning("--insecure: the model service runs in plaintext; anyone on the network can read and call it")
     collector = CollectorConfig(
-        endpoint=args.collector, rate=args.rate_limit, burst=args.burst, max_tensor_bytes=args.max_tensor_bytes
+        endpoint=args.collector,
+        rate=args.rate_limit,
+        burst=args.burst,
+        max_tensor_bytes=args.max_tensor_bytes,
+        curve_secret=args.curve_secret,
+        curve_allow=args.curve_allow,
     )
     return ServeConfig(
         store=args.store,
         state_dir=args.state_dir,
         collector=collector,
-        service=ServiceConfig(listen=args.listen, chunk_size=args.chunk_size),
+        service=ServiceConfig(
+            listen=args.listen,
+            chunk_size=args.chunk_size,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            tls_client_ca=args.tls_client_ca,
+        ),
         policy=policy,
+        signing_key=args.signing_key,
     )
 
 
@@ -327,6 +364,31 @@ def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
     from trainer.demo import run_demo
 
     return run_demo(args)
+
+
+def cmd_keys(args: argparse.Namespace) -> dict[str, Any]:
+    """``keys generate``: an Ed25519 key pair (the public key goes to the agents' --trusted-key)."""
+    from edge_agent.signing import generate_keys, key_id, load_private_key
+
+    if args.action == "tls":
+        from edge_agent.tls import make_local_ca
+
+        paths = make_local_ca(args.out, args.names, args.hosts)
+        return {k: str(v) for k, v in paths.items()} | {"text": "\n".join(map(str, paths.values()))}
+    if args.action == "curve":
+        from edge_agent.curve import generate
+
+        try:
+            public, secret = generate(args.out, args.name)
+        except FileExistsError as e:
+            raise ValueError(str(e)) from e
+        return {"public_key": str(public), "secret_key": str(secret), "text": f"{public}\n{secret}"}
+    try:
+        private, public = generate_keys(args.out, args.name)
+    except FileExistsError as e:
+        raise ValueError(str(e)) from e
+    kid = key_id(load_private_key(private).public_key())
+    return {"private_key": str(private), "public_key": str(public), "key_id": kid, "text": f"{private}\n{public}"}
 
 
 def cmd_fleet(args: argparse.Namespace) -> dict[str, Any]:
@@ -488,6 +550,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--burst", type=float, default=20000.0, help="messages a quiet device may send at once")
     p.add_argument("--max-tensor-bytes", type=int, default=1 << 20, help="larger quarantine tensors are refused")
     p.add_argument("--chunk-size", type=int, default=1 << 20, help="download chunk bytes (at most 1 MiB)")
+    p.add_argument("--signing-key", type=Path, default=None, help="Ed25519 private key (PEM) signing new versions")
+    p.add_argument("--tls-cert", type=Path, default=None, help="model service TLS certificate (PEM)")
+    p.add_argument("--tls-key", type=Path, default=None, help="model service TLS key (PEM)")
+    p.add_argument("--tls-client-ca", type=Path, default=None, help="mutual TLS: CA that signed the agents' certs")
+    p.add_argument("--insecure", action="store_true", help="allow a plaintext model service (a warning is logged)")
+    p.add_argument("--curve-secret", type=Path, default=None, help="collector's CURVE .key_secret file")
+    p.add_argument("--curve-allow", type=Path, default=None, help="folder of the agents' CURVE .key files")
     p.set_defaults(parser_defaults={a.dest: a.default for a in p._actions})
 
     p = sub.add_parser("demo", help="the whole loop: BadNet, θ_aug, serve, agents, quarantine, repair, measure")
@@ -501,6 +570,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default="fashion-mnist")
     p.add_argument("--data-dir", type=Path, default=None)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("keys", help="key pairs: Ed25519 for signing bundles, CURVE for the quarantine uplink")
+    p.add_argument(
+        "action",
+        choices=("generate", "curve", "tls"),
+        help="generate: Ed25519 NAME.key + NAME.pub; curve: NAME.key + NAME.key_secret; "
+        "tls: a local CA (ca.crt) and a certificate per --names",
+    )
+    p.add_argument("--names", nargs="+", default=["server", "client"], help="tls: certificates to issue")
+    p.add_argument("--hosts", nargs="+", default=["127.0.0.1", "localhost"], help="tls: names the certs serve")
+    p.add_argument("--out", type=Path, required=True, help="folder for the key files (secrets written 0600)")
+    p.add_argument("--name", default="signing")
+    p.set_defaults(func=cmd_keys)
 
     p = sub.add_parser("fleet", help="operator commands: create, publish, rollback, status, list")
     p.set_defaults(func=cmd_fleet)
@@ -521,6 +603,7 @@ def build_parser() -> argparse.ArgumentParser:
     for fp in fsub.choices.values():
         fp.add_argument("--store", type=Path, default=Path("exports"), help="model store (default ./exports)")
         fp.add_argument("--state-dir", type=Path, default=Path("nnoc-trainer-state"), help="the service's state")
+        fp.add_argument("--signing-key", type=Path, default=None, help="Ed25519 private key signing added versions")
         _add_common(fp)
     for sp in sub.choices.values():
         if sp is not p:  # the fleet actions have them

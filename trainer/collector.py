@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import zmq
 
+from edge_agent.curve import AllowList, CurveError, start_server_auth
 from protos.nnoc.v1 import bundle_pb2, quarantine_pb2
 from trainer.quarantine import QuarantineError, QuarantineStore, check_message
 from trainer.registry import Registry
@@ -45,6 +46,8 @@ class CollectorConfig:
     burst: float = 20000.0  # token bucket size: what a device may send at once after being quiet
     batch: int = 2048  # messages taken off the socket per transaction, at most
     poll_ms: int = 50
+    curve_secret: Path | None = None  # the collector's CURVE .key_secret file: encrypt and authenticate
+    curve_allow: Path | None = None  # folder of the agents' CURVE .key files (required with curve_secret)
 
 
 @dataclass
@@ -58,6 +61,7 @@ class CollectorCounters:
     throttled: int = 0
     stats: int = 0
     malformed_frames: int = 0
+    auth_denied: int = 0
     by_reason: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
 
@@ -126,16 +130,24 @@ class Collector:
         # A memory guard far above the tensor limit: a peer sending more is disconnected by ZeroMQ; anything
         # between the two limits is received and answered REJECTED (oversized).
         sock.setsockopt(zmq.MAXMSGSIZE, max(64 << 20, 4 * self.cfg.max_tensor_bytes))
+        auth = None
         try:
+            if self.cfg.curve_secret is not None:
+                if self.cfg.curve_allow is None:
+                    raise CurveError("CURVE needs an allow-list folder of agent keys (--curve-allow)")
+                allow = AllowList(self.cfg.curve_allow, on_denied=self._denied)
+                auth = start_server_auth(self.context, sock, self.cfg.curve_secret, allow)
             if self.cfg.endpoint.endswith(":0"):
                 self.port = sock.bind_to_random_port(self.cfg.endpoint.rsplit(":", 1)[0])
             else:
                 sock.bind(self.cfg.endpoint)
                 self.port = int(sock.getsockopt_string(zmq.LAST_ENDPOINT).rsplit(":", 1)[1])
-        except zmq.ZMQError as e:
-            self._error = OSError(f"collector cannot bind {self.cfg.endpoint}: {e}")
+        except (zmq.ZMQError, CurveError) as e:
+            self._error = e if isinstance(e, CurveError) else OSError(f"collector cannot bind {self.cfg.endpoint}: {e}")
             self._ready.set()
             sock.close()
+            if auth is not None:
+                auth.stop()
             return
         self._ready.set()
         log.info("collector listening on port %d, storing under %s", self.port, self.cfg.root)
@@ -158,9 +170,14 @@ class Collector:
                     sock.send_multipart([ident, reply.SerializeToString()])
         finally:
             sock.close()
+            if auth is not None:
+                auth.stop()
             for store in self._stores.values():
                 store.close()
             self._stores.clear()
+
+    def _denied(self, key: str) -> None:
+        self.counters.auth_denied += 1
 
     # -- one batch -----------------------------------------------------------------------------------------
 

@@ -31,6 +31,10 @@ from typing import Any
 import grpc
 import numpy as np
 
+from edge_agent.curve import generate as curve_keys
+from edge_agent.signing import generate_keys, load_private_key
+from edge_agent.tls import channel as tls_channel
+from edge_agent.tls import channel_credentials, make_local_ca
 from trainer.registry import Registry
 from trainer.store import ModelStore
 
@@ -149,10 +153,10 @@ def _stop(procs: list[subprocess.Popen[bytes]], timeout: float = 20.0) -> None:
 class AgentClient:
     """Open Inference Protocol client of one agent (our generated stubs; no Triton in this process)."""
 
-    def __init__(self, port: int, model: str) -> None:
+    def __init__(self, port: int, model: str, creds: grpc.ChannelCredentials | None = None) -> None:
         from protos.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        self.channel = tls_channel(f"127.0.0.1:{port}", creds)
         self.stub = pb_grpc.GRPCInferenceServiceStub(self.channel)
         self.model = model
 
@@ -219,7 +223,7 @@ def run_demo(args: Any) -> dict[str, Any]:
     profile = PROFILES[args.profile]
     out: Path = args.out
     t0 = time.monotonic()
-    for sub in ("exports", "state", "agents"):
+    for sub in ("exports", "state", "agents", "keys"):
         shutil.rmtree(out / sub, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     data = ["--dataset", args.dataset, *(["--data-dir", str(args.data_dir)] if args.data_dir else []), *profile.data]
@@ -240,7 +244,16 @@ def run_demo(args: Any) -> dict[str, Any]:
         log_path=out / "predeploy.log",
     )  # fmt: skip
     timings["predeploy"] = time.monotonic() - t
-    store = ModelStore(out / "exports")
+    # Fresh keys per run: bundle signing (Ed25519), TLS with client certificates (a local CA), CURVE.
+    private_key, public_key = generate_keys(out / "keys")
+    devices = [f"cam-{i}" for i in range(args.agents)]
+    tls = make_local_ca(out / "keys" / "tls", ["model-service", "operator", *devices])
+    curve = {name: curve_keys(out / "keys" / "curve", name) for name in ("collector", *devices)}
+    allow = out / "keys" / "curve-allow"
+    allow.mkdir(parents=True, exist_ok=True)
+    for d in devices:
+        shutil.copyfile(curve[d][0], allow / curve[d][0].name)
+    store = ModelStore(out / "exports", load_private_key(private_key))
     store.create(FLEET)
     store.publish(FLEET, store.add(FLEET, out / "predeploy"), note="demo: pre-deployment treatment")
 
@@ -255,7 +268,10 @@ def run_demo(args: Any) -> dict[str, Any]:
         serve_cmd = [
             sys.executable, "-m", "trainer", "serve", "--store", str(out / "exports"), "--state-dir",
             str(out / "state"), "--collector", "tcp://127.0.0.1:0", "--listen", "127.0.0.1:0",
-            "--min-quarantine", str(profile.min_quarantine), "--max-rounds", "1",
+            "--min-quarantine", str(profile.min_quarantine), "--max-rounds", "1", "--signing-key", str(private_key),
+            "--tls-cert", str(tls["model-service"]), "--tls-key", str(tls["model-service"].with_suffix(".key")),
+            "--tls-client-ca", str(tls["ca"]), "--curve-secret", str(curve["collector"][1]),
+            "--curve-allow", str(allow),
             "--repair-profile", profile.repair[1], *data,
             *[f"--repair-arg={a}" for a in (*profile.repair[2:], "--eval-trigger", args.trigger, "--target",
                                             str(args.target))],
@@ -264,8 +280,7 @@ def run_demo(args: Any) -> dict[str, Any]:
             procs.append(subprocess.Popen(serve_cmd, stdout=f, stderr=subprocess.STDOUT))
         info = _wait_file(out / "state" / "serve.json", procs, 60)
         agents = []
-        for i in range(args.agents):
-            device = f"cam-{i}"
+        for i, device in enumerate(devices):
             replay = (
                 f"replay:{args.dataset}?n={profile.stream_per_agent}&poison={args.cpd}&trigger={args.trigger}"
                 f"&target={args.target}&seed={i}" + (f"&data_dir={args.data_dir}" if args.data_dir else "")
@@ -274,13 +289,17 @@ def run_demo(args: Any) -> dict[str, Any]:
                 sys.executable, "-m", "edge_agent", "run", "--device-id", device, "--fleet", FLEET,
                 "--model-service", info["model_service"], "--collector", info["collector"], "--infer-port", "0",
                 "--state-dir", str(out / "agents" / device), "--source", replay, "--source-batch", "8",
-                "--stats-interval", "2",
+                "--stats-interval", "2", "--trusted-key", str(public_key),
+                "--tls-ca", str(tls["ca"]), "--tls-cert", str(tls[device]), "--tls-key",
+                str(tls[device].with_suffix(".key")), "--infer-client-ca", str(tls["ca"]),
+                "--curve-key", str(curve[device][1]), "--curve-server-key", str(curve["collector"][0]),
             ]  # fmt: skip
             with (logs / f"{device}.log").open("wb") as f:
                 procs.append(subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT))
             agents.append(device)
         ports = {d: _wait_file(out / "agents" / d / "agent.json", procs, 120)["infer_port"] for d in agents}
-        clients = {d: AgentClient(p, FLEET) for d, p in ports.items()}
+        creds = channel_credentials(tls["ca"], tls["operator"], tls["operator"].with_suffix(".key"))
+        clients = {d: AgentClient(p, FLEET, creds) for d, p in ports.items()}
         log.info("%d agents serving; streaming %d inputs each (%.0f%% poisoned)", len(agents),
                  profile.stream_per_agent, 100 * args.cpd)  # fmt: skip
 
@@ -340,6 +359,8 @@ def run_demo(args: Any) -> dict[str, Any]:
         "before": before,
         "after": after,
         "repaired_version": version,
+        "signing_key_id": store.bundle(FLEET, version).manifest.signature.key_id,
+        "transport": "gRPC with mutual TLS (local CA), ZeroMQ CURVE with an allow-list, Ed25519-signed bundles",
         "job": {"id": job.id, "reason": job.reason.split(" | ")[0], "state": job.state},
         "predeploy": {k: predeploy.get(k) for k in ("selected", "threshold", "bundle")},
         "pictures": [

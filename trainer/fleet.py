@@ -61,7 +61,9 @@ def render(st: dict[str, Any]) -> str:
 
 def fleet_command(args: argparse.Namespace) -> dict[str, Any]:
     """Dispatch ``nnoc-trainer fleet ACTION``; StoreError is a ValueError (exit 2 with its message)."""
-    store = ModelStore(args.store)
+    from edge_agent.signing import load_private_key
+
+    store = ModelStore(args.store, load_private_key(args.signing_key) if args.signing_key else None)
     if args.action == "list":
         return {"fleets": store.fleets(), "text": "\n".join(store.fleets()) or "(no fleets)"}
     fleet = args.fleet

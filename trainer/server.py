@@ -22,6 +22,7 @@ from typing import Any
 import tomllib
 import zmq
 
+from edge_agent.signing import load_private_key
 from protos.nnoc.v1 import bundle_pb2
 from trainer.collector import Collector, CollectorConfig
 from trainer.jobs import JobPolicy, JobRunner
@@ -43,6 +44,7 @@ class ServeConfig:
     collector: CollectorConfig = field(default_factory=CollectorConfig)
     service: ServiceConfig = field(default_factory=ServiceConfig)
     policy: JobPolicy = field(default_factory=JobPolicy)
+    signing_key: Path | None = None  # Ed25519 private key (PEM): every version the store takes in is signed
 
     @property
     def quarantine_root(self) -> Path:
@@ -78,7 +80,9 @@ def serve(cfg: ServeConfig, stop: threading.Event | None = None) -> dict[str, An
     """Run until ``stop`` is set (SIGTERM/SIGINT set it in the main thread); returns final counters."""
     stop = stop or threading.Event()
     cfg.state_dir.mkdir(parents=True, exist_ok=True)
-    store = ModelStore(cfg.store)
+    if cfg.signing_key is None:
+        log.warning("no --signing-key: new versions are published unsigned (agents with trusted keys refuse them)")
+    store = ModelStore(cfg.store, load_private_key(cfg.signing_key) if cfg.signing_key else None)
     registry = Registry(cfg.state_dir / "registry.sqlite")
     context = zmq.Context()
     collector = Collector(

@@ -23,6 +23,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from edge_agent.tls import server_credentials
 from protos.nnoc.v1 import model_service_pb2 as ms
 from protos.nnoc.v1 import model_service_pb2_grpc as ms_grpc
 from trainer.bundle import read_manifest
@@ -44,6 +45,9 @@ class ServiceConfig:
     chunk_size: int = CHUNK_MAX
     max_workers: int = 64  # each open Subscribe stream holds one worker thread
     watch_interval: float = 0.2  # seconds between reads of the fleets' state
+    tls_cert: Path | None = None  # server certificate (PEM); None: plaintext (the CLI wants --insecure for that)
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None  # mutual TLS: clients must present a certificate this CA signed
 
 
 class ModelServicer(ms_grpc.ModelServiceServicer):
@@ -241,7 +245,11 @@ class ModelServer:
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         try:
-            self.port = self.server.add_insecure_port(cfg.listen)
+            if cfg.tls_cert is not None and cfg.tls_key is not None:
+                creds = server_credentials(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca)
+                self.port = self.server.add_secure_port(cfg.listen, creds)
+            else:
+                self.port = self.server.add_insecure_port(cfg.listen)
         except RuntimeError as e:
             raise OSError(f"model service cannot listen on {cfg.listen}: {e}") from e
         if self.port == 0:

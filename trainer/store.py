@@ -27,8 +27,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from edge_agent.bundle import BundleError, VerifiedBundle, verify_bundle
-from trainer.bundle import read_manifest
+from edge_agent.signing import sign_manifest
+from protos.nnoc.v1 import bundle_pb2
+from trainer.bundle import manifest_json, read_manifest
 
 FLEET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 CHECKPOINTS = ("primary.pt", "monitor.pt")
@@ -59,8 +63,9 @@ def _fsync_dir(path: Path) -> None:
 class ModelStore:
     """Fleets and versions under ``root``. Safe for one writer process at a time per store and any readers."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, signing_key: Ed25519PrivateKey | None = None) -> None:
         self.root = root
+        self.signing_key = signing_key  # when set, every version taken in is signed (edge_agent.signing)
         root.mkdir(parents=True, exist_ok=True)
 
     # -- reading -------------------------------------------------------------------------------------------
@@ -170,6 +175,12 @@ class ModelStore:
             d = self._fleet_dir(fleet)
             staging = d / f".staging-{uuid.uuid4().hex}"
             shutil.copytree(bundle_dir, staging / "bundle")
+            if self.signing_key is not None:
+                signed = bundle_pb2.Manifest()
+                signed.CopyFrom(manifest)
+                sign_manifest(signed, self.signing_key)
+                (staging / "bundle" / "manifest.pb").write_bytes(signed.SerializeToString(deterministic=True))
+                (staging / "bundle" / "manifest.json").write_text(manifest_json(signed))
             source = bundle_dir.parent if bundle_dir != run_dir else run_dir
             for name in (*CHECKPOINTS, "report.json"):
                 if (source / name).is_file():

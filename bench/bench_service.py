@@ -1,0 +1,242 @@
+"""Trainer service benchmarks (issue 5), side by side in one run.
+
+collector: quarantine messages of 28x28 float32 inputs from 4 agent processes on loopback. Bare pyzmq
+PUSH/PULL moving the same frames (no parsing, no storage, no replies) against the real collector (parse, check
+against the fleet's input spec, one SQLite WAL transaction per batch with synchronous=FULL, then an ACK per
+message; senders keep a window of unacknowledged messages). Counted afterwards: stored rows, lost, duplicated.
+
+push: a bundle of about 50 MB published to 10 subscribed agent processes (subscribe, download in 1 MiB chunks,
+verify sha256) against one agent alone; time from publish until the last agent has verified it.
+
+Usage: python -m bench.bench_service [--messages 20000] [--bundle-mb 50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zmq
+
+from bench.common import ROOT, save
+
+AGENTS = 4
+
+
+def _header(device: str, seq: int) -> bytes:
+    from protos.nnoc.v1 import quarantine_pb2
+
+    return quarantine_pb2.QuarantineHeader(
+        device_id=device, fleet="bench", bundle_version=1, seq=seq, shape=[1, 28, 28], dtype="float32",
+        primary_label=0, monitor_label=3,
+    ).SerializeToString()  # fmt: skip
+
+
+def _push(port: int, device: str, n: int) -> None:
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.PUSH)
+    s.setsockopt(zmq.SNDHWM, 0)
+    s.connect(f"tcp://127.0.0.1:{port}")
+    tensor = np.random.default_rng(0).random((1, 28, 28), dtype=np.float32).tobytes()
+    for seq in range(n):
+        s.send_multipart([_header(device, seq), tensor])
+    s.close(linger=-1)
+    ctx.term()
+
+
+def _dealer(port: int, device: str, n: int, window: int, out: Any) -> None:
+    from protos.nnoc.v1 import quarantine_pb2
+
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.IDENTITY, device.encode())
+    s.connect(f"tcp://127.0.0.1:{port}")
+    tensor = np.random.default_rng(0).random((1, 28, 28), dtype=np.float32).tobytes()
+    sent = acked = 0
+    statuses: dict[int, int] = {}
+    while acked < n:
+        while sent < n and sent - acked < window:
+            s.send_multipart([_header(device, sent), tensor])
+            sent += 1
+        if s.poll(1000):
+            while True:
+                try:
+                    frame = s.recv(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                r = quarantine_pb2.QuarantineReply.FromString(frame)
+                statuses[r.status] = statuses.get(r.status, 0) + 1
+                acked += 1
+    out.put((device, statuses))
+    s.close(linger=0)
+    ctx.term()
+
+
+def bench_pushpull(n: int) -> float:
+    ctx = zmq.Context()
+    pull = ctx.socket(zmq.PULL)
+    pull.setsockopt(zmq.RCVHWM, 0)
+    port = pull.bind_to_random_port("tcp://127.0.0.1")
+    procs = [mp.Process(target=_push, args=(port, f"cam-{i}", n)) for i in range(AGENTS)]
+    for p in procs:
+        p.start()
+    got = 0
+    pull.recv_multipart()
+    t0 = time.perf_counter()
+    got = 1
+    while got < AGENTS * n:
+        pull.recv_multipart()
+        got += 1
+    dt = time.perf_counter() - t0
+    for p in procs:
+        p.join()
+    pull.close()
+    ctx.term()
+    return got / dt
+
+
+def bench_collector(n: int, tmp: Path) -> dict[str, Any]:
+    from protos.nnoc.v1 import bundle_pb2
+    from trainer.collector import Collector, CollectorConfig, quarantine_size
+
+    spec = bundle_pb2.InputSpec(shape=[1, 28, 28], dtype="float32", min_value=0.0, max_value=1.0, scale=1 / 255)
+    cfg = CollectorConfig("tcp://127.0.0.1:0", tmp / "q", rate=1e9, burst=1e9)
+    collector = Collector(cfg, lambda fleet: spec if fleet == "bench" else None).start()
+    out: Any = mp.Queue()
+    procs = [mp.Process(target=_dealer, args=(collector.port, f"cam-{i}", n, 1000, out)) for i in range(AGENTS)]
+    t0 = time.perf_counter()
+    for p in procs:
+        p.start()
+    results = [out.get() for _ in procs]
+    dt = time.perf_counter() - t0
+    for p in procs:
+        p.join()
+    collector.stop()
+    stored = quarantine_size(tmp / "q", "bench", 1)
+    acks = sum(r[1].get(1, 0) for r in results)
+    return {
+        "rate": AGENTS * n / dt,
+        "sent": AGENTS * n,
+        "acked": acks,
+        "stored": stored,
+        "lost": AGENTS * n - stored,
+        "duplicates_stored": collector.counters.duplicates,
+        "seconds": dt,
+    }
+
+
+def _subscriber(target: str, device: str, staging: str, ready: Any, done: Any) -> None:
+    import grpc
+
+    from edge_agent.bundle import verify_bundle
+    from edge_agent.updates import download_bundle
+    from protos.nnoc.v1 import model_service_pb2 as ms
+    from protos.nnoc.v1 import model_service_pb2_grpc as ms_grpc
+
+    with grpc.insecure_channel(target) as ch:
+        stub = ms_grpc.ModelServiceStub(ch)
+        for notice in stub.Subscribe(ms.SubscribeRequest(fleet="bench", device_id=device, current_version=1)):
+            if notice.version == 1:
+                ready.put(device)
+                continue
+            dest = Path(staging) / device
+            download_bundle(stub, notice, dest)
+            verify_bundle(dest)
+            done.put((device, time.time()))
+            return
+
+
+def bench_push(agents: int, big: Path, tmp: Path) -> float:
+    from trainer.registry import Registry
+    from trainer.service import ModelServer, ModelServicer, ServiceConfig
+    from trainer.store import ModelStore
+
+    root = tmp / f"push-{agents}"
+    store = ModelStore(root / "exports")
+    store.create("bench")
+    store.publish("bench", store.add("bench", big / "v1"))
+    store.add("bench", big / "v2")
+    cfg = ServiceConfig(listen="127.0.0.1:0", watch_interval=0.05)
+    server = ModelServer(ModelServicer(store, Registry(root / "registry.sqlite"), root / "q", cfg), cfg).start()
+    ready: Any = mp.Queue()
+    done: Any = mp.Queue()
+    target = f"127.0.0.1:{server.port}"
+    procs = [
+        mp.Process(target=_subscriber, args=(target, f"cam-{i}", str(root / "agents"), ready, done))
+        for i in range(agents)
+    ]
+    for p in procs:
+        p.start()
+    for _ in procs:
+        ready.get(timeout=60)
+    t0 = time.time()
+    store.publish("bench", 2)
+    finished = [done.get(timeout=600)[1] for _ in procs]
+    for p in procs:
+        p.join()
+    server.stop()
+    shutil.rmtree(root, ignore_errors=True)
+    return max(finished) - t0
+
+
+def _big_bundles(tmp: Path, mb: int) -> Path:
+    from edge_agent.bundle import verify_bundle
+    from trainer.bundle import write_bundle
+
+    src = verify_bundle(ROOT / "runs" / "bench-predeploy" / "checker4" / "block" / "bundle")
+    rng = np.random.default_rng(0)
+    out = tmp / "big"
+    for v in (1, 2):
+        files = {}
+        for role in ("primary", "monitor"):
+            f = tmp / f"{role}-{v}.bin"
+            f.write_bytes(rng.bytes(mb * (1 << 20) // 2))
+            files[role] = f
+        manifest = type(src.manifest)()
+        manifest.CopyFrom(src.manifest)
+        manifest.fleet, manifest.version = "bench", v
+        write_bundle(out / f"v{v}" / "bundle", files, manifest)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--messages", type=int, default=20000, help="per agent")
+    ap.add_argument("--bundle-mb", type=int, default=50)
+    args = ap.parse_args()
+    mp.set_start_method("spawn", force=True)
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        pushpull = bench_pushpull(args.messages)
+        print(f"PUSH/PULL: {pushpull:.0f} msg/s", flush=True)
+        collector = bench_collector(args.messages, tmp)
+        print(f"collector: {collector}", flush=True)
+        big = _big_bundles(tmp, args.bundle_mb)
+        one = bench_push(1, big, tmp)
+        print(f"push to 1 agent: {one:.2f} s", flush=True)
+        ten = bench_push(10, big, tmp)
+        print(f"push to 10 agents: {ten:.2f} s", flush=True)
+    save(
+        "service",
+        {
+            "agents": AGENTS,
+            "messages_per_agent": args.messages,
+            "pushpull_rate": pushpull,
+            "collector": collector,
+            "collector_ratio": collector["rate"] / pushpull,
+            "bundle_mb": args.bundle_mb,
+            "push_one_s": one,
+            "push_ten_s": ten,
+            "push_ratio": ten / one,
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,328 @@
+"""The trainer service: model store, quarantine collector, gRPC model service, serve CLI (all on loopback)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+import zmq
+
+from conftest import ROOT, make_version, run_cli, start_service, wait_for
+from edge_agent.bundle import verify_bundle
+from protos.nnoc.v1 import model_service_pb2 as ms
+from protos.nnoc.v1 import model_service_pb2_grpc as ms_grpc
+from protos.nnoc.v1 import quarantine_pb2
+from trainer.collector import Collector, CollectorConfig, quarantine_size
+from trainer.registry import Registry
+from trainer.server import spec_source
+from trainer.store import ModelStore, StoreError
+
+Reply = quarantine_pb2.QuarantineReply
+
+
+@pytest.fixture()
+def store(predeployed: tuple[Path, dict[str, Any]], tmp_path: Path) -> ModelStore:
+    s = ModelStore(tmp_path / "exports")
+    s.create("default")
+    s.publish("default", s.add("default", predeployed[0]))
+    return s
+
+
+def test_store_publish_rollback_and_refusals(
+    store: ModelStore, predeployed: tuple[Path, dict[str, Any]], tmp_path: Path
+) -> None:
+    state = store.state("default")
+    assert (state.current, state.versions) == (1, [1])
+    assert (store.version_dir("default", 1) / "monitor.pt").is_file()  # checkpoints kept for the next repair
+    with pytest.raises(StoreError, match="already holds v1"):
+        store.add("default", predeployed[0])
+    with pytest.raises(StoreError, match="not 'other'"):
+        store.create("other")
+        store.add("other", predeployed[0])
+    with pytest.raises(StoreError, match="fleet name"):
+        store.state("../etc")
+    v2 = make_version(predeployed[0], tmp_path / "v2", 2)
+    assert store.add("default", v2) == 2 and store.state("default").current == 1  # added, not yet current
+    store.publish("default", 2)
+    assert store.state("default").current == 2 and store.last_action("default") == "publish"
+    store.rollback("default")
+    assert store.state("default").current == 1 and store.last_action("default") == "rollback"
+    with pytest.raises(StoreError, match="older"):
+        store.rollback("default", 2)
+    with pytest.raises(StoreError, match="no version 7"):
+        store.publish("default", 7)
+    assert [h["action"] for h in store.state("default").history] == [
+        "create",
+        "add",
+        "publish",
+        "add",
+        "publish",
+        "rollback",
+    ]
+
+
+def test_store_publish_is_atomic_under_concurrent_readers(
+    store: ModelStore, predeployed: tuple[Path, dict[str, Any]], tmp_path: Path
+) -> None:
+    for v in (2, 3):
+        store.add("default", make_version(predeployed[0], tmp_path / f"v{v}", v))
+    # Readers in another process: each read of the current version must find a whole, verified bundle.
+    reader = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from trainer.store import ModelStore\n"
+        "s = ModelStore(Path(sys.argv[1])); n = 0; seen = set(); t = time.monotonic()\n"
+        "while time.monotonic() - t < 4:\n"
+        "    st = s.state('default'); b = s.bundle('default', st.current)\n"
+        "    assert b.version == st.current, (b.version, st.current); seen.add(st.current); n += 1\n"
+        "print(n, sorted(seen))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    procs = [
+        subprocess.Popen([sys.executable, "-c", reader, str(store.root)], env=env, stdout=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    writers = []
+
+    def flip(k: int) -> None:
+        for i in range(150):
+            store.publish("default", 1 + (i + k) % 3, by=f"writer {k}")
+
+    time.sleep(0.5)
+    for k in range(2):  # two writers in this process as well: the lock serialises them
+        writers.append(threading.Thread(target=flip, args=(k,)))
+        writers[-1].start()
+    for w in writers:
+        w.join()
+    for p in procs:
+        out, _ = p.communicate(timeout=30)
+        assert p.returncode == 0, out
+        assert int(out.split()[0]) > 10
+    assert len(store.state("default").history) == 1 + 3 + 1 + 300
+
+
+def _dealer(ctx: zmq.Context, port: int, identity: bytes) -> zmq.Socket:
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.IDENTITY, identity)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(f"tcp://127.0.0.1:{port}")
+    return s
+
+
+def _message(seq: int, device: str = "cam-1", fleet: str = "default", **kw: Any) -> list[bytes]:
+    h = quarantine_pb2.QuarantineHeader(
+        device_id=device, fleet=fleet, bundle_version=1, seq=seq, shape=[1, 28, 28], dtype="float32",
+        primary_label=0, monitor_label=3,
+    )  # fmt: skip
+    for k, v in kw.items():
+        if k != "tensor":
+            setattr(h, k, v) if not isinstance(v, list) else (h.ClearField(k), getattr(h, k).extend(v))
+    tensor = kw.get("tensor", np.full((1, 28, 28), 0.5, np.float32).tobytes())
+    return [h.SerializeToString(), tensor]
+
+
+def _replies(sock: zmq.Socket, n: int, timeout: float = 10.0) -> list[Reply]:
+    out = []
+    deadline = time.monotonic() + timeout
+    while len(out) < n and time.monotonic() < deadline:
+        if sock.poll(100):
+            out.append(Reply.FromString(sock.recv_multipart()[0]))
+    return out
+
+
+def test_collector_validates_dedupes_limits_and_records_stats(store: ModelStore, tmp_path: Path) -> None:
+    registry = Registry(tmp_path / "registry.sqlite")
+    ctx = zmq.Context()
+    cfg = CollectorConfig("tcp://127.0.0.1:0", tmp_path / "q", max_tensor_bytes=8192, rate=5.0, burst=30.0)
+    collector = Collector(cfg, spec_source(store), registry, ctx).start()
+    sock = _dealer(ctx, collector.port, b"cam-1")
+    try:
+        for seq in range(10):
+            sock.send_multipart(_message(seq))
+        sock.send_multipart(_message(3))  # a duplicate
+        replies = _replies(sock, 11)
+        assert [r.status for r in replies] == [Reply.ACK] * 11
+        bad = {
+            "garbage header": [b"\xff\xfe not protobuf", b"x"],
+            "three frames": [*_message(100), b"extra"],
+            "wrong shape": _message(101, shape=[1, 28, 27], tensor=np.zeros((1, 28, 27), np.float32).tobytes()),
+            "NaN": _message(102, tensor=np.full((1, 28, 28), np.nan, np.float32).tobytes()),
+            "out of range": _message(103, tensor=np.full((1, 28, 28), 7.0, np.float32).tobytes()),
+            "oversized": _message(104, shape=[1, 64, 64], tensor=np.zeros((1, 64, 64), np.float32).tobytes()),
+            "unknown fleet": _message(105, fleet="nowhere"),
+            "short tensor": _message(106, tensor=b"\x00" * 12),
+            "spoofed device": _message(107, device="cam-9"),
+        }
+        for frames in bad.values():
+            sock.send_multipart(frames)
+        replies = _replies(sock, len(bad))
+        assert [r.status for r in replies] == [Reply.REJECTED] * len(bad)
+        assert all(r.error for r in replies)
+        assert "exceeds" in replies[5].error and "unknown fleet" in replies[6].error
+        # Rate limit: the bucket holds 30 and 21 are spent; a burst of 40 more is partly throttled.
+        for seq in range(200, 240):
+            sock.send_multipart(_message(seq))
+        replies = _replies(sock, 40)
+        throttled = [r.seq for r in replies if r.status == Reply.THROTTLED]
+        assert 0 < len(throttled) < 40
+        stats = quarantine_pb2.AgentStats(device_id="cam-1", fleet="default", bundle_version=1, requests=500)
+        stats.rejects, stats.window_reject_rate, stats.window_size = 40, 0.08, 100
+        sock.send_multipart([stats.SerializeToString()])
+        sock.send_multipart([b"\x00\x01garbage"])  # a malformed one-frame message: counted, ignored
+        assert wait_for(lambda: collector.counters.stats == 1 and collector.counters.malformed_frames == 1)
+    finally:
+        sock.close()
+        collector.stop()
+        ctx.term()
+    c = collector.counters
+    assert c.duplicates == 1 and c.rejected == len(bad) and c.throttled == len(throttled)
+    assert quarantine_size(tmp_path / "q", "default", 1) == c.stored == 10 + 40 - len(throttled)
+    devices = registry.devices("default")
+    assert devices[0]["device_id"] == "cam-1" and devices[0]["requests"] == 500
+    assert devices[0]["window_reject_rate"] == pytest.approx(0.08)
+
+
+def test_collector_restart_keeps_unacknowledged_messages(store: ModelStore, tmp_path: Path) -> None:
+    from edge_agent.spool import Spool, SpoolConfig
+    from edge_agent.uplink import Uplink, UplinkConfig
+
+    ctx = zmq.Context()
+    cfg = CollectorConfig("tcp://127.0.0.1:0", tmp_path / "q")
+    first = Collector(cfg, spec_source(store), None, ctx).start()
+    port = first.port
+    first.stop()  # down before the agent sends anything
+    spool = Spool(SpoolConfig(tmp_path / "spool.sqlite"))
+    frames = _message(0)  # the spool gives each row its own seq
+    for _ in range(300):
+        spool.put(frames[0], frames[1])
+    up = Uplink(spool, UplinkConfig(f"tcp://127.0.0.1:{port}", "cam-1", resend_after=0.5), context=ctx).start()
+    try:
+        time.sleep(1.0)
+        assert spool.depth() == 300  # nobody acknowledged: nothing left the spool
+        fixed = CollectorConfig(f"tcp://127.0.0.1:{port}", tmp_path / "q")
+        second = Collector(fixed, spec_source(store), None, ctx).start()
+        assert wait_for(lambda: spool.depth() == 0, 30)
+        second.stop()
+    finally:
+        up.stop()
+        spool.close()
+        ctx.term()
+    assert quarantine_size(tmp_path / "q", "default", 1) == 300
+
+
+def test_service_pushes_publishes_and_serves_resumable_downloads(
+    store: ModelStore, predeployed: tuple[Path, dict[str, Any]], tmp_path: Path
+) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from edge_agent.updates import download_bundle
+
+    server = start_service(store, tmp_path, chunk=4096)
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    stub = ms_grpc.ModelServiceStub(channel)
+    health = health_pb2_grpc.HealthStub(channel)
+    try:
+        check = health.Check(health_pb2.HealthCheckRequest(service="nnoc.v1.ModelService"), timeout=5)
+        assert check.status == health_pb2.HealthCheckResponse.SERVING
+        stream = stub.Subscribe(ms.SubscribeRequest(fleet="default", device_id="cam-1", current_version=1))
+        notices = iter(stream)
+        first = next(notices)
+        assert (first.version, first.rollback) == (1, False) and len(first.manifest.artifacts) == 2
+        store.add("default", make_version(predeployed[0], tmp_path / "v2", 2))
+        store.publish("default", 2)
+        second = next(notices)  # pushed by the store watcher
+        assert (second.version, second.rollback) == (2, False)
+        reply = stub.Rollback(ms.RollbackRequest(fleet="default"), timeout=5)
+        assert reply.current_version == 1 and next(notices).rollback
+        assert "cam-1" in [d.device_id for d in reply.devices]
+        assert stub.ListFleets(ms.ListFleetsRequest(), timeout=5).fleets == ["default"]
+        stream.cancel()
+
+        # Download: a dropped connection leaves a partial file; the next request resumes at its size.
+        art = next(a for a in second.manifest.artifacts if a.role == "primary")
+        staged = tmp_path / "staged"
+        staged.mkdir()
+        chunks = stub.Download(ms.DownloadRequest(fleet="default", version=2, name=art.name, offset=0))
+        with (staged / art.name).open("wb") as f:
+            for i, chunk in enumerate(chunks):
+                assert len(chunk.data) <= 4096 and chunk.total_size == art.size
+                f.write(chunk.data)
+                if i == 3:
+                    chunks.cancel()  # the connection drops mid-artifact
+                    break
+        assert (staged / art.name).stat().st_size == 4 * 4096
+        download_bundle(stub, second, staged)
+        assert verify_bundle(staged).version == 2
+        for bad, code in (
+            (ms.DownloadRequest(fleet="default", version=2, name="../fleet.json"), grpc.StatusCode.NOT_FOUND),
+            (ms.DownloadRequest(fleet="default", version=9, name=art.name), grpc.StatusCode.NOT_FOUND),
+            (ms.DownloadRequest(fleet="default", version=2, name=art.name, offset=10**9), grpc.StatusCode.OUT_OF_RANGE),
+        ):
+            with pytest.raises(grpc.RpcError) as e:
+                list(stub.Download(bad, timeout=5))
+            assert e.value.code() == code and e.value.details()
+        with pytest.raises(grpc.RpcError) as e:
+            next(iter(stub.Subscribe(ms.SubscribeRequest(fleet="nope", device_id="x"), timeout=5)))
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND
+    finally:
+        server.stop()
+        channel.close()
+
+
+def test_serve_cli_reads_toml_and_stops_cleanly_on_sigterm(store: ModelStore, tmp_path: Path) -> None:
+    config = tmp_path / "serve.toml"
+    config.write_text(
+        f'store = "{store.root}"\nstate-dir = "{tmp_path / "state"}"\ncollector = "tcp://127.0.0.1:0"\n'
+        'listen = "127.0.0.1:0"\nmin-quarantine = 5\nno-jobs = true\ninsecure = true\n'
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "trainer", "serve", "--config", str(config), "--json"],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert wait_for(lambda: (tmp_path / "state" / "serve.json").is_file(), 60)
+        info = json.loads((tmp_path / "state" / "serve.json").read_text())
+        code, st, _ = run_cli("trainer", "fleet", "status", "default", "--store", str(store.root), "--state-dir",
+                              str(tmp_path / "state"))  # fmt: skip
+        assert code == 0 and st is not None and st["current"] == 1
+        with grpc.insecure_channel(info["model_service"]) as ch:
+            assert ms_grpc.ModelServiceStub(ch).ListFleets(ms.ListFleetsRequest(), timeout=5).fleets == ["default"]
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err[-2000:]
+        assert json.loads(out.strip().splitlines()[-1])["received"] == 0
+        assert not (tmp_path / "state" / "serve.json").exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    config.write_text("colour = 'red'\n")
+    code, _, err = run_cli("trainer", "serve", "--config", str(config), check=False)
+    assert code == 2 and "unknown keys ['colour']" in err
+
+
+def test_demo_tiny_runs_the_whole_loop(tmp_path: Path) -> None:
+    code, report, err = run_cli("trainer", "demo", "--profile", "tiny", "--out", str(tmp_path / "demo"), "--quiet")
+    assert code == 0 and report is not None, err[-3000:]
+    assert set(report["agents"]) == {"cam-0", "cam-1"}
+    assert all(v == report["repaired_version"] == 2 for v in report["agents"].values())
+    for when in ("before", "after"):
+        assert {"clean_accuracy", "attack_success_rate"} <= set(report[when])
+    assert report["after"]["answered_by_versions"] == [2]
+    # The repaired primary model has unlearned most of the backdoor the BadNet carried.
+    assert report["after"]["primary"]["attack_success_rate"] < report["before"]["primary"]["attack_success_rate"]
+    assert (tmp_path / "demo" / "report.json").is_file() and report["pictures"]
+    assert not list((tmp_path / "demo" / "state").glob("serve.json"))  # serve stopped
