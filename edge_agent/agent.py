@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 
 import numpy as np
 
 from edge_agent.ensemble import Decision, Ensemble
 from edge_agent.monitor import RejectMonitor
-from edge_agent.spool import Spool
+from edge_agent.spool import Spool, SpoolFull
 from edge_agent.uplink import Uplink
 from protos.nnoc.v1 import quarantine_pb2
+
+log = logging.getLogger(__name__)
 
 
 class Agent:
@@ -22,6 +25,7 @@ class Agent:
         self._ensemble = ensemble
         self._swap_lock = threading.Lock()
         self.spool, self.monitor, self.device_id, self.uplink = spool, monitor, device_id, uplink
+        self.unspooled = 0  # rejected inputs the spool could not take (its bound with reject-new, or a full disk)
 
     @property
     def ensemble(self) -> Ensemble:
@@ -47,7 +51,7 @@ class Agent:
             window_reject_rate=snap.window_reject_rate,
             window_size=snap.window_size,
             spool_depth=self.spool.depth(),
-            spool_dropped=self.spool.counter("dropped"),
+            spool_dropped=self.spool.counter("dropped") + self.spool.counter("rejected_full") + self.spool.disk_full,
             provider=ensemble.provider,
         )
 
@@ -74,7 +78,13 @@ class Agent:
                 )
                 header.captured_at.GetCurrentTime()
                 items.append((header.SerializeToString(), np.ascontiguousarray(x[i]).tobytes()))
-            self.spool.put_many(items)
+            try:
+                self.spool.put_many(items)
+            except SpoolFull as e:
+                # The inputs are still refused (label -1); only their quarantine copy is lost, counted by the
+                # spool (rejected_full, disk_full) and here, and logged. Serving goes on.
+                self.unspooled += len(items)
+                log.warning("%d rejected input(s) not quarantined: %s", len(items), e)
             if self.uplink is not None:
                 self.uplink.notify()
         self.monitor.record(decision.rejected.tolist())

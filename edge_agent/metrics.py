@@ -36,6 +36,9 @@ class AgentMetrics:
         Gauge("nnoc_spool_dropped", "Quarantined inputs dropped at the spool bound", registry=r).set_function(
             lambda: agent.spool.counter("dropped")
         )
+        Gauge(
+            "nnoc_spool_unspooled", "Rejected inputs not quarantined (reject-new bound, disk full)", registry=r
+        ).set_function(lambda: agent.unspooled)
         Gauge("nnoc_bundle_version", "Version of the bundle serving now", registry=r).set_function(
             lambda: agent.ensemble.bundle.version
         )

@@ -8,6 +8,7 @@ bounded in rows and bytes; at the bound the policy is explicit (``drop-oldest`` 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sqlite3
 import threading
@@ -69,6 +70,7 @@ class Spool:
         self.cfg = cfg
         cfg.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        self.disk_full = 0  # inputs not spooled because the disk was full (in memory: the disk cannot take it)
         self._db = sqlite3.connect(cfg.path, timeout=30.0, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
@@ -147,10 +149,25 @@ class Spool:
                 self._db.execute("COMMIT")
             except SpoolFull:
                 raise
+            except sqlite3.OperationalError as e:
+                self._rollback()
+                if "full" not in str(e) and "I/O" not in str(e):
+                    raise
+                self.disk_full += len(items)
+                log.error(
+                    "spool disk full (%s): %d input(s) not spooled; free space or lower --spool-max-bytes",
+                    e,
+                    len(items),
+                )
+                raise SpoolFull(f"disk full: {e}") from e
             except BaseException:
-                self._db.execute("ROLLBACK")
+                self._rollback()
                 raise
         return seqs
+
+    def _rollback(self) -> None:
+        with contextlib.suppress(sqlite3.OperationalError):  # the failed statement may have ended it already
+            self._db.execute("ROLLBACK")
 
     def _drop_oldest(self, n: int, used: int, size: int) -> tuple[int, int, int]:
         dropped = 0
