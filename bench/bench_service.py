@@ -50,12 +50,18 @@ def _push(port: int, device: str, n: int) -> None:
     ctx.term()
 
 
-def _dealer(port: int, device: str, n: int, window: int, out: Any) -> None:
+def _dealer(
+    port: int, device: str, n: int, window: int, out: Any, curve_secret: str | None = None, server_public: str = ""
+) -> None:
+    """One agent's worth of quarantine messages with a window of unacknowledged ones (CURVE when keys given)."""
+    from edge_agent.curve import configure_client
     from protos.nnoc.v1 import quarantine_pb2
 
     ctx = zmq.Context()
     s = ctx.socket(zmq.DEALER)
     s.setsockopt(zmq.IDENTITY, device.encode())
+    if curve_secret is not None:
+        configure_client(s, Path(curve_secret), Path(server_public))
     s.connect(f"tcp://127.0.0.1:{port}")
     tensor = np.random.default_rng(0).random((1, 28, 28), dtype=np.float32).tobytes()
     sent = acked = 0

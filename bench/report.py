@@ -116,23 +116,151 @@ def repair_section(data: dict[str, Any], name: str) -> str:
 
 def edge_section(data: dict[str, Any]) -> str:
     lines = [
-        "## Edge ensemble throughput (issue 4, first measurement)",
+        "## Edge agent (issue 4)",
         "",
         _machine(data["machine"]),
         "",
-        "Both models of the checker4 bundle on the CPU, inputs per second; `fused` is one ONNX graph holding both "
-        "models behind one input (argmax inside). Ratios are against eager PyTorch running the same two models "
-        f"({data['threads']} threads).",
+        "**Throughput.** Both models of the checker4 bundle on the CPU through the product's `Ensemble`, inputs "
+        "per second (best of two rounds); `fused` is one ONNX graph holding both models behind one input "
+        "(`edge_agent/fuse.py`, the default path), `two sessions` the other path. Ratios against eager PyTorch "
+        f"running the same two models ({data['threads']} threads). Target ≥ 3×.",
         "",
         "| batch | two sessions | fused graph | eager PyTorch | two sessions / eager | fused / eager |",
         "|---|---|---|---|---|---|",
     ]
     for r in data["rows"]:
         lines.append(
-            f"| {r['batch']} | {r['two_sessions']:.0f} | {r['fused']:.0f} | {r['eager_torch']:.0f} "
+            f"| {r['batch']:.0f} | {r['two_sessions']:.0f} | {r['fused']:.0f} | {r['eager_torch']:.0f} "
             f"| {r['two_sessions'] / r['eager_torch']:.2f}× | {r['fused'] / r['eager_torch']:.2f}× |"
         )
+    sp = data.get("spool")
+    if sp:
+        lines += [
+            "",
+            f"**Spool and uplink on.** Batch 1, a stream with 10% triggered inputs ({100 * sp['reject_share']:.1f}% "
+            "rejected); the agent writes every reject to its SQLite spool (WAL, synchronous=FULL, one fsync per "
+            "request with a reject) before answering, and the uplink streams it to the real collector. Target ≥ 0.9×.",
+            "",
+            "| path | inputs/s | p50 ms | p99 ms |",
+            "|---|---|---|---|",
+            f"| bare ensemble | {sp['bare']['rate']:.0f} | {sp['bare']['p50_ms']:.3f} | {sp['bare']['p99_ms']:.3f} |",
+            f"| agent: spool + uplink | {sp['agent']['rate']:.0f} | {sp['agent']['p50_ms']:.3f} "
+            f"| {sp['agent']['p99_ms']:.3f} |",
+            "",
+            f"Ratio {sp['ratio']:.2f}×; acknowledged by the collector {sp['acked']}, stored {sp['stored']}.",
+        ]
+    sw = data.get("swaps")
+    if sw:
+        lines += [
+            "",
+            f"**Hot swaps under load.** {sw['swaps']} swaps (each loads a fresh ensemble, v1 ↔ v2) in "
+            f"{sw['seconds']:.1f} s while 2 clients call the Open Inference Protocol endpoint with a 64-input batch "
+            f"on which the versions differ in {sw['labels_differing_between_versions']} labels. Replies: "
+            f"{sw['ok']} correct for the version they report, {sw['misversioned']} mis-versioned, {sw['failed']} "
+            "failed (target 0 and 0).",
+        ]
     return "\n".join(lines) + "\n"
+
+
+def service_section(data: dict[str, Any]) -> str:
+    c = data["collector"]
+    return (
+        "\n".join(
+            [
+                "## Trainer service (issue 5)",
+                "",
+                _machine(data["machine"]),
+                "",
+                f"**Collector.** {data['agents']} agent processes × {data['messages_per_agent']} quarantine messages "
+                "(28×28 float32) on loopback. Bare pyzmq PUSH/PULL moving the same frames against the collector "
+                "(parse, check against the fleet's input spec, one SQLite WAL transaction per batch with "
+                "synchronous=FULL, an ACK per message; senders keep ≤ 1000 unacknowledged). Target ≥ 0.3×.",
+                "",
+                "| path | messages/s | sent | acked | stored | lost | duplicates stored |",
+                "|---|---|---|---|---|---|---|",
+                f"| bare PUSH/PULL | {data['pushpull_rate']:.0f} | {c['sent']} | – | – | – | – |",
+                f"| collector | {c['rate']:.0f} | {c['sent']} | {c['acked']} | {c['stored']} | {c['lost']} "
+                f"| {c['duplicates_stored']} |",
+                "",
+                f"Ratio {data['collector_ratio']:.2f}×.",
+                "",
+                f"**Push.** A {data['bundle_mb']} MB bundle published to subscribed agent processes (notice, download "
+                f"in 1 MiB chunks, sha256 verify): one agent {data['push_one_s']:.2f} s, ten agents "
+                f"{data['push_ten_s']:.2f} s, ratio {data['push_ratio']:.2f}× (goal ≤ 2×).",
+            ]
+        )
+        + "\n"
+    )
+
+
+def reliability_section(data: dict[str, Any]) -> str:
+    lines = [
+        "## Reliability (issue 6)",
+        "",
+        _machine(data["machine"]),
+        "",
+        "| fault injected | messages sent | stored | lost | duplicated | failed replies |",
+        "|---|---|---|---|---|---|",
+    ]
+    for f in data["faults"]:
+        lines.append(
+            f"| {f['fault']} | {f['sent']} | {f['stored']} | {f['lost']} | {f['duplicated']} | {f['failed_replies']} |"
+        )
+    fz = data.get("fuzz")
+    if fz:
+        lines += ["", "| decoder (hypothesis) | bad inputs tried | crashes |", "|---|---|---|"]
+        for name, n in sorted(fz["examples"].items()):
+            lines.append(f"| {name} | {n} | {fz['crashes'].get(name, 0)} |")
+    inf, col = data["inference_rates"], data["collector_rates"]
+    lines += [
+        "",
+        "**Cost of transport security**, same run, same machine:",
+        "",
+        "| link | plaintext | secured | ratio |",
+        "|---|---|---|---|",
+        f"| inference endpoint, batch 1, TLS (calls/s) | {inf['plaintext']:.0f} | {inf['tls']:.0f} "
+        f"| {inf['tls'] / inf['plaintext']:.2f}× |",
+        f"| inference endpoint, batch 1, mutual TLS (calls/s) | {inf['plaintext']:.0f} | {inf['mtls']:.0f} "
+        f"| {inf['mtls'] / inf['plaintext']:.2f}× |",
+        f"| quarantine uplink → collector, CURVE (messages/s) | {col['plaintext']:.0f} | {col['curve']:.0f} "
+        f"| {col['curve'] / col['plaintext']:.2f}× |",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def demo_section(data: dict[str, Any]) -> str:
+    r = data["report"]
+    b, a = r["before"], r["after"]
+    return (
+        "\n".join(
+            [
+                "## The end-to-end loop (`make demo`, quick profile)",
+                "",
+                _machine(data["machine"]),
+                "",
+                "`nnoc-trainer demo --profile quick`: serve + 2 agent processes on loopback (mutual TLS, CURVE, signed "
+                "bundles), 1,000 replayed inputs per agent with 10% checker4-triggered, the quarantine starting one "
+                "repair job. `before`: the v1 ensemble (offline, agent code); `after`: through the agents' inference "
+                "endpoints once both serve the repaired version. A rejected input counts as not correctly answered "
+                "and as not attacked. Targets: after ASR ≤ 0.02 with CA at most 0.02 below before; ≤ 15 minutes.",
+                "",
+                "| | CA | ASR | clean rejects | triggered rejects |",
+                "|---|---|---|---|---|",
+                f"| ensemble before (v1) | {b['clean_accuracy']:.4f} | {b['attack_success_rate']:.4f} "
+                f"| {b['clean_reject_rate']:.4f} | {b['triggered_reject_rate']:.4f} |",
+                f"| ensemble after (v{r['repaired_version']}) | {a['clean_accuracy']:.4f} "
+                f"| {a['attack_success_rate']:.4f} "
+                f"| {a['clean_reject_rate']:.4f} | {a['triggered_reject_rate']:.4f} |",
+                f"| primary alone before (θ_bd) | {b['primary']['clean_accuracy']:.4f} "
+                f"| {b['primary']['attack_success_rate']:.4f} | – | – |",
+                f"| primary alone after (θ_repair) | {a['primary']['clean_accuracy']:.4f} "
+                f"| {a['primary']['attack_success_rate']:.4f} | – | – |",
+                "",
+                f"Agents at the end: {r['agents']}; job started by: {r['job']['reason']}; seconds: {r['seconds']}.",
+            ]
+        )
+        + "\n"
+    )
 
 
 def main() -> None:
@@ -147,6 +275,9 @@ def main() -> None:
     for path in sorted(RESULTS.glob("repair-*.json")):
         parts.append(repair_section(json.loads(path.read_text()), path.stem))
     section("edge", edge_section)
+    section("service", service_section)
+    section("reliability", reliability_section)
+    section("demo", demo_section)
     notes = ROOT / "bench" / "NOTES.md"
     if notes.is_file():
         parts.append(notes.read_text())
