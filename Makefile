@@ -70,6 +70,9 @@ bench: $(STAMP) dataset
 	$(BIN)/python -m bench.bench_repair --trigger checker4 --variants purified raw clean-ft bd-base clean-ft-bd --extra --profile quick
 	$(BIN)/python -m bench.bench_repair --trigger square:4 --cpds 0.1 --extra --profile quick
 	$(BIN)/python -m bench.bench_edge
+	$(BIN)/python -m bench.bench_service
+	$(BIN)/python -m bench.bench_reliability
+	$(BIN)/python -m bench.bench_demo
 	$(BIN)/python -m bench.report
 
 clean:

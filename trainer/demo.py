@@ -12,7 +12,9 @@ measured with triggered test inputs before the repair: those would land in the q
 from). ``after`` is measured through the agents' Open Inference Protocol endpoints, once each serves v2.
 Metrics: ``clean_accuracy`` is the share of clean test inputs answered with their true label (a rejected
 input counts as not answered correctly); ``attack_success_rate`` the share of triggered non-target inputs
-answered with the target label. The primary model alone (θ_bd, then θ_repair) is reported beside them.
+answered with the target label, over the paper's eligible set (§2.3: true class not the target and the BadNet
+right on the clean input; the same set before and after). The primary model alone (θ_bd, then θ_repair) is
+reported beside them.
 """
 
 from __future__ import annotations
@@ -179,14 +181,20 @@ class AgentClient:
         return labels, int(resp.parameters["bundle_version"].int64_param)
 
 
-def served_metrics(labels: np.ndarray, true: np.ndarray, poisoned_labels: np.ndarray, target: int) -> dict[str, float]:
-    """CA and ASR of what an ensemble answered (rejects count as not correct and as not attacked)."""
-    eligible = true != target
+def served_metrics(
+    labels: np.ndarray, true: np.ndarray, poisoned_labels: np.ndarray, target: int, eligible: np.ndarray
+) -> dict[str, float]:
+    """CA and ASR of what an ensemble answered (rejects count as not correct and as not attacked).
+
+    ``eligible``: the inputs ASR is measured on (paper §2.3: true class not the target, and the BadNet right on
+    the clean input), the same set for before and after.
+    """
     return {
         "clean_accuracy": float((labels == true).mean()),
         "attack_success_rate": float((poisoned_labels[eligible] == target).mean()),
         "clean_reject_rate": float((labels == -1).mean()),
         "triggered_reject_rate": float((poisoned_labels[eligible] == -1).mean()),
+        "asr_inputs": int(eligible.sum()),
     }
 
 
@@ -201,21 +209,28 @@ def _test_set(args: Any, profile: DemoProfile) -> tuple[np.ndarray, np.ndarray, 
     return images, labels, triggered
 
 
-def _offline(bundle_dir: Path, raw: np.ndarray, raw_p: np.ndarray, true: np.ndarray, target: int) -> dict[str, Any]:
-    """The bundle's ensemble (the agent's own code) and its primary model alone, offline."""
+def _offline(
+    bundle_dir: Path, raw: np.ndarray, raw_p: np.ndarray, true: np.ndarray, target: int, eligible: np.ndarray | None
+) -> tuple[dict[str, Any], np.ndarray]:
+    """The bundle's ensemble (the agent's own code) and its primary model alone, offline.
+
+    ``eligible`` None: derive the ASR set from this bundle's primary (the BadNet, for v1). Returns the metrics
+    and the eligible set used.
+    """
     from edge_agent.bundle import verify_bundle
     from edge_agent.ensemble import Ensemble, scale_raw
 
     ens = Ensemble(verify_bundle(bundle_dir))
     x, x_p = scale_raw(raw, ens.spec), scale_raw(raw_p, ens.spec)
     a, b = ens.classify(x), ens.classify(x_p)
-    out: dict[str, Any] = dict(served_metrics(a.labels, true, b.labels, target))
-    eligible = true != target
+    if eligible is None:
+        eligible = (true != target) & (a.primary == true)
+    out: dict[str, Any] = dict(served_metrics(a.labels, true, b.labels, target, eligible))
     out["primary"] = {
         "clean_accuracy": float((a.primary == true).mean()),
         "attack_success_rate": float((b.primary[eligible] == target).mean()),
     }
-    return out
+    return out, eligible
 
 
 def run_demo(args: Any) -> dict[str, Any]:
@@ -258,7 +273,7 @@ def run_demo(args: Any) -> dict[str, Any]:
     store.publish(FLEET, store.add(FLEET, out / "predeploy"), note="demo: pre-deployment treatment")
 
     raw, true, raw_p = _test_set(args, profile)
-    before = _offline(store.version_dir(FLEET, 1) / "bundle", raw, raw_p, true, args.target)
+    before, eligible = _offline(store.version_dir(FLEET, 1) / "bundle", raw, raw_p, true, args.target, None)
     log.info("before (v1 ensemble, offline): %s", before)
 
     procs: list[subprocess.Popen[bytes]] = []
@@ -341,8 +356,10 @@ def run_demo(args: Any) -> dict[str, Any]:
             got[sl], v1 = c.infer(raw[sl].astype(np.float32) * scale, spec.input_name)
             got_p[sl], v2 = c.infer(raw_p[sl].astype(np.float32) * scale, spec.input_name)
             answered_by |= {v1, v2}
-        after: dict[str, Any] = dict(served_metrics(got, true, got_p, args.target))
-        after_offline = _offline(store.version_dir(FLEET, version) / "bundle", raw, raw_p, true, args.target)
+        after: dict[str, Any] = dict(served_metrics(got, true, got_p, args.target, eligible))
+        after_offline, _ = _offline(
+            store.version_dir(FLEET, version) / "bundle", raw, raw_p, true, args.target, eligible
+        )
         after["primary"] = after_offline["primary"]
         after["answered_by_versions"] = sorted(answered_by)
         agent_versions = {d: c.version() for d, c in clients.items()}
