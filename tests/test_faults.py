@@ -111,7 +111,7 @@ def test_agent_starts_while_the_trainer_is_down_then_catches_up_without_failed_r
     server = None
     try:
         time.sleep(1.5)  # serving v1 from the cache; the model service is not there yet
-        assert agent.ensemble.bundle.version == 1 and results["ok"] > 0 and updater.counters.reconnects > 0
+        assert agent.ensemble.bundle.version == 1 and results["ok"] > 0  # the subscription waits for the service
         server = start_service_on(store, tmp_path, port)
         assert wait_for(lambda: agent.ensemble.bundle.version == 2, 60)
         time.sleep(0.5)
