@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from edge_agent.bundle import BundleError, VerifiedBundle, verify_bundle
 from edge_agent.signing import sign_manifest
 from protos.nnoc.v1 import bundle_pb2
-from trainer.bundle import manifest_json, read_manifest
+from trainer.bundle import fsync_dir, manifest_json, read_manifest
 
 FLEET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 CHECKPOINTS = ("primary.pt", "monitor.pt")
@@ -50,14 +50,6 @@ class FleetState:
     current: int | None
     versions: list[int]
     history: list[dict[str, Any]]
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class ModelStore:
@@ -134,7 +126,7 @@ class ModelStore:
             f.flush()
             os.fsync(f.fileno())
         tmp.replace(d / "fleet.json")
-        _fsync_dir(d)
+        fsync_dir(d)
 
     def create(self, fleet: str) -> FleetState:
         """Create an empty fleet; an existing fleet is an error."""
@@ -190,7 +182,7 @@ class ModelStore:
                     with f.open("rb") as fh:
                         os.fsync(fh.fileno())
             staging.rename(d / str(bundle.version))
-            _fsync_dir(d)
+            fsync_dir(d)
             history = [*state.history, {"action": "add", "version": bundle.version, "at": time.time(), "by": by}]
             self._write_state(fleet, state.current, history)
         return bundle.version
