@@ -62,8 +62,8 @@ class Agent:
         """
         ensemble = self._ensemble  # one version answers the whole batch, even if a swap lands meanwhile
         decision = ensemble.classify(x)
-        rejected = np.flatnonzero(decision.rejected)
-        if len(rejected):
+        if decision.rejected.any():
+            rejected = np.flatnonzero(decision.rejected)
             manifest = ensemble.bundle.manifest
             items = []
             for i in rejected:

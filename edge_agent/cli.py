@@ -96,6 +96,8 @@ def cmd_run(args: argparse.Namespace) -> dict:
         reject_threshold=args.reject_threshold,
         spool_max_items=args.spool_max_items,
         spool_policy=args.spool_policy,
+        spool_durability=args.spool_durability,
+        spool_max_bytes=args.spool_max_bytes,
         stats_interval=args.stats_interval,
         runtime=RuntimeConfig(
             providers=tuple(args.providers) if args.providers else None,
@@ -163,6 +165,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spool-max-items", type=int, default=100_000)
     p.add_argument("--stats-interval", type=float, default=10.0, help="seconds between stats messages")
     p.add_argument("--spool-policy", choices=("drop-oldest", "reject-new"), default="drop-oldest")
+    p.add_argument(
+        "--spool-durability",
+        choices=("power", "process"),
+        default="power",
+        help="power: an fsync per reject, survives power loss (default); process: survives kill -9, ~20%% faster",
+    )
+    p.add_argument("--spool-max-bytes", type=int, default=512 << 20, help="spool bound in bytes")
     p.add_argument("--providers", nargs="+", default=None, help="onnxruntime providers, in order (default: best)")
     p.add_argument("--threads", type=int, default=0, help="intra-op threads (0: one per core)")
     p.add_argument("--graph-optimization", choices=("disable", "basic", "extended", "all"), default="all")

@@ -51,9 +51,9 @@ def check_input(x: np.ndarray, spec: bundle_pb2.InputSpec) -> np.ndarray:
         raise InputError("empty batch: send at least one input")
     if x.dtype != np.dtype(spec.dtype):
         raise InputError(f"input dtype {x.dtype} does not match the model's {spec.dtype}")
-    if not np.isfinite(x).all():
+    lo, hi = float(x.min()), float(x.max())  # NaN anywhere makes both NaN
+    if np.isnan(lo) or np.isnan(hi) or np.isinf(lo) or np.isinf(hi):
         raise InputError("input holds NaN or infinite values")
-    lo, hi = float(x.min()), float(x.max())
     if lo < spec.min_value or hi > spec.max_value:
         raise InputError(
             f"input values span [{lo:.4g}, {hi:.4g}], outside the model's range [{spec.min_value}, {spec.max_value}]"

@@ -60,6 +60,8 @@ class RunConfig:
     reject_threshold: float = 0.05
     spool_max_items: int = 100_000
     spool_policy: str = "drop-oldest"
+    spool_durability: str = "power"
+    spool_max_bytes: int = 512 << 20
     stats_interval: float = 10.0
     bootstrap_timeout: float = 60.0  # empty cache: how long to wait for the model service's first bundle
     curve_key: Path | None = None  # this agent's CURVE .key_secret (uplink encrypted and authenticated)
@@ -166,7 +168,15 @@ def run(cfg: RunConfig, stop: threading.Event | None = None) -> dict[str, Any]:
             f"the cached bundle belongs to fleet {bundle.manifest.fleet!r}, not {cfg.fleet!r}: "
             "use another --state-dir or the bundle's fleet"
         )
-    spool = Spool(SpoolConfig(cfg.state_dir / "spool.sqlite", max_items=cfg.spool_max_items, policy=cfg.spool_policy))
+    spool = Spool(
+        SpoolConfig(
+            cfg.state_dir / "spool.sqlite",
+            max_items=cfg.spool_max_items,
+            max_bytes=cfg.spool_max_bytes,
+            policy=cfg.spool_policy,
+            durability=cfg.spool_durability,
+        )
+    )
     agent = Agent(Ensemble(bundle, cfg.runtime), spool, RejectMonitor(cfg.window, cfg.reject_threshold), cfg.device_id)
     uplink = None
     if cfg.collector:

@@ -13,12 +13,17 @@ import logging
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 POLICIES = ("drop-oldest", "reject-new")
+# What an acknowledged put survives: "power" (synchronous=FULL: an fsync per transaction, survives power loss)
+# or "process" (synchronous=NORMAL in WAL mode: survives the process being killed, -9 included, and restarts;
+# the last transactions may be lost if the machine itself loses power).
+DURABILITY = {"power": "FULL", "process": "NORMAL"}
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS spool (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -41,8 +46,11 @@ class SpoolConfig:
     max_items: int = 100_000
     max_bytes: int = 512 << 20
     policy: str = "drop-oldest"
+    durability: str = "power"
 
     def __post_init__(self) -> None:
+        if self.durability not in DURABILITY:
+            raise ValueError(f"unknown spool durability {self.durability!r}; choose one of: {', '.join(DURABILITY)}")
         if self.policy not in POLICIES:
             raise ValueError(f"unknown spool policy {self.policy!r}; choose one of: {', '.join(POLICIES)}")
         if self.max_items < 1 or self.max_bytes < 1:
@@ -73,12 +81,16 @@ class Spool:
         self.disk_full = 0  # inputs not spooled because the disk was full (in memory: the disk cannot take it)
         self._db = sqlite3.connect(cfg.path, timeout=30.0, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute(f"PRAGMA synchronous={DURABILITY[cfg.durability]}")
         self._db.executescript(_SCHEMA)
         # Sequence numbers identify messages at the collector as (device_id, seq). A new spool file starts
         # them at the current time in microseconds, so a lost or reset spool never reuses an old number.
         if self._db.execute("SELECT COUNT(*) FROM sqlite_sequence WHERE name = 'spool'").fetchone()[0] == 0:
             self._db.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('spool', ?)", (time.time_ns() // 1000,))
+        # Rows and bytes held, counted once here and then kept in step with every insert and delete: a
+        # COUNT(*) per request would scan the whole table and make each put slower the fuller the spool.
+        n, used = self._db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM spool").fetchone()
+        self._n, self._bytes = int(n), int(used)
 
     def close(self) -> None:
         """Close the database (rows stay on disk)."""
@@ -120,7 +132,7 @@ class Spool:
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                n, used = self._db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM spool").fetchone()
+                n, used = self._n, self._bytes
                 if self.cfg.policy == "reject-new" and (
                     n + len(items) > self.cfg.max_items or used + sum(sizes) > self.cfg.max_bytes
                 ):
@@ -147,6 +159,7 @@ class Spool:
                     n, used = n + 1, used + size
                 self._bump("spooled", len(items))
                 self._db.execute("COMMIT")
+                self._n, self._bytes = n, used
             except SpoolFull:
                 raise
             except sqlite3.OperationalError as e:
@@ -171,18 +184,30 @@ class Spool:
 
     def _drop_oldest(self, n: int, used: int, size: int) -> tuple[int, int, int]:
         dropped = 0
-        for seq, row_size in self._db.execute("SELECT seq, size FROM spool ORDER BY seq").fetchall():
-            if n + 1 <= self.cfg.max_items and used + size <= self.cfg.max_bytes:
-                break
-            self._db.execute("DELETE FROM spool WHERE seq = ?", (seq,))
-            n, used, dropped = n - 1, used - row_size, dropped + 1
+        while n > 0 and (n + 1 > self.cfg.max_items or used + size > self.cfg.max_bytes):
+            for seq, row_size in self._db.execute("SELECT seq, size FROM spool ORDER BY seq LIMIT 32").fetchall():
+                if n + 1 <= self.cfg.max_items and used + size <= self.cfg.max_bytes:
+                    break
+                self._db.execute("DELETE FROM spool WHERE seq = ?", (seq,))
+                n, used, dropped = n - 1, used - row_size, dropped + 1
         self._bump("dropped", dropped)
         return n, used, dropped
+
+    @contextlib.contextmanager
+    def _bookkeeping(self) -> Iterator[None]:
+        """The uplink's writes (sent marks, deletions after an ACK) need no fsync: if power loss undoes them, the
+        rows are sent again and the collector, which keys on (device, seq), stores them once. Only puts pay for
+        durability."""
+        self._db.execute("PRAGMA synchronous=OFF")
+        try:
+            yield
+        finally:
+            self._db.execute(f"PRAGMA synchronous={DURABILITY[self.cfg.durability]}")
 
     def due(self, limit: int, resend_after: float) -> list[SpooledItem]:
         """Up to ``limit`` rows never sent or sent more than ``resend_after`` seconds ago; marks them sent."""
         now = time.time()
-        with self._lock:
+        with self._lock, self._bookkeeping():
             rows = self._db.execute(
                 "SELECT seq, header, tensor, attempts FROM spool WHERE last_sent <= ? ORDER BY seq LIMIT ?",
                 (now - resend_after, limit),
@@ -198,21 +223,23 @@ class Spool:
         """Delete acknowledged rows; returns how many were still present."""
         if not seqs:
             return 0
-        with self._lock:
+        with self._lock, self._bookkeeping():
             self._db.execute("BEGIN IMMEDIATE")
-            before = self._db.total_changes
-            self._db.executemany("DELETE FROM spool WHERE seq = ?", [(s,) for s in seqs])
-            removed = self._db.total_changes - before
-            self._bump("acked", removed)
+            freed = []
+            for seq in seqs:
+                freed += self._db.execute("DELETE FROM spool WHERE seq = ? RETURNING size", (seq,)).fetchall()
+            self._bump("acked", len(freed))
             self._db.execute("COMMIT")
-        return removed
+            self._n -= len(freed)
+            self._bytes -= sum(int(r[0]) for r in freed)
+        return len(freed)
 
     def depth(self) -> int:
         """Rows waiting for an acknowledgement."""
         with self._lock:
-            return int(self._db.execute("SELECT COUNT(*) FROM spool").fetchone()[0])
+            return self._n
 
     def bytes_used(self) -> int:
         """Bytes of header and tensor data waiting."""
         with self._lock:
-            return int(self._db.execute("SELECT COALESCE(SUM(size), 0) FROM spool").fetchone()[0])
+            return self._bytes

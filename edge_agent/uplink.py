@@ -34,6 +34,10 @@ class UplinkConfig:
     window: int = 256  # unacknowledged messages in flight at most
     resend_after: float = 5.0  # seconds without an ACK before a message is sent again
     poll_ms: int = 50
+    # Pause after a round that sent or acknowledged something, so that the next round moves a batch (one spool
+    # query and one ACK transaction for many messages) instead of one message at a time; it bounds how long a
+    # new reject waits before it leaves the box.
+    batch_delay: float = 0.05
     linger_ms: int = 0
     stats_interval: float = 10.0  # seconds between AgentStats messages (when a stats source is given)
     curve_key: Path | None = None  # this agent's CURVE .key_secret file (with curve_server_key: encrypted link)
@@ -116,6 +120,7 @@ class Uplink:
                 horizon = time.monotonic() - self.cfg.resend_after
                 in_flight = {seq: t for seq, t in in_flight.items() if t > horizon}  # the rest is due again
                 room = self.cfg.window - len(in_flight)
+                sent_now = 0
                 if room > 0:
                     for item in self.spool.due(room, self.cfg.resend_after):
                         header = quarantine_pb2.QuarantineHeader.FromString(item.header)
@@ -126,6 +131,7 @@ class Uplink:
                         except zmq.Again:  # queue full while disconnected: try again after resend_after
                             break
                         self.counters.sent += 1
+                        sent_now += 1
                         if item.attempts > 1:
                             self.counters.resent += 1
                         in_flight[item.seq] = time.monotonic()
@@ -154,6 +160,8 @@ class Uplink:
                 if not in_flight and self.spool.depth() == 0:
                     self._wake.wait(self.cfg.poll_ms / 1000)
                     self._wake.clear()
+                elif acks or sent_now:
+                    self._stop.wait(self.cfg.batch_delay)
         finally:
             sock.close()
 
