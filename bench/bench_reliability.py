@@ -241,14 +241,18 @@ def transport_curve(tmp: Path, n: int = 5000) -> dict[str, float]:
         cfg = CollectorConfig("tcp://127.0.0.1:0", root, rate=1e9, burst=1e9, **curve)  # type: ignore[arg-type]
         collector = Collector(cfg, lambda f: spec if f == "bench" else None).start()
         out: Any = mp.Queue()
+        go = mp.Event()
         args = [
-            (collector.port, f"cam-{i}", n, 1000, out, str(clients[i]) if curve else None, str(server_pub))
+            (collector.port, f"cam-{i}", n, 1000, out, str(clients[i]) if curve else None, str(server_pub), go)
             for i in range(4)
         ]
         procs = [mp.Process(target=_dealer, args=a) for a in args]
-        t0 = time.perf_counter()
         for p in procs:
             p.start()
+        for _ in procs:
+            out.get()  # connected, messages built
+        t0 = time.perf_counter()
+        go.set()
         for _ in procs:
             out.get()
         rate = 4 * n / (time.perf_counter() - t0)

@@ -44,14 +44,22 @@ def _push(port: int, device: str, n: int) -> None:
     s.setsockopt(zmq.SNDHWM, 0)
     s.connect(f"tcp://127.0.0.1:{port}")
     tensor = np.random.default_rng(0).random((1, 28, 28), dtype=np.float32).tobytes()
+    headers = [_header(device, seq) for seq in range(n)]
     for seq in range(n):
-        s.send_multipart([_header(device, seq), tensor])
+        s.send_multipart([headers[seq], tensor])
     s.close(linger=-1)
     ctx.term()
 
 
 def _dealer(
-    port: int, device: str, n: int, window: int, out: Any, curve_secret: str | None = None, server_public: str = ""
+    port: int,
+    device: str,
+    n: int,
+    window: int,
+    out: Any,
+    curve_secret: str | None = None,
+    server_public: str = "",
+    go: Any = None,
 ) -> None:
     """One agent's worth of quarantine messages with a window of unacknowledged ones (CURVE when keys given)."""
     from edge_agent.curve import configure_client
@@ -64,11 +72,15 @@ def _dealer(
         configure_client(s, Path(curve_secret), Path(server_public))
     s.connect(f"tcp://127.0.0.1:{port}")
     tensor = np.random.default_rng(0).random((1, 28, 28), dtype=np.float32).tobytes()
+    headers = [_header(device, seq) for seq in range(n)]  # built before the clock starts
+    if go is not None:
+        out.put(("ready", device))
+        go.wait()
     sent = acked = 0
     statuses: dict[int, int] = {}
     while acked < n:
         while sent < n and sent - acked < window:
-            s.send_multipart([_header(device, sent), tensor])
+            s.send_multipart([headers[sent], tensor])
             sent += 1
         if s.poll(1000):
             while True:
@@ -115,10 +127,16 @@ def bench_collector(n: int, tmp: Path) -> dict[str, Any]:
     cfg = CollectorConfig("tcp://127.0.0.1:0", tmp / "q", rate=1e9, burst=1e9)
     collector = Collector(cfg, lambda fleet: spec if fleet == "bench" else None).start()
     out: Any = mp.Queue()
-    procs = [mp.Process(target=_dealer, args=(collector.port, f"cam-{i}", n, 1000, out)) for i in range(AGENTS)]
-    t0 = time.perf_counter()
+    go = mp.Event()
+    procs = [
+        mp.Process(target=_dealer, args=(collector.port, f"cam-{i}", n, 1000, out, None, "", go)) for i in range(AGENTS)
+    ]
     for p in procs:
         p.start()
+    for _ in procs:
+        out.get()  # connected, messages built
+    t0 = time.perf_counter()
+    go.set()
     results = [out.get() for _ in procs]
     dt = time.perf_counter() - t0
     for p in procs:
@@ -240,6 +258,8 @@ def main() -> None:
             "push_one_s": one,
             "push_ten_s": ten,
             "push_ratio": ten / one,
+            "push_aggregate_mb_s": 10 * args.bundle_mb / ten,
+            "push_one_mb_s": args.bundle_mb / one,
         },
     )
 

@@ -215,23 +215,42 @@ class Collector:
             self._stores[(fleet, version)] = store
         return store
 
-    def _check(self, header: quarantine_pb2.QuarantineHeader, tensor: bytes) -> None:
+    def _check(self, header: quarantine_pb2.QuarantineHeader, tensor: bytes) -> bundle_pb2.InputSpec:
+        """Everything but the values (checked per batch, vectorised, in :meth:`_check_values`)."""
         spec = self._spec(header.fleet)
         if spec is None:
             raise QuarantineError(f"unknown fleet {header.fleet!r}")
-        arr = check_message(header, tensor, self.cfg.max_tensor_bytes)
-        if list(arr.shape) != list(spec.shape) or arr.dtype != np.dtype(spec.dtype):
-            raise QuarantineError(
-                f"tensor {list(arr.shape)} {arr.dtype} does not match the fleet's input {list(spec.shape)} {spec.dtype}"
-            )
-        if arr.min() < spec.min_value or arr.max() > spec.max_value:
-            raise QuarantineError(f"tensor values outside the fleet's range [{spec.min_value}, {spec.max_value}]")
+        shape, dtype = self._layout(spec)
+        if header.device_id and list(header.shape) == shape and header.dtype == spec.dtype:
+            size = len(tensor)
+            if size == dtype.itemsize * int(np.prod(shape)) and size <= self.cfg.max_tensor_bytes:
+                return spec  # the common case: exactly the fleet's layout
+        arr = check_message(header, tensor, self.cfg.max_tensor_bytes)  # says precisely what is wrong
+        raise QuarantineError(
+            f"tensor {list(arr.shape)} {arr.dtype} does not match the fleet's input {shape} {spec.dtype}"
+        )
+
+    @staticmethod
+    def _layout(spec: bundle_pb2.InputSpec) -> tuple[list[int], np.dtype]:
+        return [int(d) for d in spec.shape], np.dtype(spec.dtype)
+
+    @staticmethod
+    def _check_values(spec: bundle_pb2.InputSpec, tensors: list[bytes]) -> np.ndarray:
+        """Which tensors (rows) hold NaN, infinities or values outside the spec's range."""
+        rows = np.frombuffer(b"".join(tensors), dtype=np.dtype(spec.dtype)).reshape(len(tensors), -1)
+        lo, hi = rows.min(axis=1), rows.max(axis=1)  # NaN anywhere in a row makes its min and max NaN
+        bad = ~(lo >= spec.min_value) | ~(hi <= spec.max_value)
+        if rows.dtype.kind == "f":
+            bad |= np.isinf(lo) | np.isinf(hi)
+        return np.asarray(bad)
 
     def handle(self, batch: list[list[bytes]]) -> list[tuple[bytes, Reply]]:
         """Validate, store and answer one batch of raw ROUTER messages (identity frame first)."""
         c = self.counters
         replies: list[tuple[bytes, Reply]] = []
-        accepted: dict[tuple[str, int], list[tuple[bytes, quarantine_pb2.QuarantineHeader, bytes]]] = defaultdict(list)
+        Item = tuple[bytes, quarantine_pb2.QuarantineHeader, bytes]
+        checked: dict[str, list[Item]] = defaultdict(list)
+        accepted: dict[tuple[str, int], list[Item]] = defaultdict(list)
         for frames in batch:
             ident, body = frames[0], frames[1:]
             if len(body) == 1:
@@ -250,18 +269,25 @@ class Collector:
                     raise QuarantineError(f"header device_id {header.device_id!r} is not the sender's identity")
                 self._check(header, body[1])
             except QuarantineError as e:
-                c.rejected += 1
-                c.by_reason[str(e).split(":")[0][:60]] += 1
-                log.warning("refused quarantine message from %r seq %d: %s", ident[:64], header.seq, e)
-                replies.append(
-                    (ident, Reply(device_id=header.device_id, seq=header.seq, status=Reply.REJECTED, error=str(e)))
-                )
+                replies.append(self._refuse(ident, header, str(e)))
                 continue
-            if not self._admit(header.device_id):
-                c.throttled += 1
-                replies.append((ident, Reply(device_id=header.device_id, seq=header.seq, status=Reply.THROTTLED)))
-                continue
-            accepted[(header.fleet, int(header.bundle_version))].append((ident, header, body[1]))
+            checked[header.fleet].append((ident, header, body[1]))
+        for fleet, items in checked.items():
+            spec = self._spec(fleet)
+            assert spec is not None
+            bad = self._check_values(spec, [t for _, _, t in items])
+            for (ident, header, tensor), is_bad in zip(items, bad, strict=True):
+                if is_bad:
+                    why = (
+                        "tensor holds NaN, infinities or values outside the fleet's range "
+                        f"[{spec.min_value}, {spec.max_value}]"
+                    )
+                    replies.append(self._refuse(ident, header, why))
+                elif not self._admit(header.device_id):
+                    c.throttled += 1
+                    replies.append((ident, Reply(device_id=header.device_id, seq=header.seq, status=Reply.THROTTLED)))
+                else:
+                    accepted[(header.fleet, int(header.bundle_version))].append((ident, header, tensor))
         for (fleet, version), items in accepted.items():
             spec = self._spec(fleet)
             assert spec is not None
@@ -270,6 +296,12 @@ class Collector:
             c.duplicates += len(items) - new
             replies.extend((ident, Reply(device_id=h.device_id, seq=h.seq, status=Reply.ACK)) for ident, h, _ in items)
         return replies
+
+    def _refuse(self, ident: bytes, header: quarantine_pb2.QuarantineHeader, why: str) -> tuple[bytes, Reply]:
+        self.counters.rejected += 1
+        self.counters.by_reason[why.split(":")[0][:60]] += 1
+        log.warning("refused quarantine message from %r seq %d: %s", ident[:64], header.seq, why)
+        return ident, Reply(device_id=header.device_id, seq=header.seq, status=Reply.REJECTED, error=why)
 
     def _stats(self, ident: bytes, body: bytes) -> None:
         try:

@@ -136,16 +136,20 @@ class QuarantineStore:
         """
         now = time.time()
         rows = []
+        shapes: dict[tuple[int, ...], str] = {}
         for header, tensor in messages:
             if not checked:
                 check_message(header, tensor)
+            shape = tuple(header.shape)
+            if shape not in shapes:
+                shapes[shape] = json.dumps(list(shape))
             rows.append(
                 (
                     header.device_id,
                     header.seq,
                     header.fleet,
                     header.bundle_version,
-                    json.dumps(list(header.shape)),
+                    shapes[shape],
                     header.dtype,
                     header.primary_label,
                     header.monitor_label,
