@@ -78,7 +78,8 @@ def _dealer(
         go.wait()
     sent = acked = 0
     statuses: dict[int, int] = {}
-    while acked < n:
+    idle_since = time.monotonic()
+    while acked < n and time.monotonic() - idle_since < 15:  # no reply for 15 s: give up, report the count
         while sent < n and sent - acked < window:
             s.send_multipart([headers[sent], tensor])
             sent += 1
@@ -91,6 +92,8 @@ def _dealer(
                 r = quarantine_pb2.QuarantineReply.FromString(frame)
                 statuses[r.status] = statuses.get(r.status, 0) + 1
                 acked += 1
+                idle_since = time.monotonic()
+    statuses[-1] = n - acked  # never answered
     out.put((device, statuses))
     s.close(linger=0)
     ctx.term()
