@@ -101,6 +101,20 @@ def test_subscribe_download_verify_swap_and_refusals(fleet: dict[str, Any]) -> N
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(service, server)
     server.add_insecure_port(f"127.0.0.1:{port}")
     server.start()
+    # Requests keep coming the whole time: no broken download, corrupt chunk or refusal may fail one.
+    served = {"ok": 0, "failed": 0}
+    stop = threading.Event()
+
+    def load() -> None:
+        while not stop.is_set():
+            try:
+                decision, version = agent.classify(x)
+                served["ok" if version in (1, 2) and decision.labels.shape == (3,) else "failed"] += 1
+            except Exception:
+                served["failed"] += 1
+
+    worker = threading.Thread(target=load)
+    worker.start()
     try:
         service.break_once.add("primary.onnx")  # the first download breaks after one chunk: resumed
         service.publish(2)
@@ -123,8 +137,11 @@ def test_subscribe_download_verify_swap_and_refusals(fleet: dict[str, Any]) -> N
         current, previous = cache.load(), cache.load("previous")
         assert current is not None and current.version == 1 and previous is not None and previous.version == 2
     finally:
+        stop.set()
+        worker.join()
         updater.stop()
         server.stop(0)
+    assert served["failed"] == 0 and served["ok"] > 10
 
 
 def test_cache_rollback(fleet: dict[str, Any], tmp_path: Path) -> None:
