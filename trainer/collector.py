@@ -102,6 +102,7 @@ class Collector:
         self._stores: dict[tuple[str, int], QuarantineStore] = {}
         self._buckets: dict[str, _Bucket] = {}
         self._specs: dict[str, tuple[float, bundle_pb2.InputSpec | None]] = {}
+        self._layouts: dict[str, tuple[bundle_pb2.InputSpec, list[int], int]] = {}
         self._stop = threading.Event()
         self._ready = threading.Event()
         self._error: BaseException | None = None
@@ -220,19 +221,22 @@ class Collector:
         spec = self._spec(header.fleet)
         if spec is None:
             raise QuarantineError(f"unknown fleet {header.fleet!r}")
-        shape, dtype = self._layout(spec)
-        if header.device_id and list(header.shape) == shape and header.dtype == spec.dtype:
-            size = len(tensor)
-            if size == dtype.itemsize * int(np.prod(shape)) and size <= self.cfg.max_tensor_bytes:
-                return spec  # the common case: exactly the fleet's layout
+        shape, nbytes = self._layout(header.fleet, spec)
+        fits = header.device_id and header.dtype == spec.dtype and len(tensor) == nbytes and header.shape == shape
+        if fits and nbytes <= self.cfg.max_tensor_bytes:
+            return spec  # the common case: exactly the fleet's layout
         arr = check_message(header, tensor, self.cfg.max_tensor_bytes)  # says precisely what is wrong
         raise QuarantineError(
             f"tensor {list(arr.shape)} {arr.dtype} does not match the fleet's input {shape} {spec.dtype}"
         )
 
-    @staticmethod
-    def _layout(spec: bundle_pb2.InputSpec) -> tuple[list[int], np.dtype]:
-        return [int(d) for d in spec.shape], np.dtype(spec.dtype)
+    def _layout(self, fleet: str, spec: bundle_pb2.InputSpec) -> tuple[list[int], int]:
+        """The fleet's tensor shape and byte size (cached with the spec they come from)."""
+        cached = self._layouts.get(fleet)
+        if cached is None or cached[0] is not spec:
+            shape = [int(d) for d in spec.shape]
+            cached = self._layouts[fleet] = (spec, shape, np.dtype(spec.dtype).itemsize * int(np.prod(shape)))
+        return cached[1], cached[2]
 
     @staticmethod
     def _check_values(spec: bundle_pb2.InputSpec, tensors: list[bytes]) -> np.ndarray:
