@@ -185,7 +185,9 @@ class Collector:
     def _spec(self, fleet: str) -> bundle_pb2.InputSpec | None:
         now = time.monotonic()
         cached = self._specs.get(fleet)
-        if cached is None or now - cached[0] > 5.0:
+        # A known fleet's spec is re-read every 5 s; an unknown fleet is asked about again after 1 s, so a fleet
+        # created a moment ago is not refused for long.
+        if cached is None or now - cached[0] > (5.0 if cached[1] is not None else 1.0):
             try:
                 cached = (now, self.spec_for(fleet))
             except Exception as e:  # an unknown or broken fleet is the sender's problem, reported as such

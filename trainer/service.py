@@ -171,7 +171,6 @@ class ModelServicer(ms_grpc.ModelServiceServicer):
     def status(self, fleet: str) -> ms.FleetStatusResponse:
         """Versions, quarantine sizes, devices, jobs and history of one fleet."""
         state = self.store.state(fleet)
-        subscribed: set[str] = set()
         out = ms.FleetStatusResponse(fleet=fleet, current_version=state.current or 0)
         for v in state.versions:
             out.versions.add(
@@ -187,7 +186,7 @@ class ModelServicer(ms_grpc.ModelServiceServicer):
                 spool_depth=d["spool_depth"],
                 provider=d["provider"],
                 last_seen=d["last_seen"],
-                subscribed=bool(d["subscribed"]) or d["device_id"] in subscribed,
+                subscribed=bool(d["subscribed"]),
             )
         for j in self.registry.jobs(fleet):
             out.jobs.add(
