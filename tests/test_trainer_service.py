@@ -327,3 +327,39 @@ def test_demo_tiny_runs_the_whole_loop(tmp_path: Path) -> None:
     assert report["after"]["primary"]["attack_success_rate"] < report["before"]["primary"]["attack_success_rate"]
     assert (tmp_path / "demo" / "report.json").is_file() and report["pictures"]
     assert not list((tmp_path / "demo" / "state").glob("serve.json"))  # serve stopped
+
+
+def test_job_policy_starts_repairs_on_size_or_rate_and_retries_after_growth(store: ModelStore, tmp_path: Path) -> None:
+    from trainer.jobs import JobPolicy, JobRunner
+    from trainer.quarantine import QuarantineStore
+
+    registry = Registry(tmp_path / "registry.sqlite")
+    qroot = tmp_path / "q"
+    runner = JobRunner(store, registry, qroot, tmp_path / "jobs", JobPolicy(min_quarantine=50, min_for_rate=10))
+
+    def quarantine(n: int, start: int = 0) -> None:
+        with QuarantineStore(qroot / "default" / "1") as q:
+            msgs = [_message(seq) for seq in range(start, start + n)]
+            q.add_many([(quarantine_pb2.QuarantineHeader.FromString(h), t) for h, t in msgs])
+
+    def stats(rate: float) -> None:
+        s = quarantine_pb2.AgentStats(device_id="cam-1", fleet="default", bundle_version=1, requests=100)
+        s.window_reject_rate, s.window_size = rate, 100
+        registry.record_stats(s)
+
+    assert runner.due("default") == ""
+    quarantine(12)
+    stats(0.02)
+    assert runner.due("default") == ""  # 12 < 50 and the agents' reject rates are low
+    stats(0.2)
+    assert runner.due("default").startswith("reject rate 0.200 > 0.05 with 12 quarantined")
+    job = registry.add_job("default", 1, "test", quarantine=12)
+    assert runner.due("default") == ""  # one job at a time per fleet
+    registry.update_job(job.id, "gate-rejected", "{}")
+    assert runner.due("default") == ""  # this version was tried: wait until its quarantine doubles
+    quarantine(50, start=100)
+    assert runner.due("default") == "quarantine 62 >= 50"
+    registry.update_job(job.id, "published", "{}", version=2)
+    capped = JobRunner(store, registry, qroot, tmp_path / "jobs", JobPolicy(min_quarantine=50, max_rounds=1))
+    assert capped.due("default") == ""  # one published round is the cap
+    registry.close()

@@ -378,7 +378,7 @@ def run_demo(args: Any) -> dict[str, Any]:
         "repaired_version": version,
         "signing_key_id": store.bundle(FLEET, version).manifest.signature.key_id,
         "transport": "gRPC with mutual TLS (local CA), ZeroMQ CURVE with an allow-list, Ed25519-signed bundles",
-        "job": {"id": job.id, "reason": job.reason.split(" | ")[0], "state": job.state},
+        "job": {"id": job.id, "reason": job.reason, "state": job.state},
         "predeploy": {k: predeploy.get(k) for k in ("selected", "threshold", "bundle")},
         "pictures": [
             str(p)

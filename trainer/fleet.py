@@ -55,7 +55,7 @@ def render(st: dict[str, Any]) -> str:
     lines += ["", "job                     from  state          version  reason"]
     for j in st["jobs"]:
         made = f"v{j['version']}" if j["version"] else "-"
-        lines.append(f"{j['id']:<23} v{j['from_version']:<4} {j['state']:<14} {made:<8} {j['reason'].split(' | ')[0]}")
+        lines.append(f"{j['id']:<23} v{j['from_version']:<4} {j['state']:<14} {made:<8} {j['reason']}")
     return "\n".join(lines)
 
 

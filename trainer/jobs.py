@@ -112,13 +112,10 @@ class JobRunner:
             return ""
         size = quarantine_size(self.quarantine_root, fleet, state.current)
         tried = [j for j in jobs if j.from_version == state.current]
-        if tried:  # this version was tried and did not publish: wait for twice the quarantine it had
-            last = json.loads(tried[-1].reason.split(" | ", 1)[1]) if " | " in tried[-1].reason else {}
-            if size < 2 * int(last.get("quarantine", 0) or 1):
-                return ""
-        facts = {"quarantine": size}
+        if tried and size < 2 * max(tried[-1].quarantine, 1):  # tried, not published: wait for twice as much
+            return ""
         if size >= self.policy.min_quarantine:
-            return f"quarantine {size} >= {self.policy.min_quarantine} | {json.dumps(facts)}"
+            return f"quarantine {size} >= {self.policy.min_quarantine}"
         if size >= self.policy.min_for_rate:
             rates = [
                 d["window_reject_rate"]
@@ -126,16 +123,14 @@ class JobRunner:
                 if d["bundle_version"] == state.current and d["window_size"] > 0
             ]
             if rates and max(rates) > self.policy.reject_threshold:
-                return (
-                    f"reject rate {max(rates):.3f} > {self.policy.reject_threshold} with {size} quarantined"
-                    f" | {json.dumps(facts)}"
-                )
+                return f"reject rate {max(rates):.3f} > {self.policy.reject_threshold} with {size} quarantined"
         return ""
 
     def _launch(self, fleet: str, reason: str) -> None:
         state = self.store.state(fleet)
         assert state.current is not None
-        job = self.registry.add_job(fleet, state.current, reason)
+        size = quarantine_size(self.quarantine_root, fleet, state.current)
+        job = self.registry.add_job(fleet, state.current, reason, size)
         out_dir = self.jobs_root / job.id
         out_dir.mkdir(parents=True, exist_ok=True)
         version = self.store.next_version(fleet)
@@ -157,7 +152,7 @@ class JobRunner:
             *self.policy.repair_args,
         ]
         log_path = out_dir / "repair.log"
-        log.info("repair job %s for %s v%d started (%s)", job.id, fleet, state.current, reason.split(" | ")[0])
+        log.info("repair job %s for %s v%d started (%s)", job.id, fleet, state.current, reason)
         with log_path.open("wb") as log_file:
             proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env={**os.environ})
         self.registry.update_job(job.id, "running", " ".join(cmd[3:6]), out_dir=str(out_dir))
@@ -176,7 +171,7 @@ class JobRunner:
         if code == 0:
             try:
                 version = self.store.add(run.job.fleet, run.out_dir / "run", by=f"job {run.job.id}")
-                self.store.publish(run.job.fleet, version, by=f"job {run.job.id}", note=run.job.reason.split(" | ")[0])
+                self.store.publish(run.job.fleet, version, by=f"job {run.job.id}", note=run.job.reason)
             except StoreError as e:
                 self.registry.update_job(run.job.id, "failed", f"could not publish: {e}")
                 log.error("repair job %s: could not publish: %s", run.job.id, e)

@@ -42,7 +42,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     version INTEGER NOT NULL DEFAULT 0,
     out_dir TEXT NOT NULL DEFAULT '',
     created_at REAL NOT NULL,
-    updated_at REAL NOT NULL
+    updated_at REAL NOT NULL,
+    quarantine INTEGER NOT NULL DEFAULT 0
 );
 """
 
@@ -64,6 +65,7 @@ class Job:
     out_dir: str
     created_at: float
     updated_at: float
+    quarantine: int  # quarantine size of the version when the job started
 
 
 class Registry:
@@ -132,15 +134,15 @@ class Registry:
 
     # -- jobs ----------------------------------------------------------------------------------------------
 
-    def add_job(self, fleet: str, from_version: int, reason: str) -> Job:
+    def add_job(self, fleet: str, from_version: int, reason: str, quarantine: int = 0) -> Job:
         """A new queued job."""
         now = time.time()
         job_id = time.strftime("%Y%m%d-%H%M%S", time.gmtime(now)) + "-" + uuid.uuid4().hex[:6]
         with self._lock:
             self._db.execute(
-                "INSERT INTO jobs (id, fleet, from_version, state, reason, created_at, updated_at) "
-                "VALUES (?,?,?,?,?,?,?)",
-                (job_id, fleet, from_version, "queued", reason, now, now),
+                "INSERT INTO jobs (id, fleet, from_version, state, reason, created_at, updated_at, quarantine) "
+                "VALUES (?,?,?,?,?,?,?,?)",
+                (job_id, fleet, from_version, "queued", reason, now, now, quarantine),
             )
         return self.job(job_id)
 
