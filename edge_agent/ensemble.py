@@ -98,10 +98,18 @@ class Ensemble:
         self.primary = make_session(primary_path, runtime)
         self.monitor = make_session(monitor_path, runtime)
         self.input_name = self.spec.input_name or self.primary.get_inputs()[0].name
+        classes = len(bundle.manifest.class_names)
         for role, session in (("primary", self.primary), ("monitor", self.monitor)):
             names = [i.name for i in session.get_inputs()]
             if names != [self.input_name]:
                 raise ValueError(f"{role} model takes inputs {names}, the manifest says [{self.input_name!r}]")
+            outs = session.get_outputs()
+            width = outs[0].shape[-1] if outs and outs[0].shape else None
+            if len(outs) != 1 or len(outs[0].shape) != 2 or (classes and isinstance(width, int) and width != classes):
+                got = [(o.name, o.shape) for o in outs]
+                raise ValueError(
+                    f"{role} model has outputs {got}; expected one (batch, {classes or 'classes'}) score output"
+                )
         shape = [int(d) for d in self.spec.shape]
         example = np.zeros((1, *shape), dtype=np.dtype(self.spec.dtype))
         for session in (self.primary, self.monitor):

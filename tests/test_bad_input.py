@@ -309,3 +309,11 @@ def test_corrupt_or_unexpected_onnx_is_refused_at_load(
     write_bundle(tmp_path / "b2", {"primary": src / "primary.onnx", "monitor": tmp_path / "renamed.onnx"}, manifest)
     with pytest.raises(ValueError, match="takes inputs"):
         Ensemble(verify_bundle(tmp_path / "b2"))
+    # A model with a second output.
+    m = onnx.load(src / "monitor.onnx")
+    extra = onnx.helper.make_tensor_value_info(m.graph.node[0].output[0], onnx.TensorProto.FLOAT, None)
+    m.graph.output.append(extra)
+    onnx.save(m, tmp_path / "two_outputs.onnx")
+    write_bundle(tmp_path / "b3", {"primary": src / "primary.onnx", "monitor": tmp_path / "two_outputs.onnx"}, manifest)
+    with pytest.raises(ValueError, match="expected one"):
+        Ensemble(verify_bundle(tmp_path / "b3"))
