@@ -97,10 +97,10 @@ def _stream(n: int, spec_scale: float) -> np.ndarray:
 
 def _collector(root: str, fleet: str, ports: Any, stop: Any) -> None:
     from protos.nnoc.v1 import bundle_pb2
-    from trainer.collector import Collector, CollectorConfig
+    from trainer.collector import Collector, CollectorConfig, fixed_spec
 
     spec = bundle_pb2.InputSpec(shape=[1, 28, 28], dtype="float32", min_value=0.0, max_value=1.0)
-    c = Collector(CollectorConfig("tcp://127.0.0.1:0", Path(root)), lambda f: spec if f == fleet else None).start()
+    c = Collector(CollectorConfig("tcp://127.0.0.1:0", Path(root)), fixed_spec(fleet, spec)).start()
     ports.put(c.port)
     stop.wait()
     c.stop()

@@ -222,7 +222,7 @@ def transport_curve(tmp: Path, n: int = 5000) -> dict[str, float]:
     from bench.bench_service import _dealer
     from edge_agent.curve import generate
     from protos.nnoc.v1 import bundle_pb2
-    from trainer.collector import Collector, CollectorConfig
+    from trainer.collector import Collector, CollectorConfig, fixed_spec
 
     spec = bundle_pb2.InputSpec(shape=[1, 28, 28], dtype="float32", min_value=0.0, max_value=1.0)
     keys = tmp / "curve"
@@ -239,7 +239,7 @@ def transport_curve(tmp: Path, n: int = 5000) -> dict[str, float]:
         root = tmp / f"q-{mode}-{len(rates)}-{time.monotonic_ns()}"
         curve = {"curve_secret": server_sec, "curve_allow": allow} if mode == "curve" else {}
         cfg = CollectorConfig("tcp://127.0.0.1:0", root, rate=1e9, burst=1e9, **curve)  # type: ignore[arg-type]
-        collector = Collector(cfg, lambda f: spec if f == "bench" else None).start()
+        collector = Collector(cfg, fixed_spec("bench", spec)).start()
         out: Any = mp.Queue()
         go = mp.Event()
         args = [

@@ -124,11 +124,11 @@ def bench_pushpull(n: int) -> float:
 
 def bench_collector(n: int, tmp: Path) -> dict[str, Any]:
     from protos.nnoc.v1 import bundle_pb2
-    from trainer.collector import Collector, CollectorConfig, quarantine_size
+    from trainer.collector import Collector, CollectorConfig, fixed_spec, quarantine_size
 
     spec = bundle_pb2.InputSpec(shape=[1, 28, 28], dtype="float32", min_value=0.0, max_value=1.0, scale=1 / 255)
     cfg = CollectorConfig("tcp://127.0.0.1:0", tmp / "q", rate=1e9, burst=1e9)
-    collector = Collector(cfg, lambda fleet: spec if fleet == "bench" else None).start()
+    collector = Collector(cfg, fixed_spec("bench", spec)).start()
     out: Any = mp.Queue()
     go = mp.Event()
     procs = [

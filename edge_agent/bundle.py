@@ -12,6 +12,7 @@ from protos.nnoc.v1 import bundle_pb2
 
 MANIFEST_FORMAT = 1
 MANIFEST_PB = "manifest.pb"
+MANIFEST_JSON = "manifest.json"  # a rendering for people; must say what manifest.pb says
 ROLES = ("primary", "monitor")
 
 
@@ -47,6 +48,25 @@ class VerifiedBundle:
         return int(self.manifest.version)
 
 
+def check_json_rendering(path: Path, manifest: bundle_pb2.Manifest) -> None:
+    """``manifest.json``, where a bundle has one, must say exactly what ``manifest.pb`` (authoritative) says."""
+    from google.protobuf import json_format
+
+    rendering = path / MANIFEST_JSON
+    if not rendering.is_file():
+        return
+    shown = bundle_pb2.Manifest()
+    try:
+        json_format.Parse(rendering.read_text(), shown)
+    except (json_format.ParseError, UnicodeDecodeError, ValueError) as e:
+        raise BundleError(f"{path}: {MANIFEST_JSON} is not a manifest ({str(e)[:200]}); rebuild the bundle") from None
+    if shown != manifest:
+        raise BundleError(
+            f"{path}: {MANIFEST_JSON} disagrees with {MANIFEST_PB} (the authoritative manifest): the bundle was "
+            "edited after it was made; rebuild or re-publish it"
+        )
+
+
 def verify_bundle(path: Path, trusted: Mapping[str, Any] | None = None) -> VerifiedBundle:
     """Parse ``path/manifest.pb`` and check each artifact's name, size and sha256.
 
@@ -79,6 +99,7 @@ def verify_bundle(path: Path, trusted: Mapping[str, Any] | None = None) -> Verif
             raise BundleError(f"{path}: {art.name} has {f.stat().st_size} bytes, the manifest says {art.size}")
         if _sha256(f) != art.sha256:
             raise BundleError(f"{path}: {art.name} does not match the sha256 in its manifest")
+    check_json_rendering(path, manifest)
     if trusted is not None:
         from edge_agent.signing import check_signature
 

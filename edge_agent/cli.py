@@ -8,21 +8,39 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 log = logging.getLogger("edge_agent")
 
 
+def _to_8bit(img: Any) -> Any:
+    """16- and 32-bit grayscale images scaled to 8 bits (PIL's own conversion clips them at 255)."""
+    from PIL import Image
+
+    if img.mode not in ("I;16", "I;16B", "I;16L", "I", "F"):
+        return img
+    arr = np.asarray(img, dtype=np.float64)
+    top = 65535.0 if img.mode.startswith("I;16") or (img.mode == "I" and arr.max(initial=0) <= 65535) else arr.max()
+    if img.mode == "F" and arr.max(initial=0) <= 1.0:
+        top = 1.0
+    return Image.fromarray(np.clip(np.rint(arr * (255.0 / max(float(top), 1e-12))), 0, 255).astype(np.uint8), "L")
+
+
 def load_images(paths: Sequence[Path], shape: tuple[int, ...]) -> np.ndarray:
     """Read image files as raw uint8 (N, C, H, W) of the bundle's shape (resized and converted as needed)."""
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
     c, h, w = shape
     out = []
     for p in paths:
-        with Image.open(p) as src:
-            arr = np.asarray(src.convert("L" if c == 1 else "RGB").resize((w, h)), dtype=np.uint8)
+        try:
+            with Image.open(p) as src:
+                img = _to_8bit(src)
+                arr = np.asarray(img.convert("L" if c == 1 else "RGB").resize((w, h)), dtype=np.uint8)
+        except (OSError, UnidentifiedImageError, ValueError) as e:
+            raise ValueError(f"cannot read image {p}: {e}") from None
         out.append(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1))
     return np.stack(out)
 
@@ -34,13 +52,14 @@ def cmd_verify(args: argparse.Namespace) -> dict:
 
     trusted = load_trusted_keys(args.trusted_key) if args.trusted_key else None
     b = verify_bundle(args.bundle, trusted)
-    signed_by = b.manifest.signature.key_id if trusted is not None else None
     return {
         "bundle": str(b.path),
         "fleet": b.manifest.fleet,
         "version": b.version,
-        "verified": True,
-        "signed_by": signed_by,
+        "hashes": "ok",
+        "signature": f"ok, signed by {b.manifest.signature.key_id}"
+        if trusted is not None
+        else "not checked (pass --trusted-key KEY.pub to check who signed it)",
     }
 
 
@@ -49,17 +68,18 @@ def cmd_classify(args: argparse.Namespace) -> dict:
     from edge_agent.bundle import verify_bundle
     from edge_agent.ensemble import Ensemble, scale_raw
     from edge_agent.runtime import RuntimeConfig
+    from edge_agent.signing import load_trusted_keys
 
-    bundle = verify_bundle(args.bundle)
+    trusted = load_trusted_keys(args.trusted_key) if args.trusted_key else None
+    if trusted is None:
+        log.warning("no --trusted-key: the bundle's hashes are checked, not who signed it")
+    bundle = verify_bundle(args.bundle, trusted)
     runtime = RuntimeConfig(
         providers=tuple(args.providers) if args.providers else None, ensemble_path=args.ensemble_path
     )
     ensemble = Ensemble(bundle, runtime)
     shape = tuple(int(d) for d in bundle.manifest.input_spec.shape)
-    try:
-        raw = load_images(args.images, shape)
-    except OSError as e:
-        raise ValueError(f"cannot read image: {e}") from e
+    raw = load_images(args.images, shape)
     decision = ensemble.classify(scale_raw(raw, bundle.manifest.input_spec))
     names = list(bundle.manifest.class_names)
     results = [
@@ -99,6 +119,7 @@ def cmd_run(args: argparse.Namespace) -> dict:
         spool_durability=args.spool_durability,
         spool_max_bytes=args.spool_max_bytes,
         stats_interval=args.stats_interval,
+        max_batch=args.max_batch,
         runtime=RuntimeConfig(
             providers=tuple(args.providers) if args.providers else None,
             intra_op_threads=args.threads,
@@ -133,6 +154,8 @@ def cmd_rollback(args: argparse.Namespace) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     """All subcommands and their flags."""
+    from edge_agent.inference import DEFAULT_MAX_BATCH
+
     parser = argparse.ArgumentParser(prog="nnoc-edge", description="NNoculation edge agent")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("verify", help="verify a bundle's manifest, sizes and hashes")
@@ -152,6 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address the endpoints bind to")
     p.add_argument("--infer-port", type=int, default=8001, help="Open Inference Protocol gRPC port (0: any)")
     p.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics port (default: off)")
+    p.add_argument(
+        "--max-batch",
+        type=int,
+        default=DEFAULT_MAX_BATCH,
+        help=f"inputs per inference request at most; more get RESOURCE_EXHAUSTED (default {DEFAULT_MAX_BATCH})",
+    )
     p.add_argument(
         "--source",
         default=None,
@@ -187,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_status)
     p = sub.add_parser("rollback", help="return to the previous bundle (a running agent swaps at once)")
     p.set_defaults(func=cmd_rollback)
-    for name in ("run", "verify"):
+    for name in ("run", "verify", "classify"):
         sub.choices[name].add_argument(
             "--trusted-key",
             type=Path,
@@ -225,7 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         result = args.func(args)
-    except ValueError as e:  # BundleError, InputError and bad files are ValueErrors with a message
+    except (ValueError, OSError) as e:  # bad bundles, inputs, files and taken ports: one line, exit 2
         log.error("%s", e)
         if args.json:
             print(json.dumps({"error": str(e)}))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from edge_agent.agent import Agent
+from edge_agent.ports import PortError
 from edge_agent.updates import Updater
 from edge_agent.uplink import Uplink
 
@@ -17,10 +18,19 @@ class AgentMetrics:
     def __init__(self, agent: Agent, uplink: Uplink | None = None, updater: Updater | None = None) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        # origin: "endpoint" (Open Inference Protocol calls) or "source" (inputs the agent plays itself)
         self.latency = Histogram(
-            "nnoc_request_seconds", "Time to classify one request batch", registry=r, buckets=LATENCY_BUCKETS
+            "nnoc_request_seconds",
+            "Time to classify one request batch",
+            ["origin"],
+            registry=r,
+            buckets=LATENCY_BUCKETS,
         )
-        self.invalid = Counter("nnoc_invalid_requests", "Requests refused for a bad input", registry=r)
+        self.handled = Counter("nnoc_requests_handled", "Request batches answered", ["origin"], registry=r)
+        self.invalid = Counter("nnoc_invalid_requests", "Requests refused for a bad input", ["origin"], registry=r)
+        self.oversized = Counter(
+            "nnoc_oversized_requests", "Endpoint requests over --max-batch (RESOURCE_EXHAUSTED)", registry=r
+        )
         Gauge("nnoc_requests", "Inputs classified since start", registry=r).set_function(
             lambda: agent.monitor.snapshot().requests
         )
@@ -64,6 +74,17 @@ class AgentMetrics:
                 lambda: updater.counters.refused
             )
 
+    def observe(self, origin: str, seconds: float, ok: bool) -> None:
+        """One request batch answered (``ok``) or refused for a bad input."""
+        if ok:
+            self.handled.labels(origin).inc()
+            self.latency.labels(origin).observe(seconds)
+        else:
+            self.invalid.labels(origin).inc()
+
     def serve(self, port: int, address: str = "127.0.0.1") -> None:
-        """Expose ``/metrics`` on ``address:port`` (a daemon thread)."""
-        start_http_server(port, addr=address, registry=self.registry)
+        """Expose ``/metrics`` on ``address:port`` (a daemon thread); PortError when it cannot listen."""
+        try:
+            start_http_server(port, addr=address, registry=self.registry)
+        except OSError as e:
+            raise PortError(f"--metrics-port {port}: cannot listen on {address}: {e.strerror or e}") from None

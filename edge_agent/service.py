@@ -24,9 +24,11 @@ from edge_agent.agent import Agent
 from edge_agent.bundle import BundleError, verify_bundle
 from edge_agent.curve import load_public, load_secret
 from edge_agent.ensemble import Ensemble, InputError, scale_raw
-from edge_agent.inference import serve
+from edge_agent.inference import DEFAULT_MAX_BATCH, serve
 from edge_agent.metrics import AgentMetrics
 from edge_agent.monitor import RejectMonitor
+from edge_agent.names import check_name
+from edge_agent.ports import StateLock, check_port
 from edge_agent.replay import Replay, parse_replay
 from edge_agent.runtime import RuntimeConfig
 from edge_agent.signing import load_trusted_keys
@@ -38,6 +40,7 @@ from edge_agent.uplink import Uplink, UplinkConfig
 log = logging.getLogger(__name__)
 
 AGENT_FILE = "agent.json"
+LOCK_FILE = "agent.lock"
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,7 @@ class RunConfig:
     spool_durability: str = "power"
     spool_max_bytes: int = 512 << 20
     stats_interval: float = 10.0
+    max_batch: int = DEFAULT_MAX_BATCH  # inputs per inference request; larger ones get RESOURCE_EXHAUSTED
     bootstrap_timeout: float = 60.0  # empty cache: how long to wait for the model service's first bundle
     curve_key: Path | None = None  # this agent's CURVE .key_secret (uplink encrypted and authenticated)
     curve_server_key: Path | None = None  # the collector's CURVE public .key
@@ -117,6 +121,41 @@ def update_config(cfg: RunConfig) -> UpdateConfig:
     )
 
 
+def check_source(spec: str) -> None:
+    """A source spec that can be played, checked before anything starts (files exist, the grammar parses)."""
+    kind, _, arg = spec.partition(":")
+    if kind == "replay":
+        parse_replay(spec)
+    elif kind == "npy":
+        if not Path(arg).is_file():
+            raise ValueError(f"--source {spec}: no such file; give npy:PATH of a .npy array of images")
+        try:
+            np.load(arg, mmap_mode="r")  # reads the header only
+        except (OSError, ValueError) as e:
+            raise ValueError(f"--source {spec}: not a readable .npy array ({e})") from None
+    elif kind == "dir":
+        if not Path(arg).is_dir():
+            raise ValueError(f"--source {spec}: no such folder; give dir:PATH of a folder of image files")
+    else:
+        raise ValueError(f"unknown source {spec!r}; use npy:PATH, dir:PATH or replay:DATASET?...")
+
+
+def check_run(cfg: RunConfig) -> None:
+    """Names, ports, limits and the source: each wrong one is one line before anything starts."""
+    check_name(cfg.device_id, "--device-id")
+    check_name(cfg.fleet, "--fleet")
+    check_port(cfg.infer_port, "--infer-port")
+    if cfg.metrics_port is not None:
+        check_port(cfg.metrics_port, "--metrics-port", allow_any=False)
+    for name in ("max_batch", "source_batch", "window", "spool_max_items", "spool_max_bytes"):
+        if int(getattr(cfg, name)) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+    if not cfg.stats_interval > 0:
+        raise ValueError("--stats-interval must be above 0 seconds")
+    if cfg.source:
+        check_source(cfg.source)
+
+
 def source_batches(spec: str, ensemble: Ensemble, batch: int, state_dir: Path | None = None) -> Iterator[np.ndarray]:
     """Model-input batches from a source spec: ``npy:PATH``, ``dir:PATH`` or ``replay:DATASET?...``.
 
@@ -141,6 +180,8 @@ def source_batches(spec: str, ensemble: Ensemble, batch: int, state_dir: Path | 
         data = scale_raw(load_images(files, tuple(int(d) for d in ensemble.spec.shape)), ensemble.spec)
     else:
         raise ValueError(f"unknown source {spec!r}; use npy:PATH, dir:PATH or replay:DATASET?...")
+    if data.ndim < 2:
+        raise ValueError(f"--source {spec}: expected a batch of inputs, got an array of shape {list(data.shape)}")
     for start in range(0, len(data), batch):
         yield np.ascontiguousarray(data[start : start + batch], dtype=np.dtype(ensemble.spec.dtype))
 
@@ -148,9 +189,16 @@ def source_batches(spec: str, ensemble: Ensemble, batch: int, state_dir: Path | 
 def run(cfg: RunConfig, stop: threading.Event | None = None) -> dict[str, Any]:
     """Run the agent until ``stop`` is set (SIGTERM/SIGINT set it); returns final counters."""
     stop = stop or threading.Event()
+    check_run(cfg)
     check_transport(cfg)
-    if cfg.source and cfg.source.startswith("replay:"):
-        parse_replay(cfg.source)  # a bad spec fails before anything starts
+    lock = StateLock(cfg.state_dir, LOCK_FILE, "another nnoc-edge agent")
+    try:
+        return _run(cfg, stop)
+    finally:
+        lock.release()
+
+
+def _run(cfg: RunConfig, stop: threading.Event) -> dict[str, Any]:
     trusted = load_trusted_keys(cfg.trusted_keys) if cfg.trusted_keys else None
     if trusted is None:
         log.warning("no --trusted-key: bundles are checked against their manifests' hashes but not signatures")
@@ -199,10 +247,24 @@ def run(cfg: RunConfig, stop: threading.Event | None = None) -> dict[str, Any]:
     if cfg.model_service:
         updater = Updater(agent, cache, update_config(cfg), cfg.runtime).start()
     creds = server_credentials(cfg.tls_cert, cfg.tls_key, cfg.infer_client_ca) if cfg.tls_cert and cfg.tls_key else None
-    server, port = serve(agent, cfg.fleet, f"{cfg.host}:{cfg.infer_port}", credentials=creds)
     metrics = AgentMetrics(agent, uplink, updater)
-    if cfg.metrics_port is not None:
-        metrics.serve(cfg.metrics_port, cfg.host)
+    try:
+        server, port = serve(
+            agent,
+            cfg.fleet,
+            f"{cfg.host}:{cfg.infer_port}",
+            credentials=creds,
+            max_batch=cfg.max_batch,
+            metrics=metrics,
+        )
+        if cfg.metrics_port is not None:
+            metrics.serve(cfg.metrics_port, cfg.host)
+    except BaseException:
+        for part in (updater, uplink):
+            if part is not None:
+                part.stop()
+        spool.close()
+        raise
 
     def reload(*_: object) -> None:  # SIGHUP: serve what the cache says is current (after `nnoc-edge rollback`)
         fresh = cache.load()
@@ -242,10 +304,10 @@ def run(cfg: RunConfig, stop: threading.Event | None = None) -> dict[str, Any]:
                 t0 = time.perf_counter()
                 try:
                     agent.classify(x)
+                    metrics.observe("source", time.perf_counter() - t0, True)
                 except InputError as e:
-                    metrics.invalid.inc()
+                    metrics.observe("source", 0.0, False)
                     log.warning("source input refused: %s", e)
-                metrics.latency.observe(time.perf_counter() - t0)
                 played += len(x)
         stop.wait()
     finally:
@@ -257,13 +319,24 @@ def run(cfg: RunConfig, stop: threading.Event | None = None) -> dict[str, Any]:
         snap = agent.monitor.snapshot()
         result = {"bundle_version": agent.ensemble.bundle.version, **asdict(snap), "spool_depth": spool.depth()}
         spool.close()
-        (cfg.state_dir / AGENT_FILE).unlink(missing_ok=True)
+        _remove_own(cfg.state_dir / AGENT_FILE)
         log.info("agent stopped: %s", result)
     return result
 
 
+def _remove_own(path: Path) -> None:
+    """Remove ``agent.json`` only when this process wrote it."""
+    try:
+        if json.loads(path.read_text()).get("pid") == os.getpid():
+            path.unlink()
+    except (OSError, ValueError):
+        pass
+
+
 def status(state_dir: Path) -> dict[str, Any]:
     """What the cache serves, the spool depth, and where a running agent listens."""
+    if not state_dir.is_dir():
+        raise ValueError(f"no agent state in {state_dir}: pass the --state-dir the agent runs with")
     cache = BundleCache(state_dir / "bundles")
     cur, prev = cache.load(), cache.load("previous")
     out: dict[str, Any] = {"current": cur.version if cur else None, "previous": prev.version if prev else None}
@@ -277,6 +350,8 @@ def status(state_dir: Path) -> dict[str, Any]:
 
 def rollback(state_dir: Path) -> dict[str, Any]:
     """Make the previous bundle current; a running agent is told (SIGHUP) and swaps to it."""
+    if not state_dir.is_dir():
+        raise ValueError(f"no agent state in {state_dir}: pass the --state-dir the agent runs with")
     version = BundleCache(state_dir / "bundles").rollback()
     agent_file = state_dir / AGENT_FILE
     signalled = False

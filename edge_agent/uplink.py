@@ -53,6 +53,7 @@ class UplinkCounters:
     acked: int = 0
     refused: int = 0
     throttled: int = 0
+    deferred: int = 0  # OVER_QUOTA or UNAVAILABLE: kept in the spool, sent again after the collector's retry_after
     bad_replies: int = 0
     stats_sent: int = 0
 
@@ -105,6 +106,7 @@ class Uplink:
         poller.register(sock, zmq.POLLIN)
         in_flight: dict[int, float] = {}  # seq -> when it was sent
         next_stats = time.monotonic()
+        paused_until = 0.0  # the collector asked to wait (quota, budget, a store it cannot write)
         try:
             while not self._stop.is_set():
                 if self.stats is not None and time.monotonic() >= next_stats:
@@ -119,7 +121,7 @@ class Uplink:
                         pass
                 horizon = time.monotonic() - self.cfg.resend_after
                 in_flight = {seq: t for seq, t in in_flight.items() if t > horizon}  # the rest is due again
-                room = self.cfg.window - len(in_flight)
+                room = self.cfg.window - len(in_flight) if time.monotonic() >= paused_until else 0
                 sent_now = 0
                 if room > 0:
                     for item in self.spool.due(room, self.cfg.resend_after):
@@ -155,6 +157,16 @@ class Uplink:
                         acks.append(reply.seq)
                     elif reply.status == quarantine_pb2.QuarantineReply.THROTTLED:
                         self.counters.throttled += 1  # stays spooled; due again after resend_after
+                    elif reply.status in (
+                        quarantine_pb2.QuarantineReply.OVER_QUOTA,
+                        quarantine_pb2.QuarantineReply.UNAVAILABLE,
+                    ):
+                        # Stays spooled (the spool's own bound applies); nothing more goes out for a while.
+                        self.counters.deferred += 1
+                        wait = min(max(reply.retry_after, self.cfg.resend_after), 600.0)
+                        if time.monotonic() + wait > paused_until:
+                            log.warning("collector defers quarantine for %.0f s: %s", wait, reply.error)
+                            paused_until = time.monotonic() + wait
                 if acks:
                     self.counters.acked += self.spool.ack(acks)
                 if not in_flight and self.spool.depth() == 0:

@@ -181,6 +181,35 @@ def start_service(store: Any, tmp_path: Path, chunk: int = 1 << 20) -> Any:
     from trainer.registry import Registry
     from trainer.service import ModelServer, ModelServicer, ServiceConfig
 
-    cfg = ServiceConfig(listen="127.0.0.1:0", chunk_size=chunk, watch_interval=0.05)
+    cfg = ServiceConfig(listen="127.0.0.1:0", chunk_size=chunk, watch_interval=0.05, insecure_operators=True)
     servicer = ModelServicer(store, Registry(tmp_path / "registry.sqlite"), tmp_path / "q", cfg)
     return ModelServer(servicer, cfg).start()
+
+
+TINY_SPEC = dict(shape=[1, 28, 28], dtype="float32", min_value=0.0, max_value=1.0, scale=1 / 255, input_name="x")
+
+
+def tiny_bundle(dest: Path, fleet: str, version: int) -> Path:
+    """A bundle folder with placeholder model files: enough for the store and the collector (no ONNX runs)."""
+    from protos.nnoc.v1 import bundle_pb2
+    from trainer.bundle import write_bundle
+
+    models = {}
+    for role in ("primary", "monitor"):
+        models[role] = dest.parent / f"{dest.name}-{role}.bin"
+        models[role].write_bytes(f"{role} {fleet} {version}".encode())
+    manifest = bundle_pb2.Manifest(fleet=fleet, version=version, input_spec=bundle_pb2.InputSpec(**TINY_SPEC))
+    write_bundle(dest / "bundle", models, manifest)
+    return dest
+
+
+def tiny_store(root: Path, fleet: str = "default", versions: tuple[int, ...] = (1,)) -> Any:
+    """A real model store with placeholder bundles for ``fleet``; the first version is current."""
+    from trainer.store import ModelStore
+
+    store = ModelStore(root)
+    store.create(fleet)
+    for v in versions:
+        store.add(fleet, tiny_bundle(root.parent / f"tiny-{fleet}-{v}", fleet, v))
+    store.publish(fleet, versions[0])
+    return store

@@ -69,12 +69,12 @@ frames = st.one_of(
 
 @pytest.fixture(scope="module")
 def collector(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    from trainer.collector import Collector, CollectorConfig
+    from trainer.collector import Collector, CollectorConfig, fixed_spec
 
     # handle() is the collector's whole decode/validate/store path for one batch; no socket needed to call it.
     c = Collector(
         CollectorConfig(root=tmp_path_factory.mktemp("fuzzq"), max_tensor_bytes=8192),
-        lambda f: SPEC if f == "f" else None,
+        fixed_spec("f", SPEC),
     )
     return c
 

@@ -15,7 +15,7 @@ from conftest import run_cli, wait_for
 from edge_agent.spool import Spool, SpoolConfig
 from edge_agent.uplink import Uplink, UplinkConfig
 from protos.nnoc.v1 import bundle_pb2, quarantine_pb2
-from trainer.collector import Collector, CollectorConfig, quarantine_size
+from trainer.collector import Collector, CollectorConfig, fixed_spec, quarantine_size
 
 SPEC = bundle_pb2.InputSpec(shape=[1, 28, 28], dtype="float32", min_value=0.0, max_value=1.0)
 
@@ -38,7 +38,7 @@ def test_curve_uplink_accepts_listed_agents_only(tmp_path: Path, caplog: pytest.
     cfg = CollectorConfig(
         "tcp://127.0.0.1:0", tmp_path / "q", curve_secret=keys / "collector.key_secret", curve_allow=allow
     )
-    collector = Collector(cfg, lambda fleet: SPEC if fleet == "f" else None, None, ctx).start()
+    collector = Collector(cfg, fixed_spec("f", SPEC), None, ctx).start()
     endpoint = f"tcp://127.0.0.1:{collector.port}"
     uplinks: list[Uplink] = []
     spools: dict[str, Spool] = {}

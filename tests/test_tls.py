@@ -44,6 +44,7 @@ def test_model_service_mutual_tls(
         tls_cert=pki["server"],
         tls_key=pki["server"].with_suffix(".key"),
         tls_client_ca=pki["ca"],
+        operators=("cam-1",),
     )
     server = ModelServer(ModelServicer(store, Registry(tmp_path / "r.sqlite"), tmp_path / "q", cfg), cfg).start()
     target = f"127.0.0.1:{server.port}"

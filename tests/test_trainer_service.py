@@ -284,7 +284,7 @@ def test_serve_cli_reads_toml_and_stops_cleanly_on_sigterm(store: ModelStore, tm
     config = tmp_path / "serve.toml"
     config.write_text(
         f'store = "{store.root}"\nstate-dir = "{tmp_path / "state"}"\ncollector = "tcp://127.0.0.1:0"\n'
-        'listen = "127.0.0.1:0"\nmin-quarantine = 5\nno-jobs = true\ninsecure = true\n'
+        'listen = "127.0.0.1:0"\nmin-quarantine = 5\nno-jobs = true\ninsecure = true\ninsecure-operators = true\n'
     )
     proc = subprocess.Popen(
         [sys.executable, "-m", "trainer", "serve", "--config", str(config), "--json"],

@@ -33,6 +33,42 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number above 0, got {text}")
+    return value
+
+
+def _name(text: str) -> str:
+    from edge_agent.names import check_name
+
+    try:
+        return check_name(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _agent_fleet(text: str) -> tuple[str, str]:
+    pattern, sep, fleet = text.partition("=")
+    if not sep or not pattern:
+        raise argparse.ArgumentTypeError(f"expected CERT-NAME=FLEET (a pattern such as cam-*=fmnist), got {text!r}")
+    return pattern, _name(fleet)
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("output")
     g.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
@@ -240,40 +276,6 @@ def cmd_repair(args: argparse.Namespace) -> dict[str, Any]:
     )
 
 
-SERVE_KEYS = {
-    "tls_cert",
-    "tls_key",
-    "tls_client_ca",
-    "insecure",
-    "signing_key",
-    "curve_secret",
-    "curve_allow",
-    "store",
-    "state_dir",
-    "collector",
-    "listen",
-    "min_quarantine",
-    "reject_threshold",
-    "min_for_rate",
-    "max_rounds",
-    "no_jobs",
-    "repair_profile",
-    "repair_arg",
-    "rate_limit",
-    "burst",
-    "max_tensor_bytes",
-    "chunk_size",
-    "dataset",
-    "data_dir",
-    "split_seed",
-    "valid_size",
-    "eval_fraction",
-    "stream_size",
-    "train_size",
-    "test_size",
-}
-
-
 def _data_flags(args: argparse.Namespace) -> list[str]:
     """The data flags of ``args`` as command-line flags (forwarded to the repair jobs)."""
     out = ["--dataset", args.dataset, "--split-seed", str(args.split_seed), "--valid-size", str(args.valid_size)]
@@ -288,27 +290,14 @@ def _data_flags(args: argparse.Namespace) -> list[str]:
     return out
 
 
-def serve_config(args: argparse.Namespace, parser_defaults: dict[str, Any] | None = None) -> Any:
-    """Flags (and the TOML file of ``--config``, for flags left at their defaults) -> ``ServeConfig``."""
+def serve_config(args: argparse.Namespace) -> Any:
+    """Flags (a ``--config`` TOML file supplies their defaults, see :func:`main`) -> ``ServeConfig``."""
+    from edge_agent.ports import check_address
     from trainer.collector import CollectorConfig
     from trainer.jobs import JobPolicy
-    from trainer.server import ServeConfig, load_toml
+    from trainer.server import ServeConfig
     from trainer.service import ServiceConfig
 
-    if args.config is not None:
-        defaults = parser_defaults or {}
-        for key, value in load_toml(args.config, SERVE_KEYS).items():
-            if getattr(args, key) == defaults.get(key):
-                if key in (
-                    "store",
-                    "state_dir",
-                    "data_dir",
-                    "signing_key",
-                    "curve_secret",
-                    "curve_allow",
-                ) or key.startswith("tls_"):
-                    value = Path(value)
-                setattr(args, key, value)
     policy = JobPolicy(
         min_quarantine=args.min_quarantine,
         reject_threshold=args.reject_threshold,
@@ -326,8 +315,22 @@ def serve_config(args: argparse.Namespace, parser_defaults: dict[str, Any] | Non
             "the model service needs --tls-cert/--tls-key (nnoc-trainer keys tls makes a local CA), "
             "or --insecure for plaintext"
         )
+    if (args.operators or args.agent_fleet) and args.tls_client_ca is None:
+        raise ValueError(
+            "--operators and --agent-fleet name client certificates: they need mutual TLS (--tls-client-ca)"
+        )
+    if args.insecure_operators and args.tls_client_ca is not None:
+        raise ValueError("--insecure-operators is for a service without client certificates; use --operators NAME")
+    check_address(args.listen, "--listen")
+    check_address(args.collector.rsplit("//", 1)[-1], "--collector")
+    if args.metrics_port is not None:
+        check_address(f"127.0.0.1:{args.metrics_port}", "--metrics-port", allow_any=False)
     if args.tls_cert is None:
         log.warning("--insecure: the model service runs in plaintext; anyone on the network can read and call it")
+    if args.insecure_operators:
+        log.warning("--insecure-operators: any caller may publish and roll back fleets over gRPC")
+    elif args.tls_client_ca is not None and not args.operators:
+        log.info("no --operators: operator RPCs are refused for every caller ('nnoc-trainer fleet' works on the store)")
     collector = CollectorConfig(
         endpoint=args.collector,
         rate=args.rate_limit,
@@ -335,6 +338,9 @@ def serve_config(args: argparse.Namespace, parser_defaults: dict[str, Any] | Non
         max_tensor_bytes=args.max_tensor_bytes,
         curve_secret=args.curve_secret,
         curve_allow=args.curve_allow,
+        max_open_stores=args.max_open_stores,
+        device_quota=args.device_quota,
+        budget_bytes=args.quarantine_budget,
     )
     return ServeConfig(
         store=args.store,
@@ -346,9 +352,13 @@ def serve_config(args: argparse.Namespace, parser_defaults: dict[str, Any] | Non
             tls_cert=args.tls_cert,
             tls_key=args.tls_key,
             tls_client_ca=args.tls_client_ca,
+            operators=tuple(args.operators or ()),
+            insecure_operators=args.insecure_operators,
+            agent_fleets=tuple(args.agent_fleet or ()),
         ),
         policy=policy,
         signing_key=args.signing_key,
+        metrics_port=args.metrics_port,
     )
 
 
@@ -356,7 +366,7 @@ def cmd_serve(args: argparse.Namespace) -> dict[str, Any]:
     """Collector + model service + job runner until SIGTERM."""
     from trainer.server import serve
 
-    return serve(serve_config(args, args.parser_defaults))
+    return serve(serve_config(args))
 
 
 def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
@@ -539,17 +549,48 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--collector", default="tcp://127.0.0.1:5555", help="ZeroMQ endpoint to bind (port 0: any)")
     p.add_argument("--listen", default="127.0.0.1:50051", help="gRPC model service address (port 0: any)")
-    p.add_argument("--min-quarantine", type=int, default=200, help="quarantine size that starts a repair")
-    p.add_argument("--reject-threshold", type=float, default=0.05, help="agent reject rate that starts a repair")
-    p.add_argument("--min-for-rate", type=int, default=40, help="quarantine needed for a rate-started repair")
-    p.add_argument("--max-rounds", type=int, default=None, help="repairs per fleet at most (default: no cap)")
+    p.add_argument("--min-quarantine", type=_positive, default=200, help="quarantine size that starts a repair")
+    p.add_argument("--reject-threshold", type=_fraction, default=0.05, help="agent reject rate that starts a repair")
+    p.add_argument("--min-for-rate", type=_positive, default=40, help="quarantine needed for a rate-started repair")
+    p.add_argument("--max-rounds", type=_positive, default=None, help="repairs per fleet at most (default: no cap)")
     p.add_argument("--no-jobs", action="store_true", help="collect and serve, never start a repair")
-    p.add_argument("--repair-profile", default="quick", help="repair profile of the jobs (quick, standard, paper)")
+    p.add_argument(
+        "--repair-profile", default="quick", choices=sorted(REPAIR_PROFILES), help="repair profile of the jobs"
+    )
     p.add_argument("--repair-arg", action="append", default=None, help="extra flag for the repair jobs (repeat)")
-    p.add_argument("--rate-limit", type=float, default=2000.0, help="quarantine messages/s per device")
-    p.add_argument("--burst", type=float, default=20000.0, help="messages a quiet device may send at once")
-    p.add_argument("--max-tensor-bytes", type=int, default=1 << 20, help="larger quarantine tensors are refused")
-    p.add_argument("--chunk-size", type=int, default=1 << 20, help="download chunk bytes (at most 1 MiB)")
+    p.add_argument("--rate-limit", type=_positive_float, default=2000.0, help="quarantine messages/s per device")
+    p.add_argument("--burst", type=_positive_float, default=20000.0, help="messages a quiet device may send at once")
+    p.add_argument("--max-tensor-bytes", type=_positive, default=1 << 20, help="larger quarantine tensors are refused")
+    p.add_argument(
+        "--device-quota", type=_positive, default=20_000, help="stored quarantine per device and version (OVER_QUOTA)"
+    )
+    p.add_argument(
+        "--quarantine-budget",
+        type=_positive,
+        default=4 << 30,
+        help="bytes the quarantine may take on disk (default 4 GiB); beyond it new quarantine waits (OVER_QUOTA)",
+    )
+    p.add_argument("--max-open-stores", type=_positive, default=16, help="quarantine files open at once")
+    p.add_argument("--chunk-size", type=_positive, default=1 << 20, help="download chunk bytes (at most 1 MiB)")
+    p.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics port (default: off)")
+    p.add_argument(
+        "--operators",
+        nargs="+",
+        default=None,
+        help="client certificate names (CN) allowed to call ListFleets, FleetStatus, Publish and Rollback",
+    )
+    p.add_argument(
+        "--insecure-operators",
+        action="store_true",
+        help="without client certificates: let any caller use the operator RPCs (warned)",
+    )
+    p.add_argument(
+        "--agent-fleet",
+        type=_agent_fleet,
+        action="append",
+        default=None,
+        help="CERT-NAME=FLEET (fnmatch pattern, repeat): agents may subscribe and download their fleets only",
+    )
     p.add_argument("--signing-key", type=Path, default=None, help="Ed25519 private key (PEM) signing new versions")
     p.add_argument("--tls-cert", type=Path, default=None, help="model service TLS certificate (PEM)")
     p.add_argument("--tls-key", type=Path, default=None, help="model service TLS key (PEM)")
@@ -557,7 +598,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--insecure", action="store_true", help="allow a plaintext model service (a warning is logged)")
     p.add_argument("--curve-secret", type=Path, default=None, help="collector's CURVE .key_secret file")
     p.add_argument("--curve-allow", type=Path, default=None, help="folder of the agents' CURVE .key files")
-    p.set_defaults(parser_defaults={a.dest: a.default for a in p._actions})
 
     p = sub.add_parser("demo", help="the whole loop: BadNet, θ_aug, serve, agents, quarantine, repair, measure")
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder (default runs/demo)")
@@ -627,27 +667,79 @@ def _summary(result: dict[str, Any]) -> str:
     return "\n".join(f"{k}: {result[k]}" for k in keys if k in result and result[k] is not None)
 
 
+def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices[command]
+
+
+def config_defaults(parser: argparse.ArgumentParser, path: Path) -> dict[str, Any]:
+    """A flat TOML file whose keys are ``parser``'s flag names, checked and converted like the flags themselves.
+
+    The result becomes the parser's defaults before the command line is parsed, so a flag given explicitly wins.
+    """
+    import tomllib
+
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise ValueError(f"cannot read config {path}: {e}") from e
+    actions = {a.dest: a for a in parser._actions if a.option_strings and a.dest not in ("help", "config")}
+    unknown = sorted(k for k in data if k.replace("-", "_") not in actions)
+    if unknown:
+        raise ValueError(f"{path}: unknown keys {unknown}; keys are the flags of 'nnoc-trainer serve --help'")
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        action = actions[key.replace("-", "_")]
+        flag = action.option_strings[-1]
+
+        def convert(v: Any, action: argparse.Action = action, key: str = key, flag: str = flag) -> Any:
+            if isinstance(v, bool) or not isinstance(v, str | int | float):
+                raise ValueError(f"{path}: {key} = {v!r}: expected a value as {flag} takes it")
+            try:
+                converted = action.type(str(v)) if callable(action.type) else str(v)
+            except (argparse.ArgumentTypeError, ValueError, TypeError) as e:
+                raise ValueError(f"{path}: {key} = {v!r}: {e}") from None
+            if action.choices is not None and converted not in action.choices:
+                raise ValueError(f"{path}: {key} = {v!r}: choose from {sorted(action.choices)}")
+            return converted
+
+        if action.nargs == 0:  # store_true
+            if not isinstance(value, bool):
+                raise ValueError(f"{path}: {key} = {value!r}: expected true or false")
+            out[action.dest] = value
+        elif action.nargs in ("+", "*") or isinstance(action, argparse._AppendAction):
+            out[action.dest] = [convert(v) for v in (value if isinstance(value, list) else [value])]
+        else:
+            out[action.dest] = convert(value)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``nnoc-trainer`` and ``python -m trainer``."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     _configure_logging(args)
     from trainer.predeploy import NoCandidateError
     from trainer.repair import GateError
 
     try:
+        if getattr(args, "config", None) is not None:  # the file's values become defaults; explicit flags win
+            command = _subparser(parser, args.command)
+            command.set_defaults(**config_defaults(command, args.config))
+            args = parser.parse_args(argv)
         result = args.func(args)
     except (NoCandidateError, GateError) as e:
         log.error("%s", e)
         if args.json:
             print(json.dumps({"error": str(e), "exit_code": EXIT_GATE}))
         return EXIT_GATE
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # bad input, a missing file, a taken port: one line, exit 2
         log.error("%s", e)
         if args.json:
             print(json.dumps({"error": str(e), "exit_code": EXIT_BAD_INPUT}))
         return EXIT_BAD_INPUT
     if args.json:
-        print(json.dumps({k: v for k, v in result.items() if k not in ("text", "parser_defaults")}, default=str))
+        print(json.dumps({k: v for k, v in result.items() if k != "text"}, default=str))
     else:
         print(_summary(result))
     return 0

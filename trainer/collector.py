@@ -2,21 +2,31 @@
 
 Wire format (``protos/nnoc/v1/quarantine.proto``): a quarantine message is ``[QuarantineHeader, tensor]``,
 a stats message ``[AgentStats]``; the ROUTER sees the sender's identity as an extra first frame. For each
-quarantine message the collector checks the header and the tensor against the fleet's input spec, writes it
-durably into the store of its fleet and bundle version (``<root>/<fleet>/<version>/quarantine.sqlite``, the
-format ``nnoc-trainer repair --quarantine`` reads), and only then answers ACK. Messages arriving together are
-written in one transaction. A duplicate ``(device_id, seq)`` is acknowledged and not stored twice. A malformed
-or oversized message is answered REJECTED with the reason; a device over its rate limit gets THROTTLED (it
-keeps the message and resends later). Nothing a sender does can stop the loop.
+quarantine message the collector checks the header and the tensor against the input spec of the fleet and
+bundle version it names (a version must be in the model store), writes it durably into that version's store
+(``<root>/<fleet>/<version>/quarantine.sqlite``, the format ``nnoc-trainer repair --quarantine`` reads), and
+only then answers ACK. Messages arriving together are written in one transaction per version. A duplicate
+``(device_id, seq)`` is acknowledged and not stored twice.
+
+Every message stands alone: one that fails a check is answered REJECTED with the reason and the rest of its
+batch is stored and acknowledged; a store that cannot write answers UNAVAILABLE for its messages only. What a
+sender can make the collector hold is bounded: stores open at once (least recently used closed), a quota of
+stored inputs per device and version and a byte budget for the whole quarantine (both answered OVER_QUOTA, a
+status the agent keeps and resends after ``retry_after``), and a token bucket per device (THROTTLED). With
+CURVE, each agent's public key is bound to one device id (its key file's name): a message or stats for any
+other device id is REJECTED. Refusals are counted per reason and logged once per device and reason per
+interval. Nothing a sender does can stop the loop.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
+import sqlite3
 import threading
 import time
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,14 +35,18 @@ import numpy as np
 import zmq
 
 from edge_agent.curve import AllowList, CurveError, start_server_auth
+from edge_agent.names import is_name
 from protos.nnoc.v1 import bundle_pb2, quarantine_pb2
-from trainer.quarantine import QuarantineError, QuarantineStore, check_message
+from trainer.quarantine import INT63, STORE_NAME, QuarantineError, QuarantineStore, check_header, tensor_layout
 from trainer.registry import Registry
 
 log = logging.getLogger(__name__)
 
 Reply = quarantine_pb2.QuarantineReply
-SpecSource = Callable[[str], bundle_pb2.InputSpec | None]
+# (fleet, version) -> that version's input spec; raises QuarantineError (reason unknown-fleet/unknown-version)
+SpecSource = Callable[[str, int], bundle_pb2.InputSpec]
+Item = tuple[bytes, quarantine_pb2.QuarantineHeader, bytes]
+ROW_OVERHEAD = 200  # bytes SQLite spends on a stored row beside its header and tensor (measured order)
 
 
 @dataclass(frozen=True)
@@ -48,20 +62,37 @@ class CollectorConfig:
     poll_ms: int = 50
     curve_secret: Path | None = None  # the collector's CURVE .key_secret file: encrypt and authenticate
     curve_allow: Path | None = None  # folder of the agents' CURVE .key files (required with curve_secret)
+    max_open_stores: int = 16  # quarantine stores (SQLite files) open at once; the least recently used closes
+    device_quota: int = 20_000  # stored inputs per device and fleet version (the paper repairs from N = 1000)
+    budget_bytes: int = 4 << 30  # bytes the whole quarantine may take on disk; beyond: OVER_QUOTA, alarm
+    retry_after: float = 30.0  # seconds an OVER_QUOTA / UNAVAILABLE sender is asked to wait
+    log_interval: float = 10.0  # a repeated refusal is logged once per device and reason per interval
+
+    def __post_init__(self) -> None:
+        for name in ("max_tensor_bytes", "batch", "max_open_stores", "device_quota", "budget_bytes"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"collector {name.replace('_', '-')} must be at least 1")
+        if not (self.rate > 0 and self.burst >= 1):
+            raise ValueError("collector rate must be above 0 and burst at least 1")
 
 
 @dataclass
 class CollectorCounters:
-    """What the collector did since it started."""
+    """What the collector did since it started (``by_reason``: refusals per reason, see quarantine.REASONS)."""
 
     received: int = 0
     stored: int = 0
     duplicates: int = 0
     rejected: int = 0
     throttled: int = 0
+    over_quota: int = 0
+    unavailable: int = 0
     stats: int = 0
     malformed_frames: int = 0
     auth_denied: int = 0
+    internal_errors: int = 0
+    bytes_used: int = 0  # the quarantine's size on disk, estimated between scans
+    budget_full: bool = False
     by_reason: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
 
@@ -72,11 +103,31 @@ def quarantine_dir(root: Path, fleet: str, version: int) -> Path:
 
 def quarantine_size(root: Path, fleet: str, version: int) -> int:
     """Stored inputs in one fleet/version quarantine (0 when there is none yet)."""
-    path = quarantine_dir(root, fleet, version) / "quarantine.sqlite"
+    path = quarantine_dir(root, fleet, version) / STORE_NAME
     if not path.is_file():
         return 0
     with QuarantineStore(path, create=False) as store:
         return store.count()
+
+
+def disk_usage(root: Path) -> int:
+    """Bytes of the files under ``root`` (0 when it does not exist)."""
+    if not root.is_dir():
+        return 0
+    return sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
+
+
+def fixed_spec(fleet: str, spec: bundle_pb2.InputSpec, versions: tuple[int, ...] = (1,)) -> SpecSource:
+    """A :data:`SpecSource` for one fleet and its versions (benchmarks and tests without a model store)."""
+
+    def spec_for(name: str, version: int) -> bundle_pb2.InputSpec:
+        if name != fleet:
+            raise QuarantineError(f"unknown fleet {name!r}", "unknown-fleet")
+        if version not in versions:
+            raise QuarantineError(f"fleet {name!r} has no version {version}", "unknown-version")
+        return spec
+
+    return spec_for
 
 
 class _Bucket:
@@ -84,6 +135,95 @@ class _Bucket:
 
     def __init__(self, tokens: float) -> None:
         self.tokens, self.stamp = tokens, time.monotonic()
+
+
+class _OnceEvery:
+    """Rate-limited logging: one line per key per interval, with how many were held back. Bounded keys."""
+
+    def __init__(self, interval: float, max_keys: int = 4096) -> None:
+        self.interval, self.max_keys = interval, max_keys
+        self._last: dict[tuple[str, str], tuple[float, int]] = {}
+
+    def __call__(self, key: tuple[str, str], message: str) -> None:
+        now = time.monotonic()
+        last = self._last.get(key)
+        if last is not None and now - last[0] < self.interval:
+            self._last[key] = (last[0], last[1] + 1)
+            return
+        if len(self._last) >= self.max_keys:
+            self._last.clear()  # a flood of new keys: start over rather than grow
+        held = f" ({last[1]} more like it in the last {self.interval:.0f} s)" if last and last[1] else ""
+        log.warning("%s%s", message, held)
+        self._last[key] = (now, 0)
+
+
+class _SpecCache:
+    """Input specs per (fleet, version): a stored version never changes, so a hit is kept (LRU-bounded);
+    a miss is asked again after ``retry`` seconds, so a version published a moment ago is not refused for long."""
+
+    def __init__(self, source: SpecSource, size: int = 1024, retry: float = 1.0) -> None:
+        self.source, self.size, self.retry = source, size, retry
+        self._items: OrderedDict[tuple[str, int], tuple[float, bundle_pb2.InputSpec | QuarantineError]] = OrderedDict()
+
+    def get(self, fleet: str, version: int) -> bundle_pb2.InputSpec:
+        key = (fleet, version)
+        now = time.monotonic()
+        hit = self._items.get(key)
+        if hit is None or (isinstance(hit[1], QuarantineError) and now - hit[0] > self.retry):
+            try:
+                value: bundle_pb2.InputSpec | QuarantineError = self.source(fleet, version)
+            except QuarantineError as e:
+                value = e
+            hit = (now, value)
+            self._items[key] = hit
+            if len(self._items) > self.size:
+                self._items.popitem(last=False)
+        self._items.move_to_end(key)
+        if isinstance(hit[1], QuarantineError):
+            raise hit[1]
+        return hit[1]
+
+
+class _Stores:
+    """Open quarantine stores, at most ``limit`` (least recently used closed first), with per-device counts."""
+
+    def __init__(self, root: Path, limit: int) -> None:
+        self.root, self.limit = root, limit
+        self._open: OrderedDict[tuple[str, int], tuple[QuarantineStore, dict[str, int]]] = OrderedDict()
+
+    def get(self, fleet: str, version: int, spec: bundle_pb2.InputSpec) -> tuple[QuarantineStore, dict[str, int]]:
+        key = (fleet, version)
+        entry = self._open.get(key)
+        if entry is None:
+            while len(self._open) >= self.limit:
+                _, (old, _) = self._open.popitem(last=False)
+                old.close()
+            store = QuarantineStore(quarantine_dir(self.root, fleet, version))
+            try:
+                if store.meta("fleet") is None:
+                    described = {"shape": list(spec.shape), "dtype": spec.dtype, "scale": spec.scale}
+                    store.set_meta(fleet=fleet, bundle_version=str(version), input_spec=json.dumps(described))
+                entry = (store, store.device_counts())
+            except BaseException:
+                store.close()
+                raise
+            self._open[key] = entry
+        self._open.move_to_end(key)
+        return entry
+
+    def drop(self, fleet: str, version: int) -> None:
+        """Close a store that failed (it is opened afresh next time)."""
+        entry = self._open.pop((fleet, version), None)
+        if entry is not None:
+            entry[0].close()
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def close(self) -> None:
+        for store, _ in self._open.values():
+            store.close()
+        self._open.clear()
 
 
 class Collector:
@@ -96,21 +236,29 @@ class Collector:
         registry: Registry | None = None,
         context: zmq.Context | None = None,
     ) -> None:
-        self.cfg, self.spec_for, self.registry = cfg, spec_for, registry
+        self.cfg, self.registry = cfg, registry
         self.context = context or zmq.Context.instance()
         self.counters = CollectorCounters()
-        self._stores: dict[tuple[str, int], QuarantineStore] = {}
+        self._specs = _SpecCache(spec_for)
+        self._stores = _Stores(cfg.root, cfg.max_open_stores)
         self._buckets: dict[str, _Bucket] = {}
-        self._specs: dict[str, tuple[float, bundle_pb2.InputSpec | None]] = {}
-        self._layouts: dict[str, tuple[bundle_pb2.InputSpec, list[int], int]] = {}
+        self._layouts: dict[tuple[str, int], tuple[bundle_pb2.InputSpec, list[int], int]] = {}
+        self._warn = _OnceEvery(cfg.log_interval)
+        self._curve = cfg.curve_secret is not None
         self._stop = threading.Event()
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self.port = 0
+        self.counters.bytes_used = disk_usage(cfg.root)
         self._thread = threading.Thread(target=self._run, name="collector", daemon=True)
 
+    @property
+    def open_stores(self) -> int:
+        """Quarantine stores open now."""
+        return len(self._stores)
+
     def start(self) -> Collector:
-        """Bind and start; raises when the endpoint cannot be bound."""
+        """Bind and start; raises OSError (or CurveError) when the endpoint cannot be bound."""
         self._thread.start()
         self._ready.wait(10)
         if self._error is not None:
@@ -123,6 +271,13 @@ class Collector:
         self._thread.join(timeout)
 
     # -- the loop ------------------------------------------------------------------------------------------
+
+    def _bind(self, sock: zmq.Socket) -> None:
+        if self.cfg.endpoint.endswith(":0"):
+            self.port = sock.bind_to_random_port(self.cfg.endpoint.rsplit(":", 1)[0])
+        else:
+            sock.bind(self.cfg.endpoint)
+            self.port = int(sock.getsockopt_string(zmq.LAST_ENDPOINT).rsplit(":", 1)[1])
 
     def _run(self) -> None:
         sock = self.context.socket(zmq.ROUTER)
@@ -138,11 +293,7 @@ class Collector:
                     raise CurveError("CURVE needs an allow-list folder of agent keys (--curve-allow)")
                 allow = AllowList(self.cfg.curve_allow, on_denied=self._denied)
                 auth = start_server_auth(self.context, sock, self.cfg.curve_secret, allow)
-            if self.cfg.endpoint.endswith(":0"):
-                self.port = sock.bind_to_random_port(self.cfg.endpoint.rsplit(":", 1)[0])
-            else:
-                sock.bind(self.cfg.endpoint)
-                self.port = int(sock.getsockopt_string(zmq.LAST_ENDPOINT).rsplit(":", 1)[1])
+            self._bind(sock)
         except (zmq.ZMQError, CurveError) as e:
             self._error = e if isinstance(e, CurveError) else OSError(f"collector cannot bind {self.cfg.endpoint}: {e}")
             self._ready.set()
@@ -157,48 +308,38 @@ class Collector:
                 if not sock.poll(self.cfg.poll_ms):
                     continue
                 batch: list[list[bytes]] = []
+                users: list[str | None] = []
                 while len(batch) < self.cfg.batch:
                     try:
-                        batch.append(sock.recv_multipart(zmq.NOBLOCK))
+                        frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
                     except zmq.Again:
                         break
-                try:
-                    replies = self.handle(batch)
-                except Exception:  # a store failure: no ACK goes out, the agents resend later
-                    log.exception("could not store a batch of %d messages; not acknowledged", len(batch))
-                    continue
-                for ident, reply in replies:
+                    # With CURVE, the ZAP handler names the device each message's key belongs to.
+                    users.append(frames[1].get("User-Id") if self._curve and len(frames) > 1 else None)
+                    batch.append([f.bytes for f in frames])
+                for ident, reply in self.handle(batch, users):
                     sock.send_multipart([ident, reply.SerializeToString()])
         finally:
             sock.close()
             if auth is not None:
                 auth.stop()
-            for store in self._stores.values():
-                store.close()
-            self._stores.clear()
+            self._stores.close()
 
     def _denied(self, key: str) -> None:
         self.counters.auth_denied += 1
 
-    # -- one batch -----------------------------------------------------------------------------------------
-
-    def _spec(self, fleet: str) -> bundle_pb2.InputSpec | None:
-        now = time.monotonic()
-        cached = self._specs.get(fleet)
-        # A known fleet's spec is re-read every 5 s; an unknown fleet is asked about again after 1 s, so a fleet
-        # created a moment ago is not refused for long.
-        if cached is None or now - cached[0] > (5.0 if cached[1] is not None else 1.0):
-            try:
-                cached = (now, self.spec_for(fleet))
-            except Exception as e:  # an unknown or broken fleet is the sender's problem, reported as such
-                log.debug("no input spec for fleet %r: %s", fleet, e)
-                cached = (now, None)
-            self._specs[fleet] = cached
-        return cached[1]
+    # -- one message ---------------------------------------------------------------------------------------
 
     def _admit(self, device_id: str) -> bool:
         bucket = self._buckets.get(device_id)
         if bucket is None:
+            if len(self._buckets) >= 65536:  # many senders: forget the idle ones (their buckets are full)
+                now = time.monotonic()
+                self._buckets = {
+                    d: b
+                    for d, b in self._buckets.items()
+                    if (now - b.stamp) * self.cfg.rate + b.tokens < self.cfg.burst
+                }
             bucket = self._buckets[device_id] = _Bucket(self.cfg.burst)
         now = time.monotonic()
         bucket.tokens = min(self.cfg.burst, bucket.tokens + (now - bucket.stamp) * self.cfg.rate)
@@ -208,37 +349,46 @@ class Collector:
         bucket.tokens -= 1.0
         return True
 
-    def _store(self, fleet: str, version: int, spec: bundle_pb2.InputSpec) -> QuarantineStore:
-        store = self._stores.get((fleet, version))
-        if store is None:
-            store = QuarantineStore(quarantine_dir(self.cfg.root, fleet, version))
-            if store.meta("fleet") is None:
-                described = {"shape": list(spec.shape), "dtype": spec.dtype, "scale": spec.scale}
-                store.set_meta(fleet=fleet, bundle_version=str(version), input_spec=json.dumps(described))
-            self._stores[(fleet, version)] = store
-        return store
-
-    def _check(self, header: quarantine_pb2.QuarantineHeader, tensor: bytes) -> bundle_pb2.InputSpec:
-        """Everything but the values (checked per batch, vectorised, in :meth:`_check_values`)."""
-        spec = self._spec(header.fleet)
-        if spec is None:
-            raise QuarantineError(f"unknown fleet {header.fleet!r}")
-        shape, nbytes = self._layout(header.fleet, spec)
-        fits = header.device_id and header.dtype == spec.dtype and len(tensor) == nbytes and header.shape == shape
-        if fits and nbytes <= self.cfg.max_tensor_bytes:
-            return spec  # the common case: exactly the fleet's layout
-        arr = check_message(header, tensor, self.cfg.max_tensor_bytes)  # says precisely what is wrong
-        raise QuarantineError(
-            f"tensor {list(arr.shape)} {arr.dtype} does not match the fleet's input {shape} {spec.dtype}"
-        )
-
-    def _layout(self, fleet: str, spec: bundle_pb2.InputSpec) -> tuple[list[int], int]:
-        """The fleet's tensor shape and byte size (cached with the spec they come from)."""
-        cached = self._layouts.get(fleet)
+    def _layout(self, fleet: str, version: int, spec: bundle_pb2.InputSpec) -> tuple[list[int], int]:
+        """The version's tensor shape and byte size (cached with the spec they come from)."""
+        cached = self._layouts.get((fleet, version))
         if cached is None or cached[0] is not spec:
             shape = [int(d) for d in spec.shape]
-            cached = self._layouts[fleet] = (spec, shape, np.dtype(spec.dtype).itemsize * int(np.prod(shape)))
+            if len(self._layouts) > 4096:
+                self._layouts.clear()
+            nbytes = np.dtype(spec.dtype).itemsize * math.prod(shape)
+            cached = self._layouts[(fleet, version)] = (spec, shape, nbytes)
         return cached[1], cached[2]
+
+    def _check(self, ident: bytes, user: str | None, body: list[bytes]) -> quarantine_pb2.QuarantineHeader:
+        """Everything but the values (checked per batch, vectorised, in :meth:`_check_values`)."""
+        if len(body) != 2:
+            raise QuarantineError(f"a quarantine message has 2 frames, this one {len(body)}")
+        header = quarantine_pb2.QuarantineHeader()
+        try:
+            header.ParseFromString(body[0])
+        except Exception as e:  # protobuf DecodeError
+            raise QuarantineError(f"malformed header: {e}") from e
+        check_header(header)
+        if header.device_id.encode() != ident:
+            raise QuarantineError(f"header device_id {header.device_id!r} is not the sender's identity", "identity")
+        if user is not None and header.device_id != user:
+            raise QuarantineError(f"the CURVE key of device {user!r} cannot send as {header.device_id!r}", "identity")
+        if not is_name(header.fleet):
+            raise QuarantineError(f"unknown fleet {header.fleet[:80]!r}", "unknown-fleet")
+        spec = self._specs.get(header.fleet, int(header.bundle_version))
+        shape, nbytes = self._layout(header.fleet, int(header.bundle_version), spec)
+        tensor = body[1]
+        if header.dtype == spec.dtype and len(tensor) == nbytes and header.shape == shape:
+            if nbytes > self.cfg.max_tensor_bytes:
+                raise QuarantineError(f"tensor of {nbytes} bytes exceeds the {self.cfg.max_tensor_bytes}-byte limit")
+            return header  # the common case: exactly the version's layout
+        _, got, expected = tensor_layout(header, self.cfg.max_tensor_bytes)  # says precisely what is wrong
+        if len(tensor) != expected:
+            raise QuarantineError(f"tensor frame has {len(tensor)} bytes, {list(got)} needs {expected}", "layout")
+        raise QuarantineError(
+            f"tensor {list(got)} {header.dtype} does not match the fleet's input {shape} {spec.dtype}", "layout"
+        )
 
     @staticmethod
     def _check_values(spec: bundle_pb2.InputSpec, tensors: list[bytes]) -> np.ndarray:
@@ -250,76 +400,158 @@ class Collector:
             bad |= np.isinf(lo) | np.isinf(hi)
         return np.asarray(bad)
 
-    def handle(self, batch: list[list[bytes]]) -> list[tuple[bytes, Reply]]:
-        """Validate, store and answer one batch of raw ROUTER messages (identity frame first)."""
+    # -- one batch -----------------------------------------------------------------------------------------
+
+    def handle(self, batch: list[list[bytes]], users: list[str | None] | None = None) -> list[tuple[bytes, Reply]]:
+        """Validate, store and answer one batch of raw ROUTER messages (identity frame first).
+
+        ``users``: per message, the device id its CURVE key is bound to (None without CURVE).
+        """
         c = self.counters
         replies: list[tuple[bytes, Reply]] = []
-        Item = tuple[bytes, quarantine_pb2.QuarantineHeader, bytes]
-        checked: dict[str, list[Item]] = defaultdict(list)
-        accepted: dict[tuple[str, int], list[Item]] = defaultdict(list)
-        for frames in batch:
+        checked: dict[tuple[str, int], list[Item]] = defaultdict(list)
+        for frames, user in zip(batch, users or [None] * len(batch), strict=True):
             ident, body = frames[0], frames[1:]
             if len(body) == 1:
-                self._stats(ident, body[0])
+                self._stats(ident, user, body[0])
                 continue
             c.received += 1
-            header = quarantine_pb2.QuarantineHeader()
             try:
-                if len(body) != 2:
-                    raise QuarantineError(f"a quarantine message has 2 frames, this one {len(body)}")
-                try:
-                    header.ParseFromString(body[0])
-                except Exception as e:  # protobuf DecodeError
-                    raise QuarantineError(f"malformed header: {e}") from e
-                if header.device_id and header.device_id.encode() != ident:
-                    raise QuarantineError(f"header device_id {header.device_id!r} is not the sender's identity")
-                self._check(header, body[1])
+                header = self._check(ident, user, body)
             except QuarantineError as e:
-                replies.append(self._refuse(ident, header, str(e)))
+                replies.append(self._refuse(ident, body, e))
                 continue
-            checked[header.fleet].append((ident, header, body[1]))
-        for fleet, items in checked.items():
-            spec = self._spec(fleet)
-            assert spec is not None
-            bad = self._check_values(spec, [t for _, _, t in items])
-            for (ident, header, tensor), is_bad in zip(items, bad, strict=True):
-                if is_bad:
-                    why = (
-                        "tensor holds NaN, infinities or values outside the fleet's range "
-                        f"[{spec.min_value}, {spec.max_value}]"
-                    )
-                    replies.append(self._refuse(ident, header, why))
-                elif not self._admit(header.device_id):
-                    c.throttled += 1
-                    replies.append((ident, Reply(device_id=header.device_id, seq=header.seq, status=Reply.THROTTLED)))
-                else:
-                    accepted[(header.fleet, int(header.bundle_version))].append((ident, header, tensor))
-        for (fleet, version), items in accepted.items():
-            spec = self._spec(fleet)
-            assert spec is not None
-            new = self._store(fleet, version, spec).add_many(((h, t) for _, h, t in items), checked=True)
-            c.stored += new
-            c.duplicates += len(items) - new
-            replies.extend((ident, Reply(device_id=h.device_id, seq=h.seq, status=Reply.ACK)) for ident, h, _ in items)
+            except Exception as e:  # a bug, not the sender's fault: no reply, so the agent keeps and resends it
+                c.internal_errors += 1
+                self._warn(("*", "internal"), f"could not check a message from {ident[:64]!r}: {e!r}")
+                continue
+            checked[(header.fleet, int(header.bundle_version))].append((ident, header, body[1]))
+        for (fleet, version), items in checked.items():
+            replies.extend(self._store_group(fleet, version, items))
         return replies
 
-    def _refuse(self, ident: bytes, header: quarantine_pb2.QuarantineHeader, why: str) -> tuple[bytes, Reply]:
-        self.counters.rejected += 1
-        self.counters.by_reason[why.split(":")[0][:60]] += 1
-        log.warning("refused quarantine message from %r seq %d: %s", ident[:64], header.seq, why)
-        return ident, Reply(device_id=header.device_id, seq=header.seq, status=Reply.REJECTED, error=why)
+    def _store_group(self, fleet: str, version: int, items: list[Item]) -> list[tuple[bytes, Reply]]:
+        """Values, rate, quota and budget per message, then one transaction for what is left."""
+        c = self.counters
+        replies: list[tuple[bytes, Reply]] = []
+        spec = self._specs.get(fleet, version)
+        bad = self._check_values(spec, [t for _, _, t in items])
+        try:
+            store, per_device = self._stores.get(fleet, version, spec)
+        except (sqlite3.Error, OSError, QuarantineError) as e:
+            return self._unavailable(fleet, version, items, e)
+        accepted: list[Item] = []
+        taken: dict[str, int] = defaultdict(int)
+        pending = 0  # bytes the accepted messages will take
+        for (ident, header, tensor), is_bad in zip(items, bad, strict=True):
+            device = header.device_id
+            if is_bad:
+                why = f"tensor holds NaN, infinities or values outside [{spec.min_value}, {spec.max_value}]"
+                replies.append(self._refuse(ident, None, QuarantineError(why, "values"), header))
+            elif not self._admit(device):
+                c.throttled += 1
+                replies.append((ident, Reply(device_id=device, seq=header.seq, status=Reply.THROTTLED)))
+            elif c.bytes_used + pending + len(tensor) > self.cfg.budget_bytes:
+                if not c.budget_full:
+                    log.error(
+                        "quarantine budget reached: %d of %d bytes under %s; new quarantine is refused (OVER_QUOTA, "
+                        "agents keep it) until space is freed or the budget is raised",
+                        c.bytes_used, self.cfg.budget_bytes, self.cfg.root,
+                    )  # fmt: skip
+                    c.budget_full = True
+                replies.append(self._over_quota(ident, header, "budget", "the collector's storage budget is used up"))
+            elif per_device.get(device, 0) + taken[device] >= self.cfg.device_quota:
+                why = f"device {device} has {self.cfg.device_quota} quarantined inputs for {fleet} v{version} (quota)"
+                replies.append(self._over_quota(ident, header, "quota", why))
+            else:
+                taken[device] += 1
+                pending += len(tensor) + len(device) + ROW_OVERHEAD
+                accepted.append((ident, header, tensor))
+        if not accepted:
+            return replies
+        try:
+            new = store.add_many(((h, t) for _, h, t in accepted), checked=True)
+        except (sqlite3.Error, OSError) as e:
+            self._stores.drop(fleet, version)
+            return replies + self._unavailable(fleet, version, accepted, e)
+        if new:
+            for device, n in taken.items():  # duplicates count too: an upper bound, exact after a reopen
+                per_device[device] = per_device.get(device, 0) + n
+            c.bytes_used += pending * new // len(accepted)
+        c.stored += new
+        c.duplicates += len(accepted) - new
+        replies.extend((ident, Reply(device_id=h.device_id, seq=h.seq, status=Reply.ACK)) for ident, h, _ in accepted)
+        return replies
 
-    def _stats(self, ident: bytes, body: bytes) -> None:
+    def _refuse(
+        self,
+        ident: bytes,
+        body: list[bytes] | None,
+        error: QuarantineError,
+        header: quarantine_pb2.QuarantineHeader | None = None,
+    ) -> tuple[bytes, Reply]:
+        self.counters.rejected += 1
+        self.counters.by_reason[error.reason] += 1
+        if header is None:
+            header = quarantine_pb2.QuarantineHeader()
+            if body:
+                try:
+                    header.ParseFromString(body[0])
+                except Exception:  # an unparseable header: the reply names no seq
+                    header.Clear()
+        who = ident[:64].decode(errors="replace")
+        self._warn((who, error.reason), f"refused quarantine from {who!r} seq {header.seq}: {error}")
+        seq = header.seq if header.seq <= INT63 else 0
+        return ident, Reply(device_id=header.device_id[:64], seq=seq, status=Reply.REJECTED, error=str(error)[:500])
+
+    def _over_quota(
+        self, ident: bytes, header: quarantine_pb2.QuarantineHeader, reason: str, why: str
+    ) -> tuple[bytes, Reply]:
+        self.counters.over_quota += 1
+        self.counters.by_reason[reason] += 1
+        self._warn((header.device_id, reason), f"not stored (OVER_QUOTA, kept by the agent): {why}")
+        return ident, Reply(
+            device_id=header.device_id,
+            seq=header.seq,
+            status=Reply.OVER_QUOTA,
+            error=why,
+            retry_after=self.cfg.retry_after,
+        )
+
+    def _unavailable(self, fleet: str, version: int, items: list[Item], e: BaseException) -> list[tuple[bytes, Reply]]:
+        self.counters.unavailable += len(items)
+        self._warn((fleet, "store"), f"cannot write the quarantine of {fleet} v{version}: {e}; agents resend later")
+        return [
+            (ident, Reply(device_id=h.device_id, seq=h.seq, status=Reply.UNAVAILABLE, error="the collector cannot "
+                          "store now", retry_after=self.cfg.retry_after))
+            for ident, h, _ in items
+        ]  # fmt: skip
+
+    def _stats(self, ident: bytes, user: str | None, body: bytes) -> None:
+        who = ident[:64].decode(errors="replace")
         try:
             stats = quarantine_pb2.AgentStats.FromString(body)
         except Exception as e:  # protobuf DecodeError: log and move on, stats are fire-and-forget
             self.counters.malformed_frames += 1
-            log.warning("malformed stats message from %r: %s", ident[:64], e)
+            self._warn((who, "stats"), f"malformed stats message from {who!r}: {e}")
             return
-        if stats.device_id.encode() != ident:
+        why = ""
+        if stats.device_id.encode() != ident or (user is not None and stats.device_id != user):
+            why = f"stats for {stats.device_id[:64]!r} from sender {who!r}" + (f" (key of {user!r})" if user else "")
+        elif not (is_name(stats.device_id) and is_name(stats.fleet)):
+            why = "stats with an invalid device or fleet name"
+        elif max(stats.bundle_version, stats.requests, stats.rejects, stats.spool_depth, stats.spool_dropped) > INT63:
+            why = "stats with a count above 2**63-1"
+        elif not 0.0 <= stats.window_reject_rate <= 1.0:
+            why = f"stats with a reject rate {stats.window_reject_rate} outside [0, 1]"
+        if why:
             self.counters.malformed_frames += 1
-            log.warning("stats for %r from sender %r ignored", stats.device_id, ident[:64])
+            self.counters.by_reason["identity" if "sender" in why else "malformed"] += 1
+            self._warn((who, "stats"), f"{why}: ignored")
             return
         self.counters.stats += 1
         if self.registry is not None:
-            self.registry.record_stats(stats)
+            try:
+                self.registry.record_stats(stats)
+            except sqlite3.Error as e:
+                self._warn(("*", "registry"), f"cannot record stats: {e}")

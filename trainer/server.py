@@ -15,20 +15,25 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import tomllib
 import zmq
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from edge_agent.ports import StateLock
 from edge_agent.signing import load_private_key
 from protos.nnoc.v1 import bundle_pb2
-from trainer.collector import Collector, CollectorConfig
+from trainer.collector import Collector, CollectorConfig, SpecSource
 from trainer.jobs import JobPolicy, JobRunner
+from trainer.quarantine import QuarantineError
 from trainer.registry import Registry
 from trainer.service import ModelServer, ModelServicer, ServiceConfig
-from trainer.store import ModelStore
+from trainer.store import ModelStore, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +50,8 @@ class ServeConfig:
     service: ServiceConfig = field(default_factory=ServiceConfig)
     policy: JobPolicy = field(default_factory=JobPolicy)
     signing_key: Path | None = None  # Ed25519 private key (PEM): every version the store takes in is signed
+    metrics_port: int | None = None  # Prometheus /metrics (collector and service counters); None: off
+    metrics_host: str = "127.0.0.1"
 
     @property
     def quarantine_root(self) -> Path:
@@ -52,71 +59,112 @@ class ServeConfig:
         return self.state_dir / "quarantine"
 
 
-def load_toml(path: Path, known: set[str]) -> dict[str, Any]:
-    """A flat TOML table whose keys are flag names (``min-quarantine`` or ``min_quarantine``)."""
-    try:
-        data = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as e:
-        raise ValueError(f"cannot read config {path}: {e}") from e
-    flat = {k.replace("-", "_"): v for k, v in data.items()}
-    unknown = sorted(set(flat) - known)
-    if unknown:
-        raise ValueError(f"{path}: unknown keys {unknown}; keys are the flags of 'nnoc-trainer serve --help'")
-    return flat
+def spec_source(store: ModelStore) -> SpecSource:
+    """The input spec of a stored (fleet, version), from its manifest; QuarantineError when there is none."""
 
-
-def spec_source(store: ModelStore) -> Any:
-    """The fleet's input spec, read from its current bundle (None when the fleet has none)."""
-
-    def spec_for(fleet: str) -> bundle_pb2.InputSpec | None:
-        if fleet not in store.fleets() or store.state(fleet).current is None:
-            return None
-        return store.bundle(fleet).manifest.input_spec
+    def spec_for(fleet: str, version: int) -> bundle_pb2.InputSpec:
+        if fleet not in store.fleets():
+            raise QuarantineError(f"unknown fleet {fleet!r}", "unknown-fleet")
+        try:
+            return store.manifest(fleet, version).input_spec
+        except StoreError as e:
+            raise QuarantineError(f"fleet {fleet!r} has no version {version} in the store", "unknown-version") from e
 
     return spec_for
 
 
+class ServeMetrics:
+    """Prometheus metrics of ``serve``, read from the collector's and the model service's counters when scraped."""
+
+    def __init__(self, collector: Collector, servicer: ModelServicer) -> None:
+        self.collector, self.servicer = collector, servicer
+
+    def collect(self) -> Iterator[Metric]:
+        """Called by prometheus-client on each scrape."""
+        c = self.collector.counters
+        for name, doc, value in (
+            ("received", "Quarantine messages received", c.received),
+            ("stored", "Quarantine messages stored", c.stored),
+            ("duplicates", "Quarantine messages already stored (ACKed again)", c.duplicates),
+            ("throttled", "Quarantine messages over a device's rate limit", c.throttled),
+            ("over_quota", "Quarantine messages refused for a quota or the budget (kept by the agent)", c.over_quota),
+            ("unavailable", "Quarantine messages the collector could not store (kept by the agent)", c.unavailable),
+            ("stats", "Agent stats messages recorded", c.stats),
+            ("auth_denied", "CURVE handshakes refused (key not on the allow-list)", c.auth_denied),
+            ("internal_errors", "Messages the collector failed to check (a bug; the agent resends)", c.internal_errors),
+        ):
+            yield CounterMetricFamily(f"nnoc_collector_{name}", doc, value=value)
+        refused = CounterMetricFamily("nnoc_collector_refused", "Messages refused, per reason", labels=["reason"])
+        for reason, n in sorted(c.by_reason.items()):
+            refused.add_metric([reason], n)
+        yield refused
+        yield GaugeMetricFamily("nnoc_collector_bytes", "Quarantine size on disk (estimated)", value=c.bytes_used)
+        yield GaugeMetricFamily(
+            "nnoc_collector_budget_full", "1 while new quarantine is refused for the budget", value=int(c.budget_full)
+        )
+        yield GaugeMetricFamily("nnoc_collector_open_stores", "Quarantine files open", value=self.collector.open_stores)
+        denied = CounterMetricFamily("nnoc_service_denied", "Model service calls refused, per RPC", labels=["rpc"])
+        for rpc, n in sorted(self.servicer.denied.items()):
+            denied.add_metric([rpc], n)
+        yield denied
+
+
 def serve(cfg: ServeConfig, stop: threading.Event | None = None) -> dict[str, Any]:
-    """Run until ``stop`` is set (SIGTERM/SIGINT set it in the main thread); returns final counters."""
+    """Run until ``stop`` is set (SIGTERM/SIGINT set it in the main thread); returns final counters.
+
+    Raises OSError (one line for the CLI) when the state folder is in use or a port cannot be bound; whatever
+    had started by then is stopped again.
+    """
     stop = stop or threading.Event()
-    cfg.state_dir.mkdir(parents=True, exist_ok=True)
+    lock = StateLock(cfg.state_dir, "serve.lock", "another 'nnoc-trainer serve'")
     if cfg.signing_key is None:
         log.warning("no --signing-key: new versions are published unsigned (agents with trusted keys refuse them)")
-    store = ModelStore(cfg.store, load_private_key(cfg.signing_key) if cfg.signing_key else None)
-    registry = Registry(cfg.state_dir / "registry.sqlite")
-    context = zmq.Context()
-    collector = Collector(
-        CollectorConfig(**{**cfg.collector.__dict__, "root": cfg.quarantine_root}),
-        spec_source(store),
-        registry,
-        context,
-    ).start()
-    servicer = ModelServicer(store, registry, cfg.quarantine_root, cfg.service)
-    server = ModelServer(servicer, cfg.service).start()
-    runner = JobRunner(store, registry, cfg.quarantine_root, cfg.state_dir / "jobs", cfg.policy).start()
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
-        signal.signal(signal.SIGINT, lambda *_: stop.set())
-    info = {
-        "pid": os.getpid(),
-        "collector": f"tcp://{cfg.collector.endpoint.split('://', 1)[1].rsplit(':', 1)[0]}:{collector.port}",
-        "model_service": f"{cfg.service.listen.rsplit(':', 1)[0]}:{server.port}",
-        "store": str(cfg.store),
-        "started": time.time(),
-    }
-    (cfg.state_dir / SERVE_FILE).write_text(json.dumps(info))
-    log.info("serving: collector %s, model service %s, store %s", info["collector"], info["model_service"], cfg.store)
-    try:
+    with ExitStack() as started:
+        started.callback(lock.release)
+        store = ModelStore(cfg.store, load_private_key(cfg.signing_key) if cfg.signing_key else None)
+        registry = Registry(cfg.state_dir / "registry.sqlite")
+        started.callback(registry.close)
+        context = zmq.Context()
+        started.callback(context.term)
+        collector = Collector(
+            CollectorConfig(**{**cfg.collector.__dict__, "root": cfg.quarantine_root}),
+            spec_source(store),
+            registry,
+            context,
+        ).start()
+        started.callback(collector.stop)
+        servicer = ModelServicer(store, registry, cfg.quarantine_root, cfg.service)
+        server = ModelServer(servicer, cfg.service).start()
+        started.callback(server.stop)
+        if cfg.metrics_port is not None:
+            metrics = CollectorRegistry()
+            metrics.register(ServeMetrics(collector, servicer))
+            try:
+                http, _ = start_http_server(cfg.metrics_port, addr=cfg.metrics_host, registry=metrics)
+            except OSError as e:
+                raise OSError(f"--metrics-port {cfg.metrics_port}: cannot listen: {e.strerror or e}") from None
+            started.callback(http.shutdown)
+        runner = JobRunner(store, registry, cfg.quarantine_root, cfg.state_dir / "jobs", cfg.policy).start()
+        started.callback(runner.stop)
+        started.callback(server.health.enter_graceful_shutdown)
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, lambda *_: stop.set())
+            signal.signal(signal.SIGINT, lambda *_: stop.set())
+        info = {
+            "pid": os.getpid(),
+            "collector": f"tcp://{cfg.collector.endpoint.split('://', 1)[1].rsplit(':', 1)[0]}:{collector.port}",
+            "model_service": f"{cfg.service.listen.rsplit(':', 1)[0]}:{server.port}",
+            "metrics_port": cfg.metrics_port,
+            "store": str(cfg.store),
+            "started": time.time(),
+        }
+        (cfg.state_dir / SERVE_FILE).write_text(json.dumps(info))
+        started.callback((cfg.state_dir / SERVE_FILE).unlink, missing_ok=True)
+        log.info(
+            "serving: collector %s, model service %s, store %s", info["collector"], info["model_service"], cfg.store
+        )
         stop.wait()
-    finally:
         log.info("shutting down")
-        server.health.enter_graceful_shutdown()
-        runner.stop()
-        collector.stop()
-        server.stop()
-        context.term()
-        registry.close()
-        (cfg.state_dir / SERVE_FILE).unlink(missing_ok=True)
     c = collector.counters
     return {
         "received": c.received,
@@ -124,5 +172,6 @@ def serve(cfg: ServeConfig, stop: threading.Event | None = None) -> dict[str, An
         "duplicates": c.duplicates,
         "rejected": c.rejected,
         "throttled": c.throttled,
+        "over_quota": c.over_quota,
         "stats": c.stats,
     }

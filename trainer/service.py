@@ -10,6 +10,7 @@ job runner, or ``nnoc-trainer fleet`` in another process).
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import queue
 import threading
@@ -23,6 +24,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from edge_agent.ports import GRPC_EXCLUSIVE, PortError
 from edge_agent.tls import server_credentials
 from protos.nnoc.v1 import model_service_pb2 as ms
 from protos.nnoc.v1 import model_service_pb2_grpc as ms_grpc
@@ -48,6 +50,32 @@ class ServiceConfig:
     tls_cert: Path | None = None  # server certificate (PEM); None: plaintext (the CLI wants --insecure for that)
     tls_key: Path | None = None
     tls_client_ca: Path | None = None  # mutual TLS: clients must present a certificate this CA signed
+    # Authorization. Operator RPCs (ListFleets, FleetStatus, Publish, Rollback) need a client certificate whose
+    # name (CN) is one of `operators`; without mutual TLS there is no identity, so they are refused unless
+    # `insecure_operators` allows every caller (warned at start).
+    operators: tuple[str, ...] = ()
+    insecure_operators: bool = False
+    # (certificate name pattern, fleet): where given, an agent's certificate may subscribe to and download from
+    # the fleets its name maps to only (fnmatch patterns: "cam-*"). Operators may read every fleet.
+    agent_fleets: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who called: the client certificate's name under mutual TLS (None without one) and its rights."""
+
+    name: str | None
+    operator: bool
+
+    def describe(self) -> str:
+        """For logs and the fleet history."""
+        return f"{self.name!r}" if self.name else "a caller without a client certificate"
+
+
+def certificate_name(context: grpc.ServicerContext) -> str | None:
+    """The common name of the peer's verified client certificate, or None (plaintext, TLS without client certs)."""
+    names = context.auth_context().get("x509_common_name") or []
+    return names[0].decode(errors="replace") if names else None
 
 
 class ModelServicer(ms_grpc.ModelServiceServicer):
@@ -62,6 +90,49 @@ class ModelServicer(ms_grpc.ModelServiceServicer):
         self._seen: dict[str, tuple[int | None, str]] = {}
         self._stop = threading.Event()
         self._watcher = threading.Thread(target=self._watch, name="store-watcher", daemon=True)
+        self.denied: dict[str, int] = defaultdict(int)  # refused calls per RPC (PERMISSION_DENIED)
+
+    # -- authorization -------------------------------------------------------------------------------------
+
+    def caller(self, context: grpc.ServicerContext) -> Caller:
+        """Who is calling, and whether that is an operator."""
+        name = certificate_name(context)
+        if name is None:
+            return Caller(None, self.cfg.insecure_operators)
+        return Caller(name, name in self.cfg.operators)
+
+    def _deny(self, context: grpc.ServicerContext, rpc: str, caller: Caller, why: str) -> None:
+        self.denied[rpc] += 1
+        log.warning("denied %s to %s: %s", rpc, caller.describe(), why)
+        context.abort(grpc.StatusCode.PERMISSION_DENIED, why)
+
+    def _operator(self, context: grpc.ServicerContext, rpc: str) -> Caller:
+        """The caller when it is an operator; otherwise the call ends with PERMISSION_DENIED and the reason."""
+        caller = self.caller(context)
+        if not caller.operator:
+            if caller.name is None:
+                why = (
+                    f"{rpc} is an operator call and this caller has no client certificate: use mutual TLS with an "
+                    "operator certificate (serve --tls-client-ca and --operators NAME), or start serve with "
+                    "--insecure-operators"
+                )
+            else:
+                why = f"certificate {caller.name!r} is not an operator (serve --operators names who may call {rpc})"
+            self._deny(context, rpc, caller, why)
+        return caller
+
+    def _agent(self, context: grpc.ServicerContext, rpc: str, fleet: str, device_id: str | None = None) -> Caller:
+        """The caller when it may read ``fleet`` (and, under mutual TLS, speaks as ``device_id``)."""
+        caller = self.caller(context)
+        if caller.name is None or caller.operator:
+            return caller
+        if device_id is not None and device_id != caller.name:
+            self._deny(context, rpc, caller, f"certificate {caller.name!r} cannot subscribe as device {device_id!r}")
+        if self.cfg.agent_fleets and not any(
+            fleet == f and fnmatch.fnmatchcase(caller.name, pattern) for pattern, f in self.cfg.agent_fleets
+        ):
+            self._deny(context, rpc, caller, f"certificate {caller.name!r} is not an agent of fleet {fleet!r}")
+        return caller
 
     # -- notices -------------------------------------------------------------------------------------------
 
@@ -119,6 +190,7 @@ class ModelServicer(ms_grpc.ModelServiceServicer):
 
     def Subscribe(self, request: ms.SubscribeRequest, context: grpc.ServicerContext) -> Iterator[ms.VersionNotice]:
         """The fleet's current version now, then every change, until the agent or the service goes away."""
+        self._agent(context, "Subscribe", request.fleet, request.device_id)
         try:
             first = self._notice(request.fleet)
         except StoreError as e:
@@ -146,6 +218,7 @@ class ModelServicer(ms_grpc.ModelServiceServicer):
 
     def Download(self, request: ms.DownloadRequest, context: grpc.ServicerContext) -> Iterator[ms.Chunk]:
         """One artifact from ``offset`` on, in chunks of at most ``chunk_size`` bytes."""
+        self._agent(context, "Download", request.fleet)
         try:
             path = self.store.artifact(request.fleet, request.version, request.name)
         except StoreError as e:
@@ -166,6 +239,7 @@ class ModelServicer(ms_grpc.ModelServiceServicer):
 
     def ListFleets(self, request: ms.ListFleetsRequest, context: grpc.ServicerContext) -> ms.ListFleetsResponse:
         """Names of the fleets in the store."""
+        self._operator(context, "ListFleets")
         return ms.ListFleetsResponse(fleets=self.store.fleets())
 
     def status(self, fleet: str) -> ms.FleetStatusResponse:
@@ -206,6 +280,7 @@ class ModelServicer(ms_grpc.ModelServiceServicer):
 
     def FleetStatus(self, request: ms.FleetStatusRequest, context: grpc.ServicerContext) -> ms.FleetStatusResponse:
         """See :meth:`status`."""
+        self._operator(context, "FleetStatus")
         try:
             return self.status(request.fleet)
         except StoreError as e:
@@ -214,8 +289,9 @@ class ModelServicer(ms_grpc.ModelServiceServicer):
 
     def Publish(self, request: ms.PublishRequest, context: grpc.ServicerContext) -> ms.FleetStatusResponse:
         """Make a stored version current."""
+        by = f"{self._operator(context, 'Publish').describe()} over gRPC"
         try:
-            self.store.publish(request.fleet, int(request.version), by="grpc", note=request.note)
+            self.store.publish(request.fleet, int(request.version), by=by, note=request.note[:500])
         except StoreError as e:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
         self.check_store()
@@ -223,8 +299,9 @@ class ModelServicer(ms_grpc.ModelServiceServicer):
 
     def Rollback(self, request: ms.RollbackRequest, context: grpc.ServicerContext) -> ms.FleetStatusResponse:
         """Make an older version current (0: the one current before)."""
+        by = f"{self._operator(context, 'Rollback').describe()} over gRPC"
         try:
-            self.store.rollback(request.fleet, int(request.version) or None, by="grpc")
+            self.store.rollback(request.fleet, int(request.version) or None, by=by)
         except StoreError as e:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
         self.check_store()
@@ -238,7 +315,7 @@ class ModelServer:
         self.servicer, self.cfg = servicer, cfg
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=cfg.max_workers, thread_name_prefix="model-service"),
-            options=[("grpc.max_send_message_length", 2 * CHUNK_MAX + (1 << 16))],
+            options=[("grpc.max_send_message_length", 2 * CHUNK_MAX + (1 << 16)), *GRPC_EXCLUSIVE],
         )
         ms_grpc.add_ModelServiceServicer_to_server(servicer, self.server)
         self.health = health.HealthServicer()
@@ -250,9 +327,9 @@ class ModelServer:
             else:
                 self.port = self.server.add_insecure_port(cfg.listen)
         except RuntimeError as e:
-            raise OSError(f"model service cannot listen on {cfg.listen}: {e}") from e
+            raise PortError(f"model service cannot listen on {cfg.listen}: {e} (is the port taken?)") from None
         if self.port == 0:
-            raise OSError(f"model service cannot listen on {cfg.listen}")
+            raise PortError(f"model service cannot listen on {cfg.listen} (is the port taken?)")
 
     def start(self) -> ModelServer:
         """Serve and report SERVING."""

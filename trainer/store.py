@@ -17,7 +17,6 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import re
 import shutil
 import time
 import uuid
@@ -30,11 +29,11 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edge_agent.bundle import BundleError, VerifiedBundle, verify_bundle
+from edge_agent.names import check_name
 from edge_agent.signing import sign_manifest
 from protos.nnoc.v1 import bundle_pb2
 from trainer.bundle import fsync_dir, manifest_json, read_manifest
 
-FLEET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 CHECKPOINTS = ("primary.pt", "monitor.pt")
 
 
@@ -55,9 +54,12 @@ class FleetState:
 class ModelStore:
     """Fleets and versions under ``root``. Safe for one writer process at a time per store and any readers."""
 
-    def __init__(self, root: Path, signing_key: Ed25519PrivateKey | None = None) -> None:
+    def __init__(self, root: Path, signing_key: Ed25519PrivateKey | None = None, create: bool = True) -> None:
+        """``create=False``: a store that must exist already (read-only commands never make one by mistake)."""
         self.root = root
         self.signing_key = signing_key  # when set, every version taken in is signed (edge_agent.signing)
+        if not create and not root.is_dir():
+            raise StoreError(f"no model store at {root}: pass --store with the folder 'nnoc-trainer serve' uses")
         root.mkdir(parents=True, exist_ok=True)
 
     # -- reading -------------------------------------------------------------------------------------------
@@ -67,8 +69,10 @@ class ModelStore:
         return sorted(d.name for d in self.root.iterdir() if (d / "fleet.json").is_file())
 
     def _fleet_dir(self, fleet: str) -> Path:
-        if not FLEET_NAME.match(fleet):
-            raise StoreError(f"fleet name {fleet!r}: use 1-64 letters, digits, '.', '_' or '-'")
+        try:
+            check_name(fleet, "fleet name")
+        except ValueError as e:
+            raise StoreError(str(e)) from None
         return self.root / fleet
 
     def state(self, fleet: str) -> FleetState:
@@ -98,6 +102,13 @@ class ModelStore:
             return verify_bundle(self.version_dir(fleet, version) / "bundle")
         except BundleError as e:
             raise StoreError(f"stored bundle {fleet} v{version} fails verification: {e}") from e
+
+    def manifest(self, fleet: str, version: int) -> bundle_pb2.Manifest:
+        """A stored version's manifest, read without hashing its models (a stored version never changes)."""
+        try:
+            return read_manifest(self.version_dir(fleet, version) / "bundle")
+        except (OSError, ValueError) as e:
+            raise StoreError(f"{fleet} v{version}: cannot read its manifest: {e}") from e
 
     def artifact(self, fleet: str, version: int, name: str) -> Path:
         """Path of one artifact file of a stored bundle, by its manifest name."""

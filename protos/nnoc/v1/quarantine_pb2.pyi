@@ -33,26 +33,32 @@ class QuarantineHeader(_message.Message):
     def __init__(self, device_id: _Optional[str] = ..., fleet: _Optional[str] = ..., bundle_version: _Optional[int] = ..., seq: _Optional[int] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., primary_label: _Optional[int] = ..., monitor_label: _Optional[int] = ..., captured_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class QuarantineReply(_message.Message):
-    __slots__ = ("device_id", "seq", "status", "error")
+    __slots__ = ("device_id", "seq", "status", "error", "retry_after")
     class Status(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         STATUS_UNSPECIFIED: _ClassVar[QuarantineReply.Status]
         ACK: _ClassVar[QuarantineReply.Status]
         REJECTED: _ClassVar[QuarantineReply.Status]
         THROTTLED: _ClassVar[QuarantineReply.Status]
+        OVER_QUOTA: _ClassVar[QuarantineReply.Status]
+        UNAVAILABLE: _ClassVar[QuarantineReply.Status]
     STATUS_UNSPECIFIED: QuarantineReply.Status
     ACK: QuarantineReply.Status
     REJECTED: QuarantineReply.Status
     THROTTLED: QuarantineReply.Status
+    OVER_QUOTA: QuarantineReply.Status
+    UNAVAILABLE: QuarantineReply.Status
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    RETRY_AFTER_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     seq: int
     status: QuarantineReply.Status
     error: str
-    def __init__(self, device_id: _Optional[str] = ..., seq: _Optional[int] = ..., status: _Optional[_Union[QuarantineReply.Status, str]] = ..., error: _Optional[str] = ...) -> None: ...
+    retry_after: float
+    def __init__(self, device_id: _Optional[str] = ..., seq: _Optional[int] = ..., status: _Optional[_Union[QuarantineReply.Status, str]] = ..., error: _Optional[str] = ..., retry_after: _Optional[float] = ...) -> None: ...
 
 class AgentStats(_message.Message):
     __slots__ = ("device_id", "fleet", "bundle_version", "requests", "rejects", "window_reject_rate", "window_size", "spool_depth", "spool_dropped", "provider", "sent_at")
