@@ -344,3 +344,253 @@ def test_operator_rpcs_without_client_certificates_are_refused_unless_allowed(tm
                     assert "--insecure-operators" in e.value.details()
         finally:
             server.stop()
+
+
+# -- 4. ports bind exclusively; a taken or invalid port is one line ---------------------------------------------
+
+
+def one_line_error(code: int, err: str) -> None:
+    assert code == 2, err[-2000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert len([ln for ln in err.splitlines() if " ERROR " in ln or ln.startswith("nnoc-")]) == 1, err[-2000:]
+
+
+def test_a_taken_port_is_refused_not_shared(tmp_path: Path) -> None:
+    from conftest import free_port
+    from edge_agent.ports import PortError
+    from trainer.registry import Registry
+    from trainer.service import ModelServer, ModelServicer, ServiceConfig
+
+    store = tiny_store(tmp_path / "exports")
+    port = free_port()
+    cfg = ServiceConfig(listen=f"127.0.0.1:{port}", insecure_operators=True)
+    first = ModelServer(ModelServicer(store, Registry(tmp_path / "r.sqlite"), tmp_path / "q", cfg), cfg).start()
+    try:
+        with pytest.raises(PortError, match="cannot listen"):
+            ModelServer(ModelServicer(store, Registry(tmp_path / "r2.sqlite"), tmp_path / "q", cfg), cfg)
+    finally:
+        first.stop()
+    # serve: a taken collector port and an impossible port are one line and exit 2.
+    ctx = zmq.Context()
+    taken = ctx.socket(zmq.ROUTER)
+    zport = taken.bind_to_random_port("tcp://127.0.0.1")
+    try:
+        common = ["serve", "--store", str(store.root), "--insecure", "--no-jobs", "--listen", "127.0.0.1:0"]
+        code, _, err = run_cli("trainer", *common, "--state-dir", str(tmp_path / "s1"),
+                               "--collector", f"tcp://127.0.0.1:{zport}", check=False)  # fmt: skip
+        one_line_error(code, err)
+        assert "collector cannot bind" in err
+        assert not (tmp_path / "s1" / "serve.json").exists()
+        code, _, err = run_cli("trainer", *common[:-2], "--listen", "127.0.0.1:70000", check=False)
+        one_line_error(code, err)
+        assert "--listen '127.0.0.1:70000'" in err
+    finally:
+        taken.close()
+        ctx.term()
+    code, _, err = run_cli("edge_agent", "run", "--device-id", "cam-1", "--fleet", "f", "--infer-port", "70000",
+                           "--insecure", "--state-dir", str(tmp_path / "e"), check=False)  # fmt: skip
+    one_line_error(code, err)
+    assert "--infer-port" in err and "65535" in err
+
+
+def test_serve_holds_its_state_folder(tmp_path: Path) -> None:
+    from edge_agent.ports import PortError, StateLock
+
+    lock = StateLock(tmp_path / "state", "serve.lock", "another 'nnoc-trainer serve'")
+    try:
+        store = tiny_store(tmp_path / "exports")
+        code, _, err = run_cli("trainer", "serve", "--store", str(store.root), "--state-dir", str(tmp_path / "state"),
+                               "--insecure", "--listen", "127.0.0.1:0", "--collector", "tcp://127.0.0.1:0",
+                               check=False)  # fmt: skip
+        one_line_error(code, err)
+        assert f"pid {os.getpid()}" in err
+        with pytest.raises(PortError, match="in use"):
+            StateLock(tmp_path / "state", "serve.lock", "x")
+    finally:
+        lock.release()
+    StateLock(tmp_path / "state", "serve.lock", "x").release()  # free again once released
+
+
+# -- 5. one agent per state folder; files removed by their owner only ----------------------------------------
+
+
+def test_a_second_agent_on_one_state_dir_exits_naming_the_first(
+    predeployed: tuple[Path, dict[str, Any]], tmp_path: Path
+) -> None:
+    import json
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    state = tmp_path / "state"
+    args = ["run", "--insecure", "--device-id", "cam-1", "--fleet", "default", "--bundle",
+            str(predeployed[0] / "bundle"), "--infer-port", "0", "--state-dir", str(state), "--quiet"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    first = subprocess.Popen([sys.executable, "-m", "edge_agent", *args], cwd=ROOT, env=env, stderr=subprocess.PIPE)
+    try:
+        assert wait_for(lambda: (state / "agent.json").is_file(), 60)
+        code, _, err = run_cli("edge_agent", *args, check=False)
+        one_line_error(code, err)
+        assert f"pid {first.pid}" in err
+        assert json.loads((state / "agent.json").read_text())["pid"] == first.pid  # the second removed nothing
+        code, status, _ = run_cli("edge_agent", "status", "--state-dir", str(state))
+        assert status is not None and status["running"]["pid"] == first.pid
+    finally:
+        first.terminate()
+        first.wait(30)
+    assert not (state / "agent.json").exists()
+
+
+# -- 6. the inference endpoint: a batch limit, and every request on /metrics ----------------------------------
+
+
+def test_endpoint_refuses_oversized_batches_and_counts_requests(
+    predeployed: tuple[Path, dict[str, Any]], tmp_path: Path
+) -> None:
+    import grpc
+
+    from edge_agent.agent import Agent
+    from edge_agent.bundle import verify_bundle
+    from edge_agent.ensemble import Ensemble
+    from edge_agent.inference import serve
+    from edge_agent.metrics import AgentMetrics
+    from edge_agent.monitor import RejectMonitor
+    from edge_agent.spool import Spool, SpoolConfig
+    from protos.inference import grpc_predict_v2_pb2 as pb
+    from protos.inference import grpc_predict_v2_pb2_grpc as pb_grpc
+
+    bundle = verify_bundle(predeployed[0] / "bundle")
+    name = bundle.manifest.input_spec.input_name
+
+    def request(n: int, value: float = 0.5) -> pb.ModelInferRequest:
+        req = pb.ModelInferRequest(model_name="fleet")
+        req.inputs.add(name=name, datatype="FP32", shape=[n, 1, 28, 28])
+        req.raw_input_contents.append(np.full((n, 1, 28, 28), value, np.float32).tobytes())
+        return req
+
+    with Spool(SpoolConfig(tmp_path / "spool.sqlite")) as spool:
+        agent = Agent(Ensemble(bundle), spool, RejectMonitor(), "cam-1")
+        metrics = AgentMetrics(agent)
+        server, port = serve(agent, "fleet", "127.0.0.1:0", max_batch=64, metrics=metrics)
+        try:
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+                stub = pb_grpc.GRPCInferenceServiceStub(ch)
+                for _ in range(3):
+                    stub.ModelInfer(request(8), timeout=30)
+                for n in (65, 20_000):  # over the limit; the second is also far over the message size it implies
+                    with pytest.raises(grpc.RpcError) as e:
+                        stub.ModelInfer(request(n), timeout=30)
+                    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                with pytest.raises(grpc.RpcError) as e:
+                    stub.ModelInfer(request(2, float("nan")), timeout=30)
+                assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert stub.ModelInfer(request(64), timeout=30).outputs[0].shape == [64]  # the limit itself is fine
+        finally:
+            server.stop(0)
+    sample = metrics.registry.get_sample_value
+    assert sample("nnoc_requests_handled_total", {"origin": "endpoint"}) == 4
+    assert sample("nnoc_invalid_requests_total", {"origin": "endpoint"}) == 2
+    assert sample("nnoc_oversized_requests_total") == 1  # the 20,000 one never reached the servicer
+    assert sample("nnoc_request_seconds_count", {"origin": "endpoint"}) == 4
+
+
+# -- 7. what `verify` says, and `classify --trusted-key` ---------------------------------------------------------
+
+
+def test_verify_says_what_it_checked_and_catches_an_edited_json_manifest(
+    predeployed: tuple[Path, dict[str, Any]], tmp_path: Path
+) -> None:
+    import json
+    import shutil
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(predeployed[0] / "bundle", bundle)
+    code, out, _ = run_cli("edge_agent", "verify", "--bundle", str(bundle))
+    assert code == 0 and out is not None and out["hashes"] == "ok" and out["signature"].startswith("not checked")
+    assert "verified" not in out
+    assert run_cli("trainer", "keys", "generate", "--out", str(tmp_path / "k"))[0] == 0
+    code, _, err = run_cli("edge_agent", "classify", "--bundle", str(bundle), "--trusted-key",
+                           str(tmp_path / "k" / "signing.pub"), str(tmp_path / "x.png"), check=False)  # fmt: skip
+    one_line_error(code, err)
+    assert "not signed" in err
+    shown = json.loads((bundle / "manifest.json").read_text())
+    shown["version"] = "9"
+    (bundle / "manifest.json").write_text(json.dumps(shown))
+    code, _, err = run_cli("edge_agent", "verify", "--bundle", str(bundle), check=False)
+    one_line_error(code, err)
+    assert "manifest.json disagrees with manifest.pb" in err
+
+
+# -- 8. careless input on the command lines: one line, exit 2, nothing left behind --------------------------------
+
+
+def test_cli_refuses_nonsense_with_one_line(tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("x")
+    small = ["--train-size", "500", "--test-size", "200", "--valid-size", "200", "--stream-size", "100"]
+    for args, says in (
+        (["attack", "--batch-size", "0", "--out", str(tmp_path / "a")], "at least 1"),
+        (["attack", "--epochs", "0", "--out", str(tmp_path / "a")], "at least 1"),
+        (["attack", "--out", str(tmp_path / "afile")], "is a file"),
+        (["predeploy", "--model", "m.pt", "--out", str(tmp_path / "p"), "--epochs", "0"], "at least 1"),
+        (["predeploy", "--model", "m.pt", "--out", str(tmp_path / "p"), "--fleet", "../evil"], "letters, digits"),
+        (["stream", "--bundle", "b", "--trigger", "checker4", "--out", str(tmp_path / "s"), "--n", "0"], "at least 1"),
+        (["stream", "--bundle", "b", "--trigger", "checker4", "--out", str(tmp_path / "s"), "--target", "10", *small],
+         "no target class 10"),
+        (["fleet", "status", "f", "--store", str(tmp_path / "nostore")], "no model store"),
+        (["fleet", "create", "f", "--store", str(tmp_path / "st"), "--from", str(tmp_path / "missing")],
+         "no such folder"),
+    ):  # fmt: skip
+        code, _, err = run_cli("trainer", *args, check=False)
+        assert code == 2 and says in err and "Traceback" not in err, (args, err[-1500:])
+    assert not (tmp_path / "nostore").exists()  # a status never creates a store
+    assert not (tmp_path / "st" / "f").exists()  # a refused create leaves no empty fleet
+    (tmp_path / "serve.toml").write_text('min-quarantine = "lots"\n')
+    code, _, err = run_cli("trainer", "serve", "--config", str(tmp_path / "serve.toml"), check=False)
+    one_line_error(code, err)
+    assert "min-quarantine = 'lots'" in err
+    code, _, err = run_cli("edge_agent", "status", "--state-dir", str(tmp_path / "nostate"), check=False)
+    one_line_error(code, err)
+    assert not (tmp_path / "nostate").exists()
+    code, _, err = run_cli("edge_agent", "run", "--device-id", "cam-1", "--fleet", "f", "--insecure", "--state-dir",
+                           str(tmp_path / "e"), "--source", "npy:/missing.npy", check=False)  # fmt: skip
+    one_line_error(code, err)
+    assert "no such file" in err and not (tmp_path / "e" / "agent.json").exists()
+
+
+def test_toml_values_are_defaults_and_an_explicit_flag_wins(tmp_path: Path) -> None:
+    from trainer.cli import _subparser, build_parser, config_defaults
+
+    (tmp_path / "serve.toml").write_text('min-quarantine = 300\nrepair-profile = "standard"\noperators = ["ops"]\n')
+    parser = build_parser()
+    serve = _subparser(parser, "serve")
+    serve.set_defaults(**config_defaults(serve, tmp_path / "serve.toml"))
+    args = parser.parse_args(["serve", "--min-quarantine", "50"])
+    assert (args.min_quarantine, args.repair_profile, args.operators) == (50, "standard", ["ops"])
+    (tmp_path / "bad.toml").write_text('repair-profile = "fast"\n')
+    with pytest.raises(ValueError, match="choose from"):
+        config_defaults(serve, tmp_path / "bad.toml")
+
+
+def test_16_bit_images_are_scaled_not_clipped(splits: Any, tmp_path: Path) -> None:
+    from PIL import Image
+
+    from edge_agent.cli import load_images
+
+    boot = splits.test.images[splits.test.labels == 9][0, 0]  # (28, 28) uint8
+    Image.fromarray(boot).save(tmp_path / "boot8.png")
+    Image.fromarray(boot.astype(np.uint16) * 257).save(tmp_path / "boot16.png")  # 0..65535, same picture
+    assert Image.open(tmp_path / "boot16.png").mode.startswith("I")
+    eight, sixteen = load_images([tmp_path / "boot8.png", tmp_path / "boot16.png"], (1, 28, 28))
+    assert np.abs(eight.astype(int) - sixteen.astype(int)).max() <= 1
+
+
+# -- 9. the demo: a wait that is a flag, a timeout that is one line ---------------------------------------------
+
+
+def test_demo_timeout_is_one_line_with_what_it_waited_for(badnet: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
+    code, _, err = run_cli("trainer", "demo", "--profile", "tiny", "--model", str(badnet[0] / "model.pt"), "--out",
+                           str(tmp_path / "demo"), "--wait", "0.01", check=False)  # fmt: skip
+    assert code == 1 and "Traceback" not in err, err[-3000:]
+    assert "give it longer with --wait SECONDS" in err and "no repaired version on every agent" in err
+    assert not list((tmp_path / "demo" / "state").glob("serve.json"))  # what it started was stopped

@@ -43,6 +43,16 @@ def _positive(text: str) -> int:
     return value
 
 
+def _nonnegative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 0, got {text}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -69,6 +79,19 @@ def _agent_fleet(text: str) -> tuple[str, str]:
     return pattern, _name(fleet)
 
 
+def _out_dir(text: str) -> Path:
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a file; give a folder (it is created when missing)")
+    return path
+
+
+def _check_target(target: int | None, splits: Any) -> None:
+    classes = len(splits.class_names)
+    if target is not None and not 0 <= target < classes:
+        raise ValueError(f"--target {target}: no target class {target}; the dataset has classes 0 to {classes - 1}")
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("output")
     g.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
@@ -91,11 +114,11 @@ def _add_data(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--image-size", type=_image_size, default=None, help="resize ImageFolder images to HxW")
     g.add_argument("--split-seed", type=int, default=0, help="seed of the train/valid/stream split (default 0)")
-    g.add_argument("--valid-size", type=int, default=5000, help="defender's D_valid size (default 5000)")
+    g.add_argument("--valid-size", type=_positive, default=5000, help="defender's D_valid size (default 5000)")
     g.add_argument("--eval-fraction", type=float, default=0.2, help="share of D_valid held out as D_eval (default 0.2)")
-    g.add_argument("--stream-size", type=int, default=5000, help="post-deployment stream size (default 5000)")
-    g.add_argument("--train-size", type=int, default=None, help="cap on the attacker's training set (default: rest)")
-    g.add_argument("--test-size", type=int, default=None, help="cap on the test set (default: all)")
+    g.add_argument("--stream-size", type=_positive, default=5000, help="post-deployment stream size (default 5000)")
+    g.add_argument("--train-size", type=_positive, default=None, help="cap on the attacker's training set")
+    g.add_argument("--test-size", type=_positive, default=None, help="cap on the test set (default: all)")
 
 
 def _splits(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
@@ -126,6 +149,7 @@ def cmd_attack(args: argparse.Namespace) -> dict[str, Any]:
     from trainer.training import TrainConfig
 
     splits, meta = _splits(args)
+    _check_target(args.target, splits)
     cfg = AttackConfig(
         trigger=args.trigger,
         target=args.target,
@@ -145,6 +169,7 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     from trainer.triggers import parse_trigger
 
     splits, meta = _splits(args)
+    _check_target(args.target, splits)
     trigger = parse_trigger(args.trigger) if args.trigger else None
     if (trigger is None) != (args.target is None):
         raise ValueError("--trigger and --target go together (ASR needs both)")
@@ -194,6 +219,7 @@ def cmd_predeploy(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError("--eval-trigger and --target go together")
     trigger = parse_trigger(args.eval_trigger) if args.eval_trigger else None
     splits, _ = _splits(args)
+    _check_target(args.target, splits)
     cfg = PredeployConfig(
         gammas=tuple(args.gammas),
         alpha0=args.alpha0,
@@ -215,6 +241,7 @@ def cmd_stream(args: argparse.Namespace) -> dict[str, Any]:
 
     trigger = parse_trigger(args.trigger)
     splits, _ = _splits(args)
+    _check_target(args.target, splits)
     cfg = StreamConfig(n=args.n, cpd=args.cpd, target=args.target, seed=args.seed, device_id=args.device_id)
     return run_stream(args.bundle, splits, trigger, cfg, args.out)
 
@@ -229,6 +256,7 @@ def cmd_repair(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError("--eval-trigger and --target go together")
     trigger = parse_trigger(args.eval_trigger) if args.eval_trigger else None
     splits, _ = _splits(args)
+    _check_target(args.target, splits)
     from trainer.repair import REPAIR_PROFILES
 
     prof = REPAIR_PROFILES[args.profile]
@@ -450,13 +478,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="3: clean training then the poisoned set (paper); 2: poisoned set from scratch",
     )
     p.add_argument("--arch", default="cnn3", choices=sorted(ARCHITECTURES))
-    p.add_argument("--epochs", type=int, default=3, help="epochs on the poisoned set")
-    p.add_argument("--clean-epochs", type=int, default=None, help="epochs of the clean step (3-step only)")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--epochs", type=_positive, default=3, help="epochs on the poisoned set")
+    p.add_argument("--clean-epochs", type=_nonnegative, default=None, help="epochs of the clean step (3-step only)")
+    p.add_argument("--lr", type=_positive_float, default=1e-3)
+    p.add_argument("--batch-size", type=_positive, default=128)
     p.add_argument("--optimizer", default="adam", choices=sorted(OPTIMIZERS))
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, required=True, help="output folder (model.pt, model.onnx, metrics.json)")
+    p.add_argument("--out", type=_out_dir, required=True, help="output folder (model.pt, model.onnx, metrics.json)")
 
     p = _command(sub, "evaluate", "clean accuracy and attack success rate of a .pt or .onnx classifier", cmd_evaluate)
     p.add_argument("--model", type=Path, required=True, help="a .pt checkpoint of ours or an .onnx classifier")
@@ -472,16 +500,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _command(sub, "predeploy", "pre-deployment treatment (Algorithm 1) and bundle v1", cmd_predeploy)
     p.add_argument("--model", type=Path, required=True, help="suspect model checkpoint (model.pt)")
-    p.add_argument("--out", type=Path, required=True, help="output folder")
-    p.add_argument("--fleet", default="default", help="fleet name written into the manifest")
+    p.add_argument("--out", type=_out_dir, required=True, help="output folder")
+    p.add_argument("--fleet", type=_name, default="default", help="fleet name written into the manifest")
     p.add_argument("--max-ca-drop", type=float, default=0.05, help="threshold = BadNet D_eval CA - this (paper 0.05)")
     p.add_argument("--gammas", type=_fraction, nargs="+", default=list(PAPER_GAMMAS), help="noise fractions Γ")
-    p.add_argument("--alpha0", type=float, default=None, help="initial α (default: the model's training lr)")
-    p.add_argument("--max-rounds", type=int, default=4, help="budget: rounds of α (default 4)")
-    p.add_argument("--epochs", type=int, default=5, help="fine-tuning epochs per candidate (default 5)")
-    p.add_argument("--batch-size", type=int, default=None, help="fine-tuning batch size (default: the model's)")
+    p.add_argument("--alpha0", type=_positive_float, default=None, help="initial α (default: the model's training lr)")
+    p.add_argument("--max-rounds", type=_positive, default=4, help="budget: rounds of α (default 4)")
+    p.add_argument("--epochs", type=_positive, default=5, help="fine-tuning epochs per candidate (default 5)")
+    p.add_argument("--batch-size", type=_positive, default=None, help="fine-tuning batch size (default: the model's)")
     p.add_argument("--noise-mode", default="block", choices=MASK_MODES, help="replacement mask (default block)")
-    p.add_argument("--noise-grid", type=int, default=4, help="block mode: coarse plane side (default 4)")
+    p.add_argument("--noise-grid", type=_positive, default=4, help="block mode: coarse plane side (default 4)")
     p.add_argument("--noise-mean", type=float, default=128.0)
     p.add_argument("--noise-std", type=float, default=51.2)
     p.add_argument("--eval-trigger", default=None, help="evaluation only: also measure test CA/ASR per candidate")
@@ -495,17 +523,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trigger", required=True, help="the attacker's trigger spec for the poisoned inputs")
     p.add_argument("--target", type=int, default=0, help="attacker's target class (its inputs are not poisoned)")
     p.add_argument("--cpd", type=_fraction, default=0.1, help="poisoned share of the stream (default 0.1)")
-    p.add_argument("--n", type=int, default=1000, help="stream inputs (paper: N = 1000)")
+    p.add_argument("--n", type=_positive, default=1000, help="stream inputs (paper: N = 1000)")
     p.add_argument("--device-id", default="sim-0", help="device id written into the quarantine")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, required=True, help="quarantine folder (quarantine.sqlite, report.json)")
+    p.add_argument("--out", type=_out_dir, required=True, help="quarantine folder (quarantine.sqlite, report.json)")
 
     from trainer.repair import LEARNERS, PURIFIERS, REPAIR_BASES, REPAIR_PROFILES
 
     p = _command(sub, "repair", "learn the trigger from a quarantine (CycleGAN) and repair: bundle v+1", cmd_repair)
     p.add_argument("--bundle", type=Path, required=True, help="the deployed bundle (its checkpoints lie beside it)")
     p.add_argument("--quarantine", type=Path, required=True, help="quarantine folder or .sqlite file")
-    p.add_argument("--out", type=Path, required=True, help="output folder (bundle/, report.json, samples.png)")
+    p.add_argument("--out", type=_out_dir, required=True, help="output folder (bundle/, report.json, samples.png)")
     p.add_argument("--primary-checkpoint", type=Path, default=None, help="θ_bd weights (default: BUNDLE/../primary.pt)")
     p.add_argument(
         "--monitor-checkpoint", type=Path, default=None, help="θ_aug weights (default: BUNDLE/../monitor.pt)"
@@ -518,26 +546,26 @@ def build_parser() -> argparse.ArgumentParser:
         default="cyclegan",
         help="trigger learner; 'none' fine-tunes on clean data alone (a baseline)",
     )
-    p.add_argument("--min-quarantine", type=int, default=20, help="fewer usable quarantined inputs is an error")
-    p.add_argument("--clean-domain", type=int, default=500, help="clean D_valid images for the CycleGAN (paper 500)")
+    p.add_argument("--min-quarantine", type=_positive, default=20, help="fewer usable quarantined inputs is an error")
+    p.add_argument("--clean-domain", type=_positive, default=500, help="clean images for the CycleGAN (paper 500)")
     p.add_argument(
         "--profile",
         choices=sorted(REPAIR_PROFILES),
         default="standard",
         help="sizes of the CycleGAN and fine-tuning runs; the flags below override single knobs",
     )
-    p.add_argument("--gan-epochs", type=int, default=None, help="CycleGAN epochs at constant lr")
-    p.add_argument("--gan-epochs-decay", type=int, default=None, help="CycleGAN epochs of linear lr decay")
-    p.add_argument("--gan-batch-size", type=int, default=None)
-    p.add_argument("--gan-width", type=int, default=None, help="generator/discriminator base width")
-    p.add_argument("--gan-blocks", type=int, default=None, help="generator residual blocks")
+    p.add_argument("--gan-epochs", type=_positive, default=None, help="CycleGAN epochs at constant lr")
+    p.add_argument("--gan-epochs-decay", type=_nonnegative, default=None, help="CycleGAN epochs of linear lr decay")
+    p.add_argument("--gan-batch-size", type=_positive, default=None)
+    p.add_argument("--gan-width", type=_positive, default=None, help="generator/discriminator base width")
+    p.add_argument("--gan-blocks", type=_positive, default=None, help="generator residual blocks")
     p.add_argument("--gan-identity", type=float, default=0.5, help="identity loss weight (x cycle weight); 0: off")
     p.add_argument("--gan-patience", type=int, default=None, help="early stop after this many epochs w/o better score")
-    p.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs")
-    p.add_argument("--emphasis", type=int, default=0, help="extra copies of generated images that flip θ_bd")
-    p.add_argument("--lr", type=float, default=None, help="fine-tuning lr (default: the BadNet's)")
+    p.add_argument("--epochs", type=_positive, default=None, help="fine-tuning epochs")
+    p.add_argument("--emphasis", type=_nonnegative, default=0, help="extra copies of generated images that flip θ_bd")
+    p.add_argument("--lr", type=_positive_float, default=None, help="fine-tuning lr (default: the BadNet's)")
     p.add_argument("--max-ca-drop", type=float, default=0.03, help="gate: D_eval CA floor below the BadNet's")
-    p.add_argument("--version", type=int, default=None, help="version of the new bundle (default: deployed + 1)")
+    p.add_argument("--version", type=_positive, default=None, help="version of the new bundle (default: deployed + 1)")
     p.add_argument("--eval-trigger", default=None, help="evaluation only: report test CA/ASR for this trigger")
     p.add_argument("--target", type=int, default=None, help="evaluation only: target class of --eval-trigger")
     p.add_argument("--seed", type=int, default=0)
@@ -600,13 +628,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--curve-allow", type=Path, default=None, help="folder of the agents' CURVE .key files")
 
     p = sub.add_parser("demo", help="the whole loop: BadNet, θ_aug, serve, agents, quarantine, repair, measure")
-    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder (default runs/demo)")
+    p.add_argument("--out", type=_out_dir, default=Path("runs/demo"), help="output folder (default runs/demo)")
     p.add_argument("--profile", choices=("tiny", "quick", "paper"), default="quick")
+    p.add_argument(
+        "--wait",
+        type=_positive_float,
+        default=None,
+        help="seconds to wait for the repaired version on every agent (default: the profile's, 900 for tiny)",
+    )
     p.add_argument("--model", type=Path, default=None, help="a suspect model.pt to use instead of making a BadNet")
     p.add_argument("--trigger", default="checker4", help="the attack's trigger (made BadNet and poisoned stream)")
     p.add_argument("--target", type=int, default=0)
     p.add_argument("--cpd", type=_fraction, default=0.1, help="poisoned share of each agent's stream")
-    p.add_argument("--agents", type=int, default=2, help="edge agent processes (default 2)")
+    p.add_argument("--agents", type=_positive, default=2, help="edge agent processes (default 2)")
     p.add_argument("--dataset", default="fashion-mnist")
     p.add_argument("--data-dir", type=Path, default=None)
     p.set_defaults(func=cmd_demo)
@@ -620,7 +654,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--names", nargs="+", default=["server", "client"], help="tls: certificates to issue")
     p.add_argument("--hosts", nargs="+", default=["127.0.0.1", "localhost"], help="tls: names the certs serve")
-    p.add_argument("--out", type=Path, required=True, help="folder for the key files (secrets written 0600)")
+    p.add_argument("--out", type=_out_dir, required=True, help="folder for the key files (secrets written 0600)")
     p.add_argument("--name", default="signing")
     p.set_defaults(func=cmd_keys)
 
@@ -628,17 +662,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_fleet)
     fsub = p.add_subparsers(dest="action", required=True)
     fp = fsub.add_parser("create", help="create a fleet, optionally with its first bundle (published)")
-    fp.add_argument("fleet")
+    fp.add_argument("fleet", type=_name)
     fp.add_argument("--from", dest="source", type=Path, default=None, help="predeploy/repair output folder")
     fp = fsub.add_parser("publish", help="add a bundle as the next version and/or make a version current")
-    fp.add_argument("fleet")
+    fp.add_argument("fleet", type=_name)
     fp.add_argument("--from", dest="source", type=Path, default=None, help="predeploy/repair output folder")
-    fp.add_argument("--version", type=int, default=None, help="a stored version to make current")
+    fp.add_argument("--version", type=_positive, default=None, help="a stored version to make current")
     fp = fsub.add_parser("rollback", help="make an older version current (default: the one before)")
-    fp.add_argument("fleet")
-    fp.add_argument("--version", type=int, default=None)
+    fp.add_argument("fleet", type=_name)
+    fp.add_argument("--version", type=_positive, default=None)
     fp = fsub.add_parser("status", help="versions, quarantine sizes, devices, jobs and history of a fleet")
-    fp.add_argument("fleet")
+    fp.add_argument("fleet", type=_name)
     fp = fsub.add_parser("list", help="the fleets in the store")
     for fp in fsub.choices.values():
         fp.add_argument("--store", type=Path, default=Path("exports"), help="model store (default ./exports)")
@@ -719,6 +753,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _configure_logging(args)
+    from trainer.demo import DemoError
     from trainer.predeploy import NoCandidateError
     from trainer.repair import GateError
 
@@ -728,6 +763,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             command.set_defaults(**config_defaults(command, args.config))
             args = parser.parse_args(argv)
         result = args.func(args)
+    except DemoError as e:
+        log.error("%s", e)
+        if args.json:
+            print(json.dumps({"error": str(e), "exit_code": 1}))
+        return 1
     except (NoCandidateError, GateError) as e:
         log.error("%s", e)
         if args.json:

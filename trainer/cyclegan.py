@@ -324,7 +324,12 @@ def train_cyclegan(
             loss_d=f"{entry['loss_d']:.3f}",
             score=f"{entry.get('score', float('nan')):.3f}",
         )
-        log.debug("cyclegan epoch %d: %s", epoch, entry)
+        # Without a bar (quiet: a repair job's log), each epoch is a log line: the job's progress.
+        log.log(
+            logging.INFO if quiet else logging.DEBUG,
+            "cyclegan epoch %d/%d: loss_g %.3f loss_d %.3f score %.3f",
+            epoch + 1, total_epochs, entry["loss_g"], entry["loss_d"], entry.get("score", float("nan")),
+        )  # fmt: skip
         if checkpoint is not None:
             tmp = checkpoint.with_name(checkpoint.name + ".tmp")
             torch.save(

@@ -111,6 +111,20 @@ PROFILES = {
 }
 
 
+class DemoError(RuntimeError):
+    """A step of the demo failed or timed out; the message is one line that names the step, why, and its log."""
+
+
+def _describe(proc: subprocess.Popen[bytes]) -> str:
+    args = proc.args if isinstance(proc.args, list | tuple) else [proc.args]
+    return " ".join(str(a) for a in args[2:5])  # e.g. "edge_agent run --device-id"
+
+
+def _last_line(text: str) -> str:
+    lines = [ln.strip() for ln in text.replace("\r", "\n").splitlines() if ln.strip()]
+    return lines[-1][-300:] if lines else "(no output)"
+
+
 def _python(*args: str, log_path: Path | None = None) -> dict[str, Any]:
     """Run ``python -m ...`` to completion; its JSON line is the result. Raises with the log's tail."""
     cmd = [sys.executable, "-m", *args, "--json", "--quiet"]
@@ -120,7 +134,8 @@ def _python(*args: str, log_path: Path | None = None) -> dict[str, Any]:
         log_path.write_text(proc.stdout + proc.stderr)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(args[:2])} failed (exit {proc.returncode}): {proc.stderr[-1500:]}")
+        where = f"; log: {log_path}" if log_path is not None else ""
+        raise DemoError(f"{' '.join(args[:2])} failed (exit {proc.returncode}): {_last_line(proc.stderr)}{where}")
     return json.loads(lines[-1]) if lines else {}
 
 
@@ -134,9 +149,9 @@ def _wait_file(path: Path, procs: list[subprocess.Popen[bytes]], timeout: float)
                 pass  # being written
         for p in procs:
             if p.poll() is not None:
-                raise RuntimeError(f"process {p.args!r} exited early with {p.returncode}")
+                raise DemoError(f"{_describe(p)} exited early with {p.returncode}; see its log")
         time.sleep(0.2)
-    raise TimeoutError(f"{path} did not appear within {timeout:.0f} s")
+    raise DemoError(f"{path} did not appear within {timeout:.0f} s")
 
 
 def _stop(procs: list[subprocess.Popen[bytes]], timeout: float = 20.0) -> None:
@@ -150,6 +165,18 @@ def _stop(procs: list[subprocess.Popen[bytes]], timeout: float = 20.0) -> None:
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait()
+
+
+def _job_progress(log_path: Path) -> str:
+    """The newest progress line of a repair job's log (an epoch of the CycleGAN or of fine-tuning)."""
+    try:
+        with log_path.open("rb") as f:
+            f.seek(max(0, log_path.stat().st_size - 4096))
+            tail = f.read().decode(errors="replace")
+    except OSError:
+        return ""
+    lines = [ln for ln in tail.splitlines() if " epoch " in ln or "quarantine:" in ln]
+    return lines[-1].split(": ", 1)[-1][:160] if lines else ""
 
 
 class AgentClient:
@@ -286,7 +313,7 @@ def run_demo(args: Any) -> dict[str, Any]:
             "--min-quarantine", str(profile.min_quarantine), "--max-rounds", "1", "--signing-key", str(private_key),
             "--tls-cert", str(tls["model-service"]), "--tls-key", str(tls["model-service"].with_suffix(".key")),
             "--tls-client-ca", str(tls["ca"]), "--curve-secret", str(curve["collector"][1]),
-            "--curve-allow", str(allow),
+            "--curve-allow", str(allow), "--operators", "operator", "--agent-fleet", f"cam-*={FLEET}",
             "--repair-profile", profile.repair[1], *data,
             *[f"--repair-arg={a}" for a in (*profile.repair[2:], "--eval-trigger", args.trigger, "--target",
                                             str(args.target))],
@@ -320,27 +347,37 @@ def run_demo(args: Any) -> dict[str, Any]:
 
         t = time.monotonic()
         registry = Registry(out / "state" / "registry.sqlite")
-        deadline, last_line = time.monotonic() + profile.timeout, ""
+        wait = args.wait if args.wait is not None else profile.timeout
+        deadline, last_line = time.monotonic() + wait, ""
         while True:
             versions = {d: c.version() for d, c in clients.items()}
             jobs = registry.jobs(FLEET)
             job = jobs[-1] if jobs else None
+            progress = _job_progress(out / "state" / "jobs" / job.id / "repair.log") if job is not None else ""
             if job is not None and job.state in ("gate-rejected", "failed"):
-                raise RuntimeError(f"repair job {job.id} {job.state}: {job.detail}")
+                raise DemoError(f"repair job {job.id} {job.state}: {job.detail[:300]} (log: state/jobs/{job.id})")
             if job is not None and job.state == "published" and all(v == job.version for v in versions.values()):
                 break
             if time.monotonic() > deadline:
-                raise TimeoutError(f"no repaired version on every agent after {profile.timeout:.0f} s: {versions}")
+                what = (
+                    f"job {job.id} {job.state} ({job.reason}), last: {progress or '-'}" if job else "no repair job yet"
+                )
+                raise DemoError(
+                    f"no repaired version on every agent after {wait:.0f} s ({what}; agents {versions}); "
+                    "give it longer with --wait SECONDS"
+                )
             from trainer.collector import quarantine_size
 
             size = quarantine_size(out / "state" / "quarantine", FLEET, 1)
             line = f"quarantine {size}/{profile.min_quarantine}; job {job.state if job else '-'}; agents {versions}"
+            if progress:
+                line += f"; repair: {progress}"
             if line != last_line:
                 log.info("%s (%.0f s)", line, time.monotonic() - t)
                 last_line = line
             for p in procs:
                 if p.poll() is not None:
-                    raise RuntimeError(f"{p.args!r} exited early with {p.returncode}; see {logs}")
+                    raise DemoError(f"{_describe(p)} exited early with {p.returncode}; see {logs}")
             time.sleep(2.0)
         timings["stream_and_repair"] = time.monotonic() - t
         registry.close()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 from typing import Any
 
 from trainer.collector import quarantine_size
@@ -59,18 +60,39 @@ def render(st: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def check_source(source: Path) -> None:
+    """A ``--from`` folder holding a bundle that verifies (a predeploy or repair output, or a bundle)."""
+    from edge_agent.bundle import BundleError, verify_bundle
+
+    bundle_dir = source / "bundle" if (source / "bundle").is_dir() else source
+    if not bundle_dir.is_dir():
+        raise StoreError(f"--from {source}: no such folder; give a predeploy or repair output folder")
+    try:
+        verify_bundle(bundle_dir)
+    except BundleError as e:
+        raise StoreError(f"--from {source}: {e}") from None
+
+
 def fleet_command(args: argparse.Namespace) -> dict[str, Any]:
     """Dispatch ``nnoc-trainer fleet ACTION``; StoreError is a ValueError (exit 2 with its message)."""
     from edge_agent.signing import load_private_key
 
-    store = ModelStore(args.store, load_private_key(args.signing_key) if args.signing_key else None)
+    key = load_private_key(args.signing_key) if args.signing_key else None
+    # Only `create` may make a new store; the others name one that exists (a typo is an error, not a new folder).
+    store = ModelStore(args.store, key, create=args.action == "create")
     if args.action == "list":
         return {"fleets": store.fleets(), "text": "\n".join(store.fleets()) or "(no fleets)"}
     fleet = args.fleet
     if args.action == "create":
+        if args.source is not None:
+            check_source(args.source)  # before the fleet exists: a bad --from leaves nothing behind
         store.create(fleet)
         if args.source is not None:
-            version = store.add(fleet, args.source)
+            try:
+                version = store.add(fleet, args.source)
+            except StoreError:
+                store.remove_empty(fleet)
+                raise
             store.publish(fleet, version, note="created")
     elif args.action == "publish":
         if args.source is None and args.version is None:

@@ -147,7 +147,9 @@ class JobRunner:
             str(out_dir / "run"),
             "--version",
             str(version),
-            "--quiet",
+            "--quiet",  # no bars in a log file; INFO lines (an epoch each) show the job's progress
+            "--log-level",
+            "INFO",
             "--json",
             *self.policy.repair_args,
         ]

@@ -149,6 +149,13 @@ class ModelStore:
             self._write_state(fleet, None, [{"action": "create", "version": None, "at": time.time()}])
         return self.state(fleet)
 
+    def remove_empty(self, fleet: str) -> None:
+        """Remove a fleet that holds no version yet (a create whose first bundle was refused)."""
+        with self._locked():
+            if self.state(fleet).versions:
+                raise StoreError(f"fleet {fleet!r} holds versions; it is not removed")
+            shutil.rmtree(self._fleet_dir(fleet))
+
     def next_version(self, fleet: str) -> int:
         """The version number a new bundle of this fleet gets: one above every stored version."""
         return max(self.state(fleet).versions, default=0) + 1

@@ -95,7 +95,8 @@ def train(
                 bar.update(1)
             losses.append(total / max(count, 1))
             bar.set_postfix(epoch=epoch + 1, loss=f"{losses[-1]:.4f}")
-            log.debug("%s epoch %d/%d loss %.4f", desc, epoch + 1, cfg.epochs, losses[-1])
+            level = logging.INFO if quiet else logging.DEBUG  # quiet: no bar, so a log line shows progress
+            log.log(level, "%s epoch %d/%d loss %.4f", desc, epoch + 1, cfg.epochs, losses[-1])
     model.eval()
     return losses
 
