@@ -231,6 +231,58 @@ def reliability_section(data: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def attacks_section(data: dict[str, Any]) -> str:
+    cols = [c for c in ("before", "after") if c in data]
+    head = " | ".join(f"{c}" + (f" ({data['before_rev']})" if c == "before" else " (this tree)") for c in cols)
+
+    def cell(col: str, scenario: str, render: Any) -> str:
+        r = data[col].get(scenario, {})
+        return f"error: {r['error']}" if "error" in r else render(r)
+
+    rows = [
+        (
+            "valid messages ACKed while an attacker sends a malformed one every 5 ms (goal: all)",
+            "flood",
+            lambda r: (
+                f"{r['victim_acked']} of {r['victim_sent']} ({r['attacker_sent']} attacks, "
+                f"{r['tracebacks_logged']} tracebacks logged)"
+            ),
+        ),
+        (
+            "files open in `serve` after 10,000 distinct-version messages (goal: bounded)",
+            "versions",
+            lambda r: (
+                f"{r['files_open_before']} → {r['files_open_after']}; {r['quarantine_folders']} folders; "
+                f"a new sender's valid message {'stored' if r['new_sender_stored'] else 'NOT stored'}"
+            ),
+        ),
+        (
+            "Publish with an agent's certificate, mutual TLS (goal: denied)",
+            "operator",
+            lambda r: f"{r['cam-0']} (operator's: {r['operator']}); history says {r['history_by'][-1]!r}",
+        ),
+        (
+            "agent after one 20,000-input request (goal: refused, memory flat)",
+            "memory",
+            lambda r: f"{r['status']} in {r['seconds']} s; RSS {r['rss_mb_before']} → {r['rss_mb_after']} MB",
+        ),
+    ]
+    lines = [
+        "## Under attack (issue 10)",
+        "",
+        _machine(data["machine"]),
+        "",
+        "`python -m bench.bench_attacks --before REV`: the same hostile clients against real `serve` and `nnoc-edge "
+        "run` processes on loopback, for an older revision and this tree, in one run.",
+        "",
+        f"| attack | {head} |",
+        "|---" * (len(cols) + 1) + "|",
+    ]
+    for title, scenario, render in rows:
+        lines.append(f"| {title} | " + " | ".join(cell(c, scenario, render) for c in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def demo_section(data: dict[str, Any]) -> str:
     r = data["report"]
     b, a = r["before"], r["after"]
@@ -280,6 +332,7 @@ def main() -> None:
     section("edge", edge_section)
     section("service", service_section)
     section("reliability", reliability_section)
+    section("attacks", attacks_section)
     section("demo", demo_section)
     notes = ROOT / "bench" / "NOTES.md"
     if notes.is_file():

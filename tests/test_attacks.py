@@ -474,6 +474,10 @@ def test_endpoint_refuses_oversized_batches_and_counts_requests(
         metrics = AgentMetrics(agent)
         server, port = serve(agent, "fleet", "127.0.0.1:0", max_batch=64, metrics=metrics)
         try:
+            from edge_agent.ports import PortError
+
+            with pytest.raises(PortError, match="is the port taken"):  # 4: no second endpoint on the same port
+                serve(agent, "fleet", f"127.0.0.1:{port}")
             with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
                 stub = pb_grpc.GRPCInferenceServiceStub(ch)
                 for _ in range(3):

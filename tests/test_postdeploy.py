@@ -17,17 +17,9 @@ from trainer.quarantine import QuarantineError, QuarantineStore, check_message, 
 from trainer.repair import purify
 
 
-def _header(seq: int, device: str = "d1", shape: tuple[int, ...] = (1, 4, 4)) -> quarantine_pb2.QuarantineHeader:
-    return quarantine_pb2.QuarantineHeader(
-        device_id=device,
-        fleet="f",
-        bundle_version=1,
-        seq=seq,
-        shape=list(shape),
-        dtype="float32",
-        primary_label=0,
-        monitor_label=3,
-    )
+def _header(seq: int, device: str = "d1", shape: Any = (1, 4, 4), **fields: Any) -> quarantine_pb2.QuarantineHeader:
+    values = {"device_id": device, "fleet": "f", "bundle_version": 1, "seq": seq, "dtype": "float32"}
+    return quarantine_pb2.QuarantineHeader(**{**values, **fields}, shape=list(shape), primary_label=0, monitor_label=3)
 
 
 def test_quarantine_store_is_idempotent_and_survives_reopen(tmp_path: Path) -> None:
@@ -50,12 +42,15 @@ def test_quarantine_store_is_idempotent_and_survives_reopen(tmp_path: Path) -> N
     [
         (_header(1), b"\x00" * 10, "needs 64"),
         (quarantine_pb2.QuarantineHeader(seq=1, shape=[4], dtype="float32"), b"\x00" * 16, "device_id"),
-        (quarantine_pb2.QuarantineHeader(device_id="d", shape=[4], dtype="object"), b"\x00" * 16, "numeric"),
-        (quarantine_pb2.QuarantineHeader(device_id="d", shape=[4], dtype="nonsense"), b"\x00" * 16, "dtype"),
-        (quarantine_pb2.QuarantineHeader(device_id="d", shape=[0], dtype="float32"), b"", "shape"),
-        (quarantine_pb2.QuarantineHeader(device_id="d", shape=[1 << 21], dtype="float32"), b"", "limit"),
+        (_header(1, shape=[4], dtype="object"), b"\x00" * 16, "is not one of"),
+        (_header(1, shape=[4], dtype="nonsense"), b"\x00" * 16, "dtype"),
+        (_header(1, shape=[0], dtype="float32"), b"", "shape"),
+        (_header(1, shape=[1 << 21], dtype="float32"), b"", "limit"),
+        (_header(1, bundle_version=0), b"\x00" * 64, "bundle_version"),
+        (_header(2**63), b"\x00" * 64, "seq"),
+        (_header(1, device="../x"), b"\x00" * 64, "device"),
         (
-            quarantine_pb2.QuarantineHeader(device_id="d", shape=[1], dtype="float32"),
+            _header(1, shape=[1], dtype="float32"),
             np.array([np.nan], np.float32).tobytes(),
             "NaN",
         ),

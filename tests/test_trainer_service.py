@@ -281,10 +281,14 @@ def test_service_pushes_publishes_and_serves_resumable_downloads(
 
 
 def test_serve_cli_reads_toml_and_stops_cleanly_on_sigterm(store: ModelStore, tmp_path: Path) -> None:
+    from conftest import free_port
+
     config = tmp_path / "serve.toml"
+    metrics_port = free_port()
     config.write_text(
         f'store = "{store.root}"\nstate-dir = "{tmp_path / "state"}"\ncollector = "tcp://127.0.0.1:0"\n'
         'listen = "127.0.0.1:0"\nmin-quarantine = 5\nno-jobs = true\ninsecure = true\ninsecure-operators = true\n'
+        f"metrics-port = {metrics_port}\n"
     )
     proc = subprocess.Popen(
         [sys.executable, "-m", "trainer", "serve", "--config", str(config), "--json"],
@@ -302,10 +306,21 @@ def test_serve_cli_reads_toml_and_stops_cleanly_on_sigterm(store: ModelStore, tm
         assert code == 0 and st is not None and st["current"] == 1
         with grpc.insecure_channel(info["model_service"]) as ch:
             assert ms_grpc.ModelServiceStub(ch).ListFleets(ms.ListFleetsRequest(), timeout=5).fleets == ["default"]
+        import urllib.request
+
+        with zmq.Context() as zctx, zctx.socket(zmq.DEALER) as sock:  # one refused message shows on /metrics
+            sock.setsockopt(zmq.IDENTITY, b"cam-1")
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(info["collector"])
+            sock.send_multipart(_message(0, fleet="nowhere"))
+            assert sock.poll(10_000)
+        text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+        assert 'nnoc_collector_refused_total{reason="unknown-fleet"} 1.0' in text
+        assert "nnoc_collector_received_total 1.0" in text
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=30)
         assert proc.returncode == 0, err[-2000:]
-        assert json.loads(out.strip().splitlines()[-1])["received"] == 0
+        assert json.loads(out.strip().splitlines()[-1])["received"] == 1
         assert not (tmp_path / "state" / "serve.json").exists()
     finally:
         if proc.poll() is None:

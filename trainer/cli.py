@@ -524,7 +524,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", type=int, default=0, help="attacker's target class (its inputs are not poisoned)")
     p.add_argument("--cpd", type=_fraction, default=0.1, help="poisoned share of the stream (default 0.1)")
     p.add_argument("--n", type=_positive, default=1000, help="stream inputs (paper: N = 1000)")
-    p.add_argument("--device-id", default="sim-0", help="device id written into the quarantine")
+    p.add_argument("--device-id", type=_name, default="sim-0", help="device id written into the quarantine")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=_out_dir, required=True, help="quarantine folder (quarantine.sqlite, report.json)")
 
@@ -652,10 +652,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="generate: Ed25519 NAME.key + NAME.pub; curve: NAME.key + NAME.key_secret; "
         "tls: a local CA (ca.crt) and a certificate per --names",
     )
-    p.add_argument("--names", nargs="+", default=["server", "client"], help="tls: certificates to issue")
+    p.add_argument("--names", type=_name, nargs="+", default=["server", "client"], help="tls: certificates to issue")
     p.add_argument("--hosts", nargs="+", default=["127.0.0.1", "localhost"], help="tls: names the certs serve")
     p.add_argument("--out", type=_out_dir, required=True, help="folder for the key files (secrets written 0600)")
-    p.add_argument("--name", default="signing")
+    p.add_argument("--name", type=_name, default="signing", help="key file name (curve: the device id it is for)")
     p.set_defaults(func=cmd_keys)
 
     p = sub.add_parser("fleet", help="operator commands: create, publish, rollback, status, list")
