@@ -34,28 +34,11 @@ from typing import Any
 import numpy as np
 import zmq
 
-from bench.common import ROOT, machine, save
+from bench.common import ROOT, free_port, machine, save, wait
 from protos.nnoc.v1 import quarantine_pb2
 
 Reply = quarantine_pb2.QuarantineReply
 TENSOR = np.full((1, 28, 28), 0.5, np.float32).tobytes()
-
-
-def _wait(cond: Any, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return False
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _header(seq: int, device: str, version: int = 1, shape: tuple[int, ...] = (1, 28, 28)) -> bytes:
@@ -97,10 +80,10 @@ class Tree:
         state = tmp / f"{self.label}-{name}"
         proc = self.popen(
             "trainer", "serve", "--store", str(tmp / "exports"), "--state-dir", str(state), "--collector",
-            f"tcp://127.0.0.1:{_free_port()}", "--listen", f"127.0.0.1:{_free_port()}", "--no-jobs", *extra,
+            f"tcp://127.0.0.1:{free_port()}", "--listen", f"127.0.0.1:{free_port()}", "--no-jobs", *extra,
             log=tmp / f"{self.label}-{name}.log",
         )  # fmt: skip
-        if not _wait(lambda: (state / "serve.json").is_file(), 90):
+        if not wait(lambda: (state / "serve.json").is_file(), 90):
             proc.kill()
             raise RuntimeError(f"serve ({self.label}) did not start; see {tmp / f'{self.label}-{name}.log'}")
         return proc, json.loads((state / "serve.json").read_text()) | {"state": state}
@@ -246,7 +229,7 @@ def memory(tree: Tree, tmp: Path, bundle: Path, n: int = 20_000) -> dict[str, An
         "--infer-port", "0", "--state-dir", str(state), "--threads", "1", log=tmp / f"{tree.label}-agent.log",
     )  # fmt: skip
     with _running(proc):
-        if not _wait(lambda: (state / "agent.json").is_file(), 90):
+        if not wait(lambda: (state / "agent.json").is_file(), 90):
             raise RuntimeError(f"agent ({tree.label}) did not start")
         port = json.loads((state / "agent.json").read_text())["infer_port"]
         opts = [("grpc.max_send_message_length", 128 << 20), ("grpc.max_receive_message_length", 128 << 20)]

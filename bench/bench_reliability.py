@@ -28,27 +28,10 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import ROOT, save
+from bench.common import ROOT, free_port, save, wait
 
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 BUNDLE = ROOT / "runs" / "bench-predeploy" / "checker4" / "block"
-
-
-def _wait(cond: Any, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return False
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _serve(store: Path, state: Path, port: int) -> subprocess.Popen[bytes]:
@@ -58,7 +41,7 @@ def _serve(store: Path, state: Path, port: int) -> subprocess.Popen[bytes]:
         "--collector", f"tcp://127.0.0.1:{port}", "--listen", "127.0.0.1:0", "--no-jobs", "--insecure", "--quiet",
     ]  # fmt: skip
     proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    if not _wait(lambda: (state / "serve.json").is_file(), 60):
+    if not wait(lambda: (state / "serve.json").is_file(), 60):
         raise RuntimeError("serve did not start")
     return proc
 
@@ -78,7 +61,7 @@ def fault_collector_kill(tmp: Path, n: int = 10000) -> dict[str, Any]:
     from protos.nnoc.v1 import quarantine_pb2
     from trainer.collector import quarantine_size
 
-    store, state, port = _store(tmp / "a"), tmp / "a" / "state", _free_port()
+    store, state, port = _store(tmp / "a"), tmp / "a" / "state", free_port()
     header = quarantine_pb2.QuarantineHeader(fleet="default", bundle_version=1, shape=[1, 28, 28], dtype="float32")
     tensor = np.full((1, 28, 28), 0.25, np.float32).tobytes()
     spool = Spool(SpoolConfig(tmp / "a" / "spool.sqlite"))
@@ -86,12 +69,12 @@ def fault_collector_kill(tmp: Path, n: int = 10000) -> dict[str, Any]:
     serve = _serve(store, state, port)
     up = Uplink(spool, UplinkConfig(f"tcp://127.0.0.1:{port}", "cam-1", resend_after=1.0)).start()
     q = state / "quarantine"
-    _wait(lambda: quarantine_size(q, "default", 1) >= n // 4, 120)
+    wait(lambda: quarantine_size(q, "default", 1) >= n // 4, 120)
     serve.send_signal(signal.SIGKILL)
     serve.wait()
     at_kill = quarantine_size(q, "default", 1)
     serve = _serve(store, state, port)
-    drained = _wait(lambda: spool.depth() == 0, 300)
+    drained = wait(lambda: spool.depth() == 0, 300)
     up.stop()
     serve.send_signal(signal.SIGTERM)
     serve.wait(30)
@@ -114,7 +97,7 @@ def fault_agent_kill(tmp: Path) -> dict[str, Any]:
     """An agent with a spool of rejects and no collector is killed -9; restarted with a collector, it drains."""
     from trainer.collector import quarantine_size
 
-    store, state, port = _store(tmp / "b"), tmp / "b" / "state", _free_port()
+    store, state, port = _store(tmp / "b"), tmp / "b" / "state", free_port()
     agent_state = tmp / "b" / "agent"
     source = "replay:fashion-mnist?split=test&n=600&poison=0.5&trigger=checker4&seed=5"
     cmd = [
@@ -132,7 +115,7 @@ def fault_agent_kill(tmp: Path) -> dict[str, Any]:
         with Spool(SpoolConfig(p)) as s:
             return s.depth()
 
-    _wait(lambda: depth() > 200, 120)
+    wait(lambda: depth() > 200, 120)
     time.sleep(2.0)  # the replay is done by now; the spool holds every reject
     spooled = depth()
     agent.send_signal(signal.SIGKILL)
@@ -141,7 +124,7 @@ def fault_agent_kill(tmp: Path) -> dict[str, Any]:
     cmd = [c for c in cmd if not c.startswith("replay:")]
     cmd.remove("--source")
     agent = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    drained = _wait(lambda: depth() == 0, 120)
+    drained = wait(lambda: depth() == 0, 120)
     agent.send_signal(signal.SIGTERM)
     agent.wait(30)
     serve.send_signal(signal.SIGTERM)

@@ -155,6 +155,15 @@ class Collector:
         self.ctx.term()
 
 
+def dealer(ctx: zmq.Context, port: int, identity: bytes) -> zmq.Socket:
+    """A DEALER with ``identity`` connected to a collector on loopback ``port``."""
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.IDENTITY, identity)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(f"tcp://127.0.0.1:{port}")
+    return s
+
+
 def free_port() -> int:
     """A loopback TCP port that was free a moment ago (for servers a test starts later)."""
     with socket.socket() as s:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import zmq
 
-from conftest import TINY_SPEC, run_cli, tiny_bundle, tiny_store, wait_for
+from conftest import TINY_SPEC, dealer, run_cli, tiny_bundle, tiny_store, wait_for
 from protos.nnoc.v1 import bundle_pb2, quarantine_pb2
 from trainer.collector import Collector, CollectorConfig, fixed_spec, quarantine_size
 from trainer.server import spec_source
@@ -41,14 +41,6 @@ def message(seq: int, device: str = "cam-1", tensor: bytes = GOOD_TENSOR, **kw: 
 
 def open_files() -> int:
     return len(os.listdir("/proc/self/fd"))
-
-
-def dealer(ctx: zmq.Context, port: int, identity: bytes) -> zmq.Socket:
-    s = ctx.socket(zmq.DEALER)
-    s.setsockopt(zmq.IDENTITY, identity)
-    s.setsockopt(zmq.LINGER, 0)
-    s.connect(f"tcp://127.0.0.1:{port}")
-    return s
 
 
 # -- 2. resources: versions that do not exist, open stores, quotas, budget ----------------------------------

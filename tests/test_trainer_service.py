@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import zmq
 
-from conftest import ROOT, make_version, run_cli, start_service, wait_for
+from conftest import ROOT, dealer, make_version, run_cli, start_service, wait_for
 from edge_agent.bundle import verify_bundle
 from protos.nnoc.v1 import model_service_pb2 as ms
 from protos.nnoc.v1 import model_service_pb2_grpc as ms_grpc
@@ -111,14 +111,6 @@ def test_store_publish_is_atomic_under_concurrent_readers(
     assert len(store.state("default").history) == 1 + 3 + 1 + 300
 
 
-def _dealer(ctx: zmq.Context, port: int, identity: bytes) -> zmq.Socket:
-    s = ctx.socket(zmq.DEALER)
-    s.setsockopt(zmq.IDENTITY, identity)
-    s.setsockopt(zmq.LINGER, 0)
-    s.connect(f"tcp://127.0.0.1:{port}")
-    return s
-
-
 def _message(seq: int, device: str = "cam-1", fleet: str = "default", **kw: Any) -> list[bytes]:
     h = quarantine_pb2.QuarantineHeader(
         device_id=device, fleet=fleet, bundle_version=1, seq=seq, shape=[1, 28, 28], dtype="float32",
@@ -145,7 +137,7 @@ def test_collector_validates_dedupes_limits_and_records_stats(store: ModelStore,
     ctx = zmq.Context()
     cfg = CollectorConfig("tcp://127.0.0.1:0", tmp_path / "q", max_tensor_bytes=8192, rate=5.0, burst=30.0)
     collector = Collector(cfg, spec_source(store), registry, ctx).start()
-    sock = _dealer(ctx, collector.port, b"cam-1")
+    sock = dealer(ctx, collector.port, b"cam-1")
     try:
         for seq in range(10):
             sock.send_multipart(_message(seq))
