@@ -194,7 +194,7 @@ def versions(tree: Tree, tmp: Path, n: int = 10_000) -> dict[str, Any]:
 def operator(tree: Tree, tmp: Path, pki: dict[str, Path]) -> dict[str, Any]:
     import grpc
 
-    from edge_agent.tls import channel, channel_credentials
+    from edge_agent.formats.tls import channel, channel_credentials
     from protos.nnoc.v1 import model_service_pb2 as ms
     from protos.nnoc.v1 import model_service_pb2_grpc as ms_grpc
 
@@ -268,15 +268,16 @@ def _bundle(tmp: Path) -> Path:
     """A real (untrained) cnn3 as both models: enough for the agent's memory and the store."""
     import torch
 
+    from edge_agent.formats.bundle import write_bundle
+    from edge_agent.formats.spec import InputSpec
     from protos.nnoc.v1 import bundle_pb2
-    from trainer.bundle import input_spec_message, write_bundle
     from trainer.export import export_onnx
-    from trainer.models import InputSpec, build_model
+    from trainer.models import build_model
 
     torch.manual_seed(0)
     spec = InputSpec(shape=(1, 28, 28))
     export_onnx(build_model("cnn3", spec.shape, 10), spec, tuple("0123456789"), tmp / "m.onnx")
-    manifest = bundle_pb2.Manifest(fleet="default", version=1, input_spec=input_spec_message(spec))
+    manifest = bundle_pb2.Manifest(fleet="default", version=1, input_spec=spec.message())
     manifest.class_names.extend("0123456789")
     write_bundle(tmp / "run" / "bundle", {"primary": tmp / "m.onnx", "monitor": tmp / "m.onnx"}, manifest)
     return tmp / "run"
@@ -303,7 +304,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--before", default=None, help="also run against this git revision (side by side)")
     args = parser.parse_args()
-    from edge_agent.tls import make_local_ca
+    from edge_agent.formats.tls import make_local_ca
     from trainer.store import ModelStore
 
     results: dict[str, Any] = {"machine": machine(), "before_rev": args.before}

@@ -53,8 +53,8 @@ def latency_run(fn: Callable[[np.ndarray], object], xs: np.ndarray, seconds: flo
 def bench_throughput(bundle_dir: Path, seconds: float) -> list[dict[str, float]]:
     import torch
 
-    from edge_agent.bundle import verify_bundle
     from edge_agent.ensemble import Ensemble
+    from edge_agent.formats.bundle import verify_bundle
     from edge_agent.runtime import RuntimeConfig
     from trainer.models import Checkpoint
 
@@ -108,8 +108,8 @@ def _collector(root: str, fleet: str, ports: Any, stop: Any) -> None:
 
 def bench_spool(bundle_dir: Path, seconds: float, tmp: Path) -> dict[str, Any]:
     from edge_agent.agent import Agent
-    from edge_agent.bundle import verify_bundle
     from edge_agent.ensemble import Ensemble
+    from edge_agent.formats.bundle import verify_bundle
     from edge_agent.monitor import RejectMonitor
     from edge_agent.spool import Spool, SpoolConfig
     from edge_agent.uplink import Uplink, UplinkConfig
@@ -168,8 +168,8 @@ def bench_swaps(v1: Path, v2: Path, tmp: Path, swaps: int = 100) -> dict[str, An
     import grpc
 
     from edge_agent.agent import Agent
-    from edge_agent.bundle import verify_bundle
     from edge_agent.ensemble import Ensemble
+    from edge_agent.formats.bundle import verify_bundle
     from edge_agent.inference import serve
     from edge_agent.monitor import RejectMonitor
     from edge_agent.spool import Spool, SpoolConfig

@@ -160,12 +160,12 @@ def fuzz(examples: int, tmp: Path) -> dict[str, Any]:
 def transport_infer(tmp: Path, seconds: float = 4.0) -> dict[str, float]:
 
     from edge_agent.agent import Agent
-    from edge_agent.bundle import verify_bundle
     from edge_agent.ensemble import Ensemble
+    from edge_agent.formats.bundle import verify_bundle
+    from edge_agent.formats.tls import channel, channel_credentials, make_local_ca, server_credentials
     from edge_agent.inference import serve
     from edge_agent.monitor import RejectMonitor
     from edge_agent.spool import Spool, SpoolConfig
-    from edge_agent.tls import channel, channel_credentials, make_local_ca, server_credentials
     from protos.inference import grpc_predict_v2_pb2 as pb
     from protos.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 
@@ -203,7 +203,7 @@ def transport_infer(tmp: Path, seconds: float = 4.0) -> dict[str, float]:
 
 def transport_curve(tmp: Path, n: int = 5000) -> dict[str, float]:
     from bench.bench_service import _dealer
-    from edge_agent.curve import generate
+    from edge_agent.formats.curve import generate
     from protos.nnoc.v1 import bundle_pb2
     from trainer.collector import Collector, CollectorConfig, fixed_spec
 

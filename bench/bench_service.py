@@ -62,7 +62,7 @@ def _dealer(
     go: Any = None,
 ) -> None:
     """One agent's worth of quarantine messages with a window of unacknowledged ones (CURVE when keys given)."""
-    from edge_agent.curve import configure_client
+    from edge_agent.formats.curve import configure_client
     from protos.nnoc.v1 import quarantine_pb2
 
     ctx = zmq.Context()
@@ -161,7 +161,7 @@ def bench_collector(n: int, tmp: Path) -> dict[str, Any]:
 def _subscriber(target: str, device: str, staging: str, ready: Any, done: Any) -> None:
     import grpc
 
-    from edge_agent.bundle import verify_bundle
+    from edge_agent.formats.bundle import verify_bundle
     from edge_agent.updates import download_bundle
     from protos.nnoc.v1 import model_service_pb2 as ms
     from protos.nnoc.v1 import model_service_pb2_grpc as ms_grpc
@@ -213,8 +213,7 @@ def bench_push(agents: int, big: Path, tmp: Path) -> float:
 
 
 def _big_bundles(tmp: Path, mb: int) -> Path:
-    from edge_agent.bundle import verify_bundle
-    from trainer.bundle import write_bundle
+    from edge_agent.formats.bundle import verify_bundle, write_bundle
 
     src = verify_bundle(ROOT / "runs" / "bench-predeploy" / "checker4" / "block" / "bundle")
     rng = np.random.default_rng(0)

@@ -8,6 +8,7 @@ import threading
 import numpy as np
 
 from edge_agent.ensemble import Decision, Ensemble
+from edge_agent.formats.wire import build_header
 from edge_agent.monitor import RejectMonitor
 from edge_agent.spool import Spool, SpoolFull
 from edge_agent.uplink import Uplink
@@ -67,16 +68,15 @@ class Agent:
             manifest = ensemble.bundle.manifest
             items = []
             for i in rejected:
-                header = quarantine_pb2.QuarantineHeader(
-                    device_id=self.device_id,
-                    fleet=manifest.fleet,
-                    bundle_version=manifest.version,
-                    shape=list(x.shape[1:]),
-                    dtype=str(x.dtype),
-                    primary_label=int(decision.primary[i]),
-                    monitor_label=int(decision.monitor[i]),
+                header = build_header(
+                    self.device_id,
+                    manifest.fleet,
+                    manifest.version,
+                    x.shape[1:],
+                    str(x.dtype),
+                    decision.primary[i],
+                    decision.monitor[i],
                 )
-                header.captured_at.GetCurrentTime()
                 items.append((header.SerializeToString(), np.ascontiguousarray(x[i]).tobytes()))
             try:
                 self.spool.put_many(items)

@@ -8,47 +8,14 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
-
-import numpy as np
 
 log = logging.getLogger("edge_agent")
 
 
-def _to_8bit(img: Any) -> Any:
-    """16- and 32-bit grayscale images scaled to 8 bits (PIL's own conversion clips them at 255)."""
-    from PIL import Image
-
-    if img.mode not in ("I;16", "I;16B", "I;16L", "I", "F"):
-        return img
-    arr = np.asarray(img, dtype=np.float64)
-    top = 65535.0 if img.mode.startswith("I;16") or (img.mode == "I" and arr.max(initial=0) <= 65535) else arr.max()
-    if img.mode == "F" and arr.max(initial=0) <= 1.0:
-        top = 1.0
-    return Image.fromarray(np.clip(np.rint(arr * (255.0 / max(float(top), 1e-12))), 0, 255).astype(np.uint8), "L")
-
-
-def load_images(paths: Sequence[Path], shape: tuple[int, ...]) -> np.ndarray:
-    """Read image files as raw uint8 (N, C, H, W) of the bundle's shape (resized and converted as needed)."""
-    from PIL import Image, UnidentifiedImageError
-
-    c, h, w = shape
-    out = []
-    for p in paths:
-        try:
-            with Image.open(p) as src:
-                img = _to_8bit(src)
-                arr = np.asarray(img.convert("L" if c == 1 else "RGB").resize((w, h)), dtype=np.uint8)
-        except (OSError, UnidentifiedImageError, ValueError) as e:
-            raise ValueError(f"cannot read image {p}: {e}") from None
-        out.append(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1))
-    return np.stack(out)
-
-
 def cmd_verify(args: argparse.Namespace) -> dict:
     """Check a bundle's manifest and hashes."""
-    from edge_agent.bundle import verify_bundle
-    from edge_agent.signing import load_trusted_keys
+    from edge_agent.formats.bundle import verify_bundle
+    from edge_agent.formats.signing import load_trusted_keys
 
     trusted = load_trusted_keys(args.trusted_key) if args.trusted_key else None
     b = verify_bundle(args.bundle, trusted)
@@ -65,10 +32,10 @@ def cmd_verify(args: argparse.Namespace) -> dict:
 
 def cmd_classify(args: argparse.Namespace) -> dict:
     """One-off classification of image files through the ensemble."""
-    from edge_agent.bundle import verify_bundle
     from edge_agent.ensemble import Ensemble, scale_raw
+    from edge_agent.formats.bundle import verify_bundle
+    from edge_agent.formats.signing import load_trusted_keys
     from edge_agent.runtime import RuntimeConfig
-    from edge_agent.signing import load_trusted_keys
 
     trusted = load_trusted_keys(args.trusted_key) if args.trusted_key else None
     if trusted is None:
@@ -79,6 +46,8 @@ def cmd_classify(args: argparse.Namespace) -> dict:
     )
     ensemble = Ensemble(bundle, runtime)
     shape = tuple(int(d) for d in bundle.manifest.input_spec.shape)
+    from edge_agent.images import load_images
+
     raw = load_images(args.images, shape)
     decision = ensemble.classify(scale_raw(raw, bundle.manifest.input_spec))
     names = list(bundle.manifest.class_names)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnxruntime as ort
 
-from edge_agent.bundle import VerifiedBundle
+from edge_agent.formats.bundle import VerifiedBundle
 from edge_agent.fuse import MONITOR_OUT, PRIMARY_OUT, FuseError, fuse_models
 from edge_agent.runtime import RuntimeConfig, make_session, warm_up
 from protos.nnoc.v1 import bundle_pb2

@@ -181,7 +181,7 @@ def serve(
 ) -> tuple[grpc.Server, int]:
     """Start the endpoint on ``address`` (e.g. "127.0.0.1:0"); returns the server and the bound port.
 
-    ``credentials``: TLS (see :mod:`edge_agent.tls`); None serves plaintext. A taken port is a PortError.
+    ``credentials``: TLS (see :mod:`edge_agent.formats.tls`); None serves plaintext. A taken port is a PortError.
     """
     spec = agent.ensemble.spec
     # The largest allowed batch in the widest datatype (FP64), plus room for the request's other fields.

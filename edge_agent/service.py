@@ -21,19 +21,20 @@ from typing import Any
 import numpy as np
 
 from edge_agent.agent import Agent
-from edge_agent.bundle import BundleError, verify_bundle
-from edge_agent.curve import load_public, load_secret
 from edge_agent.ensemble import Ensemble, InputError, scale_raw
+from edge_agent.formats.bundle import BundleError, verify_bundle
+from edge_agent.formats.curve import load_public, load_secret
+from edge_agent.formats.names import check_name
+from edge_agent.formats.signing import load_trusted_keys
+from edge_agent.formats.tls import server_credentials
+from edge_agent.images import load_images
 from edge_agent.inference import DEFAULT_MAX_BATCH, serve
 from edge_agent.metrics import AgentMetrics
 from edge_agent.monitor import RejectMonitor
-from edge_agent.names import check_name
 from edge_agent.ports import StateLock, check_port
 from edge_agent.replay import Replay, parse_replay
 from edge_agent.runtime import RuntimeConfig
-from edge_agent.signing import load_trusted_keys
 from edge_agent.spool import Spool, SpoolConfig
-from edge_agent.tls import server_credentials
 from edge_agent.updates import BundleCache, UpdateConfig, Updater, bootstrap
 from edge_agent.uplink import Uplink, UplinkConfig
 
@@ -174,8 +175,6 @@ def source_batches(spec: str, ensemble: Ensemble, batch: int, state_dir: Path | 
         if data.dtype == np.uint8:
             data = scale_raw(data, ensemble.spec)
     elif kind == "dir":
-        from edge_agent.cli import load_images
-
         files = sorted(p for p in Path(arg).iterdir() if p.is_file())
         data = scale_raw(load_images(files, tuple(int(d) for d in ensemble.spec.shape)), ensemble.spec)
     else:

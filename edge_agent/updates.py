@@ -26,11 +26,11 @@ import grpc
 import numpy as np
 
 from edge_agent.agent import Agent
-from edge_agent.bundle import BundleError, VerifiedBundle, verify_bundle
 from edge_agent.ensemble import Ensemble
+from edge_agent.formats.bundle import BundleError, VerifiedBundle, verify_bundle
+from edge_agent.formats.tls import channel as tls_channel
+from edge_agent.formats.tls import channel_credentials
 from edge_agent.runtime import RuntimeConfig
-from edge_agent.tls import channel as tls_channel
-from edge_agent.tls import channel_credentials
 from protos.nnoc.v1 import bundle_pb2, model_service_pb2, model_service_pb2_grpc
 
 log = logging.getLogger(__name__)

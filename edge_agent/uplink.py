@@ -18,7 +18,7 @@ from pathlib import Path
 
 import zmq
 
-from edge_agent.curve import configure_client
+from edge_agent.formats.curve import configure_client
 from edge_agent.spool import Spool
 from protos.nnoc.v1 import quarantine_pb2
 

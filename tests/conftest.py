@@ -173,8 +173,7 @@ def free_port() -> int:
 
 def make_version(src: Path, dest: Path, version: int) -> Path:
     """A copy of a predeploy output whose manifest says ``version`` (files unchanged, so it still verifies)."""
-    from edge_agent.bundle import verify_bundle
-    from trainer.bundle import manifest_json
+    from edge_agent.formats.bundle import manifest_json, verify_bundle
 
     shutil.copytree(src, dest)
     bundle = verify_bundle(dest / "bundle")
@@ -200,8 +199,8 @@ TINY_SPEC = dict(shape=[1, 28, 28], dtype="float32", min_value=0.0, max_value=1.
 
 def tiny_bundle(dest: Path, fleet: str, version: int) -> Path:
     """A bundle folder with placeholder model files: enough for the store and the collector (no ONNX runs)."""
+    from edge_agent.formats.bundle import write_bundle
     from protos.nnoc.v1 import bundle_pb2
-    from trainer.bundle import write_bundle
 
     models = {}
     for role in ("primary", "monitor"):

@@ -206,7 +206,7 @@ def test_valid_messages_are_all_acked_while_an_attacker_sends_malformed_ones(tmp
 
 
 def test_a_curve_key_is_bound_to_its_device(tmp_path: Path) -> None:
-    from edge_agent.curve import configure_client
+    from edge_agent.formats.curve import configure_client
 
     keys = tmp_path / "keys"
     for name in ("collector", "cam-0", "cam-1"):
@@ -252,7 +252,7 @@ def test_a_curve_key_is_bound_to_its_device(tmp_path: Path) -> None:
 def test_operator_rpcs_need_an_operator_certificate(tmp_path: Path) -> None:
     import grpc
 
-    from edge_agent.tls import channel, channel_credentials, make_local_ca
+    from edge_agent.formats.tls import channel, channel_credentials, make_local_ca
     from protos.nnoc.v1 import model_service_pb2 as ms
     from protos.nnoc.v1 import model_service_pb2_grpc as ms_grpc
     from trainer.registry import Registry
@@ -443,8 +443,8 @@ def test_endpoint_refuses_oversized_batches_and_counts_requests(
     import grpc
 
     from edge_agent.agent import Agent
-    from edge_agent.bundle import verify_bundle
     from edge_agent.ensemble import Ensemble
+    from edge_agent.formats.bundle import verify_bundle
     from edge_agent.inference import serve
     from edge_agent.metrics import AgentMetrics
     from edge_agent.monitor import RejectMonitor
@@ -571,7 +571,7 @@ def test_toml_values_are_defaults_and_an_explicit_flag_wins(tmp_path: Path) -> N
 def test_16_bit_images_are_scaled_not_clipped(splits: Any, tmp_path: Path) -> None:
     from PIL import Image
 
-    from edge_agent.cli import load_images
+    from edge_agent.images import load_images
 
     boot = splits.test.images[splits.test.labels == 9][0, 0]  # (28, 28) uint8
     Image.fromarray(boot).save(tmp_path / "boot8.png")

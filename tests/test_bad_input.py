@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edge_agent.bundle import BundleError, verify_bundle
+from edge_agent.formats.bundle import BundleError, verify_bundle
 from protos.nnoc.v1 import bundle_pb2, model_service_pb2, quarantine_pb2
 
 EXAMPLES = int(os.environ.get("NNOC_FUZZ_EXAMPLES", "150"))
@@ -288,7 +288,7 @@ def test_corrupt_or_unexpected_onnx_is_refused_at_load(
     predeployed: tuple[Path, dict[str, Any]], tmp_path: Path
 ) -> None:
     from edge_agent.ensemble import Ensemble
-    from trainer.bundle import read_manifest, write_bundle
+    from edge_agent.formats.bundle import read_manifest, write_bundle
 
     src = predeployed[0] / "bundle"
     manifest = read_manifest(src)

@@ -50,7 +50,7 @@ def test_curve_uplink_accepts_listed_agents_only(tmp_path: Path, caplog: pytest.
         return spool
 
     try:
-        with caplog.at_level(logging.WARNING, logger="edge_agent.curve"):
+        with caplog.at_level(logging.WARNING, logger="edge_agent.formats.curve"):
             good = agent("cam-1", curve_key=keys / "cam-1.key_secret", curve_server_key=keys / "collector.key")
             bad = agent("cam-2", curve_key=keys / "intruder.key_secret", curve_server_key=keys / "collector.key")
             plain = agent("cam-3")  # no CURVE at all: the handshake cannot even start

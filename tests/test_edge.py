@@ -15,7 +15,7 @@ from conftest import ROOT
 
 def test_edge_agent_imports_without_torch() -> None:
     code = (
-        "import sys, edge_agent.cli, edge_agent.ensemble, edge_agent.bundle, edge_agent.runtime; "
+        "import sys, edge_agent.cli, edge_agent.ensemble, edge_agent.formats.bundle, edge_agent.runtime; "
         "bad = [m for m in ('torch', 'torchvision', 'trainer') if m in sys.modules]; "
         "assert not bad, bad"
     )
@@ -54,8 +54,8 @@ def test_replay_spec_errors_say_what_to_change(spec: str, why: str) -> None:
 
 
 def test_fused_graph_answers_like_two_sessions(predeployed: tuple[Path, dict[str, Any]], splits: Any) -> None:
-    from edge_agent.bundle import verify_bundle
     from edge_agent.ensemble import Ensemble, scale_raw
+    from edge_agent.formats.bundle import verify_bundle
     from edge_agent.runtime import RuntimeConfig
     from trainer.triggers import parse_trigger
 
@@ -76,7 +76,7 @@ def test_fused_graph_answers_like_two_sessions(predeployed: tuple[Path, dict[str
 
 
 def test_tampered_bundle_is_refused(predeployed: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
-    from edge_agent.bundle import BundleError, verify_bundle
+    from edge_agent.formats.bundle import BundleError, verify_bundle
 
     b = tmp_path / "b"
     shutil.copytree(predeployed[0] / "bundle", b)
@@ -95,8 +95,8 @@ def test_tampered_bundle_is_refused(predeployed: tuple[Path, dict[str, Any]], tm
 
 
 def test_bad_inputs_never_reach_the_models(predeployed: tuple[Path, dict[str, Any]]) -> None:
-    from edge_agent.bundle import verify_bundle
     from edge_agent.ensemble import Ensemble, InputError
+    from edge_agent.formats.bundle import verify_bundle
 
     ens = Ensemble(verify_bundle(predeployed[0] / "bundle"))
     good = np.zeros((2, 1, 28, 28), np.float32)

@@ -139,7 +139,7 @@ import resource, signal, sys
 from pathlib import Path
 import numpy as np
 from edge_agent.agent import Agent
-from edge_agent.bundle import verify_bundle
+from edge_agent.formats.bundle import verify_bundle
 from edge_agent.ensemble import Ensemble
 from edge_agent.monitor import RejectMonitor
 from edge_agent.spool import Spool, SpoolConfig
@@ -160,8 +160,8 @@ print(answered, agent.unspooled, agent.spool.disk_full, agent.spool.depth())
 def test_spool_on_a_full_disk_keeps_serving_and_counts(
     predeployed: tuple[Path, dict[str, Any]], splits: Any, tmp_path: Path
 ) -> None:
-    from edge_agent.bundle import verify_bundle
     from edge_agent.ensemble import scale_raw
+    from edge_agent.formats.bundle import verify_bundle
     from trainer.triggers import parse_trigger
 
     bundle = predeployed[0] / "bundle"

@@ -54,8 +54,8 @@ print(json.dumps(out))
 
 def test_triton_client_calls_the_agent(predeployed: tuple[Path, dict[str, Any]], splits: Any, tmp_path: Path) -> None:
     from edge_agent.agent import Agent
-    from edge_agent.bundle import verify_bundle
     from edge_agent.ensemble import Ensemble, scale_raw
+    from edge_agent.formats.bundle import verify_bundle
     from edge_agent.inference import serve
     from edge_agent.monitor import RejectMonitor
     from edge_agent.spool import Spool, SpoolConfig

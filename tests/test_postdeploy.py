@@ -11,9 +11,11 @@ import pytest
 import torch
 
 from conftest import SMALL_SPLIT, run_cli
+from edge_agent.formats.errors import QuarantineError
+from edge_agent.formats.wire import check_message
 from protos.nnoc.v1 import quarantine_pb2
 from trainer.cyclegan import CycleGANConfig, ImagePool, PatchDiscriminator, ResnetGenerator, train_cyclegan
-from trainer.quarantine import QuarantineError, QuarantineStore, check_message, tensor_to_pixels
+from trainer.quarantine import QuarantineStore, tensor_to_pixels
 from trainer.repair import purify
 
 
@@ -198,7 +200,7 @@ def test_stream_then_repair_end_to_end(predeployed: tuple[Path, dict[str, Any]],
     assert manifest["version"] == "2" and manifest["parent_version"] == "1"
     assert manifest["created_by"] == "nnoc-trainer repair"
     assert (tmp_path / "r" / "samples.png").read_bytes()[:4] == b"\x89PNG"
-    from edge_agent.bundle import verify_bundle
+    from edge_agent.formats.bundle import verify_bundle
 
     assert verify_bundle(tmp_path / "r" / "bundle").version == 2
     # The gate: an impossible floor publishes nothing and exits 3.

@@ -67,8 +67,8 @@ def test_predeploy_writes_table_heatmap_monitor_and_bundle(predeployed: tuple[Pa
 def test_bundle_verifies_and_ensemble_rejects_triggered_inputs(
     predeployed: tuple[Path, dict[str, Any]], splits: Any
 ) -> None:
-    from edge_agent.bundle import verify_bundle
     from edge_agent.ensemble import Ensemble, scale_raw
+    from edge_agent.formats.bundle import verify_bundle
     from trainer.triggers import parse_trigger
 
     bundle = verify_bundle(predeployed[0] / "bundle")

@@ -11,10 +11,10 @@ import pytest
 
 from conftest import make_version, run_cli, start_service, wait_for
 from edge_agent.agent import Agent
-from edge_agent.bundle import BundleError, verify_bundle
 from edge_agent.ensemble import Ensemble
+from edge_agent.formats.bundle import BundleError, verify_bundle
+from edge_agent.formats.signing import generate_keys, load_private_key, load_trusted_keys
 from edge_agent.monitor import RejectMonitor
-from edge_agent.signing import generate_keys, load_private_key, load_trusted_keys
 from edge_agent.spool import Spool, SpoolConfig
 from edge_agent.updates import BundleCache, UpdateConfig, Updater
 from trainer.store import ModelStore

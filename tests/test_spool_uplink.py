@@ -100,8 +100,8 @@ def test_agent_spools_rejects_before_answering_and_uplinks_them(
     predeployed: tuple[Path, dict], splits: object, tmp_path: Path
 ) -> None:
     from edge_agent.agent import Agent
-    from edge_agent.bundle import verify_bundle
     from edge_agent.ensemble import Ensemble, InputError, scale_raw
+    from edge_agent.formats.bundle import verify_bundle
     from edge_agent.monitor import RejectMonitor
     from trainer.triggers import parse_trigger
 

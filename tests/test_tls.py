@@ -9,7 +9,7 @@ import grpc
 import pytest
 
 from conftest import run_cli
-from edge_agent.tls import channel, channel_credentials
+from edge_agent.formats.tls import channel, channel_credentials
 from protos.nnoc.v1 import model_service_pb2 as ms
 from protos.nnoc.v1 import model_service_pb2_grpc as ms_grpc
 from trainer.store import ModelStore
@@ -66,12 +66,12 @@ def test_agent_endpoint_and_updates_over_mutual_tls(
     import numpy as np
 
     from edge_agent.agent import Agent
-    from edge_agent.bundle import verify_bundle
     from edge_agent.ensemble import Ensemble
+    from edge_agent.formats.bundle import verify_bundle
+    from edge_agent.formats.tls import server_credentials
     from edge_agent.inference import serve
     from edge_agent.monitor import RejectMonitor
     from edge_agent.spool import Spool, SpoolConfig
-    from edge_agent.tls import server_credentials
     from edge_agent.updates import BundleCache, UpdateConfig, bootstrap
     from protos.inference import grpc_predict_v2_pb2 as pb
     from protos.inference import grpc_predict_v2_pb2_grpc as pb_grpc

@@ -18,7 +18,7 @@ import pytest
 import zmq
 
 from conftest import ROOT, dealer, make_version, run_cli, start_service, wait_for
-from edge_agent.bundle import verify_bundle
+from edge_agent.formats.bundle import verify_bundle
 from protos.nnoc.v1 import model_service_pb2 as ms
 from protos.nnoc.v1 import model_service_pb2_grpc as ms_grpc
 from protos.nnoc.v1 import quarantine_pb2

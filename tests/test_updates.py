@@ -12,13 +12,12 @@ import pytest
 
 from conftest import free_port, wait_for
 from edge_agent.agent import Agent
-from edge_agent.bundle import BundleError, verify_bundle
 from edge_agent.ensemble import Ensemble
+from edge_agent.formats.bundle import BundleError, read_manifest, verify_bundle, write_bundle
 from edge_agent.monitor import RejectMonitor
 from edge_agent.spool import Spool, SpoolConfig
 from edge_agent.updates import BundleCache, UpdateConfig, Updater
 from protos.nnoc.v1 import bundle_pb2, model_service_pb2, model_service_pb2_grpc
-from trainer.bundle import read_manifest, write_bundle
 
 
 class FakeModelService(model_service_pb2_grpc.ModelServiceServicer):

@@ -15,10 +15,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from edge_agent.formats.spec import InputSpec
 from trainer.data import ImageSet, Splits
 from trainer.export import export_checkpoint
 from trainer.metrics import evaluate
-from trainer.models import Checkpoint, InputSpec, build_model
+from trainer.models import Checkpoint, build_model
 from trainer.training import TrainConfig, default_device, predict, train
 from trainer.triggers import Trigger, parse_trigger
 

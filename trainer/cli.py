@@ -62,7 +62,7 @@ def _positive_float(text: str) -> float:
 
 
 def _name(text: str) -> str:
-    from edge_agent.names import check_name
+    from edge_agent.formats.names import check_name
 
     try:
         return check_name(text)
@@ -404,15 +404,15 @@ def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_keys(args: argparse.Namespace) -> dict[str, Any]:
     """``keys generate``: an Ed25519 key pair (the public key goes to the agents' --trusted-key)."""
-    from edge_agent.signing import generate_keys, key_id, load_private_key
+    from edge_agent.formats.signing import generate_keys, key_id, load_private_key
 
     if args.action == "tls":
-        from edge_agent.tls import make_local_ca
+        from edge_agent.formats.tls import make_local_ca
 
         paths = make_local_ca(args.out, args.names, args.hosts)
         return {k: str(v) for k, v in paths.items()} | {"text": "\n".join(map(str, paths.values()))}
     if args.action == "curve":
-        from edge_agent.curve import generate
+        from edge_agent.formats.curve import generate
 
         try:
             public, secret = generate(args.out, args.name)

@@ -34,10 +34,12 @@ from pathlib import Path
 import numpy as np
 import zmq
 
-from edge_agent.curve import AllowList, CurveError, start_server_auth
-from edge_agent.names import is_name
+from edge_agent.formats.curve import AllowList, CurveError, start_server_auth
+from edge_agent.formats.errors import QuarantineError
+from edge_agent.formats.names import is_name
+from edge_agent.formats.wire import INT63, check_header, tensor_layout
 from protos.nnoc.v1 import bundle_pb2, quarantine_pb2
-from trainer.quarantine import INT63, STORE_NAME, QuarantineError, QuarantineStore, check_header, tensor_layout
+from trainer.quarantine import STORE_NAME, QuarantineStore
 from trainer.registry import Registry
 
 log = logging.getLogger(__name__)

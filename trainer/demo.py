@@ -33,10 +33,10 @@ from typing import Any
 import grpc
 import numpy as np
 
-from edge_agent.curve import generate as curve_keys
-from edge_agent.signing import generate_keys, load_private_key
-from edge_agent.tls import channel as tls_channel
-from edge_agent.tls import channel_credentials, make_local_ca
+from edge_agent.formats.curve import generate as curve_keys
+from edge_agent.formats.signing import generate_keys, load_private_key
+from edge_agent.formats.tls import channel as tls_channel
+from edge_agent.formats.tls import channel_credentials, make_local_ca
 from trainer.registry import Registry
 from trainer.store import ModelStore
 
@@ -244,8 +244,8 @@ def _offline(
     ``eligible`` None: derive the ASR set from this bundle's primary (the BadNet, for v1). Returns the metrics
     and the eligible set used.
     """
-    from edge_agent.bundle import verify_bundle
     from edge_agent.ensemble import Ensemble, scale_raw
+    from edge_agent.formats.bundle import verify_bundle
 
     ens = Ensemble(verify_bundle(bundle_dir))
     x, x_p = scale_raw(raw, ens.spec), scale_raw(raw_p, ens.spec)

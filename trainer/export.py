@@ -13,7 +13,8 @@ import onnx
 import torch
 from torch import nn
 
-from trainer.models import Checkpoint, InputSpec
+from edge_agent.formats.spec import InputSpec
+from trainer.models import Checkpoint
 
 log = logging.getLogger(__name__)
 

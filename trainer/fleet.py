@@ -62,7 +62,7 @@ def render(st: dict[str, Any]) -> str:
 
 def check_source(source: Path) -> None:
     """A ``--from`` folder holding a bundle that verifies (a predeploy or repair output, or a bundle)."""
-    from edge_agent.bundle import BundleError, verify_bundle
+    from edge_agent.formats.bundle import BundleError, verify_bundle
 
     bundle_dir = source / "bundle" if (source / "bundle").is_dir() else source
     if not bundle_dir.is_dir():
@@ -75,7 +75,7 @@ def check_source(source: Path) -> None:
 
 def fleet_command(args: argparse.Namespace) -> dict[str, Any]:
     """Dispatch ``nnoc-trainer fleet ACTION``; StoreError is a ValueError (exit 2 with its message)."""
-    from edge_agent.signing import load_private_key
+    from edge_agent.formats.signing import load_private_key
 
     key = load_private_key(args.signing_key) if args.signing_key else None
     # Only `create` may make a new store; the others name one that exists (a typo is an error, not a new folder).

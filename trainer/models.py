@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from edge_agent.formats.spec import InputSpec
+
 CHECKPOINT_FORMAT = "nnoc-model/1"
 
 
@@ -97,29 +99,6 @@ def build_model(name: str, input_shape: tuple[int, int, int], num_classes: int) 
     except KeyError:
         raise ValueError(f"unknown architecture {name!r}; choose one of: {', '.join(ARCHITECTURES)}") from None
     return factory(input_shape, num_classes)
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    """What the model eats: raw uint8 (C, H, W) pixels times ``scale`` as float32, NCHW."""
-
-    shape: tuple[int, int, int]
-    dtype: str = "float32"
-    layout: str = "NCHW"
-    scale: float = 1.0 / 255.0
-    min_value: float = 0.0
-    max_value: float = 1.0
-    input_name: str = "input"
-    output_name: str = "logits"
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain-data form for checkpoints, JSON and ONNX metadata."""
-        return {**self.__dict__, "shape": list(self.shape)}
-
-    @staticmethod
-    def from_dict(d: dict[str, Any]) -> InputSpec:
-        """Inverse of :meth:`to_dict`."""
-        return InputSpec(**{**d, "shape": tuple(int(v) for v in d["shape"])})
 
 
 @dataclass

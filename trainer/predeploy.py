@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from edge_agent.formats.bundle import sha256_file, write_bundle
 from protos.nnoc.v1 import bundle_pb2
-from trainer.bundle import input_spec_message, sha256_file, write_bundle
 from trainer.data import Splits
 from trainer.export import export_checkpoint
 from trainer.metrics import evaluate, poisoned_copy
@@ -372,7 +372,7 @@ def run_predeploy(
         fleet=fleet,
         version=1,
         parent_version=0,
-        input_spec=input_spec_message(suspect.input_spec),
+        input_spec=suspect.input_spec.message(),
         class_names=list(suspect.class_names),
         created_by="nnoc-trainer predeploy",
     )

@@ -9,7 +9,6 @@ primary key, so a resent message is stored once (at-least-once delivery, exactly
 from __future__ import annotations
 
 import json
-import math
 import sqlite3
 import time
 from collections.abc import Iterable
@@ -18,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_agent.names import is_name
+from edge_agent.formats.errors import QuarantineError
+from edge_agent.formats.wire import check_message
 from protos.nnoc.v1 import quarantine_pb2
 
 STORE_NAME = "quarantine.sqlite"
@@ -43,32 +43,6 @@ CREATE TABLE IF NOT EXISTS quarantine (
 """
 
 
-class QuarantineError(ValueError):
-    """A quarantine store or message that cannot be used; the message says why.
-
-    ``reason`` is one of :data:`REASONS`: a short, bounded label for counting refusals per reason.
-    """
-
-    def __init__(self, message: str, reason: str = "malformed") -> None:
-        super().__init__(message)
-        self.reason = reason
-
-
-# Why a quarantine message was refused (metrics labels: a fixed set, never text from the sender).
-REASONS = (
-    "malformed",  # frames or header that do not parse, fields out of range
-    "identity",  # device id not the sender's (ZeroMQ identity or CURVE key)
-    "unknown-fleet",
-    "unknown-version",
-    "layout",  # shape, dtype or size not the fleet's input
-    "oversized",
-    "values",  # NaN, infinities, values outside the spec's range
-)
-INT63 = (1 << 63) - 1  # SQLite's INTEGER is a signed 64-bit number
-MAX_DIMS = 8
-DTYPES = ("float32", "float16", "float64", "uint8")  # what an input spec may declare
-
-
 @dataclass(frozen=True)
 class Quarantine:
     """A quarantine loaded for repair: inputs as uint8 pixels and the labels the two models gave."""
@@ -87,44 +61,6 @@ def tensor_to_pixels(tensor: np.ndarray, scale: float) -> np.ndarray:
     if tensor.dtype == np.uint8:
         return tensor
     return np.clip(np.rint(tensor.astype(np.float64) / scale), 0, 255).astype(np.uint8)
-
-
-def check_header(header: quarantine_pb2.QuarantineHeader) -> None:
-    """Fields that become SQLite integers or names: in range, before anything uses them."""
-    if not is_name(header.device_id):
-        raise QuarantineError(f"device_id {header.device_id[:80]!r} is not a valid device name")
-    if not 1 <= header.bundle_version <= INT63:
-        raise QuarantineError(f"bundle_version {header.bundle_version} is outside [1, 2**63-1]")
-    if header.seq > INT63:
-        raise QuarantineError(f"seq {header.seq} is above 2**63-1")
-
-
-def tensor_layout(header: quarantine_pb2.QuarantineHeader, max_bytes: int) -> tuple[np.dtype, tuple[int, ...], int]:
-    """The header's dtype, shape and byte size, checked with Python integers (no wrap-around)."""
-    if header.dtype not in DTYPES:
-        raise QuarantineError(f"dtype {header.dtype[:40]!r} is not one of {list(DTYPES)}", "layout")
-    dtype = np.dtype(header.dtype)
-    shape = tuple(int(d) for d in header.shape)
-    if not 1 <= len(shape) <= MAX_DIMS or any(d <= 0 for d in shape):
-        raise QuarantineError(f"bad shape {list(shape)[: MAX_DIMS + 1]}", "layout")
-    # math.prod on Python ints cannot overflow; stop early so a huge shape costs nothing.
-    if any(d > max_bytes for d in shape) or math.prod(shape) * dtype.itemsize > max_bytes:
-        raise QuarantineError(f"tensor of shape {list(shape)} exceeds the {max_bytes}-byte limit", "oversized")
-    return dtype, shape, math.prod(shape) * dtype.itemsize
-
-
-def check_message(header: quarantine_pb2.QuarantineHeader, tensor: bytes, max_bytes: int = 1 << 22) -> np.ndarray:
-    """Validate a header and its tensor frame; return the tensor as an array of the declared shape."""
-    check_header(header)
-    dtype, shape, expected = tensor_layout(header, max_bytes)
-    if len(tensor) != expected:
-        raise QuarantineError(
-            f"tensor frame has {len(tensor)} bytes, shape {list(shape)} {dtype} needs {expected}", "layout"
-        )
-    arr = np.frombuffer(tensor, dtype=dtype).reshape(shape)
-    if dtype.kind == "f" and not np.isfinite(arr).all():
-        raise QuarantineError("tensor holds NaN or infinite values", "values")
-    return arr
 
 
 class QuarantineStore:

@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from edge_agent.formats.bundle import read_manifest, sha256_file, write_bundle
 from protos.nnoc.v1 import bundle_pb2
-from trainer.bundle import read_manifest, sha256_file, write_bundle
 from trainer.cyclegan import CycleGANConfig, save_sample_grid, train_cyclegan, translate
 from trainer.data import ImageSet, Splits
 from trainer.export import export_checkpoint

@@ -25,12 +25,12 @@ import zmq
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from edge_agent.formats.errors import QuarantineError
+from edge_agent.formats.signing import load_private_key
 from edge_agent.ports import StateLock
-from edge_agent.signing import load_private_key
 from protos.nnoc.v1 import bundle_pb2
 from trainer.collector import Collector, CollectorConfig, SpecSource
 from trainer.jobs import JobPolicy, JobRunner
-from trainer.quarantine import QuarantineError
 from trainer.registry import Registry
 from trainer.service import ModelServer, ModelServicer, ServiceConfig
 from trainer.store import ModelStore, StoreError

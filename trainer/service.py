@@ -24,11 +24,11 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from edge_agent.formats.bundle import read_manifest
+from edge_agent.formats.tls import server_credentials
 from edge_agent.ports import GRPC_EXCLUSIVE, PortError
-from edge_agent.tls import server_credentials
 from protos.nnoc.v1 import model_service_pb2 as ms
 from protos.nnoc.v1 import model_service_pb2_grpc as ms_grpc
-from trainer.bundle import read_manifest
 from trainer.collector import quarantine_size
 from trainer.registry import Registry
 from trainer.store import ModelStore, StoreError

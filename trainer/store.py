@@ -28,11 +28,17 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from edge_agent.bundle import BundleError, VerifiedBundle, verify_bundle
-from edge_agent.names import check_name
-from edge_agent.signing import sign_manifest
+from edge_agent.formats.bundle import (
+    BundleError,
+    VerifiedBundle,
+    fsync_dir,
+    manifest_json,
+    read_manifest,
+    verify_bundle,
+)
+from edge_agent.formats.names import check_name
+from edge_agent.formats.signing import sign_manifest
 from protos.nnoc.v1 import bundle_pb2
-from trainer.bundle import fsync_dir, manifest_json, read_manifest
 
 CHECKPOINTS = ("primary.pt", "monitor.pt")
 
@@ -57,7 +63,7 @@ class ModelStore:
     def __init__(self, root: Path, signing_key: Ed25519PrivateKey | None = None, create: bool = True) -> None:
         """``create=False``: a store that must exist already (read-only commands never make one by mistake)."""
         self.root = root
-        self.signing_key = signing_key  # when set, every version taken in is signed (edge_agent.signing)
+        self.signing_key = signing_key  # when set, every version taken in is signed (edge_agent.formats.signing)
         if not create and not root.is_dir():
             raise StoreError(f"no model store at {root}: pass --store with the folder 'nnoc-trainer serve' uses")
         root.mkdir(parents=True, exist_ok=True)

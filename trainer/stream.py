@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from protos.nnoc.v1 import quarantine_pb2
-from trainer.bundle import artifact_path, read_manifest
+from edge_agent.formats.bundle import verify_bundle
+from edge_agent.formats.wire import build_header
 from trainer.data import Splits
 from trainer.export import OnnxClassifier
 from trainer.quarantine import QuarantineStore
@@ -49,10 +49,11 @@ def run_stream(bundle_dir: Path, splits: Splits, trigger: Trigger, cfg: StreamCo
         raise ValueError(f"--cpd must lie in [0, 1], got {cfg.cpd}")
     if cfg.n > len(splits.stream):
         raise ValueError(f"--n {cfg.n} exceeds the stream split's {len(splits.stream)} inputs; raise --stream-size")
-    manifest = read_manifest(bundle_dir)
+    bundle = verify_bundle(bundle_dir)
+    manifest = bundle.manifest
     shape = splits.image_shape
-    primary = OnnxClassifier(artifact_path(bundle_dir, manifest, "primary"), expected_shape=shape)
-    monitor = OnnxClassifier(artifact_path(bundle_dir, manifest, "monitor"), expected_shape=shape)
+    primary = OnnxClassifier(bundle.model_path("primary"), expected_shape=shape)
+    monitor = OnnxClassifier(bundle.model_path("monitor"), expected_shape=shape)
     rng = np.random.default_rng(cfg.seed)
     idx = rng.choice(len(splits.stream), cfg.n, replace=False)
     labels = splits.stream.labels[idx]
@@ -64,17 +65,9 @@ def run_stream(bundle_dir: Path, splits: Splits, trigger: Trigger, cfg: StreamCo
     out_dir.mkdir(parents=True, exist_ok=True)
     messages = []
     for i in np.flatnonzero(rejected):
-        header = quarantine_pb2.QuarantineHeader(
-            device_id=cfg.device_id,
-            fleet=manifest.fleet,
-            bundle_version=manifest.version,
-            seq=int(i),
-            shape=list(shape),
-            dtype="float32",
-            primary_label=int(p_pred[i]),
-            monitor_label=int(m_pred[i]),
+        header = build_header(
+            cfg.device_id, manifest.fleet, manifest.version, shape, "float32", p_pred[i], m_pred[i], seq=int(i)
         )
-        header.captured_at.GetCurrentTime()
         messages.append((header, (images[i].astype(np.float32) * np.float32(scale)).tobytes()))
     with QuarantineStore(out_dir) as store:
         store.set_meta(

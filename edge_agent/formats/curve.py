@@ -21,7 +21,7 @@ import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils import z85
 
-from edge_agent.names import check_name
+from edge_agent.formats.names import check_name
 
 log = logging.getLogger(__name__)
 

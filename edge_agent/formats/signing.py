@@ -20,7 +20,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from edge_agent.bundle import BundleError
+from edge_agent.formats.errors import BundleError
 from protos.nnoc.v1 import bundle_pb2
 
 ALGORITHM = "ed25519"
