@@ -153,8 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--source",
         default=None,
-        help="play inputs: npy:PATH (uint8 images or model inputs), dir:PATH (image files), or "
-        "replay:DATASET?n=N&poison=P&trigger=SPEC&target=T&seed=S&loop=1 (a dataset split, a share poisoned)",
+        help="play inputs: npy:PATH (uint8 images or model inputs, N first) or dir:PATH (image files)",
     )
     p.add_argument("--source-batch", type=int, default=1)
     p.add_argument("--source-limit", type=int, default=None, help="stop playing after this many inputs")

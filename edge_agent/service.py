@@ -32,7 +32,6 @@ from edge_agent.inference import DEFAULT_MAX_BATCH, serve
 from edge_agent.metrics import AgentMetrics
 from edge_agent.monitor import RejectMonitor
 from edge_agent.ports import StateLock, check_port
-from edge_agent.replay import Replay, parse_replay
 from edge_agent.runtime import RuntimeConfig
 from edge_agent.spool import Spool, SpoolConfig
 from edge_agent.updates import BundleCache, UpdateConfig, Updater, bootstrap
@@ -57,7 +56,7 @@ class RunConfig:
     host: str = "127.0.0.1"
     infer_port: int = 0  # 0: any free port (written to agent.json)
     metrics_port: int | None = None
-    source: str | None = None  # "npy:PATH" (uint8 images or model inputs), "dir:PATH" (files), "replay:..."
+    source: str | None = None  # "npy:PATH" (uint8 images or model inputs) or "dir:PATH" (image files)
     source_batch: int = 1
     source_limit: int | None = None  # requests to play from the source (None: all, once)
     window: int = 1000
@@ -125,9 +124,7 @@ def update_config(cfg: RunConfig) -> UpdateConfig:
 def check_source(spec: str) -> None:
     """A source spec that can be played, checked before anything starts (files exist, the grammar parses)."""
     kind, _, arg = spec.partition(":")
-    if kind == "replay":
-        parse_replay(spec)
-    elif kind == "npy":
+    if kind == "npy":
         if not Path(arg).is_file():
             raise ValueError(f"--source {spec}: no such file; give npy:PATH of a .npy array of images")
         try:
@@ -138,7 +135,7 @@ def check_source(spec: str) -> None:
         if not Path(arg).is_dir():
             raise ValueError(f"--source {spec}: no such folder; give dir:PATH of a folder of image files")
     else:
-        raise ValueError(f"unknown source {spec!r}; use npy:PATH, dir:PATH or replay:DATASET?...")
+        raise ValueError(f"unknown source {spec!r}; use npy:PATH or dir:PATH")
 
 
 def check_run(cfg: RunConfig) -> None:
@@ -157,19 +154,9 @@ def check_run(cfg: RunConfig) -> None:
         check_source(cfg.source)
 
 
-def source_batches(spec: str, ensemble: Ensemble, batch: int, state_dir: Path | None = None) -> Iterator[np.ndarray]:
-    """Model-input batches from a source spec: ``npy:PATH``, ``dir:PATH`` or ``replay:DATASET?...``.
-
-    A replay's ground truth goes to ``state_dir/replay-truth.json`` (for evaluation; the agent never reads it).
-    """
+def source_batches(spec: str, ensemble: Ensemble, batch: int) -> Iterator[np.ndarray]:
+    """Model-input batches from a source spec: ``npy:PATH`` (uint8 images or model inputs) or ``dir:PATH``."""
     kind, _, arg = spec.partition(":")
-    if kind == "replay":
-        replay = Replay(parse_replay(spec))
-        if state_dir is not None:
-            replay.write_truth(state_dir / "replay-truth.json")
-        for raw in replay.batches(batch):
-            yield scale_raw(raw, ensemble.spec)
-        return
     if kind == "npy":
         data = np.load(arg)
         if data.dtype == np.uint8:
@@ -178,7 +165,7 @@ def source_batches(spec: str, ensemble: Ensemble, batch: int, state_dir: Path | 
         files = sorted(p for p in Path(arg).iterdir() if p.is_file())
         data = scale_raw(load_images(files, tuple(int(d) for d in ensemble.spec.shape)), ensemble.spec)
     else:
-        raise ValueError(f"unknown source {spec!r}; use npy:PATH, dir:PATH or replay:DATASET?...")
+        raise ValueError(f"unknown source {spec!r}; use npy:PATH or dir:PATH")
     if data.ndim < 2:
         raise ValueError(f"--source {spec}: expected a batch of inputs, got an array of shape {list(data.shape)}")
     for start in range(0, len(data), batch):
@@ -297,7 +284,7 @@ def _run(cfg: RunConfig, stop: threading.Event) -> dict[str, Any]:
     try:
         if cfg.source:
             played = 0
-            for x in source_batches(cfg.source, agent.ensemble, cfg.source_batch, cfg.state_dir):
+            for x in source_batches(cfg.source, agent.ensemble, cfg.source_batch):
                 if stop.is_set() or (cfg.source_limit is not None and played >= cfg.source_limit):
                     break
                 t0 = time.perf_counter()

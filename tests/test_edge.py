@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -22,16 +23,18 @@ def test_edge_agent_imports_without_torch() -> None:
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
-def test_replay_source_plays_a_poisoned_split_without_torch() -> None:
-    code = (
-        "import sys; sys.modules['torch'] = sys.modules['torchvision'] = None\n"  # any torch import now fails
-        "from edge_agent.replay import Replay, parse_replay\n"
-        "r = Replay(parse_replay('replay:fashion-mnist?split=eval&n=300&poison=0.1&trigger=checker4&target=2'))\n"
-        "assert r.images.shape == (300, 1, 28, 28) and r.images.dtype.name == 'uint8', r.images.shape\n"
-        "assert r.poisoned.sum() == 30 and not (r.labels[r.poisoned] == 2).any()\n"
-        "batches = list(r.batches(64)); assert len(batches) == 5 and sum(map(len, batches)) == 300\n"
+def test_replayed_frames_are_files_with_their_truth_beside_them(tmp_path: Path) -> None:
+    from trainer.replay import write_frames
+
+    frames, truth = write_frames(
+        "replay:fashion-mnist?split=eval&n=300&poison=0.1&trigger=checker4&target=2", tmp_path / "cam-0.npy"
     )
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    images = np.load(frames)
+    assert images.shape == (300, 1, 28, 28) and images.dtype == np.uint8
+    t = json.loads(truth.read_text())
+    poisoned = np.zeros(300, bool)
+    poisoned[t["poisoned"]] = True
+    assert t["evaluation_only"] and poisoned.sum() == 30 and not (np.array(t["labels"])[poisoned] == 2).any()
 
 
 @pytest.mark.parametrize(
@@ -47,7 +50,7 @@ def test_replay_source_plays_a_poisoned_split_without_torch() -> None:
     ],
 )
 def test_replay_spec_errors_say_what_to_change(spec: str, why: str) -> None:
-    from edge_agent.replay import ReplayError, parse_replay
+    from trainer.replay import ReplayError, parse_replay
 
     with pytest.raises(ReplayError, match=why):
         parse_replay(spec)

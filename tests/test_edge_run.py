@@ -32,8 +32,11 @@ def edge(*args: str, insecure: bool = True) -> tuple[int, dict[str, Any] | None,
 def test_nnoc_edge_run_serves_quarantines_reports_and_stops(
     predeployed: tuple[Path, dict[str, Any]], splits: Any, tmp_path: Path
 ) -> None:
+    from trainer.replay import write_frames
+
     collector = Collector(tmp_path / "q")
     state, metrics_port = tmp_path / "state", free_port()
+    frames, _ = write_frames("fashion-mnist?split=test&n=200&poison=0.5&trigger=checker4&seed=3", tmp_path / "f.npy")
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -54,7 +57,7 @@ def test_nnoc_edge_run_serves_quarantines_reports_and_stops(
             "--metrics-port",
             str(metrics_port),
             "--source",
-            "replay:fashion-mnist?split=test&n=200&poison=0.5&trigger=checker4&seed=3",
+            f"npy:{frames}",
             "--source-batch",
             "8",
             "--state-dir",
@@ -80,7 +83,7 @@ def test_nnoc_edge_run_serves_quarantines_reports_and_stops(
         assert wait_for(lambda: scrape().get("nnoc_requests") == 200, 60)
         m = scrape()
         assert m["nnoc_bundle_version"] == 1 and m["nnoc_rejects"] > 0
-        truth = json.loads((state / "replay-truth.json").read_text())
+        truth = json.loads(frames.with_suffix(".truth.json").read_text())
         assert len(truth["labels"]) == 200 and len(truth["poisoned"]) == 100  # test split: target 0 never poisoned
         assert wait_for(lambda: collector.received >= m["nnoc_rejects"] and scrape()["nnoc_spool_depth"] == 0, 30)
         assert wait_for(lambda: bool(collector.stats) and collector.stats[-1].requests == 200, 30)
@@ -111,7 +114,7 @@ def test_nnoc_edge_run_serves_quarantines_reports_and_stops(
     assert code == 2 and "for fleet 'default'" in stderr
     code, _, stderr = edge("run", "--device-id", "x", "--fleet", "f", "--state-dir", str(state))
     assert code == 2 and "belongs to fleet 'default'" in stderr
-    for bad, why in (("replay:", "names no dataset"), ("replay:fashion-mnist?poison=0.2", "needs trigger")):
+    for bad, why in (("replay:fashion-mnist", "unknown source"), ("npy:/missing.npy", "no such file")):
         code, _, stderr = edge(
             "run", "--device-id", "x", "--fleet", "default", "--source", bad, "--state-dir", str(state)
         )

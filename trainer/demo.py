@@ -38,6 +38,7 @@ from edge_agent.formats.signing import generate_keys, load_private_key
 from edge_agent.formats.tls import channel as tls_channel
 from edge_agent.formats.tls import channel_credentials, make_local_ca
 from trainer.registry import Registry
+from trainer.replay import write_frames
 from trainer.store import ModelStore
 
 log = logging.getLogger(__name__)
@@ -265,7 +266,7 @@ def run_demo(args: Any) -> dict[str, Any]:
     profile = PROFILES[args.profile]
     out: Path = args.out
     t0 = time.monotonic()
-    for sub in ("exports", "state", "agents", "keys"):
+    for sub in ("exports", "state", "agents", "keys", "frames"):
         shutil.rmtree(out / sub, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     data = ["--dataset", args.dataset, *(["--data-dir", str(args.data_dir)] if args.data_dir else []), *profile.data]
@@ -327,10 +328,13 @@ def run_demo(args: Any) -> dict[str, Any]:
                 f"replay:{args.dataset}?n={profile.stream_per_agent}&poison={args.cpd}&trigger={args.trigger}"
                 f"&target={args.target}&seed={i}" + (f"&data_dir={args.data_dir}" if args.data_dir else "")
             )
+            # The trainer prepares each camera's frames (and keeps which were poisoned beside them, for
+            # evaluation); the agent plays an ordinary file.
+            frames, _ = write_frames(replay, out / "frames" / f"{device}.npy")
             cmd = [
                 sys.executable, "-m", "edge_agent", "run", "--device-id", device, "--fleet", FLEET,
                 "--model-service", info["model_service"], "--collector", info["collector"], "--infer-port", "0",
-                "--state-dir", str(out / "agents" / device), "--source", replay, "--source-batch", "8",
+                "--state-dir", str(out / "agents" / device), "--source", f"npy:{frames}", "--source-batch", "8",
                 "--stats-interval", "2", "--trusted-key", str(public_key),
                 "--tls-ca", str(tls["ca"]), "--tls-cert", str(tls[device]), "--tls-key",
                 str(tls[device].with_suffix(".key")), "--infer-client-ca", str(tls["ca"]),

@@ -1,28 +1,31 @@
-"""The replay source: play a dataset split with a poisoned share, for demos and benchmarks.
+"""Replayed streams for demos, tests and benchmarks: a dataset split with a poisoned share, as frame files.
 
 Spec: ``replay:DATASET[?key=value&...]``, e.g. ``replay:fashion-mnist?n=1000&poison=0.1&trigger=checker4``.
 Keys: ``split`` (stream, test, treat, eval; default stream), ``n`` (inputs, default the whole split),
 ``poison`` (share in [0, 1], default 0), ``trigger`` (the trainer's trigger grammar, needed when poison > 0),
-``target`` (the attack's target class, never poisoned; default 0), ``seed`` (default 0), ``loop`` (1: play
-forever), ``data_dir`` (where the dataset lies).
+``target`` (the attack's target class, never poisoned; default 0), ``seed`` (default 0), ``data_dir`` (where
+the dataset lies).
 
-Which inputs carry the trigger is written to ``truth.json`` next to the spool for evaluation; the agent never
-reads it. The split and trigger code is the trainer's (numpy only: this module never imports torch, and a
-test proves it); a deployed box uses ``dir:`` or ``npy:`` sources and does not need it.
+:func:`write_frames` writes the frames as ``NAME.npy`` (uint8 (N, C, H, W), play order) for an agent's
+``--source npy:PATH`` and the ground truth (labels, which inputs carry the trigger) as ``NAME.truth.json`` beside
+it, for evaluation only: the agent plays ordinary files and never sees which were poisoned. This is trainer
+code (the edge never imports the trainer's data and trigger modules).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qsl
 
 import numpy as np
 
+from trainer.data import DataConfig, DatasetError, SplitConfig, load_splits
+from trainer.triggers import TriggerError, parse_trigger, poison_fraction
+
 SPLITS = ("stream", "test", "treat", "eval")
-KEYS = ("split", "n", "poison", "trigger", "target", "seed", "loop", "data_dir")
+KEYS = ("split", "n", "poison", "trigger", "target", "seed", "data_dir")
 
 
 class ReplayError(ValueError):
@@ -40,7 +43,6 @@ class ReplaySpec:
     trigger: str | None = None
     target: int = 0
     seed: int = 0
-    loop: bool = False
     data_dir: Path | None = None
 
 
@@ -63,7 +65,6 @@ def parse_replay(spec: str) -> ReplaySpec:
             trigger=params.get("trigger") or None,
             target=int(params.get("target", 0)),
             seed=int(params.get("seed", 0)),
-            loop=params.get("loop", "0") not in ("0", "false", ""),
             data_dir=Path(params["data_dir"]) if params.get("data_dir") else None,
         )
     except ValueError as e:
@@ -83,9 +84,6 @@ class Replay:
     """The raw uint8 images of one replayed stream and which of them were poisoned."""
 
     def __init__(self, spec: ReplaySpec) -> None:
-        from trainer.data import DataConfig, DatasetError, SplitConfig, load_splits
-        from trainer.triggers import TriggerError, parse_trigger, poison_fraction
-
         self.spec = spec
         try:
             splits = load_splits(DataConfig(spec.dataset, spec.data_dir), SplitConfig())
@@ -116,10 +114,12 @@ class Replay:
             )
         )
 
-    def batches(self, batch: int) -> Iterator[np.ndarray]:
-        """Raw uint8 batches, once or (``loop``) forever."""
-        while True:
-            for start in range(0, len(self.images), batch):
-                yield self.images[start : start + batch]
-            if not self.spec.loop:
-                return
+
+def write_frames(spec: str | ReplaySpec, path: Path) -> tuple[Path, Path]:
+    """Write a replayed stream to ``path`` (.npy, uint8 frames) and its truth beside it; returns both paths."""
+    replay = Replay(parse_replay(spec) if isinstance(spec, str) else spec)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.save(path, np.ascontiguousarray(replay.images))
+    truth = path.with_suffix(".truth.json")
+    replay.write_truth(truth)
+    return path, truth
