@@ -271,8 +271,8 @@ def _bundle(tmp: Path) -> Path:
     from edge_agent.formats.bundle import write_bundle
     from edge_agent.formats.spec import InputSpec
     from protos.nnoc.v1 import bundle_pb2
-    from trainer.export import export_onnx
-    from trainer.models import build_model
+    from trainer.science.export import export_onnx
+    from trainer.science.models import build_model
 
     torch.manual_seed(0)
     spec = InputSpec(shape=(1, 28, 28))
@@ -305,7 +305,7 @@ def main() -> None:
     parser.add_argument("--before", default=None, help="also run against this git revision (side by side)")
     args = parser.parse_args()
     from edge_agent.formats.tls import make_local_ca
-    from trainer.store import ModelStore
+    from trainer.service.store import ModelStore
 
     results: dict[str, Any] = {"machine": machine(), "before_rev": args.before}
     with tempfile.TemporaryDirectory(prefix="bench-attacks-") as d:

@@ -56,7 +56,7 @@ def bench_throughput(bundle_dir: Path, seconds: float) -> list[dict[str, float]]
     from edge_agent.ensemble import Ensemble
     from edge_agent.formats.bundle import verify_bundle
     from edge_agent.runtime import RuntimeConfig
-    from trainer.models import Checkpoint
+    from trainer.science.models import Checkpoint
 
     bundle = verify_bundle(bundle_dir)
     two = Ensemble(bundle, RuntimeConfig(ensemble_path="two-sessions"))
@@ -84,8 +84,8 @@ def bench_throughput(bundle_dir: Path, seconds: float) -> list[dict[str, float]]
 
 
 def _stream(n: int, spec_scale: float) -> np.ndarray:
-    from trainer.data import DataConfig, SplitConfig, load_splits
-    from trainer.triggers import parse_trigger, poison_fraction
+    from trainer.science.data import DataConfig, SplitConfig, load_splits
+    from trainer.science.triggers import parse_trigger, poison_fraction
 
     splits = load_splits(DataConfig(), SplitConfig())
     rng = np.random.default_rng(0)
@@ -97,7 +97,7 @@ def _stream(n: int, spec_scale: float) -> np.ndarray:
 
 def _collector(root: str, fleet: str, ports: Any, stop: Any) -> None:
     from protos.nnoc.v1 import bundle_pb2
-    from trainer.collector import Collector, CollectorConfig, fixed_spec
+    from trainer.service.collector import Collector, CollectorConfig, fixed_spec
 
     spec = bundle_pb2.InputSpec(shape=[1, 28, 28], dtype="float32", min_value=0.0, max_value=1.0)
     c = Collector(CollectorConfig("tcp://127.0.0.1:0", Path(root)), fixed_spec(fleet, spec)).start()
@@ -113,7 +113,7 @@ def bench_spool(bundle_dir: Path, seconds: float, tmp: Path) -> dict[str, Any]:
     from edge_agent.monitor import RejectMonitor
     from edge_agent.spool import Spool, SpoolConfig
     from edge_agent.uplink import Uplink, UplinkConfig
-    from trainer.collector import quarantine_size
+    from trainer.service.collector import quarantine_size
 
     bundle = verify_bundle(bundle_dir)
     spec = bundle.manifest.input_spec

@@ -47,7 +47,7 @@ def _serve(store: Path, state: Path, port: int) -> subprocess.Popen[bytes]:
 
 
 def _store(tmp: Path) -> Path:
-    from trainer.store import ModelStore
+    from trainer.service.store import ModelStore
 
     store = ModelStore(tmp / "exports")
     store.create("default")
@@ -59,7 +59,7 @@ def fault_collector_kill(tmp: Path, n: int = 10000) -> dict[str, Any]:
     from edge_agent.spool import Spool, SpoolConfig
     from edge_agent.uplink import Uplink, UplinkConfig
     from protos.nnoc.v1 import quarantine_pb2
-    from trainer.collector import quarantine_size
+    from trainer.service.collector import quarantine_size
 
     store, state, port = _store(tmp / "a"), tmp / "a" / "state", free_port()
     header = quarantine_pb2.QuarantineHeader(fleet="default", bundle_version=1, shape=[1, 28, 28], dtype="float32")
@@ -95,7 +95,7 @@ def fault_collector_kill(tmp: Path, n: int = 10000) -> dict[str, Any]:
 
 def fault_agent_kill(tmp: Path) -> dict[str, Any]:
     """An agent with a spool of rejects and no collector is killed -9; restarted with a collector, it drains."""
-    from trainer.collector import quarantine_size
+    from trainer.service.collector import quarantine_size
 
     store, state, port = _store(tmp / "b"), tmp / "b" / "state", free_port()
     agent_state = tmp / "b" / "agent"
@@ -205,7 +205,7 @@ def transport_curve(tmp: Path, n: int = 5000) -> dict[str, float]:
     from bench.bench_service import _dealer
     from edge_agent.formats.curve import generate
     from protos.nnoc.v1 import bundle_pb2
-    from trainer.collector import Collector, CollectorConfig, fixed_spec
+    from trainer.service.collector import Collector, CollectorConfig, fixed_spec
 
     spec = bundle_pb2.InputSpec(shape=[1, 28, 28], dtype="float32", min_value=0.0, max_value=1.0)
     keys = tmp / "curve"

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from bench.common import RESULTS, ROOT, run_cli, save
-from trainer.quarantine import QuarantineStore
+from trainer.service.quarantine import QuarantineStore
 
 VARIANTS: dict[str, list[str]] = {
     "purified": [],

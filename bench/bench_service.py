@@ -124,7 +124,7 @@ def bench_pushpull(n: int) -> float:
 
 def bench_collector(n: int, tmp: Path) -> dict[str, Any]:
     from protos.nnoc.v1 import bundle_pb2
-    from trainer.collector import Collector, CollectorConfig, fixed_spec, quarantine_size
+    from trainer.service.collector import Collector, CollectorConfig, fixed_spec, quarantine_size
 
     spec = bundle_pb2.InputSpec(shape=[1, 28, 28], dtype="float32", min_value=0.0, max_value=1.0, scale=1 / 255)
     cfg = CollectorConfig("tcp://127.0.0.1:0", tmp / "q", rate=1e9, burst=1e9)
@@ -180,9 +180,9 @@ def _subscriber(target: str, device: str, staging: str, ready: Any, done: Any) -
 
 
 def bench_push(agents: int, big: Path, tmp: Path) -> float:
-    from trainer.registry import Registry
-    from trainer.service import ModelServer, ModelServicer, ServiceConfig
-    from trainer.store import ModelStore
+    from trainer.service.model_service import ModelServer, ModelServicer, ServiceConfig
+    from trainer.service.registry import Registry
+    from trainer.service.store import ModelStore
 
     root = tmp / f"push-{agents}"
     store = ModelStore(root / "exports")

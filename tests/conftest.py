@@ -39,7 +39,7 @@ def run_cli(module: str, *args: str, check: bool = True) -> tuple[int, dict[str,
 @pytest.fixture(scope="session")
 def splits():  # type: ignore[no-untyped-def]
     """The paper's splits of the real Fashion-MNIST, cut to the small sizes above."""
-    from trainer.data import DataConfig, SplitConfig, load_splits
+    from trainer.science.data import DataConfig, SplitConfig, load_splits
 
     return load_splits(DataConfig(), SplitConfig(valid=1000, stream=500, train=8000, test=2000))
 
@@ -128,7 +128,7 @@ class Collector:
         self.thread.start()
 
     def run(self) -> None:
-        from trainer.quarantine import QuarantineStore
+        from trainer.service.quarantine import QuarantineStore
 
         with QuarantineStore(self.store_dir) as store:
             while not self.stop.is_set():
@@ -186,8 +186,8 @@ def make_version(src: Path, dest: Path, version: int) -> Path:
 
 def start_service(store: Any, tmp_path: Path, chunk: int = 1 << 20) -> Any:
     """The real model service on a free loopback port, over ``store``."""
-    from trainer.registry import Registry
-    from trainer.service import ModelServer, ModelServicer, ServiceConfig
+    from trainer.service.model_service import ModelServer, ModelServicer, ServiceConfig
+    from trainer.service.registry import Registry
 
     cfg = ServiceConfig(listen="127.0.0.1:0", chunk_size=chunk, watch_interval=0.05, insecure_operators=True)
     servicer = ModelServicer(store, Registry(tmp_path / "registry.sqlite"), tmp_path / "q", cfg)
@@ -213,7 +213,7 @@ def tiny_bundle(dest: Path, fleet: str, version: int) -> Path:
 
 def tiny_store(root: Path, fleet: str = "default", versions: tuple[int, ...] = (1,)) -> Any:
     """A real model store with placeholder bundles for ``fleet``; the first version is current."""
-    from trainer.store import ModelStore
+    from trainer.service.store import ModelStore
 
     store = ModelStore(root)
     store.create(fleet)

@@ -16,8 +16,8 @@ import zmq
 
 from conftest import TINY_SPEC, dealer, run_cli, tiny_bundle, tiny_store, wait_for
 from protos.nnoc.v1 import bundle_pb2, quarantine_pb2
-from trainer.collector import Collector, CollectorConfig, fixed_spec, quarantine_size
-from trainer.server import spec_source
+from trainer.service.collector import Collector, CollectorConfig, fixed_spec, quarantine_size
+from trainer.service.serve import spec_source
 
 Reply = quarantine_pb2.QuarantineReply
 SPEC = bundle_pb2.InputSpec(**TINY_SPEC)
@@ -137,7 +137,7 @@ def test_one_bad_message_rejects_only_itself(tmp_path: Path, caplog: pytest.LogC
     ]
     stats = quarantine_pb2.AgentStats(device_id="cam-1", fleet="default", bundle_version=2**64 - 1, requests=2**64 - 1)
     batch = [message(i) for i in range(5)] + bad + [[b"cam-1", stats.SerializeToString()]] + [message(5)]
-    with caplog.at_level(logging.WARNING, logger="trainer.collector"):
+    with caplog.at_level(logging.WARNING, logger="trainer.service.collector"):
         replies = c.handle(batch)
     got = {r.seq: r.status for _, r in replies}
     assert [got[i] for i in range(6)] == [Reply.ACK] * 6  # every good message in the batch is stored
@@ -151,7 +151,7 @@ def test_refusals_are_logged_once_per_device_and_reason_per_interval(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     c = Collector(CollectorConfig(root=tmp_path / "q", log_interval=60.0), fixed_spec("default", SPEC))
-    with caplog.at_level(logging.WARNING, logger="trainer.collector"):
+    with caplog.at_level(logging.WARNING, logger="trainer.service.collector"):
         for i in range(300):
             c.handle([message(i, version=9)])
     lines = [r for r in caplog.records if "refused" in r.getMessage()]
@@ -255,8 +255,8 @@ def test_operator_rpcs_need_an_operator_certificate(tmp_path: Path) -> None:
     from edge_agent.formats.tls import channel, channel_credentials, make_local_ca
     from protos.nnoc.v1 import model_service_pb2 as ms
     from protos.nnoc.v1 import model_service_pb2_grpc as ms_grpc
-    from trainer.registry import Registry
-    from trainer.service import ModelServer, ModelServicer, ServiceConfig
+    from trainer.service.model_service import ModelServer, ModelServicer, ServiceConfig
+    from trainer.service.registry import Registry
 
     store = tiny_store(tmp_path / "exports", versions=(1, 2))
     store.create("other")
@@ -316,8 +316,8 @@ def test_operator_rpcs_without_client_certificates_are_refused_unless_allowed(tm
 
     from protos.nnoc.v1 import model_service_pb2 as ms
     from protos.nnoc.v1 import model_service_pb2_grpc as ms_grpc
-    from trainer.registry import Registry
-    from trainer.service import ModelServer, ModelServicer, ServiceConfig
+    from trainer.service.model_service import ModelServer, ModelServicer, ServiceConfig
+    from trainer.service.registry import Registry
 
     store = tiny_store(tmp_path / "exports", versions=(1, 2))
     for allowed in (False, True):
@@ -350,8 +350,8 @@ def one_line_error(code: int, err: str) -> None:
 def test_a_taken_port_is_refused_not_shared(tmp_path: Path) -> None:
     from conftest import free_port
     from edge_agent.ports import PortError
-    from trainer.registry import Registry
-    from trainer.service import ModelServer, ModelServicer, ServiceConfig
+    from trainer.service.model_service import ModelServer, ModelServicer, ServiceConfig
+    from trainer.service.registry import Registry
 
     store = tiny_store(tmp_path / "exports")
     port = free_port()

@@ -69,7 +69,7 @@ frames = st.one_of(
 
 @pytest.fixture(scope="module")
 def collector(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    from trainer.collector import Collector, CollectorConfig, fixed_spec
+    from trainer.service.collector import Collector, CollectorConfig, fixed_spec
 
     # handle() is the collector's whole decode/validate/store path for one batch; no socket needed to call it.
     c = Collector(
@@ -171,7 +171,7 @@ def test_manifest_decoder_refuses_with_a_message(bundle_copy: Path, data: bytes)
 def model_service(predeployed: tuple[Path, dict[str, Any]], tmp_path_factory: pytest.TempPathFactory) -> Any:
     from conftest import start_service
     from protos.nnoc.v1 import model_service_pb2_grpc
-    from trainer.store import ModelStore
+    from trainer.service.store import ModelStore
 
     tmp = tmp_path_factory.mktemp("fuzzsvc")
     store = ModelStore(tmp / "exports")

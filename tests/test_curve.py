@@ -15,7 +15,7 @@ from conftest import run_cli, wait_for
 from edge_agent.spool import Spool, SpoolConfig
 from edge_agent.uplink import Uplink, UplinkConfig
 from protos.nnoc.v1 import bundle_pb2, quarantine_pb2
-from trainer.collector import Collector, CollectorConfig, fixed_spec, quarantine_size
+from trainer.service.collector import Collector, CollectorConfig, fixed_spec, quarantine_size
 
 SPEC = bundle_pb2.InputSpec(shape=[1, 28, 28], dtype="float32", min_value=0.0, max_value=1.0)
 

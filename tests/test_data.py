@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from trainer.data import (
+from trainer.science.data import (
     DATASETS,
     DataConfig,
     DatasetError,

@@ -24,7 +24,7 @@ def test_edge_agent_imports_without_torch() -> None:
 
 
 def test_replayed_frames_are_files_with_their_truth_beside_them(tmp_path: Path) -> None:
-    from trainer.replay import write_frames
+    from trainer.stages.replay import write_frames
 
     frames, truth = write_frames(
         "replay:fashion-mnist?split=eval&n=300&poison=0.1&trigger=checker4&target=2", tmp_path / "cam-0.npy"
@@ -50,7 +50,7 @@ def test_replayed_frames_are_files_with_their_truth_beside_them(tmp_path: Path) 
     ],
 )
 def test_replay_spec_errors_say_what_to_change(spec: str, why: str) -> None:
-    from trainer.replay import ReplayError, parse_replay
+    from trainer.stages.replay import ReplayError, parse_replay
 
     with pytest.raises(ReplayError, match=why):
         parse_replay(spec)
@@ -60,7 +60,7 @@ def test_fused_graph_answers_like_two_sessions(predeployed: tuple[Path, dict[str
     from edge_agent.ensemble import Ensemble, scale_raw
     from edge_agent.formats.bundle import verify_bundle
     from edge_agent.runtime import RuntimeConfig
-    from trainer.triggers import parse_trigger
+    from trainer.science.triggers import parse_trigger
 
     bundle = verify_bundle(predeployed[0] / "bundle")
     raw = splits.test.images[:200]
@@ -123,7 +123,7 @@ def test_edge_cli_classify(predeployed: tuple[Path, dict[str, Any]], splits: Any
 
     from PIL import Image
 
-    from trainer.triggers import parse_trigger
+    from trainer.science.triggers import parse_trigger
 
     clean = splits.test.images[:20]
     poisoned = parse_trigger("checker4").apply(clean, np.random.default_rng(3))

@@ -32,7 +32,7 @@ def edge(*args: str, insecure: bool = True) -> tuple[int, dict[str, Any] | None,
 def test_nnoc_edge_run_serves_quarantines_reports_and_stops(
     predeployed: tuple[Path, dict[str, Any]], splits: Any, tmp_path: Path
 ) -> None:
-    from trainer.replay import write_frames
+    from trainer.stages.replay import write_frames
 
     collector = Collector(tmp_path / "q")
     state, metrics_port = tmp_path / "state", free_port()
@@ -125,8 +125,8 @@ def test_kill_9_loses_no_quarantined_input(
     predeployed: tuple[Path, dict[str, Any]], splits: Any, tmp_path: Path
 ) -> None:
     """kill -9 while the collector is unreachable; on restart the spool drains: every reject stored once."""
-    from trainer.quarantine import QuarantineStore
-    from trainer.triggers import parse_trigger
+    from trainer.science.triggers import parse_trigger
+    from trainer.service.quarantine import QuarantineStore
 
     images = splits.test.images[:100]
     np.save(tmp_path / "s.npy", parse_trigger("checker4").apply(images, np.random.default_rng(1)))

@@ -12,8 +12,8 @@ import torch
 
 from conftest import SMALL_SPLIT, run_cli
 from edge_agent.formats.spec import InputSpec
-from trainer.export import META_CLASS_NAMES, META_INPUT_SPEC, export_onnx
-from trainer.models import ARCHITECTURES, Checkpoint, build_model
+from trainer.science.export import META_CLASS_NAMES, META_INPUT_SPEC, export_onnx
+from trainer.science.models import ARCHITECTURES, Checkpoint, build_model
 
 
 def test_badnet_harness_reaches_a_working_backdoor(badnet: tuple[Path, dict[str, Any]]) -> None:

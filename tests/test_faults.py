@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 
 from conftest import ROOT, free_port, make_version, wait_for
-from trainer.collector import quarantine_size
-from trainer.store import ModelStore
+from trainer.service.collector import quarantine_size
+from trainer.service.store import ModelStore
 
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 
@@ -127,8 +127,8 @@ def test_agent_starts_while_the_trainer_is_down_then_catches_up_without_failed_r
 
 def start_service_on(store: ModelStore, tmp_path: Path, port: int) -> Any:
     """The real model service on a given port (the agent was told this address before it existed)."""
-    from trainer.registry import Registry
-    from trainer.service import ModelServer, ModelServicer, ServiceConfig
+    from trainer.service.model_service import ModelServer, ModelServicer, ServiceConfig
+    from trainer.service.registry import Registry
 
     cfg = ServiceConfig(listen=f"127.0.0.1:{port}", watch_interval=0.05)
     return ModelServer(ModelServicer(store, Registry(tmp_path / "registry.sqlite"), tmp_path / "q", cfg), cfg).start()
@@ -162,7 +162,7 @@ def test_spool_on_a_full_disk_keeps_serving_and_counts(
 ) -> None:
     from edge_agent.ensemble import scale_raw
     from edge_agent.formats.bundle import verify_bundle
-    from trainer.triggers import parse_trigger
+    from trainer.science.triggers import parse_trigger
 
     bundle = predeployed[0] / "bundle"
     raw = parse_trigger("checker4").apply(np.repeat(splits.test.images[:200], 4, axis=0), np.random.default_rng(0))

@@ -59,7 +59,7 @@ def test_triton_client_calls_the_agent(predeployed: tuple[Path, dict[str, Any]],
     from edge_agent.inference import serve
     from edge_agent.monitor import RejectMonitor
     from edge_agent.spool import Spool, SpoolConfig
-    from trainer.triggers import parse_trigger
+    from trainer.science.triggers import parse_trigger
 
     bundle = verify_bundle(predeployed[0] / "bundle")
     images = splits.test.images[:32]

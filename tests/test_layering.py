@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 from conftest import ROOT
@@ -71,3 +74,31 @@ def test_no_import_cycles() -> None:
         if node not in state:
             visit(node, [node])
     assert not cycles, cycles[:5]
+def test_service_commands_run_without_torch(tmp_path: Path) -> None:
+    # A site-customising shim makes `import torch` fail in the child, as on a box without torch.
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text(
+        "import sys\n"
+        "class _NoTorch:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'torch' or name.startswith('torch.') or name in ('torchvision', 'onnxscript'):\n"
+        "            raise ImportError(f'{name} is blocked for this test')\n"
+        "sys.meta_path.insert(0, _NoTorch())\n"
+    )
+    env = {**os.environ, "PYTHONPATH": f"{shim}{os.pathsep}{ROOT}"}
+    store = tmp_path / "exports"
+    for args in (
+        ["serve", "--help"],
+        ["fleet", "create", "f", "--store", str(store)],
+        ["fleet", "list", "--store", str(store)],
+        ["fleet", "status", "f", "--store", str(store), "--state-dir", str(tmp_path / "state")],
+    ):
+        proc = subprocess.run(
+            [sys.executable, "-m", "trainer", *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=120
+        )
+        assert proc.returncode == 0, (args, proc.stderr[-2000:])
+    proc = subprocess.run(
+        [sys.executable, "-c", "import torch"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=60
+    )
+    assert proc.returncode != 0 and "blocked" in proc.stderr  # the shim works: the commands above ran without torch

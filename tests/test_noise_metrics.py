@@ -3,9 +3,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from trainer.data import ImageSet
-from trainer.metrics import attack_success_rate, clean_accuracy, evaluate
-from trainer.noise import NoiseConfig, augment, noise_mask, replace_with_noise
+from trainer.science.data import ImageSet
+from trainer.science.metrics import attack_success_rate, clean_accuracy, evaluate
+from trainer.science.noise import NoiseConfig, augment, noise_mask, replace_with_noise
 
 
 @pytest.mark.parametrize("mode", ["pixel", "block"])
@@ -56,7 +56,7 @@ def test_asr_uses_only_eligible_inputs() -> None:
 
 
 def test_evaluate_with_reference_classifier() -> None:
-    from trainer.triggers import parse_trigger
+    from trainer.science.triggers import parse_trigger
 
     images = np.zeros((4, 1, 8, 8), np.uint8)
     test = ImageSet(images, np.array([1, 1, 2, 2]))

@@ -14,9 +14,9 @@ from conftest import SMALL_SPLIT, run_cli
 from edge_agent.formats.errors import QuarantineError
 from edge_agent.formats.wire import check_message
 from protos.nnoc.v1 import quarantine_pb2
-from trainer.cyclegan import CycleGANConfig, ImagePool, PatchDiscriminator, ResnetGenerator, train_cyclegan
-from trainer.quarantine import QuarantineStore, tensor_to_pixels
-from trainer.repair import purify
+from trainer.science.cyclegan import CycleGANConfig, ImagePool, PatchDiscriminator, ResnetGenerator, train_cyclegan
+from trainer.service.quarantine import QuarantineStore, tensor_to_pixels
+from trainer.stages.repair import purify
 
 
 def _header(seq: int, device: str = "d1", shape: Any = (1, 4, 4), **fields: Any) -> quarantine_pb2.QuarantineHeader:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import SMALL_SPLIT, run_cli
-from trainer.predeploy import PredeployConfig, alpha_schedule, pick
+from trainer.stages.predeploy import PredeployConfig, alpha_schedule, pick
 
 
 def test_pick_closest_above_threshold() -> None:
@@ -69,7 +69,7 @@ def test_bundle_verifies_and_ensemble_rejects_triggered_inputs(
 ) -> None:
     from edge_agent.ensemble import Ensemble, scale_raw
     from edge_agent.formats.bundle import verify_bundle
-    from trainer.triggers import parse_trigger
+    from trainer.science.triggers import parse_trigger
 
     bundle = verify_bundle(predeployed[0] / "bundle")
     ens = Ensemble(bundle)

@@ -17,7 +17,7 @@ from edge_agent.formats.signing import generate_keys, load_private_key, load_tru
 from edge_agent.monitor import RejectMonitor
 from edge_agent.spool import Spool, SpoolConfig
 from edge_agent.updates import BundleCache, UpdateConfig, Updater
-from trainer.store import ModelStore
+from trainer.service.store import ModelStore
 
 
 def test_keys_cli_and_signature_checks(predeployed: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ from conftest import Collector, wait_for
 from edge_agent.spool import Spool, SpoolConfig, SpoolFull
 from edge_agent.uplink import Uplink, UplinkConfig
 from protos.nnoc.v1 import quarantine_pb2
-from trainer.quarantine import QuarantineStore
+from trainer.service.quarantine import QuarantineStore
 
 TENSOR = np.zeros((1, 28, 28), np.float32).tobytes()
 
@@ -103,7 +103,7 @@ def test_agent_spools_rejects_before_answering_and_uplinks_them(
     from edge_agent.ensemble import Ensemble, InputError, scale_raw
     from edge_agent.formats.bundle import verify_bundle
     from edge_agent.monitor import RejectMonitor
-    from trainer.triggers import parse_trigger
+    from trainer.science.triggers import parse_trigger
 
     bundle = verify_bundle(predeployed[0] / "bundle")
     images = splits.test.images[:200]  # type: ignore[attr-defined]

@@ -12,7 +12,7 @@ from conftest import run_cli
 from edge_agent.formats.tls import channel, channel_credentials
 from protos.nnoc.v1 import model_service_pb2 as ms
 from protos.nnoc.v1 import model_service_pb2_grpc as ms_grpc
-from trainer.store import ModelStore
+from trainer.service.store import ModelStore
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +34,8 @@ def _list(target: str, creds: grpc.ChannelCredentials | None) -> list[str]:
 def test_model_service_mutual_tls(
     pki: dict[str, Path], predeployed: tuple[Path, dict[str, Any]], tmp_path: Path
 ) -> None:
-    from trainer.registry import Registry
-    from trainer.service import ModelServer, ModelServicer, ServiceConfig
+    from trainer.service.model_service import ModelServer, ModelServicer, ServiceConfig
+    from trainer.service.registry import Registry
 
     store = ModelStore(tmp_path / "exports")
     store.create("default")
@@ -75,8 +75,8 @@ def test_agent_endpoint_and_updates_over_mutual_tls(
     from edge_agent.updates import BundleCache, UpdateConfig, bootstrap
     from protos.inference import grpc_predict_v2_pb2 as pb
     from protos.inference import grpc_predict_v2_pb2_grpc as pb_grpc
-    from trainer.registry import Registry
-    from trainer.service import ModelServer, ModelServicer, ServiceConfig
+    from trainer.service.model_service import ModelServer, ModelServicer, ServiceConfig
+    from trainer.service.registry import Registry
 
     store = ModelStore(tmp_path / "exports")
     store.create("default")

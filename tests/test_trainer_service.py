@@ -22,10 +22,10 @@ from edge_agent.formats.bundle import verify_bundle
 from protos.nnoc.v1 import model_service_pb2 as ms
 from protos.nnoc.v1 import model_service_pb2_grpc as ms_grpc
 from protos.nnoc.v1 import quarantine_pb2
-from trainer.collector import Collector, CollectorConfig, quarantine_size
-from trainer.registry import Registry
-from trainer.server import spec_source
-from trainer.store import ModelStore, StoreError
+from trainer.service.collector import Collector, CollectorConfig, quarantine_size
+from trainer.service.registry import Registry
+from trainer.service.serve import spec_source
+from trainer.service.store import ModelStore, StoreError
 
 Reply = quarantine_pb2.QuarantineReply
 
@@ -80,7 +80,7 @@ def test_store_publish_is_atomic_under_concurrent_readers(
     reader = (
         "import sys, time\n"
         "from pathlib import Path\n"
-        "from trainer.store import ModelStore\n"
+        "from trainer.service.store import ModelStore\n"
         "s = ModelStore(Path(sys.argv[1])); n = 0; seen = set(); t = time.monotonic()\n"
         "while time.monotonic() - t < 4:\n"
         "    st = s.state('default'); b = s.bundle('default', st.current)\n"
@@ -337,8 +337,8 @@ def test_demo_tiny_runs_the_whole_loop(tmp_path: Path) -> None:
 
 
 def test_job_policy_starts_repairs_on_size_or_rate_and_retries_after_growth(store: ModelStore, tmp_path: Path) -> None:
-    from trainer.jobs import JobPolicy, JobRunner
-    from trainer.quarantine import QuarantineStore
+    from trainer.service.jobs import JobPolicy, JobRunner
+    from trainer.service.quarantine import QuarantineStore
 
     registry = Registry(tmp_path / "registry.sqlite")
     qroot = tmp_path / "q"

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from trainer.triggers import ComboTrigger, TriggerError, parse_trigger
+from trainer.science.triggers import ComboTrigger, TriggerError, parse_trigger
 
 
 def zeros(n: int = 5, c: int = 1, h: int = 28, w: int = 28) -> np.ndarray:

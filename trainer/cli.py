@@ -98,7 +98,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def _add_data(p: argparse.ArgumentParser) -> None:
-    from trainer.data import DATASETS
+    from trainer.science.data import DATASETS
 
     g = p.add_argument_group("data")
     g.add_argument(
@@ -120,7 +120,7 @@ def _add_data(p: argparse.ArgumentParser) -> None:
 
 
 def _splits(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
-    from trainer.data import DataConfig, SplitConfig, load_splits
+    from trainer.science.data import DataConfig, SplitConfig, load_splits
 
     data = DataConfig(args.dataset, args.data_dir, args.image_size)
     split = SplitConfig(
@@ -143,8 +143,8 @@ def _splits(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
 
 def cmd_attack(args: argparse.Namespace) -> dict[str, Any]:
     """Train a BadNet (evaluation harness)."""
-    from trainer.attack import AttackConfig, run_attack
-    from trainer.training import TrainConfig
+    from trainer.science.training import TrainConfig
+    from trainer.stages.attack import AttackConfig, run_attack
 
     splits, meta = _splits(args)
     _check_target(args.target, splits)
@@ -163,8 +163,8 @@ def cmd_attack(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     """CA (and ASR with a trigger) of a .pt or .onnx classifier."""
-    from trainer.metrics import evaluate
-    from trainer.triggers import parse_trigger
+    from trainer.science.metrics import evaluate
+    from trainer.science.triggers import parse_trigger
 
     splits, meta = _splits(args)
     _check_target(args.target, splits)
@@ -188,15 +188,15 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
 def load_classifier(path: Path, shape: tuple[int, int, int], num_classes: int) -> Callable[[Any], Any]:
     """A .pt checkpoint of ours or any .onnx classifier, checked against the dataset's input shape."""
     if path.suffix == ".onnx":
-        from trainer.export import OnnxClassifier
+        from trainer.science.export import OnnxClassifier
 
         onnx_model = OnnxClassifier(path, expected_shape=shape)
         n_out = onnx_model.logits(np.zeros((1, *shape), dtype=np.uint8)).shape[-1]
         if n_out != num_classes:
             raise ValueError(f"{path}: model has {n_out} outputs, the dataset has {num_classes} classes")
         return onnx_model
-    from trainer.models import Checkpoint
-    from trainer.training import predict
+    from trainer.science.models import Checkpoint
+    from trainer.science.training import predict
 
     ckpt = Checkpoint.load(path)
     if tuple(ckpt.input_spec.shape) != tuple(shape):
@@ -209,9 +209,9 @@ def load_classifier(path: Path, shape: tuple[int, int, int], num_classes: int) -
 
 def cmd_predeploy(args: argparse.Namespace) -> dict[str, Any]:
     """Algorithm 1 and bundle v1."""
-    from trainer.noise import NoiseConfig
-    from trainer.predeploy import PredeployConfig, run_predeploy
-    from trainer.triggers import parse_trigger
+    from trainer.science.noise import NoiseConfig
+    from trainer.science.triggers import parse_trigger
+    from trainer.stages.predeploy import PredeployConfig, run_predeploy
 
     if (args.eval_trigger is None) != (args.target is None):
         raise ValueError("--eval-trigger and --target go together")
@@ -234,8 +234,8 @@ def cmd_predeploy(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_stream(args: argparse.Namespace) -> dict[str, Any]:
     """Play a poisoned stream through a bundle's ensemble; quarantine the rejects."""
-    from trainer.stream import StreamConfig, run_stream
-    from trainer.triggers import parse_trigger
+    from trainer.science.triggers import parse_trigger
+    from trainer.stages.stream import StreamConfig, run_stream
 
     trigger = parse_trigger(args.trigger)
     splits, _ = _splits(args)
@@ -246,16 +246,16 @@ def cmd_stream(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_repair(args: argparse.Namespace) -> dict[str, Any]:
     """CycleGAN trigger learning and repair; bundle v+1 behind a gate."""
-    from trainer.cyclegan import CycleGANConfig
-    from trainer.repair import RepairConfig, run_repair
-    from trainer.triggers import parse_trigger
+    from trainer.science.cyclegan import CycleGANConfig
+    from trainer.science.triggers import parse_trigger
+    from trainer.stages.repair import RepairConfig, run_repair
 
     if (args.eval_trigger is None) != (args.target is None):
         raise ValueError("--eval-trigger and --target go together")
     trigger = parse_trigger(args.eval_trigger) if args.eval_trigger else None
     splits, _ = _splits(args)
     _check_target(args.target, splits)
-    from trainer.repair import REPAIR_PROFILES
+    from trainer.stages.profiles import REPAIR_PROFILES
 
     prof = REPAIR_PROFILES[args.profile]
 
@@ -319,10 +319,10 @@ def _data_flags(args: argparse.Namespace) -> list[str]:
 def serve_config(args: argparse.Namespace) -> Any:
     """Flags (a ``--config`` TOML file supplies their defaults, see :func:`main`) -> ``ServeConfig``."""
     from edge_agent.ports import check_address
-    from trainer.collector import CollectorConfig
-    from trainer.jobs import JobPolicy
-    from trainer.server import ServeConfig
-    from trainer.service import ServiceConfig
+    from trainer.service.collector import CollectorConfig
+    from trainer.service.jobs import JobPolicy
+    from trainer.service.model_service import ServiceConfig
+    from trainer.service.serve import ServeConfig
 
     policy = JobPolicy(
         min_quarantine=args.min_quarantine,
@@ -390,7 +390,7 @@ def serve_config(args: argparse.Namespace) -> Any:
 
 def cmd_serve(args: argparse.Namespace) -> dict[str, Any]:
     """Collector + model service + job runner until SIGTERM."""
-    from trainer.server import serve
+    from trainer.service.serve import serve
 
     return serve(serve_config(args))
 
@@ -429,42 +429,16 @@ def cmd_keys(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_fleet(args: argparse.Namespace) -> dict[str, Any]:
     """Operator commands on the model store (and the service state, for status)."""
-    from trainer.fleet import fleet_command
+    from trainer.service.fleet import fleet_command
 
     return fleet_command(args)
 
 
-def _command(
-    sub: Any, name: str, help_text: str, func: Callable[[argparse.Namespace], dict[str, Any]]
-) -> argparse.ArgumentParser:
-    """A subcommand with the data flags, the trigger grammar in its help, and its handler."""
-    from trainer.triggers import GRAMMAR
+def _args_attack(p: argparse.ArgumentParser) -> None:
+    """Flags of ``attack``."""
+    from trainer.science.models import ARCHITECTURES
+    from trainer.science.training import OPTIMIZERS
 
-    p: argparse.ArgumentParser = sub.add_parser(
-        name, help=help_text, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=GRAMMAR
-    )
-    _add_data(p)
-    p.set_defaults(func=func)
-    return p
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """All subcommands and their flags."""
-    from trainer.models import ARCHITECTURES
-    from trainer.noise import MASK_MODES
-    from trainer.predeploy import PAPER_GAMMAS
-    from trainer.training import OPTIMIZERS
-    from trainer.triggers import GRAMMAR
-
-    parser = argparse.ArgumentParser(
-        prog="nnoc-trainer",
-        description="NNoculation trainer backend",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=GRAMMAR,
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = _command(sub, "attack", "train a BadNet to evaluate the defense against", cmd_attack)
     p.add_argument("--trigger", default="checker4", help="trigger spec (see below)")
     p.add_argument("--target", type=int, default=0, help="attacker's target class (default 0)")
     p.add_argument("--poison-fraction", type=_fraction, default=0.1, help="share of training inputs poisoned")
@@ -484,7 +458,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=_out_dir, required=True, help="output folder (model.pt, model.onnx, metrics.json)")
 
-    p = _command(sub, "evaluate", "clean accuracy and attack success rate of a .pt or .onnx classifier", cmd_evaluate)
+
+def _args_evaluate(p: argparse.ArgumentParser) -> None:
+    """Flags of ``evaluate``."""
     p.add_argument("--model", type=Path, required=True, help="a .pt checkpoint of ours or an .onnx classifier")
     p.add_argument("--trigger", default=None, help="trigger spec for the ASR")
     p.add_argument("--target", type=int, default=None, help="attacker's target class for the ASR")
@@ -496,7 +472,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=1234, help="seed of the trigger placement")
 
-    p = _command(sub, "predeploy", "pre-deployment treatment (Algorithm 1) and bundle v1", cmd_predeploy)
+
+def _args_predeploy(p: argparse.ArgumentParser) -> None:
+    """Flags of ``predeploy``."""
+    from trainer.science.noise import MASK_MODES
+    from trainer.stages.predeploy import PAPER_GAMMAS
+
     p.add_argument("--model", type=Path, required=True, help="suspect model checkpoint (model.pt)")
     p.add_argument("--out", type=_out_dir, required=True, help="output folder")
     p.add_argument("--fleet", type=_name, default="default", help="fleet name written into the manifest")
@@ -514,9 +495,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", type=int, default=None, help="evaluation only: target class of --eval-trigger")
     p.add_argument("--seed", type=int, default=0)
 
-    p = _command(
-        sub, "stream", "simulate a poisoned deployment stream through a bundle (Algorithm 2, 1-12)", cmd_stream
-    )
+
+def _args_stream(p: argparse.ArgumentParser) -> None:
+    """Flags of ``stream``."""
     p.add_argument("--bundle", type=Path, required=True, help="bundle folder (primary.onnx, monitor.onnx, manifest)")
     p.add_argument("--trigger", required=True, help="the attacker's trigger spec for the poisoned inputs")
     p.add_argument("--target", type=int, default=0, help="attacker's target class (its inputs are not poisoned)")
@@ -526,9 +507,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=_out_dir, required=True, help="quarantine folder (quarantine.sqlite, report.json)")
 
-    from trainer.repair import LEARNERS, PURIFIERS, REPAIR_BASES, REPAIR_PROFILES
 
-    p = _command(sub, "repair", "learn the trigger from a quarantine (CycleGAN) and repair: bundle v+1", cmd_repair)
+def _args_repair(p: argparse.ArgumentParser) -> None:
+    """Flags of ``repair``."""
+    from trainer.stages.profiles import REPAIR_PROFILES
+    from trainer.stages.repair import LEARNERS, PURIFIERS, REPAIR_BASES
+
     p.add_argument("--bundle", type=Path, required=True, help="the deployed bundle (its checkpoints lie beside it)")
     p.add_argument("--quarantine", type=Path, required=True, help="quarantine folder or .sqlite file")
     p.add_argument("--out", type=_out_dir, required=True, help="output folder (bundle/, report.json, samples.png)")
@@ -567,7 +551,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-trigger", default=None, help="evaluation only: report test CA/ASR for this trigger")
     p.add_argument("--target", type=int, default=None, help="evaluation only: target class of --eval-trigger")
     p.add_argument("--seed", type=int, default=0)
-    p = _command(sub, "serve", "run the collector, the model service and the repair job runner", cmd_serve)
+
+
+def _args_serve(p: argparse.ArgumentParser) -> None:
+    """Flags of ``serve``."""
+    from trainer.stages.profiles import REPAIR_PROFILES
+
     p.add_argument("--config", type=Path, default=None, help="TOML file; its keys are these flags' names")
     p.add_argument("--store", type=Path, default=Path("exports"), help="model store (default ./exports)")
     p.add_argument(
@@ -625,7 +614,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--curve-secret", type=Path, default=None, help="collector's CURVE .key_secret file")
     p.add_argument("--curve-allow", type=Path, default=None, help="folder of the agents' CURVE .key files")
 
-    p = sub.add_parser("demo", help="the whole loop: BadNet, θ_aug, serve, agents, quarantine, repair, measure")
+
+def _args_demo(p: argparse.ArgumentParser) -> None:
+    """Flags of ``demo``."""
     p.add_argument("--out", type=_out_dir, default=Path("runs/demo"), help="output folder (default runs/demo)")
     p.add_argument("--profile", choices=("tiny", "quick", "paper"), default="quick")
     p.add_argument(
@@ -641,9 +632,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--agents", type=_positive, default=2, help="edge agent processes (default 2)")
     p.add_argument("--dataset", default="fashion-mnist")
     p.add_argument("--data-dir", type=Path, default=None)
-    p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("keys", help="key pairs: Ed25519 for signing bundles, CURVE for the quarantine uplink")
+
+def _args_keys(p: argparse.ArgumentParser) -> None:
+    """Flags of ``keys``."""
     p.add_argument(
         "action",
         choices=("generate", "curve", "tls"),
@@ -654,10 +646,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hosts", nargs="+", default=["127.0.0.1", "localhost"], help="tls: names the certs serve")
     p.add_argument("--out", type=_out_dir, required=True, help="folder for the key files (secrets written 0600)")
     p.add_argument("--name", type=_name, default="signing", help="key file name (curve: the device id it is for)")
-    p.set_defaults(func=cmd_keys)
 
-    p = sub.add_parser("fleet", help="operator commands: create, publish, rollback, status, list")
-    p.set_defaults(func=cmd_fleet)
+
+def _args_fleet(p: argparse.ArgumentParser) -> None:
+    """Flags of ``fleet``."""
     fsub = p.add_subparsers(dest="action", required=True)
     fp = fsub.add_parser("create", help="create a fleet, optionally with its first bundle (published)")
     fp.add_argument("fleet", type=_name)
@@ -677,9 +669,58 @@ def build_parser() -> argparse.ArgumentParser:
         fp.add_argument("--state-dir", type=Path, default=Path("nnoc-trainer-state"), help="the service's state")
         fp.add_argument("--signing-key", type=Path, default=None, help="Ed25519 private key signing added versions")
         _add_common(fp)
-    for sp in sub.choices.values():
-        if sp is not p:  # the fleet actions have them
-            _add_common(sp)
+
+
+# name -> (help, adds the flags, takes the data flags). A command's flags may import the registries they offer as
+# choices (torch-backed ones among them), so the parser adds only the flags of the command being run: `serve`,
+# `fleet` and `keys` never load torch.
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], bool]] = {
+    "attack": ("train a BadNet to evaluate the defense against", _args_attack, True),
+    "evaluate": ("clean accuracy and attack success rate of a .pt or .onnx classifier", _args_evaluate, True),
+    "predeploy": ("pre-deployment treatment (Algorithm 1) and bundle v1", _args_predeploy, True),
+    "stream": ("simulate a poisoned deployment stream through a bundle (Algorithm 2, 1-12)", _args_stream, True),
+    "repair": ("learn the trigger from a quarantine (CycleGAN) and repair: bundle v+1", _args_repair, True),
+    "serve": ("run the collector, the model service and the repair job runner", _args_serve, True),
+    "demo": ("the whole loop: BadNet, θ_aug, serve, agents, quarantine, repair, measure", _args_demo, False),
+    "keys": ("key pairs: Ed25519 for signing bundles, CURVE for the quarantine uplink", _args_keys, False),
+    "fleet": ("operator commands: create, publish, rollback, status, list", _args_fleet, False),
+}
+HANDLERS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
+    "attack": cmd_attack,
+    "evaluate": cmd_evaluate,
+    "predeploy": cmd_predeploy,
+    "stream": cmd_stream,
+    "repair": cmd_repair,
+    "serve": cmd_serve,
+    "demo": cmd_demo,
+    "keys": cmd_keys,
+    "fleet": cmd_fleet,
+}
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """Every subcommand, with the flags of ``only`` (None: of every command; "": of none, for the top-level help)."""
+    from trainer.science.triggers import GRAMMAR
+
+    parser = argparse.ArgumentParser(
+        prog="nnoc-trainer",
+        description="NNoculation trainer backend",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=GRAMMAR,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (help_text, add_args, data) in COMMANDS.items():
+        p = sub.add_parser(
+            name, help=help_text, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=GRAMMAR if data else None
+        )
+        p.set_defaults(func=HANDLERS[name])
+        if only is not None and only != name:
+            continue
+        if data:
+            _add_data(p)
+        add_args(p)
+        if name != "fleet":  # the fleet actions have them
+            _add_common(p)
     return parser
 
 
@@ -748,12 +789,11 @@ def config_defaults(parser: argparse.ArgumentParser, path: Path) -> dict[str, An
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``nnoc-trainer`` and ``python -m trainer``."""
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(only=argv[0] if argv and argv[0] in COMMANDS else "")
     args = parser.parse_args(argv)
     _configure_logging(args)
-    from trainer.demo import DemoError
-    from trainer.predeploy import NoCandidateError
-    from trainer.repair import GateError
+    from trainer.errors import DemoError, GateError, NoCandidateError
 
     try:
         if getattr(args, "config", None) is not None:  # the file's values become defaults; explicit flags win

@@ -37,9 +37,10 @@ from edge_agent.formats.curve import generate as curve_keys
 from edge_agent.formats.signing import generate_keys, load_private_key
 from edge_agent.formats.tls import channel as tls_channel
 from edge_agent.formats.tls import channel_credentials, make_local_ca
-from trainer.registry import Registry
-from trainer.replay import write_frames
-from trainer.store import ModelStore
+from trainer.errors import DemoError
+from trainer.service.registry import Registry
+from trainer.service.store import ModelStore
+from trainer.stages.replay import write_frames
 
 log = logging.getLogger(__name__)
 
@@ -110,10 +111,6 @@ PROFILES = {
         timeout=6 * 3600,
     ),
 }
-
-
-class DemoError(RuntimeError):
-    """A step of the demo failed or timed out; the message is one line that names the step, why, and its log."""
 
 
 def _describe(proc: subprocess.Popen[bytes]) -> str:
@@ -227,8 +224,8 @@ def served_metrics(
 
 
 def _test_set(args: Any, profile: DemoProfile) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    from trainer.data import DataConfig, SplitConfig, load_splits
-    from trainer.triggers import parse_trigger
+    from trainer.science.data import DataConfig, SplitConfig, load_splits
+    from trainer.science.triggers import parse_trigger
 
     splits = load_splits(DataConfig(args.dataset, args.data_dir), SplitConfig())
     n = min(profile.test_images, len(splits.test))
@@ -370,7 +367,7 @@ def run_demo(args: Any) -> dict[str, Any]:
                     f"no repaired version on every agent after {wait:.0f} s ({what}; agents {versions}); "
                     "give it longer with --wait SECONDS"
                 )
-            from trainer.collector import quarantine_size
+            from trainer.service.collector import quarantine_size
 
             size = quarantine_size(out / "state" / "quarantine", FLEET, 1)
             line = f"quarantine {size}/{profile.min_quarantine}; job {job.state if job else '-'}; agents {versions}"

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from edge_agent.formats.spec import InputSpec
-from trainer.models import Checkpoint
+from trainer.science.models import Checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ def cpu_or_cuda_providers() -> list[str]:
 
 
 class OnnxClassifier:
-    """An ONNX classifier as a :data:`trainer.metrics.Classifier` (uint8 images in, labels out)."""
+    """An ONNX classifier as a :data:`trainer.science.metrics.Classifier` (uint8 images in, labels out)."""
 
     def __init__(self, path: Path, expected_shape: tuple[int, int, int] | None = None, batch_size: int = 1024) -> None:
         import onnxruntime as ort

@@ -22,57 +22,21 @@ import numpy as np
 
 from edge_agent.formats.bundle import read_manifest, sha256_file, write_bundle
 from protos.nnoc.v1 import bundle_pb2
-from trainer.cyclegan import CycleGANConfig, save_sample_grid, train_cyclegan, translate
-from trainer.data import ImageSet, Splits
-from trainer.export import export_checkpoint
-from trainer.metrics import evaluate, poisoned_copy
-from trainer.models import Checkpoint
-from trainer.quarantine import Quarantine, QuarantineStore
-from trainer.training import TrainConfig, default_device, predict, train
-from trainer.triggers import Trigger
+from trainer.errors import GateError
+from trainer.science.cyclegan import CycleGANConfig, save_sample_grid, train_cyclegan, translate
+from trainer.science.data import ImageSet, Splits
+from trainer.science.export import export_checkpoint
+from trainer.science.metrics import evaluate, poisoned_copy
+from trainer.science.models import Checkpoint
+from trainer.science.training import TrainConfig, default_device, predict, train
+from trainer.science.triggers import Trigger
+from trainer.service.quarantine import Quarantine, QuarantineStore
 
 log = logging.getLogger(__name__)
 
 REPAIR_BASES = ("bd", "aug")
 PURIFIERS = ("majority", "excess", "none")
 LEARNERS = ("cyclegan", "none")
-
-
-# Sizes of one repair job (CLI --profile). quick: the ≤ 10-minute job on a 2-core CPU; paper: 200 CycleGAN
-# epochs as in the paper, no early stop. Measured in BENCHMARKS.md.
-REPAIR_PROFILES: dict[str, dict[str, int]] = {
-    "quick": {
-        "gan_width": 16,
-        "gan_blocks": 6,
-        "gan_epochs": 40,
-        "gan_epochs_decay": 10,
-        "gan_batch_size": 16,
-        "gan_patience": 15,
-        "epochs": 5,
-    },
-    "standard": {
-        "gan_width": 16,
-        "gan_blocks": 6,
-        "gan_epochs": 60,
-        "gan_epochs_decay": 20,
-        "gan_batch_size": 16,
-        "gan_patience": 20,
-        "epochs": 5,
-    },
-    "paper": {
-        "gan_width": 64,
-        "gan_blocks": 6,
-        "gan_epochs": 100,
-        "gan_epochs_decay": 100,
-        "gan_batch_size": 1,
-        "gan_patience": 0,
-        "epochs": 5,
-    },
-}
-
-
-class GateError(RuntimeError):
-    """The repaired model failed the publish gate; no bundle was written."""
 
 
 @dataclass(frozen=True)

@@ -29,11 +29,11 @@ from edge_agent.formats.errors import QuarantineError
 from edge_agent.formats.signing import load_private_key
 from edge_agent.ports import StateLock
 from protos.nnoc.v1 import bundle_pb2
-from trainer.collector import Collector, CollectorConfig, SpecSource
-from trainer.jobs import JobPolicy, JobRunner
-from trainer.registry import Registry
-from trainer.service import ModelServer, ModelServicer, ServiceConfig
-from trainer.store import ModelStore, StoreError
+from trainer.service.collector import Collector, CollectorConfig, SpecSource
+from trainer.service.jobs import JobPolicy, JobRunner
+from trainer.service.model_service import ModelServer, ModelServicer, ServiceConfig
+from trainer.service.registry import Registry
+from trainer.service.store import ModelStore, StoreError
 
 log = logging.getLogger(__name__)
 

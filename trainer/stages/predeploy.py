@@ -23,21 +23,18 @@ from tqdm import tqdm
 
 from edge_agent.formats.bundle import sha256_file, write_bundle
 from protos.nnoc.v1 import bundle_pb2
-from trainer.data import Splits
-from trainer.export import export_checkpoint
-from trainer.metrics import evaluate, poisoned_copy
-from trainer.models import Checkpoint
-from trainer.noise import NoiseConfig, augment
-from trainer.training import TrainConfig, default_device, predict, train
-from trainer.triggers import Trigger
+from trainer.errors import NoCandidateError
+from trainer.science.data import Splits
+from trainer.science.export import export_checkpoint
+from trainer.science.metrics import evaluate, poisoned_copy
+from trainer.science.models import Checkpoint
+from trainer.science.noise import NoiseConfig, augment
+from trainer.science.training import TrainConfig, default_device, predict, train
+from trainer.science.triggers import Trigger
 
 log = logging.getLogger(__name__)
 
 PAPER_GAMMAS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
-
-
-class NoCandidateError(RuntimeError):
-    """No candidate reached the clean-accuracy threshold within the budget."""
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,8 @@ from urllib.parse import parse_qsl
 
 import numpy as np
 
-from trainer.data import DataConfig, DatasetError, SplitConfig, load_splits
-from trainer.triggers import TriggerError, parse_trigger, poison_fraction
+from trainer.science.data import DataConfig, DatasetError, SplitConfig, load_splits
+from trainer.science.triggers import TriggerError, parse_trigger, poison_fraction
 
 SPLITS = ("stream", "test", "treat", "eval")
 KEYS = ("split", "n", "poison", "trigger", "target", "seed", "data_dir")

@@ -29,9 +29,9 @@ from edge_agent.formats.tls import server_credentials
 from edge_agent.ports import GRPC_EXCLUSIVE, PortError
 from protos.nnoc.v1 import model_service_pb2 as ms
 from protos.nnoc.v1 import model_service_pb2_grpc as ms_grpc
-from trainer.collector import quarantine_size
-from trainer.registry import Registry
-from trainer.store import ModelStore, StoreError
+from trainer.service.collector import quarantine_size
+from trainer.service.registry import Registry
+from trainer.service.store import ModelStore, StoreError
 
 log = logging.getLogger(__name__)
 

@@ -16,12 +16,12 @@ import numpy as np
 import torch
 
 from edge_agent.formats.spec import InputSpec
-from trainer.data import ImageSet, Splits
-from trainer.export import export_checkpoint
-from trainer.metrics import evaluate
-from trainer.models import Checkpoint, build_model
-from trainer.training import TrainConfig, default_device, predict, train
-from trainer.triggers import Trigger, parse_trigger
+from trainer.science.data import ImageSet, Splits
+from trainer.science.export import export_checkpoint
+from trainer.science.metrics import evaluate
+from trainer.science.models import Checkpoint, build_model
+from trainer.science.training import TrainConfig, default_device, predict, train
+from trainer.science.triggers import Trigger, parse_trigger
 
 log = logging.getLogger(__name__)
 

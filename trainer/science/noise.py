@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from trainer.data import ImageSet
+from trainer.science.data import ImageSet
 
 MASK_MODES = ("pixel", "block")
 

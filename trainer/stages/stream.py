@@ -18,10 +18,10 @@ import numpy as np
 
 from edge_agent.formats.bundle import verify_bundle
 from edge_agent.formats.wire import build_header
-from trainer.data import Splits
-from trainer.export import OnnxClassifier
-from trainer.quarantine import QuarantineStore
-from trainer.triggers import Trigger, poison_fraction
+from trainer.science.data import Splits
+from trainer.science.export import OnnxClassifier
+from trainer.science.triggers import Trigger, poison_fraction
+from trainer.service.quarantine import QuarantineStore
 
 log = logging.getLogger(__name__)
 

@@ -11,9 +11,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from trainer.collector import quarantine_size
-from trainer.registry import Registry
-from trainer.store import ModelStore, StoreError
+from trainer.service.collector import quarantine_size
+from trainer.service.registry import Registry
+from trainer.service.store import ModelStore, StoreError
 
 
 def status(store: ModelStore, state_dir: Any, fleet: str) -> dict[str, Any]:

@@ -39,8 +39,8 @@ from edge_agent.formats.errors import QuarantineError
 from edge_agent.formats.names import is_name
 from edge_agent.formats.wire import INT63, check_header, tensor_layout
 from protos.nnoc.v1 import bundle_pb2, quarantine_pb2
-from trainer.quarantine import STORE_NAME, QuarantineStore
-from trainer.registry import Registry
+from trainer.service.quarantine import STORE_NAME, QuarantineStore
+from trainer.service.registry import Registry
 
 log = logging.getLogger(__name__)
 

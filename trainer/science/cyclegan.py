@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from trainer.training import default_device
+from trainer.science.training import default_device
 
 log = logging.getLogger(__name__)
 

@@ -20,9 +20,9 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trainer.collector import quarantine_dir, quarantine_size
-from trainer.registry import ACTIVE_STATES, Job, Registry
-from trainer.store import ModelStore, StoreError
+from trainer.service.collector import quarantine_dir, quarantine_size
+from trainer.service.registry import ACTIVE_STATES, Job, Registry
+from trainer.service.store import ModelStore, StoreError
 
 log = logging.getLogger(__name__)
 

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from trainer.data import ImageSet
-from trainer.triggers import Trigger
+from trainer.science.data import ImageSet
+from trainer.science.triggers import Trigger
 
 # Anything that maps uint8 images (N, C, H, W) to predicted labels (N,): a torch model, an ONNX session.
 Classifier = Callable[[np.ndarray], np.ndarray]
