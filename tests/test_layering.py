@@ -74,6 +74,8 @@ def test_no_import_cycles() -> None:
         if node not in state:
             visit(node, [node])
     assert not cycles, cycles[:5]
+
+
 def test_service_commands_run_without_torch(tmp_path: Path) -> None:
     # A site-customising shim makes `import torch` fail in the child, as on a box without torch.
     shim = tmp_path / "shim"
@@ -102,3 +104,16 @@ def test_service_commands_run_without_torch(tmp_path: Path) -> None:
         [sys.executable, "-c", "import torch"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=60
     )
     assert proc.returncode != 0 and "blocked" in proc.stderr  # the shim works: the commands above ran without torch
+
+
+def test_repair_checks_its_version_before_training(tmp_path: Path) -> None:
+    import time
+
+    from conftest import run_cli, tiny_bundle
+
+    bundle = tiny_bundle(tmp_path / "v3", "default", 3) / "bundle"
+    t0 = time.monotonic()
+    code, _, err = run_cli("trainer", "repair", "--bundle", str(bundle), "--quarantine", str(tmp_path / "q"),
+                           "--out", str(tmp_path / "r"), "--version", "2", check=False)  # fmt: skip
+    assert code == 2 and "--version 2 must be above the deployed bundle's v3" in err, err[-1500:]
+    assert time.monotonic() - t0 < 60 and not (tmp_path / "r").exists()

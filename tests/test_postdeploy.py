@@ -16,7 +16,7 @@ from edge_agent.formats.wire import check_message
 from protos.nnoc.v1 import quarantine_pb2
 from trainer.science.cyclegan import CycleGANConfig, ImagePool, PatchDiscriminator, ResnetGenerator, train_cyclegan
 from trainer.service.quarantine import QuarantineStore, tensor_to_pixels
-from trainer.stages.repair import purify
+from trainer.stages.purify import purify
 
 
 def _header(seq: int, device: str = "d1", shape: Any = (1, 4, 4), **fields: Any) -> quarantine_pb2.QuarantineHeader:
@@ -71,23 +71,25 @@ def test_missing_quarantine_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_purify_majority_and_fallback() -> None:
     labels = np.array([0] * 50 + [4] * 10 + [6] * 12 + [2] * 3)
-    p = purify(labels)
+    p = purify(labels, "majority")
     assert p.dominant == 0 and p.keep.sum() == 50
     flat = np.array([0] * 10 + [4] * 9 + [6] * 8)  # no label dominates (e.g. all-to-all)
-    p = purify(flat)
+    p = purify(flat, "majority")
     assert p.dominant is None and p.keep.all()
     assert purify(labels, method="none").keep.all()
     # Low CPD: the attacked label (0) is not the most common reject, but it is far above its clean baseline.
     low = np.array([0] * 20 + [4] * 28 + [6] * 33 + [2] * 8 + [3] * 8)
-    assert purify(low).dominant is None  # the majority filter falls back to everything
+    assert purify(low, "majority").dominant is None  # the majority filter falls back to everything
     baseline = np.array([5, 0, 8, 8, 28, 0, 33, 0, 0, 0])  # clean disagreements' BadNet labels
     p = purify(low, "excess", baseline_counts=baseline)
     assert p.dominant == 0 and p.keep.sum() == 20
+    with pytest.raises(ValueError, match="unknown purifier 'majorty'"):  # a typo no longer acts as majority
+        purify(low, "majorty")
     # No attack: counts follow the baseline, nothing stands out, everything is kept.
     assert purify(np.array([0] * 5 + [4] * 28 + [6] * 33), "excess", baseline_counts=baseline).dominant is None
     with pytest.raises(ValueError, match="baseline"):
         purify(low, "excess")
-    assert purify(np.zeros(0, np.int64)).keep.shape == (0,)
+    assert purify(np.zeros(0, np.int64), "majority").keep.shape == (0,)
 
 
 @pytest.mark.parametrize("shape", [(1, 28, 28), (3, 32, 32), (1, 30, 30)])

@@ -511,7 +511,8 @@ def _args_stream(p: argparse.ArgumentParser) -> None:
 def _args_repair(p: argparse.ArgumentParser) -> None:
     """Flags of ``repair``."""
     from trainer.stages.profiles import REPAIR_PROFILES
-    from trainer.stages.repair import LEARNERS, PURIFIERS, REPAIR_BASES
+    from trainer.stages.purify import PURIFIERS
+    from trainer.stages.repair import LEARNERS, REPAIR_BASES
 
     p.add_argument("--bundle", type=Path, required=True, help="the deployed bundle (its checkpoints lie beside it)")
     p.add_argument("--quarantine", type=Path, required=True, help="quarantine folder or .sqlite file")

@@ -10,32 +10,33 @@ reads ASR or which inputs were poisoned: ``eval_trigger`` only adds test CA/ASR 
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from edge_agent.formats.bundle import read_manifest, sha256_file, write_bundle
+from edge_agent.formats.bundle import read_manifest, sha256_file
 from protos.nnoc.v1 import bundle_pb2
 from trainer.errors import GateError
 from trainer.science.cyclegan import CycleGANConfig, save_sample_grid, train_cyclegan, translate
 from trainer.science.data import ImageSet, Splits
-from trainer.science.export import export_checkpoint
 from trainer.science.metrics import evaluate, poisoned_copy
 from trainer.science.models import Checkpoint
 from trainer.science.training import TrainConfig, default_device, predict, train
 from trainer.science.triggers import Trigger
 from trainer.service.quarantine import Quarantine, QuarantineStore
+from trainer.stages.publish import publish_bundle, train_config_of, write_report
+from trainer.stages.purify import PURIFIERS, Purified, purify
 
 log = logging.getLogger(__name__)
 
+Classify = Callable[[np.ndarray], np.ndarray]  # images (N, C, H, W) uint8 -> labels or images
 REPAIR_BASES = ("bd", "aug")
-PURIFIERS = ("majority", "excess", "none")
 LEARNERS = ("cyclegan", "none")
 
 
@@ -69,58 +70,6 @@ class RepairConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form for reports."""
         return asdict(self)
-
-
-@dataclass(frozen=True)
-class Purified:
-    """Which quarantined inputs the CycleGAN trains on, and the quarantine's dominant BadNet label."""
-
-    keep: np.ndarray  # (N,) bool
-    dominant: int | None  # None: no label dominates (e.g. an all-to-all attack): the raw quarantine is kept
-    counts: dict[int, int]
-
-
-def purify(
-    primary_labels: np.ndarray,
-    method: str = "majority",
-    dominance: float = 2.0,
-    baseline_counts: np.ndarray | None = None,
-    z_min: float = 3.0,
-) -> Purified:
-    """Label-free purification of a quarantine from the BadNet's labels alone.
-
-    A targeted backdoor sends every triggered input to one label, while clean disagreements spread over the
-    confusable classes. ``majority`` keeps the rejects whose BadNet label is the most common one when it
-    dominates (top count >= ``dominance`` x runner-up). ``excess`` compares each label's count with what clean
-    disagreements alone would give (``baseline_counts``: the BadNet labels of the inputs on which the two models
-    disagree on clean data) and keeps the label with the largest excess when its z-score reaches ``z_min``; it
-    finds the attacked label even when it is not the most common one (low CPD). Without a clear label,
-    everything is kept (e.g. an all-to-all attack).
-    """
-    n = len(primary_labels)
-    values, counts = np.unique(primary_labels, return_counts=True)
-    table = {int(v): int(c) for v, c in zip(values, counts, strict=True)}
-    keep_all = Purified(np.ones(n, dtype=bool), None, table)
-    if method == "none" or n == 0:
-        return keep_all
-    if method == "excess":
-        if baseline_counts is None:
-            raise ValueError("excess purification needs the clean disagreement baseline")
-        k = max(len(baseline_counts), int(primary_labels.max()) + 1)
-        base = np.zeros(k)
-        base[: len(baseline_counts)] = baseline_counts
-        share = (base + 1.0) / (base.sum() + k)  # Laplace-smoothed share of clean disagreements per label
-        observed = np.bincount(primary_labels, minlength=k)
-        expected = n * share
-        z = (observed - expected) / np.sqrt(expected * (1.0 - share))
-        top = int(np.argmax(z))
-        return Purified(primary_labels == top, top, table) if z[top] >= z_min else keep_all
-    order = np.argsort(-counts, kind="stable")
-    top = int(values[order[0]])
-    runner_up = int(counts[order[1]]) if len(order) > 1 else 0
-    if counts[order[0]] < dominance * runner_up:
-        return keep_all
-    return Purified(primary_labels == top, top, table)
 
 
 def _locate_checkpoint(bundle_dir: Path, role: str, override: Path | None, manifest: bundle_pb2.Manifest) -> Path:
@@ -166,25 +115,46 @@ def plot_history(path: Path, history: list[dict[str, float]], best_epoch: int, s
     plt.close(fig)
 
 
-def run_repair(
+@dataclass
+class _Loaded:
+    """What a repair starts from: the deployed bundle's manifest, both checkpoints and models, the quarantine."""
+
+    manifest: bundle_pb2.Manifest
+    bd_path: Path
+    aug_path: Path
+    bd_ckpt: Checkpoint
+    aug_ckpt: Checkpoint
+    bd: Classify
+    aug: Classify
+    quarantine: Quarantine
+    device: Any
+
+
+@dataclass
+class _Trigger:
+    """The learned trigger: ``generate`` puts it on clean images (identity for the clean-only baseline)."""
+
+    generate: Classify
+    info: dict[str, Any]
+    score_name: str
+
+
+def check_version(manifest: bundle_pb2.Manifest, version: int | None) -> int:
+    """The new bundle's version (default: deployed + 1), checked before any training."""
+    version = int(manifest.version) + 1 if version is None else version
+    if version <= int(manifest.version):
+        raise ValueError(f"--version {version} must be above the deployed bundle's v{manifest.version}")
+    return version
+
+
+def load(
     bundle_dir: Path,
     quarantine_path: Path,
     splits: Splits,
-    cfg: RepairConfig,
-    out_dir: Path,
-    eval_trigger: Trigger | None = None,
-    target: int | None = None,
     primary_checkpoint: Path | None = None,
     monitor_checkpoint: Path | None = None,
-    quiet: bool = False,
-    version: int | None = None,
-) -> dict[str, Any]:
-    """Run the repair job and write ``out_dir/{bundle/, primary.pt, monitor.pt, report.json, samples.png}``.
-
-    Raises :class:`GateError` (after writing the report) when θ_repair misses the D_eval floor. ``version``:
-    the new bundle's version (default: the deployed one + 1; a model store passes its next free number).
-    """
-    t_start = time.monotonic()
+) -> _Loaded:
+    """The deployed bundle's checkpoints (verified against its provenance) and the quarantine, shape-checked."""
     manifest = read_manifest(bundle_dir)
     bd_path = _locate_checkpoint(bundle_dir, "primary", primary_checkpoint, manifest)
     aug_path = _locate_checkpoint(bundle_dir, "monitor", monitor_checkpoint, manifest)
@@ -193,38 +163,43 @@ def run_repair(
         raise ValueError(
             f"bundle expects inputs {tuple(bd_ckpt.input_spec.shape)}, the dataset has {splits.image_shape}"
         )
-    device = default_device()
-    bd_model, aug_model = bd_ckpt.build(), aug_ckpt.build()
-
-    def bd(x: np.ndarray) -> np.ndarray:
-        return predict(bd_model, x, device=device)
-
-    def aug(x: np.ndarray) -> np.ndarray:
-        return predict(aug_model, x, device=device)
-
     with QuarantineStore(quarantine_path, create=False) as store:
-        quarantine: Quarantine = store.load(bd_ckpt.input_spec.scale)
+        quarantine = store.load(bd_ckpt.input_spec.scale)
     if len(quarantine) and quarantine.images.shape[1:] != splits.image_shape:
         raise ValueError(f"quarantine holds inputs {quarantine.images.shape[1:]}, the dataset has {splits.image_shape}")
+    device = default_device()
+    bd_model, aug_model = bd_ckpt.build(), aug_ckpt.build()
+    return _Loaded(
+        manifest, bd_path, aug_path, bd_ckpt, aug_ckpt,
+        lambda x: predict(bd_model, x, device=device), lambda x: predict(aug_model, x, device=device),
+        quarantine, device,
+    )  # fmt: skip
+
+
+def purify_quarantine(loaded: _Loaded, splits: Splits, cfg: RepairConfig) -> Purified:
+    """Label-free purification; ``excess`` compares with the BadNet labels of clean disagreements on D_valid."""
     baseline = None
-    if cfg.purify == "excess":  # the BadNet labels of clean disagreements on D_valid (no labels read)
-        p_bd, p_aug = bd(splits.valid.images), aug(splits.valid.images)
+    if cfg.purify == "excess":
+        p_bd, p_aug = loaded.bd(splits.valid.images), loaded.aug(splits.valid.images)
         baseline = np.bincount(p_bd[p_bd != p_aug], minlength=len(splits.class_names))
-    pur = purify(quarantine.primary, cfg.purify, cfg.dominance, baseline)
-    v_images = quarantine.images[pur.keep]
-    log.info("quarantine: %d inputs, kept %d (dominant BadNet label %s)", len(quarantine), len(v_images), pur.dominant)
-    if len(v_images) < cfg.min_quarantine:
+    pur = purify(loaded.quarantine.primary, cfg.purify, cfg.dominance, baseline)
+    kept = int(pur.keep.sum())
+    log.info("quarantine: %d inputs, kept %d (dominant BadNet label %s)", len(loaded.quarantine), kept, pur.dominant)
+    if kept < cfg.min_quarantine:
         raise ValueError(
-            f"only {len(v_images)} quarantined inputs to learn from (of {len(quarantine)}; minimum "
+            f"only {kept} quarantined inputs to learn from (of {len(loaded.quarantine)}; minimum "
             f"{cfg.min_quarantine}); collect more stream inputs or lower --min-quarantine"
         )
-    out_dir.mkdir(parents=True, exist_ok=True)
+    return pur
 
+
+def learn_trigger(
+    loaded: _Loaded, pur: Purified, splits: Splits, cfg: RepairConfig, out_dir: Path, quiet: bool
+) -> _Trigger:
+    """Fit the CycleGAN (clean D_valid <-> purified quarantine), judged label-free on D_treat; the sample grid."""
+    bd, aug, treat = loaded.bd, loaded.aug, splits.treat
     rng = np.random.default_rng(cfg.seed)
     u_idx = rng.choice(len(splits.valid), min(cfg.clean_domain, len(splits.valid)), replace=False)
-    u_images = splits.valid.images[u_idx]
-    # The generator's label-free score on the defender's own D_treat images.
-    treat = splits.treat
     if pur.dominant is not None:
         dom = pur.dominant
         probe = treat.images[treat.labels != dom][:1000]
@@ -239,14 +214,17 @@ def run_repair(
         def score(gen: np.ndarray) -> float:
             return float(np.mean(bd(gen) != aug(gen)))
 
-    if cfg.learner == "cyclegan":
-        gan = train_cyclegan(u_images, v_images, cfg.cyclegan, score, probe, out_dir / "cyclegan.pt", quiet, device)
+    if cfg.learner == "none":  # the baseline without a trigger learner: fine-tuning on clean D_treat alone
+        trigger = _Trigger(lambda x: x.copy(), {"best_epoch": None, "best_score": None, "epochs_run": 0, "history": []},
+                           score_name)  # fmt: skip
+    else:
+        v_images = loaded.quarantine.images[pur.keep]
+        gan = train_cyclegan(
+            splits.valid.images[u_idx], v_images, cfg.cyclegan, score, probe, out_dir / "cyclegan.pt", quiet,
+            loaded.device,
+        )  # fmt: skip
         generator = gan.generator
-
-        def generate(x: np.ndarray) -> np.ndarray:
-            return translate(generator, x, device=device)
-
-        gan_info: dict[str, Any] = {
+        info = {
             "best_epoch": gan.best_epoch,
             "best_score": gan.best_score,
             "epochs_run": len(gan.history),
@@ -255,106 +233,116 @@ def run_repair(
             "history": gan.history,
         }
         plot_history(out_dir / "cyclegan.png", gan.history, gan.best_epoch, score_name)
-    else:  # the baseline without a trigger learner: fine-tuning on clean D_treat alone
+        trigger = _Trigger(lambda x: translate(generator, x, device=loaded.device), info, score_name)
+    save_sample_grid(out_dir / "samples.png", treat.images[:10], trigger.generate(treat.images[:10]))
+    return trigger
 
-        def generate(x: np.ndarray) -> np.ndarray:
-            return x.copy()
 
-        gan_info = {"best_epoch": None, "best_score": None, "epochs_run": 0, "history": []}
-    generated = generate(treat.images)
-    save_sample_grid(out_dir / "samples.png", treat.images[:10], generated[:10])
+def fine_tune(
+    loaded: _Loaded, pur: Purified, trigger: _Trigger, splits: Splits, cfg: RepairConfig, quiet: bool
+) -> tuple[Any, TrainConfig, dict[str, int]]:
+    """Fine-tune the base on D_repair = G(D_treat) with the clean labels ∪ D_treat.
 
-    # D_repair = G(D_treat) with the clean labels ∪ D_treat. Generated images that the BadNet sends to the
-    # quarantine's dominant label demonstrably carry a working trigger: they are repeated ``emphasis`` more
-    # times (label-free: it reads θ_bd's answers, never the attack's ground truth).
+    Generated images that the BadNet sends to the quarantine's dominant label demonstrably carry a working
+    trigger: they are repeated ``emphasis`` more times (label-free: it reads θ_bd's answers, never the attack's
+    ground truth).
+    """
+    treat = splits.treat
+    generated = trigger.generate(treat.images)
     parts = [ImageSet(generated, treat.labels), treat]
     n_flipping = 0
     if pur.dominant is not None and cfg.emphasis > 0:
-        flips = (bd(generated) == pur.dominant) & (treat.labels != pur.dominant)
+        flips = (loaded.bd(generated) == pur.dominant) & (treat.labels != pur.dominant)
         n_flipping = int(flips.sum())
         parts += [ImageSet(generated[flips], treat.labels[flips])] * cfg.emphasis
     repair_set = ImageSet.concat(*parts)
-    base_ckpt = bd_ckpt if cfg.base == "bd" else aug_ckpt
-    base_train = TrainConfig(**{k: v for k, v in bd_ckpt.train.items() if k in TrainConfig.__dataclass_fields__})
+    base_train = train_config_of(loaded.bd_ckpt)
     ft = replace(base_train, epochs=cfg.epochs, lr=cfg.lr or base_train.lr)
-    model = base_ckpt.build()
-    train(model, repair_set.images, repair_set.labels, ft, cfg.seed, device, "repair: fine-tune", quiet)
+    model = (loaded.bd_ckpt if cfg.base == "bd" else loaded.aug_ckpt).build()
+    train(model, repair_set.images, repair_set.labels, ft, cfg.seed, loaded.device, "repair: fine-tune", quiet)
+    return model, ft, {"size": len(repair_set), "generated": len(generated), "flipping_generated": n_flipping}
 
-    def repaired(x: np.ndarray) -> np.ndarray:
-        return predict(model, x, device=device)
 
+def measure(
+    loaded: _Loaded,
+    pur: Purified,
+    trigger: _Trigger,
+    repaired: Classify,
+    splits: Splits,
+    cfg: RepairConfig,
+    eval_trigger: Trigger | None,
+    target: int | None,
+) -> dict[str, Any]:
+    """The gate's numbers on D_eval, label-free checks of the generator and, for evaluation only, test CA/ASR."""
+    bd, gen_eval = loaded.bd, trigger.generate(splits.eval.images)
     bd_eval_ca = evaluate(bd, splits.eval).clean_accuracy
     rep_eval_ca = evaluate(repaired, splits.eval).clean_accuracy
     floor = bd_eval_ca - cfg.max_ca_drop
-    gen_eval = generate(splits.eval.images)
     label_free: dict[str, Any] = {
-        "score_name": score_name,
-        "best_score": gan_info["best_score"],
-        "best_epoch": gan_info["best_epoch"],
+        "score_name": trigger.score_name,
+        "best_score": trigger.info["best_score"],
+        "best_epoch": trigger.info["best_epoch"],
     }
     if pur.dominant is not None:
         mask = splits.eval.labels != pur.dominant
         label_free["flip_rate_bd_on_G_eval"] = flip_rate(bd, gen_eval[mask], pur.dominant)
         label_free["flip_rate_repaired_on_G_eval"] = flip_rate(repaired, gen_eval[mask], pur.dominant)
     label_free["accuracy_repaired_on_G_eval"] = float(np.mean(repaired(gen_eval) == splits.eval.labels))
-    report: dict[str, Any] = {
-        "bundle": str(bundle_dir),
-        "quarantine": str(quarantine_path),
-        "parent_version": int(manifest.version),
-        "config": cfg.to_dict(),
-        "quarantine_size": len(quarantine),
-        "purified_size": int(pur.keep.sum()),
-        "dominant_label": pur.dominant,
-        "label_counts": pur.counts,
-        "kept_keys": [list(k) for k, keep in zip(quarantine.keys, pur.keep, strict=True) if keep],
-        "cyclegan": gan_info,
+    out: dict[str, Any] = {
         "label_free": label_free,
-        "repair_set": {"size": len(repair_set), "generated": len(generated), "flipping_generated": n_flipping},
         "eval_clean_accuracy": {"badnet": bd_eval_ca, "repaired": rep_eval_ca, "floor": floor},
         "gate": {"eval_ca_badnet": bd_eval_ca, "eval_ca_repaired": rep_eval_ca, "floor": floor},
-        "samples": str(out_dir / "samples.png"),
     }
     if eval_trigger is not None and target is not None:
         ref = bd(splits.test.images)
         x_p = poisoned_copy(splits.test, eval_trigger, cfg.seed + 11)
-        report["test"] = {
+        out["test"] = {
             name: evaluate(fn, splits.test, eval_trigger, target, ref, poisoned=x_p).to_dict()
-            for name, fn in (("badnet", bd), ("monitor", aug), ("repaired", repaired))
+            for name, fn in (("badnet", bd), ("monitor", loaded.aug), ("repaired", repaired))
         }
-    report["seconds"] = round(time.monotonic() - t_start, 1)
-    if rep_eval_ca < floor:
+    return out
+
+
+def gate(report: dict[str, Any], cfg: RepairConfig, out_dir: Path) -> None:
+    """Refuse (GateError, after writing the report) a repaired model whose D_eval CA is below the floor."""
+    g = report["gate"]
+    if g["eval_ca_repaired"] < g["floor"]:
         report["published"] = False
         report["error"] = (
-            f"gate: repaired D_eval CA {rep_eval_ca:.4f} is below the floor {floor:.4f} "
-            f"(BadNet {bd_eval_ca:.4f} - {cfg.max_ca_drop}); no bundle published"
+            f"gate: repaired D_eval CA {g['eval_ca_repaired']:.4f} is below the floor {g['floor']:.4f} "
+            f"(BadNet {g['eval_ca_badnet']:.4f} - {cfg.max_ca_drop}); no bundle published"
         )
-        (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        write_report(out_dir, report)
         raise GateError(report["error"])
 
+
+def publish(
+    loaded: _Loaded,
+    model: Any,
+    ft: TrainConfig,
+    report: dict[str, Any],
+    cfg: RepairConfig,
+    bundle_dir: Path,
+    out_dir: Path,
+    version: int,
+) -> bundle_pb2.Manifest:
+    """θ_repair's checkpoint next to the deployed monitor's, and bundle ``version`` (θ_repair, deployed monitor)."""
+    manifest, bd_ckpt = loaded.manifest, loaded.bd_ckpt
+    rep_eval_ca = report["gate"]["eval_ca_repaired"]
     rep_ckpt = Checkpoint.from_model(
-        model,
-        bd_ckpt.architecture,
-        bd_ckpt.input_spec,
-        bd_ckpt.class_names,
-        ft.to_dict(),
+        model, bd_ckpt.architecture, bd_ckpt.input_spec, bd_ckpt.class_names, ft.to_dict(),
         {
             "role": "primary",
             "repaired_from": cfg.base,
             "parent_version": int(manifest.version),
-            "parent_primary_sha256": sha256_file(bd_path),
+            "parent_primary_sha256": sha256_file(loaded.bd_path),
             "eval_clean_accuracy": rep_eval_ca,
             **{k: v for k, v in bd_ckpt.meta.items() if k in ("dataset", "split")},
         },
-    )
+    )  # fmt: skip
     rep_ckpt.save(out_dir / "primary.pt")
-    if aug_path.resolve() != (out_dir / "monitor.pt").resolve():
-        shutil.copyfile(aug_path, out_dir / "monitor.pt")
-    if version is None:
-        version = int(manifest.version) + 1
-    if version <= int(manifest.version):
-        raise ValueError(f"--version {version} must be above the deployed bundle's v{manifest.version}")
-    export_checkpoint(rep_ckpt, out_dir / "primary.onnx", version=str(version))
-    monitor_onnx = bundle_dir / next(a.name for a in manifest.artifacts if a.role == "monitor")
+    if loaded.aug_path.resolve() != (out_dir / "monitor.pt").resolve():
+        shutil.copyfile(loaded.aug_path, out_dir / "monitor.pt")
     new = bundle_pb2.Manifest()
     new.CopyFrom(manifest)
     new.ClearField("created_at")
@@ -365,31 +353,78 @@ def run_repair(
             "primary_checkpoint_sha256": sha256_file(out_dir / "primary.pt"),
             "monitor_checkpoint_sha256": sha256_file(out_dir / "monitor.pt"),
             "repair_base": cfg.base,
-            "quarantine_size": str(len(quarantine)),
-            "purified_size": str(int(pur.keep.sum())),
-            "dominant_label": "" if pur.dominant is None else str(pur.dominant),
+            "quarantine_size": str(report["quarantine_size"]),
+            "purified_size": str(report["purified_size"]),
+            "dominant_label": "" if report["dominant_label"] is None else str(report["dominant_label"]),
         }
     )
-    test = report.get("test", {})
+    repaired_test = report.get("test", {}).get("repaired", {})
     mon_art = next(a for a in manifest.artifacts if a.role == "monitor")
-    written = write_bundle(
-        out_dir / "bundle",
-        {"primary": out_dir / "primary.onnx", "monitor": monitor_onnx},
-        new,
-        {
-            "primary": {
-                "eval_clean_accuracy": rep_eval_ca,
-                "test_clean_accuracy": test.get("repaired", {}).get("clean_accuracy"),
-                "attack_success_rate": test.get("repaired", {}).get("attack_success_rate"),
-            },
-            "monitor": {
-                k: getattr(mon_art.metrics, k)
-                for k in ("eval_clean_accuracy", "test_clean_accuracy", "attack_success_rate")
-                if mon_art.metrics.HasField(k)
-            },
+    metrics = {
+        "primary": {
+            "eval_clean_accuracy": rep_eval_ca,
+            "test_clean_accuracy": repaired_test.get("clean_accuracy"),
+            "attack_success_rate": repaired_test.get("attack_success_rate"),
         },
-    )
-    (out_dir / "primary.onnx").unlink()
+        "monitor": {
+            k: getattr(mon_art.metrics, k)
+            for k in ("eval_clean_accuracy", "test_clean_accuracy", "attack_success_rate")
+            if mon_art.metrics.HasField(k)
+        },
+    }
+    return publish_bundle(out_dir, {"primary": rep_ckpt, "monitor": bundle_dir / mon_art.name}, new, metrics)
+
+
+def run_repair(
+    bundle_dir: Path,
+    quarantine_path: Path,
+    splits: Splits,
+    cfg: RepairConfig,
+    out_dir: Path,
+    eval_trigger: Trigger | None = None,
+    target: int | None = None,
+    primary_checkpoint: Path | None = None,
+    monitor_checkpoint: Path | None = None,
+    quiet: bool = False,
+    version: int | None = None,
+) -> dict[str, Any]:
+    """load -> purify -> learn the trigger -> fine-tune -> gate -> publish; writes ``out_dir/{bundle/, primary.pt,
+    monitor.pt, report.json, samples.png, cyclegan.png}``.
+
+    Raises :class:`GateError` (after writing the report) when θ_repair misses the D_eval floor. ``version``:
+    the new bundle's version (default: the deployed one + 1; a model store passes its next free number), checked
+    before any training.
+    """
+    t_start = time.monotonic()
+    version = check_version(read_manifest(bundle_dir), version)
+    loaded = load(bundle_dir, quarantine_path, splits, primary_checkpoint, monitor_checkpoint)
+    pur = purify_quarantine(loaded, splits, cfg)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    trigger = learn_trigger(loaded, pur, splits, cfg, out_dir, quiet)
+    model, ft, repair_set = fine_tune(loaded, pur, trigger, splits, cfg, quiet)
+
+    def repaired(x: np.ndarray) -> np.ndarray:
+        return predict(model, x, device=loaded.device)
+
+    q = loaded.quarantine
+    report: dict[str, Any] = {
+        "bundle": str(bundle_dir),
+        "quarantine": str(quarantine_path),
+        "parent_version": int(loaded.manifest.version),
+        "config": cfg.to_dict(),
+        "quarantine_size": len(q),
+        "purified_size": int(pur.keep.sum()),
+        "dominant_label": pur.dominant,
+        "label_counts": pur.counts,
+        "kept_keys": [list(k) for k, keep in zip(q.keys, pur.keep, strict=True) if keep],
+        "cyclegan": trigger.info,
+        "repair_set": repair_set,
+        "samples": str(out_dir / "samples.png"),
+        **measure(loaded, pur, trigger, repaired, splits, cfg, eval_trigger, target),
+    }
+    report["seconds"] = round(time.monotonic() - t_start, 1)
+    gate(report, cfg, out_dir)
+    written = publish(loaded, model, ft, report, cfg, bundle_dir, out_dir, version)
     report.update({"published": True, "bundle_out": str(out_dir / "bundle"), "version": int(written.version)})
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_report(out_dir, report)
     return report
