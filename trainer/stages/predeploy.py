@@ -8,7 +8,6 @@ else, so test CA and ASR (measured when an evaluation trigger is given) cannot s
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import math
 import shutil
@@ -21,16 +20,16 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from edge_agent.formats.bundle import sha256_file, write_bundle
+from edge_agent.formats.bundle import sha256_file
 from protos.nnoc.v1 import bundle_pb2
 from trainer.errors import NoCandidateError
 from trainer.science.data import Splits
-from trainer.science.export import export_checkpoint
-from trainer.science.metrics import evaluate, poisoned_copy
+from trainer.science.metrics import Evaluation, evaluate, poisoned_copy
 from trainer.science.models import Checkpoint
 from trainer.science.noise import NoiseConfig, augment
 from trainer.science.training import TrainConfig, default_device, predict, train
 from trainer.science.triggers import Trigger
+from trainer.stages.publish import publish_bundle, train_config_of, write_report
 
 log = logging.getLogger(__name__)
 
@@ -209,20 +208,19 @@ def plot_heatmap(path: Path, candidates: Sequence[Candidate], threshold: float, 
     plt.close(fig)
 
 
-def run_predeploy(
-    suspect_path: Path,
-    splits: Splits,
-    cfg: PredeployConfig,
-    out_dir: Path,
-    fleet: str = "default",
-    eval_trigger: Trigger | None = None,
-    target: int | None = None,
-    quiet: bool = False,
-) -> PredeployResult:
-    """Run Algorithm 1 on the suspect checkpoint and write candidates, heat map, θ_aug and bundle v1.
+@dataclass(frozen=True)
+class _Baseline:
+    """The suspect model measured once: D_eval CA and the threshold, and (evaluation only) its test CA/ASR."""
 
-    Raises :class:`NoCandidateError` (after writing the table) when no candidate meets the threshold.
-    """
+    eval_ca: float
+    threshold: float
+    test_ref: np.ndarray  # θ_bd's test labels: they fix the ASR's eligible set
+    poisoned: np.ndarray | None  # the triggered test set (evaluation only)
+    test: Evaluation | None
+
+
+def load_suspect(suspect_path: Path, splits: Splits) -> Checkpoint:
+    """The suspect checkpoint, checked against the data's input shape and classes."""
     suspect = Checkpoint.load(suspect_path)
     if tuple(suspect.input_spec.shape) != splits.image_shape:
         raise ValueError(
@@ -232,34 +230,41 @@ def run_predeploy(
         raise ValueError(
             f"{suspect_path}: model has {len(suspect.class_names)} classes, dataset {len(splits.class_names)}"
         )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    device = default_device()
-    bd_model = suspect.build()
-    base_train = TrainConfig(**{k: v for k, v in suspect.train.items() if k in TrainConfig.__dataclass_fields__})
-    alpha0 = cfg.alpha0 if cfg.alpha0 is not None else base_train.lr
-    ft_base = replace(
-        base_train,
-        epochs=cfg.epochs,
-        batch_size=cfg.batch_size or base_train.batch_size,
-        optimizer=cfg.optimizer or base_train.optimizer,
-    )
+    return suspect
 
-    def classify_with(model: Any) -> Callable[[np.ndarray], np.ndarray]:
-        return lambda x: predict(model, x, device=device)
 
-    baseline_eval_ca = evaluate(classify_with(bd_model), splits.eval).clean_accuracy
-    threshold = baseline_eval_ca - cfg.max_ca_drop
-    bd_ref = predict(bd_model, splits.test.images, device=device)  # fixes the ASR's eligible set
+def measure_baseline(
+    bd: Callable[[np.ndarray], np.ndarray],
+    splits: Splits,
+    cfg: PredeployConfig,
+    eval_trigger: Trigger | None,
+    target: int | None,
+) -> _Baseline:
+    """θ_bd on D_eval (the heuristic's threshold) and, for evaluation only, on the test set."""
+    eval_ca = evaluate(bd, splits.eval).clean_accuracy
+    test_ref = bd(splits.test.images)
     poisoned = poisoned_copy(splits.test, eval_trigger, cfg.seed + 7) if eval_trigger is not None else None
-    baseline_test = (
-        evaluate(classify_with(bd_model), splits.test, eval_trigger, target, bd_ref, poisoned=poisoned)
+    test = (
+        evaluate(bd, splits.test, eval_trigger, target, test_ref, poisoned=poisoned)
         if eval_trigger is not None
         else None
     )
-    log.info(
-        "BadNet D_eval CA %.4f -> threshold %.4f; α0 %.3g (%s)", baseline_eval_ca, threshold, alpha0, ft_base.optimizer
-    )
+    return _Baseline(eval_ca, eval_ca - cfg.max_ca_drop, test_ref, poisoned, test)
 
+
+def search(
+    suspect: Checkpoint,
+    splits: Splits,
+    cfg: PredeployConfig,
+    base: _Baseline,
+    ft_base: TrainConfig,
+    alpha0: float,
+    eval_trigger: Trigger | None,
+    target: int | None,
+    quiet: bool,
+) -> tuple[list[Candidate], list[Checkpoint], int]:
+    """Algorithm 1's grid: every γ (highest first) per round of α while the schedule goes on; all candidates."""
+    device = default_device()
     treat_sets = {
         g: augment(splits.treat, g, np.random.default_rng([cfg.seed, round(g * 1000)]), cfg.noise) for g in cfg.gammas
     }
@@ -268,89 +273,53 @@ def run_predeploy(
     next_alpha = alpha_schedule(alpha0, cfg)
     alpha: float | None = alpha0
     round_index = 0
-    start = time.monotonic()
     outer = tqdm(desc="predeploy", total=cfg.max_rounds * len(cfg.gammas), disable=quiet, unit="cand")
     while alpha is not None:
         any_above = False
         for gamma in sorted(cfg.gammas, reverse=True):
             t0 = time.monotonic()
             model = suspect.build()
-            data = treat_sets[gamma]
-            train(
-                model,
-                data.images,
-                data.labels,
-                replace(ft_base, lr=alpha),
-                cfg.seed,
-                device,
-                f"α={alpha:.3g} γ={gamma:.1f}",
-                quiet,
-            )
-            eval_ca = evaluate(classify_with(model), splits.eval).clean_accuracy
+            data, ft = treat_sets[gamma], replace(ft_base, lr=alpha)
+            train(model, data.images, data.labels, ft, cfg.seed, device, f"α={alpha:.3g} γ={gamma:.1f}", quiet)
+
+            def classify(x: np.ndarray, model: Any = model) -> np.ndarray:
+                return predict(model, x, device=device)
+
+            eval_ca = evaluate(classify, splits.eval).clean_accuracy
             test_ca = test_asr = None
             if eval_trigger is not None:
-                ev = evaluate(classify_with(model), splits.test, eval_trigger, target, bd_ref, poisoned=poisoned)
+                ev = evaluate(classify, splits.test, eval_trigger, target, base.test_ref, poisoned=base.poisoned)
                 test_ca, test_asr = ev.clean_accuracy, ev.attack_success_rate
-            cand = Candidate(round_index, alpha, gamma, eval_ca, test_ca, test_asr, time.monotonic() - t0)
-            candidates.append(cand)
+            candidates.append(Candidate(round_index, alpha, gamma, eval_ca, test_ca, test_asr, time.monotonic() - t0))
             models.append(
                 Checkpoint.from_model(
-                    model,
-                    suspect.architecture,
-                    suspect.input_spec,
-                    suspect.class_names,
-                    replace(ft_base, lr=alpha).to_dict(),
-                    {},
+                    model, suspect.architecture, suspect.input_spec, suspect.class_names, ft.to_dict(), {}
                 )
             )
-            any_above |= eval_ca >= threshold
+            any_above |= eval_ca >= base.threshold
             outer.update(1)
             outer.set_postfix(alpha=f"{alpha:.3g}", gamma=gamma, ca=f"{eval_ca:.3f}")
-            log.info(
-                "candidate α=%.3g γ=%.1f: D_eval CA %.4f%s",
-                alpha,
-                gamma,
-                eval_ca,
-                f", test CA {test_ca:.4f} ASR {test_asr:.4f}" if test_asr is not None and test_ca is not None else "",
+            shown = (
+                f", test CA {test_ca:.4f} ASR {test_asr:.4f}" if test_asr is not None and test_ca is not None else ""
             )
+            log.info("candidate α=%.3g γ=%.1f: D_eval CA %.4f%s", alpha, gamma, eval_ca, shown)
         alpha = next_alpha(round_index, any_above)
         round_index += 1
     outer.close()
+    return candidates, models, round_index
 
-    selected = pick([(c.alpha, c.gamma, c.eval_ca) for c in candidates], threshold)
-    write_candidates_csv(out_dir / "candidates.csv", candidates, selected)
-    plot_heatmap(out_dir / "heatmap.png", candidates, threshold, selected)
-    report: dict[str, Any] = {
-        "suspect": str(suspect_path),
-        "threshold": threshold,
-        "baseline": {
-            "eval_clean_accuracy": baseline_eval_ca,
-            **(
-                {
-                    "clean_accuracy": baseline_test.clean_accuracy,
-                    "attack_success_rate": baseline_test.attack_success_rate,
-                }
-                if baseline_test
-                else {}
-            ),
-        },
-        "alpha0": alpha0,
-        "config": cfg.to_dict(),
-        "candidates": [asdict(c) for c in candidates],
-        "seconds": round(time.monotonic() - start, 1),
-        "candidates_csv": str(out_dir / "candidates.csv"),
-        "heatmap": str(out_dir / "heatmap.png"),
-    }
-    if selected is None:
-        report["selected"] = None
-        report["error"] = (
-            f"no candidate reached the D_eval clean-accuracy threshold {threshold:.4f} within "
-            f"{round_index} rounds; raise --max-ca-drop, add rounds or lower --alpha0"
-        )
-        (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-        raise NoCandidateError(report["error"])
 
-    chosen, aug = candidates[selected], models[selected]
+def publish_v1(
+    suspect_path: Path,
+    suspect: Checkpoint,
+    aug: Checkpoint,
+    chosen: Candidate,
+    base: _Baseline,
+    cfg: PredeployConfig,
+    fleet: str,
+    out_dir: Path,
+) -> bundle_pb2.Manifest:
+    """θ_aug's checkpoint beside θ_bd's (repair fine-tunes them) and bundle v1 (θ_bd primary, θ_aug monitor)."""
     aug.meta = {
         "role": "monitor",
         "parent_sha256": sha256_file(suspect_path),
@@ -361,10 +330,7 @@ def run_predeploy(
         **{k: v for k, v in suspect.meta.items() if k in ("dataset", "split")},
     }
     aug.save(out_dir / "monitor.pt")
-    # Fine-tuning (repair) needs torch weights: both checkpoints live next to the bundle.
     shutil.copyfile(suspect_path, out_dir / "primary.pt")
-    export_checkpoint(suspect, out_dir / "primary.onnx", version="1")
-    export_checkpoint(aug, out_dir / "monitor.onnx", version="1")
     manifest = bundle_pb2.Manifest(
         fleet=fleet,
         version=1,
@@ -379,34 +345,89 @@ def run_predeploy(
             "alpha": f"{chosen.alpha:.6g}",
             "gamma": f"{chosen.gamma:.2f}",
             "noise_mode": cfg.noise.mode,
-            "ca_threshold": f"{threshold:.4f}",
+            "ca_threshold": f"{base.threshold:.4f}",
             "primary_checkpoint_sha256": sha256_file(out_dir / "primary.pt"),
             "monitor_checkpoint_sha256": sha256_file(out_dir / "monitor.pt"),
         }
     )
-    written = write_bundle(
-        out_dir / "bundle",
-        {"primary": out_dir / "primary.onnx", "monitor": out_dir / "monitor.onnx"},
-        manifest,
-        {
-            "primary": {
-                "eval_clean_accuracy": baseline_eval_ca,
-                "test_clean_accuracy": baseline_test.clean_accuracy if baseline_test else None,
-                "attack_success_rate": baseline_test.attack_success_rate if baseline_test else None,
-            },
-            "monitor": {
-                "eval_clean_accuracy": chosen.eval_ca,
-                "test_clean_accuracy": chosen.test_ca,
-                "attack_success_rate": chosen.test_asr,
-                "ca_threshold": threshold,
-            },
+    metrics = {
+        "primary": {
+            "eval_clean_accuracy": base.eval_ca,
+            "test_clean_accuracy": base.test.clean_accuracy if base.test else None,
+            "attack_success_rate": base.test.attack_success_rate if base.test else None,
         },
+        "monitor": {
+            "eval_clean_accuracy": chosen.eval_ca,
+            "test_clean_accuracy": chosen.test_ca,
+            "attack_success_rate": chosen.test_asr,
+            "ca_threshold": base.threshold,
+        },
+    }
+    return publish_bundle(out_dir, {"primary": suspect, "monitor": aug}, manifest, metrics)
+
+
+def run_predeploy(
+    suspect_path: Path,
+    splits: Splits,
+    cfg: PredeployConfig,
+    out_dir: Path,
+    fleet: str = "default",
+    eval_trigger: Trigger | None = None,
+    target: int | None = None,
+    quiet: bool = False,
+) -> PredeployResult:
+    """Algorithm 1: load -> baseline -> search the (α, γ) grid -> pick -> publish v1; writes candidates.csv,
+    heatmap.png, monitor.pt, primary.pt, bundle/ and report.json in ``out_dir``.
+
+    Raises :class:`NoCandidateError` (after writing the table) when no candidate meets the threshold.
+    """
+    suspect = load_suspect(suspect_path, splits)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = default_device()
+    bd_model = suspect.build()
+    base = measure_baseline(lambda x: predict(bd_model, x, device=device), splits, cfg, eval_trigger, target)
+    base_train = train_config_of(suspect)
+    alpha0 = cfg.alpha0 if cfg.alpha0 is not None else base_train.lr
+    ft_base = replace(
+        base_train,
+        epochs=cfg.epochs,
+        batch_size=cfg.batch_size or base_train.batch_size,
+        optimizer=cfg.optimizer or base_train.optimizer,
     )
-    for tmp_onnx in ("primary.onnx", "monitor.onnx"):
-        (out_dir / tmp_onnx).unlink()
-    report["selected"] = {**asdict(chosen), "index": selected}
+    log.info(
+        "BadNet D_eval CA %.4f -> threshold %.4f; α0 %.3g (%s)", base.eval_ca, base.threshold, alpha0, ft_base.optimizer
+    )
+    start = time.monotonic()
+    candidates, models, rounds = search(suspect, splits, cfg, base, ft_base, alpha0, eval_trigger, target, quiet)
+    selected = pick([(c.alpha, c.gamma, c.eval_ca) for c in candidates], base.threshold)
+    write_candidates_csv(out_dir / "candidates.csv", candidates, selected)
+    plot_heatmap(out_dir / "heatmap.png", candidates, base.threshold, selected)
+    tested = {}
+    if base.test is not None:
+        tested = {"clean_accuracy": base.test.clean_accuracy, "attack_success_rate": base.test.attack_success_rate}
+    report: dict[str, Any] = {
+        "suspect": str(suspect_path),
+        "threshold": base.threshold,
+        "baseline": {"eval_clean_accuracy": base.eval_ca, **tested},
+        "alpha0": alpha0,
+        "config": cfg.to_dict(),
+        "candidates": [asdict(c) for c in candidates],
+        "seconds": round(time.monotonic() - start, 1),
+        "candidates_csv": str(out_dir / "candidates.csv"),
+        "heatmap": str(out_dir / "heatmap.png"),
+    }
+    if selected is None:
+        report["selected"] = None
+        report["error"] = (
+            f"no candidate reached the D_eval clean-accuracy threshold {base.threshold:.4f} within "
+            f"{rounds} rounds; raise --max-ca-drop, add rounds or lower --alpha0"
+        )
+        write_report(out_dir, report)
+        raise NoCandidateError(report["error"])
+    written = publish_v1(suspect_path, suspect, models[selected], candidates[selected], base, cfg, fleet, out_dir)
+    report["selected"] = {**asdict(candidates[selected]), "index": selected}
     report["monitor"] = str(out_dir / "monitor.pt")
     report["bundle"] = str(out_dir / "bundle")
     report["bundle_version"] = written.version
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    return PredeployResult(candidates, threshold, baseline_eval_ca, selected, report)
+    write_report(out_dir, report)
+    return PredeployResult(candidates, base.threshold, base.eval_ca, selected, report)
