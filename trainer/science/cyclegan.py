@@ -208,6 +208,60 @@ def _lr_lambda(cfg: CycleGANConfig) -> Callable[[int], float]:
     return factor
 
 
+_STATE_KEYS = ("g_uv", "g_vu", "d_u", "d_v", "opt_g", "opt_d", "sched_g", "sched_d")
+
+
+def _step(
+    nets: tuple[nn.Module, nn.Module, nn.Module, nn.Module],
+    opts: tuple[torch.optim.Optimizer, torch.optim.Optimizer],
+    pools: tuple[ImagePool, ImagePool],
+    real_u: torch.Tensor,
+    real_v: torch.Tensor,
+    cfg: CycleGANConfig,
+    device: torch.device,
+) -> tuple[float, float, float]:
+    """One optimisation step of both generators, then both discriminators; returns (loss_g, loss_d, cycle)."""
+    g_uv, g_vu, d_u, d_v = nets
+    opt_g, opt_d = opts
+    pool_u, pool_v = pools
+    mse, l1 = nn.MSELoss(), nn.L1Loss()
+    # Generators: fool both discriminators, reconstruct both ways, keep identity.
+    fake_v, fake_u = g_uv(real_u), g_vu(real_v)
+    pred_fv, pred_fu = d_v(fake_v), d_u(fake_u)
+    loss_gan = mse(pred_fv, torch.ones_like(pred_fv)) + mse(pred_fu, torch.ones_like(pred_fu))
+    loss_cyc = l1(g_vu(fake_v), real_u) + l1(g_uv(fake_u), real_v)
+    loss_g = loss_gan + cfg.lambda_cycle * loss_cyc
+    if cfg.lambda_identity > 0:
+        loss_id = l1(g_uv(real_v), real_v) + l1(g_vu(real_u), real_u)
+        loss_g = loss_g + cfg.lambda_cycle * cfg.lambda_identity * loss_id
+    opt_g.zero_grad(set_to_none=True)
+    loss_g.backward()
+    opt_g.step()
+    # Discriminators: real vs (pooled) fake, halved as in the reference.
+    loss_d = torch.zeros((), device=device)
+    for disc, real, fake, pool in ((d_v, real_v, fake_v, pool_v), (d_u, real_u, fake_u, pool_u)):
+        p_real, p_fake = disc(real), disc(pool.query(fake.detach()))
+        loss_d = loss_d + 0.5 * (mse(p_real, torch.ones_like(p_real)) + mse(p_fake, torch.zeros_like(p_fake)))
+    opt_d.zero_grad(set_to_none=True)
+    loss_d.backward()
+    opt_d.step()
+    return loss_g.item(), loss_d.item(), loss_cyc.item()
+
+
+def _restore(state: dict[str, Any], nets: tuple[nn.Module, ...], optim: tuple[Any, ...]) -> None:
+    """Load a checkpoint's networks, optimisers and schedulers (resume)."""
+    for obj, key in zip((*nets, *optim), _STATE_KEYS, strict=True):
+        obj.load_state_dict(state[key])
+
+
+def _save(path: Path, nets: tuple[nn.Module, ...], optim: tuple[Any, ...], progress: dict[str, Any]) -> None:
+    """The whole training state, written atomically (temp file + rename): what :func:`_restore` reads."""
+    state = {key: obj.state_dict() for key, obj in zip(_STATE_KEYS, (*nets, *optim), strict=True)}
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({**state, **progress}, tmp)
+    tmp.replace(path)
+
+
 def train_cyclegan(
     clean: np.ndarray,
     quarantine: np.ndarray,
@@ -258,20 +312,13 @@ def train_cyclegan(
             log.warning("%s was trained with another config or data; starting afresh", checkpoint)
             state = None
     if state is not None:
-        for module, key in ((g_uv, "g_uv"), (g_vu, "g_vu"), (d_u, "d_u"), (d_v, "d_v")):
-            module.load_state_dict(state[key])
-        opt_g.load_state_dict(state["opt_g"])
-        opt_d.load_state_dict(state["opt_d"])
-        sched_g.load_state_dict(state["sched_g"])
-        sched_d.load_state_dict(state["sched_d"])
+        _restore(state, (g_uv, g_vu, d_u, d_v), (opt_g, opt_d, sched_g, sched_d))
         history, best_epoch, start_epoch = state["history"], int(state["best_epoch"]), int(state["epoch"]) + 1
-        best_score = state["best_score"]
-        best_state = state["best_g_uv"]
+        best_score, best_state = state["best_score"], state["best_g_uv"]
         rng = np.random.default_rng([cfg.seed, start_epoch])
         log.info("resumed CycleGAN from %s at epoch %d", checkpoint, start_epoch)
 
     u_all, v_all = to_gan(clean, device), to_gan(quarantine, device)
-    mse, l1 = nn.MSELoss(), nn.L1Loss()
     steps = max(1, int(np.ceil(max(len(clean), len(quarantine)) / cfg.batch_size)))
     t0 = time.monotonic()
     stopped_early = False
@@ -283,30 +330,9 @@ def train_cyclegan(
         for step in range(steps):
             iu = order_u[(np.arange(step * cfg.batch_size, (step + 1) * cfg.batch_size)) % len(clean)]
             iv = rng.integers(0, len(quarantine), cfg.batch_size)
-            real_u, real_v = u_all[iu], v_all[iv]
-            # Generators: fool both discriminators, reconstruct both ways, keep identity.
-            fake_v, fake_u = g_uv(real_u), g_vu(real_v)
-            pred_fv, pred_fu = d_v(fake_v), d_u(fake_u)
-            loss_gan = mse(pred_fv, torch.ones_like(pred_fv)) + mse(pred_fu, torch.ones_like(pred_fu))
-            loss_cyc = l1(g_vu(fake_v), real_u) + l1(g_uv(fake_u), real_v)
-            loss_g = loss_gan + cfg.lambda_cycle * loss_cyc
-            if cfg.lambda_identity > 0:
-                loss_id = l1(g_uv(real_v), real_v) + l1(g_vu(real_u), real_u)
-                loss_g = loss_g + cfg.lambda_cycle * cfg.lambda_identity * loss_id
-            opt_g.zero_grad(set_to_none=True)
-            loss_g.backward()
-            opt_g.step()
-            # Discriminators: real vs (pooled) fake, halved as in the reference.
-            loss_d = torch.zeros((), device=device)
-            for disc, real, fake, pool in ((d_v, real_v, fake_v, pool_v), (d_u, real_u, fake_u, pool_u)):
-                p_real, p_fake = disc(real), disc(pool.query(fake.detach()))
-                loss_d = loss_d + 0.5 * (mse(p_real, torch.ones_like(p_real)) + mse(p_fake, torch.zeros_like(p_fake)))
-            opt_d.zero_grad(set_to_none=True)
-            loss_d.backward()
-            opt_d.step()
-            sums["loss_g"] += loss_g.item()
-            sums["loss_d"] += loss_d.item()
-            sums["cycle"] += loss_cyc.item()
+            losses = _step((g_uv, g_vu, d_u, d_v), (opt_g, opt_d), (pool_u, pool_v), u_all[iu], v_all[iv], cfg, device)
+            for key, value in zip(("loss_g", "loss_d", "cycle"), losses, strict=True):
+                sums[key] += value
         sched_g.step()
         sched_d.step()
         entry = {"epoch": float(epoch), **{k: v / steps for k, v in sums.items()}}
@@ -331,28 +357,9 @@ def train_cyclegan(
             epoch + 1, total_epochs, entry["loss_g"], entry["loss_d"], entry.get("score", float("nan")),
         )  # fmt: skip
         if checkpoint is not None:
-            tmp = checkpoint.with_name(checkpoint.name + ".tmp")
-            torch.save(
-                {
-                    "g_uv": g_uv.state_dict(),
-                    "g_vu": g_vu.state_dict(),
-                    "d_u": d_u.state_dict(),
-                    "d_v": d_v.state_dict(),
-                    "opt_g": opt_g.state_dict(),
-                    "opt_d": opt_d.state_dict(),
-                    "sched_g": sched_g.state_dict(),
-                    "sched_d": sched_d.state_dict(),
-                    "history": history,
-                    "epoch": epoch,
-                    "best_epoch": best_epoch,
-                    "best_score": best_score,
-                    "best_g_uv": best_state,
-                    "config": cfg.to_dict(),
-                    "data": fingerprint,
-                },
-                tmp,
-            )
-            tmp.replace(checkpoint)
+            progress = {"history": history, "epoch": epoch, "best_epoch": best_epoch, "best_score": best_score,
+                        "best_g_uv": best_state, "config": cfg.to_dict(), "data": fingerprint}  # fmt: skip
+            _save(checkpoint, (g_uv, g_vu, d_u, d_v), (opt_g, opt_d, sched_g, sched_d), progress)
         if score is not None and cfg.patience and epoch + 1 >= cfg.min_epochs and epoch - best_epoch >= cfg.patience:
             stopped_early = True
             log.info(
