@@ -22,7 +22,7 @@ import numpy as np
 
 from edge_agent.agent import Agent
 from edge_agent.ensemble import Ensemble, InputError, scale_raw
-from edge_agent.formats.bundle import BundleError, verify_bundle
+from edge_agent.formats.bundle import BundleError, VerifiedBundle, verify_bundle
 from edge_agent.formats.curve import load_public, load_secret
 from edge_agent.formats.names import check_name
 from edge_agent.formats.signing import load_trusted_keys
@@ -184,7 +184,8 @@ def run(cfg: RunConfig, stop: threading.Event | None = None) -> dict[str, Any]:
         lock.release()
 
 
-def _run(cfg: RunConfig, stop: threading.Event) -> dict[str, Any]:
+def load_bundle(cfg: RunConfig) -> tuple[BundleCache, VerifiedBundle]:
+    """The bundle to serve: ``--bundle`` when newer than the cache, else the cache, else the model service's."""
     trusted = load_trusted_keys(cfg.trusted_keys) if cfg.trusted_keys else None
     if trusted is None:
         log.warning("no --trusted-key: bundles are checked against their manifests' hashes but not signatures")
@@ -202,6 +203,31 @@ def _run(cfg: RunConfig, stop: threading.Event) -> dict[str, Any]:
             f"the cached bundle belongs to fleet {bundle.manifest.fleet!r}, not {cfg.fleet!r}: "
             "use another --state-dir or the bundle's fleet"
         )
+    return cache, bundle
+
+
+def start_uplink(cfg: RunConfig, spool: Spool, agent: Agent) -> Uplink | None:
+    """The quarantine uplink to ``--collector`` (CURVE when both key files are given), or None without one."""
+    if not cfg.collector:
+        return None
+    if (cfg.curve_key is None) != (cfg.curve_server_key is None):
+        raise ValueError("--curve-key and --curve-server-key go together")
+    if cfg.curve_key is not None and cfg.curve_server_key is not None:
+        load_secret(cfg.curve_key), load_public(cfg.curve_server_key)  # unreadable keys fail at start
+    else:
+        log.warning("quarantine uplink in plaintext: pass --curve-key and --curve-server-key to encrypt it")
+    uplink_cfg = UplinkConfig(
+        cfg.collector,
+        cfg.device_id,
+        stats_interval=cfg.stats_interval,
+        curve_key=cfg.curve_key,
+        curve_server_key=cfg.curve_server_key,
+    )
+    return Uplink(spool, uplink_cfg, stats=agent.stats).start()
+
+
+def _run(cfg: RunConfig, stop: threading.Event) -> dict[str, Any]:
+    cache, bundle = load_bundle(cfg)
     spool = Spool(
         SpoolConfig(
             cfg.state_dir / "spool.sqlite",
@@ -212,23 +238,7 @@ def _run(cfg: RunConfig, stop: threading.Event) -> dict[str, Any]:
         )
     )
     agent = Agent(Ensemble(bundle, cfg.runtime), spool, RejectMonitor(cfg.window, cfg.reject_threshold), cfg.device_id)
-    uplink = None
-    if cfg.collector:
-        if (cfg.curve_key is None) != (cfg.curve_server_key is None):
-            raise ValueError("--curve-key and --curve-server-key go together")
-        if cfg.curve_key is not None and cfg.curve_server_key is not None:
-            load_secret(cfg.curve_key), load_public(cfg.curve_server_key)  # unreadable keys fail at start
-        else:
-            log.warning("quarantine uplink in plaintext: pass --curve-key and --curve-server-key to encrypt it")
-        uplink_cfg = UplinkConfig(
-            cfg.collector,
-            cfg.device_id,
-            stats_interval=cfg.stats_interval,
-            curve_key=cfg.curve_key,
-            curve_server_key=cfg.curve_server_key,
-        )
-        uplink = Uplink(spool, uplink_cfg, stats=agent.stats).start()
-    agent.uplink = uplink
+    uplink = agent.uplink = start_uplink(cfg, spool, agent)
     updater = None
     if cfg.model_service:
         updater = Updater(agent, cache, update_config(cfg), cfg.runtime).start()

@@ -117,3 +117,14 @@ def test_repair_checks_its_version_before_training(tmp_path: Path) -> None:
                            "--out", str(tmp_path / "r"), "--version", "2", check=False)  # fmt: skip
     assert code == 2 and "--version 2 must be above the deployed bundle's v3" in err, err[-1500:]
     assert time.monotonic() - t0 < 60 and not (tmp_path / "r").exists()
+
+
+def test_no_function_is_longer_than_120_lines() -> None:
+    long = []
+    for name, path in _modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.end_lineno is not None:
+                n = node.end_lineno - node.lineno + 1
+                if n > 120:
+                    long.append(f"{name}.{node.name}: {n} lines")
+    assert not long

@@ -258,16 +258,10 @@ def _offline(
     return out, eligible
 
 
-def run_demo(args: Any) -> dict[str, Any]:
-    """The loop; returns the report (also written to ``out/report.json``)."""
-    profile = PROFILES[args.profile]
-    out: Path = args.out
-    t0 = time.monotonic()
-    for sub in ("exports", "state", "agents", "keys", "frames"):
-        shutil.rmtree(out / sub, ignore_errors=True)
-    out.mkdir(parents=True, exist_ok=True)
-    data = ["--dataset", args.dataset, *(["--data-dir", str(args.data_dir)] if args.data_dir else []), *profile.data]
-    timings: dict[str, float] = {}
+def _prepare_models(
+    args: Any, profile: DemoProfile, out: Path, data: list[str], timings: dict[str, float]
+) -> dict[str, Any]:
+    """The suspect model (a BadNet made here unless ``--model``) and its pre-deployment treatment (bundle v1)."""
     model = args.model
     if model is None:
         t = time.monotonic()
@@ -284,15 +278,79 @@ def run_demo(args: Any) -> dict[str, Any]:
         log_path=out / "predeploy.log",
     )  # fmt: skip
     timings["predeploy"] = time.monotonic() - t
-    # Fresh keys per run: bundle signing (Ed25519), TLS with client certificates (a local CA), CURVE.
+    return predeploy
+
+
+def _make_keys(out: Path, devices: list[str]) -> tuple[Path, Path, dict[str, Path], dict[str, Any], Path]:
+    """Fresh keys per run: bundle signing (Ed25519), TLS with client certificates (a local CA), CURVE."""
     private_key, public_key = generate_keys(out / "keys")
-    devices = [f"cam-{i}" for i in range(args.agents)]
     tls = make_local_ca(out / "keys" / "tls", ["model-service", "operator", *devices])
     curve = {name: curve_keys(out / "keys" / "curve", name) for name in ("collector", *devices)}
     allow = out / "keys" / "curve-allow"
     allow.mkdir(parents=True, exist_ok=True)
     for d in devices:
         shutil.copyfile(curve[d][0], allow / curve[d][0].name)
+    return private_key, public_key, tls, curve, allow
+
+
+def _wait_for_repair(
+    out: Path, clients: dict[str, AgentClient], procs: list[subprocess.Popen[bytes]], profile: DemoProfile, wait: float
+) -> Any:
+    """Until the repair job published and every agent serves its version; progress lines meanwhile."""
+    from trainer.service.collector import quarantine_size
+
+    logs = out / "logs"
+    registry = Registry(out / "state" / "registry.sqlite")
+    t = time.monotonic()
+    try:
+        deadline, last_line = time.monotonic() + wait, ""
+        while True:
+            versions = {d: c.version() for d, c in clients.items()}
+            jobs = registry.jobs(FLEET)
+            job = jobs[-1] if jobs else None
+            progress = _job_progress(out / "state" / "jobs" / job.id / "repair.log") if job is not None else ""
+            if job is not None and job.state in ("gate-rejected", "failed"):
+                raise DemoError(f"repair job {job.id} {job.state}: {job.detail[:300]} (log: state/jobs/{job.id})")
+            if job is not None and job.state == "published" and all(v == job.version for v in versions.values()):
+                break
+            if time.monotonic() > deadline:
+                what = (
+                    f"job {job.id} {job.state} ({job.reason}), last: {progress or '-'}" if job else "no repair job yet"
+                )
+                raise DemoError(
+                    f"no repaired version on every agent after {wait:.0f} s ({what}; agents {versions}); "
+                    "give it longer with --wait SECONDS"
+                )
+
+            size = quarantine_size(out / "state" / "quarantine", FLEET, 1)
+            line = f"quarantine {size}/{profile.min_quarantine}; job {job.state if job else '-'}; agents {versions}"
+            if progress:
+                line += f"; repair: {progress}"
+            if line != last_line:
+                log.info("%s (%.0f s)", line, time.monotonic() - t)
+                last_line = line
+            for p in procs:
+                if p.poll() is not None:
+                    raise DemoError(f"{_describe(p)} exited early with {p.returncode}; see {logs}")
+            time.sleep(2.0)
+    finally:
+        registry.close()
+    return job
+
+
+def run_demo(args: Any) -> dict[str, Any]:
+    """The loop; returns the report (also written to ``out/report.json``)."""
+    profile = PROFILES[args.profile]
+    out: Path = args.out
+    t0 = time.monotonic()
+    for sub in ("exports", "state", "agents", "keys", "frames"):
+        shutil.rmtree(out / sub, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    data = ["--dataset", args.dataset, *(["--data-dir", str(args.data_dir)] if args.data_dir else []), *profile.data]
+    timings: dict[str, float] = {}
+    predeploy = _prepare_models(args, profile, out, data, timings)
+    devices = [f"cam-{i}" for i in range(args.agents)]
+    private_key, public_key, tls, curve, allow = _make_keys(out, devices)
     store = ModelStore(out / "exports", load_private_key(private_key))
     store.create(FLEET)
     store.publish(FLEET, store.add(FLEET, out / "predeploy"), note="demo: pre-deployment treatment")
@@ -347,41 +405,8 @@ def run_demo(args: Any) -> dict[str, Any]:
                  profile.stream_per_agent, 100 * args.cpd)  # fmt: skip
 
         t = time.monotonic()
-        registry = Registry(out / "state" / "registry.sqlite")
-        wait = args.wait if args.wait is not None else profile.timeout
-        deadline, last_line = time.monotonic() + wait, ""
-        while True:
-            versions = {d: c.version() for d, c in clients.items()}
-            jobs = registry.jobs(FLEET)
-            job = jobs[-1] if jobs else None
-            progress = _job_progress(out / "state" / "jobs" / job.id / "repair.log") if job is not None else ""
-            if job is not None and job.state in ("gate-rejected", "failed"):
-                raise DemoError(f"repair job {job.id} {job.state}: {job.detail[:300]} (log: state/jobs/{job.id})")
-            if job is not None and job.state == "published" and all(v == job.version for v in versions.values()):
-                break
-            if time.monotonic() > deadline:
-                what = (
-                    f"job {job.id} {job.state} ({job.reason}), last: {progress or '-'}" if job else "no repair job yet"
-                )
-                raise DemoError(
-                    f"no repaired version on every agent after {wait:.0f} s ({what}; agents {versions}); "
-                    "give it longer with --wait SECONDS"
-                )
-            from trainer.service.collector import quarantine_size
-
-            size = quarantine_size(out / "state" / "quarantine", FLEET, 1)
-            line = f"quarantine {size}/{profile.min_quarantine}; job {job.state if job else '-'}; agents {versions}"
-            if progress:
-                line += f"; repair: {progress}"
-            if line != last_line:
-                log.info("%s (%.0f s)", line, time.monotonic() - t)
-                last_line = line
-            for p in procs:
-                if p.poll() is not None:
-                    raise DemoError(f"{_describe(p)} exited early with {p.returncode}; see {logs}")
-            time.sleep(2.0)
+        job = _wait_for_repair(out, clients, procs, profile, args.wait if args.wait is not None else profile.timeout)
         timings["stream_and_repair"] = time.monotonic() - t
-        registry.close()
 
         version = job.version
         spec = store.bundle(FLEET, version).manifest.input_spec
