@@ -65,8 +65,8 @@ def cmd_classify(args: argparse.Namespace) -> dict:
 
 def cmd_run(args: argparse.Namespace) -> dict:
     """Serve until SIGTERM."""
+    from edge_agent.app import RunConfig, run
     from edge_agent.runtime import RuntimeConfig
-    from edge_agent.service import RunConfig, run
 
     cfg = RunConfig(
         device_id=args.device_id,
@@ -109,14 +109,14 @@ def cmd_run(args: argparse.Namespace) -> dict:
 
 def cmd_status(args: argparse.Namespace) -> dict:
     """Cache, spool and the running agent."""
-    from edge_agent.service import status
+    from edge_agent.app import status
 
     return status(args.state_dir)
 
 
 def cmd_rollback(args: argparse.Namespace) -> dict:
     """Return to the previous bundle."""
-    from edge_agent.service import rollback
+    from edge_agent.app import rollback
 
     return rollback(args.state_dir)
 

@@ -1,4 +1,4 @@
-"""``nnoc-edge run``: wire the agent's parts together, serve until SIGTERM, stop cleanly.
+"""``nnoc-edge run`` (the agent application): wire the agent's parts together, serve until SIGTERM, stop cleanly.
 
 The bundle cache under ``state_dir`` lets the agent start and serve without the trainer; ``agent.json`` there
 tells ``nnoc-edge status`` and ``nnoc-edge rollback`` where the running agent listens.
