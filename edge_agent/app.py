@@ -14,7 +14,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from edge_agent.images import load_images
 from edge_agent.inference import DEFAULT_MAX_BATCH, serve
 from edge_agent.metrics import AgentMetrics
 from edge_agent.monitor import RejectMonitor
+from edge_agent.options import flag, fraction, positive, positive_float
 from edge_agent.ports import StateLock, check_port
 from edge_agent.runtime import RuntimeConfig
 from edge_agent.spool import Spool, SpoolConfig
@@ -47,35 +48,54 @@ LOCK_FILE = "agent.lock"
 class RunConfig:
     """Everything ``nnoc-edge run`` needs."""
 
-    device_id: str
-    fleet: str
-    state_dir: Path
-    bundle: Path | None = None
-    model_service: str | None = None
-    collector: str | None = None
-    host: str = "127.0.0.1"
-    infer_port: int = 0  # 0: any free port (written to agent.json)
-    metrics_port: int | None = None
-    source: str | None = None  # "npy:PATH" (uint8 images or model inputs) or "dir:PATH" (image files)
-    source_batch: int = 1
-    source_limit: int | None = None  # requests to play from the source (None: all, once)
-    window: int = 1000
-    reject_threshold: float = 0.05
-    spool_max_items: int = 100_000
-    spool_policy: str = "drop-oldest"
-    spool_durability: str = "power"
-    spool_max_bytes: int = 512 << 20
-    stats_interval: float = 10.0
-    max_batch: int = DEFAULT_MAX_BATCH  # inputs per inference request; larger ones get RESOURCE_EXHAUSTED
+    device_id: str = flag(MISSING, "this device's id (letters, digits, ._-): its quarantine and stats carry it")
+    fleet: str = flag(MISSING, "fleet name: the model name on the inference endpoint")
+    state_dir: Path = flag(
+        Path("nnoc-edge-state"), "bundle cache, spool and agent.json (default ./nnoc-edge-state)", type=Path
+    )
+    bundle: Path | None = flag(None, "a bundle to serve when the cache has nothing newer", type=Path)
+    model_service: str | None = flag(None, "HOST:PORT of the trainer's model service")
+    collector: str | None = flag(None, "tcp://HOST:PORT of the trainer's quarantine collector")
+    host: str = flag("127.0.0.1", "address the endpoints bind to")
+    infer_port: int = flag(8001, "Open Inference Protocol gRPC port (0: any, written to agent.json)", type=int)
+    metrics_port: int | None = flag(None, "Prometheus /metrics port (default: off)", type=int)
+    source: str | None = flag(
+        None, "play inputs: npy:PATH (uint8 images or model inputs, N first) or dir:PATH (image files)"
+    )
+    source_batch: int = flag(1, "inputs per request when playing --source", type=positive)
+    source_limit: int | None = flag(None, "stop playing after this many inputs (default: all, once)", type=positive)
+    window: int = flag(1000, "requests per reject-rate window (paper §7)", type=positive)
+    reject_threshold: float = flag(
+        0.05, "windowed reject rate that raises the alarm (logged, nnoc_reject_alarm, status)", type=fraction
+    )
+    spool_max_items: int = flag(100_000, "quarantined inputs the spool keeps at most", type=positive)
+    spool_policy: str = flag("drop-oldest", "at the spool bound", choices=("drop-oldest", "reject-new"))
+    spool_durability: str = flag(
+        "power",
+        "power: an fsync per reject, survives power loss (default); process: survives kill -9, ~20%% faster",
+        choices=("power", "process"),
+    )
+    spool_max_bytes: int = flag(512 << 20, "spool bound in bytes", type=positive)
+    stats_interval: float = flag(10.0, "seconds between stats messages", type=positive_float)
+    max_batch: int = flag(
+        DEFAULT_MAX_BATCH, "inputs per inference request at most; more get RESOURCE_EXHAUSTED", type=positive
+    )
     bootstrap_timeout: float = 60.0  # empty cache: how long to wait for the model service's first bundle
-    curve_key: Path | None = None  # this agent's CURVE .key_secret (uplink encrypted and authenticated)
-    curve_server_key: Path | None = None  # the collector's CURVE public .key
-    tls_ca: Path | None = None  # CA of the model service's certificate (TLS to the model service)
-    tls_cert: Path | None = None  # this agent's certificate: inference endpoint TLS, client cert for mTLS
-    tls_key: Path | None = None
-    infer_client_ca: Path | None = None  # inference endpoint: require client certificates signed by this CA
-    insecure: bool = False  # allow plaintext where TLS is not configured
-    trusted_keys: tuple[Path, ...] = ()  # Ed25519 public keys; when given, only bundles they signed load
+    curve_key: Path | None = flag(None, "this agent's CURVE .key_secret file (uplink)", type=Path)
+    curve_server_key: Path | None = flag(None, "the collector's CURVE public .key file", type=Path)
+    tls_ca: Path | None = flag(None, "CA of the model service's certificate (TLS)", type=Path)
+    tls_cert: Path | None = flag(None, "this agent's certificate: endpoint TLS, client mTLS", type=Path)
+    tls_key: Path | None = flag(None, "this agent's TLS key", type=Path)
+    infer_client_ca: Path | None = flag(None, "inference endpoint: require client certs signed by this CA", type=Path)
+    insecure: bool = flag(False, "allow plaintext gRPC where TLS is not configured")
+    # Ed25519 public keys; when given, only bundles they signed load
+    trusted_keys: tuple[Path, ...] = flag(
+        (),
+        "Ed25519 public key (PEM) whose signature a bundle must carry (repeat for several)",
+        name="--trusted-key",
+        type=Path,
+        action="append",
+    )
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
 

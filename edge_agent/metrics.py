@@ -40,6 +40,9 @@ class AgentMetrics:
         Gauge("nnoc_window_reject_rate", "Reject rate over the last window of requests", registry=r).set_function(
             lambda: agent.monitor.snapshot().window_reject_rate
         )
+        Gauge(
+            "nnoc_reject_alarm", "1 while the windowed reject rate exceeds --reject-threshold", registry=r
+        ).set_function(lambda: float(agent.monitor.snapshot().alarm))
         Gauge("nnoc_spool_depth", "Quarantined inputs waiting for the collector's ACK", registry=r).set_function(
             agent.spool.depth
         )

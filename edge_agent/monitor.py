@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import deque
 from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,7 @@ class RejectMonitor:
         self._in_window = 0
         self._requests = 0
         self._rejects = 0
+        self._alarm = False
         self._lock = threading.Lock()
 
     def record(self, rejected: list[bool]) -> None:
@@ -42,6 +46,17 @@ class RejectMonitor:
                 self._in_window += int(r)
                 self._requests += 1
                 self._rejects += int(r)
+            fill = len(self._recent)
+            alarm = fill == self.window and self._in_window / fill > self.threshold
+            if alarm != self._alarm:  # the paper's §7 signal: log both edges (nnoc_reject_alarm holds the state)
+                self._alarm = alarm
+                rate = self._in_window / fill
+                if alarm:
+                    log.warning(
+                        "reject alarm: %.3f of the last %d requests rejected (> %s)", rate, fill, self.threshold
+                    )
+                else:
+                    log.info("reject alarm cleared: %.3f of the last %d requests rejected", rate, fill)
 
     def snapshot(self) -> MonitorSnapshot:
         """Current totals and the windowed reject rate."""

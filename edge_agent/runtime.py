@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from edge_agent.options import flag, nonnegative
+
 log = logging.getLogger(__name__)
 
 PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
@@ -28,13 +30,20 @@ GRAPH_OPT_LEVELS = {
 class RuntimeConfig:
     """How sessions are made. ``providers`` None: the best the installed onnxruntime offers."""
 
-    providers: tuple[str, ...] | None = None
-    intra_op_threads: int = 0  # 0: onnxruntime's default (one per core)
+    providers: tuple[str, ...] | None = flag(
+        None, "onnxruntime providers, in order (default: the best installed)", nargs="+"
+    )
+    # 0: onnxruntime's default (one per core)
+    intra_op_threads: int = flag(0, "intra-op threads (0: one per core)", name="--threads", type=nonnegative)
     inter_op_threads: int = 0
-    graph_optimization: str = "all"
+    graph_optimization: str = flag("all", "onnxruntime graph optimizations", choices=tuple(GRAPH_OPT_LEVELS))
     # How the ensemble runs its two models: "fused" (one graph, see edge_agent/fuse.py), "two-sessions", or
     # "timed" (time both at load and keep the faster one).
-    ensemble_path: str = "fused"
+    ensemble_path: str = flag(
+        "fused",
+        "run both models in one fused graph (default), in two sessions, or time both at load",
+        choices=("fused", "two-sessions", "timed"),
+    )
 
 
 _PROVIDER_LIBS = {"TensorrtExecutionProvider": "tensorrt", "CUDAExecutionProvider": "cuda"}

@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from edge_agent.options import add_flags, fraction, from_args, nonnegative, positive, positive_float, safe_name
+
 log = logging.getLogger("trainer")
 
 EXIT_BAD_INPUT = 2
@@ -24,57 +26,6 @@ def _image_size(text: str) -> tuple[int, int]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected HxW, e.g. 32x32, got {text!r}") from None
     return h, w
-
-
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1], got {text}")
-    return value
-
-
-def _whole(low: int) -> Callable[[str], int]:
-    """An argparse type: a whole number of at least ``low``."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"expected a whole number of at least {low}, got {text}")
-        return value
-
-    return parse
-
-
-_positive, _nonnegative = _whole(1), _whole(0)
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a number above 0, got {text}")
-    return value
-
-
-def _name(text: str) -> str:
-    from edge_agent.formats.names import check_name
-
-    try:
-        return check_name(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def _agent_fleet(text: str) -> tuple[str, str]:
-    pattern, sep, fleet = text.partition("=")
-    if not sep or not pattern:
-        raise argparse.ArgumentTypeError(f"expected CERT-NAME=FLEET (a pattern such as cam-*=fmnist), got {text!r}")
-    return pattern, _name(fleet)
 
 
 def _out_dir(text: str) -> Path:
@@ -112,11 +63,11 @@ def _add_data(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--image-size", type=_image_size, default=None, help="resize ImageFolder images to HxW")
     g.add_argument("--split-seed", type=int, default=0, help="seed of the train/valid/stream split (default 0)")
-    g.add_argument("--valid-size", type=_positive, default=5000, help="defender's D_valid size (default 5000)")
+    g.add_argument("--valid-size", type=positive, default=5000, help="defender's D_valid size (default 5000)")
     g.add_argument("--eval-fraction", type=float, default=0.2, help="share of D_valid held out as D_eval (default 0.2)")
-    g.add_argument("--stream-size", type=_positive, default=5000, help="post-deployment stream size (default 5000)")
-    g.add_argument("--train-size", type=_positive, default=None, help="cap on the attacker's training set")
-    g.add_argument("--test-size", type=_positive, default=None, help="cap on the test set (default: all)")
+    g.add_argument("--stream-size", type=positive, default=5000, help="post-deployment stream size (default 5000)")
+    g.add_argument("--train-size", type=positive, default=None, help="cap on the attacker's training set")
+    g.add_argument("--test-size", type=positive, default=None, help="cap on the test set (default: all)")
 
 
 def _splits(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
@@ -302,90 +253,41 @@ def cmd_repair(args: argparse.Namespace) -> dict[str, Any]:
     )
 
 
-def _data_flags(args: argparse.Namespace) -> list[str]:
-    """The data flags of ``args`` as command-line flags (forwarded to the repair jobs)."""
-    out = ["--dataset", args.dataset, "--split-seed", str(args.split_seed), "--valid-size", str(args.valid_size)]
-    out += ["--eval-fraction", str(args.eval_fraction), "--stream-size", str(args.stream_size)]
-    if args.data_dir is not None:
-        out += ["--data-dir", str(args.data_dir)]
-    if args.image_size is not None:
-        out += ["--image-size", "x".join(map(str, args.image_size))]
-    for flag, value in (("--train-size", args.train_size), ("--test-size", args.test_size)):
+def _data_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The data flags of ``args`` as TOML values of ``repair`` (its keys are their flag names): the repair jobs'."""
+    scratch = argparse.ArgumentParser(add_help=False)
+    _add_data(scratch)
+    out: dict[str, Any] = {}
+    for action in scratch._actions:
+        value = getattr(args, action.dest)
         if value is not None:
-            out += [flag, str(value)]
+            key = action.option_strings[-1].lstrip("-")
+            out[key] = (
+                "x".join(map(str, value))
+                if isinstance(value, tuple)
+                else str(value)
+                if isinstance(value, Path)
+                else value
+            )
     return out
 
 
 def serve_config(args: argparse.Namespace) -> Any:
-    """Flags (a ``--config`` TOML file supplies their defaults, see :func:`main`) -> ``ServeConfig``."""
-    from edge_agent.ports import check_address
+    """Flags (a ``--config`` TOML file supplies their defaults, see :func:`main`) -> a checked ``ServeConfig``."""
     from trainer.service.collector import CollectorConfig
     from trainer.service.jobs import JobPolicy
     from trainer.service.model_service import ServiceConfig
-    from trainer.service.serve import ServeConfig
+    from trainer.service.serve import ServeConfig, check_serve
 
-    policy = JobPolicy(
-        min_quarantine=args.min_quarantine,
-        reject_threshold=args.reject_threshold,
-        min_for_rate=args.min_for_rate,
-        max_rounds=args.max_rounds,
-        repair_args=("--profile", args.repair_profile, *_data_flags(args), *(args.repair_arg or [])),
-        enabled=not args.no_jobs,
+    cfg = from_args(
+        ServeConfig,
+        args,
+        collector=from_args(CollectorConfig, args),
+        service=from_args(ServiceConfig, args),
+        policy=from_args(JobPolicy, args, repair_config=_data_config(args)),
     )
-    if (args.curve_secret is None) != (args.curve_allow is None):
-        raise ValueError("--curve-secret and --curve-allow go together")
-    if (args.tls_cert is None) != (args.tls_key is None):
-        raise ValueError("--tls-cert and --tls-key go together")
-    if args.tls_cert is None and not args.insecure:
-        raise ValueError(
-            "the model service needs --tls-cert/--tls-key (nnoc-trainer keys tls makes a local CA), "
-            "or --insecure for plaintext"
-        )
-    if (args.operators or args.agent_fleet) and args.tls_client_ca is None:
-        raise ValueError(
-            "--operators and --agent-fleet name client certificates: they need mutual TLS (--tls-client-ca)"
-        )
-    if args.insecure_operators and args.tls_client_ca is not None:
-        raise ValueError("--insecure-operators is for a service without client certificates; use --operators NAME")
-    check_address(args.listen, "--listen")
-    check_address(args.collector.rsplit("//", 1)[-1], "--collector")
-    if args.metrics_port is not None:
-        check_address(f"127.0.0.1:{args.metrics_port}", "--metrics-port", allow_any=False)
-    if args.tls_cert is None:
-        log.warning("--insecure: the model service runs in plaintext; anyone on the network can read and call it")
-    if args.insecure_operators:
-        log.warning("--insecure-operators: any caller may publish and roll back fleets over gRPC")
-    elif args.tls_client_ca is not None and not args.operators:
-        log.info("no --operators: operator RPCs are refused for every caller ('nnoc-trainer fleet' works on the store)")
-    collector = CollectorConfig(
-        endpoint=args.collector,
-        rate=args.rate_limit,
-        burst=args.burst,
-        max_tensor_bytes=args.max_tensor_bytes,
-        curve_secret=args.curve_secret,
-        curve_allow=args.curve_allow,
-        max_open_stores=args.max_open_stores,
-        device_quota=args.device_quota,
-        budget_bytes=args.quarantine_budget,
-    )
-    return ServeConfig(
-        store=args.store,
-        state_dir=args.state_dir,
-        collector=collector,
-        service=ServiceConfig(
-            listen=args.listen,
-            chunk_size=args.chunk_size,
-            tls_cert=args.tls_cert,
-            tls_key=args.tls_key,
-            tls_client_ca=args.tls_client_ca,
-            operators=tuple(args.operators or ()),
-            insecure_operators=args.insecure_operators,
-            agent_fleets=tuple(args.agent_fleet or ()),
-        ),
-        policy=policy,
-        signing_key=args.signing_key,
-        metrics_port=args.metrics_port,
-    )
+    check_serve(cfg)
+    return cfg
 
 
 def cmd_serve(args: argparse.Namespace) -> dict[str, Any]:
@@ -441,7 +343,7 @@ def _args_attack(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--trigger", default="checker4", help="trigger spec (see below)")
     p.add_argument("--target", type=int, default=0, help="attacker's target class (default 0)")
-    p.add_argument("--poison-fraction", type=_fraction, default=0.1, help="share of training inputs poisoned")
+    p.add_argument("--poison-fraction", type=fraction, default=0.1, help="share of training inputs poisoned")
     p.add_argument(
         "--attack-steps",
         type=int,
@@ -450,10 +352,10 @@ def _args_attack(p: argparse.ArgumentParser) -> None:
         help="3: clean training then the poisoned set (paper); 2: poisoned set from scratch",
     )
     p.add_argument("--arch", default="cnn3", choices=sorted(ARCHITECTURES))
-    p.add_argument("--epochs", type=_positive, default=3, help="epochs on the poisoned set")
-    p.add_argument("--clean-epochs", type=_nonnegative, default=None, help="epochs of the clean step (3-step only)")
-    p.add_argument("--lr", type=_positive_float, default=1e-3)
-    p.add_argument("--batch-size", type=_positive, default=128)
+    p.add_argument("--epochs", type=positive, default=3, help="epochs on the poisoned set")
+    p.add_argument("--clean-epochs", type=nonnegative, default=None, help="epochs of the clean step (3-step only)")
+    p.add_argument("--lr", type=positive_float, default=1e-3)
+    p.add_argument("--batch-size", type=positive, default=128)
     p.add_argument("--optimizer", default="adam", choices=sorted(OPTIMIZERS))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=_out_dir, required=True, help="output folder (model.pt, model.onnx, metrics.json)")
@@ -480,15 +382,15 @@ def _args_predeploy(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--model", type=Path, required=True, help="suspect model checkpoint (model.pt)")
     p.add_argument("--out", type=_out_dir, required=True, help="output folder")
-    p.add_argument("--fleet", type=_name, default="default", help="fleet name written into the manifest")
+    p.add_argument("--fleet", type=safe_name, default="default", help="fleet name written into the manifest")
     p.add_argument("--max-ca-drop", type=float, default=0.05, help="threshold = BadNet D_eval CA - this (paper 0.05)")
-    p.add_argument("--gammas", type=_fraction, nargs="+", default=list(PAPER_GAMMAS), help="noise fractions Γ")
-    p.add_argument("--alpha0", type=_positive_float, default=None, help="initial α (default: the model's training lr)")
-    p.add_argument("--max-rounds", type=_positive, default=4, help="budget: rounds of α (default 4)")
-    p.add_argument("--epochs", type=_positive, default=5, help="fine-tuning epochs per candidate (default 5)")
-    p.add_argument("--batch-size", type=_positive, default=None, help="fine-tuning batch size (default: the model's)")
+    p.add_argument("--gammas", type=fraction, nargs="+", default=list(PAPER_GAMMAS), help="noise fractions Γ")
+    p.add_argument("--alpha0", type=positive_float, default=None, help="initial α (default: the model's training lr)")
+    p.add_argument("--max-rounds", type=positive, default=4, help="budget: rounds of α (default 4)")
+    p.add_argument("--epochs", type=positive, default=5, help="fine-tuning epochs per candidate (default 5)")
+    p.add_argument("--batch-size", type=positive, default=None, help="fine-tuning batch size (default: the model's)")
     p.add_argument("--noise-mode", default="block", choices=MASK_MODES, help="replacement mask (default block)")
-    p.add_argument("--noise-grid", type=_positive, default=4, help="block mode: coarse plane side (default 4)")
+    p.add_argument("--noise-grid", type=positive, default=4, help="block mode: coarse plane side (default 4)")
     p.add_argument("--noise-mean", type=float, default=128.0)
     p.add_argument("--noise-std", type=float, default=51.2)
     p.add_argument("--eval-trigger", default=None, help="evaluation only: also measure test CA/ASR per candidate")
@@ -501,9 +403,9 @@ def _args_stream(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bundle", type=Path, required=True, help="bundle folder (primary.onnx, monitor.onnx, manifest)")
     p.add_argument("--trigger", required=True, help="the attacker's trigger spec for the poisoned inputs")
     p.add_argument("--target", type=int, default=0, help="attacker's target class (its inputs are not poisoned)")
-    p.add_argument("--cpd", type=_fraction, default=0.1, help="poisoned share of the stream (default 0.1)")
-    p.add_argument("--n", type=_positive, default=1000, help="stream inputs (paper: N = 1000)")
-    p.add_argument("--device-id", type=_name, default="sim-0", help="device id written into the quarantine")
+    p.add_argument("--cpd", type=fraction, default=0.1, help="poisoned share of the stream (default 0.1)")
+    p.add_argument("--n", type=positive, default=1000, help="stream inputs (paper: N = 1000)")
+    p.add_argument("--device-id", type=safe_name, default="sim-0", help="device id written into the quarantine")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=_out_dir, required=True, help="quarantine folder (quarantine.sqlite, report.json)")
 
@@ -529,91 +431,40 @@ def _args_repair(p: argparse.ArgumentParser) -> None:
         default="cyclegan",
         help="trigger learner; 'none' fine-tunes on clean data alone (a baseline)",
     )
-    p.add_argument("--min-quarantine", type=_positive, default=20, help="fewer usable quarantined inputs is an error")
-    p.add_argument("--clean-domain", type=_positive, default=500, help="clean images for the CycleGAN (paper 500)")
+    p.add_argument("--min-quarantine", type=positive, default=20, help="fewer usable quarantined inputs is an error")
+    p.add_argument("--clean-domain", type=positive, default=500, help="clean images for the CycleGAN (paper 500)")
     p.add_argument(
         "--profile",
         choices=sorted(REPAIR_PROFILES),
         default="standard",
         help="sizes of the CycleGAN and fine-tuning runs; the flags below override single knobs",
     )
-    p.add_argument("--gan-epochs", type=_positive, default=None, help="CycleGAN epochs at constant lr")
-    p.add_argument("--gan-epochs-decay", type=_nonnegative, default=None, help="CycleGAN epochs of linear lr decay")
-    p.add_argument("--gan-batch-size", type=_positive, default=None)
-    p.add_argument("--gan-width", type=_positive, default=None, help="generator/discriminator base width")
-    p.add_argument("--gan-blocks", type=_positive, default=None, help="generator residual blocks")
+    p.add_argument("--gan-epochs", type=positive, default=None, help="CycleGAN epochs at constant lr")
+    p.add_argument("--gan-epochs-decay", type=nonnegative, default=None, help="CycleGAN epochs of linear lr decay")
+    p.add_argument("--gan-batch-size", type=positive, default=None)
+    p.add_argument("--gan-width", type=positive, default=None, help="generator/discriminator base width")
+    p.add_argument("--gan-blocks", type=positive, default=None, help="generator residual blocks")
     p.add_argument("--gan-identity", type=float, default=0.5, help="identity loss weight (x cycle weight); 0: off")
     p.add_argument("--gan-patience", type=int, default=None, help="early stop after this many epochs w/o better score")
-    p.add_argument("--epochs", type=_positive, default=None, help="fine-tuning epochs")
-    p.add_argument("--emphasis", type=_nonnegative, default=0, help="extra copies of generated images that flip θ_bd")
-    p.add_argument("--lr", type=_positive_float, default=None, help="fine-tuning lr (default: the BadNet's)")
+    p.add_argument("--epochs", type=positive, default=None, help="fine-tuning epochs")
+    p.add_argument("--emphasis", type=nonnegative, default=0, help="extra copies of generated images that flip θ_bd")
+    p.add_argument("--lr", type=positive_float, default=None, help="fine-tuning lr (default: the BadNet's)")
     p.add_argument("--max-ca-drop", type=float, default=0.03, help="gate: D_eval CA floor below the BadNet's")
-    p.add_argument("--version", type=_positive, default=None, help="version of the new bundle (default: deployed + 1)")
+    p.add_argument("--version", type=positive, default=None, help="version of the new bundle (default: deployed + 1)")
     p.add_argument("--eval-trigger", default=None, help="evaluation only: report test CA/ASR for this trigger")
     p.add_argument("--target", type=int, default=None, help="evaluation only: target class of --eval-trigger")
     p.add_argument("--seed", type=int, default=0)
 
 
 def _args_serve(p: argparse.ArgumentParser) -> None:
-    """Flags of ``serve``."""
-    from trainer.stages.profiles import REPAIR_PROFILES
+    """Flags of ``serve``: the fields of its config dataclasses."""
+    from trainer.service.collector import CollectorConfig
+    from trainer.service.jobs import JobPolicy
+    from trainer.service.model_service import ServiceConfig
+    from trainer.service.serve import ServeConfig
 
-    p.add_argument("--config", type=Path, default=None, help="TOML file; its keys are these flags' names")
-    p.add_argument("--store", type=Path, default=Path("exports"), help="model store (default ./exports)")
-    p.add_argument(
-        "--state-dir", type=Path, default=Path("nnoc-trainer-state"), help="registry, quarantine, jobs, serve.json"
-    )
-    p.add_argument("--collector", default="tcp://127.0.0.1:5555", help="ZeroMQ endpoint to bind (port 0: any)")
-    p.add_argument("--listen", default="127.0.0.1:50051", help="gRPC model service address (port 0: any)")
-    p.add_argument("--min-quarantine", type=_positive, default=200, help="quarantine size that starts a repair")
-    p.add_argument("--reject-threshold", type=_fraction, default=0.05, help="agent reject rate that starts a repair")
-    p.add_argument("--min-for-rate", type=_positive, default=40, help="quarantine needed for a rate-started repair")
-    p.add_argument("--max-rounds", type=_positive, default=None, help="repairs per fleet at most (default: no cap)")
-    p.add_argument("--no-jobs", action="store_true", help="collect and serve, never start a repair")
-    p.add_argument(
-        "--repair-profile", default="quick", choices=sorted(REPAIR_PROFILES), help="repair profile of the jobs"
-    )
-    p.add_argument("--repair-arg", action="append", default=None, help="extra flag for the repair jobs (repeat)")
-    p.add_argument("--rate-limit", type=_positive_float, default=2000.0, help="quarantine messages/s per device")
-    p.add_argument("--burst", type=_positive_float, default=20000.0, help="messages a quiet device may send at once")
-    p.add_argument("--max-tensor-bytes", type=_positive, default=1 << 20, help="larger quarantine tensors are refused")
-    p.add_argument(
-        "--device-quota", type=_positive, default=20_000, help="stored quarantine per device and version (OVER_QUOTA)"
-    )
-    p.add_argument(
-        "--quarantine-budget",
-        type=_positive,
-        default=4 << 30,
-        help="bytes the quarantine may take on disk (default 4 GiB); beyond it new quarantine waits (OVER_QUOTA)",
-    )
-    p.add_argument("--max-open-stores", type=_positive, default=16, help="quarantine files open at once")
-    p.add_argument("--chunk-size", type=_positive, default=1 << 20, help="download chunk bytes (at most 1 MiB)")
-    p.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics port (default: off)")
-    p.add_argument(
-        "--operators",
-        nargs="+",
-        default=None,
-        help="client certificate names (CN) allowed to call ListFleets, FleetStatus, Publish and Rollback",
-    )
-    p.add_argument(
-        "--insecure-operators",
-        action="store_true",
-        help="without client certificates: let any caller use the operator RPCs (warned)",
-    )
-    p.add_argument(
-        "--agent-fleet",
-        type=_agent_fleet,
-        action="append",
-        default=None,
-        help="CERT-NAME=FLEET (fnmatch pattern, repeat): agents may subscribe and download their fleets only",
-    )
-    p.add_argument("--signing-key", type=Path, default=None, help="Ed25519 private key (PEM) signing new versions")
-    p.add_argument("--tls-cert", type=Path, default=None, help="model service TLS certificate (PEM)")
-    p.add_argument("--tls-key", type=Path, default=None, help="model service TLS key (PEM)")
-    p.add_argument("--tls-client-ca", type=Path, default=None, help="mutual TLS: CA that signed the agents' certs")
-    p.add_argument("--insecure", action="store_true", help="allow a plaintext model service (a warning is logged)")
-    p.add_argument("--curve-secret", type=Path, default=None, help="collector's CURVE .key_secret file")
-    p.add_argument("--curve-allow", type=Path, default=None, help="folder of the agents' CURVE .key files")
+    for cls in (ServeConfig, CollectorConfig, ServiceConfig, JobPolicy):
+        add_flags(p, cls)
 
 
 def _args_demo(p: argparse.ArgumentParser) -> None:
@@ -622,15 +473,15 @@ def _args_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", choices=("tiny", "quick", "paper"), default="quick")
     p.add_argument(
         "--wait",
-        type=_positive_float,
+        type=positive_float,
         default=None,
         help="seconds to wait for the repaired version on every agent (default: the profile's, 900 for tiny)",
     )
     p.add_argument("--model", type=Path, default=None, help="a suspect model.pt to use instead of making a BadNet")
     p.add_argument("--trigger", default="checker4", help="the attack's trigger (made BadNet and poisoned stream)")
     p.add_argument("--target", type=int, default=0)
-    p.add_argument("--cpd", type=_fraction, default=0.1, help="poisoned share of each agent's stream")
-    p.add_argument("--agents", type=_positive, default=2, help="edge agent processes (default 2)")
+    p.add_argument("--cpd", type=fraction, default=0.1, help="poisoned share of each agent's stream")
+    p.add_argument("--agents", type=positive, default=2, help="edge agent processes (default 2)")
     p.add_argument("--dataset", default="fashion-mnist")
     p.add_argument("--data-dir", type=Path, default=None)
 
@@ -643,27 +494,29 @@ def _args_keys(p: argparse.ArgumentParser) -> None:
         help="generate: Ed25519 NAME.key + NAME.pub; curve: NAME.key + NAME.key_secret; "
         "tls: a local CA (ca.crt) and a certificate per --names",
     )
-    p.add_argument("--names", type=_name, nargs="+", default=["server", "client"], help="tls: certificates to issue")
+    p.add_argument(
+        "--names", type=safe_name, nargs="+", default=["server", "client"], help="tls: certificates to issue"
+    )
     p.add_argument("--hosts", nargs="+", default=["127.0.0.1", "localhost"], help="tls: names the certs serve")
     p.add_argument("--out", type=_out_dir, required=True, help="folder for the key files (secrets written 0600)")
-    p.add_argument("--name", type=_name, default="signing", help="key file name (curve: the device id it is for)")
+    p.add_argument("--name", type=safe_name, default="signing", help="key file name (curve: the device id it is for)")
 
 
 def _args_fleet(p: argparse.ArgumentParser) -> None:
     """Flags of ``fleet``."""
     fsub = p.add_subparsers(dest="action", required=True)
     fp = fsub.add_parser("create", help="create a fleet, optionally with its first bundle (published)")
-    fp.add_argument("fleet", type=_name)
+    fp.add_argument("fleet", type=safe_name)
     fp.add_argument("--from", dest="source", type=Path, default=None, help="predeploy/repair output folder")
     fp = fsub.add_parser("publish", help="add a bundle as the next version and/or make a version current")
-    fp.add_argument("fleet", type=_name)
+    fp.add_argument("fleet", type=safe_name)
     fp.add_argument("--from", dest="source", type=Path, default=None, help="predeploy/repair output folder")
-    fp.add_argument("--version", type=_positive, default=None, help="a stored version to make current")
+    fp.add_argument("--version", type=positive, default=None, help="a stored version to make current")
     fp = fsub.add_parser("rollback", help="make an older version current (default: the one before)")
-    fp.add_argument("fleet", type=_name)
-    fp.add_argument("--version", type=_positive, default=None)
+    fp.add_argument("fleet", type=safe_name)
+    fp.add_argument("--version", type=positive, default=None)
     fp = fsub.add_parser("status", help="versions, quarantine sizes, devices, jobs and history of a fleet")
-    fp.add_argument("fleet", type=_name)
+    fp.add_argument("fleet", type=safe_name)
     fp = fsub.add_parser("list", help="the fleets in the store")
     for fp in fsub.choices.values():
         fp.add_argument("--store", type=Path, default=Path("exports"), help="model store (default ./exports)")
@@ -722,6 +575,13 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         add_args(p)
         if name != "fleet":  # the fleet actions have them
             _add_common(p)
+            p.add_argument(
+                "--config",
+                type=Path,
+                default=None,
+                help="TOML file whose keys are this command's flag names; its values become the defaults "
+                "(a flag given on the command line wins)",
+            )
     return parser
 
 
@@ -757,13 +617,18 @@ def config_defaults(parser: argparse.ArgumentParser, path: Path) -> dict[str, An
         data = tomllib.loads(path.read_text())
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
         raise ValueError(f"cannot read config {path}: {e}") from e
-    actions = {a.dest: a for a in parser._actions if a.option_strings and a.dest not in ("help", "config")}
-    unknown = sorted(k for k in data if k.replace("-", "_") not in actions)
+    actions = {
+        a.option_strings[-1].lstrip("-"): a
+        for a in parser._actions
+        if a.option_strings and a.dest not in ("help", "config")
+    }
+    unknown = sorted(k for k in data if k.replace("_", "-") not in actions)
     if unknown:
-        raise ValueError(f"{path}: unknown keys {unknown}; keys are the flags of 'nnoc-trainer serve --help'")
+        raise ValueError(f"{path}: unknown keys {unknown}; keys are the flags of '{parser.prog} --help'")
     out: dict[str, Any] = {}
     for key, value in data.items():
-        action = actions[key.replace("-", "_")]
+        action = actions[key.replace("_", "-")]
+        action.required = False  # the file gives it
         flag = action.option_strings[-1]
 
         def convert(v: Any, action: argparse.Action = action, key: str = key, flag: str = flag) -> Any:
@@ -780,7 +645,7 @@ def config_defaults(parser: argparse.ArgumentParser, path: Path) -> dict[str, An
         if action.nargs == 0:  # store_true
             if not isinstance(value, bool):
                 raise ValueError(f"{path}: {key} = {value!r}: expected true or false")
-            out[action.dest] = value
+            out[action.dest] = action.const if value else not action.const  # --no-jobs = true: enabled False
         elif action.nargs in ("+", "*") or isinstance(action, argparse._AppendAction):
             out[action.dest] = [convert(v) for v in (value if isinstance(value, list) else [value])]
         else:
@@ -788,19 +653,37 @@ def config_defaults(parser: argparse.ArgumentParser, path: Path) -> dict[str, An
     return out
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """``argv`` parsed; with ``--config FILE``, the file's values are the command's defaults (explicit flags win,
+    and a flag the command requires may come from the file)."""
+    config = None
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            config = argv[i + 1]
+        elif arg.startswith("--config="):
+            config = arg.partition("=")[2]
+    if config is not None and argv and argv[0] in COMMANDS:
+        command = _subparser(parser, argv[0])
+        command.set_defaults(**config_defaults(command, Path(config)))
+    return parser.parse_args(argv)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``nnoc-trainer`` and ``python -m trainer``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(only=argv[0] if argv and argv[0] in COMMANDS else "")
-    args = parser.parse_args(argv)
+    try:
+        args = parse_args(parser, argv)
+    except ValueError as e:  # the --config file
+        logging.basicConfig(stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        log.error("%s", e)
+        if "--json" in argv:
+            print(json.dumps({"error": str(e), "exit_code": EXIT_BAD_INPUT}))
+        return EXIT_BAD_INPUT
     _configure_logging(args)
     from trainer.errors import DemoError, GateError, NoCandidateError
 
     try:
-        if getattr(args, "config", None) is not None:  # the file's values become defaults; explicit flags win
-            command = _subparser(parser, args.command)
-            command.set_defaults(**config_defaults(command, args.config))
-            args = parser.parse_args(argv)
         result = args.func(args)
     except DemoError as e:
         log.error("%s", e)

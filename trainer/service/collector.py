@@ -38,6 +38,7 @@ from edge_agent.formats.curve import AllowList, CurveError, start_server_auth
 from edge_agent.formats.errors import QuarantineError
 from edge_agent.formats.names import is_name
 from edge_agent.formats.wire import INT63, check_header, tensor_layout
+from edge_agent.options import flag, positive, positive_float
 from protos.nnoc.v1 import bundle_pb2, quarantine_pb2
 from trainer.service.quarantine import STORE_NAME, QuarantineStore
 from trainer.service.registry import Registry
@@ -55,18 +56,25 @@ ROW_OVERHEAD = 200  # bytes SQLite spends on a stored row beside its header and 
 class CollectorConfig:
     """Where the collector listens, where it stores, and its limits."""
 
-    endpoint: str = "tcp://127.0.0.1:5555"
+    endpoint: str = flag("tcp://127.0.0.1:5555", "ZeroMQ endpoint to bind (port 0: any)", name="--collector")
     root: Path = Path("quarantine")
-    max_tensor_bytes: int = 1 << 20  # a larger tensor frame is refused (oversized)
-    rate: float = 2000.0  # quarantine messages per second per device (token bucket refill)
-    burst: float = 20000.0  # token bucket size: what a device may send at once after being quiet
+    max_tensor_bytes: int = flag(1 << 20, "larger quarantine tensors are refused (oversized)", type=positive)
+    rate: float = flag(2000.0, "quarantine messages/s per device", name="--rate-limit", type=positive_float)
+    burst: float = flag(20000.0, "messages a quiet device may send at once", type=positive_float)
     batch: int = 2048  # messages taken off the socket per transaction, at most
     poll_ms: int = 50
-    curve_secret: Path | None = None  # the collector's CURVE .key_secret file: encrypt and authenticate
-    curve_allow: Path | None = None  # folder of the agents' CURVE .key files (required with curve_secret)
-    max_open_stores: int = 16  # quarantine stores (SQLite files) open at once; the least recently used closes
-    device_quota: int = 20_000  # stored inputs per device and fleet version (the paper repairs from N = 1000)
-    budget_bytes: int = 4 << 30  # bytes the whole quarantine may take on disk; beyond: OVER_QUOTA, alarm
+    curve_secret: Path | None = flag(None, "collector's CURVE .key_secret file (encrypt, authenticate)", type=Path)
+    curve_allow: Path | None = flag(None, "folder of the agents' CURVE .key files", type=Path)
+    # quarantine stores (SQLite files) open at once; the least recently used closes
+    max_open_stores: int = flag(16, "quarantine files open at once", type=positive)
+    # stored inputs per device and fleet version (the paper repairs from N = 1000)
+    device_quota: int = flag(20_000, "stored quarantine per device and version (OVER_QUOTA)", type=positive)
+    budget_bytes: int = flag(
+        4 << 30,
+        "bytes the quarantine may take on disk (default 4 GiB); beyond it new quarantine waits (OVER_QUOTA)",
+        name="--quarantine-budget",
+        type=positive,
+    )
     retry_after: float = 30.0  # seconds an OVER_QUOTA / UNAVAILABLE sender is asked to wait
     log_interval: float = 10.0  # a repeated refusal is logged once per device and reason per interval
 

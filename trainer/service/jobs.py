@@ -20,9 +20,11 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edge_agent.options import flag, fraction, positive
 from trainer.service.collector import quarantine_dir, quarantine_size
 from trainer.service.registry import ACTIVE_STATES, Job, Registry
 from trainer.service.store import ModelStore, StoreError
+from trainer.stages.profiles import REPAIR_PROFILES
 
 log = logging.getLogger(__name__)
 
@@ -33,13 +35,17 @@ GATE_EXIT = 3
 class JobPolicy:
     """When a repair starts, and how it runs."""
 
-    min_quarantine: int = 200  # a fleet's quarantine for its current version reaching this starts a job
-    reject_threshold: float = 0.05  # ... or an agent's windowed reject rate above this
-    min_for_rate: int = 40  # ... when the quarantine holds at least this many (repair needs some to learn from)
-    max_rounds: int | None = None  # repairs per fleet at most (None: no cap)
+    min_quarantine: int = flag(200, "quarantine size that starts a repair", type=positive)
+    reject_threshold: float = flag(0.05, "agent reject rate that starts a repair", type=fraction)
+    min_for_rate: int = flag(40, "quarantine needed for a rate-started repair", type=positive)
+    max_rounds: int | None = flag(None, "repairs per fleet at most (default: no cap)", type=positive)
+    enabled: bool = flag(True, "collect and serve, never start a repair", name="--no-jobs")
+    repair_profile: str = flag("quick", "repair profile of the jobs", choices=sorted(REPAIR_PROFILES))
+    repair_arg: tuple[str, ...] = flag((), "extra flag for the repair jobs (repeat)", action="append")
+    # Settings of `nnoc-trainer repair` the jobs share (the data flags; keys are its flag names), written into
+    # each job's repair.toml beside the job's own (bundle, quarantine, out, version, profile).
+    repair_config: dict[str, str | int | float | bool] = field(default_factory=dict)
     poll_interval: float = 1.0
-    repair_args: tuple[str, ...] = ("--profile", "quick")  # extra flags for `nnoc-trainer repair` (data, profile)
-    enabled: bool = True
 
 
 @dataclass
@@ -48,8 +54,12 @@ class _Running:
     proc: subprocess.Popen[bytes]
     out_dir: Path
     log_path: Path
-    next_version: int
-    started: dict[str, int] = field(default_factory=dict)
+
+
+def write_toml(path: Path, values: dict[str, str | int | float | bool]) -> None:
+    """A flat TOML file of ``values`` (JSON's strings, numbers and booleans are TOML's too)."""
+    lines = [f"{key} = {json.dumps(value)}" for key, value in values.items() if value is not None]
+    path.write_text("\n".join(lines) + "\n")
 
 
 class JobRunner:
@@ -126,6 +136,25 @@ class JobRunner:
                 return f"reject rate {max(rates):.3f} > {self.policy.reject_threshold} with {size} quarantined"
         return ""
 
+    def repair_command(self, fleet: str, version: int, out_dir: Path) -> list[str]:
+        """The command line of a repair of ``fleet`` v``version`` into ``out_dir``; its settings go into
+        ``out_dir/repair.toml`` (the shared data settings, the bundle, quarantine and version, the profile)."""
+        config = out_dir / "repair.toml"
+        write_toml(
+            config,
+            {
+                **self.policy.repair_config,
+                "bundle": str(self.store.version_dir(fleet, version) / "bundle"),
+                "quarantine": str(quarantine_dir(self.quarantine_root, fleet, version)),
+                "out": str(out_dir / "run"),
+                "version": self.store.next_version(fleet),
+                "profile": self.policy.repair_profile,
+            },
+        )
+        # --quiet: no bars in a log file; INFO lines (an epoch each) show the job's progress.
+        flags = ["--config", str(config), "--quiet", "--log-level", "INFO", "--json", *self.policy.repair_arg]
+        return [sys.executable, "-m", "trainer", "repair", *flags]
+
     def _launch(self, fleet: str, reason: str) -> None:
         state = self.store.state(fleet)
         assert state.current is not None
@@ -133,32 +162,13 @@ class JobRunner:
         job = self.registry.add_job(fleet, state.current, reason, size)
         out_dir = self.jobs_root / job.id
         out_dir.mkdir(parents=True, exist_ok=True)
-        version = self.store.next_version(fleet)
-        cmd = [
-            sys.executable,
-            "-m",
-            "trainer",
-            "repair",
-            "--bundle",
-            str(self.store.version_dir(fleet, state.current) / "bundle"),
-            "--quarantine",
-            str(quarantine_dir(self.quarantine_root, fleet, state.current)),
-            "--out",
-            str(out_dir / "run"),
-            "--version",
-            str(version),
-            "--quiet",  # no bars in a log file; INFO lines (an epoch each) show the job's progress
-            "--log-level",
-            "INFO",
-            "--json",
-            *self.policy.repair_args,
-        ]
+        cmd = self.repair_command(fleet, state.current, out_dir)
         log_path = out_dir / "repair.log"
         log.info("repair job %s for %s v%d started (%s)", job.id, fleet, state.current, reason)
         with log_path.open("wb") as log_file:
             proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env={**os.environ})
         self.registry.update_job(job.id, "running", " ".join(cmd[3:6]), out_dir=str(out_dir))
-        self._running = _Running(job, proc, out_dir, log_path, version)
+        self._running = _Running(job, proc, out_dir, log_path)
 
     def _reap(self) -> None:
         run = self._running

@@ -10,6 +10,7 @@ job runner, or ``nnoc-trainer fleet`` in another process).
 
 from __future__ import annotations
 
+import argparse
 import fnmatch
 import logging
 import queue
@@ -26,6 +27,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from edge_agent.formats.bundle import read_manifest
 from edge_agent.formats.tls import server_credentials
+from edge_agent.options import flag, positive, safe_name
 from edge_agent.ports import GRPC_EXCLUSIVE, PortError
 from protos.nnoc.v1 import model_service_pb2 as ms
 from protos.nnoc.v1 import model_service_pb2_grpc as ms_grpc
@@ -39,25 +41,42 @@ CHUNK_MAX = 1 << 20
 SERVICE_NAME = "nnoc.v1.ModelService"
 
 
+def agent_fleet(text: str) -> tuple[str, str]:
+    """``CERT-NAME=FLEET`` (a ``--agent-fleet`` value) -> (pattern, fleet)."""
+    pattern, sep, fleet = text.partition("=")
+    if not sep or not pattern:
+        raise argparse.ArgumentTypeError(f"expected CERT-NAME=FLEET (a pattern such as cam-*=fmnist), got {text!r}")
+    return pattern, safe_name(fleet)
+
+
 @dataclass(frozen=True)
 class ServiceConfig:
     """Where the service listens and how it streams."""
 
-    listen: str = "127.0.0.1:50051"
-    chunk_size: int = CHUNK_MAX
+    listen: str = flag("127.0.0.1:50051", "gRPC model service address (port 0: any)")
+    chunk_size: int = flag(CHUNK_MAX, "download chunk bytes (at most 1 MiB)", type=positive)
     max_workers: int = 64  # each open Subscribe stream holds one worker thread
     watch_interval: float = 0.2  # seconds between reads of the fleets' state
-    tls_cert: Path | None = None  # server certificate (PEM); None: plaintext (the CLI wants --insecure for that)
-    tls_key: Path | None = None
-    tls_client_ca: Path | None = None  # mutual TLS: clients must present a certificate this CA signed
+    # server certificate (PEM); None: plaintext (the CLI wants --insecure for that)
+    tls_cert: Path | None = flag(None, "model service TLS certificate (PEM)", type=Path)
+    tls_key: Path | None = flag(None, "model service TLS key (PEM)", type=Path)
+    tls_client_ca: Path | None = flag(None, "mutual TLS: CA that signed the agents' certs", type=Path)
     # Authorization. Operator RPCs (ListFleets, FleetStatus, Publish, Rollback) need a client certificate whose
     # name (CN) is one of `operators`; without mutual TLS there is no identity, so they are refused unless
     # `insecure_operators` allows every caller (warned at start).
-    operators: tuple[str, ...] = ()
-    insecure_operators: bool = False
+    operators: tuple[str, ...] = flag(
+        (), "client certificate names (CN) allowed to call ListFleets, FleetStatus, Publish and Rollback", nargs="+"
+    )
+    insecure_operators: bool = flag(False, "without client certificates: let any caller use the operator RPCs (warned)")
     # (certificate name pattern, fleet): where given, an agent's certificate may subscribe to and download from
     # the fleets its name maps to only (fnmatch patterns: "cam-*"). Operators may read every fleet.
-    agent_fleets: tuple[tuple[str, str], ...] = ()
+    agent_fleets: tuple[tuple[str, str], ...] = flag(
+        (),
+        "CERT-NAME=FLEET (fnmatch pattern, repeat): agents may subscribe and download their fleets only",
+        name="--agent-fleet",
+        type=agent_fleet,
+        action="append",
+    )
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from edge_agent.formats.errors import QuarantineError
 from edge_agent.formats.signing import load_private_key
-from edge_agent.ports import StateLock
+from edge_agent.options import flag
+from edge_agent.ports import StateLock, check_address
 from protos.nnoc.v1 import bundle_pb2
 from trainer.service.collector import Collector, CollectorConfig, SpecSource
 from trainer.service.jobs import JobPolicy, JobRunner
@@ -44,19 +45,55 @@ SERVE_FILE = "serve.json"
 class ServeConfig:
     """Everything ``serve`` needs."""
 
-    store: Path = Path("exports")
-    state_dir: Path = Path("nnoc-trainer-state")
+    store: Path = flag(Path("exports"), "model store (default ./exports)", type=Path)
+    state_dir: Path = flag(
+        Path("nnoc-trainer-state"), "registry, quarantine, jobs, serve.json (default ./nnoc-trainer-state)", type=Path
+    )
     collector: CollectorConfig = field(default_factory=CollectorConfig)
     service: ServiceConfig = field(default_factory=ServiceConfig)
     policy: JobPolicy = field(default_factory=JobPolicy)
-    signing_key: Path | None = None  # Ed25519 private key (PEM): every version the store takes in is signed
-    metrics_port: int | None = None  # Prometheus /metrics (collector and service counters); None: off
+    # Ed25519 private key (PEM): every version the store takes in is signed
+    signing_key: Path | None = flag(None, "Ed25519 private key (PEM) signing new versions", type=Path)
+    # Prometheus /metrics (collector and service counters); None: off
+    metrics_port: int | None = flag(None, "Prometheus /metrics port (default: off)", type=int)
+    insecure: bool = flag(False, "allow a plaintext model service (a warning is logged)")
     metrics_host: str = "127.0.0.1"
 
     @property
     def quarantine_root(self) -> Path:
         """Where the collector stores."""
         return self.state_dir / "quarantine"
+
+
+def check_serve(cfg: ServeConfig) -> None:
+    """Pairs of settings complete, transport and authorization consistent, addresses well formed: each wrong one
+    is one line before anything starts. Warns about what ``--insecure`` and ``--insecure-operators`` allow."""
+    svc, col = cfg.service, cfg.collector
+    if (col.curve_secret is None) != (col.curve_allow is None):
+        raise ValueError("--curve-secret and --curve-allow go together")
+    if (svc.tls_cert is None) != (svc.tls_key is None):
+        raise ValueError("--tls-cert and --tls-key go together")
+    if svc.tls_cert is None and not cfg.insecure:
+        raise ValueError(
+            "the model service needs --tls-cert/--tls-key (nnoc-trainer keys tls makes a local CA), "
+            "or --insecure for plaintext"
+        )
+    if (svc.operators or svc.agent_fleets) and svc.tls_client_ca is None:
+        raise ValueError(
+            "--operators and --agent-fleet name client certificates: they need mutual TLS (--tls-client-ca)"
+        )
+    if svc.insecure_operators and svc.tls_client_ca is not None:
+        raise ValueError("--insecure-operators is for a service without client certificates; use --operators NAME")
+    check_address(svc.listen, "--listen")
+    check_address(col.endpoint.rsplit("//", 1)[-1], "--collector")
+    if cfg.metrics_port is not None:
+        check_address(f"127.0.0.1:{cfg.metrics_port}", "--metrics-port", allow_any=False)
+    if svc.tls_cert is None:
+        log.warning("--insecure: the model service runs in plaintext; anyone on the network can read and call it")
+    if svc.insecure_operators:
+        log.warning("--insecure-operators: any caller may publish and roll back fleets over gRPC")
+    elif svc.tls_client_ca is not None and not svc.operators:
+        log.info("no --operators: operator RPCs are refused for every caller ('nnoc-trainer fleet' works on the store)")
 
 
 def spec_source(store: ModelStore) -> SpecSource:

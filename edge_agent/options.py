@@ -1,0 +1,126 @@
+"""Config dataclasses that are also command lines: one field, one flag, one default, one help text.
+
+A field made with :func:`flag` carries its command-line form in its metadata. :func:`add_flags` adds those
+flags to a parser and :func:`from_args` builds the dataclass back from the parsed namespace, so a setting is
+written down once, on the field (the pattern of ``simple-parsing`` and ``tyro``, kept to the few lines this
+project needs). The value parsers below check what a flag (or a TOML key standing for one) may hold.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from dataclasses import MISSING, Field, field, fields
+from typing import Any
+
+FLAG = "flag"
+
+
+def flag(default: Any, help: str, *, name: str | None = None, **kwargs: Any) -> Any:
+    """A dataclass field with ``default`` that is also the flag ``name`` (default ``--field-name``).
+
+    ``kwargs`` go to ``add_argument`` (``type``, ``choices``, ``action``, ``nargs`` ...). A bool field becomes a
+    switch (``store_true``; ``store_false`` when it defaults to True, so name the flag for what it turns off).
+    Tuple fields take lists on the command line (``nargs`` or ``action="append"``) and get tuples.
+    """
+    if isinstance(default, list | dict | set):
+        raise TypeError("flag defaults must be immutable (use a tuple)")
+    return field(default=default, metadata={FLAG: {"name": name, "help": help, **kwargs}})
+
+
+def _flagged(cls: type) -> list[Field[Any]]:
+    return [f for f in fields(cls) if FLAG in f.metadata]
+
+
+def add_flags(parser: argparse.ArgumentParser | Any, cls: type, *, only: tuple[str, ...] | None = None) -> None:
+    """Add the flags of dataclass ``cls`` (its fields made with :func:`flag`; of those named in ``only``)."""
+    taken = {a.dest for a in getattr(parser, "_actions", ())}
+    for f in _flagged(cls):
+        if only is not None and f.name not in only:
+            continue
+        if f.name in taken:
+            raise ValueError(f"two flags would set {f.name!r} ({cls.__name__})")
+        kwargs = dict(f.metadata[FLAG])
+        name = kwargs.pop("name") or "--" + f.name.replace("_", "-")
+        if f.default is MISSING:
+            kwargs.setdefault("required", True)
+        elif isinstance(f.default, bool) and "action" not in kwargs:
+            kwargs["action"] = "store_false" if f.default else "store_true"
+        elif isinstance(f.default, tuple):
+            kwargs["default"] = None  # argparse appends to a list default; None stands for the field's default
+        else:
+            kwargs["default"] = f.default
+        if kwargs.get("action") not in ("store_true", "store_false") and "choices" not in kwargs:
+            kwargs.setdefault("metavar", name.lstrip("-").upper().replace("-", "_"))
+        shown = kwargs.get("default")
+        if shown not in (None, False) and "default" not in kwargs["help"]:
+            kwargs["help"] += f" (default {shown})"
+        parser.add_argument(name, dest=f.name, **kwargs)
+
+
+def from_args(cls: type, args: argparse.Namespace, **given: Any) -> Any:
+    """``cls`` built from the parsed flags that :func:`add_flags` added, plus the fields ``given`` here."""
+    values: dict[str, Any] = {}
+    for f in _flagged(cls):
+        if f.name in given or not hasattr(args, f.name):
+            continue
+        value = getattr(args, f.name)
+        if value is None and isinstance(f.default, tuple):
+            continue
+        values[f.name] = tuple(value) if isinstance(value, list) else value
+    return cls(**values, **given)
+
+
+# Value parsers: each names the rule its value broke.
+
+
+def whole(low: int) -> Callable[[str], int]:
+    """A parser of whole numbers of at least ``low``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected a whole number of at least {low}, got {value}")
+        return value
+
+    parse.__name__ = "positive" if low == 1 else "nonnegative"
+    return parse
+
+
+positive = whole(1)
+nonnegative = whole(0)
+
+
+def positive_float(text: str) -> float:
+    """A number above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number above 0, got {text}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """A number in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text}")
+    return value
+
+
+def safe_name(text: str) -> str:
+    """A fleet or device name (letters, digits, ``._-``; see :mod:`edge_agent.formats.names`)."""
+    from edge_agent.formats.names import check_name
+
+    try:
+        return check_name(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None

@@ -1,0 +1,93 @@
+"""Config has one source per command: the dataclass fields are the flags, a TOML file gives their defaults (an
+explicit flag wins), and a repair job gets its settings as a file the repair command reads back."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import pytest
+import tomllib
+
+from edge_agent.options import add_flags, flag, from_args
+
+
+def test_flags_come_from_the_fields_and_build_them_back() -> None:
+    from dataclasses import dataclass
+
+    @dataclass(frozen=True)
+    class Settings:
+        name: str = flag("cam", "a name")
+        size: int = flag(3, "a size", type=int)
+        on: bool = flag(True, "turn it off", name="--off")
+        tags: tuple[str, ...] = flag((), "a tag (repeat)", name="--tag", action="append")
+        hidden: float = 0.5  # no flag
+
+    parser = argparse.ArgumentParser()
+    add_flags(parser, Settings)
+    assert from_args(Settings, parser.parse_args([])) == Settings()  # one default, on the field
+    got = from_args(Settings, parser.parse_args(["--size", "5", "--off", "--tag", "a", "--tag", "b"]), hidden=0.1)
+    assert got == Settings(size=5, on=False, tags=("a", "b"), hidden=0.1)
+    assert "(default 3)" in parser.format_help() and "--hidden" not in parser.format_help()
+    with pytest.raises(ValueError, match="two flags would set 'name'"):
+        add_flags(parser, Settings)
+
+
+def test_serve_and_run_configs_default_to_their_dataclasses() -> None:
+    from edge_agent.app import RunConfig
+    from edge_agent.cli import build_parser as edge_parser
+    from edge_agent.runtime import RuntimeConfig
+    from trainer.cli import build_parser, serve_config
+    from trainer.service.serve import ServeConfig
+
+    args = build_parser(only="serve").parse_args(["serve", "--insecure"])
+    cfg = serve_config(args)
+    assert cfg.collector == ServeConfig().collector and cfg.service == ServeConfig().service
+    assert (cfg.store, cfg.state_dir, cfg.policy.min_quarantine, cfg.policy.enabled) == (
+        ServeConfig().store,
+        ServeConfig().state_dir,
+        200,
+        True,
+    )
+    assert cfg.policy.repair_config["dataset"] == "fashion-mnist"  # the data flags travel to the jobs
+    run = edge_parser().parse_args(["run", "--device-id", "cam-1", "--fleet", "f"])
+    assert from_args(RunConfig, run, runtime=from_args(RuntimeConfig, run)) == RunConfig("cam-1", "f")
+
+
+def test_a_repair_job_reads_its_settings_from_the_file_the_runner_wrote(tmp_path: Path) -> None:
+    from conftest import tiny_store
+    from trainer.cli import build_parser, parse_args, serve_config
+    from trainer.service.jobs import JobRunner
+    from trainer.service.registry import Registry
+
+    config = tmp_path / "serve.toml"
+    config.write_text('no-jobs = true\nimage-size = "32x32"\nvalid-size = 600\nrepair-profile = "standard"\n')
+    argv = ["serve", "--config", str(config), "--insecure", "--repair-arg=--epochs=2", "--split-seed", "7"]
+    cfg = serve_config(parse_args(build_parser(only="serve"), argv))
+    assert (cfg.policy.enabled, cfg.policy.repair_profile) == (False, "standard")  # no-jobs = true: off
+    registry = Registry(tmp_path / "registry.sqlite")
+    runner = JobRunner(tiny_store(tmp_path / "store", "cams"), registry, tmp_path / "q", tmp_path / "jobs", cfg.policy)
+    (tmp_path / "job").mkdir()
+    cmd = runner.repair_command("cams", 1, tmp_path / "job")
+    registry.close()
+    written = tomllib.loads((tmp_path / "job" / "repair.toml").read_text())
+    assert written["version"] == 2 and written["quarantine"].endswith("cams/1")
+    args = parse_args(build_parser(only="repair"), cmd[cmd.index("repair") :])
+    assert args.bundle == tmp_path / "store" / "cams" / "1" / "bundle"
+    assert (args.image_size, args.valid_size, args.split_seed, args.profile, args.epochs) == (
+        (32, 32),
+        600,
+        7,
+        "standard",
+        2,  # the --repair-arg flag, given after the file, wins over the profile
+    )
+
+
+def test_a_config_file_error_is_one_line_and_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from trainer.cli import main
+
+    (tmp_path / "r.toml").write_text("bundle = 3\nshape = 1\n")
+    logging.getLogger().handlers.clear()
+    assert main(["repair", "--config", str(tmp_path / "r.toml"), "--json"]) == 2
+    assert "unknown keys ['shape']" in capsys.readouterr().out
