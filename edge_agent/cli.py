@@ -19,7 +19,7 @@ def cmd_verify(args: argparse.Namespace) -> dict:
     from edge_agent.formats.bundle import verify_bundle
     from edge_agent.formats.signing import load_trusted_keys
 
-    trusted = load_trusted_keys(args.trusted_keys) if args.trusted_keys else None
+    trusted = load_trusted_keys(args.trusted_key) if args.trusted_key else None
     b = verify_bundle(args.bundle, trusted)
     return {
         "bundle": str(b.path),
@@ -39,7 +39,7 @@ def cmd_classify(args: argparse.Namespace) -> dict:
     from edge_agent.formats.signing import load_trusted_keys
     from edge_agent.runtime import RuntimeConfig
 
-    trusted = load_trusted_keys(args.trusted_keys) if args.trusted_keys else None
+    trusted = load_trusted_keys(args.trusted_key) if args.trusted_key else None
     if trusted is None:
         log.warning("no --trusted-key: the bundle's hashes are checked, not who signed it")
     bundle = verify_bundle(args.bundle, trusted)

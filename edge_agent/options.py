@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 from dataclasses import MISSING, Field, field, fields
+from pathlib import PurePath
 from typing import Any
 
 FLAG = "flag"
@@ -32,16 +33,26 @@ def _flagged(cls: type) -> list[Field[Any]]:
     return [f for f in fields(cls) if FLAG in f.metadata]
 
 
+def _flag_name(f: Field[Any]) -> str:
+    return f.metadata[FLAG]["name"] or "--" + f.name.replace("_", "-")
+
+
+def _dest(f: Field[Any]) -> str:
+    """Where argparse keeps the field's value: the flag's name (two configs may both have a ``seed``)."""
+    return _flag_name(f).lstrip("-").replace("-", "_")
+
+
 def add_flags(parser: argparse.ArgumentParser | Any, cls: type, *, only: tuple[str, ...] | None = None) -> None:
     """Add the flags of dataclass ``cls`` (its fields made with :func:`flag`; of those named in ``only``)."""
     taken = {a.dest for a in getattr(parser, "_actions", ())}
     for f in _flagged(cls):
         if only is not None and f.name not in only:
             continue
-        if f.name in taken:
-            raise ValueError(f"two flags would set {f.name!r} ({cls.__name__})")
+        if _dest(f) in taken:
+            raise ValueError(f"two flags would set {_dest(f)!r} ({cls.__name__}.{f.name})")
         kwargs = dict(f.metadata[FLAG])
-        name = kwargs.pop("name") or "--" + f.name.replace("_", "-")
+        del kwargs["name"]
+        name = _flag_name(f)
         if f.default is MISSING:
             kwargs.setdefault("required", True)
         elif isinstance(f.default, bool) and "action" not in kwargs:
@@ -53,22 +64,33 @@ def add_flags(parser: argparse.ArgumentParser | Any, cls: type, *, only: tuple[s
         if kwargs.get("action") not in ("store_true", "store_false") and "choices" not in kwargs:
             kwargs.setdefault("metavar", name.lstrip("-").upper().replace("-", "_"))
         shown = kwargs.get("default")
-        if shown not in (None, False) and "default" not in kwargs["help"]:
+        if shown is not None and shown is not False and "default" not in kwargs["help"]:
             kwargs["help"] += f" (default {shown})"
-        parser.add_argument(name, dest=f.name, **kwargs)
+        parser.add_argument(name, dest=_dest(f), **kwargs)
 
 
 def from_args(cls: type, args: argparse.Namespace, **given: Any) -> Any:
     """``cls`` built from the parsed flags that :func:`add_flags` added, plus the fields ``given`` here."""
     values: dict[str, Any] = {}
     for f in _flagged(cls):
-        if f.name in given or not hasattr(args, f.name):
+        if f.name in given or not hasattr(args, _dest(f)):
             continue
-        value = getattr(args, f.name)
+        value = getattr(args, _dest(f))
         if value is None and isinstance(f.default, tuple):
             continue
         values[f.name] = tuple(value) if isinstance(value, list) else value
     return cls(**values, **given)
+
+
+def as_flags(cfg: Any) -> dict[str, Any]:
+    """The flagged fields of dataclass instance ``cfg`` that are set, keyed by flag name without dashes (a config
+    file's keys); paths become strings."""
+    out: dict[str, Any] = {}
+    for f in _flagged(type(cfg)):
+        value = getattr(cfg, f.name)
+        if value is not None:
+            out[_flag_name(f).lstrip("-")] = str(value) if isinstance(value, PurePath) else value
+    return out
 
 
 # Value parsers: each names the rule its value broke.
@@ -114,6 +136,17 @@ def fraction(text: str) -> float:
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text}")
     return value
+
+
+def image_size(text: str) -> tuple[int, int]:
+    """``HxW`` (e.g. ``32x32``) -> (H, W), both at least 1."""
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HxW, e.g. 32x32, got {text!r}") from None
+    if h < 1 or w < 1:
+        raise argparse.ArgumentTypeError(f"expected HxW with both at least 1, got {text!r}")
+    return h, w
 
 
 def safe_name(text: str) -> str:

@@ -23,6 +23,18 @@ ROOT = Path(__file__).resolve().parent.parent
 SMALL_SPLIT = ["--valid-size", "1000", "--stream-size", "500", "--train-size", "8000", "--test-size", "2000"]
 
 
+# Fixtures that train through the CLI (about a minute for the first test that asks for one). Every test that uses
+# one carries the ``slow`` marker, so ``make test-fast`` runs the tests that train nothing.
+TRAINED_FIXTURES = frozenset({"badnet", "predeployed"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark the tests that need a trained model as ``slow``."""
+    for item in items:
+        if TRAINED_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 def run_cli(module: str, *args: str, check: bool = True) -> tuple[int, dict[str, Any] | None, str]:
     """Run ``python -m MODULE ARGS --json`` in a subprocess; returns (exit code, last-line JSON, stderr)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

@@ -521,6 +521,7 @@ def test_verify_says_what_it_checked_and_catches_an_edited_json_manifest(
 # -- 8. careless input on the command lines: one line, exit 2, nothing left behind --------------------------------
 
 
+@pytest.mark.slow
 def test_cli_refuses_nonsense_with_one_line(tmp_path: Path) -> None:
     (tmp_path / "afile").write_text("x")
     small = ["--train-size", "500", "--test-size", "200", "--valid-size", "200", "--stream-size", "100"]

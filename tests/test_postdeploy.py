@@ -112,6 +112,7 @@ def test_image_pool_mixes_history() -> None:
     assert 0 < (mixed == 0).all(dim=(1, 2, 3)).sum() < len(mixed)
 
 
+@pytest.mark.slow
 def test_cyclegan_learns_a_patch_and_resumes(tmp_path: Path) -> None:
     # U: dark images; V: the same kind of images with a white 4x4 corner patch. The score counts how many
     # G(U) gained a bright corner; a few epochs of a small CycleGAN must raise it well above zero.

@@ -25,11 +25,17 @@ def test_pick_ties_prefer_higher_alpha_then_gamma() -> None:
 
 
 def test_pick_reads_no_asr() -> None:
-    # The heuristic's input holds (α, γ, D_eval CA) only: whatever the ASR, the pick is the same.
-    import inspect
+    # The same grid measured twice, the ASRs scrambled and the best-ASR candidate moved: the pick is the same one.
+    from trainer.stages.predeploy import Candidate, pick_candidate
 
-    params = list(inspect.signature(pick).parameters)
-    assert params == ["candidates", "threshold"]
+    grid = [(1e-3, 0.6, 0.90), (3e-3, 0.6, 0.86), (3e-3, 0.2, 0.851), (6e-3, 0.6, 0.80)]
+    rng = np.random.default_rng(0)
+    picks = set()
+    for _ in range(20):
+        asrs = rng.permutation([0.01, 0.5, 0.99, 0.2])
+        cands = [Candidate(0, a, g, ca, ca, float(asr), 1.0) for (a, g, ca), asr in zip(grid, asrs, strict=True)]
+        picks.add(pick_candidate(cands, 0.85))
+    assert picks == {2}
 
 
 def test_alpha_schedule_grows_then_stops_and_shrinks_when_all_below() -> None:

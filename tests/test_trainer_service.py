@@ -81,7 +81,7 @@ def test_store_publish_is_atomic_under_concurrent_readers(
         "import sys, time\n"
         "from pathlib import Path\n"
         "from trainer.service.store import ModelStore\n"
-        "s = ModelStore(Path(sys.argv[1])); n = 0; seen = set(); t = time.monotonic()\n"
+        "s = ModelStore(Path(sys.argv[1])); n = 0; seen = set(); print('ready', flush=True); t = time.monotonic()\n"
         "while time.monotonic() - t < 4:\n"
         "    st = s.state('default'); b = s.bundle('default', st.current)\n"
         "    assert b.version == st.current, (b.version, st.current); seen.add(st.current); n += 1\n"
@@ -98,7 +98,8 @@ def test_store_publish_is_atomic_under_concurrent_readers(
         for i in range(150):
             store.publish("default", 1 + (i + k) % 3, by=f"writer {k}")
 
-    time.sleep(0.5)
+    for p in procs:  # each reader has imported the store and is about to read (no sleep to guess when)
+        assert p.stdout is not None and p.stdout.readline().strip() == "ready"
     for k in range(2):  # two writers in this process as well: the lock serialises them
         writers.append(threading.Thread(target=flip, args=(k,)))
         writers[-1].start()
@@ -322,6 +323,7 @@ def test_serve_cli_reads_toml_and_stops_cleanly_on_sigterm(store: ModelStore, tm
     assert code == 2 and "unknown keys ['colour']" in err
 
 
+@pytest.mark.slow
 def test_demo_tiny_runs_the_whole_loop(tmp_path: Path) -> None:
     code, report, err = run_cli("trainer", "demo", "--profile", "tiny", "--out", str(tmp_path / "demo"), "--quiet")
     assert code == 0 and report is not None, err[-3000:]

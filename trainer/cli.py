@@ -12,20 +12,21 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent.options import add_flags, fraction, from_args, nonnegative, positive, positive_float, safe_name
+from edge_agent.options import (
+    add_flags,
+    as_flags,
+    fraction,
+    from_args,
+    nonnegative,
+    positive,
+    positive_float,
+    safe_name,
+)
 
 log = logging.getLogger("trainer")
 
 EXIT_BAD_INPUT = 2
 EXIT_GATE = 3
-
-
-def _image_size(text: str) -> tuple[int, int]:
-    try:
-        h, w = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected HxW, e.g. 32x32, got {text!r}") from None
-    return h, w
 
 
 def _out_dir(text: str) -> Path:
@@ -49,43 +50,21 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def _add_data(p: argparse.ArgumentParser) -> None:
-    from trainer.science.data import DATASETS
+    from trainer.science.data import DataConfig, SplitConfig
 
     g = p.add_argument_group("data")
-    g.add_argument(
-        "--dataset", default="fashion-mnist", choices=sorted(DATASETS), help="dataset (default fashion-mnist)"
-    )
-    g.add_argument(
-        "--data-dir",
-        type=Path,
-        default=None,
-        help="folder with the dataset's idx files or an ImageFolder tree (default: the Debian package's)",
-    )
-    g.add_argument("--image-size", type=_image_size, default=None, help="resize ImageFolder images to HxW")
-    g.add_argument("--split-seed", type=int, default=0, help="seed of the train/valid/stream split (default 0)")
-    g.add_argument("--valid-size", type=positive, default=5000, help="defender's D_valid size (default 5000)")
-    g.add_argument("--eval-fraction", type=float, default=0.2, help="share of D_valid held out as D_eval (default 0.2)")
-    g.add_argument("--stream-size", type=positive, default=5000, help="post-deployment stream size (default 5000)")
-    g.add_argument("--train-size", type=positive, default=None, help="cap on the attacker's training set")
-    g.add_argument("--test-size", type=positive, default=None, help="cap on the test set (default: all)")
+    add_flags(g, DataConfig)
+    add_flags(g, SplitConfig)
 
 
 def _splits(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     from trainer.science.data import DataConfig, SplitConfig, load_splits
 
-    data = DataConfig(args.dataset, args.data_dir, args.image_size)
-    split = SplitConfig(
-        valid=args.valid_size,
-        eval_fraction=args.eval_fraction,
-        stream=args.stream_size,
-        train=args.train_size,
-        test=args.test_size,
-        seed=args.split_seed,
-    )
+    data, split = from_args(DataConfig, args), from_args(SplitConfig, args)
     splits = load_splits(data, split)
     meta = {
-        "dataset": args.dataset,
-        "data_dir": str(args.data_dir) if args.data_dir else None,
+        "dataset": data.name,
+        "data_dir": str(data.data_dir) if data.data_dir else None,
         "split": {**split.__dict__},
         "split_sizes": splits.sizes(),
     }
@@ -99,16 +78,7 @@ def cmd_attack(args: argparse.Namespace) -> dict[str, Any]:
 
     splits, meta = _splits(args)
     _check_target(args.target, splits)
-    cfg = AttackConfig(
-        trigger=args.trigger,
-        target=args.target,
-        poison_fraction=args.poison_fraction,
-        steps=args.attack_steps,
-        architecture=args.arch,
-        clean_epochs=args.clean_epochs,
-        seed=args.seed,
-        train=TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, optimizer=args.optimizer),
-    )
+    cfg = from_args(AttackConfig, args, train=from_args(TrainConfig, args))
     return run_attack(cfg, splits, args.out, meta, quiet=args.quiet)
 
 
@@ -139,7 +109,7 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
 def load_classifier(path: Path, shape: tuple[int, int, int], num_classes: int) -> Callable[[Any], Any]:
     """A .pt checkpoint of ours or any .onnx classifier, checked against the dataset's input shape."""
     if path.suffix == ".onnx":
-        from trainer.science.export import OnnxClassifier
+        from trainer.science.classifiers import OnnxClassifier
 
         onnx_model = OnnxClassifier(path, expected_shape=shape)
         n_out = onnx_model.logits(np.zeros((1, *shape), dtype=np.uint8)).shape[-1]
@@ -169,16 +139,7 @@ def cmd_predeploy(args: argparse.Namespace) -> dict[str, Any]:
     trigger = parse_trigger(args.eval_trigger) if args.eval_trigger else None
     splits, _ = _splits(args)
     _check_target(args.target, splits)
-    cfg = PredeployConfig(
-        gammas=tuple(args.gammas),
-        alpha0=args.alpha0,
-        max_rounds=args.max_rounds,
-        max_ca_drop=args.max_ca_drop,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        noise=NoiseConfig(mode=args.noise_mode, grid=args.noise_grid, mean=args.noise_mean, std=args.noise_std),
-    )
+    cfg = from_args(PredeployConfig, args, noise=from_args(NoiseConfig, args))
     result = run_predeploy(args.model, splits, cfg, args.out, args.fleet, trigger, args.target, quiet=args.quiet)
     return result.report
 
@@ -191,7 +152,7 @@ def cmd_stream(args: argparse.Namespace) -> dict[str, Any]:
     trigger = parse_trigger(args.trigger)
     splits, _ = _splits(args)
     _check_target(args.target, splits)
-    cfg = StreamConfig(n=args.n, cpd=args.cpd, target=args.target, seed=args.seed, device_id=args.device_id)
+    cfg = from_args(StreamConfig, args)
     return run_stream(args.bundle, splits, trigger, cfg, args.out)
 
 
@@ -225,19 +186,7 @@ def cmd_repair(args: argparse.Namespace) -> dict[str, Any]:
         lambda_identity=args.gan_identity,
         seed=args.seed,
     )
-    cfg = RepairConfig(
-        base=args.repair_base,
-        learner=args.learner,
-        purify=args.purify,
-        min_quarantine=args.min_quarantine,
-        clean_domain=args.clean_domain,
-        cyclegan=gan,
-        epochs=knob("epochs"),
-        emphasis=args.emphasis,
-        lr=args.lr,
-        max_ca_drop=args.max_ca_drop,
-        seed=args.seed,
-    )
+    cfg = from_args(RepairConfig, args, cyclegan=gan, epochs=knob("epochs"))
     return run_repair(
         args.bundle,
         args.quarantine,
@@ -255,20 +204,12 @@ def cmd_repair(args: argparse.Namespace) -> dict[str, Any]:
 
 def _data_config(args: argparse.Namespace) -> dict[str, Any]:
     """The data flags of ``args`` as TOML values of ``repair`` (its keys are their flag names): the repair jobs'."""
-    scratch = argparse.ArgumentParser(add_help=False)
-    _add_data(scratch)
+    from trainer.science.data import DataConfig, SplitConfig
+
     out: dict[str, Any] = {}
-    for action in scratch._actions:
-        value = getattr(args, action.dest)
-        if value is not None:
-            key = action.option_strings[-1].lstrip("-")
-            out[key] = (
-                "x".join(map(str, value))
-                if isinstance(value, tuple)
-                else str(value)
-                if isinstance(value, Path)
-                else value
-            )
+    for cls in (DataConfig, SplitConfig):
+        for key, value in as_flags(from_args(cls, args)).items():
+            out[key] = "x".join(map(str, value)) if isinstance(value, tuple) else value
     return out
 
 
@@ -338,26 +279,11 @@ def cmd_fleet(args: argparse.Namespace) -> dict[str, Any]:
 
 def _args_attack(p: argparse.ArgumentParser) -> None:
     """Flags of ``attack``."""
-    from trainer.science.models import ARCHITECTURES
-    from trainer.science.training import OPTIMIZERS
+    from trainer.science.training import TrainConfig
+    from trainer.stages.attack import AttackConfig
 
-    p.add_argument("--trigger", default="checker4", help="trigger spec (see below)")
-    p.add_argument("--target", type=int, default=0, help="attacker's target class (default 0)")
-    p.add_argument("--poison-fraction", type=fraction, default=0.1, help="share of training inputs poisoned")
-    p.add_argument(
-        "--attack-steps",
-        type=int,
-        choices=(2, 3),
-        default=3,
-        help="3: clean training then the poisoned set (paper); 2: poisoned set from scratch",
-    )
-    p.add_argument("--arch", default="cnn3", choices=sorted(ARCHITECTURES))
-    p.add_argument("--epochs", type=positive, default=3, help="epochs on the poisoned set")
-    p.add_argument("--clean-epochs", type=nonnegative, default=None, help="epochs of the clean step (3-step only)")
-    p.add_argument("--lr", type=positive_float, default=1e-3)
-    p.add_argument("--batch-size", type=positive, default=128)
-    p.add_argument("--optimizer", default="adam", choices=sorted(OPTIMIZERS))
-    p.add_argument("--seed", type=int, default=0)
+    add_flags(p, AttackConfig)
+    add_flags(p, TrainConfig)
     p.add_argument("--out", type=_out_dir, required=True, help="output folder (model.pt, model.onnx, metrics.json)")
 
 
@@ -377,44 +303,32 @@ def _args_evaluate(p: argparse.ArgumentParser) -> None:
 
 def _args_predeploy(p: argparse.ArgumentParser) -> None:
     """Flags of ``predeploy``."""
-    from trainer.science.noise import MASK_MODES
-    from trainer.stages.predeploy import PAPER_GAMMAS
+    from trainer.science.noise import NoiseConfig
+    from trainer.stages.predeploy import PredeployConfig
 
     p.add_argument("--model", type=Path, required=True, help="suspect model checkpoint (model.pt)")
     p.add_argument("--out", type=_out_dir, required=True, help="output folder")
     p.add_argument("--fleet", type=safe_name, default="default", help="fleet name written into the manifest")
-    p.add_argument("--max-ca-drop", type=float, default=0.05, help="threshold = BadNet D_eval CA - this (paper 0.05)")
-    p.add_argument("--gammas", type=fraction, nargs="+", default=list(PAPER_GAMMAS), help="noise fractions Γ")
-    p.add_argument("--alpha0", type=positive_float, default=None, help="initial α (default: the model's training lr)")
-    p.add_argument("--max-rounds", type=positive, default=4, help="budget: rounds of α (default 4)")
-    p.add_argument("--epochs", type=positive, default=5, help="fine-tuning epochs per candidate (default 5)")
-    p.add_argument("--batch-size", type=positive, default=None, help="fine-tuning batch size (default: the model's)")
-    p.add_argument("--noise-mode", default="block", choices=MASK_MODES, help="replacement mask (default block)")
-    p.add_argument("--noise-grid", type=positive, default=4, help="block mode: coarse plane side (default 4)")
-    p.add_argument("--noise-mean", type=float, default=128.0)
-    p.add_argument("--noise-std", type=float, default=51.2)
+    add_flags(p, PredeployConfig)
+    add_flags(p, NoiseConfig)
     p.add_argument("--eval-trigger", default=None, help="evaluation only: also measure test CA/ASR per candidate")
     p.add_argument("--target", type=int, default=None, help="evaluation only: target class of --eval-trigger")
-    p.add_argument("--seed", type=int, default=0)
 
 
 def _args_stream(p: argparse.ArgumentParser) -> None:
     """Flags of ``stream``."""
+    from trainer.stages.stream import StreamConfig
+
     p.add_argument("--bundle", type=Path, required=True, help="bundle folder (primary.onnx, monitor.onnx, manifest)")
     p.add_argument("--trigger", required=True, help="the attacker's trigger spec for the poisoned inputs")
-    p.add_argument("--target", type=int, default=0, help="attacker's target class (its inputs are not poisoned)")
-    p.add_argument("--cpd", type=fraction, default=0.1, help="poisoned share of the stream (default 0.1)")
-    p.add_argument("--n", type=positive, default=1000, help="stream inputs (paper: N = 1000)")
-    p.add_argument("--device-id", type=safe_name, default="sim-0", help="device id written into the quarantine")
-    p.add_argument("--seed", type=int, default=0)
+    add_flags(p, StreamConfig)
     p.add_argument("--out", type=_out_dir, required=True, help="quarantine folder (quarantine.sqlite, report.json)")
 
 
 def _args_repair(p: argparse.ArgumentParser) -> None:
     """Flags of ``repair``."""
     from trainer.stages.profiles import REPAIR_PROFILES
-    from trainer.stages.purify import PURIFIERS
-    from trainer.stages.repair import LEARNERS, REPAIR_BASES
+    from trainer.stages.repair import RepairConfig
 
     p.add_argument("--bundle", type=Path, required=True, help="the deployed bundle (its checkpoints lie beside it)")
     p.add_argument("--quarantine", type=Path, required=True, help="quarantine folder or .sqlite file")
@@ -423,16 +337,7 @@ def _args_repair(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--monitor-checkpoint", type=Path, default=None, help="θ_aug weights (default: BUNDLE/../monitor.pt)"
     )
-    p.add_argument("--repair-base", choices=REPAIR_BASES, default="aug", help="model to fine-tune (default aug)")
-    p.add_argument("--purify", choices=PURIFIERS, default="excess", help="quarantine purification (label-free)")
-    p.add_argument(
-        "--learner",
-        choices=LEARNERS,
-        default="cyclegan",
-        help="trigger learner; 'none' fine-tunes on clean data alone (a baseline)",
-    )
-    p.add_argument("--min-quarantine", type=positive, default=20, help="fewer usable quarantined inputs is an error")
-    p.add_argument("--clean-domain", type=positive, default=500, help="clean images for the CycleGAN (paper 500)")
+    add_flags(p, RepairConfig)
     p.add_argument(
         "--profile",
         choices=sorted(REPAIR_PROFILES),
@@ -446,14 +351,10 @@ def _args_repair(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gan-blocks", type=positive, default=None, help="generator residual blocks")
     p.add_argument("--gan-identity", type=float, default=0.5, help="identity loss weight (x cycle weight); 0: off")
     p.add_argument("--gan-patience", type=int, default=None, help="early stop after this many epochs w/o better score")
-    p.add_argument("--epochs", type=positive, default=None, help="fine-tuning epochs")
-    p.add_argument("--emphasis", type=nonnegative, default=0, help="extra copies of generated images that flip θ_bd")
-    p.add_argument("--lr", type=positive_float, default=None, help="fine-tuning lr (default: the BadNet's)")
-    p.add_argument("--max-ca-drop", type=float, default=0.03, help="gate: D_eval CA floor below the BadNet's")
+    p.add_argument("--epochs", type=positive, default=None, help="fine-tuning epochs (default: the profile's)")
     p.add_argument("--version", type=positive, default=None, help="version of the new bundle (default: deployed + 1)")
     p.add_argument("--eval-trigger", default=None, help="evaluation only: report test CA/ASR for this trigger")
     p.add_argument("--target", type=int, default=None, help="evaluation only: target class of --eval-trigger")
-    p.add_argument("--seed", type=int, default=0)
 
 
 def _args_serve(p: argparse.ArgumentParser) -> None:

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edge_agent.options import flag, fraction, image_size, positive
+
 log = logging.getLogger(__name__)
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -107,12 +109,13 @@ class Dataset:
 class SplitConfig:
     """Sizes and seed of the paper's splits (see the module docstring)."""
 
-    valid: int = 5000
-    eval_fraction: float = 0.2
-    stream: int = 5000
-    train: int | None = None  # None: the rest of the pool
-    test: int | None = None  # None: the whole test file
-    seed: int = 0
+    valid: int = flag(5000, "defender's D_valid size", name="--valid-size", type=positive)
+    eval_fraction: float = flag(0.2, "share of D_valid held out as D_eval", type=fraction)
+    stream: int = flag(5000, "post-deployment stream size", name="--stream-size", type=positive)
+    # None: the rest of the pool
+    train: int | None = flag(None, "cap on the attacker's training set", name="--train-size", type=positive)
+    test: int | None = flag(None, "cap on the test set (default: all)", name="--test-size", type=positive)
+    seed: int = flag(0, "seed of the train/valid/stream split", name="--split-seed", type=int)
 
 
 @dataclass(frozen=True)
@@ -289,15 +292,6 @@ def load_image_folder(root: Path, size: tuple[int, int] | None = None, test_frac
 # --- registry ---------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class DataConfig:
-    """Which dataset to load and from where."""
-
-    name: str = "fashion-mnist"
-    data_dir: Path | None = None
-    image_size: tuple[int, int] | None = None  # (H, W), ImageFolder trees only
-
-
 def _fashion_mnist(cfg: DataConfig) -> Dataset:
     root = cfg.data_dir or FASHION_MNIST_DIR
     if cfg.data_dir is not None and not has_idx_files(root) and root.is_dir():
@@ -346,6 +340,20 @@ DATASETS: dict[str, Callable[[DataConfig], Dataset]] = {
     "cifar10": _cifar10,
     "imagefolder": _image_folder,
 }
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which dataset to load and from where."""
+
+    name: str = flag("fashion-mnist", "dataset", name="--dataset", choices=tuple(DATASETS))
+    data_dir: Path | None = flag(
+        None,
+        "folder with the dataset's idx files or an ImageFolder tree (default: the Debian package's)",
+        type=Path,
+    )
+    # (H, W), ImageFolder trees only
+    image_size: tuple[int, int] | None = flag(None, "resize ImageFolder images to HxW", type=image_size)
 
 
 def load_dataset(cfg: DataConfig) -> Dataset:

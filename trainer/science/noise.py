@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from edge_agent.options import flag, positive
 from trainer.science.data import ImageSet
 
 MASK_MODES = ("pixel", "block")
@@ -27,10 +28,11 @@ MASK_MODES = ("pixel", "block")
 class NoiseConfig:
     """η and the mask mode of A(D, η, γ)."""
 
-    mode: str = "block"
-    grid: int = 4  # block mode: side of the coarse sampling plane, in cells
-    mean: float = 128.0
-    std: float = 51.2
+    mode: str = flag("block", "replacement mask", name="--noise-mode", choices=MASK_MODES)
+    # block mode: side of the coarse sampling plane, in cells
+    grid: int = flag(4, "block mode: coarse plane side", name="--noise-grid", type=positive)
+    mean: float = flag(128.0, "mean of the replacement noise (0-255 pixels)", name="--noise-mean", type=float)
+    std: float = flag(51.2, "standard deviation of the replacement noise", name="--noise-std", type=float)
 
     def __post_init__(self) -> None:
         if self.mode not in MASK_MODES:

@@ -12,22 +12,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from edge_agent.options import flag, positive, positive_float
+
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """One training run: the attacker's or the defender's fine-tuning."""
-
-    epochs: int = 3
-    lr: float = 1e-3
-    batch_size: int = 64
-    optimizer: str = "adam"
-    weight_decay: float = 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain-data form for checkpoints and reports."""
-        return asdict(self)
 
 
 OPTIMIZERS: dict[str, Callable[[Any, TrainConfig], torch.optim.Optimizer]] = {
@@ -35,6 +22,21 @@ OPTIMIZERS: dict[str, Callable[[Any, TrainConfig], torch.optim.Optimizer]] = {
     "sgd": lambda p, c: torch.optim.SGD(p, lr=c.lr, momentum=0.9, weight_decay=c.weight_decay),
     "adadelta": lambda p, c: torch.optim.Adadelta(p, lr=c.lr, weight_decay=c.weight_decay),
 }
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run: the attacker's or the defender's fine-tuning."""
+
+    epochs: int = flag(3, "training epochs", type=positive)
+    lr: float = flag(1e-3, "learning rate", type=positive_float)
+    batch_size: int = flag(128, "batch size", type=positive)
+    optimizer: str = flag("adam", "optimizer", choices=tuple(OPTIMIZERS))
+    weight_decay: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data form for checkpoints and reports."""
+        return asdict(self)
 
 
 def make_optimizer(params: Any, cfg: TrainConfig) -> torch.optim.Optimizer:

@@ -220,11 +220,6 @@ def parse_trigger(spec: str) -> Trigger:
     return _parse_single(spec)
 
 
-def poison(x: np.ndarray, trigger: Trigger, seed: int) -> np.ndarray:
-    """Apply ``trigger`` to ``x`` with a fresh generator for ``seed`` (evaluation helper)."""
-    return trigger.apply(x, np.random.default_rng(seed))
-
-
 def poison_fraction(
     images: np.ndarray, labels: np.ndarray, trigger: Trigger, cpd: float, target: int, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:

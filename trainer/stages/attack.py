@@ -16,10 +16,11 @@ import numpy as np
 import torch
 
 from edge_agent.formats.spec import InputSpec
+from edge_agent.options import flag, fraction, nonnegative
 from trainer.science.data import ImageSet, Splits
 from trainer.science.export import export_checkpoint
 from trainer.science.metrics import evaluate
-from trainer.science.models import Checkpoint, build_model
+from trainer.science.models import ARCHITECTURES, Checkpoint, build_model
 from trainer.science.training import TrainConfig, default_device, predict, train
 from trainer.science.triggers import Trigger, parse_trigger
 
@@ -30,14 +31,21 @@ log = logging.getLogger(__name__)
 class AttackConfig:
     """The attacker's recipe."""
 
-    trigger: str = "checker4"
-    target: int = 0
-    poison_fraction: float = 0.1
-    steps: int = 3  # 3: clean training, then training on the poisoned set; 2: poisoned set from scratch
-    architecture: str = "cnn3"
+    trigger: str = flag("checker4", "trigger spec (see below)")
+    target: int = flag(0, "attacker's target class", type=int)
+    poison_fraction: float = flag(0.1, "share of training inputs poisoned", type=fraction)
+    steps: int = flag(
+        3,
+        "3: clean training then the poisoned set (paper); 2: poisoned set from scratch",
+        name="--attack-steps",
+        type=int,
+        choices=(2, 3),
+    )
+    architecture: str = flag("cnn3", "architecture", name="--arch", choices=tuple(ARCHITECTURES))
     train: TrainConfig = field(default_factory=TrainConfig)
-    clean_epochs: int | None = None  # step-2 epochs of the 3-step recipe; None: same as train.epochs
-    seed: int = 0
+    # step-2 epochs of the 3-step recipe; None: same as train.epochs
+    clean_epochs: int | None = flag(None, "epochs of the clean step (3-step only)", type=nonnegative)
+    seed: int = flag(0, "seed of the poisoning and the training", type=int)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form for checkpoints and reports."""

@@ -21,6 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from edge_agent.formats.bundle import sha256_file
+from edge_agent.options import flag, fraction, positive, positive_float
 from protos.nnoc.v1 import bundle_pb2
 from trainer.errors import NoCandidateError
 from trainer.science.data import Splits
@@ -40,19 +41,19 @@ PAPER_GAMMAS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
 class PredeployConfig:
     """Algorithm 1's knobs. ``alpha0`` None: the BadNet's own learning rate (from its checkpoint)."""
 
-    gammas: tuple[float, ...] = PAPER_GAMMAS
-    alpha0: float | None = None
+    gammas: tuple[float, ...] = flag(PAPER_GAMMAS, "noise fractions Γ", type=fraction, nargs="+")
+    alpha0: float | None = flag(None, "initial α (default: the model's training lr)", type=positive_float)
     # α grows in multiples of α0 while some candidate stays above the threshold (the paper's tables use
     # 1, 3, 6, 9 x α0); when a whole round falls below it, α shrinks by ``alpha_shrink`` instead.
     alpha_multipliers: tuple[float, ...] = (1.0, 3.0, 6.0, 9.0, 12.0)
     alpha_shrink: float = 3.0
-    max_rounds: int = 4
-    max_ca_drop: float = 0.05  # threshold = BadNet's D_eval CA - max_ca_drop (paper: 5%)
-    epochs: int = 5
-    batch_size: int | None = None  # None: the BadNet's batch size
+    max_rounds: int = flag(4, "budget: rounds of α", type=positive)
+    max_ca_drop: float = flag(0.05, "threshold = BadNet D_eval CA - this (paper 0.05)", type=float)
+    epochs: int = flag(5, "fine-tuning epochs per candidate", type=positive)
+    batch_size: int | None = flag(None, "fine-tuning batch size (default: the model's)", type=positive)
     optimizer: str | None = None  # None: the BadNet's optimizer
     noise: NoiseConfig = field(default_factory=NoiseConfig)
-    seed: int = 0
+    seed: int = flag(0, "seed of the noise and the fine-tuning", type=int)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form for reports."""
@@ -86,6 +87,11 @@ def pick(candidates: Sequence[tuple[float, float, float]], threshold: float) -> 
         if ca >= threshold and (best is None or ca - threshold < candidates[best][2] - threshold):
             best = i
     return best
+
+
+def pick_candidate(candidates: Sequence[Candidate], threshold: float) -> int | None:
+    """:func:`pick` over the grid's records: only α, γ and the D_eval CA reach it (never ``test_*``)."""
+    return pick([(c.alpha, c.gamma, c.eval_ca) for c in candidates], threshold)
 
 
 def alpha_schedule(alpha0: float, cfg: PredeployConfig) -> Callable[[int, bool], float | None]:
@@ -399,7 +405,7 @@ def run_predeploy(
     )
     start = time.monotonic()
     candidates, models, rounds = search(suspect, splits, cfg, base, ft_base, alpha0, eval_trigger, target, quiet)
-    selected = pick([(c.alpha, c.gamma, c.eval_ca) for c in candidates], base.threshold)
+    selected = pick_candidate(candidates, base.threshold)
     write_candidates_csv(out_dir / "candidates.csv", candidates, selected)
     plot_heatmap(out_dir / "heatmap.png", candidates, base.threshold, selected)
     tested = {}

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from edge_agent.formats.bundle import read_manifest, sha256_file
+from edge_agent.options import flag, nonnegative, positive, positive_float
 from protos.nnoc.v1 import bundle_pb2
 from trainer.errors import GateError
 from trainer.science.cyclegan import CycleGANConfig, save_sample_grid, train_cyclegan, translate
@@ -46,18 +47,27 @@ class RepairConfig:
 
     # Which model is fine-tuned: θ_bd (the paper's Algorithm 2) or θ_aug (the authors' code). θ_aug measured
     # better (BENCHMARKS.md: lower ASR at a similar CA), so it is the default.
-    base: str = "aug"
-    purify: str = "excess"  # measured better than "majority" at low CPD (BENCHMARKS.md)
-    learner: str = "cyclegan"  # "none": fine-tune on clean D_treat alone (the baseline the bench compares to)
+    base: str = flag("aug", "model to fine-tune", name="--repair-base", choices=REPAIR_BASES)
+    # measured better than "majority" at low CPD (BENCHMARKS.md)
+    purify: str = flag("excess", "quarantine purification (label-free)", choices=PURIFIERS)
+    # "none": fine-tune on clean D_treat alone (the baseline the bench compares to)
+    learner: str = flag(
+        "cyclegan", "trigger learner; 'none' fine-tunes on clean data alone (a baseline)", choices=LEARNERS
+    )
     dominance: float = 2.0  # majority filter: the top BadNet label needs >= this x the runner-up's count
-    min_quarantine: int = 20  # fewer (after purification) is an error, not a meaningless model
-    clean_domain: int = 500  # CycleGAN domain U: this many clean D_valid images (paper: 500)
+    # fewer (after purification) is an error, not a meaningless model
+    min_quarantine: int = flag(20, "fewer usable quarantined inputs is an error", type=positive)
+    # CycleGAN domain U: this many clean D_valid images (paper: 500)
+    clean_domain: int = flag(500, "clean images for the CycleGAN (paper 500)", type=positive)
     cyclegan: CycleGANConfig = field(default_factory=CycleGANConfig)
-    epochs: int = 5  # fine-tuning epochs
-    lr: float | None = None  # None: the BadNet's own learning rate (paper)
-    emphasis: int = 0  # extra copies of the generated images that flip θ_bd (see run_repair)
-    max_ca_drop: float = 0.03  # gate: θ_repair's D_eval CA >= θ_bd's D_eval CA - this
-    seed: int = 0
+    epochs: int = 5  # fine-tuning epochs (the CLI's --epochs, default from the profile)
+    # None: the BadNet's own learning rate (paper)
+    lr: float | None = flag(None, "fine-tuning lr (default: the BadNet's)", type=positive_float)
+    # extra copies of the generated images that flip θ_bd (see run_repair)
+    emphasis: int = flag(0, "extra copies of generated images that flip θ_bd", type=nonnegative)
+    # gate: θ_repair's D_eval CA >= θ_bd's D_eval CA - this
+    max_ca_drop: float = flag(0.03, "gate: D_eval CA floor below the BadNet's", type=float)
+    seed: int = flag(0, "seed of the CycleGAN and the fine-tuning", type=int)
 
     def __post_init__(self) -> None:
         if self.base not in REPAIR_BASES:

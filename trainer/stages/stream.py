@@ -18,8 +18,9 @@ import numpy as np
 
 from edge_agent.formats.bundle import verify_bundle
 from edge_agent.formats.wire import build_header
+from edge_agent.options import flag, fraction, positive, safe_name
+from trainer.science.classifiers import OnnxClassifier
 from trainer.science.data import Splits
-from trainer.science.export import OnnxClassifier
 from trainer.science.triggers import Trigger, poison_fraction
 from trainer.service.quarantine import QuarantineStore
 
@@ -32,11 +33,12 @@ TRUTH_NAME = "truth.json"
 class StreamConfig:
     """One simulated deployment stream."""
 
-    n: int = 1000
-    cpd: float = 0.1  # clean/poison input data ratio: the poisoned share of the stream
-    target: int = 0
-    seed: int = 0
-    device_id: str = "sim-0"
+    n: int = flag(1000, "stream inputs (paper: N = 1000)", type=positive)
+    # clean/poison input data ratio: the poisoned share of the stream
+    cpd: float = flag(0.1, "poisoned share of the stream", type=fraction)
+    target: int = flag(0, "attacker's target class (its inputs are not poisoned)", type=int)
+    seed: int = flag(0, "seed of the stream", type=int)
+    device_id: str = flag("sim-0", "device id written into the quarantine", type=safe_name)
 
 
 def _safe_div(a: float, b: float) -> float | None:
