@@ -1,0 +1,276 @@
+"""The preprocessing block: how a raw picture becomes the model's image and then its input tensor.
+
+One numpy implementation serves both sides: the trainer turns its data into the model's *image* with it (where
+triggers, noise, the CycleGAN and the quarantine work), the edge turns camera frames and images into model
+inputs with it. Two stages, as ``DESIGN.md`` names them:
+
+- :meth:`Preprocess.image`: raw uint8 pictures (N, C, H, W) of any size -> the model's image (N, C', H', W')
+  uint8, after colour conversion and resize;
+- :meth:`Preprocess.model_input`: the model's image -> float32 ``(x * scale - mean) / std`` in the model's layout.
+
+Resizing is separable: each interpolation is a (destination, source) weight matrix per axis, so nearest,
+bilinear (half-pixel centres, no antialiasing: OpenCV's ``INTER_LINEAR``), bicubic (Keys, a = -0.75: OpenCV's
+``INTER_CUBIC``) and area (exact pixel-overlap averages: OpenCV's ``INTER_AREA`` when shrinking) are one
+matrix product each, the same on every machine.
+
+The block travels as JSON (schema below; every field optional) in the bundle manifest, in both ONNX files'
+``metadata_props`` under :data:`META_KEY`, and in checkpoints::
+
+    {"color": "rgb", "size": [32, 32], "resize": "stretch", "interpolation": "bilinear",
+     "scale": 0.00392156862745098, "mean": [0.286, 0.286, 0.286], "std": [0.353, 0.353, 0.353], "layout": "NCHW"}
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, fields
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+META_KEY = "nnoc.preprocess"
+COLORS = ("gray", "rgb", "bgr")
+RESIZES = ("stretch", "letterbox", "center-crop")
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "area")
+LAYOUTS = ("NCHW", "NHWC")
+GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R BT.601 luma, as PIL and OpenCV convert RGB to gray
+
+
+class PreprocessError(ValueError):
+    """A preprocessing block that cannot be used; the message names the field and what it may hold."""
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How raw pictures become model inputs. ``color``/``size`` None: the data's own (no conversion, no resize)."""
+
+    color: str | None = None
+    size: tuple[int, int] | None = None  # (H, W) of the model's image
+    resize: str = "stretch"
+    interpolation: str = "bilinear"
+    scale: float = 1.0 / 255.0  # applied to uint8 pixels first
+    mean: tuple[float, ...] = (0.0,)  # per channel, or one value for all
+    std: tuple[float, ...] = (1.0,)
+    layout: str = "NCHW"
+
+    def __post_init__(self) -> None:
+        _check_choice("color", self.color, COLORS, optional=True)
+        _check_choice("resize", self.resize, RESIZES)
+        _check_choice("interpolation", self.interpolation, INTERPOLATIONS)
+        _check_choice("layout", self.layout, LAYOUTS)
+        if self.size is not None and (len(self.size) != 2 or min(self.size) < 1):
+            raise PreprocessError(f"size: expected [H, W] with both at least 1, got {list(self.size)}")
+        if not (math.isfinite(self.scale) and self.scale > 0):
+            raise PreprocessError(f"scale: expected a number above 0, got {self.scale}")
+        for name in ("mean", "std"):
+            values = getattr(self, name)
+            if len(values) not in (1, 3) or not all(math.isfinite(v) for v in values):
+                raise PreprocessError(f"{name}: expected one number or one per channel (3), got {list(values)}")
+        if min(self.std) <= 0:
+            raise PreprocessError(f"std: every value must be above 0, got {list(self.std)}")
+
+    # -- the two stages -----------------------------------------------------------------------------------------
+
+    def channels(self, raw_channels: int) -> int:
+        """Channels of the model's image for raw pictures with ``raw_channels``."""
+        return raw_channels if self.color is None else (1 if self.color == "gray" else 3)
+
+    def image_shape(self, raw_shape: tuple[int, int, int]) -> tuple[int, int, int]:
+        """(C, H, W) of the model's image for raw pictures of shape ``raw_shape`` (C, H, W)."""
+        h, w = self.size if self.size is not None else raw_shape[1:]
+        return self.channels(raw_shape[0]), int(h), int(w)
+
+    def image(self, raw: np.ndarray) -> np.ndarray:
+        """Raw uint8 pictures (N, C, H, W), C 1 (gray) or 3 (RGB) -> the model's image (N, C', H', W') uint8."""
+        if raw.ndim != 4 or raw.shape[1] not in (1, 3) or raw.dtype != np.uint8:
+            raise PreprocessError(
+                f"raw pictures must be uint8 (N, C, H, W) with C 1 or 3, got {raw.dtype} {tuple(raw.shape)}"
+            )
+        x = convert_color(raw, self.color)
+        if self.size is not None and tuple(x.shape[2:]) != tuple(self.size):
+            x = resize(x, self.size, self.resize, self.interpolation)
+        return np.ascontiguousarray(x)
+
+    def model_input(self, image: np.ndarray) -> np.ndarray:
+        """The model's image (N, C, H, W) uint8 -> float32 ``(x * scale - mean) / std`` in ``layout``."""
+        c = image.shape[1]
+        mean = np.asarray(self.mean, np.float32).reshape(1, -1, 1, 1)
+        std = np.asarray(self.std, np.float32).reshape(1, -1, 1, 1)
+        if mean.shape[1] not in (1, c) or std.shape[1] not in (1, c):
+            raise PreprocessError(f"mean/std have {mean.shape[1]}/{std.shape[1]} values for images with {c} channels")
+        x = (image.astype(np.float32) * np.float32(self.scale) - mean) / std
+        return np.ascontiguousarray(x.transpose(0, 2, 3, 1) if self.layout == "NHWC" else x)
+
+    def input_range(self) -> tuple[float, float]:
+        """The smallest and largest value :meth:`model_input` can give (over all channels)."""
+        ends = [(v * self.scale - m) / s for v in (0.0, 255.0) for m in self.mean for s in self.std]
+        return float(min(ends)), float(max(ends))
+
+    def model_shape(self, image_shape: tuple[int, int, int]) -> tuple[int, int, int]:
+        """The model input's per-example shape for an image of ``image_shape`` (C, H, W)."""
+        c, h, w = image_shape
+        return (h, w, c) if self.layout == "NHWC" else (c, h, w)
+
+    # -- serialisation ------------------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object of the module docstring (fields left to the data stay out)."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is not None:
+                out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    def to_json(self) -> str:
+        """Compact, key-sorted JSON: the same block always gives the same text (it is hashed and compared)."""
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+    @staticmethod
+    def from_dict(data: Any, where: str = "preprocess") -> Preprocess:
+        """A block from its JSON object; a wrong key or value is a :class:`PreprocessError` naming the field."""
+        if not isinstance(data, dict):
+            raise PreprocessError(f"{where}: expected a JSON object, got {type(data).__name__}")
+        known = {f.name for f in fields(Preprocess)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise PreprocessError(f"{where}: unknown field(s) {unknown}; known: {sorted(known)}")
+        kwargs: dict[str, Any] = {}
+        for key, value in data.items():
+            kwargs[key] = _field_value(key, value, where)
+        try:
+            return Preprocess(**kwargs)
+        except PreprocessError as e:
+            raise PreprocessError(f"{where}: {e}") from None
+
+    @staticmethod
+    def from_json(text: str, where: str = "preprocess") -> Preprocess:
+        """A block from JSON text."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise PreprocessError(f"{where}: not JSON ({e})") from None
+        return Preprocess.from_dict(data, where)
+
+    @staticmethod
+    def load(path: Path) -> Preprocess:
+        """A block from a ``.json`` file."""
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise PreprocessError(f"cannot read the preprocess file {path}: {e}") from None
+        return Preprocess.from_json(text, str(path))
+
+
+def _check_choice(name: str, value: str | None, choices: tuple[str, ...], optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if value not in choices:
+        raise PreprocessError(f"{name}: {value!r} is not one of {', '.join(choices)}")
+
+
+def _field_value(key: str, value: Any, where: str) -> Any:
+    """A JSON value checked for the field's type (numbers, strings, lists of numbers)."""
+
+    def number(v: Any) -> float:
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            raise PreprocessError(f"{where}: {key}: expected a number, got {v!r}")
+        return float(v)
+
+    if key in ("color", "resize", "interpolation", "layout"):
+        if not isinstance(value, str):
+            raise PreprocessError(f"{where}: {key}: expected a string, got {value!r}")
+        return value
+    if key == "scale":
+        return number(value)
+    if key == "size":
+        if not isinstance(value, list) or len(value) != 2 or not all(isinstance(v, int) for v in value):
+            raise PreprocessError(f"{where}: size: expected [H, W] (two whole numbers), got {value!r}")
+        return (int(value[0]), int(value[1]))
+    values = value if isinstance(value, list) else [value]
+    return tuple(number(v) for v in values)
+
+
+# -- colour ---------------------------------------------------------------------------------------------------
+
+
+def convert_color(raw: np.ndarray, color: str | None) -> np.ndarray:
+    """(N, C, H, W) uint8 with C 1 (gray) or 3 (RGB) -> ``color`` (None: unchanged)."""
+    c = raw.shape[1]
+    if color is None or (color == "gray" and c == 1) or (color == "rgb" and c == 3):
+        return raw
+    if color == "gray":
+        w = np.asarray(GRAY_WEIGHTS, np.float32).reshape(1, 3, 1, 1)
+        return np.clip(np.rint((raw.astype(np.float32) * w).sum(1, keepdims=True)), 0, 255).astype(np.uint8)
+    rgb = np.repeat(raw, 3, axis=1) if c == 1 else raw
+    return rgb[:, ::-1] if color == "bgr" else rgb
+
+
+# -- resize ---------------------------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=64)
+def _weights(dst: int, src: int, interpolation: str) -> np.ndarray:
+    """(dst, src) float32 matrix: row i holds the source weights of destination pixel i."""
+    w = np.zeros((dst, src), np.float64)
+    ratio = src / dst
+    rows = np.arange(dst)
+    if interpolation == "nearest":
+        w[rows, np.minimum(np.floor(rows * ratio).astype(int), src - 1)] = 1.0
+    elif interpolation == "area" and ratio >= 1:
+        for i in range(dst):  # exact overlap of [i * ratio, (i + 1) * ratio) with each source pixel
+            lo, hi = i * ratio, (i + 1) * ratio
+            for j in range(int(np.floor(lo)), min(int(np.ceil(hi)), src)):
+                w[i, j] = min(hi, j + 1) - max(lo, j)
+        w /= w.sum(1, keepdims=True)
+    elif interpolation == "bicubic":
+        centre = (rows + 0.5) * ratio - 0.5
+        base = np.floor(centre).astype(int)
+        for k in range(-1, 3):
+            j = base + k
+            w[rows, np.clip(j, 0, src - 1)] += _cubic(centre - j)
+    else:  # bilinear (and area when enlarging, as OpenCV does)
+        centre = np.clip((rows + 0.5) * ratio - 0.5, 0, None)
+        left = np.minimum(np.floor(centre).astype(int), src - 1)
+        frac = centre - left
+        right = np.minimum(left + 1, src - 1)
+        np.add.at(w, (rows, left), 1.0 - frac)
+        np.add.at(w, (rows, right), frac)
+    return w.astype(np.float32)
+
+
+def _cubic(t: np.ndarray, a: float = -0.75) -> np.ndarray:
+    t = np.abs(t)
+    near = ((a + 2) * t - (a + 3)) * t * t + 1
+    far = ((a * t - 5 * a) * t + 8 * a) * t - 4 * a
+    return np.where(t <= 1, near, np.where(t < 2, far, 0.0))
+
+
+def _resample(x: np.ndarray, h: int, w: int, interpolation: str) -> np.ndarray:
+    """(N, C, H, W) uint8 -> (N, C, h, w) uint8 by separable weights."""
+    wh = _weights(h, x.shape[2], interpolation)
+    ww = _weights(w, x.shape[3], interpolation)
+    out = np.einsum("ij,ncjk,lk->ncil", wh, x.astype(np.float32), ww, optimize=True)
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def resize(x: np.ndarray, size: tuple[int, int], mode: str, interpolation: str) -> np.ndarray:
+    """(N, C, H, W) uint8 -> (N, C, *size) uint8: ``stretch`` to the size, ``letterbox`` (fit inside, pad with
+    black, centred) or ``center-crop`` (shorter side to the size, then the centre)."""
+    h, w = x.shape[2:]
+    th, tw = size
+    if mode == "stretch":
+        return _resample(x, th, tw, interpolation)
+    fit = min(th / h, tw / w) if mode == "letterbox" else max(th / h, tw / w)
+    sh, sw = max(1, round(h * fit)), max(1, round(w * fit))
+    scaled = _resample(x, sh, sw, interpolation)
+    if mode == "letterbox":
+        out = np.zeros((*x.shape[:2], th, tw), np.uint8)
+        top, left = (th - sh) // 2, (tw - sw) // 2
+        out[:, :, top : top + sh, left : left + sw] = scaled
+        return out
+    top, left = (sh - th) // 2, (sw - tw) // 2
+    return scaled[:, :, top : top + th, left : left + tw]

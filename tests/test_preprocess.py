@@ -1,0 +1,80 @@
+"""The preprocessing block (edge_agent/formats/preprocess.py): one numpy implementation for trainer and edge."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from edge_agent.formats.preprocess import Preprocess, PreprocessError, resize
+
+RNG = np.random.default_rng(0)
+RAW = RNG.integers(0, 256, (2, 3, 28, 37), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("size", [(32, 32), (14, 19), (64, 50)])
+@pytest.mark.parametrize("interpolation", ["nearest", "bilinear", "bicubic"])
+def test_resize_matches_torch_half_pixel_interpolation(size: tuple[int, int], interpolation: str) -> None:
+    ours = Preprocess(size=size, interpolation=interpolation).image(RAW).astype(int)
+    kwargs = {} if interpolation == "nearest" else {"align_corners": False}
+    ref = F.interpolate(torch.from_numpy(RAW).float(), size=size, mode=interpolation, **kwargs)
+    ref_int = ref.round().clamp(0, 255).numpy().astype(int)
+    assert ours.shape == (2, 3, *size)
+    assert np.abs(ours - ref_int).max() <= 1  # rounding of exact halves may differ by one grey level
+    assert (ours == ref_int).mean() > 0.99
+
+
+def test_area_averages_exact_blocks_and_modes_keep_the_aspect() -> None:
+    x = RAW[:, :1, :28, :28]
+    ours = Preprocess(size=(14, 14), interpolation="area").image(x)
+    assert np.array_equal(ours, F.avg_pool2d(torch.from_numpy(x).float(), 2).round().numpy().astype(np.uint8))
+    boxed = resize(np.full((1, 1, 10, 20), 200, np.uint8), (20, 20), "letterbox", "bilinear")
+    assert boxed.shape == (1, 1, 20, 20) and boxed[0, 0, 0].max() == 0 and boxed[0, 0, 10].min() == 200
+    cropped = resize(np.arange(200, dtype=np.uint8).reshape(1, 1, 10, 20), (10, 10), "center-crop", "nearest")
+    assert cropped.shape == (1, 1, 10, 10) and cropped[0, 0, 0, 0] == 5  # the centre 10 columns of 20
+
+
+def test_colour_and_normalisation() -> None:
+    gray = RAW[:, :1]
+    rgb = Preprocess(color="rgb").image(gray)
+    assert rgb.shape == (2, 3, 28, 37) and np.array_equal(rgb[:, 0], rgb[:, 2])
+    bgr = Preprocess(color="bgr").image(RAW)
+    assert np.array_equal(bgr[:, 0], RAW[:, 2])
+    back = Preprocess(color="gray").image(rgb)
+    assert np.abs(back.astype(int) - gray.astype(int)).max() <= 1  # the luma weights sum to 1
+    p = Preprocess(mean=(0.5, 0.4, 0.3), std=(0.25, 0.2, 0.1), layout="NHWC")
+    x = p.model_input(RAW)
+    assert x.dtype == np.float32 and x.shape == (2, 28, 37, 3)
+    want = (RAW[0, 1, 3, 4] / 255.0 - 0.4) / 0.2
+    assert abs(float(x[0, 3, 4, 1]) - want) < 1e-5
+    lo, hi = p.input_range()
+    assert lo <= x.min() and x.max() <= hi
+    assert Preprocess().model_input(RAW).max() <= 1.0  # the default is today's divide-by-255
+
+
+def test_json_round_trip_and_refusals_name_the_field(tmp_path: Path) -> None:
+    p = Preprocess(color="rgb", size=(32, 32), resize="letterbox", mean=(0.286,), std=(0.353,))
+    assert Preprocess.from_json(p.to_json()) == p
+    assert json.loads(p.to_json())["size"] == [32, 32]
+    for text, says in (
+        ('{"colour": "rgb"}', "unknown field(s) ['colour']"),
+        ('{"size": [32]}', "size: expected [H, W]"),
+        ('{"std": [0, 1, 1]}', "std: every value must be above 0"),
+        ('{"interpolation": "lanczos"}', "interpolation: 'lanczos' is not one of"),
+        ('{"mean": [0.1, 0.2]}', "mean: expected one number or one per channel"),
+        ('{"scale": "1/255"}', "scale: expected a number"),
+        ("[1, 2]", "expected a JSON object"),
+        ("{not json", "not JSON"),
+    ):
+        (tmp_path / "p.json").write_text(text)
+        with pytest.raises(PreprocessError, match=r"p\.json: .*" + re.escape(says)):
+            Preprocess.load(tmp_path / "p.json")
+    with pytest.raises(PreprocessError, match="cannot read"):
+        Preprocess.load(tmp_path / "missing.json")
+    with pytest.raises(PreprocessError, match="raw pictures must be uint8"):
+        Preprocess().image(RAW.astype(np.float32))
