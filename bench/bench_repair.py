@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from bench.common import RESULTS, ROOT, run_cli, save
+from edge_agent.formats.preprocess import Preprocess
 from trainer.service.quarantine import QuarantineStore
 
 VARIANTS: dict[str, list[str]] = {
@@ -42,7 +43,7 @@ def purity(qdir: Path, report: dict[str, Any]) -> dict[str, Any]:
     truth = json.loads((qdir / "truth.json").read_text())
     poisoned = set(truth["poisoned_seq"])
     with QuarantineStore(qdir, create=False) as store:
-        q = store.load(1 / 255)
+        q = store.load(Preprocess())
     is_p = np.array([seq in poisoned for _, seq in q.keys], dtype=bool)
     kept = {tuple(k) for k in report.get("kept_keys", [])}
     keep = np.array([tuple(k) in kept for k in q.keys], dtype=bool)

@@ -318,6 +318,41 @@ def demo_section(data: dict[str, Any]) -> str:
     )
 
 
+def foreign_section(data: dict[str, Any]) -> str:
+    lines = [
+        "## Foreign models (bring your own model)",
+        "",
+        _machine(data["machine"]),
+        "",
+        "BadNets this project did not train (`bench/outsider_badnet.py`: plain torch, Fashion-MNIST resized to "
+        "3×32×32 normalised RGB, a 5×5 X glyph at (2, 2) on 10% of its training images, target 7), exported to "
+        "ONNX by torch's dynamo exporter and defended only through the CLI with the preprocessing JSON they came "
+        f"with: predeploy ({data['rounds']} α rounds, {data['epochs']} epochs per candidate), stream at CPD 0.1, "
+        "N = 1,000, repair (quick profile). CA is the test split's; ASR over the BadNet's eligible set. Targets "
+        "(issue 12): θ_aug ASR ≤ 0.10 at CA drop ≤ 0.05; θ_repair ASR ≤ 0.03 at CA drop ≤ 0.03.",
+        "",
+        "| model | BadNet CA / ASR | θ_aug CA / ASR (α, γ) | stream recall / clean rejects | θ_repair CA / ASR "
+        "| primary parity | targets met |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in data["rows"]:
+        if "badnet" not in r:
+            lines.append(f"| {r['arch']} | – | {r.get('error')} | | | | |")
+            continue
+        bd, aug, st = r["badnet"], r["theta_aug"], r.get("stream", {})
+        rep = r.get("theta_repair") or {}
+        met = ", ".join(k for k, v in r["targets"].items() if v) or "none"
+        missed = [k for k, v in r["targets"].items() if not v]
+        lines.append(
+            f"| {r['arch']} | {_fmt(bd['clean_accuracy'])} / {_fmt(bd['attack_success_rate'])} "
+            f"| {_fmt(aug['clean_accuracy'])} / {_fmt(aug['attack_success_rate'])} ({aug['alpha']:.3g}, "
+            f"{aug['gamma']}) | {_fmt(st.get('recall'))} / {_fmt(st.get('clean_reject_rate'))} "
+            f"| {_fmt(rep.get('clean_accuracy'))} / {_fmt(rep.get('attack_success_rate'))} "
+            f"| {r['primary_parity']:.1e} | {met}{'; missed: ' + ', '.join(missed) if missed else ''} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parts = [HEADER]
 
@@ -334,6 +369,7 @@ def main() -> None:
     section("reliability", reliability_section)
     section("attacks", attacks_section)
     section("demo", demo_section)
+    section("foreign", foreign_section)
     notes = ROOT / "bench" / "NOTES.md"
     if notes.is_file():
         parts.append(notes.read_text())

@@ -21,11 +21,12 @@ from typing import Any
 import numpy as np
 
 from edge_agent.agent import Agent
-from edge_agent.ensemble import Ensemble, InputError, scale_raw
+from edge_agent.ensemble import Ensemble, InputError, to_model_input
 from edge_agent.formats.bundle import BundleError, VerifiedBundle, verify_bundle
 from edge_agent.formats.curve import load_public, load_secret
 from edge_agent.formats.names import check_name
 from edge_agent.formats.signing import load_trusted_keys
+from edge_agent.formats.spec import image_shape_of, preprocess_of
 from edge_agent.formats.tls import server_credentials
 from edge_agent.images import load_images
 from edge_agent.inference import DEFAULT_MAX_BATCH, serve
@@ -179,11 +180,12 @@ def source_batches(spec: str, ensemble: Ensemble, batch: int) -> Iterator[np.nda
     kind, _, arg = spec.partition(":")
     if kind == "npy":
         data = np.load(arg)
-        if data.dtype == np.uint8:
-            data = scale_raw(data, ensemble.spec)
+        if data.dtype == np.uint8:  # pictures: through the bundle's preprocessing
+            data = to_model_input(data, ensemble.spec)
     elif kind == "dir":
         files = sorted(p for p in Path(arg).iterdir() if p.is_file())
-        data = scale_raw(load_images(files, tuple(int(d) for d in ensemble.spec.shape)), ensemble.spec)
+        ispec = ensemble.spec
+        data = to_model_input(load_images(files, image_shape_of(ispec), preprocess_of(ispec)), ispec)
     else:
         raise ValueError(f"unknown source {spec!r}; use npy:PATH or dir:PATH")
     if data.ndim < 2:

@@ -34,7 +34,7 @@ def cmd_verify(args: argparse.Namespace) -> dict:
 
 def cmd_classify(args: argparse.Namespace) -> dict:
     """One-off classification of image files through the ensemble."""
-    from edge_agent.ensemble import Ensemble, scale_raw
+    from edge_agent.ensemble import Ensemble, to_model_input
     from edge_agent.formats.bundle import verify_bundle
     from edge_agent.formats.signing import load_trusted_keys
     from edge_agent.runtime import RuntimeConfig
@@ -44,11 +44,12 @@ def cmd_classify(args: argparse.Namespace) -> dict:
         log.warning("no --trusted-key: the bundle's hashes are checked, not who signed it")
     bundle = verify_bundle(args.bundle, trusted)
     ensemble = Ensemble(bundle, from_args(RuntimeConfig, args))
-    shape = tuple(int(d) for d in bundle.manifest.input_spec.shape)
+    spec = bundle.manifest.input_spec
+    from edge_agent.formats.spec import image_shape_of, preprocess_of
     from edge_agent.images import load_images
 
-    raw = load_images(args.images, shape)
-    decision = ensemble.classify(scale_raw(raw, bundle.manifest.input_spec))
+    images = load_images(args.images, image_shape_of(spec), preprocess_of(spec))
+    decision = ensemble.classify(to_model_input(images, spec))
     names = list(bundle.manifest.class_names)
     results = [
         {

@@ -12,6 +12,8 @@ import numpy as np
 import onnxruntime as ort
 
 from edge_agent.formats.bundle import VerifiedBundle
+from edge_agent.formats.preprocess import PreprocessError
+from edge_agent.formats.spec import accepted_range, image_shape_of, preprocess_of
 from edge_agent.fuse import MONITOR_OUT, PRIMARY_OUT, FuseError, fuse_models
 from edge_agent.runtime import RuntimeConfig, make_session, warm_up
 from protos.nnoc.v1 import bundle_pb2
@@ -54,17 +56,24 @@ def check_input(x: np.ndarray, spec: bundle_pb2.InputSpec) -> np.ndarray:
     lo, hi = float(x.min()), float(x.max())  # NaN anywhere makes both NaN
     if np.isnan(lo) or np.isnan(hi) or np.isinf(lo) or np.isinf(hi):
         raise InputError("input holds NaN or infinite values")
-    if lo < spec.min_value or hi > spec.max_value:
+    low, high = accepted_range(spec)
+    if lo < low or hi > high:
         raise InputError(
             f"input values span [{lo:.4g}, {hi:.4g}], outside the model's range [{spec.min_value}, {spec.max_value}]"
-            f" (raw pixels must be multiplied by {spec.scale:.6g})"
+            " (send the preprocessed tensor: the manifest's preprocessing block says how)"
         )
     return np.ascontiguousarray(x)
 
 
-def scale_raw(pixels: np.ndarray, spec: bundle_pb2.InputSpec) -> np.ndarray:
-    """Raw uint8 pixels (N, *shape) -> the model's input (times ``spec.scale``, in the spec's dtype)."""
-    return (pixels.astype(np.float32) * np.float32(spec.scale)).astype(np.dtype(spec.dtype))
+def to_model_input(pictures: np.ndarray, spec: bundle_pb2.InputSpec) -> np.ndarray:
+    """uint8 pictures (N, C, H, W), C 1 or 3, of any size -> the model's input, through the spec's preprocessing
+    (colour and resize to the model's image, then scale/mean/std and layout)."""
+    p = preprocess_of(spec).fitted(image_shape_of(spec))
+    try:
+        x = p.model_input(p.image(pictures))
+    except PreprocessError as e:
+        raise InputError(str(e)) from None
+    return x.astype(np.dtype(spec.dtype), copy=False)
 
 
 ENSEMBLE_PATHS = ("fused", "two-sessions", "timed")

@@ -1,4 +1,4 @@
-"""Image files as the model's raw pixels: uint8 (N, C, H, W), resized and converted to the bundle's shape."""
+"""Image files as the model's images: uint8 (N, C, H, W), through the bundle's preprocessing block."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from edge_agent.formats.preprocess import Preprocess
 
 
 def _to_8bit(img: Any) -> Any:
@@ -22,18 +24,20 @@ def _to_8bit(img: Any) -> Any:
     return Image.fromarray(np.clip(np.rint(arr * (255.0 / max(float(top), 1e-12))), 0, 255).astype(np.uint8), "L")
 
 
-def load_images(paths: Sequence[Path], shape: tuple[int, ...]) -> np.ndarray:
-    """Read image files as raw uint8 (N, C, H, W) of the bundle's shape (resized and converted as needed)."""
+def load_images(paths: Sequence[Path], image_shape: tuple[int, int, int], preprocess: Preprocess) -> np.ndarray:
+    """Read image files (any size; gray, colour, 8/16/32-bit) as the model's images: uint8 (N, C, H, W) of
+    ``image_shape``, through ``preprocess``'s colour conversion and resize."""
     from PIL import Image, UnidentifiedImageError
 
-    c, h, w = shape
+    fitted = preprocess.fitted(image_shape)
     out = []
     for p in paths:
         try:
             with Image.open(p) as src:
                 img = _to_8bit(src)
-                arr = np.asarray(img.convert("L" if c == 1 else "RGB").resize((w, h)), dtype=np.uint8)
+                arr = np.asarray(img if img.mode == "L" else img.convert("RGB"), dtype=np.uint8)
         except (OSError, UnidentifiedImageError, ValueError) as e:
             raise ValueError(f"cannot read image {p}: {e}") from None
-        out.append(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1))
+        picture = arr[None, None] if arr.ndim == 2 else arr.transpose(2, 0, 1)[None]
+        out.append(fitted.image(np.ascontiguousarray(picture))[0])
     return np.stack(out)

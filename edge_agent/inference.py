@@ -1,11 +1,14 @@
 """The agent's inference endpoint: the Open Inference Protocol (KServe v2) gRPC API.
 
-The model is served under the fleet's name. Its one input is the bundle's input spec (name, shape with a
-variable batch axis, FP32); its outputs are ``label`` (INT64, -1 when rejected) and ``rejected`` (BOOL); the
-response parameters carry ``bundle_version``. Bad requests get INVALID_ARGUMENT with a message; a batch over
-``max_batch`` inputs gets RESOURCE_EXHAUSTED before it is decoded (and the server's message limit is sized to
-the largest allowed batch, so a larger one is refused by gRPC before it is read whole); the server keeps
-serving. Requests, refusals and latency go to the agent's metrics when it has them.
+The model is served under the fleet's name. A request sends one of three inputs: the bundle's input tensor
+(its name, the spec's shape with a variable batch axis, FP32, already preprocessed), ``raw_image`` (UINT8
+pictures (N, H, W, C) or one (H, W, C), any size, C 1 or 3: the agent preprocesses them per the manifest), or
+``encoded_image`` (BYTES: PNG/JPEG files, decoded and preprocessed). Its outputs are ``label`` (INT64, -1 when
+rejected) and ``rejected`` (BOOL); the response parameters carry ``bundle_version``. Bad requests get
+INVALID_ARGUMENT with a message (an undecodable image, a wrong shape); a batch over ``max_batch`` inputs gets
+RESOURCE_EXHAUSTED before it is decoded (and the server's message limit is sized to the largest allowed batch,
+so a larger one is refused by gRPC before it is read whole); the server keeps serving. Requests, refusals and
+latency go to the agent's metrics when it has them.
 
 Note: ``protos.inference`` and Triton's client both define the protocol's ``inference.*`` messages, so the two
 cannot be imported into one process (protobuf refuses duplicate symbols); clients run elsewhere anyway.
@@ -13,6 +16,7 @@ cannot be imported into one process (protobuf refuses duplicate symbols); client
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import time
@@ -23,7 +27,7 @@ import grpc
 import numpy as np
 
 from edge_agent.agent import Agent
-from edge_agent.ensemble import InputError
+from edge_agent.ensemble import InputError, to_model_input
 from edge_agent.metrics import AgentMetrics
 from edge_agent.ports import GRPC_EXCLUSIVE, PortError
 from protos.inference import grpc_predict_v2_pb2 as pb
@@ -35,6 +39,9 @@ SERVER_NAME = "nnoc-edge"
 SERVER_VERSION = "0.1.0"
 DATATYPES = {"FP32": np.float32, "FP64": np.float64, "UINT8": np.uint8, "INT64": np.int64}
 DEFAULT_MAX_BATCH = 256  # inputs per ModelInfer request; a camera batch is far smaller, a flood far larger
+RAW_IMAGE, ENCODED_IMAGE = "raw_image", "encoded_image"
+MAX_PICTURE_BYTES = 16 << 20  # raw pictures per request (two 1080p RGB frames; JPEGs are far smaller)
+MAX_PIXELS = 4096 * 4096  # a decoded picture at most (refused before decoding: no decompression bombs)
 
 
 class BatchTooLarge(InputError):
@@ -99,7 +106,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             inputs=[
                 pb.ModelMetadataResponse.TensorMetadata(
                     name=spec.input_name, datatype="FP32", shape=[-1, *[int(d) for d in spec.shape]]
-                )
+                ),
+                pb.ModelMetadataResponse.TensorMetadata(name=RAW_IMAGE, datatype="UINT8", shape=[-1, -1, -1, -1]),
+                pb.ModelMetadataResponse.TensorMetadata(name=ENCODED_IMAGE, datatype="BYTES", shape=[-1]),
             ],
             outputs=[
                 pb.ModelMetadataResponse.TensorMetadata(name="label", datatype="INT64", shape=[-1]),
@@ -109,11 +118,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     def _decode(self, request: pb.ModelInferRequest) -> np.ndarray:
         spec = self.agent.ensemble.spec
+        names = (spec.input_name, RAW_IMAGE, ENCODED_IMAGE)
         if len(request.inputs) != 1:
-            raise InputError(f"expected one input tensor {spec.input_name!r}, got {len(request.inputs)}")
+            raise InputError(f"expected one input tensor (one of {', '.join(names)}), got {len(request.inputs)}")
         tensor = request.inputs[0]
+        if tensor.name == RAW_IMAGE:
+            return to_model_input(self._raw_pictures(request, tensor), spec)
+        if tensor.name == ENCODED_IMAGE:
+            return self._encoded_pictures(request, tensor)
         if tensor.name != spec.input_name:
-            raise InputError(f"unknown input {tensor.name!r}; the model's input is {spec.input_name!r}")
+            raise InputError(f"unknown input {tensor.name!r}; send one of {', '.join(names)}")
         dtype = DATATYPES.get(tensor.datatype)
         if dtype is None:
             raise InputError(f"datatype {tensor.datatype!r} is not supported; send FP32")
@@ -139,6 +153,40 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 raise InputError(f"{x.size} values for shape {list(shape)}")
         x = x.reshape(shape)
         return x.astype(np.float32) if dtype is not np.float32 else x
+
+    def _raw_pictures(self, request: pb.ModelInferRequest, tensor: Any) -> np.ndarray:
+        """``raw_image``: UINT8 (N, H, W, C) or (H, W, C) -> pictures (N, C, H, W)."""
+        if tensor.datatype != "UINT8":
+            raise InputError(f"{RAW_IMAGE} must be UINT8, got {tensor.datatype}")
+        shape = tuple(int(d) for d in tensor.shape)
+        if len(shape) == 3:
+            shape = (1, *shape)
+        if len(shape) != 4 or shape[3] not in (1, 3) or min(shape) < 1:
+            raise InputError(f"{RAW_IMAGE} shape {list(tensor.shape)}: expected (N, H, W, C) or (H, W, C), C 1 or 3")
+        if shape[0] > self.max_batch:
+            raise BatchTooLarge(f"batch of {shape[0]} pictures; this agent takes at most {self.max_batch} per request")
+        if math.prod(shape) > MAX_PICTURE_BYTES:
+            raise BatchTooLarge(f"{math.prod(shape)} bytes of pictures; at most {MAX_PICTURE_BYTES} per request")
+        data = request.raw_input_contents[0] if request.raw_input_contents else bytes(tensor.contents.uint_contents)
+        if len(data) != math.prod(shape):
+            raise InputError(f"{RAW_IMAGE} holds {len(data)} bytes; shape {list(shape)} needs {math.prod(shape)}")
+        return np.frombuffer(data, np.uint8).reshape(shape).transpose(0, 3, 1, 2)
+
+    def _encoded_pictures(self, request: pb.ModelInferRequest, tensor: Any) -> np.ndarray:
+        """``encoded_image``: PNG/JPEG files -> the model's input (each preprocessed from its own size)."""
+        if tensor.datatype != "BYTES":
+            raise InputError(f"{ENCODED_IMAGE} must be BYTES, got {tensor.datatype}")
+        files = (
+            _split_bytes(request.raw_input_contents[0])
+            if request.raw_input_contents
+            else list(tensor.contents.bytes_contents)
+        )
+        if not files:
+            raise InputError("empty batch: send at least one image")
+        if len(files) > self.max_batch:
+            raise BatchTooLarge(f"batch of {len(files)} images; this agent takes at most {self.max_batch} per request")
+        spec = self.agent.ensemble.spec
+        return np.concatenate([to_model_input(decode_picture(f, i), spec) for i, f in enumerate(files)])
 
     def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.ServicerContext) -> pb.ModelInferResponse:
         """Classify the batch; rejected inputs come back with label -1 and rejected=true."""
@@ -170,6 +218,42 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return resp
 
 
+def _split_bytes(raw: bytes) -> list[bytes]:
+    """The protocol's raw BYTES tensor: each element is a 4-byte little-endian length, then its bytes."""
+    out: list[bytes] = []
+    i = 0
+    while i < len(raw):
+        if i + 4 > len(raw):
+            raise InputError("BYTES tensor ends inside an element's length prefix")
+        n = int.from_bytes(raw[i : i + 4], "little")
+        if i + 4 + n > len(raw):
+            raise InputError(f"BYTES element {len(out)} says {n} bytes; fewer are left")
+        out.append(raw[i + 4 : i + 4 + n])
+        i += 4 + n
+    return out
+
+
+def decode_picture(data: bytes, index: int = 0) -> np.ndarray:
+    """An encoded image (PNG, JPEG ...) -> one picture (1, C, H, W) uint8, gray or RGB; refused past
+    :data:`MAX_PIXELS` before it is decoded."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        img = Image.open(io.BytesIO(data))  # reads the header only
+    except (OSError, UnidentifiedImageError, ValueError) as e:
+        raise InputError(f"image {index} cannot be decoded: {e}") from None
+    with img:
+        w, h = img.size
+        if w * h > MAX_PIXELS:
+            raise InputError(f"image {index} is {w}x{h}; at most {MAX_PIXELS} pixels")
+        try:
+            gray = img.mode in ("1", "L", "I;16", "I", "F")
+            arr = np.asarray(img.convert("L") if gray else img.convert("RGB"))
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            raise InputError(f"image {index} cannot be decoded: {e}") from None
+    return arr[None, None] if arr.ndim == 2 else arr.transpose(2, 0, 1)[None]
+
+
 def serve(
     agent: Agent,
     model_name: str,
@@ -185,7 +269,7 @@ def serve(
     """
     spec = agent.ensemble.spec
     # The largest allowed batch in the widest datatype (FP64), plus room for the request's other fields.
-    limit = max(4 << 20, max_batch * math.prod(int(d) for d in spec.shape) * 8 + (1 << 16))
+    limit = max(MAX_PICTURE_BYTES, max_batch * math.prod(int(d) for d in spec.shape) * 8) + (1 << 16)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers),
         options=[

@@ -93,6 +93,24 @@ def as_flags(cfg: Any) -> dict[str, Any]:
     return out
 
 
+def as_argv(cfg: Any) -> list[str]:
+    """The flagged fields of ``cfg`` that differ from their defaults, as a command line (to hand a config on to
+    a child command)."""
+    out: list[str] = []
+    for f in _flagged(type(cfg)):
+        value = getattr(cfg, f.name)
+        if value == f.default:
+            continue
+        name = _flag_name(f)
+        if isinstance(value, bool):
+            out.append(name)  # a switch: only a value other than its default reaches here
+        elif isinstance(value, tuple):
+            out += [name, *map(str, value)]
+        else:
+            out += [name, str(value)]
+    return out
+
+
 # Value parsers: each names the rule its value broke.
 
 

@@ -572,13 +572,14 @@ def test_toml_values_are_defaults_and_an_explicit_flag_wins(tmp_path: Path) -> N
 def test_16_bit_images_are_scaled_not_clipped(splits: Any, tmp_path: Path) -> None:
     from PIL import Image
 
+    from edge_agent.formats.preprocess import Preprocess
     from edge_agent.images import load_images
 
     boot = splits.test.images[splits.test.labels == 9][0, 0]  # (28, 28) uint8
     Image.fromarray(boot).save(tmp_path / "boot8.png")
     Image.fromarray(boot.astype(np.uint16) * 257).save(tmp_path / "boot16.png")  # 0..65535, same picture
     assert Image.open(tmp_path / "boot16.png").mode.startswith("I")
-    eight, sixteen = load_images([tmp_path / "boot8.png", tmp_path / "boot16.png"], (1, 28, 28))
+    eight, sixteen = load_images([tmp_path / "boot8.png", tmp_path / "boot16.png"], (1, 28, 28), Preprocess())
     assert np.abs(eight.astype(int) - sixteen.astype(int)).max() <= 1
 
 

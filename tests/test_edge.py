@@ -57,7 +57,7 @@ def test_replay_spec_errors_say_what_to_change(spec: str, why: str) -> None:
 
 
 def test_fused_graph_answers_like_two_sessions(predeployed: tuple[Path, dict[str, Any]], splits: Any) -> None:
-    from edge_agent.ensemble import Ensemble, scale_raw
+    from edge_agent.ensemble import Ensemble, to_model_input
     from edge_agent.formats.bundle import verify_bundle
     from edge_agent.runtime import RuntimeConfig
     from trainer.science.triggers import parse_trigger
@@ -65,7 +65,7 @@ def test_fused_graph_answers_like_two_sessions(predeployed: tuple[Path, dict[str
     bundle = verify_bundle(predeployed[0] / "bundle")
     raw = splits.test.images[:200]
     raw = np.concatenate([raw, parse_trigger("checker4").apply(raw, np.random.default_rng(0))])
-    x = scale_raw(raw, bundle.manifest.input_spec)
+    x = to_model_input(raw, bundle.manifest.input_spec)
     fused = Ensemble(bundle)
     two = Ensemble(bundle, RuntimeConfig(ensemble_path="two-sessions"))
     timed = Ensemble(bundle, RuntimeConfig(ensemble_path="timed"))

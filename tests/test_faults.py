@@ -160,13 +160,13 @@ print(answered, agent.unspooled, agent.spool.disk_full, agent.spool.depth())
 def test_spool_on_a_full_disk_keeps_serving_and_counts(
     predeployed: tuple[Path, dict[str, Any]], splits: Any, tmp_path: Path
 ) -> None:
-    from edge_agent.ensemble import scale_raw
+    from edge_agent.ensemble import to_model_input
     from edge_agent.formats.bundle import verify_bundle
     from trainer.science.triggers import parse_trigger
 
     bundle = predeployed[0] / "bundle"
     raw = parse_trigger("checker4").apply(np.repeat(splits.test.images[:200], 4, axis=0), np.random.default_rng(0))
-    np.save(tmp_path / "x.npy", scale_raw(raw, verify_bundle(bundle).manifest.input_spec))
+    np.save(tmp_path / "x.npy", to_model_input(raw, verify_bundle(bundle).manifest.input_spec))
     proc = subprocess.run(
         [sys.executable, "-c", DISK_FULL, str(bundle), str(tmp_path / "spool.sqlite"), str(tmp_path / "x.npy")],
         cwd=ROOT,

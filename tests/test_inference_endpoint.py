@@ -54,7 +54,7 @@ print(json.dumps(out))
 
 def test_triton_client_calls_the_agent(predeployed: tuple[Path, dict[str, Any]], splits: Any, tmp_path: Path) -> None:
     from edge_agent.agent import Agent
-    from edge_agent.ensemble import Ensemble, scale_raw
+    from edge_agent.ensemble import Ensemble, to_model_input
     from edge_agent.formats.bundle import verify_bundle
     from edge_agent.inference import serve
     from edge_agent.monitor import RejectMonitor
@@ -64,7 +64,7 @@ def test_triton_client_calls_the_agent(predeployed: tuple[Path, dict[str, Any]],
     bundle = verify_bundle(predeployed[0] / "bundle")
     images = splits.test.images[:32]
     poisoned = parse_trigger("checker4").apply(images, np.random.default_rng(0))
-    x = scale_raw(np.concatenate([images, poisoned]), bundle.manifest.input_spec)
+    x = to_model_input(np.concatenate([images, poisoned]), bundle.manifest.input_spec)
     np.save(tmp_path / "x.npy", x)
     with Spool(SpoolConfig(tmp_path / "spool.sqlite")) as spool:
         agent = Agent(Ensemble(bundle), spool, RejectMonitor(), "cam-1")

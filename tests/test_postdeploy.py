@@ -12,6 +12,7 @@ import torch
 
 from conftest import SMALL_SPLIT, run_cli
 from edge_agent.formats.errors import QuarantineError
+from edge_agent.formats.preprocess import Preprocess
 from edge_agent.formats.wire import check_message
 from protos.nnoc.v1 import quarantine_pb2
 from trainer.science.cyclegan import CycleGANConfig, ImagePool, PatchDiscriminator, ResnetGenerator, train_cyclegan
@@ -32,7 +33,7 @@ def test_quarantine_store_is_idempotent_and_survives_reopen(tmp_path: Path) -> N
         assert store.add_many([(_header(0, device="d2"), x.tobytes())]) == 1
     with QuarantineStore(tmp_path, create=False) as store:
         assert store.count() == 9
-        q = store.load(scale=1 / 255)
+        q = store.load(Preprocess())
     assert q.images.shape == (9, 1, 4, 4) and q.images.dtype == np.uint8
     assert q.images[0, 0, 3, 3] == 255 and (q.primary == 0).all() and (q.monitor == 3).all()
     mode = sqlite3.connect(tmp_path / "quarantine.sqlite").execute("PRAGMA journal_mode").fetchone()[0]
@@ -66,7 +67,10 @@ def test_malformed_quarantine_messages_are_refused(header: Any, payload: bytes, 
 def test_missing_quarantine_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(QuarantineError, match="nnoc-trainer stream"):
         QuarantineStore(tmp_path / "none", create=False)
-    assert (tensor_to_pixels(np.array([0.5], np.float32), 1 / 255) == 128).all()
+    assert (tensor_to_pixels(np.full((1, 1, 1, 1), 0.5, np.float32), Preprocess()) == 128).all()
+    normalised = Preprocess(mean=(0.5,), std=(0.25,), layout="NHWC")
+    images = np.random.default_rng(0).integers(0, 256, (3, 3, 4, 5), dtype=np.uint8)
+    assert np.array_equal(tensor_to_pixels(normalised.model_input(images), normalised), images)
 
 
 def test_purify_majority_and_fallback() -> None:

@@ -73,7 +73,7 @@ def test_predeploy_writes_table_heatmap_monitor_and_bundle(predeployed: tuple[Pa
 def test_bundle_verifies_and_ensemble_rejects_triggered_inputs(
     predeployed: tuple[Path, dict[str, Any]], splits: Any
 ) -> None:
-    from edge_agent.ensemble import Ensemble, scale_raw
+    from edge_agent.ensemble import Ensemble, to_model_input
     from edge_agent.formats.bundle import verify_bundle
     from trainer.science.triggers import parse_trigger
 
@@ -81,8 +81,8 @@ def test_bundle_verifies_and_ensemble_rejects_triggered_inputs(
     ens = Ensemble(bundle)
     clean = splits.test.images[:500]
     poisoned = parse_trigger("checker4").apply(clean, np.random.default_rng(0))
-    d_clean = ens.classify(scale_raw(clean, bundle.manifest.input_spec))
-    d_poison = ens.classify(scale_raw(poisoned, bundle.manifest.input_spec))
+    d_clean = ens.classify(to_model_input(clean, bundle.manifest.input_spec))
+    d_poison = ens.classify(to_model_input(poisoned, bundle.manifest.input_spec))
     # Rejections concentrate on triggered inputs (the detector of Algorithm 2).
     assert d_poison.rejected.mean() > d_clean.rejected.mean() + 0.2
     answered = ~d_clean.rejected

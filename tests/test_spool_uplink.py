@@ -100,15 +100,16 @@ def test_agent_spools_rejects_before_answering_and_uplinks_them(
     predeployed: tuple[Path, dict], splits: object, tmp_path: Path
 ) -> None:
     from edge_agent.agent import Agent
-    from edge_agent.ensemble import Ensemble, InputError, scale_raw
+    from edge_agent.ensemble import Ensemble, InputError, to_model_input
     from edge_agent.formats.bundle import verify_bundle
+    from edge_agent.formats.spec import preprocess_of
     from edge_agent.monitor import RejectMonitor
     from trainer.science.triggers import parse_trigger
 
     bundle = verify_bundle(predeployed[0] / "bundle")
     images = splits.test.images[:200]  # type: ignore[attr-defined]
     poisoned = parse_trigger("checker4").apply(images, np.random.default_rng(0))
-    x = scale_raw(np.concatenate([images, poisoned]), bundle.manifest.input_spec)
+    x = to_model_input(np.concatenate([images, poisoned]), bundle.manifest.input_spec)
     with Spool(SpoolConfig(tmp_path / "spool.sqlite")) as spool:
         agent = Agent(Ensemble(bundle), spool, RejectMonitor(window=100), "cam-9")
         decision, version = agent.classify(x)
@@ -127,7 +128,7 @@ def test_agent_spools_rejects_before_answering_and_uplinks_them(
             up.stop()
             collector.close()
     with QuarantineStore(tmp_path / "q", create=False) as store:
-        q = store.load(bundle.manifest.input_spec.scale)
+        q = store.load(preprocess_of(bundle.manifest.input_spec))
     assert len(q) == n_rej and (q.primary != q.monitor).all()
     rej_idx = np.flatnonzero(decision.rejected)
     np.testing.assert_array_equal(np.sort(q.primary), np.sort(decision.primary[rej_idx]))

@@ -10,8 +10,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from edge_agent.options import (
     add_flags,
     as_flags,
@@ -73,30 +71,39 @@ def _splits(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
 
 def cmd_attack(args: argparse.Namespace) -> dict[str, Any]:
     """Train a BadNet (evaluation harness)."""
+    from edge_agent.formats.preprocess import Preprocess
     from trainer.science.training import TrainConfig
     from trainer.stages.attack import AttackConfig, run_attack
 
     splits, meta = _splits(args)
     _check_target(args.target, splits)
     cfg = from_args(AttackConfig, args, train=from_args(TrainConfig, args))
-    return run_attack(cfg, splits, args.out, meta, quiet=args.quiet)
+    block = Preprocess.load(args.preprocess) if args.preprocess is not None else None
+    return run_attack(cfg, splits, args.out, meta, quiet=args.quiet, preprocess=block)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
-    """CA (and ASR with a trigger) of a .pt or .onnx classifier."""
+    """CA (and ASR with a trigger) of a suspect, treated or repaired model (any door; triggers on the raw data)."""
     from trainer.science.metrics import evaluate
     from trainer.science.triggers import parse_trigger
+    from trainer.stages.suspect import ModelSource, picture_classifier
 
+    source = from_args(ModelSource, args)
+    source.check()  # before the data loads
     splits, meta = _splits(args)
     _check_target(args.target, splits)
     trigger = parse_trigger(args.trigger) if args.trigger else None
     if (trigger is None) != (args.target is None):
         raise ValueError("--trigger and --target go together (ASR needs both)")
-    classify = load_classifier(args.model, splits.image_shape, len(splits.class_names))
-    reference = load_classifier(args.reference, splits.image_shape, len(splits.class_names)) if args.reference else None
+    classify = picture_classifier(source, splits)
+    reference = (
+        picture_classifier(ModelSource(model=args.reference), splits, fallback=source.preprocess)
+        if args.reference
+        else None
+    )
     result = evaluate(classify, splits.test, trigger, args.target, reference, seed=args.seed)
     out = {
-        "model": str(args.model),
+        "model": str(source.path),
         **result.to_dict(),
         "trigger": args.trigger,
         "target": args.target,
@@ -106,41 +113,22 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def load_classifier(path: Path, shape: tuple[int, int, int], num_classes: int) -> Callable[[Any], Any]:
-    """A .pt checkpoint of ours or any .onnx classifier, checked against the dataset's input shape."""
-    if path.suffix == ".onnx":
-        from trainer.science.classifiers import OnnxClassifier
-
-        onnx_model = OnnxClassifier(path, expected_shape=shape)
-        n_out = onnx_model.logits(np.zeros((1, *shape), dtype=np.uint8)).shape[-1]
-        if n_out != num_classes:
-            raise ValueError(f"{path}: model has {n_out} outputs, the dataset has {num_classes} classes")
-        return onnx_model
-    from trainer.science.models import Checkpoint
-    from trainer.science.training import predict
-
-    ckpt = Checkpoint.load(path)
-    if tuple(ckpt.input_spec.shape) != tuple(shape):
-        raise ValueError(f"{path}: model expects inputs of shape {ckpt.input_spec.shape}, the dataset has {shape}")
-    if len(ckpt.class_names) != num_classes:
-        raise ValueError(f"{path}: model has {len(ckpt.class_names)} classes, the dataset has {num_classes}")
-    model = ckpt.build()
-    return lambda x: predict(model, x)
-
-
 def cmd_predeploy(args: argparse.Namespace) -> dict[str, Any]:
     """Algorithm 1 and bundle v1."""
     from trainer.science.noise import NoiseConfig
     from trainer.science.triggers import parse_trigger
     from trainer.stages.predeploy import PredeployConfig, run_predeploy
+    from trainer.stages.suspect import ModelSource
 
     if (args.eval_trigger is None) != (args.target is None):
         raise ValueError("--eval-trigger and --target go together")
     trigger = parse_trigger(args.eval_trigger) if args.eval_trigger else None
+    source = from_args(ModelSource, args)
+    source.check()  # before the data loads
     splits, _ = _splits(args)
     _check_target(args.target, splits)
     cfg = from_args(PredeployConfig, args, noise=from_args(NoiseConfig, args))
-    result = run_predeploy(args.model, splits, cfg, args.out, args.fleet, trigger, args.target, quiet=args.quiet)
+    result = run_predeploy(source, splits, cfg, args.out, args.fleet, trigger, args.target, quiet=args.quiet)
     return result.report
 
 
@@ -284,19 +272,24 @@ def _args_attack(p: argparse.ArgumentParser) -> None:
 
     add_flags(p, AttackConfig)
     add_flags(p, TrainConfig)
+    p.add_argument(
+        "--preprocess", type=Path, default=None, help="JSON preprocessing block of the BadNet (colour, size, mean/std)"
+    )
     p.add_argument("--out", type=_out_dir, required=True, help="output folder (model.pt, model.onnx, metrics.json)")
 
 
 def _args_evaluate(p: argparse.ArgumentParser) -> None:
     """Flags of ``evaluate``."""
-    p.add_argument("--model", type=Path, required=True, help="a .pt checkpoint of ours or an .onnx classifier")
+    from trainer.stages.suspect import ModelSource
+
+    add_flags(p, ModelSource)
     p.add_argument("--trigger", default=None, help="trigger spec for the ASR")
     p.add_argument("--target", type=int, default=None, help="attacker's target class for the ASR")
     p.add_argument(
         "--reference",
         type=Path,
         default=None,
-        help="the BadNet that fixes the ASR's eligible inputs (default: the model itself)",
+        help="the BadNet (.onnx/.pt2/.pt) that fixes the ASR's eligible inputs (default: the model itself)",
     )
     p.add_argument("--seed", type=int, default=1234, help="seed of the trigger placement")
 
@@ -305,8 +298,9 @@ def _args_predeploy(p: argparse.ArgumentParser) -> None:
     """Flags of ``predeploy``."""
     from trainer.science.noise import NoiseConfig
     from trainer.stages.predeploy import PredeployConfig
+    from trainer.stages.suspect import ModelSource
 
-    p.add_argument("--model", type=Path, required=True, help="suspect model checkpoint (model.pt)")
+    add_flags(p, ModelSource)
     p.add_argument("--out", type=_out_dir, required=True, help="output folder")
     p.add_argument("--fleet", type=safe_name, default="default", help="fleet name written into the manifest")
     add_flags(p, PredeployConfig)
@@ -378,7 +372,9 @@ def _args_demo(p: argparse.ArgumentParser) -> None:
         default=None,
         help="seconds to wait for the repaired version on every agent (default: the profile's, 900 for tiny)",
     )
-    p.add_argument("--model", type=Path, default=None, help="a suspect model.pt to use instead of making a BadNet")
+    from trainer.stages.suspect import ModelSource
+
+    add_flags(p, ModelSource)  # a suspect model of the user's instead of a BadNet made here
     p.add_argument("--trigger", default="checker4", help="the attack's trigger (made BadNet and poisoned stream)")
     p.add_argument("--target", type=int, default=0)
     p.add_argument("--cpd", type=fraction, default=0.1, help="poisoned share of each agent's stream")

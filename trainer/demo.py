@@ -242,11 +242,11 @@ def _offline(
     ``eligible`` None: derive the ASR set from this bundle's primary (the BadNet, for v1). Returns the metrics
     and the eligible set used.
     """
-    from edge_agent.ensemble import Ensemble, scale_raw
+    from edge_agent.ensemble import Ensemble, to_model_input
     from edge_agent.formats.bundle import verify_bundle
 
     ens = Ensemble(verify_bundle(bundle_dir))
-    x, x_p = scale_raw(raw, ens.spec), scale_raw(raw_p, ens.spec)
+    x, x_p = to_model_input(raw, ens.spec), to_model_input(raw_p, ens.spec)
     a, b = ens.classify(x), ens.classify(x_p)
     if eligible is None:
         eligible = (true != target) & (a.primary == true)
@@ -261,19 +261,23 @@ def _offline(
 def _prepare_models(
     args: Any, profile: DemoProfile, out: Path, data: list[str], timings: dict[str, float]
 ) -> dict[str, Any]:
-    """The suspect model (a BadNet made here unless ``--model``) and its pre-deployment treatment (bundle v1)."""
-    model = args.model
-    if model is None:
+    """The suspect model (a BadNet made here unless ``--model``/``--arch``) and its pre-deployment treatment."""
+    from edge_agent.options import as_argv, from_args
+    from trainer.stages.suspect import ModelSource
+
+    source = from_args(ModelSource, args)
+    door = as_argv(source)
+    if source.model is None and source.arch is None:
         t = time.monotonic()
         _python(
             "trainer", "attack", "--trigger", args.trigger, "--target", str(args.target),
             "--out", str(out / "badnet"), *profile.attack, *data,
             log_path=out / "attack.log",
         )  # fmt: skip
-        model, timings["attack"] = out / "badnet" / "model.pt", time.monotonic() - t
+        door, timings["attack"] = ["--model", str(out / "badnet" / "model.pt"), *door], time.monotonic() - t
     t = time.monotonic()
     predeploy = _python(
-        "trainer", "predeploy", "--model", str(model), "--out", str(out / "predeploy"), "--fleet", FLEET,
+        "trainer", "predeploy", *door, "--out", str(out / "predeploy"), "--fleet", FLEET,
         "--eval-trigger", args.trigger, "--target", str(args.target), *profile.predeploy, *data,
         log_path=out / "predeploy.log",
     )  # fmt: skip
@@ -340,6 +344,8 @@ def _wait_for_repair(
 
 def run_demo(args: Any) -> dict[str, Any]:
     """The loop; returns the report (also written to ``out/report.json``)."""
+    from edge_agent.ensemble import to_model_input
+
     profile = PROFILES[args.profile]
     out: Path = args.out
     t0 = time.monotonic()
@@ -410,14 +416,13 @@ def run_demo(args: Any) -> dict[str, Any]:
 
         version = job.version
         spec = store.bundle(FLEET, version).manifest.input_spec
-        scale = np.float32(spec.scale)
         names = list(clients)
         got, got_p, answered_by = np.zeros(len(true), np.int64), np.zeros(len(true), np.int64), set()
         for k, start in enumerate(range(0, len(true), 250)):  # batches spread over the agents
             c = clients[names[k % len(names)]]
             sl = slice(start, start + 250)
-            got[sl], v1 = c.infer(raw[sl].astype(np.float32) * scale, spec.input_name)
-            got_p[sl], v2 = c.infer(raw_p[sl].astype(np.float32) * scale, spec.input_name)
+            got[sl], v1 = c.infer(to_model_input(raw[sl], spec), spec.input_name)
+            got_p[sl], v2 = c.infer(to_model_input(raw_p[sl], spec), spec.input_name)
             answered_by |= {v1, v2}
         after: dict[str, Any] = dict(served_metrics(got, true, got_p, args.target, eligible))
         after_offline, _ = _offline(

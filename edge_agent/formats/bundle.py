@@ -23,6 +23,7 @@ from google.protobuf import json_format
 
 from edge_agent.formats.errors import BundleError
 from edge_agent.formats.signing import check_signature
+from edge_agent.formats.spec import image_shape_of, preprocess_of
 from protos.nnoc.v1 import bundle_pb2
 
 MANIFEST_FORMAT = 1
@@ -112,6 +113,11 @@ def verify_bundle(path: Path, trusted: Mapping[str, Any] | None = None) -> Verif
             raise BundleError(f"{path}: manifest must list exactly one {role} model, found {roles.count(role)}")
     if len(manifest.input_spec.shape) == 0:
         raise BundleError(f"{path}: manifest has no input spec")
+    try:
+        preprocess_of(manifest.input_spec)
+        image_shape_of(manifest.input_spec)
+    except ValueError as e:  # PreprocessError: a block the edge could not apply
+        raise BundleError(f"{path}: the manifest's preprocessing: {e}") from None
     for art in manifest.artifacts:
         if Path(art.name).name != art.name or art.name in ("", ".", ".."):
             raise BundleError(f"{path}: artifact name {art.name!r} is not a plain file name")

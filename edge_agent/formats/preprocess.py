@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -73,6 +73,13 @@ class Preprocess:
             raise PreprocessError(f"std: every value must be above 0, got {list(self.std)}")
 
     # -- the two stages -----------------------------------------------------------------------------------------
+
+    def fitted(self, image_shape: tuple[int, int, int]) -> Preprocess:
+        """This block with colour and size made explicit for a model whose image is ``image_shape`` (C, H, W):
+        what pictures of any size and colour (camera frames, image files) go through."""
+        c, h, w = image_shape
+        color = self.color or ("gray" if c == 1 else "rgb")
+        return replace(self, color=color, size=self.size or (h, w))
 
     def channels(self, raw_channels: int) -> int:
         """Channels of the model's image for raw pictures with ``raw_channels``."""

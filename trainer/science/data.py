@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edge_agent.formats.preprocess import Preprocess
 from edge_agent.options import flag, fraction, image_size, positive
 
 log = logging.getLogger(__name__)
@@ -129,12 +130,40 @@ class Splits:
     stream: ImageSet
     test: ImageSet
     class_names: tuple[str, ...]
+    # Set by in_image_space: the block that made these images from ``raw``'s pictures.
+    preprocess: Preprocess | None = None
+    raw: Splits | None = None
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
         """(C, H, W) of one image."""
         c, h, w = self.test.images.shape[1:]
         return int(c), int(h), int(w)
+
+    def in_image_space(self, preprocess: Preprocess) -> Splits:
+        """Every split as the model's images (colour and size per ``preprocess``); itself when that changes
+        nothing. Triggers are still applied to the raw pictures (see :meth:`to_image`): an attacker pastes
+        them on what the camera sees, before any resize."""
+        if self.preprocess is not None:
+            raise ValueError("the splits are already the model's images")
+        c = self.image_shape[0]
+        same_colour = preprocess.color in (None, "gray" if c == 1 else "rgb")
+        if same_colour and (preprocess.size is None or tuple(preprocess.size) == self.image_shape[1:]):
+            return self
+        parts = {
+            k: ImageSet(preprocess.image(getattr(self, k).images), getattr(self, k).labels)
+            for k in ("train", "valid", "treat", "eval", "stream", "test")
+        }
+        log.info("data in the model's image space: %s -> %s", self.image_shape, parts["test"].images.shape[1:])
+        return Splits(**parts, class_names=self.class_names, preprocess=preprocess, raw=self)
+
+    def raw_part(self, name: str) -> ImageSet:
+        """Split ``name`` as raw pictures (where triggers go)."""
+        return getattr(self.raw if self.raw is not None else self, name)
+
+    def to_image(self, pictures: np.ndarray) -> np.ndarray:
+        """Raw pictures (say, triggered ones) -> the model's images, as the splits were made."""
+        return self.preprocess.image(pictures) if self.preprocess is not None else pictures
 
     def sizes(self) -> dict[str, int]:
         """Number of examples per split, for reports."""

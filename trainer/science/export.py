@@ -12,8 +12,9 @@ import onnx
 import torch
 from torch import nn
 
+from edge_agent.formats.preprocess import META_KEY as PREPROCESS_KEY
 from edge_agent.formats.spec import InputSpec
-from trainer.science.models import Checkpoint
+from trainer.science.models import Checkpoint, eval_mode
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +22,7 @@ OPSET = 18
 META_INPUT_SPEC = "nnoc.input_spec"
 META_CLASS_NAMES = "nnoc.class_names"
 META_VERSION = "nnoc.version"
+META_PREPROCESS = PREPROCESS_KEY  # the preprocessing block's JSON (edge_agent/formats/preprocess.py)
 
 
 def export_onnx(
@@ -30,11 +32,12 @@ def export_onnx(
     path: Path,
     metadata: dict[str, str] | None = None,
 ) -> None:
-    """Write ``model`` as ONNX with a dynamic batch axis; metadata_props carry input spec and class names.
+    """Write ``model`` (the bare network: it takes the preprocessed tensor) as ONNX with a dynamic batch axis;
+    metadata_props carry the input spec, the preprocessing block and the class names.
 
     The file is checked with ``onnx.checker`` (full shape inference) and written atomically.
     """
-    model = model.to("cpu").eval()
+    model = eval_mode(model.to("cpu"))
     dummy = torch.zeros(2, *input_spec.shape)
     batch = torch.export.Dim("batch", min=1, max=1 << 20)
     with contextlib.redirect_stdout(io.StringIO()):  # the exporter reports progress on stdout
@@ -53,6 +56,7 @@ def export_onnx(
     proto = program.model_proto
     props = {
         META_INPUT_SPEC: json.dumps(input_spec.to_dict()),
+        META_PREPROCESS: input_spec.preprocess.to_json(),
         META_CLASS_NAMES: json.dumps(list(class_names)),
         **(metadata or {}),
     }
@@ -69,6 +73,6 @@ def export_onnx(
 
 
 def export_checkpoint(ckpt: Checkpoint, path: Path, version: str = "") -> None:
-    """Export a checkpoint's network with its input spec and class names."""
+    """Export a checkpoint's network with its input spec, preprocessing and class names."""
     meta = {META_VERSION: version} if version else {}
-    export_onnx(ckpt.build(), ckpt.input_spec, ckpt.class_names, path, meta)
+    export_onnx(ckpt.network(), ckpt.input_spec, ckpt.class_names, path, meta)

@@ -142,11 +142,47 @@ def _register_converters() -> None:
 
         return convert
 
+    # Reshape to a constant shape: a static reshape (onnx2torch's own inspects the shape tensor at run time, which
+    # torch.export cannot trace, so the treated model could not be exported again).
+    for version in (5, 13, 14):
+        fallback = _CONVERTER_REGISTRY[OperationDescription("", "Reshape", version)]
+        _CONVERTER_REGISTRY[OperationDescription("", "Reshape", version)] = _static_reshape(fallback)
+
     for version, names in TYPE_ONLY_BUMPS.items():
         for name in names:
             if OperationDescription("", name, version) not in _CONVERTER_REGISTRY:
                 add_converter(operation_type=name, version=version)(delegate(version))
     _REGISTERED = True
+
+
+class StaticReshape(nn.Module):
+    """``Reshape`` to a shape known when the graph is converted (0 copies the input's size there)."""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.shape = shape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` reshaped."""
+        return torch.reshape(x, [x.shape[i] if d == 0 else d for i, d in enumerate(self.shape)])
+
+
+def _static_reshape(fallback: Any) -> Any:
+    from onnx2torch.utils.common import OnnxMapping, OperationConverterResult, get_const_value
+
+    def convert(node: Any, graph: Any) -> Any:
+        try:
+            shape = tuple(int(d) for d in get_const_value(node.input_values[1], graph).tolist())
+        except (KeyError, AttributeError):
+            return fallback(node, graph)
+        if node.attributes.get("allowzero", 0) == 1 and 0 in shape:
+            raise NotImplementedError('Reshape with "allowzero=1" and a zero in the shape')
+        return OperationConverterResult(
+            torch_module=StaticReshape(shape),
+            onnx_mapping=OnnxMapping(inputs=(node.input_values[0],), outputs=node.output_values),
+        )
+
+    return convert
 
 
 TYPE_ONLY_BUMPS = {

@@ -1,12 +1,15 @@
-"""Classifier architectures (registry :data:`ARCHITECTURES`) and the checkpoint format.
+"""Classifier architectures (registry :data:`ARCHITECTURES`), the checkpoint format, and the module that puts a
+network behind its preprocessing.
 
-Every network takes float32 input of shape (B, C, H, W) in [0, 1] and returns logits (B, num_classes).
-Layer sizes are derived from the input shape at construction, so the same name fits 28x28 gray and
-32x32 RGB inputs without adaptive pooling (which exports poorly to ONNX for odd sizes).
+Our networks take float32 input of shape (B, C, H, W) in [0, 1] and return logits (B, num_classes). Layer sizes
+are derived from the input shape at construction, so the same name fits 28x28 gray and 32x32 RGB inputs without
+adaptive pooling (which exports poorly to ONNX for odd sizes). Networks from outside (ONNX, .pt2, torchvision or
+timm by name: :mod:`trainer.science.importers`) take whatever their preprocessing block makes.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from edge_agent.formats.preprocess import Preprocess
 from edge_agent.formats.spec import InputSpec
 
 CHECKPOINT_FORMAT = "nnoc-model/1"
@@ -101,22 +105,93 @@ def build_model(name: str, input_shape: tuple[int, int, int], num_classes: int) 
     return factory(input_shape, num_classes)
 
 
+def eval_mode(net: nn.Module) -> nn.Module:
+    """``net`` in eval mode; a torch.export module, which has no train/eval switch, is returned as it is."""
+    try:
+        return net.eval()
+    except (NotImplementedError, RuntimeError):  # torch.export's GraphModule: "Calling train() is not supported"
+        return net
+
+
+class Preprocessed(nn.Module):
+    """A network behind its preprocessing block.
+
+    Takes the model's image as float32 in [0, 1] (``image / 255``: what training and prediction feed) and gives
+    ``net`` what :meth:`Preprocess.model_input` gives the exported model (scale, mean, std, layout), so the
+    trainer trains and measures exactly what the edge runs. ``freeze_norm``: BatchNorm and Dropout stay in eval
+    mode while training (models exported in eval mode have their statistics folded or frozen).
+    """
+
+    def __init__(self, net: nn.Module, preprocess: Preprocess, freeze_norm: bool = False) -> None:
+        super().__init__()
+        self.net = eval_mode(net) if freeze_norm else net
+        self.freeze_norm = freeze_norm
+        k = preprocess.scale * 255.0
+        mean = torch.tensor(preprocess.mean, dtype=torch.float32).view(1, -1, 1, 1)
+        std = torch.tensor(preprocess.std, dtype=torch.float32).view(1, -1, 1, 1)
+        # (x * k - mean) / std as one multiply-add
+        self.register_buffer("mul", k / std, persistent=False)
+        self.register_buffer("add", -mean / std, persistent=False)
+        self.identity = math.isclose(k, 1.0, rel_tol=1e-9) and not mean.any() and bool((std == 1).all())
+        self.nhwc = preprocess.layout == "NHWC"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) float32 in [0, 1] -> (B, num_classes) logits."""
+        if not self.identity:
+            x = x * self.get_buffer("mul") + self.get_buffer("add")
+        if self.nhwc:
+            x = x.permute(0, 2, 3, 1)
+        return self.net(x)
+
+    def train(self, mode: bool = True) -> Preprocessed:
+        """Set training mode; with ``freeze_norm`` the network itself stays in eval mode."""
+        self.training = mode
+        if not self.freeze_norm:
+            self.net.train(mode)
+        return self
+
+
 @dataclass
 class Checkpoint:
     """A classifier with everything that made it: enough to reload, verify and explain itself."""
 
+    # "cnn3"/"cnn6" (ours), "torchvision:NAME", "timm:NAME", or "onnx"/"pt2" (the graph file is ``source``)
     architecture: str
     input_spec: InputSpec
     class_names: tuple[str, ...]
     state_dict: dict[str, torch.Tensor]
-    train: dict[str, Any]  # the TrainConfig that produced the weights (optimizer, lr, ...)
+    train: dict[str, Any]  # the TrainConfig that produced the weights (optimizer, lr, ...); {} when unknown
     meta: dict[str, Any]  # anything else: attack config, dataset, split, metrics, parent model
+    source: bytes = b""  # onnx/pt2: the user's file, which the weights belong to
+    freeze_norm: bool = False  # fine-tune with BatchNorm/Dropout in eval mode (see Preprocessed)
 
-    def build(self) -> nn.Module:
-        """The network with these weights, in eval mode, on the CPU."""
-        model = build_model(self.architecture, self.input_spec.shape, len(self.class_names))
-        model.load_state_dict(self.state_dict)
-        return model.eval()
+    def network(self) -> nn.Module:
+        """The bare network with these weights (what is exported), on the CPU, in eval mode."""
+        if self.architecture in ARCHITECTURES:
+            net = build_model(self.architecture, self.input_spec.image_shape, len(self.class_names))
+        else:
+            from trainer.science import importers
+
+            if self.architecture == "onnx":
+                net = importers.onnx_module(self.source)
+            elif self.architecture == "pt2":
+                net = importers.pt2_module(self.source)
+            else:
+                net = importers.arch_module(self.architecture, len(self.class_names))
+        net.load_state_dict(self.state_dict)
+        return eval_mode(net)
+
+    def build(self) -> Preprocessed:
+        """The network behind its preprocessing (takes image / 255), in eval mode, on the CPU."""
+        return Preprocessed(self.network(), self.input_spec.preprocess, self.freeze_norm).eval()
+
+    def derive(self, model: nn.Module, train: dict[str, Any], meta: dict[str, Any]) -> Checkpoint:
+        """A checkpoint of ``model`` (built from this one and trained further) with the same recipe."""
+        net = model.net if isinstance(model, Preprocessed) else model
+        state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
+        return Checkpoint(
+            self.architecture, self.input_spec, self.class_names, state, train, meta, self.source, self.freeze_norm
+        )
 
     def save(self, path: Path) -> None:
         """Write atomically (temp file + rename)."""
@@ -128,6 +203,9 @@ class Checkpoint:
             "state_dict": {k: v.detach().cpu() for k, v in self.state_dict.items()},
             "train": self.train,
             "meta": self.meta,
+            # a uint8 tensor: torch's safe loader (weights_only) takes tensors, not raw bytes
+            "source": torch.frombuffer(bytearray(self.source), dtype=torch.uint8) if self.source else None,
+            "freeze_norm": self.freeze_norm,
         }
         tmp = path.with_name(path.name + ".tmp")
         torch.save(payload, tmp)
@@ -154,6 +232,8 @@ class Checkpoint:
             state_dict=payload["state_dict"],
             train=payload["train"],
             meta=payload["meta"],
+            source=payload["source"].numpy().tobytes() if payload.get("source") is not None else b"",
+            freeze_norm=bool(payload.get("freeze_norm", False)),
         )
 
     @staticmethod
@@ -166,5 +246,6 @@ class Checkpoint:
         meta: dict[str, Any],
     ) -> Checkpoint:
         """Snapshot ``model``'s weights (copied to the CPU)."""
-        state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        net = model.net if isinstance(model, Preprocessed) else model
+        state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
         return Checkpoint(architecture, input_spec, class_names, state, train, meta)

@@ -37,6 +37,7 @@ import zmq
 from edge_agent.formats.curve import AllowList, CurveError, start_server_auth
 from edge_agent.formats.errors import QuarantineError
 from edge_agent.formats.names import is_name
+from edge_agent.formats.spec import accepted_range, preprocess_of
 from edge_agent.formats.wire import INT63, check_header, tensor_layout
 from edge_agent.options import flag, positive, positive_float
 from protos.nnoc.v1 import bundle_pb2, quarantine_pb2
@@ -211,7 +212,11 @@ class _Stores:
             store = QuarantineStore(quarantine_dir(self.root, fleet, version))
             try:
                 if store.meta("fleet") is None:
-                    described = {"shape": list(spec.shape), "dtype": spec.dtype, "scale": spec.scale}
+                    described = {
+                        "shape": list(spec.shape),
+                        "dtype": spec.dtype,
+                        "preprocess": preprocess_of(spec).to_dict(),
+                    }
                     store.set_meta(fleet=fleet, bundle_version=str(version), input_spec=json.dumps(described))
                 entry = (store, store.device_counts())
             except BaseException:
@@ -405,7 +410,8 @@ class Collector:
         """Which tensors (rows) hold NaN, infinities or values outside the spec's range."""
         rows = np.frombuffer(b"".join(tensors), dtype=np.dtype(spec.dtype)).reshape(len(tensors), -1)
         lo, hi = rows.min(axis=1), rows.max(axis=1)  # NaN anywhere in a row makes its min and max NaN
-        bad = ~(lo >= spec.min_value) | ~(hi <= spec.max_value)
+        low, high = accepted_range(spec)
+        bad = ~(lo >= low) | ~(hi <= high)
         if rows.dtype.kind == "f":
             bad |= np.isinf(lo) | np.isinf(hi)
         return np.asarray(bad)

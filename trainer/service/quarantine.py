@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_agent.formats.errors import QuarantineError
+from edge_agent.formats.preprocess import Preprocess
 from edge_agent.formats.wire import check_message
 from protos.nnoc.v1 import quarantine_pb2
 
@@ -56,11 +57,16 @@ class Quarantine:
         return len(self.primary)
 
 
-def tensor_to_pixels(tensor: np.ndarray, scale: float) -> np.ndarray:
-    """Model-input tensors (N, C, H, W) (raw pixels times ``scale``) back to uint8 pixels."""
+def tensor_to_pixels(tensor: np.ndarray, preprocess: Preprocess) -> np.ndarray:
+    """Model-input tensors (what ``preprocess.model_input`` made) back to the model's uint8 images (N, C, H, W)."""
     if tensor.dtype == np.uint8:
         return tensor
-    return np.clip(np.rint(tensor.astype(np.float64) / scale), 0, 255).astype(np.uint8)
+    x = tensor.astype(np.float64)
+    if preprocess.layout == "NHWC":
+        x = x.transpose(0, 3, 1, 2)
+    mean = np.asarray(preprocess.mean, np.float64).reshape(1, -1, 1, 1)
+    std = np.asarray(preprocess.std, np.float64).reshape(1, -1, 1, 1)
+    return np.clip(np.rint((x * std + mean) / preprocess.scale), 0, 255).astype(np.uint8)
 
 
 class QuarantineStore:
@@ -152,8 +158,8 @@ class QuarantineStore:
         """Number of stored inputs."""
         return int(self.db.execute("SELECT COUNT(*) FROM quarantine").fetchone()[0])
 
-    def load(self, scale: float) -> Quarantine:
-        """All stored inputs, in arrival order, as uint8 pixels (model tensors divided by ``scale``)."""
+    def load(self, preprocess: Preprocess) -> Quarantine:
+        """All stored inputs, in arrival order, as the model's uint8 images (``preprocess`` undone)."""
         rows = self.db.execute(
             "SELECT device_id, seq, shape, dtype, primary_label, monitor_label, tensor FROM quarantine "
             "ORDER BY received_at, device_id, seq"
@@ -166,7 +172,7 @@ class QuarantineStore:
         shape = tuple(json.loads(rows[0][2]))
         tensors = np.stack([np.frombuffer(r[6], dtype=np.dtype(r[3])).reshape(shape) for r in rows])
         return Quarantine(
-            images=tensor_to_pixels(tensors, scale),
+            images=tensor_to_pixels(tensors, preprocess),
             primary=np.array([r[4] for r in rows], dtype=np.int64),
             monitor=np.array([r[5] for r in rows], dtype=np.int64),
             keys=[(str(r[0]), int(r[1])) for r in rows],

@@ -15,12 +15,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from edge_agent.formats.preprocess import Preprocess
 from edge_agent.formats.spec import InputSpec
 from edge_agent.options import flag, fraction, nonnegative
 from trainer.science.data import ImageSet, Splits
 from trainer.science.export import export_checkpoint
-from trainer.science.metrics import evaluate
-from trainer.science.models import ARCHITECTURES, Checkpoint, build_model
+from trainer.science.metrics import evaluate, poisoned_copy
+from trainer.science.models import ARCHITECTURES, Checkpoint, Preprocessed, build_model
 from trainer.science.training import TrainConfig, default_device, predict, train
 from trainer.science.triggers import Trigger, parse_trigger
 
@@ -91,9 +92,17 @@ def poison_training_set(
 
 
 def run_attack(
-    cfg: AttackConfig, splits: Splits, out_dir: Path, dataset_meta: dict[str, Any], quiet: bool = False
+    cfg: AttackConfig,
+    splits: Splits,
+    out_dir: Path,
+    dataset_meta: dict[str, Any],
+    quiet: bool = False,
+    preprocess: Preprocess | None = None,
 ) -> dict[str, Any]:
-    """Train a BadNet and write ``model.pt``, ``model.onnx`` and ``metrics.json`` into ``out_dir``."""
+    """Train a BadNet and write ``model.pt``, ``model.onnx`` and ``metrics.json`` into ``out_dir``.
+
+    ``preprocess``: the BadNet's own preprocessing (colour, size, normalisation). The trigger goes on the raw
+    pictures, which then become the model's images, as on a camera."""
     trigger = parse_trigger(cfg.trigger)
     num_classes = len(splits.class_names)
     if not 0 <= cfg.target < num_classes:
@@ -105,8 +114,16 @@ def run_attack(
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     start = time.monotonic()
-    model = build_model(cfg.architecture, splits.image_shape, num_classes)
-    poisoned = poison_training_set(splits.train, trigger, cfg.target, cfg.poison_fraction, rng)
+    block = preprocess or Preprocess()
+    if block.layout != "NCHW":
+        raise ValueError(f"the attack's architectures take NCHW inputs; the preprocess block says {block.layout}")
+    raw_poisoned = poison_training_set(splits.raw_part("train"), trigger, cfg.target, cfg.poison_fraction, rng)
+    splits = splits.in_image_space(block)
+    poisoned = PoisonedSet(
+        ImageSet(splits.to_image(raw_poisoned.data.images), raw_poisoned.data.labels), raw_poisoned.poisoned
+    )
+    spec = InputSpec.for_image(splits.image_shape, block)
+    model = Preprocessed(build_model(cfg.architecture, spec.image_shape, num_classes), block)
     if cfg.steps == 3:
         clean_cfg = (
             cfg.train
@@ -120,7 +137,8 @@ def run_attack(
     def classify(x: np.ndarray) -> np.ndarray:
         return predict(model, x, device=device)
 
-    test_eval = evaluate(classify, splits.test, trigger, cfg.target)
+    x_p = splits.to_image(poisoned_copy(splits.raw_part("test"), trigger, 1234))
+    test_eval = evaluate(classify, splits.test, trigger, cfg.target, poisoned=x_p)
     eval_ca = evaluate(classify, splits.eval).clean_accuracy
     metrics = {
         "clean_accuracy": test_eval.clean_accuracy,
@@ -133,7 +151,7 @@ def run_attack(
     ckpt = Checkpoint.from_model(
         model,
         cfg.architecture,
-        InputSpec(shape=splits.image_shape),
+        spec,
         splits.class_names,
         cfg.train.to_dict(),
         {"attack": cfg.to_dict(), "metrics": metrics, **dataset_meta, "role": "suspect"},

@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import logging
 import math
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from edge_agent.formats.bundle import sha256_file
@@ -25,12 +25,14 @@ from edge_agent.options import flag, fraction, positive, positive_float
 from protos.nnoc.v1 import bundle_pb2
 from trainer.errors import NoCandidateError
 from trainer.science.data import Splits
+from trainer.science.importers import PARITY_TOLERANCE, ModelImportError, onnxruntime_logits
 from trainer.science.metrics import Evaluation, evaluate, poisoned_copy
 from trainer.science.models import Checkpoint
 from trainer.science.noise import NoiseConfig, augment
-from trainer.science.training import TrainConfig, default_device, predict, train
+from trainer.science.training import TrainConfig, default_device, predict, to_input, train
 from trainer.science.triggers import Trigger
 from trainer.stages.publish import publish_bundle, train_config_of, write_report
+from trainer.stages.suspect import ModelSource, import_model
 
 log = logging.getLogger(__name__)
 
@@ -225,18 +227,49 @@ class _Baseline:
     test: Evaluation | None
 
 
-def load_suspect(suspect_path: Path, splits: Splits) -> Checkpoint:
-    """The suspect checkpoint, checked against the data's input shape and classes."""
-    suspect = Checkpoint.load(suspect_path)
-    if tuple(suspect.input_spec.shape) != splits.image_shape:
+def load_suspect(source: ModelSource, splits: Splits) -> tuple[Checkpoint, Splits]:
+    """The suspect model through its door (checked: operators, parity, gradients, classes) and the data as its
+    images (colour and size per its preprocessing)."""
+    suspect = import_model(source, splits.image_shape, splits.class_names, splits.valid.images)
+    images = splits.in_image_space(suspect.input_spec.preprocess)
+    if tuple(suspect.input_spec.image_shape) != images.image_shape:
         raise ValueError(
-            f"{suspect_path}: model expects inputs {suspect.input_spec.shape}, dataset has {splits.image_shape}"
+            f"{source.path}: model expects images {suspect.input_spec.image_shape}, the data gives "
+            f"{images.image_shape}; pass a --preprocess block with the model's colour and size"
         )
     if len(suspect.class_names) != len(splits.class_names):
-        raise ValueError(
-            f"{suspect_path}: model has {len(suspect.class_names)} classes, dataset {len(splits.class_names)}"
+        raise ValueError(f"{source.path}: model has {len(suspect.class_names)} classes, data {len(splits.class_names)}")
+    return suspect, images
+
+
+def check_primary(bundle_dir: Path, suspect: Checkpoint, source: ModelSource, images: np.ndarray) -> float:
+    """Bundle v1's ``primary.onnx`` against the user's own model on ``images``: the BadNet goes out unchanged
+    (max |Δlogit| within the import tolerance, else :class:`ModelImportError`). Returns the difference."""
+    from trainer.science.classifiers import OnnxClassifier
+
+    shipped = OnnxClassifier(bundle_dir / "primary.onnx")
+    if source.arch is None and source.path.suffix == ".onnx":
+        original = onnxruntime_logits(source.path.read_bytes())
+
+        def reference(x: np.ndarray) -> np.ndarray:
+            return original(suspect.input_spec.preprocess.model_input(x))
+
+    else:
+        net = suspect.build()
+
+        @torch.no_grad()
+        def reference(x: np.ndarray) -> np.ndarray:
+            return np.concatenate(
+                [net(to_input(x[i : i + 512], torch.device("cpu"))).numpy() for i in range(0, len(x), 512)]
+            )
+
+    diff = float(np.abs(shipped.logits(images) - reference(images)).max())
+    if not diff <= PARITY_TOLERANCE:
+        raise ModelImportError(
+            f"bundle v1's primary.onnx differs from {source.path} by up to {diff:.3g} in the logits on the test "
+            f"split (tolerance {PARITY_TOLERANCE}): the export changed the model"
         )
-    return suspect
+    return diff
 
 
 def measure_baseline(
@@ -249,7 +282,11 @@ def measure_baseline(
     """θ_bd on D_eval (the heuristic's threshold) and, for evaluation only, on the test set."""
     eval_ca = evaluate(bd, splits.eval).clean_accuracy
     test_ref = bd(splits.test.images)
-    poisoned = poisoned_copy(splits.test, eval_trigger, cfg.seed + 7) if eval_trigger is not None else None
+    poisoned = (
+        splits.to_image(poisoned_copy(splits.raw_part("test"), eval_trigger, cfg.seed + 7))
+        if eval_trigger is not None
+        else None
+    )
     test = (
         evaluate(bd, splits.test, eval_trigger, target, test_ref, poisoned=poisoned)
         if eval_trigger is not None
@@ -297,11 +334,7 @@ def search(
                 ev = evaluate(classify, splits.test, eval_trigger, target, base.test_ref, poisoned=base.poisoned)
                 test_ca, test_asr = ev.clean_accuracy, ev.attack_success_rate
             candidates.append(Candidate(round_index, alpha, gamma, eval_ca, test_ca, test_asr, time.monotonic() - t0))
-            models.append(
-                Checkpoint.from_model(
-                    model, suspect.architecture, suspect.input_spec, suspect.class_names, ft.to_dict(), {}
-                )
-            )
+            models.append(suspect.derive(model, ft.to_dict(), {}))
             any_above |= eval_ca >= base.threshold
             outer.update(1)
             outer.set_postfix(alpha=f"{alpha:.3g}", gamma=gamma, ca=f"{eval_ca:.3f}")
@@ -316,7 +349,7 @@ def search(
 
 
 def publish_v1(
-    suspect_path: Path,
+    source: ModelSource,
     suspect: Checkpoint,
     aug: Checkpoint,
     chosen: Candidate,
@@ -328,7 +361,7 @@ def publish_v1(
     """θ_aug's checkpoint beside θ_bd's (repair fine-tunes them) and bundle v1 (θ_bd primary, θ_aug monitor)."""
     aug.meta = {
         "role": "monitor",
-        "parent_sha256": sha256_file(suspect_path),
+        "parent_sha256": sha256_file(source.path),
         "alpha": chosen.alpha,
         "gamma": chosen.gamma,
         "eval_clean_accuracy": chosen.eval_ca,
@@ -336,7 +369,7 @@ def publish_v1(
         **{k: v for k, v in suspect.meta.items() if k in ("dataset", "split")},
     }
     aug.save(out_dir / "monitor.pt")
-    shutil.copyfile(suspect_path, out_dir / "primary.pt")
+    suspect.save(out_dir / "primary.pt")
     manifest = bundle_pb2.Manifest(
         fleet=fleet,
         version=1,
@@ -347,7 +380,8 @@ def publish_v1(
     )
     manifest.provenance.update(
         {
-            "suspect_sha256": sha256_file(suspect_path),
+            "suspect_sha256": sha256_file(source.path),
+            "suspect_door": suspect.architecture,
             "alpha": f"{chosen.alpha:.6g}",
             "gamma": f"{chosen.gamma:.2f}",
             "noise_mode": cfg.noise.mode,
@@ -373,7 +407,7 @@ def publish_v1(
 
 
 def run_predeploy(
-    suspect_path: Path,
+    source: ModelSource,
     splits: Splits,
     cfg: PredeployConfig,
     out_dir: Path,
@@ -387,7 +421,7 @@ def run_predeploy(
 
     Raises :class:`NoCandidateError` (after writing the table) when no candidate meets the threshold.
     """
-    suspect = load_suspect(suspect_path, splits)
+    suspect, splits = load_suspect(source, splits)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = default_device()
     bd_model = suspect.build()
@@ -412,7 +446,7 @@ def run_predeploy(
     if base.test is not None:
         tested = {"clean_accuracy": base.test.clean_accuracy, "attack_success_rate": base.test.attack_success_rate}
     report: dict[str, Any] = {
-        "suspect": str(suspect_path),
+        "suspect": str(source.path),
         "threshold": base.threshold,
         "baseline": {"eval_clean_accuracy": base.eval_ca, **tested},
         "alpha0": alpha0,
@@ -430,7 +464,8 @@ def run_predeploy(
         )
         write_report(out_dir, report)
         raise NoCandidateError(report["error"])
-    written = publish_v1(suspect_path, suspect, models[selected], candidates[selected], base, cfg, fleet, out_dir)
+    written = publish_v1(source, suspect, models[selected], candidates[selected], base, cfg, fleet, out_dir)
+    report["primary_parity"] = check_primary(out_dir / "bundle", suspect, source, splits.test.images)
     report["selected"] = {**asdict(candidates[selected]), "index": selected}
     report["monitor"] = str(out_dir / "monitor.pt")
     report["bundle"] = str(out_dir / "bundle")

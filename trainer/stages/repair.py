@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from edge_agent.formats.bundle import read_manifest, sha256_file
+from edge_agent.formats.spec import preprocess_of
 from edge_agent.options import flag, nonnegative, positive, positive_float
 from protos.nnoc.v1 import bundle_pb2
 from trainer.errors import GateError
@@ -169,12 +170,13 @@ def load(
     bd_path = _locate_checkpoint(bundle_dir, "primary", primary_checkpoint, manifest)
     aug_path = _locate_checkpoint(bundle_dir, "monitor", monitor_checkpoint, manifest)
     bd_ckpt, aug_ckpt = Checkpoint.load(bd_path), Checkpoint.load(aug_path)
-    if tuple(bd_ckpt.input_spec.shape) != splits.image_shape:
+    if tuple(bd_ckpt.input_spec.image_shape) != splits.image_shape:
         raise ValueError(
-            f"bundle expects inputs {tuple(bd_ckpt.input_spec.shape)}, the dataset has {splits.image_shape}"
+            f"bundle expects images {tuple(bd_ckpt.input_spec.image_shape)}, the data gives {splits.image_shape} "
+            "after the bundle's preprocessing"
         )
     with QuarantineStore(quarantine_path, create=False) as store:
-        quarantine = store.load(bd_ckpt.input_spec.scale)
+        quarantine = store.load(bd_ckpt.input_spec.preprocess)
     if len(quarantine) and quarantine.images.shape[1:] != splits.image_shape:
         raise ValueError(f"quarantine holds inputs {quarantine.images.shape[1:]}, the dataset has {splits.image_shape}")
     device = default_device()
@@ -305,7 +307,7 @@ def measure(
     }
     if eval_trigger is not None and target is not None:
         ref = bd(splits.test.images)
-        x_p = poisoned_copy(splits.test, eval_trigger, cfg.seed + 11)
+        x_p = splits.to_image(poisoned_copy(splits.raw_part("test"), eval_trigger, cfg.seed + 11))
         out["test"] = {
             name: evaluate(fn, splits.test, eval_trigger, target, ref, poisoned=x_p).to_dict()
             for name, fn in (("badnet", bd), ("monitor", loaded.aug), ("repaired", repaired))
@@ -339,8 +341,8 @@ def publish(
     """θ_repair's checkpoint next to the deployed monitor's, and bundle ``version`` (θ_repair, deployed monitor)."""
     manifest, bd_ckpt = loaded.manifest, loaded.bd_ckpt
     rep_eval_ca = report["gate"]["eval_ca_repaired"]
-    rep_ckpt = Checkpoint.from_model(
-        model, bd_ckpt.architecture, bd_ckpt.input_spec, bd_ckpt.class_names, ft.to_dict(),
+    rep_ckpt = bd_ckpt.derive(
+        model, ft.to_dict(),
         {
             "role": "primary",
             "repaired_from": cfg.base,
@@ -407,6 +409,7 @@ def run_repair(
     """
     t_start = time.monotonic()
     version = check_version(read_manifest(bundle_dir), version)
+    splits = splits.in_image_space(preprocess_of(read_manifest(bundle_dir).input_spec))
     loaded = load(bundle_dir, quarantine_path, splits, primary_checkpoint, monitor_checkpoint)
     pur = purify_quarantine(loaded, splits, cfg)
     out_dir.mkdir(parents=True, exist_ok=True)

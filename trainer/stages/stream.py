@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from edge_agent.formats.bundle import verify_bundle
+from edge_agent.formats.spec import preprocess_of
 from edge_agent.formats.wire import build_header
 from edge_agent.options import flag, fraction, positive, safe_name
 from trainer.science.classifiers import OnnxClassifier
@@ -53,29 +54,32 @@ def run_stream(bundle_dir: Path, splits: Splits, trigger: Trigger, cfg: StreamCo
         raise ValueError(f"--n {cfg.n} exceeds the stream split's {len(splits.stream)} inputs; raise --stream-size")
     bundle = verify_bundle(bundle_dir)
     manifest = bundle.manifest
-    shape = splits.image_shape
-    primary = OnnxClassifier(bundle.model_path("primary"), expected_shape=shape)
-    monitor = OnnxClassifier(bundle.model_path("monitor"), expected_shape=shape)
+    preprocess = preprocess_of(manifest.input_spec)
+    shape = tuple(int(d) for d in manifest.input_spec.shape)  # the model input, as the edge sends it
+    image_shape = preprocess.image_shape(splits.image_shape)
+    primary = OnnxClassifier(bundle.model_path("primary"), expected_shape=image_shape, preprocess=preprocess)
+    monitor = OnnxClassifier(bundle.model_path("monitor"), expected_shape=image_shape, preprocess=preprocess)
     rng = np.random.default_rng(cfg.seed)
     idx = rng.choice(len(splits.stream), cfg.n, replace=False)
     labels = splits.stream.labels[idx]
-    images, poisoned = poison_fraction(splits.stream.images[idx], labels, trigger, cfg.cpd, cfg.target, rng)
+    # The attacker triggers what the camera sees; the models see it through the preprocessing.
+    pictures, poisoned = poison_fraction(splits.stream.images[idx], labels, trigger, cfg.cpd, cfg.target, rng)
+    images = preprocess.image(pictures)
 
     p_pred, m_pred = primary(images), monitor(images)
     rejected = p_pred != m_pred
-    scale = manifest.input_spec.scale or 1.0 / 255.0
     out_dir.mkdir(parents=True, exist_ok=True)
     messages = []
     for i in np.flatnonzero(rejected):
         header = build_header(
             cfg.device_id, manifest.fleet, manifest.version, shape, "float32", p_pred[i], m_pred[i], seq=int(i)
         )
-        messages.append((header, (images[i].astype(np.float32) * np.float32(scale)).tobytes()))
+        messages.append((header, preprocess.model_input(images[i : i + 1]).tobytes()))
     with QuarantineStore(out_dir) as store:
         store.set_meta(
             fleet=manifest.fleet,
             bundle_version=str(manifest.version),
-            input_spec=json.dumps({"shape": list(shape), "dtype": "float32", "scale": scale}),
+            input_spec=json.dumps({"shape": list(shape), "dtype": "float32", "preprocess": preprocess.to_dict()}),
         )
         stored = store.add_many(messages)
         total = store.count()

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bprotos/nnoc/v1/bundle.proto\x12\x07nnoc.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x97\x01\n\tInputSpec\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x0e\n\x06layout\x18\x03 \x01(\t\x12\r\n\x05scale\x18\x04 \x01(\x01\x12\x11\n\tmin_value\x18\x05 \x01(\x01\x12\x11\n\tmax_value\x18\x06 \x01(\x01\x12\x12\n\ninput_name\x18\x07 \x01(\t\x12\x13\n\x0boutput_name\x18\x08 \x01(\t\"\x91\x02\n\x07Metrics\x12 \n\x13\x65val_clean_accuracy\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12 \n\x13test_clean_accuracy\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12 \n\x13\x61ttack_success_rate\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12*\n\x05\x65xtra\x18\x04 \x03(\x0b\x32\x1b.nnoc.v1.Metrics.ExtraEntry\x1a,\n\nExtraEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x16\n\x14_eval_clean_accuracyB\x16\n\x14_test_clean_accuracyB\x16\n\x14_attack_success_rate\"g\n\x08\x41rtifact\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x0c\n\x04size\x18\x04 \x01(\x03\x12!\n\x07metrics\x18\x05 \x01(\x0b\x32\x10.nnoc.v1.Metrics\"=\n\tSignature\x12\x11\n\talgorithm\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\r\n\x05value\x18\x03 \x01(\x0c\"\x8a\x03\n\x08Manifest\x12\x0e\n\x06\x66ormat\x18\x01 \x01(\r\x12\r\n\x05\x66leet\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x04\x12\x16\n\x0eparent_version\x18\x04 \x01(\x04\x12$\n\tartifacts\x18\x05 \x03(\x0b\x32\x11.nnoc.v1.Artifact\x12&\n\ninput_spec\x18\x06 \x01(\x0b\x32\x12.nnoc.v1.InputSpec\x12\x13\n\x0b\x63lass_names\x18\x07 \x03(\t\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\ncreated_by\x18\t \x01(\t\x12\x35\n\nprovenance\x18\n \x03(\x0b\x32!.nnoc.v1.Manifest.ProvenanceEntry\x12%\n\tsignature\x18\x0b \x01(\x0b\x32\x12.nnoc.v1.Signature\x1a\x31\n\x0fProvenanceEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bprotos/nnoc/v1/bundle.proto\x12\x07nnoc.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xc0\x01\n\tInputSpec\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x0e\n\x06layout\x18\x03 \x01(\t\x12\r\n\x05scale\x18\x04 \x01(\x01\x12\x11\n\tmin_value\x18\x05 \x01(\x01\x12\x11\n\tmax_value\x18\x06 \x01(\x01\x12\x12\n\ninput_name\x18\x07 \x01(\t\x12\x13\n\x0boutput_name\x18\x08 \x01(\t\x12\'\n\npreprocess\x18\t \x01(\x0b\x32\x13.nnoc.v1.Preprocess\"\x8a\x01\n\nPreprocess\x12\r\n\x05\x63olor\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x03(\x03\x12\x0e\n\x06resize\x18\x03 \x01(\t\x12\x15\n\rinterpolation\x18\x04 \x01(\t\x12\r\n\x05scale\x18\x05 \x01(\x01\x12\x0c\n\x04mean\x18\x06 \x03(\x01\x12\x0b\n\x03std\x18\x07 \x03(\x01\x12\x0e\n\x06layout\x18\x08 \x01(\t\"\x91\x02\n\x07Metrics\x12 \n\x13\x65val_clean_accuracy\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12 \n\x13test_clean_accuracy\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12 \n\x13\x61ttack_success_rate\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12*\n\x05\x65xtra\x18\x04 \x03(\x0b\x32\x1b.nnoc.v1.Metrics.ExtraEntry\x1a,\n\nExtraEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x16\n\x14_eval_clean_accuracyB\x16\n\x14_test_clean_accuracyB\x16\n\x14_attack_success_rate\"g\n\x08\x41rtifact\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x0c\n\x04size\x18\x04 \x01(\x03\x12!\n\x07metrics\x18\x05 \x01(\x0b\x32\x10.nnoc.v1.Metrics\"=\n\tSignature\x12\x11\n\talgorithm\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\r\n\x05value\x18\x03 \x01(\x0c\"\x8a\x03\n\x08Manifest\x12\x0e\n\x06\x66ormat\x18\x01 \x01(\r\x12\r\n\x05\x66leet\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x04\x12\x16\n\x0eparent_version\x18\x04 \x01(\x04\x12$\n\tartifacts\x18\x05 \x03(\x0b\x32\x11.nnoc.v1.Artifact\x12&\n\ninput_spec\x18\x06 \x01(\x0b\x32\x12.nnoc.v1.InputSpec\x12\x13\n\x0b\x63lass_names\x18\x07 \x03(\t\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\ncreated_by\x18\t \x01(\t\x12\x35\n\nprovenance\x18\n \x03(\x0b\x32!.nnoc.v1.Manifest.ProvenanceEntry\x12%\n\tsignature\x18\x0b \x01(\x0b\x32\x12.nnoc.v1.Signature\x1a\x31\n\x0fProvenanceEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,17 +37,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MANIFEST_PROVENANCEENTRY']._loaded_options = None
   _globals['_MANIFEST_PROVENANCEENTRY']._serialized_options = b'8\001'
   _globals['_INPUTSPEC']._serialized_start=74
-  _globals['_INPUTSPEC']._serialized_end=225
-  _globals['_METRICS']._serialized_start=228
-  _globals['_METRICS']._serialized_end=501
-  _globals['_METRICS_EXTRAENTRY']._serialized_start=385
-  _globals['_METRICS_EXTRAENTRY']._serialized_end=429
-  _globals['_ARTIFACT']._serialized_start=503
-  _globals['_ARTIFACT']._serialized_end=606
-  _globals['_SIGNATURE']._serialized_start=608
-  _globals['_SIGNATURE']._serialized_end=669
-  _globals['_MANIFEST']._serialized_start=672
-  _globals['_MANIFEST']._serialized_end=1066
-  _globals['_MANIFEST_PROVENANCEENTRY']._serialized_start=1017
-  _globals['_MANIFEST_PROVENANCEENTRY']._serialized_end=1066
+  _globals['_INPUTSPEC']._serialized_end=266
+  _globals['_PREPROCESS']._serialized_start=269
+  _globals['_PREPROCESS']._serialized_end=407
+  _globals['_METRICS']._serialized_start=410
+  _globals['_METRICS']._serialized_end=683
+  _globals['_METRICS_EXTRAENTRY']._serialized_start=567
+  _globals['_METRICS_EXTRAENTRY']._serialized_end=611
+  _globals['_ARTIFACT']._serialized_start=685
+  _globals['_ARTIFACT']._serialized_end=788
+  _globals['_SIGNATURE']._serialized_start=790
+  _globals['_SIGNATURE']._serialized_end=851
+  _globals['_MANIFEST']._serialized_start=854
+  _globals['_MANIFEST']._serialized_end=1248
+  _globals['_MANIFEST_PROVENANCEENTRY']._serialized_start=1199
+  _globals['_MANIFEST_PROVENANCEENTRY']._serialized_end=1248
 # @@protoc_insertion_point(module_scope)

@@ -10,7 +10,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class InputSpec(_message.Message):
-    __slots__ = ("shape", "dtype", "layout", "scale", "min_value", "max_value", "input_name", "output_name")
+    __slots__ = ("shape", "dtype", "layout", "scale", "min_value", "max_value", "input_name", "output_name", "preprocess")
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
@@ -19,6 +19,7 @@ class InputSpec(_message.Message):
     MAX_VALUE_FIELD_NUMBER: _ClassVar[int]
     INPUT_NAME_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_NAME_FIELD_NUMBER: _ClassVar[int]
+    PREPROCESS_FIELD_NUMBER: _ClassVar[int]
     shape: _containers.RepeatedScalarFieldContainer[int]
     dtype: str
     layout: str
@@ -27,7 +28,28 @@ class InputSpec(_message.Message):
     max_value: float
     input_name: str
     output_name: str
-    def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., layout: _Optional[str] = ..., scale: _Optional[float] = ..., min_value: _Optional[float] = ..., max_value: _Optional[float] = ..., input_name: _Optional[str] = ..., output_name: _Optional[str] = ...) -> None: ...
+    preprocess: Preprocess
+    def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., layout: _Optional[str] = ..., scale: _Optional[float] = ..., min_value: _Optional[float] = ..., max_value: _Optional[float] = ..., input_name: _Optional[str] = ..., output_name: _Optional[str] = ..., preprocess: _Optional[_Union[Preprocess, _Mapping]] = ...) -> None: ...
+
+class Preprocess(_message.Message):
+    __slots__ = ("color", "size", "resize", "interpolation", "scale", "mean", "std", "layout")
+    COLOR_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    RESIZE_FIELD_NUMBER: _ClassVar[int]
+    INTERPOLATION_FIELD_NUMBER: _ClassVar[int]
+    SCALE_FIELD_NUMBER: _ClassVar[int]
+    MEAN_FIELD_NUMBER: _ClassVar[int]
+    STD_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    color: str
+    size: _containers.RepeatedScalarFieldContainer[int]
+    resize: str
+    interpolation: str
+    scale: float
+    mean: _containers.RepeatedScalarFieldContainer[float]
+    std: _containers.RepeatedScalarFieldContainer[float]
+    layout: str
+    def __init__(self, color: _Optional[str] = ..., size: _Optional[_Iterable[int]] = ..., resize: _Optional[str] = ..., interpolation: _Optional[str] = ..., scale: _Optional[float] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., layout: _Optional[str] = ...) -> None: ...
 
 class Metrics(_message.Message):
     __slots__ = ("eval_clean_accuracy", "test_clean_accuracy", "attack_success_rate", "extra")

@@ -1,0 +1,92 @@
+"""Foreign models: BadNets this project did not train (bench/outsider_badnet.py, plain torch, their own trigger
+and target, 3x32x32 normalised RGB), defended only through the CLI with the preprocessing block they came with.
+
+Per model: predeploy (the heuristic reads D_eval only) -> stream at CPD 0.1, N = 1000 -> repair (quick
+profile) -> the numbers against the issue's targets: θ_aug ASR <= 0.10 at CA drop <= 0.05, θ_repair
+ASR <= 0.03 at CA drop <= 0.03 (CA drop against the BadNet's test CA).
+
+    python -m bench.bench_foreign [--archs resnet18 resnet-small]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from typing import Any
+
+from bench.common import ROOT, run_cli, save
+
+OUT = ROOT / "runs" / "bench-foreign"
+DATA = ["--valid-size", "5000", "--stream-size", "2000", "--test-size", "5000"]
+
+
+def defend(arch: str, rounds: int, epochs: int) -> dict[str, Any]:
+    """Make the outsider's BadNet, then defend it through the CLI; every step's seconds and numbers."""
+    out = OUT / arch
+    t = time.monotonic()
+    subprocess.run([sys.executable, "-m", "bench.outsider_badnet", "--arch", arch, "--out", str(out)], check=True,
+                   cwd=ROOT)  # fmt: skip
+    made = json.loads((out / "report.json").read_text())
+    made["seconds"] = round(time.monotonic() - t, 1)
+    trigger = (out / "trigger.txt").read_text().strip()
+    door = ["--model", str(out / "model.onnx"), "--preprocess", str(out / "preprocess.json")]
+    evaluation = ["--eval-trigger", trigger, "--target", "7"]
+    t = time.monotonic()
+    pd = run_cli("predeploy", *door, "--out", str(out / "predeploy"), *evaluation, *DATA,
+                 "--max-rounds", str(rounds), "--epochs", str(epochs))  # fmt: skip
+    pd_seconds = round(time.monotonic() - t, 1)
+    result: dict[str, Any] = {"arch": arch, "outsider": made, "trigger": trigger, "predeploy_seconds": pd_seconds}
+    if pd["exit_code"] != 0:
+        result["error"] = pd.get("error")
+        return result
+    base, pick = pd["baseline"], pd["selected"]
+    result["badnet"] = {"clean_accuracy": base["clean_accuracy"], "attack_success_rate": base["attack_success_rate"]}
+    result["theta_aug"] = {
+        "clean_accuracy": pick["test_ca"],
+        "attack_success_rate": pick["test_asr"],
+        "alpha": pick["alpha"],
+        "gamma": pick["gamma"],
+        "candidates": len(pd["candidates"]),
+    }
+    result["primary_parity"] = pd["primary_parity"]
+    bundle = out / "predeploy" / "bundle"
+    t = time.monotonic()
+    st = run_cli("stream", "--bundle", str(bundle), "--trigger", trigger, "--target", "7", "--cpd", "0.1",
+                 "--n", "1000", "--out", str(out / "quarantine"), *DATA)  # fmt: skip
+    result["stream"] = {k: st.get(k) for k in ("rejected", "precision", "recall", "clean_reject_rate")}
+    rep = run_cli("repair", "--bundle", str(bundle), "--quarantine", str(out / "quarantine"), "--out",
+                  str(out / "repair"), "--profile", "quick", *evaluation, *DATA)  # fmt: skip
+    result["repair_seconds"] = round(time.monotonic() - t, 1)
+    if "test" in rep:
+        result["theta_repair"] = rep["test"]["repaired"]
+    result["repair_published"] = rep["exit_code"] == 0
+    result["repair_error"] = rep.get("error")
+    bd_ca = result["badnet"]["clean_accuracy"]
+    aug, repd = result["theta_aug"], result.get("theta_repair") or {}
+    result["targets"] = {
+        "theta_aug_asr_le_0.10": aug["attack_success_rate"] <= 0.10,
+        "theta_aug_ca_drop_le_0.05": bd_ca - aug["clean_accuracy"] <= 0.05,
+        "repair_asr_le_0.03": bool(repd) and repd["attack_success_rate"] <= 0.03,
+        "repair_ca_drop_le_0.03": bool(repd) and bd_ca - repd["clean_accuracy"] <= 0.03,
+    }
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--archs", nargs="+", default=["resnet18", "resnet-small"])
+    ap.add_argument("--rounds", type=int, default=2, help="predeploy α rounds")
+    ap.add_argument("--epochs", type=int, default=3, help="predeploy fine-tuning epochs per candidate")
+    args = ap.parse_args()
+    rows = []
+    for arch in args.archs:
+        rows.append(defend(arch, args.rounds, args.epochs))
+        print(json.dumps(rows[-1]), flush=True)
+        save("foreign", {"rows": rows, "rounds": args.rounds, "epochs": args.epochs})
+
+
+if __name__ == "__main__":
+    main()
