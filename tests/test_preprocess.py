@@ -78,3 +78,23 @@ def test_json_round_trip_and_refusals_name_the_field(tmp_path: Path) -> None:
         Preprocess.load(tmp_path / "missing.json")
     with pytest.raises(PreprocessError, match="raw pictures must be uint8"):
         Preprocess().image(RAW.astype(np.float32))
+
+
+def test_every_bundle_carries_a_golden_pair_the_edge_recomputes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from conftest import tiny_bundle
+    from edge_agent.formats import preprocess as pp
+    from edge_agent.formats.bundle import verify_bundle
+    from edge_agent.formats.errors import BundleError
+
+    bundle = tiny_bundle(tmp_path / "b", "cams", 1) / "bundle"
+    roles = {a.role: a.name for a in verify_bundle(bundle).manifest.artifacts}
+    assert roles["golden"] == "golden.npz"
+    with np.load(bundle / "golden.npz") as data:
+        assert data["picture"].shape == (1, 1, 37, 53) and data["expected"].shape == (1, 1, 28, 28)
+    # An edge whose resize drifted (nearest where the trainer used bilinear) refuses the bundle, saying by how much.
+    original = pp._resample
+    monkeypatch.setattr(pp, "_resample", lambda x, h, w, interpolation: original(x, h, w, "nearest"))
+    with pytest.raises(BundleError, match="preprocessing differs from the trainer's"):
+        verify_bundle(bundle)

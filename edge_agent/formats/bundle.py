@@ -19,9 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from google.protobuf import json_format
 
 from edge_agent.formats.errors import BundleError
+from edge_agent.formats.preprocess import GOLDEN_NAME, check_golden, golden_pair
 from edge_agent.formats.signing import check_signature
 from edge_agent.formats.spec import image_shape_of, preprocess_of
 from protos.nnoc.v1 import bundle_pb2
@@ -83,7 +85,6 @@ class VerifiedBundle:
 
 def check_json_rendering(path: Path, manifest: bundle_pb2.Manifest) -> None:
     """``manifest.json``, where a bundle has one, must say exactly what ``manifest.pb`` (authoritative) says."""
-    from google.protobuf import json_format
 
     rendering = path / MANIFEST_JSON
     if not rendering.is_file():
@@ -129,12 +130,30 @@ def verify_bundle(path: Path, trusted: Mapping[str, Any] | None = None) -> Verif
         if sha256_file(f) != art.sha256:
             raise BundleError(f"{path}: {art.name} does not match the sha256 in its manifest")
     check_json_rendering(path, manifest)
+    check_golden_artifact(path, manifest)
     if trusted is not None:
         try:
             check_signature(manifest, trusted)
         except BundleError as e:
             raise BundleError(f"{path}: {e}") from None
     return VerifiedBundle(path, manifest)
+
+
+def check_golden_artifact(path: Path, manifest: bundle_pb2.Manifest) -> None:
+    """Where the bundle carries a golden pair (all made since the preprocessing block), preprocess its picture here
+    and compare with what the trainer computed: a BundleError when the two sides disagree."""
+    golden = [a for a in manifest.artifacts if a.role == "golden"]
+    if not golden:
+        return
+    try:
+        with np.load(path / golden[0].name, allow_pickle=False) as data:
+            picture, expected = data["picture"], data["expected"]
+    except (OSError, KeyError, ValueError) as e:
+        raise BundleError(f"{path}: {golden[0].name} is not a golden pair ({e})") from None
+    try:
+        check_golden(preprocess_of(manifest.input_spec), image_shape_of(manifest.input_spec), picture, expected)
+    except ValueError as e:
+        raise BundleError(f"{path}: {e}") from None
 
 
 def metrics_message(values: Mapping[str, float | None]) -> bundle_pb2.Metrics:
@@ -191,6 +210,15 @@ def write_bundle(
             )
             if metrics and role in metrics:
                 art.metrics.CopyFrom(metrics_message(metrics[role]))
+        picture, expected = golden_pair(preprocess_of(out.input_spec), image_shape_of(out.input_spec))
+        with (tmp / GOLDEN_NAME).open("wb") as golden:
+            np.savez(golden, picture=picture, expected=expected)
+        out.artifacts.add(
+            name=GOLDEN_NAME,
+            role="golden",
+            sha256=sha256_file(tmp / GOLDEN_NAME),
+            size=(tmp / GOLDEN_NAME).stat().st_size,
+        )
         (tmp / MANIFEST_PB).write_bytes(out.SerializeToString(deterministic=True))
         (tmp / MANIFEST_JSON).write_text(manifest_json(out))
         for f in tmp.iterdir():

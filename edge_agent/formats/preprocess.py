@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 META_KEY = "nnoc.preprocess"
+GOLDEN_NAME = "golden.npz"  # the bundle's golden pair (see golden_pair)
 COLORS = ("gray", "rgb", "bgr")
 RESIZES = ("stretch", "letterbox", "center-crop")
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "area")
@@ -281,3 +282,48 @@ def resize(x: np.ndarray, size: tuple[int, int], mode: str, interpolation: str) 
         return out
     top, left = (sh - th) // 2, (sw - tw) // 2
     return scaled[:, :, top : top + th, left : left + tw]
+
+
+# -- the golden pair ------------------------------------------------------------------------------------------
+
+
+def golden_picture(channels: int) -> np.ndarray:
+    """A fixed raw picture (1, channels, 37, 53) uint8: gradients, a checkerboard and hard edges, an odd size so
+    that every block resizes it (same on every machine, no randomness)."""
+    i, j = np.meshgrid(np.arange(37), np.arange(53), indexing="ij")
+    planes = [(i * 7 + j * 5 + 40 * c) % 256 for c in range(channels)]
+    pic = np.stack(planes).astype(np.uint8)
+    pic[:, 10:18, 20:28] = np.where((i[10:18, 20:28] + j[10:18, 20:28]) % 2 == 0, 255, 0)
+    pic[:, 30:, :6] = 0
+    return pic[None]
+
+
+def golden_pair(preprocess: Preprocess, image_shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """(raw picture, the model input it must become): written into every bundle by the trainer, recomputed by the
+    edge at load, so the two sides' preprocessing cannot drift apart unseen."""
+    picture = golden_picture(image_shape[0])
+    fitted = preprocess.fitted(image_shape)
+    return picture, fitted.model_input(fitted.image(picture))
+
+
+def check_golden(
+    preprocess: Preprocess, image_shape: tuple[int, int, int], picture: np.ndarray, expected: np.ndarray
+) -> None:
+    """Recompute the golden pair here; a PreprocessError says how far this machine's preprocessing is from the
+    one that wrote the bundle. One grey level on a few pixels is allowed (ties rounded by a different BLAS)."""
+    fitted = preprocess.fitted(image_shape)
+    try:
+        got = fitted.model_input(fitted.image(picture))
+    except (PreprocessError, ValueError) as e:
+        raise PreprocessError(f"the golden picture does not preprocess: {e}") from None
+    if got.shape != expected.shape:
+        raise PreprocessError(f"the golden input has shape {got.shape} here, {expected.shape} in the bundle")
+    step = preprocess.scale / min(preprocess.std)  # one grey level, in input units
+    diff = np.abs(got.astype(np.float64) - expected.astype(np.float64))
+    off = float((diff > 1e-5 + 1e-6 * np.abs(expected)).mean())
+    if float(diff.max()) > step * 1.001 + 1e-5 or off > 0.01:
+        raise PreprocessError(
+            f"this machine's preprocessing differs from the trainer's: max |Δ| {float(diff.max()):.3g} "
+            f"({float(diff.max()) / step:.1f} grey levels) on {100 * off:.1f}% of the golden input; "
+            "update nnoculation-edge on one side"
+        )
