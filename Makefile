@@ -75,6 +75,7 @@ bench: $(STAMP) dataset
 	$(BIN)/python -m bench.bench_attacks --before 540fa5f
 	$(BIN)/python -m bench.bench_demo
 	$(BIN)/python -m bench.bench_foreign
+	$(BIN)/python -m bench.bench_cyclegan_sizes
 	$(BIN)/python -m bench.report
 
 clean:

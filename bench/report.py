@@ -353,6 +353,28 @@ def foreign_section(data: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def cyclegan_sizes_section(data: dict[str, Any]) -> str:
+    lines = [
+        "## CycleGAN cost per image size",
+        "",
+        _machine(data["machine"]),
+        "",
+        "The repair's trigger learner on the model's image (quick profile: ngf = ndf = 16, 6 residual blocks, "
+        f"batch 16, {data['threads']} torch threads), one epoch over random images; the generator downsamples "
+        "twice whatever the size, the PatchGAN gets a third layer from 64 px up. "
+        + (f"Measured with {data['note']}." if data.get("note") else ""),
+        "",
+        "| image (C×H×W) | pairs / s | discriminator layers | quick profile, 50 epochs × 500 pairs (min) |",
+        "|---|---|---|---|",
+    ]
+    for r in data["rows"]:
+        c, h, w = r["shape"]
+        lines.append(
+            f"| {c}×{h}×{w} | {r['pairs_per_second']} | {r['discriminator_layers']} | {r['quick_profile_minutes']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parts = [HEADER]
 
@@ -370,6 +392,7 @@ def main() -> None:
     section("attacks", attacks_section)
     section("demo", demo_section)
     section("foreign", foreign_section)
+    section("cyclegan-sizes", cyclegan_sizes_section)
     notes = ROOT / "bench" / "NOTES.md"
     if notes.is_file():
         parts.append(notes.read_text())
