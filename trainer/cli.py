@@ -375,6 +375,12 @@ def _args_demo(p: argparse.ArgumentParser) -> None:
     from trainer.stages.suspect import ModelSource
 
     add_flags(p, ModelSource)  # a suspect model of the user's instead of a BadNet made here
+    p.add_argument(
+        "--predeploy-arg",
+        action="append",
+        default=None,
+        help="extra flag for the pre-deployment step (repeat), e.g. --predeploy-arg=--max-rounds=2",
+    )
     p.add_argument("--trigger", default="checker4", help="the attack's trigger (made BadNet and poisoned stream)")
     p.add_argument("--target", type=int, default=0)
     p.add_argument("--cpd", type=fraction, default=0.1, help="poisoned share of each agent's stream")

@@ -279,6 +279,7 @@ def _prepare_models(
     predeploy = _python(
         "trainer", "predeploy", *door, "--out", str(out / "predeploy"), "--fleet", FLEET,
         "--eval-trigger", args.trigger, "--target", str(args.target), *profile.predeploy, *data,
+        *(args.predeploy_arg or ()),
         log_path=out / "predeploy.log",
     )  # fmt: skip
     timings["predeploy"] = time.monotonic() - t
