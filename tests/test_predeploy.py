@@ -64,7 +64,7 @@ def test_predeploy_writes_table_heatmap_monitor_and_bundle(predeployed: tuple[Pa
     assert sel["eval_ca"] >= report["threshold"]
     manifest = json.loads((out / "bundle" / "manifest.json").read_text())
     assert manifest["version"] == "1" and manifest["fleet"] == "default"
-    assert {a["role"] for a in manifest["artifacts"]} == {"primary", "monitor"}
+    assert {a["role"] for a in manifest["artifacts"]} == {"primary", "monitor", "golden"}
     assert manifest["input_spec"]["shape"] == ["1", "28", "28"]
     assert len(manifest["class_names"]) == 10
     assert not list(out.glob(".bundle.*"))  # no temp folders left behind

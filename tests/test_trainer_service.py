@@ -231,7 +231,7 @@ def test_service_pushes_publishes_and_serves_resumable_downloads(
         stream = stub.Subscribe(ms.SubscribeRequest(fleet="default", device_id="cam-1", current_version=1))
         notices = iter(stream)
         first = next(notices)
-        assert (first.version, first.rollback) == (1, False) and len(first.manifest.artifacts) == 2
+        assert (first.version, first.rollback) == (1, False) and len(first.manifest.artifacts) == 3
         store.add("default", make_version(predeployed[0], tmp_path / "v2", 2))
         store.publish("default", 2)
         second = next(notices)  # pushed by the store watcher
