@@ -8,6 +8,7 @@ import threading
 import numpy as np
 
 from edge_agent.ensemble import Decision, Ensemble
+from edge_agent.formats.spec import preprocess_of
 from edge_agent.formats.wire import build_header
 from edge_agent.monitor import RejectMonitor
 from edge_agent.spool import Spool, SpoolFull
@@ -56,9 +57,12 @@ class Agent:
             provider=ensemble.provider,
         )
 
-    def classify(self, x: np.ndarray) -> tuple[Decision, int]:
+    def classify(self, x: np.ndarray, images: np.ndarray | None = None) -> tuple[Decision, int]:
         """Classify a batch (model-input tensors); rejected inputs are spooled durably before this returns.
 
+        ``images``: the model's uint8 images ``x`` was made from (N, C, H, W), when the caller has them (raw
+        frames); otherwise they are recovered from ``x`` through the preprocessing. The quarantine carries the
+        image, not the float tensor: a quarter of the bytes, and what the trainer's repair works on.
         Returns the decision and the bundle version that made it. Raises ``InputError`` for a bad batch.
         """
         ensemble = self._ensemble  # one version answers the whole batch, even if a swap lands meanwhile
@@ -66,18 +70,19 @@ class Agent:
         if decision.rejected.any():
             rejected = np.flatnonzero(decision.rejected)
             manifest = ensemble.bundle.manifest
+            kept = images[rejected] if images is not None else preprocess_of(manifest.input_spec).to_image(x[rejected])
             items = []
-            for i in rejected:
+            for i, image in zip(rejected, kept, strict=True):
                 header = build_header(
                     self.device_id,
                     manifest.fleet,
                     manifest.version,
-                    x.shape[1:],
-                    str(x.dtype),
+                    image.shape,
+                    "uint8",
                     decision.primary[i],
                     decision.monitor[i],
                 )
-                items.append((header.SerializeToString(), np.ascontiguousarray(x[i]).tobytes()))
+                items.append((header.SerializeToString(), np.ascontiguousarray(image).tobytes()))
             try:
                 self.spool.put_many(items)
             except SpoolFull as e:

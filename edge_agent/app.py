@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from edge_agent.agent import Agent
-from edge_agent.ensemble import Ensemble, InputError, to_model_input
+from edge_agent.ensemble import Ensemble, InputError, image_to_input, to_model_image
 from edge_agent.formats.bundle import BundleError, VerifiedBundle, verify_bundle
 from edge_agent.formats.curve import load_public, load_secret
 from edge_agent.formats.names import check_name
@@ -175,23 +175,31 @@ def check_run(cfg: RunConfig) -> None:
         check_source(cfg.source)
 
 
-def source_batches(spec: str, ensemble: Ensemble, batch: int) -> Iterator[np.ndarray]:
-    """Model-input batches from a source spec: ``npy:PATH`` (uint8 images or model inputs) or ``dir:PATH``."""
+def source_batches(spec: str, ensemble: Ensemble, batch: int) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+    """(model-input batch, its uint8 images or None) from a source spec: ``npy:PATH`` (uint8 pictures, or model
+    inputs) or ``dir:PATH`` (image files of any size)."""
     kind, _, arg = spec.partition(":")
+    ispec = ensemble.spec
+    images: np.ndarray | None = None
     if kind == "npy":
         data = np.load(arg)
         if data.dtype == np.uint8:  # pictures: through the bundle's preprocessing
-            data = to_model_input(data, ensemble.spec)
+            images = to_model_image(data, ispec)
     elif kind == "dir":
         files = sorted(p for p in Path(arg).iterdir() if p.is_file())
-        ispec = ensemble.spec
-        data = to_model_input(load_images(files, image_shape_of(ispec), preprocess_of(ispec)), ispec)
+        images = to_model_image(load_images(files, image_shape_of(ispec), preprocess_of(ispec)), ispec)
     else:
         raise ValueError(f"unknown source {spec!r}; use npy:PATH or dir:PATH")
+    if images is not None:
+        data = images
     if data.ndim < 2:
         raise ValueError(f"--source {spec}: expected a batch of inputs, got an array of shape {list(data.shape)}")
     for start in range(0, len(data), batch):
-        yield np.ascontiguousarray(data[start : start + batch], dtype=np.dtype(ensemble.spec.dtype))
+        if images is None:
+            yield np.ascontiguousarray(data[start : start + batch], dtype=np.dtype(ispec.dtype)), None
+        else:
+            part = images[start : start + batch]
+            yield image_to_input(part, ispec), part
 
 
 def run(cfg: RunConfig, stop: threading.Event | None = None) -> dict[str, Any]:
@@ -316,12 +324,12 @@ def _run(cfg: RunConfig, stop: threading.Event) -> dict[str, Any]:
     try:
         if cfg.source:
             played = 0
-            for x in source_batches(cfg.source, agent.ensemble, cfg.source_batch):
+            for x, images in source_batches(cfg.source, agent.ensemble, cfg.source_batch):
                 if stop.is_set() or (cfg.source_limit is not None and played >= cfg.source_limit):
                     break
                 t0 = time.perf_counter()
                 try:
-                    agent.classify(x)
+                    agent.classify(x, images)
                     metrics.observe("source", time.perf_counter() - t0, True)
                 except InputError as e:
                     metrics.observe("source", 0.0, False)

@@ -65,15 +65,28 @@ def check_input(x: np.ndarray, spec: bundle_pb2.InputSpec) -> np.ndarray:
     return np.ascontiguousarray(x)
 
 
-def to_model_input(pictures: np.ndarray, spec: bundle_pb2.InputSpec) -> np.ndarray:
-    """uint8 pictures (N, C, H, W), C 1 or 3, of any size -> the model's input, through the spec's preprocessing
-    (colour and resize to the model's image, then scale/mean/std and layout)."""
-    p = preprocess_of(spec).fitted(image_shape_of(spec))
+def to_model_image(pictures: np.ndarray, spec: bundle_pb2.InputSpec) -> np.ndarray:
+    """uint8 pictures (N, C, H, W), C 1 or 3, of any size -> the model's image (N, C', H', W') uint8: the spec's
+    colour conversion and resize (what the quarantine stores)."""
     try:
-        x = p.model_input(p.image(pictures))
+        return preprocess_of(spec).fitted(image_shape_of(spec)).image(pictures)
+    except PreprocessError as e:
+        raise InputError(str(e)) from None
+
+
+def image_to_input(images: np.ndarray, spec: bundle_pb2.InputSpec) -> np.ndarray:
+    """The model's uint8 images -> its input tensor (scale, mean/std, layout, the spec's dtype)."""
+    try:
+        x = preprocess_of(spec).model_input(images)
     except PreprocessError as e:
         raise InputError(str(e)) from None
     return x.astype(np.dtype(spec.dtype), copy=False)
+
+
+def to_model_input(pictures: np.ndarray, spec: bundle_pb2.InputSpec) -> np.ndarray:
+    """uint8 pictures (N, C, H, W), C 1 or 3, of any size -> the model's input, through the spec's preprocessing
+    (colour and resize to the model's image, then scale/mean/std and layout)."""
+    return image_to_input(to_model_image(pictures, spec), spec)
 
 
 ENSEMBLE_PATHS = ("fused", "two-sessions", "timed")

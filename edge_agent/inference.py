@@ -27,7 +27,7 @@ import grpc
 import numpy as np
 
 from edge_agent.agent import Agent
-from edge_agent.ensemble import InputError, to_model_input
+from edge_agent.ensemble import InputError, image_to_input, to_model_image
 from edge_agent.metrics import AgentMetrics
 from edge_agent.ports import GRPC_EXCLUSIVE, PortError
 from protos.inference import grpc_predict_v2_pb2 as pb
@@ -116,16 +116,19 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             ],
         )
 
-    def _decode(self, request: pb.ModelInferRequest) -> np.ndarray:
+    def _decode(self, request: pb.ModelInferRequest) -> tuple[np.ndarray, np.ndarray | None]:
+        """(model input, the model's uint8 images when the request sent pictures) from one request."""
         spec = self.agent.ensemble.spec
         names = (spec.input_name, RAW_IMAGE, ENCODED_IMAGE)
         if len(request.inputs) != 1:
             raise InputError(f"expected one input tensor (one of {', '.join(names)}), got {len(request.inputs)}")
         tensor = request.inputs[0]
-        if tensor.name == RAW_IMAGE:
-            return to_model_input(self._raw_pictures(request, tensor), spec)
-        if tensor.name == ENCODED_IMAGE:
-            return self._encoded_pictures(request, tensor)
+        if tensor.name in (RAW_IMAGE, ENCODED_IMAGE):
+            if tensor.name == RAW_IMAGE:
+                images = to_model_image(self._raw_pictures(request, tensor), spec)
+            else:
+                images = self._encoded_pictures(request, tensor)
+            return image_to_input(images, spec), images
         if tensor.name != spec.input_name:
             raise InputError(f"unknown input {tensor.name!r}; send one of {', '.join(names)}")
         dtype = DATATYPES.get(tensor.datatype)
@@ -152,7 +155,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             if x.size != math.prod(shape):
                 raise InputError(f"{x.size} values for shape {list(shape)}")
         x = x.reshape(shape)
-        return x.astype(np.float32) if dtype is not np.float32 else x
+        return (x.astype(np.float32) if dtype is not np.float32 else x), None
 
     def _raw_pictures(self, request: pb.ModelInferRequest, tensor: Any) -> np.ndarray:
         """``raw_image``: UINT8 (N, H, W, C) or (H, W, C) -> pictures (N, C, H, W)."""
@@ -173,7 +176,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return np.frombuffer(data, np.uint8).reshape(shape).transpose(0, 3, 1, 2)
 
     def _encoded_pictures(self, request: pb.ModelInferRequest, tensor: Any) -> np.ndarray:
-        """``encoded_image``: PNG/JPEG files -> the model's input (each preprocessed from its own size)."""
+        """``encoded_image``: PNG/JPEG files -> the model's images (each resized from its own size)."""
         if tensor.datatype != "BYTES":
             raise InputError(f"{ENCODED_IMAGE} must be BYTES, got {tensor.datatype}")
         files = (
@@ -186,7 +189,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         if len(files) > self.max_batch:
             raise BatchTooLarge(f"batch of {len(files)} images; this agent takes at most {self.max_batch} per request")
         spec = self.agent.ensemble.spec
-        return np.concatenate([to_model_input(decode_picture(f, i), spec) for i, f in enumerate(files)])
+        return np.concatenate([to_model_image(decode_picture(f, i), spec) for i, f in enumerate(files)])
 
     def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.ServicerContext) -> pb.ModelInferResponse:
         """Classify the batch; rejected inputs come back with label -1 and rejected=true."""
@@ -194,8 +197,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         t0 = time.perf_counter()
         code, why = grpc.StatusCode.OK, ""
         try:
-            x = self._decode(request)
-            decision, version = self.agent.classify(x)
+            x, images = self._decode(request)
+            decision, version = self.agent.classify(x, images)
         except BatchTooLarge as e:
             code, why = grpc.StatusCode.RESOURCE_EXHAUSTED, f"{e}: split it into smaller requests"
         except InputError as e:

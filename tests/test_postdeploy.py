@@ -16,7 +16,7 @@ from edge_agent.formats.preprocess import Preprocess
 from edge_agent.formats.wire import check_message
 from protos.nnoc.v1 import quarantine_pb2
 from trainer.science.cyclegan import CycleGANConfig, ImagePool, PatchDiscriminator, ResnetGenerator, train_cyclegan
-from trainer.service.quarantine import QuarantineStore, tensor_to_pixels
+from trainer.service.quarantine import QuarantineStore
 from trainer.stages.purify import purify
 
 
@@ -67,10 +67,29 @@ def test_malformed_quarantine_messages_are_refused(header: Any, payload: bytes, 
 def test_missing_quarantine_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(QuarantineError, match="nnoc-trainer stream"):
         QuarantineStore(tmp_path / "none", create=False)
-    assert (tensor_to_pixels(np.full((1, 1, 1, 1), 0.5, np.float32), Preprocess()) == 128).all()
+
+
+def test_model_inputs_go_back_to_their_images() -> None:
+    assert (Preprocess().to_image(np.full((1, 1, 1, 1), 0.5, np.float32)) == 128).all()
     normalised = Preprocess(mean=(0.5,), std=(0.25,), layout="NHWC")
     images = np.random.default_rng(0).integers(0, 256, (3, 3, 4, 5), dtype=np.uint8)
-    assert np.array_equal(tensor_to_pixels(normalised.model_input(images), normalised), images)
+    assert np.array_equal(normalised.to_image(normalised.model_input(images)), images)
+
+
+def test_quarantine_of_images_and_older_tensors_loads_as_images(tmp_path: Path) -> None:
+    """Agents send the model's uint8 image; rows from agents that sent the float tensor load the same."""
+    normalised = Preprocess(mean=(0.3,), std=(0.2,))
+    images = np.random.default_rng(1).integers(0, 256, (4, 1, 4, 4), dtype=np.uint8)
+    tensors = normalised.model_input(images)
+    with QuarantineStore(tmp_path) as store:
+        store.add_many([(_header(i, dtype="uint8"), images[i].tobytes()) for i in (0, 2)])
+        store.add_many([(_header(i), tensors[i].tobytes()) for i in (1, 3)])
+        q = store.load(normalised)
+        assert store.add_many([(_header(9, shape=(1, 5, 5), dtype="uint8"), bytes(25))]) == 1
+        with pytest.raises(QuarantineError, match="different shapes"):
+            store.load(normalised)
+    assert q.images.dtype == np.uint8
+    assert np.array_equal(q.images[np.argsort([s for _, s in q.keys])], images)
 
 
 def test_purify_majority_and_fallback() -> None:

@@ -42,13 +42,14 @@ def test_raw_and_encoded_pictures_answer_like_the_preprocessed_tensor(bundle: Pa
     from PIL import Image
 
     from edge_agent.agent import Agent
-    from edge_agent.ensemble import Ensemble, to_model_input
+    from edge_agent.ensemble import Ensemble, to_model_image, to_model_input
     from edge_agent.formats.bundle import verify_bundle
     from edge_agent.inference import ENCODED_IMAGE, RAW_IMAGE, serve
     from edge_agent.monitor import RejectMonitor
     from edge_agent.spool import Spool, SpoolConfig
     from protos.inference import grpc_predict_v2_pb2 as pb
     from protos.inference import grpc_predict_v2_pb2_grpc as pb_grpc
+    from protos.nnoc.v1.quarantine_pb2 import QuarantineHeader
 
     verified = verify_bundle(bundle)
     spec = verified.manifest.input_spec
@@ -111,3 +112,13 @@ def test_raw_and_encoded_pictures_answer_like_the_preprocessed_tensor(bundle: Pa
                 assert infer(stub, RAW_IMAGE, "UINT8", [6, 28, 28, 1], nhwc.tobytes()) == want  # still serving
         finally:
             server.stop(0)
+        # What the agent quarantined is the model's image (uint8 3x32x32), the very picture it classified.
+        images = {bytes(i) for i in to_model_image(gray, spec)} | {
+            bytes(to_model_image(rgb.transpose(0, 3, 1, 2), spec)[0])
+        }
+        spooled = spool.due(1000, 0.0)
+        assert spooled and spool.depth() == len(spooled)
+        for item in spooled:
+            header = QuarantineHeader.FromString(item.header)
+            assert (header.dtype, list(header.shape)) == ("uint8", [3, 32, 32])
+            assert item.tensor in images

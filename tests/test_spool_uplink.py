@@ -131,4 +131,7 @@ def test_agent_spools_rejects_before_answering_and_uplinks_them(
         q = store.load(preprocess_of(bundle.manifest.input_spec))
     assert len(q) == n_rej and (q.primary != q.monitor).all()
     rej_idx = np.flatnonzero(decision.rejected)
+    # The wire carries the model's image (uint8), and it is exactly the picture the agent classified.
+    sent = np.concatenate([images, poisoned])[rej_idx]
+    assert sorted(map(bytes, q.images)) == sorted(map(bytes, sent))
     np.testing.assert_array_equal(np.sort(q.primary), np.sort(decision.primary[rej_idx]))

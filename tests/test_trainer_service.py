@@ -143,8 +143,9 @@ def test_collector_validates_dedupes_limits_and_records_stats(store: ModelStore,
         for seq in range(10):
             sock.send_multipart(_message(seq))
         sock.send_multipart(_message(3))  # a duplicate
-        replies = _replies(sock, 11)
-        assert [r.status for r in replies] == [Reply.ACK] * 11
+        sock.send_multipart(_message(10, dtype="uint8", tensor=bytes(range(256)) * 3 + bytes(16)))  # the image
+        replies = _replies(sock, 12)
+        assert [r.status for r in replies] == [Reply.ACK] * 12
         bad = {
             "garbage header": [b"\xff\xfe not protobuf", b"x"],
             "three frames": [*_message(100), b"extra"],
@@ -155,6 +156,7 @@ def test_collector_validates_dedupes_limits_and_records_stats(store: ModelStore,
             "unknown fleet": _message(105, fleet="nowhere"),
             "short tensor": _message(106, tensor=b"\x00" * 12),
             "spoofed device": _message(107, device="cam-9"),
+            "image of another size": _message(108, dtype="uint8", shape=[1, 28, 27], tensor=bytes(28 * 27)),
         }
         for frames in bad.values():
             sock.send_multipart(frames)
@@ -163,7 +165,8 @@ def test_collector_validates_dedupes_limits_and_records_stats(store: ModelStore,
         assert all(r.error for r in replies)
         errors = {r.seq: r.error for r in replies}  # replies may come in another order than the messages
         assert "exceeds" in errors[104] and "unknown fleet" in errors[105] and "NaN" in errors[102]
-        # Rate limit: the bucket holds 30 and 21 are spent; a burst of 40 more is partly throttled.
+        assert "[1, 28, 28] uint8" in errors[108]  # the refusal names the layouts the fleet takes
+        # Rate limit: the bucket holds 30 and 23 are spent; a burst of 40 more is partly throttled.
         for seq in range(200, 240):
             sock.send_multipart(_message(seq))
         replies = _replies(sock, 40)
@@ -180,7 +183,7 @@ def test_collector_validates_dedupes_limits_and_records_stats(store: ModelStore,
         ctx.term()
     c = collector.counters
     assert c.duplicates == 1 and c.rejected == len(bad) and c.throttled == len(throttled)
-    assert quarantine_size(tmp_path / "q", "default", 1) == c.stored == 10 + 40 - len(throttled)
+    assert quarantine_size(tmp_path / "q", "default", 1) == c.stored == 11 + 40 - len(throttled)
     devices = registry.devices("default")
     assert devices[0]["device_id"] == "cam-1" and devices[0]["requests"] == 500
     assert devices[0]["window_reject_rate"] == pytest.approx(0.08)

@@ -112,6 +112,20 @@ class Preprocess:
         x = (image.astype(np.float32) * np.float32(self.scale) - mean) / std
         return np.ascontiguousarray(x.transpose(0, 2, 3, 1) if self.layout == "NHWC" else x)
 
+    def to_image(self, x: np.ndarray) -> np.ndarray:
+        """Model inputs (what :meth:`model_input` made, in ``layout``) back to the model's uint8 images
+        (N, C, H, W): the inverse of :meth:`model_input`, rounded to the nearest pixel value. uint8 passes."""
+        if x.dtype == np.uint8:
+            return x
+        if x.ndim != 4:
+            raise PreprocessError(f"model inputs must be (N, C, H, W) or (N, H, W, C), got {tuple(x.shape)}")
+        v = x.astype(np.float64)
+        if self.layout == "NHWC":
+            v = v.transpose(0, 3, 1, 2)
+        mean = np.asarray(self.mean, np.float64).reshape(1, -1, 1, 1)
+        std = np.asarray(self.std, np.float64).reshape(1, -1, 1, 1)
+        return np.ascontiguousarray(np.clip(np.rint((v * std + mean) / self.scale), 0, 255).astype(np.uint8))
+
     def input_range(self) -> tuple[float, float]:
         """The smallest and largest value :meth:`model_input` can give (over all channels)."""
         ends = [(v * self.scale - m) / s for v in (0.0, 255.0) for m in self.mean for s in self.std]

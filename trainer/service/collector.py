@@ -20,7 +20,6 @@ interval. Nothing a sender does can stop the loop.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import sqlite3
@@ -37,7 +36,7 @@ import zmq
 from edge_agent.formats.curve import AllowList, CurveError, start_server_auth
 from edge_agent.formats.errors import QuarantineError
 from edge_agent.formats.names import is_name
-from edge_agent.formats.spec import accepted_range, preprocess_of
+from edge_agent.formats.spec import accepted_range, image_shape_of
 from edge_agent.formats.wire import INT63, check_header, tensor_layout
 from edge_agent.options import flag, positive, positive_float
 from protos.nnoc.v1 import bundle_pb2, quarantine_pb2
@@ -212,12 +211,7 @@ class _Stores:
             store = QuarantineStore(quarantine_dir(self.root, fleet, version))
             try:
                 if store.meta("fleet") is None:
-                    described = {
-                        "shape": list(spec.shape),
-                        "dtype": spec.dtype,
-                        "preprocess": preprocess_of(spec).to_dict(),
-                    }
-                    store.set_meta(fleet=fleet, bundle_version=str(version), input_spec=json.dumps(described))
+                    store.describe(fleet, version, spec)
                 entry = (store, store.device_counts())
             except BaseException:
                 store.close()
@@ -257,7 +251,7 @@ class Collector:
         self._specs = _SpecCache(spec_for)
         self._stores = _Stores(cfg.root, cfg.max_open_stores)
         self._buckets: dict[str, _Bucket] = {}
-        self._layouts: dict[tuple[str, int], tuple[bundle_pb2.InputSpec, list[int], int]] = {}
+        self._layouts_of: dict[tuple[str, int], tuple[bundle_pb2.InputSpec, list[tuple[str, list[int], int]]]] = {}
         self._warn = _OnceEvery(cfg.log_interval)
         self._curve = cfg.curve_secret is not None
         self._stop = threading.Event()
@@ -364,16 +358,21 @@ class Collector:
         bucket.tokens -= 1.0
         return True
 
-    def _layout(self, fleet: str, version: int, spec: bundle_pb2.InputSpec) -> tuple[list[int], int]:
-        """The version's tensor shape and byte size (cached with the spec they come from)."""
-        cached = self._layouts.get((fleet, version))
+    def _layouts(self, fleet: str, version: int, spec: bundle_pb2.InputSpec) -> list[tuple[str, list[int], int]]:
+        """(dtype, shape, bytes) a version's quarantine may take, cached with the spec they come from: the model's
+        image (uint8, C, H, W; what agents send) and the model's input tensor (agents before the image wire)."""
+        cached = self._layouts_of.get((fleet, version))
         if cached is None or cached[0] is not spec:
             shape = [int(d) for d in spec.shape]
-            if len(self._layouts) > 4096:
-                self._layouts.clear()
-            nbytes = np.dtype(spec.dtype).itemsize * math.prod(shape)
-            cached = self._layouts[(fleet, version)] = (spec, shape, nbytes)
-        return cached[1], cached[2]
+            image = list(image_shape_of(spec)) if len(shape) == 3 else shape
+            if len(self._layouts_of) > 4096:
+                self._layouts_of.clear()
+            layouts = [
+                ("uint8", image, math.prod(image)),
+                (spec.dtype, shape, np.dtype(spec.dtype).itemsize * math.prod(shape)),
+            ]
+            cached = self._layouts_of[(fleet, version)] = (spec, layouts)
+        return cached[1]
 
     def _check(self, ident: bytes, user: str | None, body: list[bytes]) -> quarantine_pb2.QuarantineHeader:
         """Everything but the values (checked per batch, vectorised, in :meth:`_check_values`)."""
@@ -392,29 +391,40 @@ class Collector:
         if not is_name(header.fleet):
             raise QuarantineError(f"unknown fleet {header.fleet[:80]!r}", "unknown-fleet")
         spec = self._specs.get(header.fleet, int(header.bundle_version))
-        shape, nbytes = self._layout(header.fleet, int(header.bundle_version), spec)
+        layouts = self._layouts(header.fleet, int(header.bundle_version), spec)
         tensor = body[1]
-        if header.dtype == spec.dtype and len(tensor) == nbytes and header.shape == shape:
-            if nbytes > self.cfg.max_tensor_bytes:
-                raise QuarantineError(f"tensor of {nbytes} bytes exceeds the {self.cfg.max_tensor_bytes}-byte limit")
-            return header  # the common case: exactly the version's layout
+        for dtype, shape, nbytes in layouts:
+            if header.dtype == dtype and len(tensor) == nbytes and header.shape == shape:
+                if nbytes > self.cfg.max_tensor_bytes:
+                    raise QuarantineError(
+                        f"tensor of {nbytes} bytes exceeds the {self.cfg.max_tensor_bytes}-byte limit"
+                    )
+                return header  # the common case: exactly one of the version's layouts
         _, got, expected = tensor_layout(header, self.cfg.max_tensor_bytes)  # says precisely what is wrong
         if len(tensor) != expected:
             raise QuarantineError(f"tensor frame has {len(tensor)} bytes, {list(got)} needs {expected}", "layout")
+        wanted = " or ".join(f"{shape} {dtype}" for dtype, shape, _ in layouts)
         raise QuarantineError(
-            f"tensor {list(got)} {header.dtype} does not match the fleet's input {shape} {spec.dtype}", "layout"
+            f"tensor {list(got)} {header.dtype} does not match the fleet's input ({wanted})", "layout"
         )
 
     @staticmethod
-    def _check_values(spec: bundle_pb2.InputSpec, tensors: list[bytes]) -> np.ndarray:
-        """Which tensors (rows) hold NaN, infinities or values outside the spec's range."""
-        rows = np.frombuffer(b"".join(tensors), dtype=np.dtype(spec.dtype)).reshape(len(tensors), -1)
+    def _check_values(spec: bundle_pb2.InputSpec, items: list[Item]) -> np.ndarray:
+        """Which messages hold NaN, infinities or values outside the spec's range. Only model-input tensors are
+        checked (vectorised, one pass over the batch): any uint8 image is a valid image."""
+        bad = np.zeros(len(items), dtype=bool)
+        tensors = [k for k, (_, header, _) in enumerate(items) if header.dtype != "uint8"]
+        if not tensors:
+            return bad
+        rows = np.frombuffer(b"".join(items[k][2] for k in tensors), dtype=np.dtype(spec.dtype))
+        rows = rows.reshape(len(tensors), -1)
         lo, hi = rows.min(axis=1), rows.max(axis=1)  # NaN anywhere in a row makes its min and max NaN
         low, high = accepted_range(spec)
-        bad = ~(lo >= low) | ~(hi <= high)
+        out = ~(lo >= low) | ~(hi <= high)
         if rows.dtype.kind == "f":
-            bad |= np.isinf(lo) | np.isinf(hi)
-        return np.asarray(bad)
+            out |= np.isinf(lo) | np.isinf(hi)
+        bad[tensors] = out
+        return bad
 
     # -- one batch -----------------------------------------------------------------------------------------
 
@@ -451,7 +461,7 @@ class Collector:
         c = self.counters
         replies: list[tuple[bytes, Reply]] = []
         spec = self._specs.get(fleet, version)
-        bad = self._check_values(spec, [t for _, _, t in items])
+        bad = self._check_values(spec, items)
         try:
             store, per_device = self._stores.get(fleet, version, spec)
         except (sqlite3.Error, OSError, QuarantineError) as e:

@@ -19,8 +19,9 @@ import numpy as np
 
 from edge_agent.formats.errors import QuarantineError
 from edge_agent.formats.preprocess import Preprocess
+from edge_agent.formats.spec import image_shape_of, preprocess_of
 from edge_agent.formats.wire import check_message
-from protos.nnoc.v1 import quarantine_pb2
+from protos.nnoc.v1 import bundle_pb2, quarantine_pb2
 
 STORE_NAME = "quarantine.sqlite"
 SCHEMA_VERSION = 1
@@ -57,18 +58,6 @@ class Quarantine:
         return len(self.primary)
 
 
-def tensor_to_pixels(tensor: np.ndarray, preprocess: Preprocess) -> np.ndarray:
-    """Model-input tensors (what ``preprocess.model_input`` made) back to the model's uint8 images (N, C, H, W)."""
-    if tensor.dtype == np.uint8:
-        return tensor
-    x = tensor.astype(np.float64)
-    if preprocess.layout == "NHWC":
-        x = x.transpose(0, 3, 1, 2)
-    mean = np.asarray(preprocess.mean, np.float64).reshape(1, -1, 1, 1)
-    std = np.asarray(preprocess.std, np.float64).reshape(1, -1, 1, 1)
-    return np.clip(np.rint((x * std + mean) / preprocess.scale), 0, 255).astype(np.uint8)
-
-
 class QuarantineStore:
     """A SQLite quarantine file. Use as a context manager; one writer at a time (SQLite's own locking)."""
 
@@ -102,6 +91,17 @@ class QuarantineStore:
         """A metadata value (input spec, fleet ...), or None."""
         row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return None if row is None else str(row[0])
+
+    def describe(self, fleet: str, version: int, spec: bundle_pb2.InputSpec) -> None:
+        """Record whose quarantine this is and the input it holds (the bundle's input spec, its image shape and
+        preprocessing), for readers that have no bundle at hand."""
+        described = {
+            "shape": [int(d) for d in spec.shape],
+            "dtype": spec.dtype,
+            "image_shape": list(image_shape_of(spec)),
+            "preprocess": preprocess_of(spec).to_dict(),
+        }
+        self.set_meta(fleet=fleet, bundle_version=str(version), input_spec=json.dumps(described))
 
     def set_meta(self, **values: str) -> None:
         """Set metadata values."""
@@ -159,20 +159,32 @@ class QuarantineStore:
         return int(self.db.execute("SELECT COUNT(*) FROM quarantine").fetchone()[0])
 
     def load(self, preprocess: Preprocess) -> Quarantine:
-        """All stored inputs, in arrival order, as the model's uint8 images (``preprocess`` undone)."""
+        """All stored inputs, in arrival order, as the model's uint8 images.
+
+        Agents send the model's image (uint8, C, H, W); a float model-input tensor (older agents, the model's own
+        tensor format) is turned back into its image with ``preprocess``. Rows of both kinds may mix.
+        """
         rows = self.db.execute(
             "SELECT device_id, seq, shape, dtype, primary_label, monitor_label, tensor FROM quarantine "
             "ORDER BY received_at, device_id, seq"
         ).fetchall()
         if not rows:
             return Quarantine(np.zeros((0, 1, 1, 1), np.uint8), np.zeros(0, np.int64), np.zeros(0, np.int64), [])
-        shapes = {r[2] for r in rows}
+        groups: dict[tuple[str, str], list[int]] = {}  # (shape, dtype) -> row indices: one conversion per kind
+        for k, r in enumerate(rows):
+            groups.setdefault((r[2], r[3]), []).append(k)
+        parts: dict[int, np.ndarray] = {}
+        for (shape_json, dtype), ks in groups.items():
+            shape = tuple(json.loads(shape_json))
+            stacked = np.frombuffer(b"".join(rows[k][6] for k in ks), dtype=np.dtype(dtype)).reshape(len(ks), *shape)
+            for k, image in zip(ks, preprocess.to_image(stacked), strict=True):
+                parts[k] = image
+        shapes = {parts[k].shape for k in parts}
         if len(shapes) > 1:
-            raise QuarantineError(f"{self.path}: inputs of different shapes {sorted(shapes)}")
-        shape = tuple(json.loads(rows[0][2]))
-        tensors = np.stack([np.frombuffer(r[6], dtype=np.dtype(r[3])).reshape(shape) for r in rows])
+            raise QuarantineError(f"{self.path}: images of different shapes {sorted(shapes)}")
+        images = np.stack([parts[k] for k in range(len(rows))])
         return Quarantine(
-            images=tensor_to_pixels(tensors, preprocess),
+            images=images,
             primary=np.array([r[4] for r in rows], dtype=np.int64),
             monitor=np.array([r[5] for r in rows], dtype=np.int64),
             keys=[(str(r[0]), int(r[1])) for r in rows],

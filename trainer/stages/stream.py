@@ -55,7 +55,6 @@ def run_stream(bundle_dir: Path, splits: Splits, trigger: Trigger, cfg: StreamCo
     bundle = verify_bundle(bundle_dir)
     manifest = bundle.manifest
     preprocess = preprocess_of(manifest.input_spec)
-    shape = tuple(int(d) for d in manifest.input_spec.shape)  # the model input, as the edge sends it
     image_shape = preprocess.image_shape(splits.image_shape)
     primary = OnnxClassifier(bundle.model_path("primary"), expected_shape=image_shape, preprocess=preprocess)
     monitor = OnnxClassifier(bundle.model_path("monitor"), expected_shape=image_shape, preprocess=preprocess)
@@ -72,15 +71,11 @@ def run_stream(bundle_dir: Path, splits: Splits, trigger: Trigger, cfg: StreamCo
     messages = []
     for i in np.flatnonzero(rejected):
         header = build_header(
-            cfg.device_id, manifest.fleet, manifest.version, shape, "float32", p_pred[i], m_pred[i], seq=int(i)
+            cfg.device_id, manifest.fleet, manifest.version, image_shape, "uint8", p_pred[i], m_pred[i], seq=int(i)
         )
-        messages.append((header, preprocess.model_input(images[i : i + 1]).tobytes()))
+        messages.append((header, images[i].tobytes()))  # the model's image, as agents send it
     with QuarantineStore(out_dir) as store:
-        store.set_meta(
-            fleet=manifest.fleet,
-            bundle_version=str(manifest.version),
-            input_spec=json.dumps({"shape": list(shape), "dtype": "float32", "preprocess": preprocess.to_dict()}),
-        )
+        store.describe(manifest.fleet, manifest.version, manifest.input_spec)
         stored = store.add_many(messages)
         total = store.count()
 
