@@ -120,3 +120,35 @@ def test_refusals_are_one_line_and_exit_2(outsider: Path, tmp_path: Path) -> Non
     one_line(["predeploy", "--model", str(tmp_path / "m.bin"), *out], "expected .onnx, .pt2 or .pt")
     one_line(["evaluate", "--model", str(outsider / "legacy.onnx"), *TINY], "pass a --preprocess block")
     assert not (tmp_path / "o" / "bundle").exists()
+
+
+def test_a_folder_of_mixed_sizes_is_read_through_the_model_files_own_block(tmp_path: Path) -> None:
+    """The user's clean data at the camera's many resolutions: `evaluate` reads the block from the ONNX file's
+    metadata (no flag), fits every picture with its resize rule, and takes the class names from the model."""
+    from PIL import Image
+
+    from edge_agent.formats.spec import InputSpec
+    from trainer.science.export import export_onnx
+    from trainer.science.models import build_model
+
+    block = Preprocess(color="rgb", size=(24, 24), resize="letterbox", mean=(0.5,), std=(0.25,))
+    torch.manual_seed(0)
+    export_onnx(build_model("cnn3", (3, 24, 24), 2), InputSpec.for_image((3, 24, 24), block), ("ok", "defect"),
+                tmp_path / "m.onnx")  # fmt: skip
+    rng = np.random.default_rng(0)
+    for cls in ("a", "b"):
+        (tmp_path / "data" / cls).mkdir(parents=True)
+        for i, (h, w) in enumerate([(48, 64), (30, 30), (100, 40)] * 4):
+            mode, shape = ("L", (h, w)) if i % 2 else ("RGB", (h, w, 3))
+            Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode=mode).save(
+                tmp_path / "data" / cls / f"{i}.png"
+            )
+    data = ["--dataset", "imagefolder", "--data-dir", str(tmp_path / "data"), "--valid-size", "4",
+            "--stream-size", "2", "--train-size", "2"]  # fmt: skip
+    _, out, _ = run_cli("trainer", "evaluate", "--model", str(tmp_path / "m.onnx"), *data)
+    assert out is not None and 0.0 <= out["clean_accuracy"] <= 1.0 and out["n_clean"] == 4
+    # Without a block that names a size, the folder cannot be stacked: one line, exit 2, what to pass.
+    (tmp_path / "plain.json").write_text(json.dumps({"mean": [0.5], "std": [0.25]}))
+    code, _, err = run_cli("trainer", "evaluate", "--model", str(tmp_path / "m.onnx"),
+                           "--preprocess", str(tmp_path / "plain.json"), *data, check=False)  # fmt: skip
+    assert code == 2 and "--preprocess block with the model's size" in err and "Traceback" not in err

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from edge_agent.formats.preprocess import Preprocess
 from trainer.science.data import (
     DATASETS,
     DataConfig,
@@ -94,3 +95,25 @@ def test_image_folder_mixed_sizes_needs_image_size(tmp_path: Path) -> None:
         load_dataset(DataConfig(name="imagefolder", data_dir=tmp_path))
     ds = load_dataset(DataConfig(name="imagefolder", data_dir=tmp_path, image_size=(8, 8)))
     assert ds.image_shape == (1, 8, 8)
+
+
+@pytest.mark.parametrize("mode", ["letterbox", "center-crop", "stretch"])
+def test_image_folder_of_mixed_sizes_and_colours_is_fitted_by_the_model_block(tmp_path: Path, mode: str) -> None:
+    """A user's folder of camera stills at several resolutions, gray and colour: brought to the model's size with
+    the block's own resize rule, gray replicated to RGB."""
+    _write_tree(tmp_path / "a", [(16, 16), (40, 24)])
+    _write_tree(tmp_path / "b", [(12, 30)], mode="RGB")
+    for cls in ("cat", "dog"):
+        for f in (tmp_path / "b" / cls).iterdir():
+            f.rename(tmp_path / "a" / cls / f"rgb-{f.name}")
+    block = Preprocess(size=(10, 14), resize=mode, interpolation="area")
+    with pytest.raises(DatasetError, match="--preprocess block with the model's size"):
+        load_dataset(DataConfig(name="imagefolder", data_dir=tmp_path / "a"), Preprocess())
+    ds = load_dataset(DataConfig(name="imagefolder", data_dir=tmp_path / "a"), block)
+    assert ds.image_shape == (3, 10, 14) and len(ds.pool) + len(ds.test) == 6
+    assert ds.class_names == ("cat", "dog")
+    # Each picture is exactly what the block itself makes of it (one implementation of the resize).
+    gray = np.asarray(Image.open(tmp_path / "a" / "cat" / "1.png"))
+    want = block.image(np.repeat(gray[None, None], 3, axis=1))[0]
+    images = np.concatenate([ds.pool.images, ds.test.images])
+    assert any(np.array_equal(want, i) for i in images)

@@ -55,11 +55,13 @@ def _add_data(p: argparse.ArgumentParser) -> None:
     add_flags(g, SplitConfig)
 
 
-def _splits(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
+def _splits(args: argparse.Namespace, fit: Any = None) -> tuple[Any, dict[str, Any]]:
+    """The data flags' splits and their description; ``fit``: the model's preprocessing block (an ImageFolder of
+    mixed sizes is brought to its size with its resize rule)."""
     from trainer.science.data import DataConfig, SplitConfig, load_splits
 
     data, split = from_args(DataConfig, args), from_args(SplitConfig, args)
-    splits = load_splits(data, split)
+    splits = load_splits(data, split, fit)
     meta = {
         "dataset": data.name,
         "data_dir": str(data.data_dir) if data.data_dir else None,
@@ -69,16 +71,24 @@ def _splits(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     return splits, meta
 
 
+def _bundle_block(bundle: Path) -> Any:
+    """A bundle's preprocessing block (from its manifest; verified when the command loads the bundle)."""
+    from edge_agent.formats.bundle import read_manifest
+    from edge_agent.formats.spec import preprocess_of
+
+    return preprocess_of(read_manifest(bundle).input_spec)
+
+
 def cmd_attack(args: argparse.Namespace) -> dict[str, Any]:
     """Train a BadNet (evaluation harness)."""
     from edge_agent.formats.preprocess import Preprocess
     from trainer.science.training import TrainConfig
     from trainer.stages.attack import AttackConfig, run_attack
 
-    splits, meta = _splits(args)
+    block = Preprocess.load(args.preprocess) if args.preprocess is not None else None
+    splits, meta = _splits(args, block)
     _check_target(args.target, splits)
     cfg = from_args(AttackConfig, args, train=from_args(TrainConfig, args))
-    block = Preprocess.load(args.preprocess) if args.preprocess is not None else None
     return run_attack(cfg, splits, args.out, meta, quiet=args.quiet, preprocess=block)
 
 
@@ -90,7 +100,7 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
 
     source = from_args(ModelSource, args)
     source.check()  # before the data loads
-    splits, meta = _splits(args)
+    splits, meta = _splits(args, source.declared_block())
     _check_target(args.target, splits)
     trigger = parse_trigger(args.trigger) if args.trigger else None
     if (trigger is None) != (args.target is None):
@@ -125,7 +135,7 @@ def cmd_predeploy(args: argparse.Namespace) -> dict[str, Any]:
     trigger = parse_trigger(args.eval_trigger) if args.eval_trigger else None
     source = from_args(ModelSource, args)
     source.check()  # before the data loads
-    splits, _ = _splits(args)
+    splits, _ = _splits(args, source.declared_block())
     _check_target(args.target, splits)
     cfg = from_args(PredeployConfig, args, noise=from_args(NoiseConfig, args))
     result = run_predeploy(source, splits, cfg, args.out, args.fleet, trigger, args.target, quiet=args.quiet)
@@ -138,7 +148,7 @@ def cmd_stream(args: argparse.Namespace) -> dict[str, Any]:
     from trainer.stages.stream import StreamConfig, run_stream
 
     trigger = parse_trigger(args.trigger)
-    splits, _ = _splits(args)
+    splits, _ = _splits(args, _bundle_block(args.bundle))
     _check_target(args.target, splits)
     cfg = from_args(StreamConfig, args)
     return run_stream(args.bundle, splits, trigger, cfg, args.out)
@@ -153,7 +163,7 @@ def cmd_repair(args: argparse.Namespace) -> dict[str, Any]:
     if (args.eval_trigger is None) != (args.target is None):
         raise ValueError("--eval-trigger and --target go together")
     trigger = parse_trigger(args.eval_trigger) if args.eval_trigger else None
-    splits, _ = _splits(args)
+    splits, _ = _splits(args, _bundle_block(args.bundle))
     _check_target(args.target, splits)
     from trainer.stages.profiles import REPAIR_PROFILES
 

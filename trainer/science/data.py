@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_agent.formats.preprocess import Preprocess
+from edge_agent.formats.preprocess import Preprocess, resize
 from edge_agent.options import flag, fraction, image_size, positive
 
 log = logging.getLogger(__name__)
@@ -280,22 +280,36 @@ def _read_folder(root: Path, classes: list[str], size: tuple[int, int] | None) -
     return images, labels
 
 
-def _stack(images: list[np.ndarray], root: Path) -> np.ndarray:
+def _stack(images: list[np.ndarray], root: Path, fit: Preprocess | None) -> np.ndarray:
+    """Images of one shape as (N, C, H, W); images of several sizes are brought to ``fit``'s size with its own
+    resize rule (letterbox, center-crop or stretch) and, when colours mix, to RGB."""
     shapes = {a.shape for a in images}
-    if len(shapes) > 1:
+    if len(shapes) == 1:
+        arr = np.stack(images)
+        return arr[:, None] if arr.ndim == 3 else arr.transpose(0, 3, 1, 2)  # (N, C, H, W)
+    if fit is None or fit.size is None:
         raise DatasetError(
-            f"{root}: images have different sizes or modes {sorted(shapes)[:4]}; "
-            "pass --image-size HxW to resize them all"
+            f"{root}: images have different sizes or modes {sorted(shapes)[:4]}; pass --image-size HxW to resize "
+            "them all, or a --preprocess block with the model's size (its resize rule is then used)"
         )
-    arr = np.stack(images)
-    return arr[:, None] if arr.ndim == 3 else arr.transpose(0, 3, 1, 2)  # (N, C, H, W)
+    rgb = any(a.ndim == 3 for a in images)
+    out = np.empty((len(images), 3 if rgb else 1, *fit.size), np.uint8)
+    for i, a in enumerate(images):
+        pic = a[None, None] if a.ndim == 2 else a.transpose(2, 0, 1)[None]
+        if rgb and pic.shape[1] == 1:
+            pic = np.repeat(pic, 3, axis=1)
+        out[i] = pic[0] if pic.shape[2:] == fit.size else resize(pic, fit.size, fit.resize, fit.interpolation)[0]
+    return out
 
 
-def load_image_folder(root: Path, size: tuple[int, int] | None = None, test_fraction: float = 0.2) -> Dataset:
+def load_image_folder(
+    root: Path, size: tuple[int, int] | None = None, test_fraction: float = 0.2, fit: Preprocess | None = None
+) -> Dataset:
     """Load an ImageFolder tree: ``root/train/<class>/*`` and ``root/test/<class>/*``, or ``root/<class>/*``.
 
     Without train/test folders a seeded ``test_fraction`` of the images becomes the test file.
-    Gray images stay one channel; anything else becomes RGB.
+    Gray images stay one channel; anything else becomes RGB. ``size`` resizes every image (stretch); without
+    it, images of several sizes need ``fit``, the model's preprocessing block (see :func:`_stack`).
     """
     split_dirs = (root / "train").is_dir() and (root / "test").is_dir()
     base = root / "train" if split_dirs else root
@@ -305,10 +319,10 @@ def load_image_folder(root: Path, size: tuple[int, int] | None = None, test_frac
     imgs, lbls = _read_folder(base, classes, size)
     if not imgs:
         raise DatasetError(f"{root}: no images ({', '.join(IMAGE_SUFFIXES)}) in the class folders")
-    pool = ImageSet(_stack(imgs, root), np.asarray(lbls, dtype=np.int64))
+    pool = ImageSet(_stack(imgs, root, fit), np.asarray(lbls, dtype=np.int64))
     if split_dirs:
         t_imgs, t_lbls = _read_folder(root / "test", classes, size)
-        test = ImageSet(_stack(t_imgs, root), np.asarray(t_lbls, dtype=np.int64))
+        test = ImageSet(_stack(t_imgs, root, fit), np.asarray(t_lbls, dtype=np.int64))
         if test.images.shape[1:] != pool.images.shape[1:]:
             raise DatasetError(f"{root}: train and test images differ in shape; pass --image-size HxW")
     else:
@@ -321,10 +335,10 @@ def load_image_folder(root: Path, size: tuple[int, int] | None = None, test_frac
 # --- registry ---------------------------------------------------------------------------------------
 
 
-def _fashion_mnist(cfg: DataConfig) -> Dataset:
+def _fashion_mnist(cfg: DataConfig, fit: Preprocess | None = None) -> Dataset:
     root = cfg.data_dir or FASHION_MNIST_DIR
     if cfg.data_dir is not None and not has_idx_files(root) and root.is_dir():
-        return load_image_folder(root, cfg.image_size)
+        return load_image_folder(root, cfg.image_size, fit=fit)
     if not has_idx_files(root):
         raise DatasetError(
             f"Fashion-MNIST not found in {root}. Install Debian's package: "
@@ -334,13 +348,13 @@ def _fashion_mnist(cfg: DataConfig) -> Dataset:
     return load_idx_dir(root, "fashion-mnist", FASHION_MNIST_CLASSES)
 
 
-def _mnist(cfg: DataConfig) -> Dataset:
+def _mnist(cfg: DataConfig, fit: Preprocess | None = None) -> Dataset:
     if cfg.data_dir is None or not has_idx_files(cfg.data_dir):
         raise DatasetError("mnist: pass --data-dir with the four MNIST idx files (train-*, t10k-*)")
     return load_idx_dir(cfg.data_dir, "mnist", MNIST_CLASSES)
 
 
-def _cifar10(cfg: DataConfig) -> Dataset:
+def _cifar10(cfg: DataConfig, fit: Preprocess | None = None) -> Dataset:
     if cfg.data_dir is None:
         raise DatasetError("cifar10: pass --data-dir with torchvision's cifar-10-batches-py folder inside")
     from torchvision.datasets import CIFAR10
@@ -357,13 +371,13 @@ def _cifar10(cfg: DataConfig) -> Dataset:
     return Dataset("cifar10", to_set(train), to_set(test), CIFAR10_CLASSES)
 
 
-def _image_folder(cfg: DataConfig) -> Dataset:
+def _image_folder(cfg: DataConfig, fit: Preprocess | None = None) -> Dataset:
     if cfg.data_dir is None or not cfg.data_dir.is_dir():
         raise DatasetError("imagefolder: pass --data-dir with ROOT/<class>/*.png or ROOT/{train,test}/<class>/*")
-    return load_image_folder(cfg.data_dir, cfg.image_size)
+    return load_image_folder(cfg.data_dir, cfg.image_size, fit=fit)
 
 
-DATASETS: dict[str, Callable[[DataConfig], Dataset]] = {
+DATASETS: dict[str, Callable[[DataConfig, Preprocess | None], Dataset]] = {
     "fashion-mnist": _fashion_mnist,
     "mnist": _mnist,
     "cifar10": _cifar10,
@@ -385,13 +399,16 @@ class DataConfig:
     image_size: tuple[int, int] | None = flag(None, "resize ImageFolder images to HxW", type=image_size)
 
 
-def load_dataset(cfg: DataConfig) -> Dataset:
-    """Load the dataset named by ``cfg.name`` (see :data:`DATASETS`). Nothing is downloaded."""
+def load_dataset(cfg: DataConfig, fit: Preprocess | None = None) -> Dataset:
+    """Load the dataset named by ``cfg.name`` (see :data:`DATASETS`). Nothing is downloaded.
+
+    ``fit``: the model's preprocessing block; an ImageFolder of mixed sizes is brought to its size at load.
+    """
     try:
         loader = DATASETS[cfg.name]
     except KeyError:
         raise DatasetError(f"unknown dataset {cfg.name!r}; choose one of: {', '.join(DATASETS)}") from None
-    dataset = loader(cfg)
+    dataset = loader(cfg, fit)
     log.info(
         "loaded %s: %d pool + %d test images of shape %s",
         dataset.name,
@@ -402,6 +419,6 @@ def load_dataset(cfg: DataConfig) -> Dataset:
     return dataset
 
 
-def load_splits(data: DataConfig, splits: SplitConfig) -> Splits:
-    """Load a dataset and cut it into the paper's splits."""
-    return split(load_dataset(data), splits)
+def load_splits(data: DataConfig, splits: SplitConfig, fit: Preprocess | None = None) -> Splits:
+    """Load a dataset and cut it into the paper's splits (``fit``: see :func:`load_dataset`)."""
+    return split(load_dataset(data, fit), splits)

@@ -73,6 +73,21 @@ class ModelSource:
         """The ``--preprocess`` block, read and checked (None without the flag)."""
         return Preprocess.load(self.preprocess) if self.preprocess is not None else None
 
+    def declared_block(self) -> Preprocess | None:
+        """The preprocessing block the model comes with: ``--preprocess``, else an ONNX file's own
+        ``nnoc.preprocess`` or a project checkpoint's (None when it declares none). For loading data of mixed sizes
+        before the model itself is imported."""
+        block = self.block()
+        if block is not None or self.arch is not None or self.model is None or not self.model.is_file():
+            return block
+        if self.model.suffix == ".onnx":
+            meta = onnx_metadata(read_onnx(self.model.read_bytes(), str(self.model)))
+            text = meta.get(PREPROCESS_KEY)
+            return None if text is None else Preprocess.from_json(text, f"{self.model}: {PREPROCESS_KEY}")
+        if self.model.suffix == ".pt":
+            return Checkpoint.load(self.model).input_spec.preprocess
+        return None
+
     def check(self) -> None:
         """A complete source and a readable preprocessing block, or a one-line error saying what to fix (before
         any data is loaded)."""
