@@ -46,6 +46,9 @@ def outsider(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from safetensors.torch import save_file
 
     save_file(model.state_dict(), out / "m.safetensors")
+    import timm  # a second model zoo, another residual design (tiered stem), weights as a plain .pth state dict
+
+    torch.save(timm.create_model("resnet10t", num_classes=10).eval().state_dict(), out / "timm.pth")
     (out / "pp.json").write_text(json.dumps(BLOCK))
     return out
 
@@ -58,13 +61,12 @@ def _predeploy(door: list[str], out: Path, pp: Path, check: bool = True) -> tupl
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("door", ["legacy.onnx", "dynamo.onnx", "m.pt2", "arch"])
+@pytest.mark.parametrize("door", ["legacy.onnx", "dynamo.onnx", "m.pt2", "arch", "timm"])
 def test_every_door_into_predeploy_ships_the_model_unchanged(outsider: Path, door: str, tmp_path: Path) -> None:
-    flags = (
-        ["--arch", "torchvision:resnet18", "--weights", str(outsider / "m.safetensors")]
-        if door == "arch"
-        else ["--model", str(outsider / door)]
-    )
+    flags = {
+        "arch": ["--arch", "torchvision:resnet18", "--weights", str(outsider / "m.safetensors")],
+        "timm": ["--arch", "timm:resnet10t", "--weights", str(outsider / "timm.pth")],
+    }.get(door, ["--model", str(outsider / door)])
     _, report, _ = _predeploy(flags, tmp_path / "pd", outsider / "pp.json")
     assert report is not None and report["bundle_version"] == 1
     assert report["primary_parity"] <= 1e-4
@@ -82,9 +84,17 @@ def test_every_door_into_predeploy_ships_the_model_unchanged(outsider: Path, doo
     pictures = load_splits(DataConfig(), SplitConfig(valid=200, stream=100, train=500, test=200)).test.images
     x = block.model_input(block.image(pictures))
     shipped = ort.InferenceSession(str(bundle / "primary.onnx"), providers=["CPUExecutionProvider"])
-    original = ort.InferenceSession(str(outsider / "legacy.onnx"), providers=["CPUExecutionProvider"])
     got = shipped.run(None, {shipped.get_inputs()[0].name: x})[0]
-    want = original.run(None, {"x": x})[0]
+    if door == "timm":
+        import timm
+
+        original_net = timm.create_model("resnet10t", num_classes=10).eval()
+        original_net.load_state_dict(torch.load(outsider / "timm.pth", weights_only=True))
+        with torch.no_grad():
+            want = original_net(torch.from_numpy(x)).numpy()
+    else:
+        original = ort.InferenceSession(str(outsider / "legacy.onnx"), providers=["CPUExecutionProvider"])
+        want = original.run(None, {"x": x})[0]
     assert np.abs(got - want).max() <= 1e-4
     # The edge takes the camera's own pictures (gray 28x28 PNGs) and preprocesses them per the manifest.
     from PIL import Image

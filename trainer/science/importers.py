@@ -284,7 +284,7 @@ def arch_module(architecture: str, num_classes: int) -> nn.Module:
         try:
             import timm
         except ImportError:
-            raise ModelImportError("timm is not installed: pip install 'nnoculation-edge[timm]'") from None
+            raise ModelImportError("timm is not installed: pip install timm (the trainer extra brings it)") from None
         if not timm.is_model(name):
             raise ModelImportError(f"timm has no model {name!r}; see timm.list_models()")
         return timm.create_model(name, pretrained=False, num_classes=num_classes)
