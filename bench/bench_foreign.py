@@ -17,7 +17,7 @@ import sys
 import time
 from typing import Any
 
-from bench.common import ROOT, run_cli, save
+from bench.common import RESULTS, ROOT, machine, run_cli, save
 
 OUT = ROOT / "runs" / "bench-foreign"
 DATA = ["--valid-size", "5000", "--stream-size", "2000", "--test-size", "5000"]
@@ -81,10 +81,14 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="predeploy α rounds")
     ap.add_argument("--epochs", type=int, default=3, help="predeploy fine-tuning epochs per candidate")
     args = ap.parse_args()
-    rows = []
+    # Rows of models not run this time are kept (each model takes about an hour here): one report for all.
+    path = RESULTS / "foreign.json"
+    rows = json.loads(path.read_text())["rows"] if path.is_file() else []
     for arch in args.archs:
-        rows.append(defend(arch, args.rounds, args.epochs))
-        print(json.dumps(rows[-1]), flush=True)
+        row = defend(arch, args.rounds, args.epochs)
+        row["machine"] = machine()
+        print(json.dumps(row), flush=True)
+        rows = [r for r in rows if r["arch"] != arch] + [row]
         save("foreign", {"rows": rows, "rounds": args.rounds, "epochs": args.epochs})
 
 
