@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -16,6 +17,8 @@ from edge_agent.uplink import Uplink
 from protos.nnoc.v1 import quarantine_pb2
 
 log = logging.getLogger(__name__)
+
+Origin = tuple[str, float, int]  # a source frame's (source id, capture time in epoch seconds, position)
 
 
 class Agent:
@@ -57,12 +60,15 @@ class Agent:
             provider=ensemble.provider,
         )
 
-    def classify(self, x: np.ndarray, images: np.ndarray | None = None) -> tuple[Decision, int]:
+    def classify(
+        self, x: np.ndarray, images: np.ndarray | None = None, origins: Sequence[Origin | None] | None = None
+    ) -> tuple[Decision, int]:
         """Classify a batch (model-input tensors); rejected inputs are spooled durably before this returns.
 
         ``images``: the model's uint8 images ``x`` was made from (N, C, H, W), when the caller has them (raw
         frames); otherwise they are recovered from ``x`` through the preprocessing. The quarantine carries the
         image, not the float tensor: a quarter of the bytes, and what the trainer's repair works on.
+        ``origins``: per input, (source id, capture time, position) of a source's frame, or None.
         Returns the decision and the bundle version that made it. Raises ``InputError`` for a bad batch.
         """
         ensemble = self._ensemble  # one version answers the whole batch, even if a swap lands meanwhile
@@ -73,6 +79,8 @@ class Agent:
             kept = images[rejected] if images is not None else preprocess_of(manifest.input_spec).to_image(x[rejected])
             items = []
             for i, image in zip(rejected, kept, strict=True):
+                origin = origins[int(i)] if origins is not None else None
+                source, captured_at, position = origin if origin is not None else ("", None, None)
                 header = build_header(
                     self.device_id,
                     manifest.fleet,
@@ -81,6 +89,9 @@ class Agent:
                     "uint8",
                     decision.primary[i],
                     decision.monitor[i],
+                    source_id=source,
+                    captured_at=captured_at,
+                    position=position,
                 )
                 items.append((header.SerializeToString(), np.ascontiguousarray(image).tobytes()))
             try:

@@ -13,7 +13,6 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import MISSING, asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,20 +20,20 @@ from typing import Any
 import numpy as np
 
 from edge_agent.agent import Agent
-from edge_agent.ensemble import Ensemble, InputError, image_to_input, to_model_image
+from edge_agent.batcher import Batcher, source_snapshot
+from edge_agent.ensemble import Ensemble
 from edge_agent.formats.bundle import BundleError, VerifiedBundle, verify_bundle
 from edge_agent.formats.curve import load_public, load_secret
 from edge_agent.formats.names import check_name
 from edge_agent.formats.signing import load_trusted_keys
-from edge_agent.formats.spec import image_shape_of, preprocess_of
 from edge_agent.formats.tls import server_credentials
-from edge_agent.images import load_images
 from edge_agent.inference import DEFAULT_MAX_BATCH, serve
 from edge_agent.metrics import AgentMetrics
 from edge_agent.monitor import RejectMonitor
-from edge_agent.options import flag, fraction, positive, positive_float
+from edge_agent.options import flag, fraction, nonnegative_float, positive, positive_float
 from edge_agent.ports import StateLock, check_port
 from edge_agent.runtime import RuntimeConfig
+from edge_agent.sources import Source, SourceError, SourceSpec, SourceStats, parse_source
 from edge_agent.spool import Spool, SpoolConfig
 from edge_agent.updates import BundleCache, UpdateConfig, Updater, bootstrap
 from edge_agent.uplink import Uplink, UplinkConfig
@@ -42,6 +41,7 @@ from edge_agent.uplink import Uplink, UplinkConfig
 log = logging.getLogger(__name__)
 
 AGENT_FILE = "agent.json"
+SOURCES_FILE = "sources.json"
 LOCK_FILE = "agent.lock"
 
 
@@ -60,11 +60,21 @@ class RunConfig:
     host: str = flag("127.0.0.1", "address the endpoints bind to")
     infer_port: int = flag(8001, "Open Inference Protocol gRPC port (0: any, written to agent.json)", type=int)
     metrics_port: int | None = flag(None, "Prometheus /metrics port (default: off)", type=int)
-    source: str | None = flag(
-        None, "play inputs: npy:PATH (uint8 images or model inputs, N first) or dir:PATH (image files)"
+    sources: tuple[str, ...] = flag(
+        (),
+        "frames to classify (repeat for several): rtsp://..., http(s)://..., video:PATH, v4l2:/dev/videoN, "
+        "dir:PATH, npy:PATH (uint8 pictures N,C,H,W), each optionally ?id=NAME&fps=N&loop=1&stall=S",
+        name="--source",
+        action="append",
     )
-    source_batch: int = flag(1, "inputs per request when playing --source", type=positive)
-    source_limit: int | None = flag(None, "stop playing after this many inputs (default: all, once)", type=positive)
+    source_batch: int = flag(8, "frames per batch at most, across sources (the dynamic batcher)", type=positive)
+    batch_wait: float = flag(
+        0.002, "seconds the batcher waits after a first frame for more to fill a batch", type=nonnegative_float
+    )
+    source_limit: int | None = flag(None, "frames per source at most (default: all; files once)", type=positive)
+    decisions: Path | None = flag(
+        None, "append each frame's decision as a JSON line (source, position, capture time, labels)", type=Path
+    )
     window: int = flag(1000, "requests per reject-rate window (paper §7)", type=positive)
     reject_threshold: float = flag(
         0.05, "windowed reject rate that raises the alarm (logged, nnoc_reject_alarm, status)", type=fraction
@@ -142,21 +152,24 @@ def update_config(cfg: RunConfig) -> UpdateConfig:
     )
 
 
-def check_source(spec: str) -> None:
-    """A source spec that can be played, checked before anything starts (files exist, the grammar parses)."""
-    kind, _, arg = spec.partition(":")
-    if kind == "npy":
-        if not Path(arg).is_file():
-            raise ValueError(f"--source {spec}: no such file; give npy:PATH of a .npy array of images")
-        try:
-            np.load(arg, mmap_mode="r")  # reads the header only
-        except (OSError, ValueError) as e:
-            raise ValueError(f"--source {spec}: not a readable .npy array ({e})") from None
-    elif kind == "dir":
-        if not Path(arg).is_dir():
-            raise ValueError(f"--source {spec}: no such folder; give dir:PATH of a folder of image files")
-    else:
-        raise ValueError(f"unknown source {spec!r}; use npy:PATH or dir:PATH")
+def check_sources(specs: tuple[str, ...]) -> list[SourceSpec]:
+    """Source specs that can be played, checked before anything starts (grammar, files exist, ids unique)."""
+    parsed = [parse_source(spec, i) for i, spec in enumerate(specs)]
+    ids = [p.id for p in parsed]
+    if len(set(ids)) != len(ids):
+        raise SourceError(f"--source ids must differ, got {ids}; name them with ?id=NAME")
+    for p in parsed:
+        if p.kind == "npy":
+            try:
+                head = np.load(p.target, mmap_mode="r")  # reads the header only
+            except (OSError, ValueError) as e:
+                raise SourceError(f"--source {p.target}: not a readable .npy array ({e})") from None
+            if head.dtype != np.uint8 or head.ndim != 4 or head.shape[1] not in (1, 3):
+                raise SourceError(
+                    f"--source npy:{p.target}: holds {head.dtype} {list(head.shape)}; a source plays pictures, uint8 "
+                    "(N, C, H, W) with C 1 or 3 (the agent preprocesses them per the bundle)"
+                )
+    return parsed
 
 
 def check_run(cfg: RunConfig) -> None:
@@ -171,35 +184,7 @@ def check_run(cfg: RunConfig) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
     if not cfg.stats_interval > 0:
         raise ValueError("--stats-interval must be above 0 seconds")
-    if cfg.source:
-        check_source(cfg.source)
-
-
-def source_batches(spec: str, ensemble: Ensemble, batch: int) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
-    """(model-input batch, its uint8 images or None) from a source spec: ``npy:PATH`` (uint8 pictures, or model
-    inputs) or ``dir:PATH`` (image files of any size)."""
-    kind, _, arg = spec.partition(":")
-    ispec = ensemble.spec
-    images: np.ndarray | None = None
-    if kind == "npy":
-        data = np.load(arg)
-        if data.dtype == np.uint8:  # pictures: through the bundle's preprocessing
-            images = to_model_image(data, ispec)
-    elif kind == "dir":
-        files = sorted(p for p in Path(arg).iterdir() if p.is_file())
-        images = to_model_image(load_images(files, image_shape_of(ispec), preprocess_of(ispec)), ispec)
-    else:
-        raise ValueError(f"unknown source {spec!r}; use npy:PATH or dir:PATH")
-    if images is not None:
-        data = images
-    if data.ndim < 2:
-        raise ValueError(f"--source {spec}: expected a batch of inputs, got an array of shape {list(data.shape)}")
-    for start in range(0, len(data), batch):
-        if images is None:
-            yield np.ascontiguousarray(data[start : start + batch], dtype=np.dtype(ispec.dtype)), None
-        else:
-            part = images[start : start + batch]
-            yield image_to_input(part, ispec), part
+    check_sources(cfg.sources)
 
 
 def run(cfg: RunConfig, stop: threading.Event | None = None) -> dict[str, Any]:
@@ -274,6 +259,10 @@ def _run(cfg: RunConfig, stop: threading.Event) -> dict[str, Any]:
         updater = Updater(agent, cache, update_config(cfg), cfg.runtime).start()
     creds = server_credentials(cfg.tls_cert, cfg.tls_key, cfg.infer_client_ca) if cfg.tls_cert and cfg.tls_key else None
     metrics = AgentMetrics(agent, uplink, updater)
+    specs = check_sources(cfg.sources)
+    batcher = None
+    if specs:  # with sources, endpoint requests and frames share the dynamic batcher
+        batcher = Batcher(agent, cfg.source_batch, cfg.batch_wait, cfg.decisions, metrics.observe).start()
     try:
         server, port = serve(
             agent,
@@ -282,11 +271,12 @@ def _run(cfg: RunConfig, stop: threading.Event) -> dict[str, Any]:
             credentials=creds,
             max_batch=cfg.max_batch,
             metrics=metrics,
+            batcher=batcher,
         )
         if cfg.metrics_port is not None:
             metrics.serve(cfg.metrics_port, cfg.host)
     except BaseException:
-        for part in (updater, uplink):
+        for part in (batcher, updater, uplink):
             if part is not None:
                 part.stop()
         spool.close()
@@ -321,33 +311,45 @@ def _run(cfg: RunConfig, stop: threading.Event) -> dict[str, Any]:
         port,
         agent.ensemble.provider,
     )
+    sources_stop = threading.Event()
+    sources = [Source(spec, batcher.deliver, sources_stop, cfg.source_limit) for spec in specs] if batcher else []
+    stats = {src.spec.id: src.stats for src in sources}
+    for src in sources:
+        assert batcher is not None
+        batcher.add_source(src.spec.id, src.stats, src.spec.live)
+        metrics.add_source(src.spec.id, src.stats)
+        src.start()
     try:
-        if cfg.source:
-            played = 0
-            for x, images in source_batches(cfg.source, agent.ensemble, cfg.source_batch):
-                if stop.is_set() or (cfg.source_limit is not None and played >= cfg.source_limit):
-                    break
-                t0 = time.perf_counter()
-                try:
-                    agent.classify(x, images)
-                    metrics.observe("source", time.perf_counter() - t0, True)
-                except InputError as e:
-                    metrics.observe("source", 0.0, False)
-                    log.warning("source input refused: %s", e)
-                played += len(x)
-        stop.wait()
+        while not stop.wait(1.0):
+            if sources:
+                _write_sources(cfg.state_dir, batcher, stats)
     finally:
+        sources_stop.set()
+        for src in sources:
+            src.join(5)
         server.stop(grace=2.0).wait()
+        if batcher is not None:
+            batcher.stop()  # after the sources: what they delivered is classified first
+            _write_sources(cfg.state_dir, batcher, stats)
         if updater is not None:
             updater.stop()
         if uplink is not None:
             uplink.stop()
         snap = agent.monitor.snapshot()
         result = {"bundle_version": agent.ensemble.bundle.version, **asdict(snap), "spool_depth": spool.depth()}
+        if sources:
+            result["sources"] = source_snapshot(batcher, stats)
         spool.close()
         _remove_own(cfg.state_dir / AGENT_FILE)
         log.info("agent stopped: %s", result)
     return result
+
+
+def _write_sources(state_dir: Path, batcher: Batcher | None, stats: dict[str, SourceStats]) -> None:
+    """Per-source counters for ``nnoc-edge status`` (written atomically: a reader never sees half a file)."""
+    tmp = state_dir / (SOURCES_FILE + ".tmp")
+    tmp.write_text(json.dumps({"updated": time.time(), "sources": source_snapshot(batcher, stats)}))
+    tmp.replace(state_dir / SOURCES_FILE)
 
 
 def _remove_own(path: Path) -> None:
@@ -371,6 +373,12 @@ def status(state_dir: Path) -> dict[str, Any]:
             out.update(spool_depth=spool.depth(), spool_dropped=spool.counter("dropped"))
     agent_file = state_dir / AGENT_FILE
     out["running"] = json.loads(agent_file.read_text()) if agent_file.is_file() else None
+    sources_file = state_dir / SOURCES_FILE
+    if sources_file.is_file():  # the last run's sources when none runs now
+        try:
+            out["sources"] = json.loads(sources_file.read_text())["sources"]
+        except (OSError, ValueError, KeyError):
+            out["sources"] = None
     return out
 
 

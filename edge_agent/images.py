@@ -24,20 +24,22 @@ def _to_8bit(img: Any) -> Any:
     return Image.fromarray(np.clip(np.rint(arr * (255.0 / max(float(top), 1e-12))), 0, 255).astype(np.uint8), "L")
 
 
+def read_picture(path: Path) -> np.ndarray:
+    """One image file (any size; gray, colour, 8/16/32-bit) as a picture: uint8 (C, H, W), C 1 (gray) or 3 (RGB).
+    Raises ``ValueError`` naming the file when it cannot be read."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as src:
+            img = _to_8bit(src)
+            arr = np.asarray(img if img.mode == "L" else img.convert("RGB"), dtype=np.uint8)
+    except (OSError, UnidentifiedImageError, ValueError) as e:
+        raise ValueError(f"cannot read image {path}: {e}") from None
+    return np.ascontiguousarray(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1))
+
+
 def load_images(paths: Sequence[Path], image_shape: tuple[int, int, int], preprocess: Preprocess) -> np.ndarray:
     """Read image files (any size; gray, colour, 8/16/32-bit) as the model's images: uint8 (N, C, H, W) of
     ``image_shape``, through ``preprocess``'s colour conversion and resize."""
-    from PIL import Image, UnidentifiedImageError
-
     fitted = preprocess.fitted(image_shape)
-    out = []
-    for p in paths:
-        try:
-            with Image.open(p) as src:
-                img = _to_8bit(src)
-                arr = np.asarray(img if img.mode == "L" else img.convert("RGB"), dtype=np.uint8)
-        except (OSError, UnidentifiedImageError, ValueError) as e:
-            raise ValueError(f"cannot read image {p}: {e}") from None
-        picture = arr[None, None] if arr.ndim == 2 else arr.transpose(2, 0, 1)[None]
-        out.append(fitted.image(np.ascontiguousarray(picture))[0])
-    return np.stack(out)
+    return np.stack([fitted.image(read_picture(p)[None])[0] for p in paths])

@@ -27,6 +27,7 @@ import grpc
 import numpy as np
 
 from edge_agent.agent import Agent
+from edge_agent.batcher import Batcher
 from edge_agent.ensemble import InputError, image_to_input, to_model_image
 from edge_agent.metrics import AgentMetrics
 from edge_agent.ports import GRPC_EXCLUSIVE, PortError
@@ -64,12 +65,19 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     """Open Inference Protocol over an :class:`~edge_agent.agent.Agent`."""
 
     def __init__(
-        self, agent: Agent, model_name: str, max_batch: int = DEFAULT_MAX_BATCH, metrics: AgentMetrics | None = None
+        self,
+        agent: Agent,
+        model_name: str,
+        max_batch: int = DEFAULT_MAX_BATCH,
+        metrics: AgentMetrics | None = None,
+        batcher: Batcher | None = None,
     ) -> None:
         self.agent = agent
         self.model_name = model_name
         self.max_batch = max_batch
         self.metrics = metrics
+        # With camera sources, requests join their frames in one batch; otherwise they go straight to the agent.
+        self.classify = batcher.classify if batcher is not None else agent.classify
 
     def _check_model(self, name: str, context: grpc.ServicerContext) -> None:
         if name != self.model_name:
@@ -198,13 +206,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         code, why = grpc.StatusCode.OK, ""
         try:
             x, images = self._decode(request)
-            decision, version = self.agent.classify(x, images)
+            decision, version = self.classify(x, images)
         except BatchTooLarge as e:
             code, why = grpc.StatusCode.RESOURCE_EXHAUSTED, f"{e}: split it into smaller requests"
         except InputError as e:
             code, why = grpc.StatusCode.INVALID_ARGUMENT, str(e)
         except ValueError as e:  # numpy reshape and friends
             code, why = grpc.StatusCode.INVALID_ARGUMENT, f"malformed input: {e}"
+        except (RuntimeError, TimeoutError) as e:  # the batcher is stopping or its batch failed: try again
+            code, why = grpc.StatusCode.UNAVAILABLE, f"could not classify now ({e}); retry"
         if self.metrics is not None:
             self.metrics.observe("endpoint", time.perf_counter() - t0, code == grpc.StatusCode.OK)
             if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
@@ -265,6 +275,7 @@ def serve(
     credentials: grpc.ServerCredentials | None = None,
     max_batch: int = DEFAULT_MAX_BATCH,
     metrics: AgentMetrics | None = None,
+    batcher: Batcher | None = None,
 ) -> tuple[grpc.Server, int]:
     """Start the endpoint on ``address`` (e.g. "127.0.0.1:0"); returns the server and the bound port.
 
@@ -281,7 +292,7 @@ def serve(
             *GRPC_EXCLUSIVE,
         ],
     )
-    servicer = InferenceServicer(agent, model_name, max_batch, metrics)
+    servicer = InferenceServicer(agent, model_name, max_batch, metrics, batcher)
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
     try:
         port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)

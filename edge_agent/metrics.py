@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from edge_agent.agent import Agent
 from edge_agent.ports import PortError
+from edge_agent.sources import STATES, SourceStats
 from edge_agent.updates import Updater
 from edge_agent.uplink import Uplink
 
@@ -18,6 +21,8 @@ class AgentMetrics:
     def __init__(self, agent: Agent, uplink: Uplink | None = None, updater: Updater | None = None) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        self._source_gauges: dict[str, Gauge] | None = None
+        self._source_state: Gauge
         # origin: "endpoint" (Open Inference Protocol calls) or "source" (inputs the agent plays itself)
         self.latency = Histogram(
             "nnoc_request_seconds",
@@ -77,6 +82,31 @@ class AgentMetrics:
                 lambda: updater.counters.refused
             )
 
+    def add_source(self, source_id: str, stats: SourceStats) -> None:
+        """Per-source series, labelled ``source``: frames read, classified, rejected, dropped, decode errors,
+        reconnects, current fps and state (``nnoc_source_state{state=...}`` is 1 for the current one)."""
+        if self._source_gauges is None:
+            r = self.registry
+            self._source_gauges = {
+                name: Gauge(f"nnoc_source_{name}", text, ["source"], registry=r)
+                for name, text in (
+                    ("frames_read", "Frames read from the source"),
+                    ("frames_classified", "Frames classified"),
+                    ("frames_rejected", "Frames rejected (the two models disagreed)"),
+                    ("frames_dropped", "Frames dropped (a newer one replaced it, or over the fps cap)"),
+                    ("decode_errors", "Frames or reads that failed to decode"),
+                    ("reconnects", "Times the source was opened again after a stall or failure"),
+                    ("fps", "Frames read per second over the last 5 seconds"),
+                )
+            }
+            self._source_state = Gauge("nnoc_source_state", "1 for the source's current state", ["source", "state"],
+                                       registry=r)  # fmt: skip
+        fields = ("read", "classified", "rejected", "dropped", "decode_errors", "reconnects", "fps")
+        for gauge, name in zip(self._source_gauges.values(), fields, strict=True):
+            gauge.labels(source_id).set_function(functools.partial(_stat, stats, name))
+        for state in STATES:
+            self._source_state.labels(source_id, state).set_function(functools.partial(_in_state, stats, state))
+
     def observe(self, origin: str, seconds: float, ok: bool) -> None:
         """One request batch answered (``ok``) or refused for a bad input."""
         if ok:
@@ -91,3 +121,11 @@ class AgentMetrics:
             start_http_server(port, addr=address, registry=self.registry)
         except OSError as e:
             raise PortError(f"--metrics-port {port}: cannot listen on {address}: {e.strerror or e}") from None
+
+
+def _stat(stats: SourceStats, name: str) -> float:
+    return float(getattr(stats, name))
+
+
+def _in_state(stats: SourceStats, state: str) -> float:
+    return float(stats.state == state)

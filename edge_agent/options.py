@@ -145,6 +145,17 @@ def positive_float(text: str) -> float:
     return value
 
 
+def nonnegative_float(text: str) -> float:
+    """A number at or above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number at or above 0, got {text}")
+    return value
+
+
 def fraction(text: str) -> float:
     """A number in [0, 1]."""
     try:

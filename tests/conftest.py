@@ -233,3 +233,25 @@ def tiny_store(root: Path, fleet: str = "default", versions: tuple[int, ...] = (
         store.add(fleet, tiny_bundle(root.parent / f"tiny-{fleet}-{v}", fleet, v))
     store.publish(fleet, versions[0])
     return store
+
+
+def rgb_bundle(out: Path, block: Any, fleet: str = "cams") -> Path:
+    """A bundle whose models take ``block``'s RGB 32x32 images (two differently seeded untrained nets, so some
+    inputs disagree and are quarantined); seconds to make, no training."""
+    import torch
+
+    from edge_agent.formats.bundle import write_bundle
+    from edge_agent.formats.spec import InputSpec
+    from protos.nnoc.v1 import bundle_pb2
+    from trainer.science.export import export_onnx
+    from trainer.science.models import build_model
+
+    spec = InputSpec.for_image((3, 32, 32), block)
+    files = {}
+    for seed, role in enumerate(("primary", "monitor")):
+        torch.manual_seed(seed)
+        files[role] = out / f"{role}.onnx"
+        export_onnx(build_model("cnn3", (3, 32, 32), 10), spec, tuple("0123456789"), files[role])
+    manifest = bundle_pb2.Manifest(fleet=fleet, version=1, input_spec=spec.message(), class_names=list("0123456789"))
+    write_bundle(out / "bundle", files, manifest)
+    return out / "bundle"

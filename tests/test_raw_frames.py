@@ -10,32 +10,16 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-import torch
 
+from conftest import rgb_bundle
 from edge_agent.formats.preprocess import Preprocess
-from edge_agent.formats.spec import InputSpec
 
 BLOCK = Preprocess(color="rgb", size=(32, 32), mean=(0.5,), std=(0.25,))
 
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A bundle whose models take normalised RGB 32x32 (two differently seeded nets: some inputs disagree)."""
-    from edge_agent.formats.bundle import write_bundle
-    from protos.nnoc.v1 import bundle_pb2
-    from trainer.science.export import export_onnx
-    from trainer.science.models import build_model
-
-    out = tmp_path_factory.mktemp("rgb-bundle")
-    spec = InputSpec.for_image((3, 32, 32), BLOCK)
-    files = {}
-    for seed, role in enumerate(("primary", "monitor")):
-        torch.manual_seed(seed)
-        files[role] = out / f"{role}.onnx"
-        export_onnx(build_model("cnn3", (3, 32, 32), 10), spec, tuple("0123456789"), files[role])
-    manifest = bundle_pb2.Manifest(fleet="cams", version=1, input_spec=spec.message(), class_names=list("0123456789"))
-    write_bundle(out / "bundle", files, manifest)
-    return out / "bundle"
+    return rgb_bundle(tmp_path_factory.mktemp("rgb-bundle"), BLOCK)
 
 
 def test_raw_and_encoded_pictures_answer_like_the_preprocessed_tensor(bundle: Path, tmp_path: Path) -> None:

@@ -40,8 +40,12 @@ def build_header(
     primary_label: int,
     monitor_label: int,
     seq: int = 0,
+    source_id: str = "",
+    captured_at: float | None = None,
+    position: int | None = None,
 ) -> quarantine_pb2.QuarantineHeader:
-    """A quarantine header for one rejected input of ``shape`` (no batch axis), stamped with the time now."""
+    """A quarantine header for one rejected input of ``shape`` (no batch axis), stamped with ``captured_at``
+    (seconds since the epoch; default now), and for a source's frame its id and position."""
     header = quarantine_pb2.QuarantineHeader(
         device_id=device_id,
         fleet=fleet,
@@ -51,8 +55,14 @@ def build_header(
         dtype=dtype,
         primary_label=int(primary_label),
         monitor_label=int(monitor_label),
+        source_id=source_id,
     )
-    header.captured_at.GetCurrentTime()
+    if position is not None:
+        header.position = int(position)
+    if captured_at is None:
+        header.captured_at.GetCurrentTime()
+    else:
+        header.captured_at.FromNanoseconds(int(captured_at * 1e9))
     return header
 
 
@@ -64,6 +74,8 @@ def check_header(header: quarantine_pb2.QuarantineHeader) -> None:
         raise QuarantineError(f"bundle_version {header.bundle_version} is outside [1, 2**63-1]")
     if header.seq > INT63:
         raise QuarantineError(f"seq {header.seq} is above 2**63-1")
+    if header.source_id and not is_name(header.source_id):
+        raise QuarantineError(f"source_id {header.source_id[:80]!r} is not a valid source name")
 
 
 def tensor_layout(header: quarantine_pb2.QuarantineHeader, max_bytes: int) -> tuple[np.dtype, tuple[int, ...], int]:

@@ -1,0 +1,274 @@
+"""Camera sources on the edge: video files encoded here with a real encoder, a network camera (MJPEG over HTTP,
+its own process) that is killed mid-stream and restarted, a camera that accepts and never sends, and four
+sources batched into one agent, every file frame accounted for and decided as it would be one by one."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pytest
+
+from conftest import ROOT, free_port, rgb_bundle, wait_for
+from edge_agent.formats.preprocess import Preprocess
+from edge_agent.sources import SourceError, parse_source
+
+BLOCK = Preprocess(color="rgb", size=(32, 32), resize="letterbox", mean=(0.5,), std=(0.25,))
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return rgb_bundle(tmp_path_factory.mktemp("cams"), BLOCK)
+
+
+def write_video(path: Path, pictures: np.ndarray, size: tuple[int, int] = (640, 480), fps: float = 30.0) -> Path:
+    """Gray pictures (N, 1, h, w) upscaled to ``size`` (W, H), encoded as MPEG-4 Part 2 by OpenCV's FFmpeg."""
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, size)
+    assert writer.isOpened()
+    for p in pictures:
+        writer.write(cv2.cvtColor(cv2.resize(p[0], size, interpolation=cv2.INTER_LINEAR), cv2.COLOR_GRAY2BGR))
+    writer.release()
+    return path
+
+
+def decode_all(path: Path) -> list[np.ndarray]:
+    """Every frame of a video as (C, H, W) RGB, decoded independently of the agent."""
+    cap = cv2.VideoCapture(str(path))
+    out = []
+    while True:
+        ok, image = cap.read()
+        if not ok:
+            break
+        out.append(np.ascontiguousarray(image[:, :, ::-1].transpose(2, 0, 1)))
+    cap.release()
+    return out
+
+
+class Camera:
+    """tests/mjpeg_server.py as a process on a fixed port: start, kill, start again."""
+
+    def __init__(self, port: int, *flags: str) -> None:
+        self.port, self.flags = port, flags
+        self.proc: subprocess.Popen[str] | None = None
+
+    def start(self) -> Camera:
+        self.proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "mjpeg_server.py"), str(self.port),
+                                      *self.flags], stdout=subprocess.PIPE, text=True)  # fmt: skip
+        assert self.proc.stdout is not None and self.proc.stdout.readline().strip() == "ready"
+        return self
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+def test_source_specs_parse_and_refuse_clearly(tmp_path: Path) -> None:
+    (tmp_path / "a.mp4").write_bytes(b"")
+    s = parse_source(f"video:{tmp_path / 'a.mp4'}?id=gate-1&fps=5&loop=1", 0)
+    assert (s.kind, s.id, s.fps, s.loop, s.live) == ("video", "gate-1", 5.0, True, False)
+    s = parse_source("rtsp://10.0.0.5:554/stream1?channel=2&id=dock&stall=3", 3)
+    assert s.kind == "rtsp" and s.live and s.target == "rtsp://10.0.0.5:554/stream1?channel=2" and s.stall == 3.0
+    assert parse_source("http://cam.local/mjpg", 1).id == "cam-2"
+    assert parse_source("v4l2:/dev/video0", 0).live
+    for bad, says in (
+        ("replay:fashion-mnist", "unknown source"),
+        (f"video:{tmp_path / 'none.mp4'}", "no such file"),
+        (f"video:{tmp_path / 'a.mp4'}?fps=0", "fps"),
+        (f"video:{tmp_path / 'a.mp4'}?speed=2", "unknown option"),
+        ("http://x/?id=../etc", "id"),
+    ):
+        with pytest.raises(SourceError, match=says):
+            parse_source(bad, 0)
+
+
+def _agent(bundle: Path, tmp_path: Path) -> Any:
+    from edge_agent.agent import Agent
+    from edge_agent.ensemble import Ensemble
+    from edge_agent.formats.bundle import verify_bundle
+    from edge_agent.monitor import RejectMonitor
+    from edge_agent.spool import Spool, SpoolConfig
+
+    spool = Spool(SpoolConfig(tmp_path / "spool.sqlite", durability="process"))
+    return Agent(Ensemble(verify_bundle(bundle)), spool, RejectMonitor(), "edge-1")
+
+
+def test_four_sources_batched_account_for_every_frame_and_decide_as_one_by_one(
+    bundle: Path, splits: Any, tmp_path: Path
+) -> None:
+    """Two video files, a folder of stills and a network camera into one agent with a batch of 8."""
+    from edge_agent.batcher import Batcher
+    from edge_agent.ensemble import to_model_input
+    from edge_agent.formats.spec import preprocess_of
+    from edge_agent.sources import Source
+    from protos.nnoc.v1.quarantine_pb2 import QuarantineHeader
+
+    pictures = splits.test.images[:60]
+    a = write_video(tmp_path / "a.mp4", pictures[:40])
+    b = write_video(tmp_path / "b.avi", pictures[40:], size=(320, 240), fps=25)
+    (tmp_path / "stills").mkdir()
+    for i in range(6):
+        cv2.imwrite(str(tmp_path / "stills" / f"{i}.png"), cv2.resize(pictures[i, 0], (90, 120)))
+    cam = Camera(free_port()).start()
+    agent = _agent(bundle, tmp_path)
+    batcher = Batcher(agent, max_batch=8, max_wait=0.005, decisions=tmp_path / "decisions.jsonl").start()
+    stop = threading.Event()
+    specs = [
+        parse_source(f"video:{a}?id=gate", 0),
+        parse_source(f"video:{b}", 1),
+        parse_source(f"dir:{tmp_path / 'stills'}?id=stills", 2),
+        parse_source(f"http://127.0.0.1:{cam.port}/stream?id=yard&stall=2", 3),
+    ]
+    sources = [Source(s, batcher.deliver, stop) for s in specs]
+    try:
+        for src in sources:
+            batcher.add_source(src.spec.id, src.stats, src.spec.live)
+            src.start()
+        files = sources[:3]
+        assert wait_for(lambda: all(s.done.is_set() for s in files), 60)
+        assert wait_for(lambda: sources[3].stats.classified >= 20, 30)
+        stop.set()
+        for src in sources:
+            src.join(10)
+    finally:
+        stop.set()
+        cam.kill()
+        batcher.stop()
+    assert [s.stats.read for s in files] == [40, 20, 6]
+    for s in sources:
+        assert s.stats.classified + s.stats.dropped == s.stats.read, (s.spec.id, s.stats)
+        assert s.stats.decode_errors == 0
+    assert all(s.stats.dropped == 0 for s in files)  # files wait for the batcher: nothing lost
+    assert batcher.batches < sum(s.stats.classified for s in sources)  # frames did share batches
+    rows = [json.loads(line) for line in (tmp_path / "decisions.jsonl").read_text().splitlines()]
+    by_source: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        by_source.setdefault(r["source"], []).append(r)
+    spec = agent.ensemble.spec
+    for sid, path in (("gate", a), ("cam-2", b)):
+        got = by_source[sid]
+        assert [r["position"] for r in got] == list(range(len(got)))  # in order, none missing
+        frames = decode_all(path)
+        one_by_one = [int(agent.ensemble.classify(to_model_input(f[None], spec)).labels[0]) for f in frames]
+        assert [r["label"] for r in got] == one_by_one
+    # Quarantined frames carry their source, position and capture time; the image is the model's (uint8 3x32x32).
+    spooled = [QuarantineHeader.FromString(item.header) for item in agent.spool.due(10_000, 0.0)]
+    assert spooled and {h.source_id for h in spooled} <= {"gate", "cam-2", "stills", "yard"}
+    assert all(h.dtype == "uint8" and list(h.shape) == [3, 32, 32] and h.HasField("position") for h in spooled)
+    rejected = {(r["source"], r["position"]) for r in rows if r["rejected"]}
+    assert {(h.source_id, h.position) for h in spooled} == rejected
+    assert preprocess_of(spec).size == (32, 32)
+    agent.spool.close()
+
+
+def test_a_camera_that_dies_is_reconnected_while_the_endpoint_answers(bundle: Path, tmp_path: Path) -> None:
+    """`nnoc-edge run` with a network camera that is killed mid-stream and started again, and a camera that
+    accepts and never sends: the agent reconnects by itself, counts the outage, answers its inference endpoint the
+    whole time, and `nnoc-edge status` shows each source's state."""
+    import grpc
+
+    from protos.inference import grpc_predict_v2_pb2 as pb
+    from protos.inference import grpc_predict_v2_pb2_grpc as pb_grpc
+
+    live, silent = Camera(free_port()).start(), Camera(free_port(), "--silent").start()
+    state = tmp_path / "state"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edge_agent", "run", "--insecure", "--device-id", "edge-2", "--fleet", "cams",
+         "--bundle", str(bundle), "--infer-port", "0", "--state-dir", str(state), "--quiet",
+         "--source", f"http://127.0.0.1:{live.port}/video?id=door&stall=1",
+         "--source", f"http://127.0.0.1:{silent.port}/video?id=hung&stall=1"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+    def status() -> dict[str, Any]:
+        out = subprocess.run([sys.executable, "-m", "edge_agent", "status", "--state-dir", str(state), "--json"],
+                             cwd=ROOT, capture_output=True, text=True, timeout=60).stdout  # fmt: skip
+        return json.loads(out.strip().splitlines()[-1]) if out.strip() else {}
+
+    def door() -> dict[str, Any]:
+        return (status().get("sources") or {}).get("door", {})
+
+    answered, failures = [0], []
+    halt = threading.Event()
+
+    def ask() -> None:  # the endpoint, asked all through the outage
+        while not halt.is_set():
+            try:
+                port = json.loads((state / "agent.json").read_text())["infer_port"]
+                with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+                    req = pb.ModelInferRequest(model_name="cams")
+                    req.inputs.add(name="raw_image", datatype="UINT8", shape=[48, 64, 3])
+                    req.raw_input_contents.append(bytes(48 * 64 * 3))
+                    pb_grpc.GRPCInferenceServiceStub(ch).ModelInfer(req, timeout=10)
+                    answered[0] += 1
+            except (OSError, ValueError, KeyError):
+                pass  # agent.json not written yet
+            except grpc.RpcError as e:
+                failures.append(e.code())
+            time.sleep(0.1)
+
+    asker = threading.Thread(target=ask)
+    try:
+        assert wait_for(lambda: (state / "agent.json").is_file(), 60)
+        asker.start()
+        assert wait_for(lambda: door().get("classified", 0) >= 10 and door().get("state") == "up", 60)
+        live.kill()
+        assert wait_for(lambda: door().get("state") in ("stalled", "reconnecting"), 30)
+        before = answered[0]
+        time.sleep(2)
+        live.start()
+        assert wait_for(lambda: door().get("reconnects", 0) >= 1 and door().get("state") == "up", 60)
+        seen = door()["classified"]
+        assert wait_for(lambda: door().get("classified", 0) > seen, 30)
+        assert answered[0] > before  # answered while the camera was down
+        hung = status()["sources"]["hung"]
+        assert hung["state"] in ("reconnecting", "stalled") and hung["read"] == 0 and hung["reconnects"] >= 1
+    finally:
+        halt.set()
+        if asker.is_alive():
+            asker.join(15)
+        proc.terminate()
+        _, err = proc.communicate(timeout=60)
+        live.kill()
+        silent.kill()
+    assert proc.returncode == 0, err[-3000:]
+    assert not failures, failures[:5]
+    assert "Traceback" not in err
+
+
+def test_a_truncated_video_ends_that_source_only(bundle: Path, splits: Any, tmp_path: Path) -> None:
+    from edge_agent.batcher import Batcher
+    from edge_agent.sources import Source
+
+    good = write_video(tmp_path / "good.mp4", splits.test.images[:30])
+    data = good.read_bytes()
+    (tmp_path / "cut.mp4").write_bytes(data[: len(data) // 2])
+    (tmp_path / "noise.mp4").write_bytes(np.random.default_rng(0).integers(0, 256, 5000, np.uint8).tobytes())
+    agent = _agent(bundle, tmp_path)
+    batcher = Batcher(agent, max_batch=4).start()
+    stop = threading.Event()
+    sources = [
+        Source(parse_source(f"video:{p}", i), batcher.deliver, stop)
+        for i, p in enumerate((good, tmp_path / "cut.mp4", tmp_path / "noise.mp4"))
+    ]
+    try:
+        for src in sources:
+            batcher.add_source(src.spec.id, src.stats, False)
+            src.start()
+        assert wait_for(lambda: all(s.done.is_set() for s in sources), 60)
+        assert wait_for(lambda: batcher.pending() == 0, 30)
+    finally:
+        stop.set()
+        batcher.stop()
+        agent.spool.close()
+    ok, cut, noise = (s.stats for s in sources)
+    assert ok.read == ok.classified == 30 and ok.state == "finished"
+    assert cut.read < 30 and cut.classified == cut.read  # what could be decoded was classified
+    assert noise.state == "failed" and "cannot open" in noise.last_error and noise.read == 0
