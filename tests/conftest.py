@@ -246,6 +246,7 @@ def rgb_bundle(out: Path, block: Any, fleet: str = "cams") -> Path:
     from trainer.science.export import export_onnx
     from trainer.science.models import build_model
 
+    out.mkdir(parents=True, exist_ok=True)
     spec = InputSpec.for_image((3, 32, 32), block)
     files = {}
     for seed, role in enumerate(("primary", "monitor")):

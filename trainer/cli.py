@@ -438,6 +438,32 @@ def _args_fleet(p: argparse.ArgumentParser) -> None:
         _add_common(fp)
 
 
+def _args_quarantine(p: argparse.ArgumentParser) -> None:
+    """Flags of ``quarantine``."""
+    qsub = p.add_subparsers(dest="action", required=True)
+    qp = qsub.add_parser("show", help="a contact sheet PNG of the stored images, captioned")
+    qp.add_argument("--out", type=Path, default=Path("quarantine.png"), help="PNG to write (default quarantine.png)")
+    qp.add_argument("--limit", type=positive, default=64, help="images on the sheet at most (the newest)")
+    qp.add_argument("--columns", type=positive, default=8, help="images per row")
+    qp = qsub.add_parser("export", help="every stored image as a PNG, plus index.csv")
+    qp.add_argument("--out", type=Path, required=True, help="folder to write images/ and index.csv into")
+    for qp in qsub.choices.values():
+        qp.add_argument("--fleet", type=safe_name, default=None, help="the fleet whose quarantine to read")
+        qp.add_argument("--version", type=positive, default=None, help="the version it was collected under "
+                        "(default: the newest with a quarantine)")  # fmt: skip
+        qp.add_argument("--quarantine", type=Path, default=None, help="instead of --fleet: a quarantine folder")
+        qp.add_argument("--state-dir", type=Path, default=Path("nnoc-trainer-state"), help="the service's state")
+        qp.add_argument("--store", type=Path, default=Path("exports"), help="model store, for class names")
+        _add_common(qp)
+
+
+def cmd_quarantine(args: argparse.Namespace) -> dict[str, Any]:
+    """Operators' view of a quarantine: contact sheet or export."""
+    from trainer.service.inspect import quarantine_command
+
+    return quarantine_command(args)
+
+
 # name -> (help, adds the flags, takes the data flags). A command's flags may import the registries they offer as
 # choices (torch-backed ones among them), so the parser adds only the flags of the command being run: `serve`,
 # `fleet` and `keys` never load torch.
@@ -451,6 +477,11 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], bool]]
     "demo": ("the whole loop: BadNet, θ_aug, serve, agents, quarantine, repair, measure", _args_demo, False),
     "keys": ("key pairs: Ed25519 for signing bundles, CURVE for the quarantine uplink", _args_keys, False),
     "fleet": ("operator commands: create, publish, rollback, status, list", _args_fleet, False),
+    "quarantine": (
+        "see what the fleet refused: a contact sheet (show) or PNGs + CSV (export)",
+        _args_quarantine,
+        False,
+    ),
 }
 HANDLERS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "attack": cmd_attack,
@@ -462,6 +493,7 @@ HANDLERS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "demo": cmd_demo,
     "keys": cmd_keys,
     "fleet": cmd_fleet,
+    "quarantine": cmd_quarantine,
 }
 
 
@@ -486,7 +518,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         if data:
             _add_data(p)
         add_args(p)
-        if name != "fleet":  # the fleet actions have them
+        if name not in ("fleet", "quarantine"):  # their actions have them
             _add_common(p)
             p.add_argument(
                 "--config",

@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -157,6 +158,36 @@ class QuarantineStore:
     def count(self) -> int:
         """Number of stored inputs."""
         return int(self.db.execute("SELECT COUNT(*) FROM quarantine").fetchone()[0])
+
+    def entries(self) -> list[dict[str, Any]]:
+        """What each stored input's header says, in :meth:`load`'s order: device, seq, source, position, capture
+        and arrival times, both labels (for operators: ``nnoc-trainer quarantine show/export``)."""
+        rows = self.db.execute(
+            "SELECT header, captured_at, received_at FROM quarantine ORDER BY received_at, device_id, seq"
+        ).fetchall()
+        out = []
+        for blob, captured_at, received_at in rows:
+            h = quarantine_pb2.QuarantineHeader.FromString(blob)
+            out.append(
+                {
+                    "device_id": h.device_id,
+                    "seq": int(h.seq),
+                    "source_id": h.source_id,
+                    "position": int(h.position) if h.HasField("position") else None,
+                    "captured_at": float(captured_at),
+                    "received_at": float(received_at),
+                    "bundle_version": int(h.bundle_version),
+                    "primary_label": int(h.primary_label),
+                    "monitor_label": int(h.monitor_label),
+                }
+            )
+        return out
+
+    def stored_preprocess(self) -> Preprocess:
+        """The preprocessing block recorded with the quarantine (what turns older agents' tensors into images)."""
+        text = self.meta("input_spec")
+        block = json.loads(text).get("preprocess") if text else None
+        return Preprocess.from_dict(block, f"{self.path}: input_spec.preprocess") if block else Preprocess()
 
     def load(self, preprocess: Preprocess) -> Quarantine:
         """All stored inputs, in arrival order, as the model's uint8 images.
