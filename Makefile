@@ -9,7 +9,7 @@ FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 DEMO_DIR ?= runs/demo
 PYTEST_ARGS ?=
 
-.PHONY: all install dataset lint protos test test-fast demo demo-repair bench clean
+.PHONY: all install dataset camera-deps lint protos test test-fast demo demo-repair bench clean
 
 all: test
 
@@ -23,6 +23,16 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# Camera tests and benches: GStreamer's RTSP server (with python3-gi, run by the system python3) and Debian's
+# ffmpeg (H.264 files for bench/bench_cameras.py). Installed like the dataset: by apt as root, else a hint.
+CAMERA_DEBS := gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-base gstreamer1.0-plugins-good \
+	gstreamer1.0-plugins-ugly python3-gi ffmpeg
+
+camera-deps:
+	@if dpkg -s $(CAMERA_DEBS) >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(CAMERA_DEBS); \
+	else echo "Camera test packages are missing. Run: sudo apt-get update && sudo apt-get install -y $(CAMERA_DEBS)"; exit 1; fi
 
 dataset:
 	@if [ -f $(FMNIST) ]; then :; \
@@ -38,10 +48,10 @@ lint: $(STAMP)
 	$(BIN)/mypy
 	PYTHON=$(BIN)/python protos/generate.sh --check
 
-test: $(STAMP) dataset lint
+test: $(STAMP) dataset camera-deps lint
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-test-fast: $(STAMP) dataset
+test-fast: $(STAMP) dataset camera-deps
 	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
 
 # The whole loop of DESIGN.md, quick profile (about 10-15 minutes on 2 cores): a checker4 BadNet, the

@@ -52,15 +52,18 @@ def decode_all(path: Path) -> list[np.ndarray]:
 
 
 class Camera:
-    """tests/mjpeg_server.py as a process on a fixed port: start, kill, start again."""
+    """A camera process on a fixed port: start, kill, start again. Default: tests/mjpeg_server.py (MJPEG over
+    HTTP); ``rtsp=True``: tests/rtsp_server.py (GStreamer's RTSP server, H.264, under the system python3 whose
+    python3-gi the Makefile installs with the GStreamer packages)."""
 
-    def __init__(self, port: int, *flags: str) -> None:
+    def __init__(self, port: int, *flags: str, rtsp: bool = False) -> None:
         self.port, self.flags = port, flags
+        self.command = ["/usr/bin/python3", str(ROOT / "tests" / "rtsp_server.py")] if rtsp else [
+            sys.executable, str(ROOT / "tests" / "mjpeg_server.py")]  # fmt: skip
         self.proc: subprocess.Popen[str] | None = None
 
     def start(self) -> Camera:
-        self.proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "mjpeg_server.py"), str(self.port),
-                                      *self.flags], stdout=subprocess.PIPE, text=True)  # fmt: skip
+        self.proc = subprocess.Popen([*self.command, str(self.port), *self.flags], stdout=subprocess.PIPE, text=True)
         assert self.proc.stdout is not None and self.proc.stdout.readline().strip() == "ready"
         return self
 
@@ -169,20 +172,20 @@ def test_four_sources_batched_account_for_every_frame_and_decide_as_one_by_one(
 
 
 def test_a_camera_that_dies_is_reconnected_while_the_endpoint_answers(bundle: Path, tmp_path: Path) -> None:
-    """`nnoc-edge run` with a network camera that is killed mid-stream and started again, and a camera that
-    accepts and never sends: the agent reconnects by itself, counts the outage, answers its inference endpoint the
-    whole time, and `nnoc-edge status` shows each source's state."""
+    """`nnoc-edge run` with an RTSP camera (GStreamer's server, H.264) that is killed mid-stream and started
+    again, and a camera that accepts and never sends: the agent reconnects by itself, counts the outage, answers
+    its inference endpoint the whole time, and `nnoc-edge status` shows each source's state."""
     import grpc
 
     from protos.inference import grpc_predict_v2_pb2 as pb
     from protos.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 
-    live, silent = Camera(free_port()).start(), Camera(free_port(), "--silent").start()
+    live, silent = Camera(free_port(), rtsp=True).start(), Camera(free_port(), "--silent").start()
     state = tmp_path / "state"
     proc = subprocess.Popen(
         [sys.executable, "-m", "edge_agent", "run", "--insecure", "--device-id", "edge-2", "--fleet", "cams",
          "--bundle", str(bundle), "--infer-port", "0", "--state-dir", str(state), "--quiet",
-         "--source", f"http://127.0.0.1:{live.port}/video?id=door&stall=1",
+         "--source", f"rtsp://127.0.0.1:{live.port}/cam?id=door&stall=2",
          "--source", f"http://127.0.0.1:{silent.port}/video?id=hung&stall=1"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
