@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import ROOT, save
+from bench.common import ROOT, save, start_collector
 
 
 def rate(fn: Callable[[np.ndarray], object], x: np.ndarray, seconds: float) -> float:
@@ -95,17 +95,6 @@ def _stream(n: int, spec_scale: float) -> np.ndarray:
     return (images.astype(np.float32) * np.float32(spec_scale)).astype(np.float32)
 
 
-def _collector(root: str, fleet: str, ports: Any, stop: Any) -> None:
-    from protos.nnoc.v1 import bundle_pb2
-    from trainer.service.collector import Collector, CollectorConfig, fixed_spec
-
-    spec = bundle_pb2.InputSpec(shape=[1, 28, 28], dtype="float32", min_value=0.0, max_value=1.0)
-    c = Collector(CollectorConfig("tcp://127.0.0.1:0", Path(root)), fixed_spec(fleet, spec)).start()
-    ports.put(c.port)
-    stop.wait()
-    c.stop()
-
-
 def bench_spool(bundle_dir: Path, seconds: float, tmp: Path) -> dict[str, Any]:
     from edge_agent.agent import Agent
     from edge_agent.ensemble import Ensemble
@@ -120,12 +109,7 @@ def bench_spool(bundle_dir: Path, seconds: float, tmp: Path) -> dict[str, Any]:
     xs = _stream(2000, spec.scale)
     ens = Ensemble(bundle)
     reject_share = float(ens.classify(xs).rejected.mean())
-    # The collector runs in its own process, as it would on the trainer: it must not share this one's GIL.
-    ports: Any = mp.Queue()
-    stop = mp.Event()
-    collector = mp.Process(target=_collector, args=(str(tmp / "q"), bundle.manifest.fleet, ports, stop))
-    collector.start()
-    port = ports.get(timeout=60)
+    collector, port, stop = start_collector(tmp / "q", bundle.manifest.fleet, spec)
     agents = {}
     for durability in ("power", "process"):
         spool = Spool(SpoolConfig(tmp / f"spool-{durability}.sqlite", durability=durability))

@@ -74,3 +74,27 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def _collector(root: str, fleet: str, spec: bytes, ports: Any, stop: Any) -> None:
+    from protos.nnoc.v1 import bundle_pb2
+    from trainer.service.collector import Collector, CollectorConfig, fixed_spec
+
+    input_spec = bundle_pb2.InputSpec.FromString(spec)
+    c = Collector(CollectorConfig("tcp://127.0.0.1:0", Path(root)), fixed_spec(fleet, input_spec)).start()
+    ports.put(c.port)
+    stop.wait()
+    c.stop()
+
+
+def start_collector(root: Path, fleet: str, spec: Any) -> tuple[Any, int, Any]:
+    """The quarantine collector for ``fleet`` (a bundle's input spec) in its own process, as on the trainer (it
+    must not share the measured process's GIL): (process, port, stop event; set it, then join the process)."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    ports: Any = ctx.Queue()
+    stop = ctx.Event()
+    proc = ctx.Process(target=_collector, args=(str(root), fleet, spec.SerializeToString(), ports, stop))
+    proc.start()
+    return proc, int(ports.get(timeout=60)), stop

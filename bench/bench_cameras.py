@@ -1,0 +1,186 @@
+"""Camera sources through the agent (issue 13), side by side in one run, on a bundle that takes RGB frames
+(default: the foreign resnet18 of bench_foreign, 3x32x32 normalised, its own trigger on 10% of the frames).
+
+decode:     a 1280x720 H.264 file at 30 fps (Debian's ffmpeg, libx264, from Fashion-MNIST stream pictures
+            upscaled) decoded alone against the same file through the agent (decode, preprocess, dynamic
+            batcher, ensemble, spool with an fsync per batch, uplink to a collector process); goal >= 0.8x.
+sources:    four copies as four sources into one agent, batched (up to 8 frames) against one frame at a time:
+            as fast as they decode (throughput ratio), and paced at 30 fps each (capture -> decision latency p50/p99).
+monitoring: the agent (spool + uplink at the stream's reject rate) against the bare ensemble, batch 1 and 8;
+            goal >= 0.9x.
+
+    python -m bench.bench_cameras [--bundle DIR] [--frames 300]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.common import ROOT, save, start_collector
+
+FOREIGN = ROOT / "runs" / "bench-foreign" / "resnet18"
+
+
+def make_video(path: Path, pictures: np.ndarray, fps: int = 30, size: str = "1280:720") -> Path:
+    """Gray pictures (N, 1, h, w) as an H.264 file at ``size`` (ffmpeg's libx264, yuv420p)."""
+    if shutil.which("ffmpeg") is None:
+        raise SystemExit("ffmpeg is missing: make camera-deps (Debian's ffmpeg)")
+    h, w = pictures.shape[2:]
+    cmd = ["ffmpeg", "-loglevel", "error", "-y", "-f", "rawvideo", "-pix_fmt", "gray", "-s", f"{w}x{h}", "-r", str(fps),
+           "-i", "-", "-vf", f"scale={size}:flags=bicubic", "-c:v", "libx264", "-preset", "veryfast",
+           "-pix_fmt", "yuv420p", str(path)]  # fmt: skip
+    subprocess.run(cmd, input=np.ascontiguousarray(pictures).tobytes(), check=True)
+    return path
+
+
+def decode_alone(path: Path) -> float:
+    """Frames per second of OpenCV decoding the file (what the source does), nothing else."""
+    import cv2
+
+    cap = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG)
+    n, t0 = 0, time.perf_counter()
+    while cap.read()[0]:
+        n += 1
+    cap.release()
+    return n / (time.perf_counter() - t0)
+
+
+class Rig:
+    """An agent (spool + uplink to a collector process) on the bundle, for one measurement after another."""
+
+    def __init__(self, bundle_dir: Path, tmp: Path) -> None:
+        from edge_agent.agent import Agent
+        from edge_agent.ensemble import Ensemble
+        from edge_agent.formats.bundle import verify_bundle
+        from edge_agent.monitor import RejectMonitor
+        from edge_agent.spool import Spool, SpoolConfig
+        from edge_agent.uplink import Uplink, UplinkConfig
+
+        self.bundle = verify_bundle(bundle_dir)
+        self.ensemble = Ensemble(self.bundle)
+        self.collector, port, self.stop_collector = start_collector(
+            tmp / "q", self.bundle.manifest.fleet, self.bundle.manifest.input_spec
+        )
+        self.spool = Spool(SpoolConfig(tmp / "spool.sqlite"))  # durability "power": an fsync per batch of rejects
+        self.agent = Agent(self.ensemble, self.spool, RejectMonitor(), "bench-cam")
+        self.agent.uplink = Uplink(self.spool, UplinkConfig(f"tcp://127.0.0.1:{port}", "bench-cam")).start()
+
+    def play(self, specs: list[str], max_batch: int) -> dict[str, Any]:
+        """Play sources to their end through a fresh batcher: frames/s over all, latency percentiles."""
+        from edge_agent.batcher import Batcher
+        from edge_agent.sources import Source, parse_source
+
+        batcher = Batcher(self.agent, max_batch=max_batch, max_wait=0.002).start()
+        stop = threading.Event()
+        sources = [Source(parse_source(s, i), batcher.deliver, stop) for i, s in enumerate(specs)]
+        t0 = time.perf_counter()
+        for src in sources:
+            batcher.add_source(src.spec.id, src.stats, src.spec.live)
+            src.start()
+        for src in sources:
+            src.join()
+        while batcher.pending():
+            time.sleep(0.001)
+        batcher.stop()
+        seconds = time.perf_counter() - t0
+        frames = sum(s.stats.classified for s in sources)
+        lat = np.concatenate([np.asarray(v) for v in batcher.latency.values()]) * 1000
+        return {
+            "frames": frames,
+            "fps": frames / seconds,
+            "mean_batch": batcher.batched_inputs / max(batcher.batches, 1),
+            "latency_p50_ms": float(np.percentile(lat, 50)),
+            "latency_p99_ms": float(np.percentile(lat, 99)),
+            "rejected": sum(s.stats.rejected for s in sources),
+        }
+
+    def close(self) -> dict[str, Any]:
+        deadline = time.monotonic() + 60
+        while self.spool.depth() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert self.agent.uplink is not None
+        self.agent.uplink.stop()
+        acked = self.agent.uplink.counters.acked
+        self.spool.close()
+        self.stop_collector.set()
+        self.collector.join(30)
+        return {"acked": acked}
+
+
+def monitoring(rig: Rig, x: np.ndarray, seconds: float) -> dict[str, Any]:
+    """Agent (spool + uplink) against the bare ensemble, batch 1 and 8, alternating rounds, best of each."""
+    out: dict[str, Any] = {"reject_share": float(rig.ensemble.classify(x).rejected.mean())}
+    for batch in (1, 8):
+        best: dict[str, float] = {}
+        for _ in range(3):
+            for name, fn in (("bare", rig.ensemble.classify), ("agent", rig.agent.classify)):
+                n, t0, i = 0, time.perf_counter(), 0
+                while time.perf_counter() - t0 < seconds:
+                    fn(x[i : i + batch])
+                    i = (i + batch) % (len(x) - batch)
+                    n += batch
+                best[name] = max(best.get(name, 0.0), n / (time.perf_counter() - t0))
+        out[f"batch{batch}"] = {**best, "ratio": best["agent"] / best["bare"]}
+        print("monitoring", batch, out[f"batch{batch}"], flush=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--bundle", type=Path, default=FOREIGN / "predeploy" / "bundle")
+    ap.add_argument("--trigger", default=None, help="trigger spec on 10%% of frames (default: the outsider's)")
+    ap.add_argument("--frames", type=int, default=300, help="frames per file (300 = 10 s at 30 fps)")
+    ap.add_argument("--seconds", type=float, default=3.0, help="per monitoring round")
+    args = ap.parse_args()
+    from edge_agent.ensemble import to_model_input
+    from trainer.science.data import DataConfig, SplitConfig, load_splits
+    from trainer.science.triggers import parse_trigger, poison_fraction
+
+    if not (args.bundle / "manifest.pb").is_file():
+        raise SystemExit(f"no bundle at {args.bundle}: run python -m bench.bench_foreign --archs resnet18 first")
+    trigger_spec = args.trigger or (FOREIGN / "trigger.txt").read_text().strip()
+    splits = load_splits(DataConfig(), SplitConfig())
+    rng = np.random.default_rng(0)
+    target = 7
+    pictures, _ = poison_fraction(splits.stream.images[: args.frames], splits.stream.labels[: args.frames],
+                                  parse_trigger(trigger_spec), 0.1, target, rng)  # fmt: skip
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        video = make_video(tmp / "cam.mp4", pictures)
+        rig = Rig(args.bundle, tmp)
+        out: dict[str, Any] = {"bundle": str(args.bundle), "trigger": trigger_spec, "frames": args.frames}
+        decode, agent = [], []
+        for _ in range(2):  # alternate, best of each
+            decode.append(decode_alone(video))
+            agent.append(rig.play([f"video:{video}"], 8)["fps"])
+        out["decode"] = {"decode_fps": max(decode), "agent_fps": max(agent), "ratio": max(agent) / max(decode)}
+        print("decode", out["decode"], flush=True)
+        fast = [f"video:{video}?id=cam{i}" for i in range(4)]
+        paced = [f"video:{video}?id=cam{i}&fps=30" for i in range(4)]
+        runs = {
+            "batched": rig.play(fast, 8),
+            "one_at_a_time": rig.play(fast, 1),
+            "batched_30fps": rig.play(paced, 8),
+            "one_at_a_time_30fps": rig.play(paced, 1),
+        }
+        runs["throughput_ratio"] = runs["batched"]["fps"] / runs["one_at_a_time"]["fps"]
+        out["sources"] = runs
+        print("sources", runs, flush=True)
+        spec = rig.ensemble.spec
+        x = to_model_input(pictures, spec)
+        out["monitoring"] = monitoring(rig, x, args.seconds)
+        out["uplink"] = rig.close()
+    save("cameras", out)
+
+
+if __name__ == "__main__":
+    main()
