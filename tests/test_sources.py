@@ -1,6 +1,7 @@
-"""Camera sources on the edge: video files encoded here with a real encoder, a network camera (MJPEG over HTTP,
-its own process) that is killed mid-stream and restarted, a camera that accepts and never sends, and four
-sources batched into one agent, every file frame accounted for and decided as it would be one by one."""
+"""Camera sources on the edge: video files encoded here with a real encoder, an RTSP camera (GStreamer's server,
+its own process) that is killed mid-stream and restarted, an MJPEG-over-HTTP camera, a camera that accepts and
+never sends, and four sources batched into one agent, every file frame accounted for and decided as it would be
+one by one."""
 
 from __future__ import annotations
 
@@ -106,7 +107,7 @@ def _agent(bundle: Path, tmp_path: Path) -> Any:
 def test_four_sources_batched_account_for_every_frame_and_decide_as_one_by_one(
     bundle: Path, splits: Any, tmp_path: Path
 ) -> None:
-    """Two video files, a folder of stills and a network camera into one agent with a batch of 8."""
+    """Two video files, a folder of stills, an RTSP camera and an MJPEG-over-HTTP camera into one agent, batch 8."""
     from edge_agent.batcher import Batcher
     from edge_agent.ensemble import to_model_input
     from edge_agent.formats.spec import preprocess_of
@@ -119,7 +120,7 @@ def test_four_sources_batched_account_for_every_frame_and_decide_as_one_by_one(
     (tmp_path / "stills").mkdir()
     for i in range(6):
         cv2.imwrite(str(tmp_path / "stills" / f"{i}.png"), cv2.resize(pictures[i, 0], (90, 120)))
-    cam = Camera(free_port()).start()
+    cam, mjpeg = Camera(free_port(), rtsp=True).start(), Camera(free_port()).start()
     agent = _agent(bundle, tmp_path)
     batcher = Batcher(agent, max_batch=8, max_wait=0.005, decisions=tmp_path / "decisions.jsonl").start()
     stop = threading.Event()
@@ -127,7 +128,8 @@ def test_four_sources_batched_account_for_every_frame_and_decide_as_one_by_one(
         parse_source(f"video:{a}?id=gate", 0),
         parse_source(f"video:{b}", 1),
         parse_source(f"dir:{tmp_path / 'stills'}?id=stills", 2),
-        parse_source(f"http://127.0.0.1:{cam.port}/stream?id=yard&stall=2", 3),
+        parse_source(f"rtsp://127.0.0.1:{cam.port}/cam?id=yard&stall=2", 3),
+        parse_source(f"http://127.0.0.1:{mjpeg.port}/video.mjpg?id=dock&stall=2", 4),
     ]
     sources = [Source(s, batcher.deliver, stop) for s in specs]
     try:
@@ -136,13 +138,14 @@ def test_four_sources_batched_account_for_every_frame_and_decide_as_one_by_one(
             src.start()
         files = sources[:3]
         assert wait_for(lambda: all(s.done.is_set() for s in files), 60)
-        assert wait_for(lambda: sources[3].stats.classified >= 20, 30)
+        assert wait_for(lambda: min(s.stats.classified for s in sources[3:]) >= 20, 30)
         stop.set()
         for src in sources:
             src.join(10)
     finally:
         stop.set()
         cam.kill()
+        mjpeg.kill()
         batcher.stop()
     assert [s.stats.read for s in files] == [40, 20, 6]
     for s in sources:
@@ -163,7 +166,7 @@ def test_four_sources_batched_account_for_every_frame_and_decide_as_one_by_one(
         assert [r["label"] for r in got] == one_by_one
     # Quarantined frames carry their source, position and capture time; the image is the model's (uint8 3x32x32).
     spooled = [QuarantineHeader.FromString(item.header) for item in agent.spool.due(10_000, 0.0)]
-    assert spooled and {h.source_id for h in spooled} <= {"gate", "cam-2", "stills", "yard"}
+    assert spooled and {h.source_id for h in spooled} <= {"gate", "cam-2", "stills", "yard", "dock"}
     assert all(h.dtype == "uint8" and list(h.shape) == [3, 32, 32] and h.HasField("position") for h in spooled)
     rejected = {(r["source"], r["position"]) for r in rows if r["rejected"]}
     assert {(h.source_id, h.position) for h in spooled} == rejected
