@@ -92,6 +92,7 @@ class Agent:
                     source_id=source,
                     captured_at=captured_at,
                     position=position,
+                    reject_score=float(decision.score[i]),
                 )
                 items.append((header.SerializeToString(), np.ascontiguousarray(image).tobytes()))
             try:

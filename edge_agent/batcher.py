@@ -215,10 +215,10 @@ class Batcher:
         start = 0
         for r in requests:
             n = len(r.x)
-            r.future.set_result((_slice(decision, start, start + n), version))
+            r.future.set_result((decision.part(start, start + n), version))
             start += n
         if frames:
-            self._record_frames(frames, _slice(decision, start, start + len(frames)), version)
+            self._record_frames(frames, decision.part(start, start + len(frames)), version)
             if self._observe is not None:
                 self._observe("source", seconds, True)
 
@@ -237,15 +237,12 @@ class Batcher:
                 "rejected": bool(decision.rejected[i]),
                 "primary": int(decision.primary[i]),
                 "monitor": int(decision.monitor[i]),
+                "score": round(float(decision.score[i]), 6),
                 "version": version,
             }
             log.debug("frame %s", row)
             if self._decisions is not None:
                 self._decisions.write(json.dumps(row) + "\n")
-
-
-def _slice(d: Decision, a: int, b: int) -> Decision:
-    return Decision(d.labels[a:b], d.rejected[a:b], d.primary[a:b], d.monitor[a:b])
 
 
 def source_snapshot(batcher: Batcher | None, stats: dict[str, SourceStats]) -> dict[str, Any]:

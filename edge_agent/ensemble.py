@@ -6,15 +6,16 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import onnxruntime as ort
 
 from edge_agent.formats.bundle import VerifiedBundle
 from edge_agent.formats.preprocess import PreprocessError
+from edge_agent.formats.reject import RejectRule, reject_scores
 from edge_agent.formats.spec import accepted_range, image_shape_of, preprocess_of
-from edge_agent.fuse import MONITOR_OUT, PRIMARY_OUT, FuseError, fuse_models
+from edge_agent.fuse import MONITOR_OUT, PRIMARY_OUT, REJECTED_OUT, SCORE_OUT, FuseError, fuse_models
 from edge_agent.runtime import RuntimeConfig, make_session, warm_up
 from protos.nnoc.v1 import bundle_pb2
 
@@ -35,11 +36,11 @@ class Decision:
     rejected: np.ndarray  # (N,) bool
     primary: np.ndarray  # (N,) int64, θ_bd's label
     monitor: np.ndarray  # (N,) int64, θ_aug's label
+    score: np.ndarray  # (N,) float32, the reject rule's score (rejected where above its threshold)
 
-
-def disagreement(pred_a: np.ndarray, pred_b: np.ndarray) -> np.ndarray:
-    """Which inputs the two models label differently."""
-    return np.asarray(pred_a != pred_b)
+    def part(self, start: int, stop: int) -> Decision:
+        """Rows ``start:stop`` (one request's share of a batch)."""
+        return Decision(*(getattr(self, f.name)[start:stop] for f in fields(self)))
 
 
 def check_input(x: np.ndarray, spec: bundle_pb2.InputSpec) -> np.ndarray:
@@ -115,6 +116,7 @@ class Ensemble:
             raise ValueError(f"unknown ensemble path {runtime.ensemble_path!r}; choose one of {list(ENSEMBLE_PATHS)}")
         self.bundle = bundle
         self.spec = bundle.manifest.input_spec
+        self.rule = RejectRule.of(bundle.manifest)
         self.timings: dict[str, float] = {}
         primary_path, monitor_path = bundle.model_path("primary"), bundle.model_path("monitor")
         self.primary = make_session(primary_path, runtime)
@@ -140,7 +142,7 @@ class Ensemble:
         self.path = "two-sessions"
         if runtime.ensemble_path != "two-sessions":
             try:
-                graph = fuse_models(primary_path, monitor_path, self.input_name)
+                graph = fuse_models(primary_path, monitor_path, self.input_name, self.rule)
                 self.fused = make_session(primary_path.with_name("ensemble.onnx"), runtime, model=graph)
                 warm_up(self.fused, example)
             except (FuseError, ValueError) as e:
@@ -155,7 +157,9 @@ class Ensemble:
         if not (np.isfinite(lo) and np.isfinite(hi) and hi > lo):
             lo, hi = 0.0, 1.0
         probe = rng.uniform(lo, hi, (32, *shape)).astype(np.dtype(self.spec.dtype))
-        if not np.array_equal(np.stack(self._run_fused(probe)), np.stack(self._run_two(probe))):
+        fused, two = self._run_fused(probe), self._run_two(probe)
+        same = all(np.array_equal(a, b) for a, b in zip(fused[:2], two[:2], strict=True))
+        if not same or not np.allclose(fused[2], two[2], rtol=1e-4, atol=1e-5):
             log.warning("fused graph disagrees with the two sessions on a probe batch; serving two sessions")
             return "two-sessions"
         if not timed:
@@ -171,16 +175,25 @@ class Ensemble:
         log.info("ensemble path %s (load-time probe, s: %s)", path, {k: round(v, 4) for k, v in self.timings.items()})
         return path
 
-    def _run_two(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _run_two(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         feed = {self.input_name: x}
-        primary = np.asarray(self.primary.run(None, feed)[0]).argmax(1).astype(np.int64)
-        monitor = np.asarray(self.monitor.run(None, feed)[0]).argmax(1).astype(np.int64)
-        return primary, monitor
+        p_logits = np.asarray(self.primary.run(None, feed)[0])
+        m_logits = np.asarray(self.monitor.run(None, feed)[0])
+        score = reject_scores(p_logits, m_logits, self.rule.score)
+        primary, monitor = p_logits.argmax(1).astype(np.int64), m_logits.argmax(1).astype(np.int64)
+        return primary, monitor, score, self.rule.reject(score)
 
-    def _run_fused(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _run_fused(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         assert self.fused is not None
-        primary, monitor = self.fused.run([PRIMARY_OUT, MONITOR_OUT], {self.input_name: x})
-        return np.asarray(primary, dtype=np.int64), np.asarray(monitor, dtype=np.int64)
+        primary, monitor, score, rejected = self.fused.run(
+            [PRIMARY_OUT, MONITOR_OUT, SCORE_OUT, REJECTED_OUT], {self.input_name: x}
+        )
+        return (
+            np.asarray(primary, dtype=np.int64),
+            np.asarray(monitor, dtype=np.int64),
+            np.asarray(score, dtype=np.float32),
+            np.asarray(rejected, dtype=bool),
+        )
 
     @property
     def provider(self) -> str:
@@ -190,6 +203,5 @@ class Ensemble:
     def classify(self, x: np.ndarray) -> Decision:
         """Classify a checked batch; raises :class:`InputError` for a bad batch (the models never see it)."""
         x = check_input(x, self.spec)
-        primary, monitor = self._run_fused(x) if self.path == "fused" else self._run_two(x)
-        rejected = disagreement(primary, monitor)
-        return Decision(np.where(rejected, REJECTED, primary), rejected, primary, monitor)
+        primary, monitor, score, rejected = self._run_fused(x) if self.path == "fused" else self._run_two(x)
+        return Decision(np.where(rejected, REJECTED, primary), rejected, primary, monitor, score)

@@ -12,7 +12,10 @@ from pathlib import Path
 import onnx
 from onnx import compose, helper
 
+from edge_agent.formats.reject import RejectRule
+
 PRIMARY_OUT, MONITOR_OUT = "primary_label", "monitor_label"
+SCORE_OUT, REJECTED_OUT = "reject_score", "rejected"
 
 
 class FuseError(ValueError):
@@ -23,8 +26,46 @@ def _opsets(model: onnx.ModelProto) -> dict[str, int]:
     return {o.domain or "ai.onnx": o.version for o in model.opset_import}
 
 
-def fuse_models(primary: Path, monitor: Path, input_name: str) -> bytes:
-    """Serialised graph ``input_name -> (primary_label, monitor_label)``, both INT64 of shape (batch,)."""
+def _score_nodes(p_logits: str, m_logits: str, rule: RejectRule) -> list[onnx.NodeProto]:
+    """Nodes computing ``reject_score`` (FLOAT, (batch,)) and ``rejected`` (BOOL) as :mod:`.formats.reject` does."""
+    n = helper.make_node
+    const = [
+        n("Constant", [], ["s/axes"], value=helper.make_tensor("axes", onnx.TensorProto.INT64, [1], [1])),
+        n("Constant", [], ["s/tau"], value=helper.make_tensor("tau", onnx.TensorProto.FLOAT, [], [rule.threshold])),
+        n("Constant", [], ["s/one"], value=helper.make_tensor("one", onnx.TensorProto.FLOAT, [], [1.0])),
+        n("Cast", [p_logits], ["s/p"], to=onnx.TensorProto.FLOAT),
+        n("Cast", [m_logits], ["s/m"], to=onnx.TensorProto.FLOAT),
+    ]
+    if rule.score == "disagree":
+        body = [
+            n("Equal", [PRIMARY_OUT, MONITOR_OUT], ["s/same"]),
+            n("Not", ["s/same"], ["s/differ"]),
+            n("Cast", ["s/differ"], [SCORE_OUT], to=onnx.TensorProto.FLOAT),
+        ]
+    elif rule.score == "kl":
+        body = [
+            n("LogSoftmax", ["s/p"], ["s/lp"], axis=1),
+            n("LogSoftmax", ["s/m"], ["s/lm"], axis=1),
+            n("Exp", ["s/lp"], ["s/pp"]),
+            n("Sub", ["s/lp", "s/lm"], ["s/d"]),
+            n("Mul", ["s/pp", "s/d"], ["s/e"]),
+            n("ReduceSum", ["s/e", "s/axes"], [SCORE_OUT], keepdims=0),
+        ]
+    else:  # doubt
+        body = [
+            n("Softmax", ["s/m"], ["s/pm"], axis=1),
+            n("Unsqueeze", [PRIMARY_OUT, "s/axes"], ["s/idx"]),
+            n("GatherElements", ["s/pm", "s/idx"], ["s/picked2"], axis=1),
+            n("Squeeze", ["s/picked2", "s/axes"], ["s/picked"]),
+            n("Sub", ["s/one", "s/picked"], [SCORE_OUT]),
+        ]
+    return [*const, *body, n("Greater", [SCORE_OUT, "s/tau"], [REJECTED_OUT])]
+
+
+def fuse_models(primary: Path, monitor: Path, input_name: str, rule: RejectRule | None = None) -> bytes:
+    """Serialised graph ``input_name -> (primary_label, monitor_label, reject_score, rejected)``: labels INT64,
+    the score FLOAT and the reject flag BOOL, all of shape (batch,), under ``rule`` (default: the paper's)."""
+    rule = rule or RejectRule()
     a, b = onnx.load(primary), onnx.load(monitor)
     if _opsets(a) != _opsets(b):
         raise FuseError(f"opsets differ: primary {_opsets(a)}, monitor {_opsets(b)}")
@@ -44,8 +85,13 @@ def fuse_models(primary: Path, monitor: Path, input_name: str) -> bytes:
         *b.graph.node,
         helper.make_node("ArgMax", [a.graph.output[0].name], [PRIMARY_OUT], axis=1, keepdims=0),
         helper.make_node("ArgMax", [b.graph.output[0].name], [MONITOR_OUT], axis=1, keepdims=0),
+        *_score_nodes(a.graph.output[0].name, b.graph.output[0].name, rule),
     ]
     outputs = [helper.make_tensor_value_info(n, onnx.TensorProto.INT64, ["batch"]) for n in (PRIMARY_OUT, MONITOR_OUT)]
+    outputs += [
+        helper.make_tensor_value_info(SCORE_OUT, onnx.TensorProto.FLOAT, ["batch"]),
+        helper.make_tensor_value_info(REJECTED_OUT, onnx.TensorProto.BOOL, ["batch"]),
+    ]
     graph = helper.make_graph(
         nodes,
         "nnoc_ensemble",

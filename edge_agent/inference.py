@@ -121,6 +121,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             outputs=[
                 pb.ModelMetadataResponse.TensorMetadata(name="label", datatype="INT64", shape=[-1]),
                 pb.ModelMetadataResponse.TensorMetadata(name="rejected", datatype="BOOL", shape=[-1]),
+                # the bundle's reject score: rejected where above the manifest's reject_rule.threshold
+                pb.ModelMetadataResponse.TensorMetadata(name="score", datatype="FP32", shape=[-1]),
             ],
         )
 
@@ -226,8 +228,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         resp.parameters["bundle_version"].int64_param = version
         resp.outputs.add(name="label", datatype="INT64", shape=[n])
         resp.outputs.add(name="rejected", datatype="BOOL", shape=[n])
+        resp.outputs.add(name="score", datatype="FP32", shape=[n])
         resp.raw_output_contents.append(decision.labels.astype("<i8").tobytes())
         resp.raw_output_contents.append(decision.rejected.astype(np.bool_).tobytes())
+        resp.raw_output_contents.append(decision.score.astype("<f4").tobytes())
         return resp
 
 

@@ -235,7 +235,7 @@ def tiny_store(root: Path, fleet: str = "default", versions: tuple[int, ...] = (
     return store
 
 
-def rgb_bundle(out: Path, block: Any, fleet: str = "cams") -> Path:
+def rgb_bundle(out: Path, block: Any, fleet: str = "cams", rule: Any = None) -> Path:
     """A bundle whose models take ``block``'s RGB 32x32 images (two differently seeded untrained nets, so some
     inputs disagree and are quarantined); seconds to make, no training."""
     import torch
@@ -254,5 +254,7 @@ def rgb_bundle(out: Path, block: Any, fleet: str = "cams") -> Path:
         files[role] = out / f"{role}.onnx"
         export_onnx(build_model("cnn3", (3, 32, 32), 10), spec, tuple("0123456789"), files[role])
     manifest = bundle_pb2.Manifest(fleet=fleet, version=1, input_spec=spec.message(), class_names=list("0123456789"))
+    if rule is not None:  # a RejectRule (default: the paper's)
+        manifest.reject_rule.CopyFrom(rule.message())
     write_bundle(out / "bundle", files, manifest)
     return out / "bundle"

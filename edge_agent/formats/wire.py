@@ -43,6 +43,7 @@ def build_header(
     source_id: str = "",
     captured_at: float | None = None,
     position: int | None = None,
+    reject_score: float = 0.0,
 ) -> quarantine_pb2.QuarantineHeader:
     """A quarantine header for one rejected input of ``shape`` (no batch axis), stamped with ``captured_at``
     (seconds since the epoch; default now), and for a source's frame its id and position."""
@@ -56,6 +57,7 @@ def build_header(
         primary_label=int(primary_label),
         monitor_label=int(monitor_label),
         source_id=source_id,
+        reject_score=float(reject_score),
     )
     if position is not None:
         header.position = int(position)

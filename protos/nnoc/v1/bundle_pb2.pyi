@@ -95,7 +95,7 @@ class Signature(_message.Message):
     def __init__(self, algorithm: _Optional[str] = ..., key_id: _Optional[str] = ..., value: _Optional[bytes] = ...) -> None: ...
 
 class Manifest(_message.Message):
-    __slots__ = ("format", "fleet", "version", "parent_version", "artifacts", "input_spec", "class_names", "created_at", "created_by", "provenance", "signature")
+    __slots__ = ("format", "fleet", "version", "parent_version", "artifacts", "input_spec", "class_names", "created_at", "created_by", "provenance", "signature", "reject_rule")
     class ProvenanceEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -114,6 +114,7 @@ class Manifest(_message.Message):
     CREATED_BY_FIELD_NUMBER: _ClassVar[int]
     PROVENANCE_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    REJECT_RULE_FIELD_NUMBER: _ClassVar[int]
     format: int
     fleet: str
     version: int
@@ -125,4 +126,17 @@ class Manifest(_message.Message):
     created_by: str
     provenance: _containers.ScalarMap[str, str]
     signature: Signature
-    def __init__(self, format: _Optional[int] = ..., fleet: _Optional[str] = ..., version: _Optional[int] = ..., parent_version: _Optional[int] = ..., artifacts: _Optional[_Iterable[_Union[Artifact, _Mapping]]] = ..., input_spec: _Optional[_Union[InputSpec, _Mapping]] = ..., class_names: _Optional[_Iterable[str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., created_by: _Optional[str] = ..., provenance: _Optional[_Mapping[str, str]] = ..., signature: _Optional[_Union[Signature, _Mapping]] = ...) -> None: ...
+    reject_rule: RejectRule
+    def __init__(self, format: _Optional[int] = ..., fleet: _Optional[str] = ..., version: _Optional[int] = ..., parent_version: _Optional[int] = ..., artifacts: _Optional[_Iterable[_Union[Artifact, _Mapping]]] = ..., input_spec: _Optional[_Union[InputSpec, _Mapping]] = ..., class_names: _Optional[_Iterable[str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., created_by: _Optional[str] = ..., provenance: _Optional[_Mapping[str, str]] = ..., signature: _Optional[_Union[Signature, _Mapping]] = ..., reject_rule: _Optional[_Union[RejectRule, _Mapping]] = ...) -> None: ...
+
+class RejectRule(_message.Message):
+    __slots__ = ("score", "threshold", "clean_reject_budget", "eval_clean_reject_rate")
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    CLEAN_REJECT_BUDGET_FIELD_NUMBER: _ClassVar[int]
+    EVAL_CLEAN_REJECT_RATE_FIELD_NUMBER: _ClassVar[int]
+    score: str
+    threshold: float
+    clean_reject_budget: float
+    eval_clean_reject_rate: float
+    def __init__(self, score: _Optional[str] = ..., threshold: _Optional[float] = ..., clean_reject_budget: _Optional[float] = ..., eval_clean_reject_rate: _Optional[float] = ...) -> None: ...

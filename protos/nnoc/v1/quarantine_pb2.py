@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fprotos/nnoc/v1/quarantine.proto\x12\x07nnoc.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x8d\x02\n\x10QuarantineHeader\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\r\n\x05\x66leet\x18\x02 \x01(\t\x12\x16\n\x0e\x62undle_version\x18\x03 \x01(\x04\x12\x0b\n\x03seq\x18\x04 \x01(\x04\x12\r\n\x05shape\x18\x05 \x03(\x03\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x15\n\rprimary_label\x18\x07 \x01(\x03\x12\x15\n\rmonitor_label\x18\x08 \x01(\x03\x12/\n\x0b\x63\x61ptured_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tsource_id\x18\n \x01(\t\x12\x15\n\x08position\x18\x0b \x01(\x03H\x00\x88\x01\x01\x42\x0b\n\t_position\"\xef\x01\n\x0fQuarantineReply\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12/\n\x06status\x18\x03 \x01(\x0e\x32\x1f.nnoc.v1.QuarantineReply.Status\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x13\n\x0bretry_after\x18\x05 \x01(\x01\"g\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\x07\n\x03\x41\x43K\x10\x01\x12\x0c\n\x08REJECTED\x10\x02\x12\r\n\tTHROTTLED\x10\x03\x12\x0e\n\nOVER_QUOTA\x10\x04\x12\x0f\n\x0bUNAVAILABLE\x10\x05\"\x85\x02\n\nAgentStats\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\r\n\x05\x66leet\x18\x02 \x01(\t\x12\x16\n\x0e\x62undle_version\x18\x03 \x01(\x04\x12\x10\n\x08requests\x18\x04 \x01(\x04\x12\x0f\n\x07rejects\x18\x05 \x01(\x04\x12\x1a\n\x12window_reject_rate\x18\x06 \x01(\x01\x12\x13\n\x0bwindow_size\x18\x07 \x01(\r\x12\x13\n\x0bspool_depth\x18\x08 \x01(\x04\x12\x15\n\rspool_dropped\x18\t \x01(\x04\x12\x10\n\x08provider\x18\n \x01(\t\x12+\n\x07sent_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestampb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fprotos/nnoc/v1/quarantine.proto\x12\x07nnoc.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa3\x02\n\x10QuarantineHeader\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\r\n\x05\x66leet\x18\x02 \x01(\t\x12\x16\n\x0e\x62undle_version\x18\x03 \x01(\x04\x12\x0b\n\x03seq\x18\x04 \x01(\x04\x12\r\n\x05shape\x18\x05 \x03(\x03\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x15\n\rprimary_label\x18\x07 \x01(\x03\x12\x15\n\rmonitor_label\x18\x08 \x01(\x03\x12/\n\x0b\x63\x61ptured_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tsource_id\x18\n \x01(\t\x12\x15\n\x08position\x18\x0b \x01(\x03H\x00\x88\x01\x01\x12\x14\n\x0creject_score\x18\x0c \x01(\x02\x42\x0b\n\t_position\"\xef\x01\n\x0fQuarantineReply\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12/\n\x06status\x18\x03 \x01(\x0e\x32\x1f.nnoc.v1.QuarantineReply.Status\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x13\n\x0bretry_after\x18\x05 \x01(\x01\"g\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\x07\n\x03\x41\x43K\x10\x01\x12\x0c\n\x08REJECTED\x10\x02\x12\r\n\tTHROTTLED\x10\x03\x12\x0e\n\nOVER_QUOTA\x10\x04\x12\x0f\n\x0bUNAVAILABLE\x10\x05\"\x85\x02\n\nAgentStats\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\r\n\x05\x66leet\x18\x02 \x01(\t\x12\x16\n\x0e\x62undle_version\x18\x03 \x01(\x04\x12\x10\n\x08requests\x18\x04 \x01(\x04\x12\x0f\n\x07rejects\x18\x05 \x01(\x04\x12\x1a\n\x12window_reject_rate\x18\x06 \x01(\x01\x12\x13\n\x0bwindow_size\x18\x07 \x01(\r\x12\x13\n\x0bspool_depth\x18\x08 \x01(\x04\x12\x15\n\rspool_dropped\x18\t \x01(\x04\x12\x10\n\x08provider\x18\n \x01(\t\x12+\n\x07sent_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestampb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,11 +33,11 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.nnoc.v1.quarantine_p
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_QUARANTINEHEADER']._serialized_start=78
-  _globals['_QUARANTINEHEADER']._serialized_end=347
-  _globals['_QUARANTINEREPLY']._serialized_start=350
-  _globals['_QUARANTINEREPLY']._serialized_end=589
-  _globals['_QUARANTINEREPLY_STATUS']._serialized_start=486
-  _globals['_QUARANTINEREPLY_STATUS']._serialized_end=589
-  _globals['_AGENTSTATS']._serialized_start=592
-  _globals['_AGENTSTATS']._serialized_end=853
+  _globals['_QUARANTINEHEADER']._serialized_end=369
+  _globals['_QUARANTINEREPLY']._serialized_start=372
+  _globals['_QUARANTINEREPLY']._serialized_end=611
+  _globals['_QUARANTINEREPLY_STATUS']._serialized_start=508
+  _globals['_QUARANTINEREPLY_STATUS']._serialized_end=611
+  _globals['_AGENTSTATS']._serialized_start=614
+  _globals['_AGENTSTATS']._serialized_end=875
 # @@protoc_insertion_point(module_scope)

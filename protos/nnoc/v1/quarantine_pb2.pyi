@@ -11,7 +11,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class QuarantineHeader(_message.Message):
-    __slots__ = ("device_id", "fleet", "bundle_version", "seq", "shape", "dtype", "primary_label", "monitor_label", "captured_at", "source_id", "position")
+    __slots__ = ("device_id", "fleet", "bundle_version", "seq", "shape", "dtype", "primary_label", "monitor_label", "captured_at", "source_id", "position", "reject_score")
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     FLEET_FIELD_NUMBER: _ClassVar[int]
     BUNDLE_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -23,6 +23,7 @@ class QuarantineHeader(_message.Message):
     CAPTURED_AT_FIELD_NUMBER: _ClassVar[int]
     SOURCE_ID_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
+    REJECT_SCORE_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     fleet: str
     bundle_version: int
@@ -34,7 +35,8 @@ class QuarantineHeader(_message.Message):
     captured_at: _timestamp_pb2.Timestamp
     source_id: str
     position: int
-    def __init__(self, device_id: _Optional[str] = ..., fleet: _Optional[str] = ..., bundle_version: _Optional[int] = ..., seq: _Optional[int] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., primary_label: _Optional[int] = ..., monitor_label: _Optional[int] = ..., captured_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., source_id: _Optional[str] = ..., position: _Optional[int] = ...) -> None: ...
+    reject_score: float
+    def __init__(self, device_id: _Optional[str] = ..., fleet: _Optional[str] = ..., bundle_version: _Optional[int] = ..., seq: _Optional[int] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., primary_label: _Optional[int] = ..., monitor_label: _Optional[int] = ..., captured_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., source_id: _Optional[str] = ..., position: _Optional[int] = ..., reject_score: _Optional[float] = ...) -> None: ...
 
 class QuarantineReply(_message.Message):
     __slots__ = ("device_id", "seq", "status", "error", "retry_after")

@@ -1,0 +1,107 @@
+"""The reject rule: a score from the two models' outputs and a threshold τ (an input is rejected when its score is
+above τ), written into the manifest by the trainer and applied by the edge (inside the fused graph, or here in
+numpy for the two-session path and for offline evaluation: one definition of each score).
+
+Scores, each from the primary's (θ_bd) and the monitor's (θ_aug) logits:
+
+- ``disagree``: 1 when the two argmaxes differ, else 0 (the paper's rule, τ = 0.5).
+- ``kl``: KL(softmax(primary) ‖ softmax(monitor)), how far the monitor's belief is from the primary's.
+- ``doubt``: 1 − the monitor's probability of the primary's label.
+
+τ is chosen label-free (:func:`threshold_for`): from a clean-reject budget on clean D_eval only, no trigger and no
+poisoned example read. A manifest without a rule is the paper's rule.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from protos.nnoc.v1 import bundle_pb2
+
+SCORES = ("disagree", "kl", "doubt")
+DEFAULT_SCORE = "kl"
+DEFAULT_BUDGET = 0.01  # share of clean inputs the rule may reject
+
+
+class RejectRuleError(ValueError):
+    """An unknown score or a threshold that cannot be used."""
+
+
+@dataclass(frozen=True)
+class RejectRule:
+    """``score`` above ``threshold`` rejects. ``budget``: the clean-reject share τ was chosen for; ``clean_rate``:
+    the share of clean D_eval it rejects (measured when τ was chosen)."""
+
+    score: str = "disagree"
+    threshold: float = 0.5
+    budget: float | None = None
+    clean_rate: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.score not in SCORES:
+            raise RejectRuleError(f"unknown reject score {self.score!r}; choose one of {list(SCORES)}")
+        if not np.isfinite(self.threshold):
+            raise RejectRuleError(f"reject threshold {self.threshold} is not a finite number")
+
+    def message(self) -> bundle_pb2.RejectRule:
+        msg = bundle_pb2.RejectRule(score=self.score, threshold=self.threshold)
+        if self.budget is not None:
+            msg.clean_reject_budget = self.budget
+        if self.clean_rate is not None:
+            msg.eval_clean_reject_rate = self.clean_rate
+        return msg
+
+    @staticmethod
+    def of(manifest: bundle_pb2.Manifest) -> RejectRule:
+        """The manifest's rule (the paper's when it has none)."""
+        if not manifest.HasField("reject_rule"):
+            return RejectRule()
+        m = manifest.reject_rule
+        return RejectRule(
+            m.score or "disagree",
+            m.threshold,
+            m.clean_reject_budget if m.HasField("clean_reject_budget") else None,
+            m.eval_clean_reject_rate if m.HasField("eval_clean_reject_rate") else None,
+        )
+
+    def reject(self, scores: np.ndarray) -> np.ndarray:
+        return np.asarray(scores > self.threshold)
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    x = logits.astype(np.float32, copy=False)
+    shifted = x - x.max(axis=1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+
+
+def reject_scores(primary_logits: np.ndarray, monitor_logits: np.ndarray, score: str) -> np.ndarray:
+    """(N,) float32 scores of ``score`` for logits (N, K) of both models."""
+    if score == "disagree":
+        return (primary_logits.argmax(1) != monitor_logits.argmax(1)).astype(np.float32)
+    lp, lm = _log_softmax(primary_logits), _log_softmax(monitor_logits)
+    if score == "kl":
+        return (np.exp(lp) * (lp - lm)).sum(axis=1).astype(np.float32)
+    if score == "doubt":
+        picked = np.take_along_axis(np.exp(lm), primary_logits.argmax(1)[:, None], axis=1)[:, 0]
+        return (1.0 - picked).astype(np.float32)
+    raise RejectRuleError(f"unknown reject score {score!r}; choose one of {list(SCORES)}")
+
+
+def threshold_for(clean_scores: np.ndarray, budget: float) -> float:
+    """The smallest τ such that at most ``budget`` of ``clean_scores`` lie above it (label-free: clean data only)."""
+    if not 0.0 <= budget < 1.0:
+        raise RejectRuleError(f"the clean-reject budget must lie in [0, 1), got {budget}")
+    s = np.sort(np.asarray(clean_scores, np.float64))
+    if len(s) == 0:
+        raise RejectRuleError("no clean inputs to choose the reject threshold on")
+    allowed = int(np.floor(budget * len(s)))
+    return float(s[len(s) - 1 - allowed])
+
+
+def rule_for(score: str, budget: float, clean_scores: np.ndarray) -> RejectRule:
+    """The rule for ``score`` at ``budget`` on clean scores (the paper's rule keeps τ = 0.5)."""
+    tau = 0.5 if score == "disagree" else threshold_for(clean_scores, budget)
+    rate = float((np.asarray(clean_scores) > tau).mean())
+    return RejectRule(score, tau, None if score == "disagree" else budget, rate)

@@ -1,0 +1,75 @@
+"""The reject rule: one definition of each score (numpy) that the fused graph reproduces, a threshold chosen on
+clean scores only for a clean-reject budget, and the edge applying the manifest's rule and answering the score."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import rgb_bundle
+from edge_agent.formats.preprocess import Preprocess
+from edge_agent.formats.reject import SCORES, RejectRule, RejectRuleError, reject_scores, rule_for, threshold_for
+
+BLOCK = Preprocess(color="rgb", size=(32, 32), mean=(0.5,), std=(0.25,))
+
+
+def test_scores_by_hand() -> None:
+    p = np.array([[2.0, 0.0, 0.0], [0.0, 3.0, 0.0]], np.float32)
+    m = np.array([[2.0, 0.0, 0.0], [3.0, 0.0, 0.0]], np.float32)
+    assert reject_scores(p, m, "disagree").tolist() == [0.0, 1.0]
+    kl = reject_scores(p, m, "kl")
+    assert kl[0] == pytest.approx(0.0, abs=1e-6) and kl[1] > 1.0
+    doubt = reject_scores(p, m, "doubt")
+    sm = np.exp(m[1]) / np.exp(m[1]).sum()
+    assert doubt[1] == pytest.approx(1 - sm[1], rel=1e-5) and doubt[0] < doubt[1]
+    with pytest.raises(RejectRuleError, match="unknown reject score"):
+        RejectRule("entropy", 0.1)
+
+
+def test_threshold_keeps_the_clean_budget() -> None:
+    rng = np.random.default_rng(0)
+    for n in (1, 7, 100, 5000):
+        clean = rng.exponential(size=n)
+        for budget in (0.0, 0.005, 0.01, 0.05, 0.2):
+            tau = threshold_for(clean, budget)
+            assert (clean > tau).mean() <= budget + 1e-12
+            assert (clean >= tau).mean() > budget or budget * n < 1  # the smallest such threshold
+    tied = np.zeros(100)
+    assert (tied > threshold_for(tied, 0.01)).sum() == 0
+    rule = rule_for("kl", 0.02, rng.exponential(size=1000))
+    assert rule.budget == 0.02 and rule.clean_rate is not None and rule.clean_rate <= 0.02
+    assert rule_for("disagree", 0.02, np.zeros(10)).threshold == 0.5
+
+
+@pytest.mark.parametrize("score", SCORES)
+def test_the_fused_graph_and_the_two_sessions_apply_the_manifests_rule(score: str, tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    from edge_agent.ensemble import Ensemble
+    from edge_agent.formats.bundle import verify_bundle
+    from edge_agent.runtime import RuntimeConfig
+
+    x = BLOCK.model_input(np.random.default_rng(1).integers(0, 256, (64, 3, 32, 32), dtype=np.uint8))
+    first = verify_bundle(rgb_bundle(tmp_path / "a", BLOCK, rule=RejectRule(score, 0.5)))
+    logits = [
+        ort.InferenceSession(str(first.model_path(r)), providers=["CPUExecutionProvider"]).run(
+            None, {first.manifest.input_spec.input_name: x}
+        )[0]
+        for r in ("primary", "monitor")
+    ]
+    want = reject_scores(*logits, score)
+    # A threshold inside this batch's scores, so that both sides of it are exercised.
+    rule = RejectRule(score, 0.5 if score == "disagree" else float(np.median(want)))
+    bundle = verify_bundle(rgb_bundle(tmp_path / "b", BLOCK, rule=rule))
+    fused = Ensemble(bundle, RuntimeConfig(ensemble_path="fused"))
+    two = Ensemble(bundle, RuntimeConfig(ensemble_path="two-sessions"))
+    assert fused.path == "fused" and fused.rule == rule
+    a, b = fused.classify(x), two.classify(x)
+    np.testing.assert_allclose(a.score, want, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(b.score, want, rtol=1e-4, atol=1e-5)
+    assert np.array_equal(a.labels, b.labels) and np.array_equal(a.rejected, a.score > rule.threshold)
+    assert np.array_equal(a.labels, np.where(a.rejected, -1, logits[0].argmax(1)))
+    if score != "disagree":
+        assert 0 < a.rejected.sum() < len(x)
