@@ -127,6 +127,7 @@ def cmd_predeploy(args: argparse.Namespace) -> dict[str, Any]:
     """Algorithm 1 and bundle v1."""
     from trainer.science.noise import NoiseConfig
     from trainer.science.triggers import parse_trigger
+    from trainer.stages.detect import RejectConfig
     from trainer.stages.predeploy import PredeployConfig, run_predeploy
     from trainer.stages.suspect import ModelSource
 
@@ -137,7 +138,7 @@ def cmd_predeploy(args: argparse.Namespace) -> dict[str, Any]:
     source.check()  # before the data loads
     splits, _ = _splits(args, source.declared_block())
     _check_target(args.target, splits)
-    cfg = from_args(PredeployConfig, args, noise=from_args(NoiseConfig, args))
+    cfg = from_args(PredeployConfig, args, noise=from_args(NoiseConfig, args), reject=from_args(RejectConfig, args))
     result = run_predeploy(source, splits, cfg, args.out, args.fleet, trigger, args.target, quiet=args.quiet)
     return result.report
 
@@ -152,6 +153,17 @@ def cmd_stream(args: argparse.Namespace) -> dict[str, Any]:
     _check_target(args.target, splits)
     cfg = from_args(StreamConfig, args)
     return run_stream(args.bundle, splits, trigger, cfg, args.out)
+
+
+def cmd_detect_eval(args: argparse.Namespace) -> dict[str, Any]:
+    """The monitor as a detector on the test set: ROC, AUROC, recall at fixed clean-reject rates (evaluation)."""
+    from trainer.science.triggers import parse_trigger
+    from trainer.stages.detect import detect_eval
+
+    trigger = parse_trigger(args.trigger)
+    splits, _ = _splits(args, _bundle_block(args.bundle))
+    _check_target(args.target, splits)
+    return detect_eval(args.bundle, splits, trigger, args.target, args.out, seed=args.seed)
 
 
 def cmd_repair(args: argparse.Namespace) -> dict[str, Any]:
@@ -184,7 +196,15 @@ def cmd_repair(args: argparse.Namespace) -> dict[str, Any]:
         lambda_identity=args.gan_identity,
         seed=args.seed,
     )
-    cfg = from_args(RepairConfig, args, cyclegan=gan, epochs=knob("epochs"))
+    reject = None
+    if args.reject_score is not None or args.clean_reject_budget is not None:
+        from trainer.stages.detect import RejectConfig
+
+        default = RejectConfig()
+        reject = RejectConfig(args.reject_score or default.reject_score,
+                              default.clean_reject_budget if args.clean_reject_budget is None
+                              else args.clean_reject_budget)  # fmt: skip
+    cfg = from_args(RepairConfig, args, cyclegan=gan, epochs=knob("epochs"), reject=reject)
     return run_repair(
         args.bundle,
         args.quarantine,
@@ -307,6 +327,7 @@ def _args_evaluate(p: argparse.ArgumentParser) -> None:
 def _args_predeploy(p: argparse.ArgumentParser) -> None:
     """Flags of ``predeploy``."""
     from trainer.science.noise import NoiseConfig
+    from trainer.stages.detect import RejectConfig
     from trainer.stages.predeploy import PredeployConfig
     from trainer.stages.suspect import ModelSource
 
@@ -315,6 +336,7 @@ def _args_predeploy(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fleet", type=safe_name, default="default", help="fleet name written into the manifest")
     add_flags(p, PredeployConfig)
     add_flags(p, NoiseConfig)
+    add_flags(p, RejectConfig)
     p.add_argument("--eval-trigger", default=None, help="evaluation only: also measure test CA/ASR per candidate")
     p.add_argument("--target", type=int, default=None, help="evaluation only: target class of --eval-trigger")
 
@@ -329,8 +351,18 @@ def _args_stream(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=_out_dir, required=True, help="quarantine folder (quarantine.sqlite, report.json)")
 
 
+def _args_detect_eval(p: argparse.ArgumentParser) -> None:
+    """Flags of ``detect-eval``."""
+    p.add_argument("--bundle", type=Path, required=True, help="the bundle whose two models and rule are measured")
+    p.add_argument("--trigger", required=True, help="trigger spec (evaluation only)")
+    p.add_argument("--target", type=int, required=True, help="the attacker's target class")
+    p.add_argument("--out", type=_out_dir, required=True, help="folder for report.json and roc.png")
+    p.add_argument("--seed", type=int, default=0, help="seed of the trigger's placement")
+
+
 def _args_repair(p: argparse.ArgumentParser) -> None:
     """Flags of ``repair``."""
+    from edge_agent.formats.reject import SCORES
     from trainer.stages.profiles import REPAIR_PROFILES
     from trainer.stages.repair import RepairConfig
 
@@ -359,6 +391,10 @@ def _args_repair(p: argparse.ArgumentParser) -> None:
     p.add_argument("--version", type=positive, default=None, help="version of the new bundle (default: deployed + 1)")
     p.add_argument("--eval-trigger", default=None, help="evaluation only: report test CA/ASR for this trigger")
     p.add_argument("--target", type=int, default=None, help="evaluation only: target class of --eval-trigger")
+    p.add_argument("--reject-score", choices=SCORES, default=None, help="the new version's reject score "
+                   "(default: the deployed version's)")  # fmt: skip
+    p.add_argument("--clean-reject-budget", type=fraction, default=None, help="share of clean D_eval its rule may "
+                   "reject (default: the deployed version's)")  # fmt: skip
 
 
 def _args_serve(p: argparse.ArgumentParser) -> None:
@@ -473,6 +509,11 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], bool]]
     "predeploy": ("pre-deployment treatment (Algorithm 1) and bundle v1", _args_predeploy, True),
     "stream": ("simulate a poisoned deployment stream through a bundle (Algorithm 2, 1-12)", _args_stream, True),
     "repair": ("learn the trigger from a quarantine (CycleGAN) and repair: bundle v+1", _args_repair, True),
+    "detect-eval": (
+        "the monitor as a detector: ROC, AUROC, recall at fixed clean-reject rates",
+        _args_detect_eval,
+        True,
+    ),
     "serve": ("run the collector, the model service and the repair job runner", _args_serve, True),
     "demo": ("the whole loop: BadNet, θ_aug, serve, agents, quarantine, repair, measure", _args_demo, False),
     "keys": ("key pairs: Ed25519 for signing bundles, CURVE for the quarantine uplink", _args_keys, False),
@@ -489,6 +530,7 @@ HANDLERS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "predeploy": cmd_predeploy,
     "stream": cmd_stream,
     "repair": cmd_repair,
+    "detect-eval": cmd_detect_eval,
     "serve": cmd_serve,
     "demo": cmd_demo,
     "keys": cmd_keys,

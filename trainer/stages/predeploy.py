@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from google.protobuf.json_format import MessageToDict
 from tqdm import tqdm
 
 from edge_agent.formats.bundle import sha256_file
@@ -31,6 +32,7 @@ from trainer.science.models import Checkpoint
 from trainer.science.noise import NoiseConfig, augment
 from trainer.science.training import TrainConfig, default_device, predict, to_input, train
 from trainer.science.triggers import Trigger
+from trainer.stages.detect import RejectConfig
 from trainer.stages.publish import publish_bundle, train_config_of, write_report
 from trainer.stages.suspect import ModelSource, import_model
 
@@ -56,6 +58,7 @@ class PredeployConfig:
     optimizer: str | None = None  # None: the BadNet's optimizer
     noise: NoiseConfig = field(default_factory=NoiseConfig)
     seed: int = flag(0, "seed of the noise and the fine-tuning", type=int)
+    reject: RejectConfig = field(default_factory=RejectConfig)  # the bundle's reject rule (τ chosen on D_eval)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form for reports."""
@@ -357,8 +360,10 @@ def publish_v1(
     cfg: PredeployConfig,
     fleet: str,
     out_dir: Path,
+    eval_images: np.ndarray,
 ) -> bundle_pb2.Manifest:
-    """θ_aug's checkpoint beside θ_bd's (repair fine-tunes them) and bundle v1 (θ_bd primary, θ_aug monitor)."""
+    """θ_aug's checkpoint beside θ_bd's (repair fine-tunes them) and bundle v1 (θ_bd primary, θ_aug monitor), its
+    reject rule's threshold chosen on ``eval_images`` (clean D_eval, the model's images)."""
     aug.meta = {
         "role": "monitor",
         "parent_sha256": sha256_file(source.path),
@@ -403,7 +408,9 @@ def publish_v1(
             "ca_threshold": base.threshold,
         },
     }
-    return publish_bundle(out_dir, {"primary": suspect, "monitor": aug}, manifest, metrics)
+    return publish_bundle(
+        out_dir, {"primary": suspect, "monitor": aug}, manifest, metrics, calibration=(eval_images, cfg.reject)
+    )
 
 
 def run_predeploy(
@@ -464,7 +471,10 @@ def run_predeploy(
         )
         write_report(out_dir, report)
         raise NoCandidateError(report["error"])
-    written = publish_v1(source, suspect, models[selected], candidates[selected], base, cfg, fleet, out_dir)
+    written = publish_v1(
+        source, suspect, models[selected], candidates[selected], base, cfg, fleet, out_dir, splits.eval.images
+    )
+    report["reject_rule"] = MessageToDict(written.reject_rule, preserving_proto_field_name=True)
     report["primary_parity"] = check_primary(out_dir / "bundle", suspect, source, splits.test.images)
     report["selected"] = {**asdict(candidates[selected]), "index": selected}
     report["monitor"] = str(out_dir / "monitor.pt")

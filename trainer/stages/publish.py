@@ -12,11 +12,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from edge_agent.formats.bundle import write_bundle
+from edge_agent.formats.spec import preprocess_of
 from protos.nnoc.v1 import bundle_pb2
 from trainer.science.export import export_checkpoint
 from trainer.science.models import Checkpoint
 from trainer.science.training import TrainConfig
+from trainer.stages.detect import RejectConfig, calibrate
 
 
 def train_config_of(ckpt: Checkpoint) -> TrainConfig:
@@ -34,8 +38,13 @@ def publish_bundle(
     models: Mapping[str, Checkpoint | Path],
     manifest: bundle_pb2.Manifest,
     metrics: Mapping[str, Mapping[str, float | None]],
+    calibration: tuple[np.ndarray, RejectConfig] | None = None,
 ) -> bundle_pb2.Manifest:
-    """Write ``out_dir/bundle`` for ``manifest`` from role -> checkpoint (exported here) or ONNX file (copied)."""
+    """Write ``out_dir/bundle`` for ``manifest`` from role -> checkpoint (exported here) or ONNX file (copied).
+
+    ``calibration``: clean D_eval (the model's images) and the rule to make; τ is chosen on the exported files
+    (what the edge runs) and the rule goes into the manifest (signed with it).
+    """
     onnx: dict[str, Path] = {}
     exported = []
     for role, model in models.items():
@@ -45,6 +54,10 @@ def publish_bundle(
             exported.append(onnx[role])
         else:
             onnx[role] = model
+    if calibration is not None:
+        images, cfg = calibration
+        rule = calibrate(onnx["primary"], onnx["monitor"], images, preprocess_of(manifest.input_spec), cfg)
+        manifest.reject_rule.CopyFrom(rule.message())
     try:
         return write_bundle(out_dir / "bundle", onnx, manifest, metrics)
     finally:

@@ -19,8 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from google.protobuf.json_format import MessageToDict
 
 from edge_agent.formats.bundle import read_manifest, sha256_file
+from edge_agent.formats.reject import RejectRule
 from edge_agent.formats.spec import preprocess_of
 from edge_agent.options import flag, nonnegative, positive, positive_float
 from protos.nnoc.v1 import bundle_pb2
@@ -32,6 +34,7 @@ from trainer.science.models import Checkpoint
 from trainer.science.training import TrainConfig, default_device, predict, train
 from trainer.science.triggers import Trigger
 from trainer.service.quarantine import Quarantine, QuarantineStore
+from trainer.stages.detect import RejectConfig
 from trainer.stages.publish import publish_bundle, train_config_of, write_report
 from trainer.stages.purify import PURIFIERS, Purified, purify
 
@@ -69,6 +72,8 @@ class RepairConfig:
     # gate: θ_repair's D_eval CA >= θ_bd's D_eval CA - this
     max_ca_drop: float = flag(0.03, "gate: D_eval CA floor below the BadNet's", type=float)
     seed: int = flag(0, "seed of the CycleGAN and the fine-tuning", type=int)
+    # the new version's reject rule; None: the deployed one's score and budget, τ chosen anew for the new pair
+    reject: RejectConfig | None = None
 
     def __post_init__(self) -> None:
         if self.base not in REPAIR_BASES:
@@ -337,8 +342,10 @@ def publish(
     bundle_dir: Path,
     out_dir: Path,
     version: int,
+    eval_images: np.ndarray,
 ) -> bundle_pb2.Manifest:
-    """θ_repair's checkpoint next to the deployed monitor's, and bundle ``version`` (θ_repair, deployed monitor)."""
+    """θ_repair's checkpoint next to the deployed monitor's, and bundle ``version`` (θ_repair, deployed monitor),
+    its reject rule's threshold chosen anew on ``eval_images`` (clean D_eval) for the new pair."""
     manifest, bd_ckpt = loaded.manifest, loaded.bd_ckpt
     rep_eval_ca = report["gate"]["eval_ca_repaired"]
     rep_ckpt = bd_ckpt.derive(
@@ -384,7 +391,15 @@ def publish(
             if mon_art.metrics.HasField(k)
         },
     }
-    return publish_bundle(out_dir, {"primary": rep_ckpt, "monitor": bundle_dir / mon_art.name}, new, metrics)
+    reject = cfg.reject or inherited_reject(manifest)
+    models: dict[str, Checkpoint | Path] = {"primary": rep_ckpt, "monitor": bundle_dir / mon_art.name}
+    return publish_bundle(out_dir, models, new, metrics, calibration=(eval_images, reject))
+
+
+def inherited_reject(manifest: bundle_pb2.Manifest) -> RejectConfig:
+    """The deployed version's score and budget (the paper's rule stays the paper's rule)."""
+    rule = RejectRule.of(manifest)
+    return RejectConfig(rule.score, rule.budget if rule.budget is not None else RejectConfig().clean_reject_budget)
 
 
 def run_repair(
@@ -437,7 +452,8 @@ def run_repair(
     }
     report["seconds"] = round(time.monotonic() - t_start, 1)
     gate(report, cfg, out_dir)
-    written = publish(loaded, model, ft, report, cfg, bundle_dir, out_dir, version)
+    written = publish(loaded, model, ft, report, cfg, bundle_dir, out_dir, version, splits.eval.images)
+    report["reject_rule"] = MessageToDict(written.reject_rule, preserving_proto_field_name=True)
     report.update({"published": True, "bundle_out": str(out_dir / "bundle"), "version": int(written.version)})
     write_report(out_dir, report)
     return report

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from edge_agent.formats.bundle import verify_bundle
+from edge_agent.formats.reject import RejectRule, reject_scores
 from edge_agent.formats.spec import preprocess_of
 from edge_agent.formats.wire import build_header
 from edge_agent.options import flag, fraction, positive, safe_name
@@ -24,6 +25,7 @@ from trainer.science.classifiers import OnnxClassifier
 from trainer.science.data import Splits
 from trainer.science.triggers import Trigger, poison_fraction
 from trainer.service.quarantine import QuarantineStore
+from trainer.stages.detect import auroc
 
 log = logging.getLogger(__name__)
 
@@ -65,14 +67,18 @@ def run_stream(bundle_dir: Path, splits: Splits, trigger: Trigger, cfg: StreamCo
     pictures, poisoned = poison_fraction(splits.stream.images[idx], labels, trigger, cfg.cpd, cfg.target, rng)
     images = preprocess.image(pictures)
 
-    p_pred, m_pred = primary(images), monitor(images)
-    rejected = p_pred != m_pred
+    p_logits, m_logits = primary.logits(images), monitor.logits(images)
+    p_pred, m_pred = p_logits.argmax(1), m_logits.argmax(1)
+    rule = RejectRule.of(manifest)  # the bundle's rule, as the edge applies it
+    scores = reject_scores(p_logits, m_logits, rule.score)
+    rejected = rule.reject(scores)
     out_dir.mkdir(parents=True, exist_ok=True)
     messages = []
     for i in np.flatnonzero(rejected):
         header = build_header(
-            cfg.device_id, manifest.fleet, manifest.version, image_shape, "uint8", p_pred[i], m_pred[i], seq=int(i)
-        )
+            cfg.device_id, manifest.fleet, manifest.version, image_shape, "uint8", p_pred[i], m_pred[i], seq=int(i),
+            reject_score=float(scores[i]),
+        )  # fmt: skip
         messages.append((header, images[i].tobytes()))  # the model's image, as agents send it
     with QuarantineStore(out_dir) as store:
         store.describe(manifest.fleet, manifest.version, manifest.input_spec)
@@ -94,7 +100,9 @@ def run_stream(bundle_dir: Path, splits: Splits, trigger: Trigger, cfg: StreamCo
         "reject_rate": float(rejected.mean()),
         "stored": stored,
         "quarantine_size": total,
-        # Evaluation only (we made the stream): how good the disagreement detector was.
+        "reject_rule": {"score": rule.score, "threshold": rule.threshold},
+        # Evaluation only (we made the stream): how good the detector was.
+        "auroc": auroc(scores[~poisoned], scores[poisoned]) if poisoned.any() and (~poisoned).any() else None,
         "precision": _safe_div(tp, int(rejected.sum())),
         "recall": _safe_div(tp, int(poisoned.sum())),
         "clean_reject_rate": _safe_div(int((rejected & clean).sum()), int(clean.sum())),

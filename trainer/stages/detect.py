@@ -1,0 +1,181 @@
+"""The monitor as a detector: choose the reject rule's threshold label-free, and measure the rule.
+
+:func:`calibrate` runs when a bundle is published: both exported ONNX models (what the edge runs) score clean
+D_eval, and τ is the smallest threshold that rejects at most ``--clean-reject-budget`` of it. No trigger, no
+poisoned input and no ASR is read.
+
+:func:`detect_eval` (``nnoc-trainer detect-eval``, evaluation only: it reads a trigger) scores the clean test
+set and its triggered copy (the inputs the BadNet sends to the target) under every score: ROC curve, AUROC,
+recall at fixed clean-reject rates, the bundle's own operating point and the paper's rule, and a ROC PNG.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_agent.formats.bundle import verify_bundle
+from edge_agent.formats.preprocess import Preprocess
+from edge_agent.formats.reject import DEFAULT_BUDGET, DEFAULT_SCORE, SCORES, RejectRule, reject_scores, rule_for
+from edge_agent.formats.spec import image_shape_of, preprocess_of
+from edge_agent.options import flag, fraction
+from trainer.science.classifiers import OnnxClassifier
+from trainer.science.data import Splits
+from trainer.science.triggers import Trigger
+
+log = logging.getLogger(__name__)
+
+BUDGETS = (0.005, 0.01, 0.02, 0.05)
+
+
+@dataclass(frozen=True)
+class RejectConfig:
+    """How a published bundle's reject rule is made."""
+
+    reject_score: str = flag(DEFAULT_SCORE, "the edge's reject score (disagree: the paper's rule)", choices=SCORES)
+    clean_reject_budget: float = flag(
+        DEFAULT_BUDGET, "share of clean D_eval the rule may reject: sets its threshold (label-free)", type=fraction
+    )
+
+
+def pair_logits(primary: Path, monitor: Path, images: np.ndarray, preprocess: Preprocess) -> tuple[np.ndarray, ...]:
+    """Both models' logits for the model's uint8 images, on onnxruntime (the files the edge runs)."""
+    return tuple(OnnxClassifier(path, preprocess=preprocess).logits(images) for path in (primary, monitor))
+
+
+def calibrate(
+    primary: Path, monitor: Path, images: np.ndarray, preprocess: Preprocess, cfg: RejectConfig
+) -> RejectRule:
+    """The rule for ``cfg`` with τ chosen on clean ``images`` (D_eval) only."""
+    p, m = pair_logits(primary, monitor, images, preprocess)
+    rule = rule_for(cfg.reject_score, cfg.clean_reject_budget, reject_scores(p, m, cfg.reject_score))
+    log.info("reject rule: %s > %.4g (clean D_eval reject rate %.4f)", rule.score, rule.threshold, rule.clean_rate)
+    return rule
+
+
+def auroc(negative: np.ndarray, positive: np.ndarray) -> float:
+    """Area under the ROC curve: P(score of a positive > score of a negative), ties counted half."""
+    scores = np.concatenate([negative, positive]).astype(np.float64)
+    order = scores.argsort(kind="mergesort")
+    ranks = np.empty(len(scores))
+    sorted_scores = scores[order]
+    # average ranks over ties
+    boundaries = np.flatnonzero(np.diff(sorted_scores)) + 1
+    starts = np.concatenate([[0], boundaries])
+    ends = np.concatenate([boundaries, [len(scores)]])
+    for a, b in zip(starts, ends, strict=True):
+        ranks[order[a:b]] = (a + b - 1) / 2.0 + 1.0
+    n_pos, n_neg = len(positive), len(negative)
+    return float((ranks[n_neg:].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def roc(negative: np.ndarray, positive: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(false positive rate, true positive rate) at every threshold, for plotting."""
+    thresholds = np.unique(np.concatenate([negative, positive]))[::-1]
+    fpr = np.array([0.0, *[(negative >= t).mean() for t in thresholds]])
+    tpr = np.array([0.0, *[(positive >= t).mean() for t in thresholds]])
+    return fpr, tpr
+
+
+def recall_at(negative: np.ndarray, positive: np.ndarray, rate: float) -> float:
+    """Recall with the threshold that rejects at most ``rate`` of ``negative`` (set on these clean inputs)."""
+    from edge_agent.formats.reject import threshold_for
+
+    return float((positive > threshold_for(negative, rate)).mean())
+
+
+def detect_eval(
+    bundle_dir: Path, splits: Splits, trigger: Trigger, target: int, out_dir: Path, seed: int = 0
+) -> dict[str, Any]:
+    """Every score on the clean test set against its triggered copy; writes report.json and roc.png."""
+    bundle = verify_bundle(bundle_dir)
+    manifest = bundle.manifest
+    preprocess = preprocess_of(manifest.input_spec)
+    rule = RejectRule.of(manifest)
+    fitted = preprocess.fitted(image_shape_of(manifest.input_spec))
+    test = splits.test  # raw pictures: the trigger goes on them, then the bundle's preprocessing
+    clean_images = fitted.image(test.images)
+    triggered = fitted.image(trigger.apply(test.images, np.random.default_rng(seed)))
+    primary, monitor = bundle.model_path("primary"), bundle.model_path("monitor")
+    p_clean, m_clean = pair_logits(primary, monitor, clean_images, preprocess)
+    p_trig, m_trig = pair_logits(primary, monitor, triggered, preprocess)
+    # Positives: triggered inputs the primary sends to the target (attacks that would succeed), of clean inputs
+    # it got right and that are not of the target class; negatives: every clean test input.
+    attacks = (test.labels != target) & (p_clean.argmax(1) == test.labels) & (p_trig.argmax(1) == target)
+    p_eval, m_eval = pair_logits(primary, monitor, fitted.image(splits.eval.images), preprocess)
+    out: dict[str, Any] = {
+        "bundle": str(bundle_dir),
+        "bundle_version": int(manifest.version),
+        "trigger": trigger.spec,
+        "target": target,
+        "clean_inputs": len(test),
+        "attacks": int(attacks.sum()),
+        "rule": {"score": rule.score, "threshold": rule.threshold, "budget": rule.budget},
+        "scores": {},
+    }
+    curves = {}
+    for score in SCORES:
+        neg = reject_scores(p_clean, m_clean, score)
+        pos = reject_scores(p_trig, m_trig, score)[attacks]
+        row: dict[str, Any] = {"auroc": auroc(neg, pos) if len(pos) else None}
+        if score != "disagree" and len(pos):
+            row["recall_at_clean_reject"] = {str(b): recall_at(neg, pos, b) for b in BUDGETS}
+            ev = reject_scores(p_eval, m_eval, score)
+            # Label-free operating points: τ from clean D_eval at each budget, measured on the test set.
+            row["label_free"] = {
+                str(b): {
+                    "threshold": (r := rule_for(score, b, ev)).threshold,
+                    "recall": float((pos > r.threshold).mean()),
+                    "clean_reject_rate": float((neg > r.threshold).mean()),
+                }
+                for b in BUDGETS
+            }
+        else:
+            row["recall"] = float(pos.mean()) if len(pos) else None
+            row["clean_reject_rate"] = float(neg.mean())
+        out["scores"][score] = row
+        if len(pos):
+            curves[score] = roc(neg, pos)
+    neg = reject_scores(p_clean, m_clean, rule.score)
+    pos = reject_scores(p_trig, m_trig, rule.score)[attacks]
+    out["auroc"] = out["scores"][rule.score]["auroc"]
+    out["recall"] = float((pos > rule.threshold).mean()) if len(pos) else None
+    out["clean_reject_rate"] = float((neg > rule.threshold).mean())
+    answered = neg <= rule.threshold
+    out["served_clean_accuracy"] = float(((p_clean.argmax(1) == test.labels) & answered).mean())
+    out["primary_clean_accuracy"] = float((p_clean.argmax(1) == test.labels).mean())
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _plot(curves, out, out_dir / "roc.png")
+    (out_dir / "report.json").write_text(json.dumps(out, indent=2) + "\n")
+    return out
+
+
+def _plot(curves: dict[str, tuple[np.ndarray, np.ndarray]], report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+    for ax, xmax in zip(axes, (1.0, 0.1), strict=True):
+        for score, (fpr, tpr) in curves.items():
+            auc = report["scores"][score]["auroc"]
+            ax.plot(fpr, tpr, label=f"{score} (AUROC {auc:.3f})")
+        ax.scatter([report["clean_reject_rate"]], [report["recall"] or 0.0], color="black", zorder=5,
+                   label=f"bundle's rule ({report['rule']['score']})")  # fmt: skip
+        ax.set_xlim(0, xmax)
+        ax.set_ylim(0, 1.01)
+        ax.set_xlabel("clean reject rate")
+        ax.set_ylabel("recall of successful attacks")
+        ax.grid(alpha=0.3)
+    axes[0].legend(loc="lower right", fontsize=8)
+    axes[1].set_title("zoom: clean reject rate up to 10%")
+    fig.suptitle(f"{report['trigger']}: {report['attacks']} attacks against {report['clean_inputs']} clean inputs")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
