@@ -73,3 +73,30 @@ def test_the_fused_graph_and_the_two_sessions_apply_the_manifests_rule(score: st
     assert np.array_equal(a.labels, np.where(a.rejected, -1, logits[0].argmax(1)))
     if score != "disagree":
         assert 0 < a.rejected.sum() < len(x)
+
+
+def test_predeploy_chooses_the_threshold_on_clean_data_and_detect_eval_measures_it(
+    predeployed: tuple[Path, dict], splits: object, tmp_path: Path
+) -> None:
+    """Bundle v1 carries a kl rule whose threshold rejects at most the budget of clean D_eval (chosen label-free);
+    detect-eval measures every score on the test set and the bundle's own operating point."""
+    import json
+
+    from conftest import SMALL_SPLIT, run_cli
+    from edge_agent.formats.bundle import verify_bundle
+    from edge_agent.formats.reject import DEFAULT_BUDGET
+
+    out, report = predeployed
+    rule = RejectRule.of(verify_bundle(out / "bundle").manifest)
+    assert rule.score == "kl" and rule.budget == DEFAULT_BUDGET
+    assert rule.clean_rate is not None and rule.clean_rate <= DEFAULT_BUDGET
+    assert report["reject_rule"]["score"] == "kl"
+    _, ev, _ = run_cli("trainer", "detect-eval", *SMALL_SPLIT, "--bundle", str(out / "bundle"), "--trigger",
+                       "checker4", "--target", "0", "--out", str(tmp_path / "d"), "--quiet")  # fmt: skip
+    assert ev is not None and ev["attacks"] > 100
+    assert set(ev["scores"]) == set(SCORES) and ev["rule"]["score"] == "kl"
+    assert ev["auroc"] == ev["scores"]["kl"]["auroc"] > 0.9
+    assert ev["clean_reject_rate"] < ev["scores"]["disagree"]["clean_reject_rate"]  # fewer clean rejects
+    assert 0.0 < ev["recall"] <= 1.0 and ev["served_clean_accuracy"] <= ev["primary_clean_accuracy"]
+    assert (tmp_path / "d" / "roc.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((tmp_path / "d" / "report.json").read_text())["auroc"] == ev["auroc"]

@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 from google.protobuf.json_format import MessageToDict
 
-from edge_agent.formats.bundle import read_manifest, sha256_file
-from edge_agent.formats.reject import RejectRule
+from edge_agent.formats.bundle import read_manifest, sha256_file, verify_bundle
+from edge_agent.formats.reject import RejectRule, reject_scores
 from edge_agent.formats.spec import preprocess_of
 from edge_agent.options import flag, nonnegative, positive, positive_float
 from protos.nnoc.v1 import bundle_pb2
@@ -34,7 +34,7 @@ from trainer.science.models import Checkpoint
 from trainer.science.training import TrainConfig, default_device, predict, train
 from trainer.science.triggers import Trigger
 from trainer.service.quarantine import Quarantine, QuarantineStore
-from trainer.stages.detect import RejectConfig
+from trainer.stages.detect import RejectConfig, pair_logits
 from trainer.stages.publish import publish_bundle, train_config_of, write_report
 from trainer.stages.purify import PURIFIERS, Purified, purify
 
@@ -144,6 +144,7 @@ class _Loaded:
     aug: Classify
     quarantine: Quarantine
     device: Any
+    bundle_dir: Path
 
 
 @dataclass
@@ -189,16 +190,27 @@ def load(
     return _Loaded(
         manifest, bd_path, aug_path, bd_ckpt, aug_ckpt,
         lambda x: predict(bd_model, x, device=device), lambda x: predict(aug_model, x, device=device),
-        quarantine, device,
+        quarantine, device, bundle_dir,
     )  # fmt: skip
 
 
+def clean_rejects(loaded: _Loaded, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The BadNet's labels of clean ``images`` and which of them the deployed bundle's rule rejects (the bundle's
+    own ONNX files and rule, as the edge decided)."""
+    rule = RejectRule.of(loaded.manifest)
+    bundle = verify_bundle(loaded.bundle_dir)
+    p, m = pair_logits(bundle.model_path("primary"), bundle.model_path("monitor"), images,
+                       preprocess_of(loaded.manifest.input_spec))  # fmt: skip
+    return p.argmax(1), rule.reject(reject_scores(p, m, rule.score))
+
+
 def purify_quarantine(loaded: _Loaded, splits: Splits, cfg: RepairConfig) -> Purified:
-    """Label-free purification; ``excess`` compares with the BadNet labels of clean disagreements on D_valid."""
+    """Label-free purification; ``excess`` compares with the BadNet labels of the clean inputs of D_valid that the
+    deployed rule rejects (what the quarantine holds besides triggered inputs)."""
     baseline = None
     if cfg.purify == "excess":
-        p_bd, p_aug = loaded.bd(splits.valid.images), loaded.aug(splits.valid.images)
-        baseline = np.bincount(p_bd[p_bd != p_aug], minlength=len(splits.class_names))
+        p_bd, rejected = clean_rejects(loaded, splits.valid.images)
+        baseline = np.bincount(p_bd[rejected], minlength=len(splits.class_names))
     pur = purify(loaded.quarantine.primary, cfg.purify, cfg.dominance, baseline)
     kept = int(pur.keep.sum())
     log.info("quarantine: %d inputs, kept %d (dominant BadNet label %s)", len(loaded.quarantine), kept, pur.dominant)
