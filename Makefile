@@ -75,7 +75,7 @@ demo-repair: $(STAMP) dataset
 		--trigger checker4 --target 0
 	@echo "Generated triggers: $(DEMO_DIR)/repair/samples.png, bundle v2: $(DEMO_DIR)/repair/bundle"
 
-bench: $(STAMP) dataset
+bench: $(STAMP) dataset camera-deps
 	$(BIN)/python -m bench.bench_predeploy
 	$(BIN)/python -m bench.bench_repair --trigger checker4 --variants purified raw clean-ft bd-base clean-ft-bd --extra --profile quick
 	$(BIN)/python -m bench.bench_repair --trigger square:4 --cpds 0.1 --extra --profile quick
@@ -86,6 +86,8 @@ bench: $(STAMP) dataset
 	$(BIN)/python -m bench.bench_demo
 	$(BIN)/python -m bench.bench_foreign
 	$(BIN)/python -m bench.bench_cyclegan_sizes
+	$(BIN)/python -m bench.bench_detect
+	$(BIN)/python -m bench.bench_cameras
 	$(BIN)/python -m bench.report
 
 clean:
