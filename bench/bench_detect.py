@@ -39,7 +39,7 @@ def main() -> None:
     for name, bundle, trigger, target in cases(args.case):
         out = ROOT / "runs" / "bench-detect" / name.replace(" ", "-")
         report = run_cli("detect-eval", "--bundle", str(bundle), "--trigger", trigger, "--target", str(target),
-                         "--out", str(out), "--test-size", "5000")  # fmt: skip
+                         "--out", str(out), "--test-size", "5000", "--baselines", "500")  # fmt: skip
         row: dict[str, Any] = {"name": name, "trigger": trigger, "machine": machine(), **report}
         print(json.dumps({k: row.get(k) for k in ("name", "auroc", "recall", "clean_reject_rate")}), flush=True)
         rows = [r for r in rows if r["name"] != name] + [row]

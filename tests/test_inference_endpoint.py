@@ -28,9 +28,11 @@ meta = c.get_model_metadata(model, as_json=True)
 out["meta"] = meta
 inp = tc.InferInput(meta["inputs"][0]["name"], list(x.shape), "FP32")
 inp.set_data_from_numpy(x)
-res = c.infer(model, [inp], outputs=[tc.InferRequestedOutput("label"), tc.InferRequestedOutput("rejected")])
+wanted = [tc.InferRequestedOutput(n) for n in ("label", "rejected", "score")]
+res = c.infer(model, [inp], outputs=wanted)
 out["label"] = res.as_numpy("label").tolist()
 out["rejected"] = res.as_numpy("rejected").tolist()
+out["score"] = res.as_numpy("score").tolist()
 out["bundle_version"] = res.get_response().parameters["bundle_version"].int64_param
 errors = []
 for bad in (np.zeros((2, 1, 28, 27), np.float32), np.full((1, 1, 28, 28), np.nan, np.float32),
@@ -84,9 +86,10 @@ def test_triton_client_calls_the_agent(predeployed: tuple[Path, dict[str, Any]],
         out = json.loads(proc.stdout.strip().splitlines()[-1])
         assert out["live"] and out["ready"] and out["model_ready"] and not out["other_ready"]
         assert out["meta"]["inputs"][0]["shape"] == ["-1", "1", "28", "28"]
-        assert [o["name"] for o in out["meta"]["outputs"]] == ["label", "rejected"]
+        assert [o["name"] for o in out["meta"]["outputs"]] == ["label", "rejected", "score"]
         assert out["label"] == expected.labels.tolist()
         assert out["rejected"] == expected.rejected.tolist()
+        np.testing.assert_allclose(out["score"], expected.score, rtol=1e-5, atol=1e-6)  # the rule's score
         assert all(lbl == -1 for lbl, r in zip(out["label"], out["rejected"], strict=True) if r)
         assert out["bundle_version"] == 1
         assert sum(out["rejected"]) > 0 and spool.depth() == sum(out["rejected"])  # rejects were spooled

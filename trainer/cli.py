@@ -163,7 +163,7 @@ def cmd_detect_eval(args: argparse.Namespace) -> dict[str, Any]:
     trigger = parse_trigger(args.trigger)
     splits, _ = _splits(args, _bundle_block(args.bundle))
     _check_target(args.target, splits)
-    return detect_eval(args.bundle, splits, trigger, args.target, args.out, seed=args.seed)
+    return detect_eval(args.bundle, splits, trigger, args.target, args.out, seed=args.seed, baselines=args.baselines)
 
 
 def cmd_repair(args: argparse.Namespace) -> dict[str, Any]:
@@ -358,6 +358,10 @@ def _args_detect_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", type=int, required=True, help="the attacker's target class")
     p.add_argument("--out", type=_out_dir, required=True, help="folder for report.json and roc.png")
     p.add_argument("--seed", type=int, default=0, help="seed of the trigger's placement")
+    p.add_argument(
+        "--baselines", type=int, default=0, metavar="N",
+        help="also run STRIP and SCALE-UP (the suspect model alone) on N clean inputs and N attacks",
+    )  # fmt: skip
 
 
 def _args_repair(p: argparse.ArgumentParser) -> None:

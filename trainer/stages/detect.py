@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,22 @@ def calibrate(
     return rule
 
 
+def served(bundle_dir: Path, images: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """What the edge serves on clean inputs (the model's images) under the bundle's rule: the share answered and
+    right (served clean accuracy), and the share refused (evaluation: reads the labels)."""
+    bundle = verify_bundle(bundle_dir)
+    rule = RejectRule.of(bundle.manifest)
+    p, m = pair_logits(bundle.model_path("primary"), bundle.model_path("monitor"), images,
+                       preprocess_of(bundle.manifest.input_spec))  # fmt: skip
+    rejected = rule.reject(reject_scores(p, m, rule.score))
+    right = p.argmax(1) == labels
+    return {
+        "served_clean_accuracy": float((right & ~rejected).mean()),
+        "clean_reject_rate": float(rejected.mean()),
+        "primary_clean_accuracy": float(right.mean()),
+    }
+
+
 def auroc(negative: np.ndarray, positive: np.ndarray) -> float:
     """Area under the ROC curve: P(score of a positive > score of a negative), ties counted half."""
     scores = np.concatenate([negative, positive]).astype(np.float64)
@@ -89,10 +106,40 @@ def recall_at(negative: np.ndarray, positive: np.ndarray, rate: float) -> float:
     return float((positive > threshold_for(negative, rate)).mean())
 
 
-def detect_eval(
-    bundle_dir: Path, splits: Splits, trigger: Trigger, target: int, out_dir: Path, seed: int = 0
+def baseline_rows(
+    primary: Path, preprocess: Preprocess, clean: np.ndarray, attacks: np.ndarray, pool: np.ndarray, limit: int
 ) -> dict[str, Any]:
-    """Every score on the clean test set against its triggered copy; writes report.json and roc.png."""
+    """STRIP and SCALE-UP with the suspect model alone on the first ``limit`` clean inputs and attacks, beside the
+    two-model rule's own cost on the same inputs: AUROC, recall at 1% clean reject, forward passes, µs per input."""
+    from trainer.stages.baselines import SCALE_UP_FACTORS, STRIP_N, scale_up_scores, strip_scores, timed
+
+    model = OnnxClassifier(primary, preprocess=preprocess, batch_size=256)
+    clean, attacks = clean[:limit], attacks[:limit]
+    n = len(clean) + len(attacks)
+    both = np.concatenate([clean, attacks])
+    rows: dict[str, Any] = {}
+    for name, passes, fn in (
+        ("strip", STRIP_N, lambda: strip_scores(model.logits, both, pool)),
+        ("scale_up", len(SCALE_UP_FACTORS) + 1, lambda: scale_up_scores(model.logits, both)),
+    ):
+        scores, us = timed(fn, n)
+        neg, pos = scores[: len(clean)], scores[len(clean) :]
+        rows[name] = {"auroc": auroc(neg, pos), "recall_at_1pct": recall_at(neg, pos, 0.01),
+                      "forward_passes": passes, "us_per_input": us, "inputs": n}  # fmt: skip
+    return rows
+
+
+def detect_eval(
+    bundle_dir: Path,
+    splits: Splits,
+    trigger: Trigger,
+    target: int,
+    out_dir: Path,
+    seed: int = 0,
+    baselines: int = 0,
+) -> dict[str, Any]:
+    """Every score on the clean test set against its triggered copy; writes report.json and roc.png.
+    ``baselines``: also STRIP and SCALE-UP on that many clean inputs and attacks (0: not run)."""
     bundle = verify_bundle(bundle_dir)
     manifest = bundle.manifest
     preprocess = preprocess_of(manifest.input_spec)
@@ -102,7 +149,9 @@ def detect_eval(
     clean_images = fitted.image(test.images)
     triggered = fitted.image(trigger.apply(test.images, np.random.default_rng(seed)))
     primary, monitor = bundle.model_path("primary"), bundle.model_path("monitor")
+    t0 = time.perf_counter()
     p_clean, m_clean = pair_logits(primary, monitor, clean_images, preprocess)
+    rule_us = (time.perf_counter() - t0) / len(clean_images) * 1e6  # both models, batched: the rule's cost
     p_trig, m_trig = pair_logits(primary, monitor, triggered, preprocess)
     # Positives: triggered inputs the primary sends to the target (attacks that would succeed), of clean inputs
     # it got right and that are not of the target class; negatives: every clean test input.
@@ -149,6 +198,10 @@ def detect_eval(
     answered = neg <= rule.threshold
     out["served_clean_accuracy"] = float(((p_clean.argmax(1) == test.labels) & answered).mean())
     out["primary_clean_accuracy"] = float((p_clean.argmax(1) == test.labels).mean())
+    out["rule_cost"] = {"forward_passes": 2, "us_per_input": rule_us}
+    if baselines:
+        pool = fitted.image(splits.valid.images)  # the defender's clean data
+        out["baselines"] = baseline_rows(primary, preprocess, clean_images, triggered[attacks], pool, baselines)
     out_dir.mkdir(parents=True, exist_ok=True)
     _plot(curves, out, out_dir / "roc.png")
     (out_dir / "report.json").write_text(json.dumps(out, indent=2) + "\n")

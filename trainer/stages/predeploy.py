@@ -32,7 +32,7 @@ from trainer.science.models import Checkpoint
 from trainer.science.noise import NoiseConfig, augment
 from trainer.science.training import TrainConfig, default_device, predict, to_input, train
 from trainer.science.triggers import Trigger
-from trainer.stages.detect import RejectConfig
+from trainer.stages.detect import RejectConfig, served
 from trainer.stages.publish import publish_bundle, train_config_of, write_report
 from trainer.stages.suspect import ModelSource, import_model
 
@@ -475,6 +475,7 @@ def run_predeploy(
         source, suspect, models[selected], candidates[selected], base, cfg, fleet, out_dir, splits.eval.images
     )
     report["reject_rule"] = MessageToDict(written.reject_rule, preserving_proto_field_name=True)
+    report["served_test"] = served(out_dir / "bundle", splits.test.images, splits.test.labels)  # evaluation only
     report["primary_parity"] = check_primary(out_dir / "bundle", suspect, source, splits.test.images)
     report["selected"] = {**asdict(candidates[selected]), "index": selected}
     report["monitor"] = str(out_dir / "monitor.pt")

@@ -34,7 +34,7 @@ from trainer.science.models import Checkpoint
 from trainer.science.training import TrainConfig, default_device, predict, train
 from trainer.science.triggers import Trigger
 from trainer.service.quarantine import Quarantine, QuarantineStore
-from trainer.stages.detect import RejectConfig, pair_logits
+from trainer.stages.detect import RejectConfig, pair_logits, served
 from trainer.stages.publish import publish_bundle, train_config_of, write_report
 from trainer.stages.purify import PURIFIERS, Purified, purify
 
@@ -466,6 +466,7 @@ def run_repair(
     gate(report, cfg, out_dir)
     written = publish(loaded, model, ft, report, cfg, bundle_dir, out_dir, version, splits.eval.images)
     report["reject_rule"] = MessageToDict(written.reject_rule, preserving_proto_field_name=True)
+    report["served_test"] = served(out_dir / "bundle", splits.test.images, splits.test.labels)  # evaluation only
     report.update({"published": True, "bundle_out": str(out_dir / "bundle"), "version": int(written.version)})
     write_report(out_dir, report)
     return report
