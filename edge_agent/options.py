@@ -134,37 +134,25 @@ positive = whole(1)
 nonnegative = whole(0)
 
 
-def positive_float(text: str) -> float:
-    """A number above 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a number above 0, got {text}")
-    return value
+def real(name: str, ok: Callable[[float], bool], rule: str) -> Callable[[str], float]:
+    """A parser of numbers that ``ok`` accepts; ``rule`` says which ("above 0", "in [0, 1]")."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number {rule}, got {text!r}") from None
+        if not ok(value):  # NaN fails every rule
+            raise argparse.ArgumentTypeError(f"expected a number {rule}, got {text}")
+        return value
+
+    parse.__name__ = name
+    return parse
 
 
-def nonnegative_float(text: str) -> float:
-    """A number at or above 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"expected a number at or above 0, got {text}")
-    return value
-
-
-def fraction(text: str) -> float:
-    """A number in [0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text}")
-    return value
+positive_float = real("positive_float", lambda v: v > 0, "above 0")
+nonnegative_float = real("nonnegative_float", lambda v: v >= 0, "at or above 0")
+fraction = real("fraction", lambda v: 0.0 <= v <= 1.0, "in [0, 1]")
 
 
 def image_size(text: str) -> tuple[int, int]:
