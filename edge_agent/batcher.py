@@ -187,16 +187,19 @@ class Batcher:
         spec = self.agent.ensemble.spec
         t0 = time.perf_counter()
         try:
-            parts_x, parts_images = [], []
-            for r in requests:
-                parts_x.append(r.x)
-                parts_images.append(r.images if r.images is not None else preprocess_of(spec).to_image(r.x))
+            parts_x = [r.x for r in requests]
+            parts_images = [r.images for r in requests]
             if frames:
                 images = np.stack([image for _, image in frames])
                 parts_x.append(image_to_input(images, spec))
                 parts_images.append(images)
             x = np.concatenate(parts_x) if len(parts_x) > 1 else parts_x[0]
-            all_images = np.concatenate(parts_images) if len(parts_images) > 1 else parts_images[0]
+            all_images = None  # tensors only: the agent recovers the images of the rejected ones alone
+            if any(p is not None for p in parts_images):
+                recover = preprocess_of(spec).to_image
+                all_images = np.concatenate(
+                    [recover(xp) if p is None else p for xp, p in zip(parts_x, parts_images, strict=True)]
+                )
             origins: list[Origin | None] = [None] * sum(len(r.x) for r in requests)
             origins += [(f.source, f.captured_at, f.position) for f, _ in frames]
             decision, version = self.agent.classify(x, all_images, origins)
@@ -205,7 +208,7 @@ class Batcher:
             for r in requests:
                 r.future.set_exception(e if isinstance(e, InputError) else RuntimeError(str(e)))
             for f, _ in frames:
-                self._queues[f.source].stats.decode_errors += 1
+                self._queues[f.source].stats.classify_errors += 1
             if frames and self._observe is not None:
                 self._observe("source", 0.0, False)
             return

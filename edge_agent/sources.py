@@ -126,6 +126,7 @@ class SourceStats:
     rejected: int = 0
     dropped: int = 0
     decode_errors: int = 0
+    classify_errors: int = 0  # frames of a batch the ensemble refused (e.g. right after a swap to another input)
     reconnects: int = 0
     state: str = "starting"
     fps: float = 0.0
