@@ -84,7 +84,8 @@ PROFILES = {
         ),
         data=("--train-size", "12000", "--test-size", "2000"),  # the replay plays the default stream split
         stream_per_agent=300,
-        min_quarantine=40,
+        # ~54 triggered inputs in the 600 played; the kl rule rejects ~1% of clean ones (the paper's rule ~10%)
+        min_quarantine=30,
         test_images=1000,
         timeout=900,
     ),
