@@ -84,8 +84,9 @@ PROFILES = {
         ),
         data=("--train-size", "12000", "--test-size", "2000"),  # the replay plays the default stream split
         stream_per_agent=300,
-        # ~54 triggered inputs in the 600 played; the kl rule rejects ~1% of clean ones (the paper's rule ~10%)
-        min_quarantine=30,
+        # ~54 triggered inputs in the 600 played, about half of them attacks of the tiny BadNet; the kl rule
+        # rejects ~1% of clean inputs (the paper's rule ~10%): measured 28 quarantined
+        min_quarantine=20,
         test_images=1000,
         timeout=900,
     ),
