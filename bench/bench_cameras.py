@@ -134,52 +134,63 @@ def monitoring(rig: Rig, x: np.ndarray, seconds: float) -> dict[str, Any]:
     return out
 
 
+def measure(bundle: Path, name: str, pictures: np.ndarray, trigger: str, seconds: float, tmp: Path) -> dict[str, Any]:
+    """Every measurement of the module docstring for one bundle."""
+    from edge_agent.ensemble import to_model_input
+
+    video = make_video(tmp / f"{name}.mp4", pictures)
+    rig = Rig(bundle, tmp / name)
+    out: dict[str, Any] = {"name": name, "bundle": str(bundle), "trigger": trigger, "frames": len(pictures)}
+    decode, agent = [], []
+    for _ in range(2):  # alternate, best of each
+        decode.append(decode_alone(video))
+        agent.append(rig.play([f"video:{video}"], 8)["fps"])
+    out["decode"] = {"decode_fps": max(decode), "agent_fps": max(agent), "ratio": max(agent) / max(decode)}
+    print(name, "decode", out["decode"], flush=True)
+    fast = [f"video:{video}?id=cam{i}" for i in range(4)]
+    paced = [f"video:{video}?id=cam{i}&fps=30" for i in range(4)]
+    runs: dict[str, Any] = {
+        "batched": rig.play(fast, 8),
+        "one_at_a_time": rig.play(fast, 1),
+        "batched_30fps": rig.play(paced, 8),
+        "one_at_a_time_30fps": rig.play(paced, 1),
+    }
+    runs["throughput_ratio"] = runs["batched"]["fps"] / runs["one_at_a_time"]["fps"]
+    out["sources"] = runs
+    print(name, "sources", runs, flush=True)
+    out["monitoring"] = monitoring(rig, to_model_input(pictures, rig.ensemble.spec), seconds)
+    out["uplink"] = rig.close()
+    out["reject_rule"] = rig.ensemble.rule.score
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--bundle", type=Path, default=FOREIGN / "predeploy" / "bundle")
+    ap.add_argument("--bundle", nargs=2, action="append", metavar=("NAME", "DIR"),
+                    help="a bundle to measure (repeat); default: the foreign resnet18")  # fmt: skip
     ap.add_argument("--trigger", default=None, help="trigger spec on 10%% of frames (default: the outsider's)")
     ap.add_argument("--frames", type=int, default=300, help="frames per file (300 = 10 s at 30 fps)")
     ap.add_argument("--seconds", type=float, default=3.0, help="per monitoring round")
     args = ap.parse_args()
-    from edge_agent.ensemble import to_model_input
     from trainer.science.data import DataConfig, SplitConfig, load_splits
     from trainer.science.triggers import parse_trigger, poison_fraction
 
-    if not (args.bundle / "manifest.pb").is_file():
-        raise SystemExit(f"no bundle at {args.bundle}: run python -m bench.bench_foreign --archs resnet18 first")
+    bundles = [(n, Path(d)) for n, d in args.bundle] if args.bundle else [("foreign resnet18", FOREIGN / "predeploy"
+                                                                           / "bundle")]  # fmt: skip
+    for _, bundle in bundles:
+        if not (bundle / "manifest.pb").is_file():
+            raise SystemExit(f"no bundle at {bundle}: run python -m bench.bench_foreign --archs resnet18 first")
     trigger_spec = args.trigger or (FOREIGN / "trigger.txt").read_text().strip()
     splits = load_splits(DataConfig(), SplitConfig())
     rng = np.random.default_rng(0)
-    target = 7
     pictures, _ = poison_fraction(splits.stream.images[: args.frames], splits.stream.labels[: args.frames],
-                                  parse_trigger(trigger_spec), 0.1, target, rng)  # fmt: skip
+                                  parse_trigger(trigger_spec), 0.1, 7, rng)  # fmt: skip
+    rows = []
     with tempfile.TemporaryDirectory() as d:
-        tmp = Path(d)
-        video = make_video(tmp / "cam.mp4", pictures)
-        rig = Rig(args.bundle, tmp)
-        out: dict[str, Any] = {"bundle": str(args.bundle), "trigger": trigger_spec, "frames": args.frames}
-        decode, agent = [], []
-        for _ in range(2):  # alternate, best of each
-            decode.append(decode_alone(video))
-            agent.append(rig.play([f"video:{video}"], 8)["fps"])
-        out["decode"] = {"decode_fps": max(decode), "agent_fps": max(agent), "ratio": max(agent) / max(decode)}
-        print("decode", out["decode"], flush=True)
-        fast = [f"video:{video}?id=cam{i}" for i in range(4)]
-        paced = [f"video:{video}?id=cam{i}&fps=30" for i in range(4)]
-        runs = {
-            "batched": rig.play(fast, 8),
-            "one_at_a_time": rig.play(fast, 1),
-            "batched_30fps": rig.play(paced, 8),
-            "one_at_a_time_30fps": rig.play(paced, 1),
-        }
-        runs["throughput_ratio"] = runs["batched"]["fps"] / runs["one_at_a_time"]["fps"]
-        out["sources"] = runs
-        print("sources", runs, flush=True)
-        spec = rig.ensemble.spec
-        x = to_model_input(pictures, spec)
-        out["monitoring"] = monitoring(rig, x, args.seconds)
-        out["uplink"] = rig.close()
-    save("cameras", out)
+        for name, bundle in bundles:
+            (Path(d) / name.replace(" ", "-")).mkdir()
+            rows.append(measure(bundle, name.replace(" ", "-"), pictures, trigger_spec, args.seconds, Path(d)))
+    save("cameras", {"rows": rows})
 
 
 if __name__ == "__main__":

@@ -72,11 +72,15 @@ def _splits(args: argparse.Namespace, fit: Any = None) -> tuple[Any, dict[str, A
 
 
 def _bundle_block(bundle: Path) -> Any:
-    """A bundle's preprocessing block (from its manifest; verified when the command loads the bundle)."""
-    from edge_agent.formats.bundle import read_manifest
+    """A bundle's preprocessing block, to fit data of mixed sizes (None when the manifest cannot be read: the
+    command says what is wrong with the bundle when it loads it, after the data and target checks)."""
+    from edge_agent.formats.bundle import BundleError, read_manifest
     from edge_agent.formats.spec import preprocess_of
 
-    return preprocess_of(read_manifest(bundle).input_spec)
+    try:
+        return preprocess_of(read_manifest(bundle).input_spec)
+    except (BundleError, OSError):
+        return None
 
 
 def cmd_attack(args: argparse.Namespace) -> dict[str, Any]:
