@@ -80,12 +80,15 @@ class ModelSource:
         block = self.block()
         if block is not None or self.arch is not None or self.model is None or not self.model.is_file():
             return block
-        if self.model.suffix == ".onnx":
-            meta = onnx_metadata(read_onnx(self.model.read_bytes(), str(self.model)))
-            text = meta.get(PREPROCESS_KEY)
-            return None if text is None else Preprocess.from_json(text, f"{self.model}: {PREPROCESS_KEY}")
-        if self.model.suffix == ".pt":
-            return Checkpoint.load(self.model).input_spec.preprocess
+        try:  # an unreadable file is reported when the model itself is loaded, as every command does
+            if self.model.suffix == ".onnx":
+                meta = onnx_metadata(read_onnx(self.model.read_bytes(), str(self.model)))
+                text = meta.get(PREPROCESS_KEY)
+                return None if text is None else Preprocess.from_json(text, f"{self.model}: {PREPROCESS_KEY}")
+            if self.model.suffix == ".pt":
+                return Checkpoint.load(self.model).input_spec.preprocess
+        except (ModelImportError, OSError, ValueError, RuntimeError):
+            return None
         return None
 
     def check(self) -> None:
