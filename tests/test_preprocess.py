@@ -95,6 +95,6 @@ def test_every_bundle_carries_a_golden_pair_the_edge_recomputes(
         assert data["picture"].shape == (1, 1, 37, 53) and data["expected"].shape == (1, 1, 28, 28)
     # An edge whose resize drifted (nearest where the trainer used bilinear) refuses the bundle, saying by how much.
     original = pp._resample
-    monkeypatch.setattr(pp, "_resample", lambda x, h, w, interpolation: original(x, h, w, "nearest"))
+    monkeypatch.setattr(pp, "_resample", lambda x, h, w, interpolation, pixel=None: original(x, h, w, "nearest", pixel))
     with pytest.raises(BundleError, match="preprocessing differs from the trainer's"):
         verify_bundle(bundle)
