@@ -151,12 +151,13 @@ class SourceStats:
 
 
 def _bgr_to_picture(image: np.ndarray) -> np.ndarray:
-    """An OpenCV frame (H, W) gray or (H, W, 3|4) BGR(A) -> (C, H, W) uint8, RGB."""
-    if image.ndim == 2:
-        return np.ascontiguousarray(image[None])
+    """An OpenCV frame (H, W) gray or (H, W, 3|4) BGR(A) -> (C, H, W) uint8, RGB: a view, not a copy (the resize
+    reads only the rows and columns it needs; OpenCV hands out a new buffer per frame)."""
     if image.dtype != np.uint8:
         raise ValueError(f"frame of dtype {image.dtype}; expected 8-bit")
-    return np.ascontiguousarray(image[:, :, 2::-1].transpose(2, 0, 1))
+    if image.ndim == 2:
+        return image[None]
+    return image[:, :, 2::-1].transpose(2, 0, 1)
 
 
 def open_capture(spec: SourceSpec) -> Any:
