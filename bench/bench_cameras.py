@@ -62,11 +62,12 @@ class Rig:
         from edge_agent.ensemble import Ensemble
         from edge_agent.formats.bundle import verify_bundle
         from edge_agent.monitor import RejectMonitor
+        from edge_agent.runtime import RuntimeConfig
         from edge_agent.spool import Spool, SpoolConfig
         from edge_agent.uplink import Uplink, UplinkConfig
 
         self.bundle = verify_bundle(bundle_dir)
-        self.ensemble = Ensemble(self.bundle)
+        self.ensemble = Ensemble(self.bundle, RuntimeConfig(spin="off"))  # as nnoc-edge run with --source
         self.collector, port, self.stop_collector = start_collector(
             tmp / "q", self.bundle.manifest.fleet, self.bundle.manifest.input_spec
         )

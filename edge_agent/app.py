@@ -13,7 +13,7 @@ import shutil
 import signal
 import threading
 import time
-from dataclasses import MISSING, asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -242,6 +242,8 @@ def start_uplink(cfg: RunConfig, spool: Spool, agent: Agent) -> Uplink | None:
 
 
 def _run(cfg: RunConfig, stop: threading.Event) -> dict[str, Any]:
+    if cfg.sources and cfg.runtime.spin == "auto":  # decoders share the cores: onnxruntime must not spin on them
+        cfg = replace(cfg, runtime=replace(cfg.runtime, spin="off"))
     cache, bundle = load_bundle(cfg)
     spool = Spool(
         SpoolConfig(

@@ -37,6 +37,9 @@ class RuntimeConfig:
     intra_op_threads: int = flag(0, "intra-op threads (0: one per core)", name="--threads", type=nonnegative)
     inter_op_threads: int = 0
     graph_optimization: str = flag("all", "onnxruntime graph optimizations", choices=tuple(GRAPH_OPT_LEVELS))
+    # onnxruntime's worker threads spin after each run (lower latency when nothing else needs the cores); with
+    # camera sources decoding on the same cores, spinning takes their time. auto: off with --source, else on.
+    spin: str = flag("auto", "intra-op threads spin-wait between runs", choices=("auto", "on", "off"))
     # How the ensemble runs its two models: "fused" (one graph, see edge_agent/fuse.py), "two-sessions", or
     # "timed" (time both at load and keep the faster one).
     ensemble_path: str = flag(
@@ -104,6 +107,9 @@ def make_session(path: Path, cfg: RuntimeConfig | None = None, model: bytes | No
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = cfg.intra_op_threads
     opts.inter_op_num_threads = cfg.inter_op_threads
+    if cfg.spin == "off":
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
     opts.graph_optimization_level = GRAPH_OPT_LEVELS[cfg.graph_optimization]
     opts.log_severity_level = 3  # GPU providers that cannot load are reported by us, once, below
     try:
