@@ -406,7 +406,8 @@ def detect_section(data: dict[str, Any]) -> str:
         "",
         "Side by side with detectors from the field on the same BadNet and inputs (the first 500 clean inputs and "
         "500 attacks; STRIP with N = 32 superimpositions, the paper's 100 would cost 3× more; SCALE-UP data-free "
-        "with n ∈ {3, 5, 7, 9, 11}); µs per input on this machine's CPU, batched:",
+        "with n ∈ {3, 5, 7, 9, 11}; the two-model rule's row is over all the test inputs above); µs per input on "
+        "this machine's CPU, batched:",
         "",
         "| case | detector | AUROC | recall at 1% clean reject | forward passes | µs per input |",
         "|---|---|---|---|---|---|",
