@@ -3,11 +3,11 @@
 
 decode:     a 1280x720 H.264 file at 30 fps (Debian's ffmpeg, libx264, from Fashion-MNIST stream pictures
             upscaled) decoded alone against the same file through the agent (decode, preprocess, dynamic
-            batcher, ensemble, spool with an fsync per batch, uplink to a collector process); goal >= 0.8x.
+            batcher, ensemble, spool as `nnoc-edge run` sets it up, uplink to a collector process); goal >= 0.8x.
 sources:    four copies as four sources into one agent, batched (up to 8 frames) against one frame at a time:
             as fast as they decode (throughput ratio), and paced at 30 fps each (capture -> decision latency p50/p99).
-monitoring: the agent (spool + uplink at the stream's reject rate) against the bare ensemble, batch 1 and 8;
-            goal >= 0.9x.
+monitoring: the agent (spool + uplink at the stream's reject rate) against the bare ensemble, batch 1 and 8,
+            for each spool durability (deferred: the default; process; power); goal >= 0.9x.
 
     python -m bench.bench_cameras [--bundle DIR] [--frames 300]
 """
@@ -20,6 +20,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ import numpy as np
 from bench.common import ROOT, save, start_collector
 
 FOREIGN = ROOT / "runs" / "bench-foreign" / "resnet18"
+DURABILITIES = ("deferred", "process", "power")  # the first is nnoc-edge run's default
 
 
 def make_video(path: Path, pictures: np.ndarray, fps: int = 30, size: str = "1280:720") -> Path:
@@ -71,9 +73,12 @@ class Rig:
         self.collector, port, self.stop_collector = start_collector(
             tmp / "q", self.bundle.manifest.fleet, self.bundle.manifest.input_spec
         )
-        self.spool = Spool(SpoolConfig(tmp / "spool.sqlite"))  # durability "power": an fsync per batch of rejects
-        self.agent = Agent(self.ensemble, self.spool, RejectMonitor(), "bench-cam")
-        self.agent.uplink = Uplink(self.spool, UplinkConfig(f"tcp://127.0.0.1:{port}", "bench-cam")).start()
+        self.agents: dict[str, Agent] = {}
+        for durability in DURABILITIES:
+            spool = Spool(SpoolConfig(tmp / f"spool-{durability}.sqlite", durability=durability))
+            agent = self.agents[durability] = Agent(self.ensemble, spool, RejectMonitor(), f"bench-cam-{durability}")
+            agent.uplink = Uplink(spool, UplinkConfig(f"tcp://127.0.0.1:{port}", agent.device_id)).start()
+        self.agent = self.agents[DURABILITIES[0]]  # the sources run through nnoc-edge run's default
 
     def play(self, specs: list[str], max_batch: int) -> dict[str, Any]:
         """Play sources to their end through a fresh batcher: frames/s over all, latency percentiles."""
@@ -105,32 +110,39 @@ class Rig:
         }
 
     def close(self) -> dict[str, Any]:
-        deadline = time.monotonic() + 60
-        while self.spool.depth() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert self.agent.uplink is not None
-        self.agent.uplink.stop()
-        acked = self.agent.uplink.counters.acked
-        self.spool.close()
+        acked = 0
+        for agent in self.agents.values():
+            agent.close()  # commits what the deferred spool still holds
+            deadline = time.monotonic() + 60
+            while agent.spool.depth() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert agent.uplink is not None
+            agent.uplink.stop()
+            acked += agent.uplink.counters.acked
+            agent.spool.close()
         self.stop_collector.set()
         self.collector.join(30)
         return {"acked": acked}
 
 
 def monitoring(rig: Rig, x: np.ndarray, seconds: float) -> dict[str, Any]:
-    """Agent (spool + uplink) against the bare ensemble, batch 1 and 8, alternating rounds, best of each."""
+    """Agents (spool + uplink) against the bare ensemble, batch 1 and 8, alternating rounds, best of each."""
     out: dict[str, Any] = {"reject_share": float(rig.ensemble.classify(x).rejected.mean())}
+    runs: list[tuple[str, Callable[[np.ndarray], object]]] = [("bare", rig.ensemble.classify)]
+    runs += [(f"agent_{d}", a.classify) for d, a in rig.agents.items()]
     for batch in (1, 8):
         best: dict[str, float] = {}
-        for _ in range(3):
-            for name, fn in (("bare", rig.ensemble.classify), ("agent", rig.agent.classify)):
+        for _ in range(4):
+            for name, fn in runs:
                 n, t0, i = 0, time.perf_counter(), 0
                 while time.perf_counter() - t0 < seconds:
                     fn(x[i : i + batch])
                     i = (i + batch) % (len(x) - batch)
                     n += batch
                 best[name] = max(best.get(name, 0.0), n / (time.perf_counter() - t0))
-        out[f"batch{batch}"] = {**best, "ratio": best["agent"] / best["bare"]}
+        best["agent"] = best[f"agent_{DURABILITIES[0]}"]
+        out[f"batch{batch}"] = {**best, **{f"ratio_{d}": best[f"agent_{d}"] / best["bare"] for d in DURABILITIES}}
+        out[f"batch{batch}"]["ratio"] = out[f"batch{batch}"][f"ratio_{DURABILITIES[0]}"]
         print("monitoring", batch, out[f"batch{batch}"], flush=True)
     return out
 

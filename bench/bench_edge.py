@@ -111,7 +111,7 @@ def bench_spool(bundle_dir: Path, seconds: float, tmp: Path) -> dict[str, Any]:
     reject_share = float(ens.classify(xs).rejected.mean())
     collector, port, stop = start_collector(tmp / "q", bundle.manifest.fleet, spec)
     agents = {}
-    for durability in ("power", "process"):
+    for durability in ("power", "process", "deferred"):
         spool = Spool(SpoolConfig(tmp / f"spool-{durability}.sqlite", durability=durability))
         agent = Agent(ens, spool, RejectMonitor(), f"bench-{durability}")
         cfg = UplinkConfig(f"tcp://127.0.0.1:{port}", f"bench-{durability}")
@@ -126,6 +126,7 @@ def bench_spool(bundle_dir: Path, seconds: float, tmp: Path) -> dict[str, Any]:
                 out[name] = r
     acked = stored = 0
     for agent in agents.values():
+        agent.close()  # commits what the deferred spool still holds
         deadline = time.monotonic() + 30
         while agent.spool.depth() and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -141,6 +142,7 @@ def bench_spool(bundle_dir: Path, seconds: float, tmp: Path) -> dict[str, Any]:
         stored=stored,
         ratio_power=out["agent_power"]["rate"] / out["bare"]["rate"],
         ratio_process=out["agent_process"]["rate"] / out["bare"]["rate"],
+        ratio_deferred=out["agent_deferred"]["rate"] / out["bare"]["rate"],
     )
     print("spool:", out, flush=True)
     return out

@@ -1,8 +1,7 @@
-"""The agent's request path: classify with the ensemble, spool every reject before answering, count."""
+"""The agent's request path: classify with the ensemble, hand every reject to the spool's writer, count."""
 
 from __future__ import annotations
 
-import logging
 import threading
 from collections.abc import Sequence
 
@@ -12,11 +11,9 @@ from edge_agent.ensemble import Decision, Ensemble
 from edge_agent.formats.spec import preprocess_of
 from edge_agent.formats.wire import build_header
 from edge_agent.monitor import RejectMonitor
-from edge_agent.spool import Spool, SpoolFull
+from edge_agent.spool import Items, Spool, SpoolWriter
 from edge_agent.uplink import Uplink
 from protos.nnoc.v1 import quarantine_pb2
-
-log = logging.getLogger(__name__)
 
 Origin = tuple[str, float, int]  # a source frame's (source id, capture time in epoch seconds, position)
 
@@ -30,7 +27,20 @@ class Agent:
         self._ensemble = ensemble
         self._swap_lock = threading.Lock()
         self.spool, self.monitor, self.device_id, self.uplink = spool, monitor, device_id, uplink
-        self.unspooled = 0  # rejected inputs the spool could not take (its bound with reject-new, or a full disk)
+        self.writer = SpoolWriter(spool, stored=self._stored)
+
+    @property
+    def unspooled(self) -> int:
+        """Rejected inputs the spool could not take (its bound with reject-new, a full disk)."""
+        return self.writer.unspooled
+
+    def _stored(self) -> None:
+        if self.uplink is not None:
+            self.uplink.notify()
+
+    def close(self) -> None:
+        """Commit the rejects still pending (durability ``deferred``) and stop the spool's writer."""
+        self.writer.close()
 
     @property
     def ensemble(self) -> Ensemble:
@@ -63,46 +73,54 @@ class Agent:
     def classify(
         self, x: np.ndarray, images: np.ndarray | None = None, origins: Sequence[Origin | None] | None = None
     ) -> tuple[Decision, int]:
-        """Classify a batch (model-input tensors); rejected inputs are spooled durably before this returns.
+        """Classify a batch (model-input tensors); rejected inputs go to the spool per its durability.
 
         ``images``: the model's uint8 images ``x`` was made from (N, C, H, W), when the caller has them (raw
         frames); otherwise they are recovered from ``x`` through the preprocessing. The quarantine carries the
         image, not the float tensor: a quarter of the bytes, and what the trainer's repair works on.
         ``origins``: per input, (source id, capture time, position) of a source's frame, or None.
-        Returns the decision and the bundle version that made it. Raises ``InputError`` for a bad batch.
+        Under durability ``power``/``process`` the rejects are committed before this returns; under ``deferred``
+        within the spool's flush interval. Returns the decision and the bundle version that made it. Raises
+        ``InputError`` for a bad batch.
         """
         ensemble = self._ensemble  # one version answers the whole batch, even if a swap lands meanwhile
         decision = ensemble.classify(x)
         if decision.rejected.any():
             rejected = np.flatnonzero(decision.rejected)
-            manifest = ensemble.bundle.manifest
-            kept = images[rejected] if images is not None else preprocess_of(manifest.input_spec).to_image(x[rejected])
-            items = []
-            for i, image in zip(rejected, kept, strict=True):
-                origin = origins[int(i)] if origins is not None else None
-                source, captured_at, position = origin if origin is not None else ("", None, None)
-                header = build_header(
-                    self.device_id,
-                    manifest.fleet,
-                    manifest.version,
-                    image.shape,
-                    "uint8",
-                    decision.primary[i],
-                    decision.monitor[i],
-                    source_id=source,
-                    captured_at=captured_at,
-                    position=position,
-                    reject_score=float(decision.score[i]),
-                )
-                items.append((header.SerializeToString(), np.ascontiguousarray(image).tobytes()))
-            try:
-                self.spool.put_many(items)
-            except SpoolFull as e:
-                # The inputs are still refused (label -1); only their quarantine copy is lost, counted by the
-                # spool (rejected_full, disk_full) and here, and logged. Serving goes on.
-                self.unspooled += len(items)
-                log.warning("%d rejected input(s) not quarantined: %s", len(items), e)
-            if self.uplink is not None:
-                self.uplink.notify()
+            kept = images[rejected] if images is not None else x[rejected]  # copies: the caller may reuse its buffers
+            picked = [origins[int(i)] if origins is not None else None for i in rejected]
+            self.writer.submit(lambda: self._rows(ensemble, decision, rejected, kept, images is not None, picked))
         self.monitor.record(decision.rejected.tolist())
         return decision, ensemble.bundle.version
+
+    def _rows(
+        self,
+        ensemble: Ensemble,
+        decision: Decision,
+        rejected: np.ndarray,
+        kept: np.ndarray,
+        are_images: bool,
+        origins: list[Origin | None],
+    ) -> Items:
+        """The spool rows (header, image bytes) of the rejected inputs, built on the writer's thread."""
+        manifest = ensemble.bundle.manifest
+        if not are_images:
+            kept = preprocess_of(manifest.input_spec).to_image(kept)
+        rows = []
+        for i, image, origin in zip(rejected, kept, origins, strict=True):
+            source, captured_at, position = origin if origin is not None else ("", None, None)
+            header = build_header(
+                self.device_id,
+                manifest.fleet,
+                manifest.version,
+                image.shape,
+                "uint8",
+                decision.primary[i],
+                decision.monitor[i],
+                source_id=source,
+                captured_at=captured_at,
+                position=position,
+                reject_score=float(decision.score[i]),
+            )
+            rows.append((header.SerializeToString(), np.ascontiguousarray(image).tobytes()))
+        return rows

@@ -34,7 +34,7 @@ from edge_agent.options import flag, fraction, nonnegative_float, positive, posi
 from edge_agent.ports import StateLock, check_port
 from edge_agent.runtime import RuntimeConfig
 from edge_agent.sources import Source, SourceError, SourceSpec, SourceStats, parse_source
-from edge_agent.spool import Spool, SpoolConfig
+from edge_agent.spool import DURABILITY, Spool, SpoolConfig
 from edge_agent.updates import BundleCache, UpdateConfig, Updater, bootstrap
 from edge_agent.uplink import Uplink, UplinkConfig
 
@@ -82,9 +82,14 @@ class RunConfig:
     spool_max_items: int = flag(100_000, "quarantined inputs the spool keeps at most", type=positive)
     spool_policy: str = flag("drop-oldest", "at the spool bound", choices=("drop-oldest", "reject-new"))
     spool_durability: str = flag(
-        "power",
-        "power: an fsync per reject, survives power loss (default); process: survives kill -9, ~20%% faster",
-        choices=("power", "process"),
+        "deferred",
+        "what a reject survives once answered: deferred (default: committed within --spool-flush-interval, "
+        "the reply does not wait), process (the reply waits for the commit: survives kill -9), power (the reply "
+        "waits for the fsync: survives power loss)",
+        choices=tuple(DURABILITY),
+    )
+    spool_flush_interval: float = flag(
+        0.05, "durability deferred: seconds a reject waits at most before its commit", type=positive_float
     )
     spool_max_bytes: int = flag(512 << 20, "spool bound in bytes", type=positive)
     stats_interval: float = flag(10.0, "seconds between stats messages", type=positive_float)
@@ -252,6 +257,7 @@ def _run(cfg: RunConfig, stop: threading.Event) -> dict[str, Any]:
             max_bytes=cfg.spool_max_bytes,
             policy=cfg.spool_policy,
             durability=cfg.spool_durability,
+            flush_interval=cfg.spool_flush_interval,
         )
     )
     agent = Agent(Ensemble(bundle, cfg.runtime), spool, RejectMonitor(cfg.window, cfg.reject_threshold), cfg.device_id)
@@ -281,6 +287,7 @@ def _run(cfg: RunConfig, stop: threading.Event) -> dict[str, Any]:
         for part in (batcher, updater, uplink):
             if part is not None:
                 part.stop()
+        agent.close()
         spool.close()
         raise
 
@@ -335,6 +342,7 @@ def _run(cfg: RunConfig, stop: threading.Event) -> dict[str, Any]:
             _write_sources(cfg.state_dir, batcher, stats)
         if updater is not None:
             updater.stop()
+        agent.close()  # commits the rejects still pending before the uplink's last round
         if uplink is not None:
             uplink.stop()
         snap = agent.monitor.snapshot()

@@ -1,29 +1,37 @@
-"""The local quarantine spool: every rejected input is written here, durably, before the reply goes out.
+"""The local quarantine spool: every rejected input is written here, durably.
 
-One SQLite file in WAL mode with ``synchronous=FULL``: a row that :meth:`Spool.put` returned survives kill -9
-and power loss. Rows leave only when the collector acknowledged them (:meth:`Spool.ack`). The spool is
+One SQLite file in WAL mode: a row that :meth:`Spool.put` returned survives kill -9, and power loss under
+``synchronous=FULL``. Rows leave only when the collector acknowledged them (:meth:`Spool.ack`). The spool is
 bounded in rows and bytes; at the bound the policy is explicit (``drop-oldest`` keeps the newest evidence,
 ``reject-new`` keeps the oldest), and every dropped row is counted (persisted) and logged.
+
+:class:`SpoolWriter` is the request path's door to it: group commit (one writer thread stores what every caller
+handed it since its last transaction in one transaction, one fsync), and with durability ``deferred`` the reply
+does not wait for the disk at all (the writer commits at least every ``flush_interval`` seconds).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 POLICIES = ("drop-oldest", "reject-new")
-# What an acknowledged put survives: "power" (synchronous=FULL: an fsync per transaction, survives power loss)
-# or "process" (synchronous=NORMAL in WAL mode: survives the process being killed, -9 included, and restarts;
-# the last transactions may be lost if the machine itself loses power).
-DURABILITY = {"power": "FULL", "process": "NORMAL"}
+# What a rejected input survives once its reply has gone out, and the SQLite setting behind it:
+# "power": the reply waits for the fsync (synchronous=FULL): survives power loss;
+# "process": the reply waits for the commit (synchronous=NORMAL in WAL mode): survives the process being killed,
+#   -9 included, and restarts; the last transactions may be lost if the machine itself loses power;
+# "deferred": the reply does not wait; the writer commits (synchronous=FULL) within flush_interval seconds, so a
+#   crash or power loss loses at most the rejects of that last interval.
+DURABILITY = {"power": "FULL", "process": "NORMAL", "deferred": "FULL"}
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS spool (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -47,6 +55,7 @@ class SpoolConfig:
     max_bytes: int = 512 << 20
     policy: str = "drop-oldest"
     durability: str = "power"
+    flush_interval: float = 0.05  # durability "deferred": seconds a reject may wait before its commit
 
     def __post_init__(self) -> None:
         if self.durability not in DURABILITY:
@@ -55,6 +64,8 @@ class SpoolConfig:
             raise ValueError(f"unknown spool policy {self.policy!r}; choose one of: {', '.join(POLICIES)}")
         if self.max_items < 1 or self.max_bytes < 1:
             raise ValueError("spool bounds must be positive")
+        if not self.flush_interval > 0:
+            raise ValueError(f"the spool's flush interval must be positive (got {self.flush_interval})")
 
 
 @dataclass(frozen=True)
@@ -243,3 +254,95 @@ class Spool:
         """Bytes of header and tensor data waiting."""
         with self._lock:
             return self._bytes
+
+
+Items = list[tuple[bytes, bytes]]
+
+
+class _Job:
+    __slots__ = ("build", "done")
+
+    def __init__(self, build: Callable[[], Items], wait: bool) -> None:
+        self.build, self.done = build, threading.Event() if wait else None
+
+
+class SpoolWriter:
+    """Group commit in front of a :class:`Spool`: one thread stores the inputs of every caller in one transaction.
+
+    ``submit`` hands over a function that builds the spool rows (header and image bytes), so the serialisation
+    runs on the writer's thread too. Under durability ``power`` and ``process`` it returns once the rows are
+    committed: callers that arrive while a commit runs (the batcher, endpoint requests) share the next
+    transaction and its fsync. Under ``deferred`` it returns at once; the writer commits what gathered at least
+    every ``flush_interval`` seconds. ``stored`` is called after each commit (the uplink's wake-up). A full spool
+    or disk refuses the quarantine copy only: counted in :attr:`unspooled`, logged, serving goes on.
+    """
+
+    def __init__(self, spool: Spool, stored: Callable[[], None] | None = None, max_pending: int = 4096) -> None:
+        self.spool, self._stored = spool, stored
+        self.wait = spool.cfg.durability != "deferred"
+        self.unspooled = 0  # rejected inputs not quarantined (the spool's reject-new bound, a full disk, an error)
+        self.commits = 0
+        self._q: queue.Queue[_Job | None] = queue.Queue(max_pending)  # full: submit blocks (the disk is behind)
+        self._thread = threading.Thread(target=self._loop, name="spool-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, build: Callable[[], Items]) -> None:
+        """Store the rows ``build`` returns; waits for their commit unless durability is ``deferred``."""
+        job = _Job(build, self.wait)
+        self._q.put(job)
+        if job.done is not None:
+            job.done.wait()
+
+    def flush(self) -> None:
+        """Return once everything submitted so far is committed (or counted as not spooled)."""
+        job = _Job(list, wait=True)
+        self._q.put(job)
+        assert job.done is not None
+        job.done.wait()
+
+    def close(self) -> None:
+        """Commit what is pending and stop the thread."""
+        if self._thread.is_alive():
+            self._q.put(None)
+            self._thread.join()
+
+    def _loop(self) -> None:
+        stopping = False
+        while not stopping:
+            jobs = [self._q.get()]
+            if not self.wait:  # gather: one transaction per interval at most
+                time.sleep(self.spool.cfg.flush_interval)
+            while True:
+                try:
+                    jobs.append(self._q.get_nowait())
+                except queue.Empty:
+                    break
+            stopping = None in jobs
+            self._commit([j for j in jobs if j is not None])
+
+    def _commit(self, jobs: list[_Job]) -> None:
+        items: Items = []
+        for job in jobs:
+            try:
+                items += job.build()
+            except Exception:  # a bug in building rows must not stop the writer: count, log, go on
+                self.unspooled += 1
+                log.exception("a quarantined input could not be serialised; it is not spooled")
+        try:
+            if items:
+                self.spool.put_many(items)
+                self.commits += 1
+        except SpoolFull as e:
+            # The inputs were still refused (label -1); only their quarantine copy is lost, counted by the spool
+            # (rejected_full, disk_full) and here, and logged. Serving goes on.
+            self.unspooled += len(items)
+            log.warning("%d rejected input(s) not quarantined: %s", len(items), e)
+        except Exception:
+            self.unspooled += len(items)
+            log.exception("%d rejected input(s) not quarantined: the spool failed", len(items))
+        finally:
+            for job in jobs:
+                if job.done is not None:
+                    job.done.set()
+        if items and self._stored is not None:
+            self._stored()
