@@ -46,7 +46,7 @@ def test_writer_group_commits_and_waits_for_the_disk(tmp_path: Path) -> None:
 def test_deferred_writer_answers_first_and_commits_within_its_interval(tmp_path: Path) -> None:
     with Spool(SpoolConfig(tmp_path / "d.sqlite", durability="deferred", flush_interval=2.0)) as spool:
         writer = SpoolWriter(spool)
-        for i in range(10):
+        for _ in range(10):
             writer.submit(lambda: [(header(), TENSOR)])
         assert spool.depth() == 0  # the reply did not wait for the disk
         writer.submit(lambda: [(header(), TENSOR)] * int("not a number"))  # a broken row builder: counted

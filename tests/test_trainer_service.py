@@ -276,6 +276,36 @@ def test_service_pushes_publishes_and_serves_resumable_downloads(
         channel.close()
 
 
+def test_service_holds_hundreds_of_subscriptions_and_tells_each_one(tmp_path: Path) -> None:
+    """More open Subscribe streams than the thread-per-stream server had workers (64): each gets the publish, and
+    the streams its agents close leave the service's subscriber sets."""
+    from conftest import tiny_store
+
+    store = tiny_store(tmp_path / "exports", versions=(1, 2))
+    server = start_service(store, tmp_path)
+    channels = [grpc.insecure_channel(f"127.0.0.1:{server.port}") for _ in range(4)]
+    try:
+        streams = []
+        for i in range(300):
+            stub = ms_grpc.ModelServiceStub(channels[i % 4])
+            stream = stub.Subscribe(ms.SubscribeRequest(fleet="default", device_id=f"cam-{i}", current_version=1))
+            assert next(stream).version == 1  # answered while the 299 others stay open
+            streams.append(stream)
+        assert server.servicer.subscriptions() == 300
+        store.publish("default", 2)
+        assert all(next(stream).version == 2 for stream in streams)
+        for stream in streams[:100]:
+            stream.cancel()
+        assert wait_for(lambda: server.servicer.subscriptions() == 200, 10)
+        registry = Registry(tmp_path / "registry.sqlite")
+        assert wait_for(lambda: sum(d["subscribed"] for d in registry.devices("default")) == 200, 10)
+        registry.close()
+    finally:
+        server.stop()
+        for c in channels:
+            c.close()
+
+
 def test_serve_cli_reads_toml_and_stops_cleanly_on_sigterm(store: ModelStore, tmp_path: Path) -> None:
     from conftest import free_port
 

@@ -3,24 +3,29 @@
 Agents subscribe to their fleet and get a notice with the manifest whenever the fleet's current version
 changes; they download artifacts in chunks of at most 1 MiB, from any offset (a broken download resumes).
 Operators list fleets, read a fleet's status (versions, quarantine sizes, devices, jobs, history), publish a
-stored version and roll back. The store on disk is the source of truth: a watcher thread reads each fleet's
+stored version and roll back. The store on disk is the source of truth: a watcher reads each fleet's
 ``fleet.json`` and pushes a notice when the current version changes, whoever changed it (this service, the
 job runner, or ``nnoc-trainer fleet`` in another process).
+
+The server is ``grpc.aio`` on an event loop of its own thread: an open Subscribe stream is a coroutine waiting on
+its queue, not a thread, so one process holds thousands of subscriptions (the thread-per-stream server it replaced
+held 64). Blocking work (the store's files, the registry's SQLite) runs in the loop's executor; the subscriber
+sets and the last-seen versions are touched on the loop only.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import fnmatch
 import logging
-import queue
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterator
-from concurrent import futures
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -36,8 +41,10 @@ from trainer.service.registry import Registry
 from trainer.service.store import ModelStore, StoreError
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 CHUNK_MAX = 1 << 20
+MAX_PENDING_CALLS = 20_000  # calls accepted by gRPC core and not yet started by the loop (see ModelServer)
 SERVICE_NAME = "nnoc.v1.ModelService"
 
 
@@ -55,7 +62,6 @@ class ServiceConfig:
 
     listen: str = flag("127.0.0.1:50051", "gRPC model service address (port 0: any)")
     chunk_size: int = flag(CHUNK_MAX, "download chunk bytes (at most 1 MiB)", type=positive)
-    max_workers: int = 64  # each open Subscribe stream holds one worker thread
     watch_interval: float = 0.2  # seconds between reads of the fleets' state
     # server certificate (PEM); None: plaintext (the CLI wants --insecure for that)
     tls_cert: Path | None = flag(None, "model service TLS certificate (PEM)", type=Path)
@@ -91,41 +97,46 @@ class Caller:
         return f"{self.name!r}" if self.name else "a caller without a client certificate"
 
 
-def certificate_name(context: grpc.ServicerContext) -> str | None:
+def certificate_name(context: grpc.ServicerContext | grpc.aio.ServicerContext) -> str | None:
     """The common name of the peer's verified client certificate, or None (plaintext, TLS without client certs)."""
     names = context.auth_context().get("x509_common_name") or []
     return names[0].decode(errors="replace") if names else None
 
 
 class ModelServicer(ms_grpc.ModelServiceServicer):
-    """Subscribe, Download and the operator RPCs over a :class:`ModelStore`."""
+    """Subscribe, Download and the operator RPCs over a :class:`ModelStore` (coroutines on the server's loop)."""
 
     def __init__(self, store: ModelStore, registry: Registry, quarantine_root: Path, cfg: ServiceConfig) -> None:
         if not 0 < cfg.chunk_size <= CHUNK_MAX:
             raise ValueError(f"chunk size must lie in (0, {CHUNK_MAX}], got {cfg.chunk_size}")
         self.store, self.registry, self.quarantine_root, self.cfg = store, registry, quarantine_root, cfg
-        self._lock = threading.Lock()
-        self._subscribers: dict[str, set[queue.Queue[ms.VersionNotice | None]]] = defaultdict(set)
+        # fleet -> the queues of its open Subscribe streams; touched on the event loop only
+        self._subscribers: dict[str, set[asyncio.Queue[ms.VersionNotice | None]]] = defaultdict(set)
         self._seen: dict[str, tuple[int | None, str]] = {}
-        self._stop = threading.Event()
-        self._watcher = threading.Thread(target=self._watch, name="store-watcher", daemon=True)
+        self._reading = threading.Lock()  # one reader of the store's fleet states at a time (watcher, Publish)
+        self._watcher: asyncio.Task[None] | None = None
         self.denied: dict[str, int] = defaultdict(int)  # refused calls per RPC (PERMISSION_DENIED)
+
+    def subscriptions(self) -> int:
+        """Open Subscribe streams, all fleets."""
+        return sum(len(subs) for subs in list(self._subscribers.values()))
 
     # -- authorization -------------------------------------------------------------------------------------
 
-    def caller(self, context: grpc.ServicerContext) -> Caller:
+    def caller(self, context: grpc.aio.ServicerContext) -> Caller:
         """Who is calling, and whether that is an operator."""
         name = certificate_name(context)
         if name is None:
             return Caller(None, self.cfg.insecure_operators)
         return Caller(name, name in self.cfg.operators)
 
-    def _deny(self, context: grpc.ServicerContext, rpc: str, caller: Caller, why: str) -> None:
+    async def _deny(self, context: grpc.aio.ServicerContext, rpc: str, caller: Caller, why: str) -> NoReturn:
         self.denied[rpc] += 1
         log.warning("denied %s to %s: %s", rpc, caller.describe(), why)
-        context.abort(grpc.StatusCode.PERMISSION_DENIED, why)
+        await context.abort(grpc.StatusCode.PERMISSION_DENIED, why)
+        raise AssertionError("abort returned")  # abort raises; this line is for the type checker
 
-    def _operator(self, context: grpc.ServicerContext, rpc: str) -> Caller:
+    async def _operator(self, context: grpc.aio.ServicerContext, rpc: str) -> Caller:
         """The caller when it is an operator; otherwise the call ends with PERMISSION_DENIED and the reason."""
         caller = self.caller(context)
         if not caller.operator:
@@ -137,20 +148,24 @@ class ModelServicer(ms_grpc.ModelServiceServicer):
                 )
             else:
                 why = f"certificate {caller.name!r} is not an operator (serve --operators names who may call {rpc})"
-            self._deny(context, rpc, caller, why)
+            await self._deny(context, rpc, caller, why)
         return caller
 
-    def _agent(self, context: grpc.ServicerContext, rpc: str, fleet: str, device_id: str | None = None) -> Caller:
+    async def _agent(
+        self, context: grpc.aio.ServicerContext, rpc: str, fleet: str, device_id: str | None = None
+    ) -> Caller:
         """The caller when it may read ``fleet`` (and, under mutual TLS, speaks as ``device_id``)."""
         caller = self.caller(context)
         if caller.name is None or caller.operator:
             return caller
         if device_id is not None and device_id != caller.name:
-            self._deny(context, rpc, caller, f"certificate {caller.name!r} cannot subscribe as device {device_id!r}")
+            await self._deny(
+                context, rpc, caller, f"certificate {caller.name!r} cannot subscribe as device {device_id!r}"
+            )
         if self.cfg.agent_fleets and not any(
             fleet == f and fnmatch.fnmatchcase(caller.name, pattern) for pattern, f in self.cfg.agent_fleets
         ):
-            self._deny(context, rpc, caller, f"certificate {caller.name!r} is not an agent of fleet {fleet!r}")
+            await self._deny(context, rpc, caller, f"certificate {caller.name!r} is not an agent of fleet {fleet!r}")
         return caller
 
     # -- notices -------------------------------------------------------------------------------------------
@@ -167,102 +182,111 @@ class ModelServicer(ms_grpc.ModelServiceServicer):
             rollback=self.store.last_action(fleet) == "rollback",
         )
 
-    def start(self) -> None:
-        """Start watching the store."""
-        for fleet in self.store.fleets():
-            self._seen[fleet] = (self.store.state(fleet).current, self.store.last_action(fleet))
-        self._watcher.start()
+    def _changes(self) -> list[tuple[str, ms.VersionNotice, str]]:
+        """Fleets whose current version changed since the last read, with their notice (blocking: the store)."""
+        out = []
+        with self._reading:
+            for fleet in self.store.fleets():
+                now = (self.store.state(fleet).current, self.store.last_action(fleet))
+                if self._seen.get(fleet) == now:
+                    continue
+                self._seen[fleet] = now
+                notice = self._notice(fleet)
+                if notice is not None:
+                    out.append((fleet, notice, now[1]))
+        return out
 
-    def stop(self) -> None:
+    def _remember(self) -> None:
+        with self._reading:
+            for fleet in self.store.fleets():
+                self._seen[fleet] = (self.store.state(fleet).current, self.store.last_action(fleet))
+
+    async def start(self) -> None:
+        """Start watching the store (on the server's loop)."""
+        await asyncio.to_thread(self._remember)
+        self._watcher = asyncio.create_task(self._watch(), name="store-watcher")
+
+    async def stop(self) -> None:
         """Stop watching and end every open Subscribe stream."""
-        self._stop.set()
-        with self._lock:
-            for subs in self._subscribers.values():
-                for q in subs:
-                    q.put(None)
-        self._watcher.join(5)
+        if self._watcher is not None:
+            self._watcher.cancel()
+        for subs in self._subscribers.values():
+            for q in subs:
+                q.put_nowait(None)
 
-    def _watch(self) -> None:
-        while not self._stop.wait(self.cfg.watch_interval):
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.watch_interval)
             try:
-                self.check_store()
+                await self.check_store()
             except Exception:  # a half-written store must not kill the watcher; the next pass sees it whole
                 log.exception("reading the model store failed")
 
-    def check_store(self) -> None:
+    async def check_store(self) -> None:
         """Push a notice to a fleet's subscribers when its current version changed since the last check."""
-        for fleet in self.store.fleets():
-            now = (self.store.state(fleet).current, self.store.last_action(fleet))
-            if self._seen.get(fleet) == now:
-                continue
-            self._seen[fleet] = now
-            notice = self._notice(fleet)
-            if notice is None:
-                continue
-            with self._lock:
-                subs = list(self._subscribers.get(fleet, ()))
-            log.info("fleet %s: v%d is current (%s); telling %d agents", fleet, notice.version, now[1], len(subs))
+        for fleet, notice, action in await asyncio.to_thread(self._changes):
+            subs = list(self._subscribers.get(fleet, ()))
+            log.info("fleet %s: v%d is current (%s); telling %d agents", fleet, notice.version, action, len(subs))
             for q in subs:
-                q.put(notice)
+                q.put_nowait(notice)
 
     # -- agent RPCs ----------------------------------------------------------------------------------------
 
-    def Subscribe(self, request: ms.SubscribeRequest, context: grpc.ServicerContext) -> Iterator[ms.VersionNotice]:
+    async def Subscribe(
+        self, request: ms.SubscribeRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[ms.VersionNotice]:
         """The fleet's current version now, then every change, until the agent or the service goes away."""
-        self._agent(context, "Subscribe", request.fleet, request.device_id)
+        await self._agent(context, "Subscribe", request.fleet, request.device_id)
         try:
-            first = self._notice(request.fleet)
+            first = await asyncio.to_thread(self._notice, request.fleet)
         except StoreError as e:
-            context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
         if not request.device_id:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "SubscribeRequest needs a device_id")
-        q: queue.Queue[ms.VersionNotice | None] = queue.Queue()
-        with self._lock:
-            self._subscribers[request.fleet].add(q)
-        context.add_callback(lambda: q.put(None))  # the agent hung up: end the loop below
-        self.registry.record_subscription(request.device_id, request.fleet, request.current_version, True)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "SubscribeRequest needs a device_id")
+        q: asyncio.Queue[ms.VersionNotice | None] = asyncio.Queue()
+        self._subscribers[request.fleet].add(q)
+        loop = asyncio.get_running_loop()
+        loop.run_in_executor(
+            None, self.registry.record_subscription, request.device_id, request.fleet, request.current_version, True
+        )
         log.info("agent %s subscribed to %s (serving v%d)", request.device_id, request.fleet, request.current_version)
         try:
             if first is not None:
                 yield first
-            while not self._stop.is_set():
-                notice = q.get()
-                if notice is None or not context.is_active():
-                    break
+            while (notice := await q.get()) is not None:
                 yield notice
-        finally:
-            with self._lock:
-                self._subscribers[request.fleet].discard(q)
-            self.registry.record_subscription(request.device_id, request.fleet, 0, False)
+        finally:  # the stream ended: the service stopped, the agent hung up (cancelled here) or the send failed
+            self._subscribers[request.fleet].discard(q)
+            loop.run_in_executor(None, self.registry.record_subscription, request.device_id, request.fleet, 0, False)
 
-    def Download(self, request: ms.DownloadRequest, context: grpc.ServicerContext) -> Iterator[ms.Chunk]:
+    async def Download(self, request: ms.DownloadRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[ms.Chunk]:
         """One artifact from ``offset`` on, in chunks of at most ``chunk_size`` bytes."""
-        self._agent(context, "Download", request.fleet)
+        await self._agent(context, "Download", request.fleet)
         try:
-            path = self.store.artifact(request.fleet, request.version, request.name)
+            path = await asyncio.to_thread(self.store.artifact, request.fleet, request.version, request.name)
         except StoreError as e:
-            context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
         total = path.stat().st_size
         if not 0 <= request.offset <= total:
-            context.abort(grpc.StatusCode.OUT_OF_RANGE, f"offset {request.offset} outside [0, {total}]")
+            await context.abort(grpc.StatusCode.OUT_OF_RANGE, f"offset {request.offset} outside [0, {total}]")
         with path.open("rb") as f:
             f.seek(request.offset)
             offset = request.offset
-            while data := f.read(self.cfg.chunk_size):
-                if not context.is_active():
-                    return
+            while data := await asyncio.to_thread(f.read, self.cfg.chunk_size):
                 yield ms.Chunk(offset=offset, data=data, total_size=total)
                 offset += len(data)
 
     # -- operator RPCs -------------------------------------------------------------------------------------
 
-    def ListFleets(self, request: ms.ListFleetsRequest, context: grpc.ServicerContext) -> ms.ListFleetsResponse:
+    async def ListFleets(
+        self, request: ms.ListFleetsRequest, context: grpc.aio.ServicerContext
+    ) -> ms.ListFleetsResponse:
         """Names of the fleets in the store."""
-        self._operator(context, "ListFleets")
-        return ms.ListFleetsResponse(fleets=self.store.fleets())
+        await self._operator(context, "ListFleets")
+        return ms.ListFleetsResponse(fleets=await asyncio.to_thread(self.store.fleets))
 
     def status(self, fleet: str) -> ms.FleetStatusResponse:
-        """Versions, quarantine sizes, devices, jobs and history of one fleet."""
+        """Versions, quarantine sizes, devices, jobs and history of one fleet (blocking: store and registry)."""
         state = self.store.state(fleet)
         out = ms.FleetStatusResponse(fleet=fleet, current_version=state.current or 0)
         for v in state.versions:
@@ -297,70 +321,119 @@ class ModelServicer(ms_grpc.ModelServiceServicer):
             out.history.append(f"{when} {h['action']} v{h.get('version')}" + (f" by {h['by']}" if h.get("by") else ""))
         return out
 
-    def FleetStatus(self, request: ms.FleetStatusRequest, context: grpc.ServicerContext) -> ms.FleetStatusResponse:
+    async def FleetStatus(
+        self, request: ms.FleetStatusRequest, context: grpc.aio.ServicerContext
+    ) -> ms.FleetStatusResponse:
         """See :meth:`status`."""
-        self._operator(context, "FleetStatus")
+        await self._operator(context, "FleetStatus")
         try:
-            return self.status(request.fleet)
+            return await asyncio.to_thread(self.status, request.fleet)
         except StoreError as e:
-            context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
             raise  # abort raises; this line is for the type checker
 
-    def Publish(self, request: ms.PublishRequest, context: grpc.ServicerContext) -> ms.FleetStatusResponse:
+    async def Publish(self, request: ms.PublishRequest, context: grpc.aio.ServicerContext) -> ms.FleetStatusResponse:
         """Make a stored version current."""
-        by = f"{self._operator(context, 'Publish').describe()} over gRPC"
+        by = f"{(await self._operator(context, 'Publish')).describe()} over gRPC"
         try:
-            self.store.publish(request.fleet, int(request.version), by=by, note=request.note[:500])
+            await asyncio.to_thread(
+                self.store.publish, request.fleet, int(request.version), by=by, note=request.note[:500]
+            )
         except StoreError as e:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
-        self.check_store()
-        return self.status(request.fleet)
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+        await self.check_store()
+        return await asyncio.to_thread(self.status, request.fleet)
 
-    def Rollback(self, request: ms.RollbackRequest, context: grpc.ServicerContext) -> ms.FleetStatusResponse:
+    async def Rollback(self, request: ms.RollbackRequest, context: grpc.aio.ServicerContext) -> ms.FleetStatusResponse:
         """Make an older version current (0: the one current before)."""
-        by = f"{self._operator(context, 'Rollback').describe()} over gRPC"
+        by = f"{(await self._operator(context, 'Rollback')).describe()} over gRPC"
         try:
-            self.store.rollback(request.fleet, int(request.version) or None, by=by)
+            await asyncio.to_thread(self.store.rollback, request.fleet, int(request.version) or None, by=by)
         except StoreError as e:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
-        self.check_store()
-        return self.status(request.fleet)
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+        await self.check_store()
+        return await asyncio.to_thread(self.status, request.fleet)
 
 
 class ModelServer:
-    """The gRPC server: model service + health. ``start()``; ``stop()`` says NOT_SERVING first."""
+    """The gRPC server (``grpc.aio``): model service + health, on an event loop in a thread of its own.
+
+    ``start()``; ``stop()`` says NOT_SERVING first. The constructor binds the port (a taken one raises
+    :class:`PortError`), so callers learn of it before anything starts.
+    """
 
     def __init__(self, servicer: ModelServicer, cfg: ServiceConfig) -> None:
         self.servicer, self.cfg = servicer, cfg
-        self.server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=cfg.max_workers, thread_name_prefix="model-service"),
-            options=[("grpc.max_send_message_length", 2 * CHUNK_MAX + (1 << 16)), *GRPC_EXCLUSIVE],
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="model-service", daemon=True)
+        self._thread.start()
+        try:
+            self.port = self._call(self._bind())
+        except BaseException:
+            self._close_loop()
+            raise
+
+    def _call(self, coro: Coroutine[Any, Any, T], timeout: float | None = 60.0) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    async def _bind(self) -> int:
+        self.server = grpc.aio.server(
+            options=[
+                ("grpc.max_send_message_length", 2 * CHUNK_MAX + (1 << 16)),
+                # Calls that arrived and wait for the loop to pick them up: gRPC core sheds them (CANCELLED) past
+                # 1,000, at random up to 3,000. A fleet resubscribing at once (the trainer restarted) is such a
+                # burst; let it queue.
+                ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
+                ("grpc.server.max_pending_requests_hard_limit", 2 * MAX_PENDING_CALLS),
+                *GRPC_EXCLUSIVE,
+            ]
         )
-        ms_grpc.add_ModelServiceServicer_to_server(servicer, self.server)
-        self.health = health.HealthServicer()
+        ms_grpc.add_ModelServiceServicer_to_server(self.servicer, self.server)
+        self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        cfg = self.cfg
         try:
             if cfg.tls_cert is not None and cfg.tls_key is not None:
                 creds = server_credentials(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca)
-                self.port = self.server.add_secure_port(cfg.listen, creds)
+                port = self.server.add_secure_port(cfg.listen, creds)
             else:
-                self.port = self.server.add_insecure_port(cfg.listen)
+                port = self.server.add_insecure_port(cfg.listen)
         except RuntimeError as e:
             raise PortError(f"model service cannot listen on {cfg.listen}: {e} (is the port taken?)") from None
-        if self.port == 0:
+        if port == 0:
             raise PortError(f"model service cannot listen on {cfg.listen} (is the port taken?)")
+        return port
 
     def start(self) -> ModelServer:
         """Serve and report SERVING."""
-        self.servicer.start()
-        self.server.start()
-        for name in ("", SERVICE_NAME):
-            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._call(self._start())
         log.info("model service on port %d", self.port)
         return self
 
+    async def _start(self) -> None:
+        await self.servicer.start()
+        await self.server.start()
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    def enter_graceful_shutdown(self) -> None:
+        """Report NOT_SERVING to health checks from now on."""
+        if not self._loop.is_closed():
+            self._call(self.health.enter_graceful_shutdown())
+
     def stop(self, grace: float = 3.0) -> None:
         """NOT_SERVING, end the subscriptions, then stop accepting RPCs."""
-        self.health.enter_graceful_shutdown()
-        self.servicer.stop()
-        self.server.stop(grace).wait()
+        if self._loop.is_closed():
+            return
+        self._call(self._stop(grace), timeout=grace + 30)
+        self._close_loop()
+
+    async def _stop(self, grace: float) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self.servicer.stop()
+        await self.server.stop(grace)
+
+    def _close_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(30)
+        self._loop.close()

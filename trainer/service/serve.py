@@ -183,7 +183,7 @@ def serve(cfg: ServeConfig, stop: threading.Event | None = None) -> dict[str, An
             started.callback(http.shutdown)
         runner = JobRunner(store, registry, cfg.quarantine_root, cfg.state_dir / "jobs", cfg.policy).start()
         started.callback(runner.stop)
-        started.callback(server.health.enter_graceful_shutdown)
+        started.callback(server.enter_graceful_shutdown)
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, lambda *_: stop.set())
             signal.signal(signal.SIGINT, lambda *_: stop.set())
