@@ -88,6 +88,7 @@ bench: $(STAMP) dataset camera-deps
 	$(BIN)/python -m bench.bench_cyclegan_sizes
 	$(BIN)/python -m bench.bench_detect
 	$(BIN)/python -m bench.bench_cameras
+	$(BIN)/python -m bench.bench_fleet
 	$(BIN)/python -m bench.report
 
 clean:
