@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import ROOT, save, start_collector
+from bench.common import ROOT, drain_agents, save, start_collector
 
 FOREIGN = ROOT / "runs" / "bench-foreign" / "resnet18"
 DURABILITIES = ("deferred", "process", "power")  # the first is nnoc-edge run's default
@@ -110,16 +110,7 @@ class Rig:
         }
 
     def close(self) -> dict[str, Any]:
-        acked = 0
-        for agent in self.agents.values():
-            agent.close()  # commits what the deferred spool still holds
-            deadline = time.monotonic() + 60
-            while agent.spool.depth() and time.monotonic() < deadline:
-                time.sleep(0.1)
-            assert agent.uplink is not None
-            agent.uplink.stop()
-            acked += agent.uplink.counters.acked
-            agent.spool.close()
+        acked = drain_agents(self.agents.values())
         self.stop_collector.set()
         self.collector.join(30)
         return {"acked": acked}

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import ROOT, save, start_collector
+from bench.common import ROOT, drain_agents, save, start_collector
 
 
 def rate(fn: Callable[[np.ndarray], object], x: np.ndarray, seconds: float) -> float:
@@ -124,16 +124,7 @@ def bench_spool(bundle_dir: Path, seconds: float, tmp: Path) -> dict[str, Any]:
         for name, r in runs.items():
             if r["rate"] > out.get(name, {}).get("rate", 0):
                 out[name] = r
-    acked = stored = 0
-    for agent in agents.values():
-        agent.close()  # commits what the deferred spool still holds
-        deadline = time.monotonic() + 30
-        while agent.spool.depth() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert agent.uplink is not None
-        agent.uplink.stop()
-        acked += agent.uplink.counters.acked
-        agent.spool.close()
+    acked = drain_agents(agents.values(), 30)
     stop.set()
     collector.join(30)
     stored = quarantine_size(tmp / "q", bundle.manifest.fleet, bundle.version)

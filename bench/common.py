@@ -98,3 +98,19 @@ def start_collector(root: Path, fleet: str, spec: Any) -> tuple[Any, int, Any]:
     proc = ctx.Process(target=_collector, args=(str(root), fleet, spec.SerializeToString(), ports, stop))
     proc.start()
     return proc, int(ports.get(timeout=60)), stop
+
+
+def drain_agents(agents: Any, timeout: float = 60.0) -> int:
+    """Close bench agents (their deferred spool commits), wait until the uplinks emptied the spools, stop them;
+    returns how many inputs the collector acknowledged."""
+    acked = 0
+    for agent in agents:
+        agent.close()
+        deadline = time.monotonic() + timeout
+        while agent.spool.depth() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert agent.uplink is not None
+        agent.uplink.stop()
+        acked += agent.uplink.counters.acked
+        agent.spool.close()
+    return acked
