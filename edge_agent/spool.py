@@ -282,6 +282,7 @@ class SpoolWriter:
         self.wait = spool.cfg.durability != "deferred"
         self.unspooled = 0  # rejected inputs not quarantined (the spool's reject-new bound, a full disk, an error)
         self.commits = 0
+        self._closing = threading.Event()  # cuts a deferred writer's gathering wait short
         self._q: queue.Queue[_Job | None] = queue.Queue(max_pending)  # full: submit blocks (the disk is behind)
         self._thread = threading.Thread(target=self._loop, name="spool-writer", daemon=True)
         self._thread.start()
@@ -303,6 +304,7 @@ class SpoolWriter:
     def close(self) -> None:
         """Commit what is pending and stop the thread."""
         if self._thread.is_alive():
+            self._closing.set()
             self._q.put(None)
             self._thread.join()
 
@@ -311,7 +313,7 @@ class SpoolWriter:
         while not stopping:
             jobs = [self._q.get()]
             if not self.wait:  # gather: one transaction per interval at most
-                time.sleep(self.spool.cfg.flush_interval)
+                self._closing.wait(self.spool.cfg.flush_interval)
             while True:
                 try:
                     jobs.append(self._q.get_nowait())

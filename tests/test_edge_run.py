@@ -179,3 +179,43 @@ def test_kill_9_loses_no_quarantined_input(
         collector.close()
     with QuarantineStore(tmp_path / "q", create=False) as store:
         assert store.count() == spooled
+
+
+def test_a_clean_stop_commits_every_deferred_reject(
+    predeployed: tuple[Path, dict[str, Any]], splits: Any, tmp_path: Path
+) -> None:
+    """Durability deferred (the default): the replies do not wait for the spool; SIGTERM commits what waits."""
+    from trainer.science.triggers import parse_trigger
+
+    images = splits.test.images[:100]
+    np.save(tmp_path / "s.npy", parse_trigger("checker4").apply(images, np.random.default_rng(2)))
+    state = tmp_path / "state"
+    args = ["run", "--insecure", "--device-id", "cam-d", "--fleet", "default", "--infer-port", "0", "--quiet"]
+    args += ["--bundle", str(predeployed[0] / "bundle"), "--source", f"npy:{tmp_path / 's.npy'}", "--json"]
+    args += ["--collector", f"tcp://127.0.0.1:{free_port()}", "--state-dir", str(state)]  # nobody listens
+    args += ["--spool-flush-interval", "600"]  # nothing is committed before the stop
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edge_agent", *args],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+
+        def classified() -> int:
+            path = state / "sources.json"
+            return json.loads(path.read_text())["sources"]["cam-1"]["classified"] if path.is_file() else 0
+
+        assert wait_for(lambda: classified() == 100, 90)
+        assert (edge("status", "--state-dir", str(state))[1] or {}).get("spool_depth") == 0  # still waiting
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-2000:]
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["requests"] == 100 and result["rejects"] > 0
+    assert result["spool_depth"] == result["rejects"]  # every reject committed on the way out
