@@ -1,6 +1,7 @@
 """Trainer service benchmarks (issue 5), side by side in one run.
 
-collector: quarantine messages of 28x28 float32 inputs from 4 agent processes on loopback. Bare pyzmq
+collector: quarantine messages from 4 agent processes on loopback, as agents send them (the model's 28x28 uint8
+image; --layout tensor: the 28x28 float32 model input older agents sent). Bare pyzmq
 PUSH/PULL moving the same frames (no parsing, no storage, no replies) against the real collector (parse, check
 against the fleet's input spec, one SQLite WAL transaction per batch with synchronous=FULL, then an ACK per
 message; senders keep a window of unacknowledged messages). Counted afterwards: stored rows, lost, duplicated.
@@ -29,22 +30,33 @@ from bench.common import ROOT, save
 AGENTS = 4
 
 
-def _header(device: str, seq: int) -> bytes:
+LAYOUT = {"image": "uint8", "tensor": "float32"}
+
+
+def _header(device: str, seq: int, dtype: str) -> bytes:
     from protos.nnoc.v1 import quarantine_pb2
 
     return quarantine_pb2.QuarantineHeader(
-        device_id=device, fleet="bench", bundle_version=1, seq=seq, shape=[1, 28, 28], dtype="float32",
+        device_id=device, fleet="bench", bundle_version=1, seq=seq, shape=[1, 28, 28], dtype=dtype,
         primary_label=0, monitor_label=3,
     ).SerializeToString()  # fmt: skip
 
 
-def _push(port: int, device: str, n: int) -> None:
+def _payload(dtype: str) -> bytes:
+    """One quarantined input: an image (uint8) or a model-input tensor (float32 in [0, 1])."""
+    rng = np.random.default_rng(0)
+    if dtype == "uint8":
+        return rng.integers(0, 256, (1, 28, 28), dtype=np.uint8).tobytes()
+    return rng.random((1, 28, 28), dtype=np.float32).tobytes()
+
+
+def _push(port: int, device: str, n: int, dtype: str) -> None:
     ctx = zmq.Context()
     s = ctx.socket(zmq.PUSH)
     s.setsockopt(zmq.SNDHWM, 0)
     s.connect(f"tcp://127.0.0.1:{port}")
-    tensor = np.random.default_rng(0).random((1, 28, 28), dtype=np.float32).tobytes()
-    headers = [_header(device, seq) for seq in range(n)]
+    tensor = _payload(dtype)
+    headers = [_header(device, seq, dtype) for seq in range(n)]
     for seq in range(n):
         s.send_multipart([headers[seq], tensor])
     s.close(linger=-1)
@@ -60,6 +72,7 @@ def _dealer(
     curve_secret: str | None = None,
     server_public: str = "",
     go: Any = None,
+    dtype: str = "float32",
 ) -> None:
     """One agent's worth of quarantine messages with a window of unacknowledged ones (CURVE when keys given)."""
     from edge_agent.formats.curve import configure_client
@@ -71,8 +84,8 @@ def _dealer(
     if curve_secret is not None:
         configure_client(s, Path(curve_secret), Path(server_public))
     s.connect(f"tcp://127.0.0.1:{port}")
-    tensor = np.random.default_rng(0).random((1, 28, 28), dtype=np.float32).tobytes()
-    headers = [_header(device, seq) for seq in range(n)]  # built before the clock starts
+    tensor = _payload(dtype)
+    headers = [_header(device, seq, dtype) for seq in range(n)]  # built before the clock starts
     if go is not None:
         out.put(("ready", device))
         go.wait()
@@ -99,12 +112,12 @@ def _dealer(
     ctx.term()
 
 
-def bench_pushpull(n: int) -> float:
+def bench_pushpull(n: int, dtype: str) -> float:
     ctx = zmq.Context()
     pull = ctx.socket(zmq.PULL)
     pull.setsockopt(zmq.RCVHWM, 0)
     port = pull.bind_to_random_port("tcp://127.0.0.1")
-    procs = [mp.Process(target=_push, args=(port, f"cam-{i}", n)) for i in range(AGENTS)]
+    procs = [mp.Process(target=_push, args=(port, f"cam-{i}", n, dtype)) for i in range(AGENTS)]
     for p in procs:
         p.start()
     got = 0
@@ -122,7 +135,7 @@ def bench_pushpull(n: int) -> float:
     return got / dt
 
 
-def bench_collector(n: int, tmp: Path) -> dict[str, Any]:
+def bench_collector(n: int, tmp: Path, dtype: str) -> dict[str, Any]:
     from protos.nnoc.v1 import bundle_pb2
     from trainer.service.collector import Collector, CollectorConfig, fixed_spec, quarantine_size
 
@@ -132,7 +145,8 @@ def bench_collector(n: int, tmp: Path) -> dict[str, Any]:
     out: Any = mp.Queue()
     go = mp.Event()
     procs = [
-        mp.Process(target=_dealer, args=(collector.port, f"cam-{i}", n, 1000, out, None, "", go)) for i in range(AGENTS)
+        mp.Process(target=_dealer, args=(collector.port, f"cam-{i}", n, 1000, out, None, "", go, dtype))
+        for i in range(AGENTS)
     ]
     for p in procs:
         p.start()
@@ -235,13 +249,15 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--messages", type=int, default=20000, help="per agent")
     ap.add_argument("--bundle-mb", type=int, default=50)
+    ap.add_argument("--layout", choices=tuple(LAYOUT), default="image", help="what the quarantine messages carry")
     args = ap.parse_args()
     mp.set_start_method("spawn", force=True)
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        pushpull = bench_pushpull(args.messages)
+        dtype = LAYOUT[args.layout]
+        pushpull = bench_pushpull(args.messages, dtype)
         print(f"PUSH/PULL: {pushpull:.0f} msg/s", flush=True)
-        collector = bench_collector(args.messages, tmp)
+        collector = bench_collector(args.messages, tmp, dtype)
         print(f"collector: {collector}", flush=True)
         big = _big_bundles(tmp, args.bundle_mb)
         one = bench_push(1, big, tmp)
@@ -253,6 +269,7 @@ def main() -> None:
         {
             "agents": AGENTS,
             "messages_per_agent": args.messages,
+            "layout": args.layout,
             "pushpull_rate": pushpull,
             "collector": collector,
             "collector_ratio": collector["rate"] / pushpull,

@@ -174,6 +174,13 @@ def edge_section(data: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _layout(data: dict[str, Any]) -> str:
+    """What the quarantine messages of a service run carried (runs before the image layout: float32 tensors)."""
+    if data.get("layout", "tensor") == "image":
+        return "the model's 28×28 uint8 image, as agents send it"
+    return "28×28 float32 model-input tensors"
+
+
 def service_section(data: dict[str, Any]) -> str:
     c = data["collector"]
     return (
@@ -184,7 +191,7 @@ def service_section(data: dict[str, Any]) -> str:
                 _machine(data["machine"]),
                 "",
                 f"**Collector.** {data['agents']} agent processes × {data['messages_per_agent']} quarantine messages "
-                "(28×28 float32) on loopback. Bare pyzmq PUSH/PULL moving the same frames against the collector "
+                f"({_layout(data)}) on loopback. Bare pyzmq PUSH/PULL moving the same frames against the collector "
                 "(parse, check against the fleet's input spec, one SQLite WAL transaction per batch with "
                 "synchronous=FULL, an ACK per message; senders keep ≤ 1000 unacknowledged). Target ≥ 0.3×.",
                 "",
