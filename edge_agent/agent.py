@@ -7,10 +7,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from edge_agent.ensemble import Decision, Ensemble
+from edge_agent.ensemble import Decision, Ensemble, InputError
 from edge_agent.formats.spec import preprocess_of
 from edge_agent.formats.wire import build_header
-from edge_agent.monitor import RejectMonitor
+from edge_agent.monitor import RejectMonitor, VersionCounts
 from edge_agent.spool import Items, Spool, SpoolWriter
 from edge_agent.uplink import Uplink
 from protos.nnoc.v1 import quarantine_pb2
@@ -28,6 +28,7 @@ class Agent:
         self._swap_lock = threading.Lock()
         self.spool, self.monitor, self.device_id, self.uplink = spool, monitor, device_id, uplink
         self.writer = SpoolWriter(spool, stored=self._stored)
+        self.versions = VersionCounts()
 
     @property
     def unspooled(self) -> int:
@@ -57,6 +58,7 @@ class Agent:
         """A snapshot for the collector: requests, rejects, windowed reject rate, spool, version."""
         snap = self.monitor.snapshot()
         ensemble = self._ensemble
+        requests, rejects, errors = self.versions.get(ensemble.bundle.version)
         return quarantine_pb2.AgentStats(
             device_id=self.device_id,
             fleet=ensemble.bundle.manifest.fleet,
@@ -68,6 +70,9 @@ class Agent:
             spool_depth=self.spool.depth(),
             spool_dropped=self.spool.counter("dropped") + self.spool.counter("rejected_full") + self.spool.disk_full,
             provider=ensemble.provider,
+            version_requests=requests,
+            version_rejects=rejects,
+            version_errors=errors,
         )
 
     def classify(
@@ -84,14 +89,22 @@ class Agent:
         ``InputError`` for a bad batch.
         """
         ensemble = self._ensemble  # one version answers the whole batch, even if a swap lands meanwhile
-        decision = ensemble.classify(x)
+        version = ensemble.bundle.version
+        try:
+            decision = ensemble.classify(x)
+        except InputError:
+            raise
+        except Exception:  # the models failed on a good input: the version's fault, counted for rollouts
+            self.versions.error(version, len(x))
+            raise
         if decision.rejected.any():
             rejected = np.flatnonzero(decision.rejected)
             kept = images[rejected] if images is not None else x[rejected]  # copies: the caller may reuse its buffers
             picked = [origins[int(i)] if origins is not None else None for i in rejected]
             self.writer.submit(lambda: self._rows(ensemble, decision, rejected, kept, images is not None, picked))
         self.monitor.record(decision.rejected.tolist())
-        return decision, ensemble.bundle.version
+        self.versions.record(version, len(decision.rejected), int(decision.rejected.sum()))
+        return decision, version
 
     def _rows(
         self,

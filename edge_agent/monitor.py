@@ -66,3 +66,42 @@ class RejectMonitor:
             return MonitorSnapshot(
                 self._requests, self._rejects, self.window, fill, rate, fill == self.window and rate > self.threshold
             )
+
+
+class VersionCounts:
+    """Inputs classified, rejected and failed per bundle version since this process started serving it.
+
+    A version that stops serving and serves again (a rollout moved back and forth) starts from zero again, so the
+    numbers always describe its latest stretch; the trainer's registry adds the stretches up.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: dict[int, list[int]] = {}
+        self._serving: int | None = None
+
+    def _row(self, version: int) -> list[int]:
+        if version != self._serving:  # a swap: the new version's stretch starts now
+            self._serving = version
+            self._counts[version] = [0, 0, 0]
+        return self._counts[version]
+
+    def record(self, version: int, requests: int, rejects: int) -> None:
+        """``requests`` inputs answered by ``version``, ``rejects`` of them rejected."""
+        with self._lock:
+            row = self._row(version)
+            row[0] += requests
+            row[1] += rejects
+
+    def error(self, version: int, requests: int) -> None:
+        """A batch of ``requests`` inputs that ``version``'s models failed on (not a bad input: the models raised)."""
+        with self._lock:
+            row = self._row(version)
+            row[0] += requests
+            row[2] += requests
+
+    def get(self, version: int) -> tuple[int, int, int]:
+        """(requests, rejects, errors) of ``version``'s latest stretch; zeros when it has not served."""
+        with self._lock:
+            row = self._counts.get(version) if version == self._serving else None
+            return (row[0], row[1], row[2]) if row else (0, 0, 0)

@@ -38,6 +38,7 @@ from protos.nnoc.v1 import model_service_pb2 as ms
 from protos.nnoc.v1 import model_service_pb2_grpc as ms_grpc
 from trainer.service.collector import quarantine_size
 from trainer.service.registry import Registry
+from trainer.service.rollout import desired
 from trainer.service.store import ModelStore, StoreError
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,31 @@ class ServiceConfig:
 
 
 @dataclass(frozen=True)
+class FleetView:
+    """One read of what decides a fleet's versions (see :func:`trainer.service.rollout.desired`)."""
+
+    fleet: str
+    current: int | None
+    last_action: str
+    rollout: dict[str, Any] | None
+
+    @property
+    def key(self) -> tuple[Any, ...]:
+        """Changes whenever some device's version may change."""
+        r = self.rollout
+        return (self.current, self.last_action, r and r["id"], r and r["state"], r and r["stage"])
+
+
+@dataclass(eq=False)
+class Subscriber:
+    """One open Subscribe stream: its device, its queue of notices (None ends it) and the version last told."""
+
+    device_id: str
+    queue: asyncio.Queue[ms.VersionNotice | None]
+    version: int | None
+
+
+@dataclass(frozen=True)
 class Caller:
     """Who called: the client certificate's name under mutual TLS (None without one) and its rights."""
 
@@ -110,9 +136,9 @@ class ModelServicer(ms_grpc.ModelServiceServicer):
         if not 0 < cfg.chunk_size <= CHUNK_MAX:
             raise ValueError(f"chunk size must lie in (0, {CHUNK_MAX}], got {cfg.chunk_size}")
         self.store, self.registry, self.quarantine_root, self.cfg = store, registry, quarantine_root, cfg
-        # fleet -> the queues of its open Subscribe streams; touched on the event loop only
-        self._subscribers: dict[str, set[asyncio.Queue[ms.VersionNotice | None]]] = defaultdict(set)
-        self._seen: dict[str, tuple[int | None, str]] = {}
+        # fleet -> its open Subscribe streams; touched on the event loop only
+        self._subscribers: dict[str, set[Subscriber]] = defaultdict(set)
+        self._seen: dict[str, tuple[Any, ...]] = {}
         self._reading = threading.Lock()  # one reader of the store's fleet states at a time (watcher, Publish)
         self._watcher: asyncio.Task[None] | None = None
         self.denied: dict[str, int] = defaultdict(int)  # refused calls per RPC (PERMISSION_DENIED)
@@ -170,36 +196,40 @@ class ModelServicer(ms_grpc.ModelServiceServicer):
 
     # -- notices -------------------------------------------------------------------------------------------
 
-    def _notice(self, fleet: str) -> ms.VersionNotice | None:
+    def _view(self, fleet: str) -> FleetView:
+        """What decides each device's version: the fleet's current version, its last action, its rollout."""
         state = self.store.state(fleet)
-        if state.current is None:
-            return None
-        manifest = read_manifest(self.store.version_dir(fleet, state.current) / "bundle")
-        return ms.VersionNotice(
-            fleet=fleet,
-            version=state.current,
-            manifest=manifest,
-            rollback=self.store.last_action(fleet) == "rollback",
-        )
+        record = self.store.rollout(fleet, state.rollout) if state.rollout else None
+        return FleetView(fleet, state.current, self.store.last_action(fleet), record)
 
-    def _changes(self) -> list[tuple[str, ms.VersionNotice, str]]:
-        """Fleets whose current version changed since the last read, with their notice (blocking: the store)."""
+    def _notice(self, view: FleetView, device_id: str, manifests: dict[int, Any]) -> ms.VersionNotice | None:
+        """The notice that tells ``device_id`` its version (blocking: reads the manifest once per version)."""
+        version, back = desired(view.current, view.rollout, device_id)
+        if version is None:
+            return None
+        if version not in manifests:
+            manifests[version] = read_manifest(self.store.version_dir(view.fleet, version) / "bundle")
+        rollback = back or (version == view.current and view.last_action == "rollback")
+        return ms.VersionNotice(fleet=view.fleet, version=version, manifest=manifests[version], rollback=rollback)
+
+    def _manifests(self, fleet: str, versions: set[int | None]) -> dict[int, Any]:
+        return {v: read_manifest(self.store.version_dir(fleet, v) / "bundle") for v in versions if v is not None}
+
+    def _changes(self) -> list[FleetView]:
+        """Fleets whose current version or rollout changed since the last read (blocking: the store)."""
         out = []
         with self._reading:
             for fleet in self.store.fleets():
-                now = (self.store.state(fleet).current, self.store.last_action(fleet))
-                if self._seen.get(fleet) == now:
-                    continue
-                self._seen[fleet] = now
-                notice = self._notice(fleet)
-                if notice is not None:
-                    out.append((fleet, notice, now[1]))
+                view = self._view(fleet)
+                if self._seen.get(fleet) != view.key:
+                    self._seen[fleet] = view.key
+                    out.append(view)
         return out
 
     def _remember(self) -> None:
         with self._reading:
             for fleet in self.store.fleets():
-                self._seen[fleet] = (self.store.state(fleet).current, self.store.last_action(fleet))
+                self._seen[fleet] = self._view(fleet).key
 
     async def start(self) -> None:
         """Start watching the store (on the server's loop)."""
@@ -211,8 +241,8 @@ class ModelServicer(ms_grpc.ModelServiceServicer):
         if self._watcher is not None:
             self._watcher.cancel()
         for subs in self._subscribers.values():
-            for q in subs:
-                q.put_nowait(None)
+            for sub in subs:
+                sub.queue.put_nowait(None)
 
     async def _watch(self) -> None:
         while True:
@@ -223,12 +253,28 @@ class ModelServicer(ms_grpc.ModelServiceServicer):
                 log.exception("reading the model store failed")
 
     async def check_store(self) -> None:
-        """Push a notice to a fleet's subscribers when its current version changed since the last check."""
-        for fleet, notice, action in await asyncio.to_thread(self._changes):
-            subs = list(self._subscribers.get(fleet, ()))
-            log.info("fleet %s: v%d is current (%s); telling %d agents", fleet, notice.version, action, len(subs))
-            for q in subs:
-                q.put_nowait(notice)
+        """Tell each subscriber whose version changed (a publish, a rollback, a rollout's stage or abort)."""
+        for view in await asyncio.to_thread(self._changes):
+            subs = list(self._subscribers.get(view.fleet, ()))
+            wanted = {sub: desired(view.current, view.rollout, sub.device_id)[0] for sub in subs}
+            wanted = {sub: v for sub, v in wanted.items() if v is not None and v != sub.version}
+            manifests = await asyncio.to_thread(self._manifests, view.fleet, set(wanted.values()))
+            told: dict[int, int] = defaultdict(int)
+            for sub in wanted:
+                notice = self._notice(view, sub.device_id, manifests)  # every manifest read already: no I/O
+                if notice is not None:
+                    sub.version = notice.version
+                    sub.queue.put_nowait(notice)
+                    told[notice.version] += 1
+            rollout = f", rollout {view.rollout['id']} {view.rollout['state']}" if view.rollout else ""
+            log.info(
+                "fleet %s: v%s current (%s%s); told %s",
+                view.fleet,
+                view.current,
+                view.last_action,
+                rollout,
+                ", ".join(f"{n} agents v{v}" for v, n in sorted(told.items())) or "no agent",
+            )
 
     # -- agent RPCs ----------------------------------------------------------------------------------------
 
@@ -237,14 +283,15 @@ class ModelServicer(ms_grpc.ModelServiceServicer):
     ) -> AsyncIterator[ms.VersionNotice]:
         """The fleet's current version now, then every change, until the agent or the service goes away."""
         await self._agent(context, "Subscribe", request.fleet, request.device_id)
-        try:
-            first = await asyncio.to_thread(self._notice, request.fleet)
-        except StoreError as e:
-            await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
         if not request.device_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "SubscribeRequest needs a device_id")
-        q: asyncio.Queue[ms.VersionNotice | None] = asyncio.Queue()
-        self._subscribers[request.fleet].add(q)
+        try:
+            view = await asyncio.to_thread(self._view, request.fleet)
+            first = await asyncio.to_thread(self._notice, view, request.device_id, {})
+        except StoreError as e:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+        sub = Subscriber(request.device_id, asyncio.Queue(), first.version if first else None)
+        self._subscribers[request.fleet].add(sub)
         loop = asyncio.get_running_loop()
         loop.run_in_executor(
             None, self.registry.record_subscription, request.device_id, request.fleet, request.current_version, True
@@ -253,10 +300,10 @@ class ModelServicer(ms_grpc.ModelServiceServicer):
         try:
             if first is not None:
                 yield first
-            while (notice := await q.get()) is not None:
+            while (notice := await sub.queue.get()) is not None:
                 yield notice
         finally:  # the stream ended: the service stopped, the agent hung up (cancelled here) or the send failed
-            self._subscribers[request.fleet].discard(q)
+            self._subscribers[request.fleet].discard(sub)
             loop.run_in_executor(None, self.registry.record_subscription, request.device_id, request.fleet, 0, False)
 
     async def Download(self, request: ms.DownloadRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[ms.Chunk]:

@@ -45,6 +45,22 @@ CREATE TABLE IF NOT EXISTS jobs (
     updated_at REAL NOT NULL,
     quarantine INTEGER NOT NULL DEFAULT 0
 );
+-- What each device's traffic did under each version: requests, rejects and errors added up over its stretches
+-- of serving that version (an agent restarts its counters when it starts serving a version again); `seen_*` are
+-- the last counters it reported, to add the next report's growth.
+CREATE TABLE IF NOT EXISTS device_versions (
+    device_id TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    requests INTEGER NOT NULL DEFAULT 0,
+    rejects INTEGER NOT NULL DEFAULT 0,
+    errors INTEGER NOT NULL DEFAULT 0,
+    seen_requests INTEGER NOT NULL DEFAULT 0,
+    seen_rejects INTEGER NOT NULL DEFAULT 0,
+    seen_errors INTEGER NOT NULL DEFAULT 0,
+    first_seen REAL NOT NULL,
+    last_seen REAL NOT NULL,
+    PRIMARY KEY (device_id, version)
+);
 """
 
 JOB_STATES = ("queued", "running", "published", "gate-rejected", "failed")
@@ -88,29 +104,55 @@ class Registry:
     # -- devices -------------------------------------------------------------------------------------------
 
     def record_stats(self, stats: quarantine_pb2.AgentStats) -> None:
-        """Store an agent's stats message (the newest one wins)."""
+        """Store an agent's stats message (the newest one wins) and add its version's traffic to the tally."""
+        now = time.time()
         with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                self._record_stats(stats, now)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def _record_stats(self, stats: quarantine_pb2.AgentStats, now: float) -> None:
+        if stats.bundle_version:
+            seen = (stats.version_requests, stats.version_rejects, stats.version_errors)
+            row = self._db.execute(
+                "SELECT seen_requests, seen_rejects, seen_errors FROM device_versions WHERE device_id=? AND version=?",
+                (stats.device_id, stats.bundle_version),
+            ).fetchone()
+            # growth since the last report; counters that went down started a new stretch (a restart, a swap back)
+            grew = seen if row is None or seen[0] < row[0] else tuple(a - b for a, b in zip(seen, row, strict=True))
             self._db.execute(
-                "INSERT INTO devices (device_id, fleet, bundle_version, requests, rejects, window_reject_rate, "
-                "window_size, spool_depth, spool_dropped, provider, last_seen) VALUES (?,?,?,?,?,?,?,?,?,?,?) "
-                "ON CONFLICT(device_id) DO UPDATE SET fleet=excluded.fleet, bundle_version=excluded.bundle_version, "
-                "requests=excluded.requests, rejects=excluded.rejects, window_reject_rate=excluded.window_reject_rate,"
-                " window_size=excluded.window_size, spool_depth=excluded.spool_depth, "
-                "spool_dropped=excluded.spool_dropped, provider=excluded.provider, last_seen=excluded.last_seen",
-                (
-                    stats.device_id,
-                    stats.fleet,
-                    stats.bundle_version,
-                    stats.requests,
-                    stats.rejects,
-                    stats.window_reject_rate,
-                    stats.window_size,
-                    stats.spool_depth,
-                    stats.spool_dropped,
-                    stats.provider,
-                    time.time(),
-                ),
+                "INSERT INTO device_versions (device_id, version, requests, rejects, errors, seen_requests, "
+                "seen_rejects, seen_errors, first_seen, last_seen) VALUES (?,?,?,?,?,?,?,?,?,?) "
+                "ON CONFLICT(device_id, version) DO UPDATE SET requests=requests+?, rejects=rejects+?, "
+                "errors=errors+?, seen_requests=excluded.seen_requests, seen_rejects=excluded.seen_rejects, "
+                "seen_errors=excluded.seen_errors, last_seen=excluded.last_seen",
+                (stats.device_id, stats.bundle_version, *grew, *seen, now, now, *grew),
             )
+        self._db.execute(
+            "INSERT INTO devices (device_id, fleet, bundle_version, requests, rejects, window_reject_rate, "
+            "window_size, spool_depth, spool_dropped, provider, last_seen) VALUES (?,?,?,?,?,?,?,?,?,?,?) "
+            "ON CONFLICT(device_id) DO UPDATE SET fleet=excluded.fleet, bundle_version=excluded.bundle_version, "
+            "requests=excluded.requests, rejects=excluded.rejects, window_reject_rate=excluded.window_reject_rate,"
+            " window_size=excluded.window_size, spool_depth=excluded.spool_depth, "
+            "spool_dropped=excluded.spool_dropped, provider=excluded.provider, last_seen=excluded.last_seen",
+            (
+                stats.device_id,
+                stats.fleet,
+                stats.bundle_version,
+                stats.requests,
+                stats.rejects,
+                stats.window_reject_rate,
+                stats.window_size,
+                stats.spool_depth,
+                stats.spool_dropped,
+                stats.provider,
+                now,
+            ),
+        )
 
     def record_subscription(self, device_id: str, fleet: str, version: int, subscribed: bool) -> None:
         """An agent opened (or closed) its Subscribe stream, serving ``version``."""
@@ -118,7 +160,8 @@ class Registry:
             self._db.execute(
                 "INSERT INTO devices (device_id, fleet, bundle_version, last_seen, subscribed) VALUES (?,?,?,?,?) "
                 "ON CONFLICT(device_id) DO UPDATE SET fleet=excluded.fleet, last_seen=excluded.last_seen, "
-                "subscribed=excluded.subscribed, bundle_version=MAX(bundle_version, excluded.bundle_version)",
+                "subscribed=excluded.subscribed, bundle_version="
+                "CASE excluded.bundle_version WHEN 0 THEN bundle_version ELSE excluded.bundle_version END",
                 (device_id, fleet, version, time.time(), int(subscribed)),
             )
 
@@ -131,6 +174,20 @@ class Registry:
             )
             names = [c[0] for c in cur.description]
             return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+
+    def traffic(self, device_ids: list[str], versions: tuple[int, ...]) -> dict[tuple[str, int], tuple[int, int, int]]:
+        """(device, version) -> (requests, rejects, errors) each device's agent reported under each version."""
+        if not device_ids or not versions:
+            return {}
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT device_id, version, requests, rejects, errors FROM device_versions WHERE version IN ("
+                + ",".join("?" * len(versions))
+                + ")",
+                versions,
+            ).fetchall()
+        wanted = set(device_ids)
+        return {(d, v): (r, j, e) for d, v, r, j, e in rows if d in wanted}
 
     # -- jobs ----------------------------------------------------------------------------------------------
 

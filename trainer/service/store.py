@@ -2,7 +2,9 @@
 
 Layout under the store root (``exports/`` by default)::
 
-    <fleet>/fleet.json               {"current": V, "history": [{"action", "version", "at", "by", "note"}]}
+    <fleet>/fleet.json               {"current": V, "history": [{"action", "version", "at", "by", "note"}],
+                                      "rollout": ID or null, "rollout_policy": {...} or absent}
+    <fleet>/rollouts/<ID>.json       a staged rollout's record (trainer/service/rollout.py)
     <fleet>/<V>/bundle/              what agents download: primary.onnx, monitor.onnx, manifest.pb/.json
     <fleet>/<V>/primary.pt, monitor.pt   trainer-side checkpoints the next repair fine-tunes (never pushed)
     <fleet>/<V>/report.json          the predeploy or repair report the version came from, when there is one
@@ -20,7 +22,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +57,8 @@ class FleetState:
     current: int | None
     versions: list[int]
     history: list[dict[str, Any]]
+    rollout: str | None = None  # the rollout that governs the fleet now (active, or aborted and not superseded)
+    rollout_policy: dict[str, Any] | None = None  # the fleet's default rollout policy (RolloutPolicy.to_dict)
 
 
 class ModelStore:
@@ -89,7 +93,14 @@ class ModelStore:
         except FileNotFoundError:
             raise StoreError(f"no fleet {fleet!r} in {self.root}; create it with 'nnoc-trainer fleet create'") from None
         versions = sorted(int(v.name) for v in d.iterdir() if v.name.isdigit() and (v / "bundle").is_dir())
-        return FleetState(fleet, data.get("current"), versions, list(data.get("history", [])))
+        return FleetState(
+            fleet,
+            data.get("current"),
+            versions,
+            list(data.get("history", [])),
+            data.get("rollout"),
+            data.get("rollout_policy"),
+        )
 
     def version_dir(self, fleet: str, version: int) -> Path:
         """Folder of a stored version (``bundle/`` and checkpoints inside)."""
@@ -135,15 +146,21 @@ class ModelStore:
             finally:
                 fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
-    def _write_state(self, fleet: str, current: int | None, history: list[dict[str, Any]]) -> None:
-        d = self._fleet_dir(fleet)
-        tmp = d / f".fleet.json.{uuid.uuid4().hex}"
+    def _write_json(self, path: Path, data: Any) -> None:
+        tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}"
         with tmp.open("w") as f:
-            json.dump({"current": current, "history": history}, f, indent=1)
+            json.dump(data, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
-        tmp.replace(d / "fleet.json")
-        fsync_dir(d)
+        tmp.replace(path)
+        fsync_dir(path.parent)
+
+    def _write_state(self, fleet: str, current: int | None, history: list[dict[str, Any]], **changes: Any) -> None:
+        """Replace fleet.json; ``changes`` set its other keys (rollout, rollout_policy), the rest are kept."""
+        path = self._fleet_dir(fleet) / "fleet.json"
+        data = json.loads(path.read_text()) if path.is_file() else {}
+        data.update(current=current, history=history, **changes)
+        self._write_json(path, {k: v for k, v in data.items() if v is not None or k == "current"})
 
     def create(self, fleet: str) -> FleetState:
         """Create an empty fleet; an existing fleet is an error."""
@@ -216,10 +233,106 @@ class ModelStore:
             state = self.state(fleet)
             if version not in state.versions:
                 raise StoreError(f"fleet {fleet!r} has no version {version} (stored: {state.versions})")
+            self._refuse_during_rollout(state, action)
             entry = {"action": action, "version": version, "from": state.current, "at": time.time(), "by": by}
             if note:
                 entry["note"] = note
-            self._write_state(fleet, version, [*state.history, entry])
+            # a publish or rollback supersedes an aborted rollout: every device follows the new current version
+            self._write_state(fleet, version, [*state.history, entry], rollout=None)
+        return self.state(fleet)
+
+    def _refuse_during_rollout(self, state: FleetState, action: str) -> None:
+        record = self._rollout_record(state.name, state.rollout) if state.rollout else None
+        if record is not None and record["state"] in ("running", "paused"):
+            raise StoreError(
+                f"fleet {state.name!r} has rollout {record['id']} of v{record['target']} {record['state']}: "
+                f"'nnoc-trainer fleet rollout abort {state.name}' first, then {action}"
+            )
+
+    # -- rollouts ------------------------------------------------------------------------------------------
+
+    def _rollout_path(self, fleet: str, rollout_id: str) -> Path:
+        try:
+            check_name(rollout_id, "rollout id")
+        except ValueError as e:
+            raise StoreError(str(e)) from None
+        return self._fleet_dir(fleet) / "rollouts" / f"{rollout_id}.json"
+
+    def _rollout_record(self, fleet: str, rollout_id: str) -> dict[str, Any] | None:
+        try:
+            return dict(json.loads(self._rollout_path(fleet, rollout_id).read_text()))
+        except FileNotFoundError:
+            return None
+
+    def rollout(self, fleet: str, rollout_id: str | None = None) -> dict[str, Any] | None:
+        """A rollout record (default: the one the fleet points at), or None."""
+        if rollout_id is None:
+            rollout_id = self.state(fleet).rollout
+            if rollout_id is None:
+                return None
+        return self._rollout_record(fleet, rollout_id)
+
+    def rollouts(self, fleet: str) -> list[dict[str, Any]]:
+        """Every rollout of the fleet, oldest first."""
+        folder = self._fleet_dir(fleet) / "rollouts"
+        records = [json.loads(p.read_text()) for p in folder.glob("*.json")] if folder.is_dir() else []
+        return sorted(records, key=lambda r: float(r["created"]))
+
+    def start_rollout(self, fleet: str, version: int, make: Callable[[str, int], dict[str, Any]], by: str) -> dict:
+        """Start a staged rollout of a stored ``version``; ``make(id, baseline)`` builds the record."""
+        with self._locked():
+            state = self.state(fleet)
+            if version not in state.versions:
+                raise StoreError(f"fleet {fleet!r} has no version {version} (stored: {state.versions})")
+            if state.current is None:
+                raise StoreError(f"fleet {fleet!r} has no current version to roll out from; publish v{version} at once")
+            if version == state.current:
+                raise StoreError(f"v{version} is already fleet {fleet!r}'s current version")
+            self._refuse_during_rollout(state, "start another rollout")
+            rollout_id = time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+            record = make(rollout_id, state.current)
+            path = self._rollout_path(fleet, rollout_id)
+            path.parent.mkdir(exist_ok=True)
+            self._write_json(path, record)
+            entry = {"action": "rollout", "version": version, "from": state.current, "at": time.time(), "by": by}
+            entry["rollout"] = rollout_id
+            self._write_state(fleet, state.current, [*state.history, entry], rollout=rollout_id)
+        return record
+
+    def update_rollout(self, fleet: str, rollout_id: str, change: Callable[[dict[str, Any]], None]) -> dict:
+        """Read, ``change`` in place and write back a rollout record, under the store's lock. A record that became
+        completed makes its target current; one that became aborted stays the fleet's rollout (its devices go
+        back) until the next publish or rollback."""
+        with self._locked():
+            record = self._rollout_record(fleet, rollout_id)
+            if record is None:
+                raise StoreError(f"fleet {fleet!r} has no rollout {rollout_id}")
+            before = record["state"]
+            change(record)
+            record["updated"] = time.time()
+            self._write_json(self._rollout_path(fleet, rollout_id), record)
+            if record["state"] != before and record["state"] in ("completed", "aborted"):
+                state = self.state(fleet)
+                entry: dict[str, Any] = {
+                    "action": "publish" if record["state"] == "completed" else "abort",
+                    "version": record["target"],
+                    "from": state.current,
+                    "at": time.time(),
+                    "by": f"rollout {rollout_id}",
+                    "note": record.get("reason", "")[:500],
+                }
+                if record["state"] == "completed":
+                    self._write_state(fleet, int(record["target"]), [*state.history, entry], rollout=None)
+                else:
+                    self._write_state(fleet, state.current, [*state.history, entry])
+        return record
+
+    def set_rollout_policy(self, fleet: str, policy: dict[str, Any] | None, by: str = "operator") -> FleetState:
+        """The fleet's default rollout policy (repair jobs publish through it); None: publish at once."""
+        with self._locked():
+            state = self.state(fleet)
+            entry = {"action": "policy", "version": None, "at": time.time(), "by": by}
+            self._write_state(fleet, state.current, [*state.history, entry], rollout_policy=policy)
         return self.state(fleet)
 
     def publish(self, fleet: str, version: int, by: str = "operator", note: str = "") -> FleetState:

@@ -67,7 +67,7 @@ class QuarantineReply(_message.Message):
     def __init__(self, device_id: _Optional[str] = ..., seq: _Optional[int] = ..., status: _Optional[_Union[QuarantineReply.Status, str]] = ..., error: _Optional[str] = ..., retry_after: _Optional[float] = ...) -> None: ...
 
 class AgentStats(_message.Message):
-    __slots__ = ("device_id", "fleet", "bundle_version", "requests", "rejects", "window_reject_rate", "window_size", "spool_depth", "spool_dropped", "provider", "sent_at")
+    __slots__ = ("device_id", "fleet", "bundle_version", "requests", "rejects", "window_reject_rate", "window_size", "spool_depth", "spool_dropped", "provider", "sent_at", "version_requests", "version_rejects", "version_errors")
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     FLEET_FIELD_NUMBER: _ClassVar[int]
     BUNDLE_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -79,6 +79,9 @@ class AgentStats(_message.Message):
     SPOOL_DROPPED_FIELD_NUMBER: _ClassVar[int]
     PROVIDER_FIELD_NUMBER: _ClassVar[int]
     SENT_AT_FIELD_NUMBER: _ClassVar[int]
+    VERSION_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_REJECTS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_ERRORS_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     fleet: str
     bundle_version: int
@@ -90,4 +93,7 @@ class AgentStats(_message.Message):
     spool_dropped: int
     provider: str
     sent_at: _timestamp_pb2.Timestamp
-    def __init__(self, device_id: _Optional[str] = ..., fleet: _Optional[str] = ..., bundle_version: _Optional[int] = ..., requests: _Optional[int] = ..., rejects: _Optional[int] = ..., window_reject_rate: _Optional[float] = ..., window_size: _Optional[int] = ..., spool_depth: _Optional[int] = ..., spool_dropped: _Optional[int] = ..., provider: _Optional[str] = ..., sent_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    version_requests: int
+    version_rejects: int
+    version_errors: int
+    def __init__(self, device_id: _Optional[str] = ..., fleet: _Optional[str] = ..., bundle_version: _Optional[int] = ..., requests: _Optional[int] = ..., rejects: _Optional[int] = ..., window_reject_rate: _Optional[float] = ..., window_size: _Optional[int] = ..., spool_depth: _Optional[int] = ..., spool_dropped: _Optional[int] = ..., provider: _Optional[str] = ..., sent_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., version_requests: _Optional[int] = ..., version_rejects: _Optional[int] = ..., version_errors: _Optional[int] = ...) -> None: ...
