@@ -78,6 +78,19 @@ class BundleCache:
             log.error("cached bundle v%s failed verification: %s", version, e)
             return None
 
+    def cached(self, manifest: bundle_pb2.Manifest) -> VerifiedBundle | None:
+        """The cached copy of the version ``manifest`` describes (the previous one, after a move back), verified
+        again and with the very same manifest; None when there is no such copy."""
+        path = self.path(int(manifest.version))
+        if not (path / "manifest.pb").is_file():
+            return None
+        try:
+            bundle = verify_bundle(path, self.trusted)
+        except BundleError as e:
+            log.warning("cached bundle v%d failed verification (%s): downloading it again", manifest.version, e)
+            return None
+        return bundle if bundle.manifest == manifest else None
+
     def install(self, staged: Path, version: int) -> Path:
         """Move a verified staged folder into ``versions/``; returns its new path."""
         dest = self.path(version)
@@ -217,9 +230,13 @@ class Updater:
             self._refuse(version, f"input spec {list(new_spec.shape)} {new_spec.dtype} differs from the fleet's")
             return False
         staged = self.cache.root / "staging" / str(version)
+        cached = self.cache.cached(notice.manifest)
         try:
-            self.download(stub, notice, staged)
-            bundle = verify_bundle(staged, self.cache.trusted)
+            if cached is None:
+                self.download(stub, notice, staged)
+                bundle = verify_bundle(staged, self.cache.trusted)
+            else:  # a move back to the version kept on disk: nothing to download
+                bundle = cached
             if bundle.version != version:
                 raise BundleError(f"manifest says v{bundle.version}, the notice v{version}")
             ensemble = Ensemble(bundle, self.runtime)
@@ -228,13 +245,16 @@ class Updater:
             shutil.rmtree(staged, ignore_errors=True)  # a bad download is not resumed: fetch it anew next time
             self._refuse(version, str(e) if not isinstance(e, grpc.RpcError) else f"download failed: {e.code()}")
             return False
-        path = self.cache.install(staged, version)
-        ensemble.bundle = VerifiedBundle(path, bundle.manifest)  # sessions are in memory; files moved
+        if cached is None:
+            path = self.cache.install(staged, version)
+            ensemble.bundle = VerifiedBundle(path, bundle.manifest)  # sessions are in memory; files moved
         self.agent.swap(ensemble)
         self.cache.set_current(version)
         self.counters.applied += 1
-        self.counters.history.append(f"applied v{version}")
-        log.info("now serving bundle v%d (was v%d)", version, current.version)
+        self.counters.history.append(f"applied v{version}" + (" (cached)" if cached is not None else ""))
+        log.info(
+            "now serving bundle v%d (was v%d)%s", version, current.version, ", from the cache" if cached else ""
+        )
         return True
 
     def download(

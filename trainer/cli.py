@@ -459,16 +459,42 @@ def _args_keys(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", type=safe_name, default="signing", help="key file name (curve: the device id it is for)")
 
 
+def _args_rollout_policy(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument(
+        "--rollout",
+        default=None,
+        metavar="POLICY",
+        help="staged rollout, e.g. canary=2,steps=10,50,100,bake=2m,max-reject-increase=5%%,abort-threshold=10%% "
+        "(canary: a count or names joined by +; steps in percent; keys in trainer/service/rollout.py)",
+    )
+    g.add_argument("--rollout-file", type=Path, default=None, help="the rollout policy as a TOML file")
+
+
 def _args_fleet(p: argparse.ArgumentParser) -> None:
     """Flags of ``fleet``."""
     fsub = p.add_subparsers(dest="action", required=True)
     fp = fsub.add_parser("create", help="create a fleet, optionally with its first bundle (published)")
     fp.add_argument("fleet", type=safe_name)
     fp.add_argument("--from", dest="source", type=Path, default=None, help="predeploy/repair output folder")
-    fp = fsub.add_parser("publish", help="add a bundle as the next version and/or make a version current")
+    fp = fsub.add_parser(
+        "publish",
+        help="add a bundle as the next version and/or release a version: through a staged rollout (--rollout, or "
+        "the fleet's rollout policy) or at once",
+    )
     fp.add_argument("fleet", type=safe_name)
     fp.add_argument("--from", dest="source", type=Path, default=None, help="predeploy/repair output folder")
     fp.add_argument("--version", type=positive, default=None, help="a stored version to make current")
+    _args_rollout_policy(fp)
+    fp.add_argument("--now", action="store_true", help="publish to the whole fleet at once, whatever its policy")
+    fp = fsub.add_parser("rollout", help="a fleet's staged rollout: status, pause, resume, abort")
+    fp.add_argument("rollout_action", choices=("status", "pause", "resume", "abort"))
+    fp.add_argument("fleet", type=safe_name)
+    fp.add_argument("--reason", default="", help="pause/abort: why (kept in the rollout's log)")
+    fp = fsub.add_parser("policy", help="set or clear the fleet's default rollout policy (repair jobs use it too)")
+    fp.add_argument("fleet", type=safe_name)
+    _args_rollout_policy(fp)
+    fp.add_argument("--clear", action="store_true", help="no default policy: publishes reach the fleet at once")
     fp = fsub.add_parser("rollback", help="make an older version current (default: the one before)")
     fp.add_argument("fleet", type=safe_name)
     fp.add_argument("--version", type=positive, default=None)

@@ -1,18 +1,23 @@
 """``nnoc-trainer fleet``: operator commands on the model store and the trainer service's state.
 
 They work on the store directly (atomic, locked against concurrent writers); a running ``serve`` notices a
-change of a fleet's current version within a fraction of a second and pushes it to the fleet's agents.
+change of a fleet's current version or rollout within a fraction of a second and tells the agents concerned.
+A staged rollout (``publish --rollout``, or the fleet's ``policy``) is judged and moved on by ``serve``.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from trainer.service.collector import quarantine_size
 from trainer.service.registry import Registry
+from trainer.service.rollout import ACTIVE, RolloutError, RolloutPolicy, abort, note, release
+from trainer.service.rollout import render as render_rollout
 from trainer.service.store import ModelStore, StoreError
 
 
@@ -20,9 +25,12 @@ def status(store: ModelStore, state_dir: Any, fleet: str) -> dict[str, Any]:
     """A fleet's versions (with quarantine sizes), devices, jobs and history."""
     state = store.state(fleet)
     quarantine_root = state_dir / "quarantine"
+    record = store.rollout(fleet)
     out: dict[str, Any] = {
         "fleet": fleet,
         "current": state.current,
+        "rollout": record,
+        "rollout_policy": state.rollout_policy,
         "versions": [
             {"version": v, "current": v == state.current, "quarantine": quarantine_size(quarantine_root, fleet, v)}
             for v in state.versions
@@ -44,7 +52,12 @@ def status(store: ModelStore, state_dir: Any, fleet: str) -> dict[str, Any]:
 
 def render(st: dict[str, Any]) -> str:
     """The status as a short terminal report."""
-    lines = [f"fleet {st['fleet']}: current v{st['current']}", "", "version  current  quarantine"]
+    lines = [f"fleet {st['fleet']}: current v{st['current']}"]
+    if st.get("rollout_policy"):
+        lines.append(f"rollout policy: {RolloutPolicy.from_dict(st['rollout_policy']).describe()}")
+    if st.get("rollout"):
+        lines += render_rollout(st["rollout"])
+    lines += ["", "version  current  quarantine"]
     lines += [f"v{v['version']:<7} {'*' if v['current'] else '':<8} {v['quarantine']}" for v in st["versions"]]
     lines += ["", "device                version  requests  rejects  window rate  spool  last seen"]
     for d in st["devices"]:
@@ -58,6 +71,62 @@ def render(st: dict[str, Any]) -> str:
         made = f"v{j['version']}" if j["version"] else "-"
         lines.append(f"{j['id']:<23} v{j['from_version']:<4} {j['state']:<14} {made:<8} {j['reason']}")
     return "\n".join(lines)
+
+
+@contextmanager
+def _registry(state_dir: Path) -> Iterator[Registry | None]:
+    """The service's registry when it exists (a rollout's canary count picks among its devices), else None."""
+    path = state_dir / "registry.sqlite"
+    if not path.is_file():
+        yield None
+        return
+    registry = Registry(path)
+    try:
+        yield registry
+    finally:
+        registry.close()
+
+
+def policy_of(args: argparse.Namespace) -> RolloutPolicy | None:
+    """``--rollout`` or ``--rollout-file`` -> a policy; None when neither was given."""
+    if args.rollout is not None:
+        return RolloutPolicy.parse(args.rollout)
+    if args.rollout_file is not None:
+        import tomllib
+
+        try:
+            data = tomllib.loads(args.rollout_file.read_text())
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+            raise RolloutError(f"--rollout-file {args.rollout_file}: {e}") from None
+        return RolloutPolicy.from_mapping(data.get("rollout", data))
+    return None
+
+
+def rollout_command(store: ModelStore, fleet: str, action: str, reason: str) -> None:
+    """``fleet rollout pause|resume|abort`` on the fleet's rollout record (a running ``serve`` acts on it within
+    its judging interval; an abort moves the devices reached back at once)."""
+    record = store.rollout(fleet)
+    if action == "status":
+        if record is None:
+            raise StoreError(f"fleet {fleet!r} has no rollout; start one with 'fleet publish {fleet} --rollout ...'")
+        return
+    if record is None or record["state"] not in ACTIVE:
+        raise StoreError(f"fleet {fleet!r} has no running or paused rollout to {action}")
+    why = f" ({reason})" if reason else ""
+
+    def change(r: dict[str, Any]) -> None:
+        if r["state"] not in ACTIVE:
+            raise StoreError(f"rollout {r['id']} is {r['state']} already")
+        if action == "pause":
+            r["state"] = "paused"
+            note(r, f"paused by the operator{why}")
+        elif action == "resume":
+            r["state"] = "running"
+            note(r, f"resumed by the operator{why}")
+        else:
+            abort(r, f"aborted by the operator{why}")
+
+    store.update_rollout(fleet, record["id"], change)
 
 
 def check_source(source: Path) -> None:
@@ -97,8 +166,24 @@ def fleet_command(args: argparse.Namespace) -> dict[str, Any]:
     elif args.action == "publish":
         if args.source is None and args.version is None:
             raise StoreError("publish needs --from DIR (a new bundle) or --version V (a stored one)")
+        policy = policy_of(args)
+        if args.now and policy is not None:
+            raise StoreError("--now publishes at once; it does not go with --rollout")
+        if args.source is not None:
+            check_source(args.source)
         version = store.add(fleet, args.source) if args.source is not None else args.version
-        store.publish(fleet, version)
+        if args.now:
+            store.publish(fleet, version)
+        else:
+            with _registry(args.state_dir) as registry:
+                release(store, registry, fleet, version, by="operator", policy=policy)
+    elif args.action == "policy":
+        policy = policy_of(args)
+        if (policy is None) == (not args.clear):
+            raise StoreError("policy takes --rollout POLICY or --rollout-file FILE, or --clear")
+        store.set_rollout_policy(fleet, policy.to_dict() if policy is not None else None)
+    elif args.action == "rollout":
+        rollout_command(store, fleet, args.rollout_action, args.reason)
     elif args.action == "rollback":
         store.rollback(fleet, args.version)
     st = status(store, args.state_dir, fleet)

@@ -23,6 +23,7 @@ from pathlib import Path
 from edge_agent.options import flag, fraction, positive
 from trainer.service.collector import quarantine_dir, quarantine_size
 from trainer.service.registry import ACTIVE_STATES, Job, Registry
+from trainer.service.rollout import RolloutError, release
 from trainer.service.store import ModelStore, StoreError
 from trainer.stages.profiles import REPAIR_PROFILES
 
@@ -183,14 +184,20 @@ class JobRunner:
         if code == 0:
             try:
                 version = self.store.add(run.job.fleet, run.out_dir / "run", by=f"job {run.job.id}")
-                self.store.publish(run.job.fleet, version, by=f"job {run.job.id}", note=run.job.reason)
-            except StoreError as e:
+                # through the fleet's default rollout policy when it has one, else at once
+                rollout = release(
+                    self.store, self.registry, run.job.fleet, version, by=f"job {run.job.id}", note=run.job.reason
+                )
+            except (StoreError, RolloutError) as e:
                 self.registry.update_job(run.job.id, "failed", f"could not publish: {e}")
                 log.error("repair job %s: could not publish: %s", run.job.id, e)
                 return
             gate = report.get("gate", {})
+            if rollout is not None:
+                gate = {**gate, "rollout": rollout["id"]}
             self.registry.update_job(run.job.id, "published", json.dumps(gate)[:1000], version=version)
-            log.info("repair job %s published %s v%d", run.job.id, run.job.fleet, version)
+            how = f"through rollout {rollout['id']}" if rollout is not None else "to the whole fleet"
+            log.info("repair job %s published %s v%d %s", run.job.id, run.job.fleet, version, how)
         elif code == GATE_EXIT:
             detail = json.dumps(report.get("gate", {}))[:1000] or tail[-500:]
             self.registry.update_job(run.job.id, "gate-rejected", detail)

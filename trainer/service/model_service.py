@@ -38,7 +38,8 @@ from protos.nnoc.v1 import model_service_pb2 as ms
 from protos.nnoc.v1 import model_service_pb2_grpc as ms_grpc
 from trainer.service.collector import quarantine_size
 from trainer.service.registry import Registry
-from trainer.service.rollout import desired
+from trainer.service.rollout import RolloutError, desired, release
+from trainer.service.rollout import render as render_rollout
 from trainer.service.store import ModelStore, StoreError
 
 log = logging.getLogger(__name__)
@@ -363,6 +364,9 @@ class ModelServicer(ms_grpc.ModelServiceServicer):
                 created_at=j.created_at,
                 updated_at=j.updated_at,
             )
+        record = self.store.rollout(fleet, state.rollout) if state.rollout else None
+        if record is not None:
+            out.rollout.extend(render_rollout(record))
         for h in state.history:
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(h.get("at", 0)))
             out.history.append(f"{when} {h['action']} v{h.get('version')}" + (f" by {h['by']}" if h.get("by") else ""))
@@ -383,10 +387,12 @@ class ModelServicer(ms_grpc.ModelServiceServicer):
         """Make a stored version current."""
         by = f"{(await self._operator(context, 'Publish')).describe()} over gRPC"
         try:
-            await asyncio.to_thread(
-                self.store.publish, request.fleet, int(request.version), by=by, note=request.note[:500]
-            )
-        except StoreError as e:
+            fleet, version, note = request.fleet, int(request.version), request.note[:500]
+            if request.now:
+                await asyncio.to_thread(self.store.publish, fleet, version, by=by, note=note)
+            else:  # the fleet's rollout policy decides (at once when it has none)
+                await asyncio.to_thread(release, self.store, self.registry, fleet, version, by, None, note)
+        except (StoreError, RolloutError) as e:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
         await self.check_store()
         return await asyncio.to_thread(self.status, request.fleet)

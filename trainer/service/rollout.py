@@ -74,18 +74,20 @@ def duration(text: Any) -> float:
     return value
 
 
-def share(text: Any) -> float:
-    """``25%``, ``25`` (percent) or a TOML float ``0.25`` -> 0.25."""
-    if isinstance(text, float):
-        value = text
-    else:
-        s = str(text).strip()
-        try:
-            value = float(s.rstrip("%")) / 100.0
-        except ValueError:
-            raise RolloutError(f"{text!r} is not a share of the fleet (e.g. 25%)") from None
+def share(text: Any, percent: bool = False) -> float:
+    """``25%`` -> 0.25; a bare number is a fraction when it is at most 1 (``0.25``) and percent above (``25``),
+    or always percent when ``percent`` (a step: ``steps=1,10,100``)."""
+    s = str(text).strip()
+    try:
+        value = float(s.rstrip("%")) if not isinstance(text, bool) else float("nan")
+    except ValueError:
+        value = float("nan")
+    if value != value:  # NaN: not a number
+        raise RolloutError(f"{text!r} is not a share (e.g. 25% or 0.25)")
+    if s.endswith("%") or percent or value > 1.0:
+        value /= 100.0
     if not 0.0 <= value <= 1.0:
-        raise RolloutError(f"a share of the fleet lies in [0%, 100%], got {text!r}")
+        raise RolloutError(f"a share lies in [0%, 100%], got {text!r}")
     return value
 
 
@@ -213,7 +215,7 @@ def _convert(name: str, value: Any) -> dict[str, Any]:
             return {"canary_count": int(text)}
         return {"canary": tuple(n for n in text.split("+") if n)}
     if name == "steps":
-        return {"steps": tuple(share(v) for v in values)}
+        return {"steps": tuple(share(v, percent=True) for v in values)}
     if len(values) != 1:
         raise ValueError(f"one value expected, got {values}")
     if name in ("bake", "apply_timeout", "heartbeat"):
@@ -490,3 +492,29 @@ def render(record: Mapping[str, Any]) -> list[str]:
         lines.append(f"  {device:<21} {verdict:<12} {detail}")
     lines += [f"  {line}" for line in record["log"][-8:]]
     return lines
+
+
+def release(
+    store: Any, registry: Any, fleet: str, version: int, by: str, policy: RolloutPolicy | None = None, note: str = ""
+) -> dict[str, Any] | None:
+    """Make a stored version reach the fleet: through a staged rollout under ``policy`` (default: the fleet's own
+    rollout policy, when it has one), or at once (a plain publish). Returns the rollout record, or None."""
+    if policy is None:
+        default = store.state(fleet).rollout_policy
+        if default is None:
+            store.publish(fleet, version, by=by, note=note)
+            return None
+        policy = RolloutPolicy.from_dict(default)
+    known = [str(d["device_id"]) for d in registry.devices(fleet)] if registry is not None else []
+    if policy.canary_count and not known:
+        raise RolloutError(
+            f"canary={policy.canary_count} picks among the fleet's known devices and fleet {fleet!r} has none yet: "
+            "name the canary devices (canary=cam-1+cam-2) or start the rollout once agents have reported"
+        )
+
+    def make(rollout_id: str, baseline: int) -> dict[str, Any]:
+        return new_record(rollout_id, fleet, version, baseline, policy, known, by)
+
+    record: dict[str, Any] = store.start_rollout(fleet, version, make, by)
+    log.info("fleet %s: rollout %s of v%d started (%s)", fleet, record["id"], version, policy.describe())
+    return record

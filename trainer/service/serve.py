@@ -2,8 +2,9 @@
 
 State lives under ``state_dir``: ``registry.sqlite`` (devices, jobs), ``quarantine/<fleet>/<version>/``
 (the collector's stores), ``jobs/<id>/`` (each repair's output and log) and ``serve.json`` (pid and ports,
-while it runs). Bundles live in the model store (``exports/`` by default). SIGTERM or SIGINT: health goes
-NOT_SERVING, the job runner stops (a running repair is terminated and marked failed), the collector and the
+while it runs). Staged rollouts are judged here (every ``rollout_interval``); their records live in the store, so a
+restarted ``serve`` resumes them. Bundles live in the model store (``exports/`` by default). SIGTERM or SIGINT:
+health goes NOT_SERVING, the job runner stops (a running repair is terminated and marked failed), the collector and the
 gRPC server stop, ``serve.json`` is removed.
 """
 
@@ -27,13 +28,14 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from edge_agent.formats.errors import QuarantineError
 from edge_agent.formats.signing import load_private_key
-from edge_agent.options import flag
+from edge_agent.options import flag, positive_float
 from edge_agent.ports import StateLock, check_address
 from protos.nnoc.v1 import bundle_pb2
 from trainer.service.collector import Collector, CollectorConfig, SpecSource
 from trainer.service.jobs import JobPolicy, JobRunner
 from trainer.service.model_service import ModelServer, ModelServicer, ServiceConfig
 from trainer.service.registry import Registry
+from trainer.service.rollout import RolloutController
 from trainer.service.store import ModelStore, StoreError
 
 log = logging.getLogger(__name__)
@@ -57,6 +59,7 @@ class ServeConfig:
     # Prometheus /metrics (collector and service counters); None: off
     metrics_port: int | None = flag(None, "Prometheus /metrics port (default: off)", type=int)
     insecure: bool = flag(False, "allow a plaintext model service (a warning is logged)")
+    rollout_interval: float = flag(1.0, "seconds between judgings of the fleets' staged rollouts", type=positive_float)
     metrics_host: str = "127.0.0.1"
 
     @property
@@ -183,6 +186,8 @@ def serve(cfg: ServeConfig, stop: threading.Event | None = None) -> dict[str, An
             started.callback(http.shutdown)
         runner = JobRunner(store, registry, cfg.quarantine_root, cfg.state_dir / "jobs", cfg.policy).start()
         started.callback(runner.stop)
+        rollouts = RolloutController(store, registry, cfg.rollout_interval).start()
+        started.callback(rollouts.stop)
         started.callback(server.enter_graceful_shutdown)
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, lambda *_: stop.set())

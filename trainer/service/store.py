@@ -342,6 +342,7 @@ class ModelStore:
     def rollback(self, fleet: str, version: int | None = None, by: str = "operator") -> FleetState:
         """Make an older version current on purpose (default: the version current before this one)."""
         state = self.state(fleet)
+        self._refuse_during_rollout(state, "roll back")
         if version is None:
             earlier = [h["version"] for h in state.history if h["action"] in ("publish", "rollback")]
             earlier = [v for v in earlier if v != state.current and v in state.versions]

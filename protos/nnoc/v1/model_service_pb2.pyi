@@ -120,30 +120,34 @@ class VersionInfo(_message.Message):
     def __init__(self, version: _Optional[int] = ..., quarantine_size: _Optional[int] = ..., current: _Optional[bool] = ...) -> None: ...
 
 class FleetStatusResponse(_message.Message):
-    __slots__ = ("fleet", "current_version", "versions", "devices", "jobs", "history")
+    __slots__ = ("fleet", "current_version", "versions", "devices", "jobs", "history", "rollout")
     FLEET_FIELD_NUMBER: _ClassVar[int]
     CURRENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     VERSIONS_FIELD_NUMBER: _ClassVar[int]
     DEVICES_FIELD_NUMBER: _ClassVar[int]
     JOBS_FIELD_NUMBER: _ClassVar[int]
     HISTORY_FIELD_NUMBER: _ClassVar[int]
+    ROLLOUT_FIELD_NUMBER: _ClassVar[int]
     fleet: str
     current_version: int
     versions: _containers.RepeatedCompositeFieldContainer[VersionInfo]
     devices: _containers.RepeatedCompositeFieldContainer[DeviceInfo]
     jobs: _containers.RepeatedCompositeFieldContainer[JobInfo]
     history: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, fleet: _Optional[str] = ..., current_version: _Optional[int] = ..., versions: _Optional[_Iterable[_Union[VersionInfo, _Mapping]]] = ..., devices: _Optional[_Iterable[_Union[DeviceInfo, _Mapping]]] = ..., jobs: _Optional[_Iterable[_Union[JobInfo, _Mapping]]] = ..., history: _Optional[_Iterable[str]] = ...) -> None: ...
+    rollout: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, fleet: _Optional[str] = ..., current_version: _Optional[int] = ..., versions: _Optional[_Iterable[_Union[VersionInfo, _Mapping]]] = ..., devices: _Optional[_Iterable[_Union[DeviceInfo, _Mapping]]] = ..., jobs: _Optional[_Iterable[_Union[JobInfo, _Mapping]]] = ..., history: _Optional[_Iterable[str]] = ..., rollout: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class PublishRequest(_message.Message):
-    __slots__ = ("fleet", "version", "note")
+    __slots__ = ("fleet", "version", "note", "now")
     FLEET_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     NOTE_FIELD_NUMBER: _ClassVar[int]
+    NOW_FIELD_NUMBER: _ClassVar[int]
     fleet: str
     version: int
     note: str
-    def __init__(self, fleet: _Optional[str] = ..., version: _Optional[int] = ..., note: _Optional[str] = ...) -> None: ...
+    now: bool
+    def __init__(self, fleet: _Optional[str] = ..., version: _Optional[int] = ..., note: _Optional[str] = ..., now: _Optional[bool] = ...) -> None: ...
 
 class RollbackRequest(_message.Message):
     __slots__ = ("fleet", "version")
