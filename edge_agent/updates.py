@@ -252,9 +252,7 @@ class Updater:
         self.cache.set_current(version)
         self.counters.applied += 1
         self.counters.history.append(f"applied v{version}" + (" (cached)" if cached is not None else ""))
-        log.info(
-            "now serving bundle v%d (was v%d)%s", version, current.version, ", from the cache" if cached else ""
-        )
+        log.info("now serving bundle v%d (was v%d)%s", version, current.version, ", from the cache" if cached else "")
         return True
 
     def download(
