@@ -301,3 +301,139 @@ def test_a_fleet_follows_rollouts_stage_by_stage_and_a_bad_one_stops_at_the_cana
     finally:
         fleet.close()
         server.stop()
+
+
+def _cams_bundle(out: Path, version: int, monitor_seed: int) -> Path:
+    """A real bundle (ONNX) for fleet cams: primary seed 0; a monitor of the same seed agrees on every input, one of
+    another seed disagrees on (nearly) every input: a version that would reject the fleet's traffic."""
+    import torch
+
+    from edge_agent.formats.bundle import write_bundle
+    from edge_agent.formats.preprocess import Preprocess
+    from edge_agent.formats.spec import InputSpec
+    from protos.nnoc.v1 import bundle_pb2
+    from trainer.science.export import export_onnx
+    from trainer.science.models import build_model
+
+    out.mkdir(parents=True)
+    spec = InputSpec.for_image((3, 32, 32), Preprocess(color="rgb", size=(32, 32), mean=(0.5,), std=(0.25,)))
+    files = {}
+    for role, seed in (("primary", 0), ("monitor", monitor_seed)):
+        torch.manual_seed(seed)
+        files[role] = out / f"{role}.onnx"
+        export_onnx(build_model("cnn3", (3, 32, 32), 10), spec, tuple("0123456789"), files[role])
+    manifest = bundle_pb2.Manifest(
+        fleet="cams", version=version, input_spec=spec.message(), class_names=list("0123456789")
+    )
+    write_bundle(out / "bundle", files, manifest)
+    return out
+
+
+def test_real_agents_follow_rollouts_a_bad_one_returns_by_itself_and_a_restart_resumes(tmp_path: Path) -> None:
+    """Three ``nnoc-edge run`` processes and ``nnoc-trainer serve`` on loopback. A good version goes through every
+    stage; a bad one (its monitor disagrees on every input) stops at the canary, whose agent returns to the
+    previous version by itself, and no other agent ever serves it; a paused rollout survives a trainer restart and
+    completes after resume."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from conftest import ROOT, free_port, make_version, run_cli
+    from trainer.service.registry import Registry
+
+    store, state = tmp_path / "store", tmp_path / "serve-state"
+    good = _cams_bundle(tmp_path / "v1", 1, monitor_seed=0)
+    _cams_bundle(tmp_path / "v3", 3, monitor_seed=1)
+    make_version(good, tmp_path / "v2", 2)
+    make_version(good, tmp_path / "v4", 4)
+    frames = tmp_path / "frames.npy"
+    np.save(frames, np.random.default_rng(0).integers(0, 256, (24, 3, 40, 40), dtype=np.uint8))
+    run_cli("trainer", "fleet", "create", "cams", "--from", str(good), "--store", str(store))
+    service, collector = free_port(), free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+    def fleet(*args: str, check: bool = True) -> dict[str, Any]:
+        _, out, _ = run_cli("trainer", "fleet", *args, "--store", str(store), "--state-dir", str(state), check=check)
+        return out or {}
+
+    def start_serve() -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [sys.executable, "-m", "trainer", "serve", "--insecure", "--store", str(store), "--state-dir", str(state),
+             "--listen", f"127.0.0.1:{service}", "--collector", f"tcp://127.0.0.1:{collector}", "--no-jobs",
+             "--rollout-interval", "0.2", "--quiet"],
+            cwd=ROOT, env=env, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+
+    def devices() -> dict[str, int]:
+        return {d["device_id"]: d["bundle_version"] for d in fleet("status", "cams")["devices"]}
+
+    def rollout() -> dict[str, Any]:
+        return fleet("status", "cams")["rollout"] or {}
+
+    serve = start_serve()
+
+    def start_agent(name: str) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [sys.executable, "-m", "edge_agent", "run", "--insecure", "--device-id", name, "--fleet", "cams",
+             "--bundle", str(good / "bundle"), "--model-service", f"127.0.0.1:{service}",
+             "--collector", f"tcp://127.0.0.1:{collector}", "--infer-port", "0", "--stats-interval", "0.3",
+             "--source", f"npy:{frames}?loop=1&fps=30", "--state-dir", str(tmp_path / name), "--quiet"],
+            cwd=ROOT, env=env, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+
+    agents = [start_agent(name) for name in ("cam-a", "cam-b", "cam-c")]
+    policy = "steps=50,100,bake=1s,min-requests=20,apply-timeout=30s,heartbeat=30s"
+    try:
+        assert wait_for(lambda: devices() == {"cam-a": 1, "cam-b": 1, "cam-c": 1}, 90)
+
+        fleet("publish", "cams", "--from", str(tmp_path / "v2"), "--rollout", f"canary=cam-a,{policy}")
+        assert wait_for(lambda: rollout().get("state") == "completed", 90), rollout()
+        assert wait_for(lambda: devices() == {"cam-a": 2, "cam-b": 2, "cam-c": 2}, 30)
+        done = fleet("status", "cams")
+        assert done["current"] == 2 and [ln.split(" ", 2)[-1][:5] for ln in done["rollout"]["log"]][-1]
+        assert len(done["rollout"]["stage_started"]) == 3  # canary, 50%, 100%: every stage ran
+
+        fleet("publish", "cams", "--from", str(tmp_path / "v3"), "--rollout", f"canary=cam-b,{policy}")
+        assert wait_for(lambda: rollout().get("state") == "aborted", 90), rollout()
+        stopped = rollout()
+        assert stopped["stage"] == 0 and "cam-b: reject-rate" in stopped["reason"], stopped["reason"]
+        assert wait_for(lambda: devices() == {"cam-a": 2, "cam-b": 2, "cam-c": 2}, 30)  # cam-b went back itself
+        registry = Registry(state / "registry.sqlite")
+        try:
+            served = registry.traffic(["cam-a", "cam-b", "cam-c"], (3,))
+        finally:
+            registry.close()
+        assert set(served) == {("cam-b", 3)} and served[("cam-b", 3)][1] > 0  # only the canary ever served v3
+        assert fleet("status", "cams")["current"] == 2
+
+        fleet("publish", "cams", "--from", str(tmp_path / "v4"), "--rollout", f"canary=cam-c,{policy}")
+        fleet("rollout", "pause", "cams", "--reason", "maintenance window")
+        serve.send_signal(signal.SIGTERM)
+        assert serve.wait(30) == 0
+        serve = start_serve()  # a trainer restart mid-rollout: the record says paused, stage 0
+        assert wait_for(lambda: (state / "serve.json").is_file(), 60)
+        time.sleep(2.0)  # past the bake time: a paused rollout does not move on
+        held = rollout()
+        assert held["state"] == "paused" and held["stage"] == 0
+        fleet("rollout", "resume", "cams")
+        assert wait_for(lambda: rollout().get("state") == "completed", 90), rollout()
+        assert wait_for(lambda: devices() == {"cam-a": 4, "cam-b": 4, "cam-c": 4}, 30)
+        from trainer.service.fleet import render
+
+        text = render(fleet("status", "cams"))  # what `fleet status` prints
+        assert "current v4" in text and "completed" in text and "resumed by the operator" in text
+        code, _, err = run_cli("trainer", "fleet", "rollout", "abort", "cams", "--store", str(store), check=False)
+        assert code == 2 and "no running or paused rollout" in err
+        assert json.loads((state / "serve.json").read_text())["pid"] == serve.pid
+    finally:
+        for proc in (*agents, serve):
+            proc.send_signal(signal.SIGTERM)
+        for proc in (*agents, serve):
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()

@@ -25,7 +25,7 @@ def status(store: ModelStore, state_dir: Any, fleet: str) -> dict[str, Any]:
     """A fleet's versions (with quarantine sizes), devices, jobs and history."""
     state = store.state(fleet)
     quarantine_root = state_dir / "quarantine"
-    record = store.rollout(fleet)
+    record = store.rollout(fleet) or next(reversed(store.rollouts(fleet)), None)  # the governing one, or the latest
     out: dict[str, Any] = {
         "fleet": fleet,
         "current": state.current,
@@ -107,7 +107,7 @@ def rollout_command(store: ModelStore, fleet: str, action: str, reason: str) -> 
     its judging interval; an abort moves the devices reached back at once)."""
     record = store.rollout(fleet)
     if action == "status":
-        if record is None:
+        if record is None and not store.rollouts(fleet):
             raise StoreError(f"fleet {fleet!r} has no rollout; start one with 'fleet publish {fleet} --rollout ...'")
         return
     if record is None or record["state"] not in ACTIVE:
