@@ -8,6 +8,7 @@ shell or a file system treats specially.
 
 from __future__ import annotations
 
+import functools
 import re
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -17,8 +18,9 @@ class NameError_(ValueError):
     """A fleet or device name outside the allowed form; the message says what is allowed."""
 
 
+@functools.lru_cache(maxsize=8192)
 def is_name(value: str) -> bool:
-    """Whether ``value`` is a valid fleet or device name."""
+    """Whether ``value`` is a valid fleet or device name (cached: the collector asks for every message)."""
     return bool(NAME.match(value))
 
 

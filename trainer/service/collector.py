@@ -49,6 +49,9 @@ Reply = quarantine_pb2.QuarantineReply
 # (fleet, version) -> that version's input spec; raises QuarantineError (reason unknown-fleet/unknown-version)
 SpecSource = Callable[[str, int], bundle_pb2.InputSpec]
 Item = tuple[bytes, quarantine_pb2.QuarantineHeader, bytes]
+Groups = list[tuple[str, int, bundle_pb2.InputSpec, list[Item]]]  # checked messages per (fleet, version, spec)
+_NOBLOCK, _SNDMORE, _RCVMORE = int(zmq.NOBLOCK), int(zmq.SNDMORE), int(zmq.RCVMORE)
+REPLY_HWM = 100_000  # replies queued per peer at most (see Collector._run)
 ROW_OVERHEAD = 200  # bytes SQLite spends on a stored row beside its header and tensor (measured order)
 
 
@@ -253,6 +256,7 @@ class Collector:
         self._buckets: dict[str, _Bucket] = {}
         self._layouts_of: dict[tuple[str, int], tuple[bundle_pb2.InputSpec, list[tuple[str, list[int], int]]]] = {}
         self._warn = _OnceEvery(cfg.log_interval)
+        self._batch_layouts: dict[tuple[str, int], list[tuple[str, list[int], int]]] = {}
         self._curve = cfg.curve_secret is not None
         self._stop = threading.Event()
         self._ready = threading.Event()
@@ -292,6 +296,10 @@ class Collector:
         sock = self.context.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 0)  # replies to a vanished peer are dropped, not an error
+        # ...and so are replies past a peer's send high-water mark (default 1,000, counted loosely): a sender with a
+        # window of ~1,000 unacknowledged messages then waits for ACKs that never come. A reply is ~30 bytes, so
+        # a mark far above any sender's window costs little and drops nothing a reading peer would get.
+        sock.setsockopt(zmq.SNDHWM, REPLY_HWM)
         # A memory guard far above the tensor limit: a peer sending more is disconnected by ZeroMQ; anything
         # between the two limits is received and answered REJECTED (oversized).
         sock.setsockopt(zmq.MAXMSGSIZE, max(64 << 20, 4 * self.cfg.max_tensor_bytes))
@@ -316,41 +324,62 @@ class Collector:
             while not self._stop.is_set():
                 if not sock.poll(self.cfg.poll_ms):
                     continue
-                batch: list[list[bytes]] = []
-                users: list[str | None] = []
-                while len(batch) < self.cfg.batch:
-                    try:
-                        frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-                    except zmq.Again:
-                        break
-                    # With CURVE, the ZAP handler names the device each message's key belongs to.
-                    users.append(frames[1].get("User-Id") if self._curve and len(frames) > 1 else None)
-                    batch.append([f.bytes for f in frames])
-                for ident, reply in self.handle(batch, users):
-                    sock.send_multipart([ident, reply.SerializeToString()])
+                batch, users = self._receive(sock)
+                self._send(sock, self.handle(batch, users))
         finally:
             sock.close()
             if auth is not None:
                 auth.stop()
             self._stores.close()
 
+    @staticmethod
+    def _send(sock: zmq.Socket, replies: list[tuple[bytes, Reply]]) -> None:
+        send = sock.send
+        for ident, reply in replies:
+            send(ident, _SNDMORE)  # plain ints: send_multipart's enum arithmetic cost more than the send
+            send(reply.SerializeToString())
+
+    def _receive(self, sock: zmq.Socket) -> tuple[list[list[bytes]], list[str | None] | None]:
+        """Up to ``batch`` waiting messages (identity frame first) and, with CURVE, the device each one's key is
+        bound to (the ZAP handler's User-Id, read from the frames: only then are they received as Frame objects)."""
+        batch: list[list[bytes]] = []
+        if not self._curve:  # pyzmq's recv_multipart, without its enum arithmetic per frame
+            recv, more = sock.recv, sock.get
+            while len(batch) < self.cfg.batch:
+                try:
+                    message = [recv(_NOBLOCK)]
+                except zmq.Again:
+                    break
+                while more(_RCVMORE):  # the rest of a multipart message is there already
+                    message.append(recv(_NOBLOCK))
+                batch.append(message)
+            return batch, None
+        users: list[str | None] = []
+        while len(batch) < self.cfg.batch:
+            try:
+                frames = sock.recv_multipart(_NOBLOCK, copy=False)
+            except zmq.Again:
+                break
+            users.append(str(frames[1].get("User-Id")) if len(frames) > 1 else None)
+            batch.append([f.bytes for f in frames])
+        return batch, users
+
     def _denied(self, key: str) -> None:
         self.counters.auth_denied += 1
 
     # -- one message ---------------------------------------------------------------------------------------
 
-    def _admit(self, device_id: str) -> bool:
+    def _admit(self, device_id: str, now: float) -> bool:
+        """Take a token from the device's bucket (``now``: the batch's monotonic time)."""
         bucket = self._buckets.get(device_id)
         if bucket is None:
             if len(self._buckets) >= 65536:  # many senders: forget the idle ones (their buckets are full)
-                now = time.monotonic()
                 self._buckets = {
                     d: b
                     for d, b in self._buckets.items()
                     if (now - b.stamp) * self.cfg.rate + b.tokens < self.cfg.burst
                 }
             bucket = self._buckets[device_id] = _Bucket(self.cfg.burst)
-        now = time.monotonic()
         bucket.tokens = min(self.cfg.burst, bucket.tokens + (now - bucket.stamp) * self.cfg.rate)
         bucket.stamp = now
         if bucket.tokens < 1.0:
@@ -390,8 +419,11 @@ class Collector:
             raise QuarantineError(f"the CURVE key of device {user!r} cannot send as {header.device_id!r}", "identity")
         if not is_name(header.fleet):
             raise QuarantineError(f"unknown fleet {header.fleet[:80]!r}", "unknown-fleet")
-        spec = self._specs.get(header.fleet, int(header.bundle_version))
-        layouts = self._layouts(header.fleet, int(header.bundle_version), spec)
+        key = (header.fleet, header.bundle_version)
+        layouts = self._batch_layouts.get(key)
+        if layouts is None:  # first message of this version in the batch (a miss is not kept: asked again)
+            layouts = self._layouts(header.fleet, int(header.bundle_version), self._specs.get(*key))
+            self._batch_layouts[key] = layouts
         tensor = body[1]
         for dtype, shape, nbytes in layouts:
             if header.dtype == dtype and len(tensor) == nbytes and header.shape == shape:
@@ -433,9 +465,17 @@ class Collector:
 
         ``users``: per message, the device id its CURVE key is bound to (None without CURVE).
         """
+        replies, groups = self._check_batch(batch, users)
+        return replies + self._store_groups(groups)
+
+    def _check_batch(
+        self, batch: list[list[bytes]], users: list[str | None] | None
+    ) -> tuple[list[tuple[bytes, Reply]], Groups]:
+        """Stats recorded, malformed messages answered; the rest grouped by (fleet, version, spec) to store."""
         c = self.counters
         replies: list[tuple[bytes, Reply]] = []
         checked: dict[tuple[str, int], list[Item]] = defaultdict(list)
+        self._batch_layouts.clear()  # specs looked up once per version and batch
         for frames, user in zip(batch, users or [None] * len(batch), strict=True):
             ident, body = frames[0], frames[1:]
             if len(body) == 1:
@@ -452,15 +492,21 @@ class Collector:
                 self._warn(("*", "internal"), f"could not check a message from {ident[:64]!r}: {e!r}")
                 continue
             checked[(header.fleet, int(header.bundle_version))].append((ident, header, body[1]))
-        for (fleet, version), items in checked.items():
-            replies.extend(self._store_group(fleet, version, items))
+        return replies, [(f, v, self._specs.get(f, v), items) for (f, v), items in checked.items()]
+
+    def _store_groups(self, groups: Groups) -> list[tuple[bytes, Reply]]:
+        """Store each group (one transaction per version); the replies."""
+        replies: list[tuple[bytes, Reply]] = []
+        for fleet, version, spec, items in groups:
+            replies.extend(self._store_group(fleet, version, spec, items))
         return replies
 
-    def _store_group(self, fleet: str, version: int, items: list[Item]) -> list[tuple[bytes, Reply]]:
+    def _store_group(
+        self, fleet: str, version: int, spec: bundle_pb2.InputSpec, items: list[Item]
+    ) -> list[tuple[bytes, Reply]]:
         """Values, rate, quota and budget per message, then one transaction for what is left."""
         c = self.counters
         replies: list[tuple[bytes, Reply]] = []
-        spec = self._specs.get(fleet, version)
         bad = self._check_values(spec, items)
         try:
             store, per_device = self._stores.get(fleet, version, spec)
@@ -469,12 +515,13 @@ class Collector:
         accepted: list[Item] = []
         taken: dict[str, int] = defaultdict(int)
         pending = 0  # bytes the accepted messages will take
-        for (ident, header, tensor), is_bad in zip(items, bad, strict=True):
+        now = time.monotonic()
+        for (ident, header, tensor), is_bad in zip(items, bad.tolist(), strict=True):
             device = header.device_id
             if is_bad:
                 why = f"tensor holds NaN, infinities or values outside [{spec.min_value}, {spec.max_value}]"
                 replies.append(self._refuse(ident, None, QuarantineError(why, "values"), header))
-            elif not self._admit(device):
+            elif not self._admit(device, now):
                 c.throttled += 1
                 replies.append((ident, Reply(device_id=device, seq=header.seq, status=Reply.THROTTLED)))
             elif c.bytes_used + pending + len(tensor) > self.cfg.budget_bytes:
@@ -566,7 +613,10 @@ class Collector:
             why = f"stats for {stats.device_id[:64]!r} from sender {who!r}" + (f" (key of {user!r})" if user else "")
         elif not (is_name(stats.device_id) and is_name(stats.fleet)):
             why = "stats with an invalid device or fleet name"
-        elif max(stats.bundle_version, stats.requests, stats.rejects, stats.spool_depth, stats.spool_dropped) > INT63:
+        elif max(
+            stats.bundle_version, stats.requests, stats.rejects, stats.spool_depth, stats.spool_dropped,
+            stats.version_requests, stats.version_rejects, stats.version_errors,
+        ) > INT63:  # fmt: skip
             why = "stats with a count above 2**63-1"
         elif not 0.0 <= stats.window_reject_rate <= 1.0:
             why = f"stats with a reject rate {stats.window_reject_rate} outside [0, 1]"
