@@ -181,6 +181,23 @@ def _layout(data: dict[str, Any]) -> str:
     return "28×28 float32 model-input tensors"
 
 
+def _push(data: dict[str, Any]) -> str:
+    if "verify_ten_s" not in data:  # runs before the service's side was timed apart: download and verify together
+        return (
+            f"**Push.** A {data['bundle_mb']} MB bundle published to subscribed agent processes (notice, download "
+            f"in 1 MiB chunks, sha256 verify): one agent {data['push_one_s']:.2f} s, ten agents "
+            f"{data['push_ten_s']:.2f} s, ratio {data['push_ratio']:.2f}× (goal ≤ 2×)."
+        )
+    return (
+        f"**Push.** A {data['bundle_mb']} MB bundle published to subscribed agent processes. Service's side (publish "
+        f"until the last agent has every 1 MiB chunk): one agent {data['push_one_s']:.2f} s, ten agents "
+        f"{data['push_ten_s']:.2f} s, ratio **{data['push_ratio']:.2f}×** (goal ≤ 2×; "
+        f"{data['push_aggregate_mb_s']:.0f} MB/s to the ten together). The clients' sha256 verification, timed "
+        f"apart after every download is in: {data['verify_one_s']:.2f} s for one, {data['verify_ten_s']:.2f} s for "
+        "ten processes sharing the two cores."
+    )
+
+
 def service_section(data: dict[str, Any]) -> str:
     c = data["collector"]
     return (
@@ -191,7 +208,8 @@ def service_section(data: dict[str, Any]) -> str:
                 _machine(data["machine"]),
                 "",
                 f"**Collector.** {data['agents']} agent processes × {data['messages_per_agent']} quarantine messages "
-                f"({_layout(data)}) on loopback. Bare pyzmq PUSH/PULL moving the same frames against the collector "
+                f"({_layout(data)}) on loopback. Bare pyzmq PUSH/PULL moving the same frames (both senders send "
+                "frame by frame) against the collector "
                 "(parse, check against the fleet's input spec, one SQLite WAL transaction per batch with "
                 "synchronous=FULL, an ACK per message; senders keep ≤ 1000 unacknowledged). Target ≥ 0.3×.",
                 "",
@@ -203,9 +221,7 @@ def service_section(data: dict[str, Any]) -> str:
                 "",
                 f"Ratio {data['collector_ratio']:.2f}×.",
                 "",
-                f"**Push.** A {data['bundle_mb']} MB bundle published to subscribed agent processes (notice, download "
-                f"in 1 MiB chunks, sha256 verify): one agent {data['push_one_s']:.2f} s, ten agents "
-                f"{data['push_ten_s']:.2f} s, ratio {data['push_ratio']:.2f}× (goal ≤ 2×).",
+                _push(data),
             ]
         )
         + "\n"

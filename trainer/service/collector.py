@@ -198,11 +198,43 @@ class _SpecCache:
 
 
 class _Stores:
-    """Open quarantine stores, at most ``limit`` (least recently used closed first), with per-device counts."""
+    """Open quarantine stores, at most ``limit`` (least recently used closed first), with per-device counts.
 
-    def __init__(self, root: Path, limit: int) -> None:
-        self.root, self.limit = root, limit
+    Their connections never checkpoint while writing: a thread of this class copies each open store's WAL back
+    into its file every ``interval`` seconds (PASSIVE, through connections of its own), while the collector goes
+    on receiving; closing a store's last connection checkpoints it whole.
+    """
+
+    def __init__(self, root: Path, limit: int, interval: float = 0.5) -> None:
+        self.root, self.limit, self.interval = root, limit, interval
         self._open: OrderedDict[tuple[str, int], tuple[QuarantineStore, dict[str, int]]] = OrderedDict()
+        self._paths: set[Path] = set()  # of the open stores, for the checkpointer (under _lock)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._checkpoints, name="collector-checkpoints", daemon=True)
+        self._thread.start()
+
+    def _checkpoints(self) -> None:
+        conns: dict[Path, QuarantineStore] = {}
+        try:
+            while not self._stop.wait(self.interval):
+                with self._lock:
+                    paths = set(self._paths)
+                for path in set(conns) - paths:
+                    conns.pop(path).close()
+                for path in paths:
+                    try:
+                        if path not in conns:
+                            conns[path] = QuarantineStore.checkpointer(path)
+                        conns[path].checkpoint()
+                    except sqlite3.Error as e:  # busy, or a store that failed: the next round tries again
+                        log.debug("checkpoint of %s: %s", path, e)
+                        failed = conns.pop(path, None)
+                        if failed is not None:
+                            failed.close()
+        finally:
+            for store in conns.values():
+                store.close()
 
     def get(self, fleet: str, version: int, spec: bundle_pb2.InputSpec) -> tuple[QuarantineStore, dict[str, int]]:
         key = (fleet, version)
@@ -210,8 +242,8 @@ class _Stores:
         if entry is None:
             while len(self._open) >= self.limit:
                 _, (old, _) = self._open.popitem(last=False)
-                old.close()
-            store = QuarantineStore(quarantine_dir(self.root, fleet, version))
+                self._forget(old)
+            store = QuarantineStore(quarantine_dir(self.root, fleet, version), checkpoints=False)
             try:
                 if store.meta("fleet") is None:
                     store.describe(fleet, version, spec)
@@ -220,6 +252,8 @@ class _Stores:
                 store.close()
                 raise
             self._open[key] = entry
+            with self._lock:
+                self._paths.add(store.path)
         self._open.move_to_end(key)
         return entry
 
@@ -227,12 +261,19 @@ class _Stores:
         """Close a store that failed (it is opened afresh next time)."""
         entry = self._open.pop((fleet, version), None)
         if entry is not None:
-            entry[0].close()
+            self._forget(entry[0])
+
+    def _forget(self, store: QuarantineStore) -> None:
+        with self._lock:
+            self._paths.discard(store.path)
+        store.close()
 
     def __len__(self) -> int:
         return len(self._open)
 
     def close(self) -> None:
+        self._stop.set()
+        self._thread.join(30)  # its connections closed before the writers' (the last one checkpoints whole)
         for store, _ in self._open.values():
             store.close()
         self._open.clear()

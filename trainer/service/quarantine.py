@@ -62,7 +62,9 @@ class Quarantine:
 class QuarantineStore:
     """A SQLite quarantine file. Use as a context manager; one writer at a time (SQLite's own locking)."""
 
-    def __init__(self, path: Path, create: bool = True) -> None:
+    def __init__(self, path: Path, create: bool = True, checkpoints: bool = True) -> None:
+        """``checkpoints=False``: this connection never copies the WAL back into the file itself; the caller runs
+        :func:`checkpoint` from another thread (the collector does, so its writes do not wait for the copy)."""
         if path.is_dir() or path.suffix != ".sqlite":
             path = path / STORE_NAME
         if not create and not path.is_file():
@@ -70,8 +72,14 @@ class QuarantineStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self.db = sqlite3.connect(path, timeout=30.0, isolation_level=None)
+        # A row holds an image or tensor of ~1-10 KB: 16 KiB pages write them with a quarter of the page splits of
+        # the 4 KiB default (measured: 8.2 -> 6.7 us per 28x28 row). Takes effect on a new file only.
+        self.db.execute("PRAGMA page_size=16384")
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")  # an ACK promises the row survives a crash
+        self.db.execute("PRAGMA journal_size_limit=67108864")  # a WAL emptied by a checkpoint shrinks to 64 MiB
+        if not checkpoints:
+            self.db.execute("PRAGMA wal_autocheckpoint=0")
         self.db.executescript(_SCHEMA)
         self.db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
         version = int(self.meta("schema_version") or SCHEMA_VERSION)
@@ -149,6 +157,19 @@ class QuarantineStore:
             self.db.execute("ROLLBACK")
             raise
         return self.db.total_changes - before
+
+    def checkpoint(self) -> None:
+        """Copy committed WAL frames into the file without blocking writers or readers (``PASSIVE``); SQLite
+        releases the GIL meanwhile. Use a connection of its own (:meth:`checkpointer`) from another thread."""
+        self.db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+
+    @classmethod
+    def checkpointer(cls, path: Path) -> QuarantineStore:
+        """A second connection to an existing store, for :meth:`checkpoint` from another thread."""
+        store = cls.__new__(cls)
+        store.path = path
+        store.db = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=False)
+        return store
 
     def device_counts(self) -> dict[str, int]:
         """Stored inputs per device."""
