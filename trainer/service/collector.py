@@ -40,7 +40,7 @@ from edge_agent.formats.spec import accepted_range, image_shape_of
 from edge_agent.formats.wire import INT63, check_header, tensor_layout
 from edge_agent.options import flag, positive, positive_float
 from protos.nnoc.v1 import bundle_pb2, quarantine_pb2
-from trainer.service.quarantine import STORE_NAME, QuarantineStore
+from trainer.service.quarantine import STORE_NAME, QuarantineStore, Row
 from trainer.service.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -195,6 +195,20 @@ class _SpecCache:
         if isinstance(hit[1], QuarantineError):
             raise hit[1]
         return hit[1]
+
+
+@dataclass
+class _Write:
+    """What one batch stores into one quarantine file, and what to count once it is written."""
+
+    fleet: str
+    version: int
+    store: QuarantineStore
+    per_device: dict[str, int]
+    accepted: list[Item] = field(default_factory=list)
+    taken: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    pending: int = 0  # bytes the accepted messages will take
+    rows: list[Row] = field(default_factory=list)
 
 
 class _Stores:
@@ -363,10 +377,9 @@ class Collector:
         log.info("collector listening on port %d, storing under %s", self.port, self.cfg.root)
         try:
             while not self._stop.is_set():
-                if not sock.poll(self.cfg.poll_ms):
-                    continue
-                batch, users = self._receive(sock)
-                self._send(sock, self.handle(batch, users))
+                if sock.poll(self.cfg.poll_ms):
+                    batch, users = self._receive(sock)
+                    self._send(sock, self.handle(batch, users))
         finally:
             sock.close()
             if auth is not None:
@@ -536,26 +549,32 @@ class Collector:
         return replies, [(f, v, self._specs.get(f, v), items) for (f, v), items in checked.items()]
 
     def _store_groups(self, groups: Groups) -> list[tuple[bytes, Reply]]:
-        """Store each group (one transaction per version); the replies."""
-        replies: list[tuple[bytes, Reply]] = []
-        for fleet, version, spec, items in groups:
-            replies.extend(self._store_group(fleet, version, spec, items))
-        return replies
+        """Store each group (one transaction per version) in this thread; the replies."""
+        replies, writes = self._admit_groups(groups)
+        return replies + self._finish(writes, self._write(writes))
 
-    def _store_group(
+    def _admit_groups(self, groups: Groups) -> tuple[list[tuple[bytes, Reply]], list[_Write]]:
+        """Per message: values, rate, budget and quota. The refusals, and per group the rows to write."""
+        replies: list[tuple[bytes, Reply]] = []
+        writes: list[_Write] = []
+        for fleet, version, spec, items in groups:
+            refused, write = self._admit_group(fleet, version, spec, items)
+            replies.extend(refused)
+            if write is not None:
+                writes.append(write)
+        return replies, writes
+
+    def _admit_group(
         self, fleet: str, version: int, spec: bundle_pb2.InputSpec, items: list[Item]
-    ) -> list[tuple[bytes, Reply]]:
-        """Values, rate, quota and budget per message, then one transaction for what is left."""
+    ) -> tuple[list[tuple[bytes, Reply]], _Write | None]:
         c = self.counters
         replies: list[tuple[bytes, Reply]] = []
         bad = self._check_values(spec, items)
         try:
             store, per_device = self._stores.get(fleet, version, spec)
         except (sqlite3.Error, OSError, QuarantineError) as e:
-            return self._unavailable(fleet, version, items, e)
-        accepted: list[Item] = []
-        taken: dict[str, int] = defaultdict(int)
-        pending = 0  # bytes the accepted messages will take
+            return self._unavailable(fleet, version, items, e), None
+        write = _Write(fleet, version, store, per_device)
         now = time.monotonic()
         for (ident, header, tensor), is_bad in zip(items, bad.tolist(), strict=True):
             device = header.device_id
@@ -565,7 +584,7 @@ class Collector:
             elif not self._admit(device, now):
                 c.throttled += 1
                 replies.append((ident, Reply(device_id=device, seq=header.seq, status=Reply.THROTTLED)))
-            elif c.bytes_used + pending + len(tensor) > self.cfg.budget_bytes:
+            elif c.bytes_used + write.pending + len(tensor) > self.cfg.budget_bytes:
                 if not c.budget_full:
                     log.error(
                         "quarantine budget reached: %d of %d bytes under %s; new quarantine is refused (OVER_QUOTA, "
@@ -574,27 +593,46 @@ class Collector:
                     )  # fmt: skip
                     c.budget_full = True
                 replies.append(self._over_quota(ident, header, "budget", "the collector's storage budget is used up"))
-            elif per_device.get(device, 0) + taken[device] >= self.cfg.device_quota:
+            elif per_device.get(device, 0) + write.taken[device] >= self.cfg.device_quota:
                 why = f"device {device} has {self.cfg.device_quota} quarantined inputs for {fleet} v{version} (quota)"
                 replies.append(self._over_quota(ident, header, "quota", why))
             else:
-                taken[device] += 1
-                pending += len(tensor) + len(device) + ROW_OVERHEAD
-                accepted.append((ident, header, tensor))
-        if not accepted:
-            return replies
-        try:
-            new = store.add_many(((h, t) for _, h, t in accepted), checked=True)
-        except (sqlite3.Error, OSError) as e:
-            self._stores.drop(fleet, version)
-            return replies + self._unavailable(fleet, version, accepted, e)
-        if new:
-            for device, n in taken.items():  # duplicates count too: an upper bound, exact after a reopen
-                per_device[device] = per_device.get(device, 0) + n
-            c.bytes_used += pending * new // len(accepted)
-        c.stored += new
-        c.duplicates += len(accepted) - new
-        replies.extend((ident, Reply(device_id=h.device_id, seq=h.seq, status=Reply.ACK)) for ident, h, _ in accepted)
+                write.taken[device] += 1
+                write.pending += len(tensor) + len(device) + ROW_OVERHEAD
+                write.accepted.append((ident, header, tensor))
+        if not write.accepted:
+            return replies, None
+        write.rows = QuarantineStore.rows(((h, t) for _, h, t in write.accepted), checked=True)
+        return replies, write
+
+    @staticmethod
+    def _write(writes: list[_Write]) -> list[int | BaseException]:
+        """The SQLite part: per write, how many rows were new, or the error that stopped it. (Tried on a thread of
+        its own while the socket thread checks the next batch: no faster, the GIL is held for most of it.)"""
+        out: list[int | BaseException] = []
+        for w in writes:
+            try:
+                out.append(w.store.insert_rows(w.rows))
+            except (sqlite3.Error, OSError) as e:
+                out.append(e)
+        return out
+
+    def _finish(self, writes: list[_Write], results: list[int | BaseException]) -> list[tuple[bytes, Reply]]:
+        """After the writes: count, and ACK what is stored (UNAVAILABLE for a store that failed)."""
+        c = self.counters
+        replies: list[tuple[bytes, Reply]] = []
+        for w, new in zip(writes, results, strict=True):
+            if isinstance(new, BaseException):
+                self._stores.drop(w.fleet, w.version)
+                replies.extend(self._unavailable(w.fleet, w.version, w.accepted, new))
+                continue
+            if new:
+                for device, n in w.taken.items():  # duplicates count too: an upper bound, exact after a reopen
+                    w.per_device[device] = w.per_device.get(device, 0) + n
+                c.bytes_used += w.pending * new // len(w.accepted)
+            c.stored += new
+            c.duplicates += len(w.accepted) - new
+            replies.extend((i, Reply(device_id=h.device_id, seq=h.seq, status=Reply.ACK)) for i, h, _ in w.accepted)
         return replies
 
     def _refuse(
