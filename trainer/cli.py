@@ -142,8 +142,14 @@ def cmd_predeploy(args: argparse.Namespace) -> dict[str, Any]:
     source.check()  # before the data loads
     splits, _ = _splits(args, source.declared_block())
     _check_target(args.target, splits)
+    from trainer.stages.executors import ExecutorConfig
+
     cfg = from_args(PredeployConfig, args, noise=from_args(NoiseConfig, args), reject=from_args(RejectConfig, args))
-    result = run_predeploy(source, splits, cfg, args.out, args.fleet, trigger, args.target, quiet=args.quiet)
+    executor = from_args(ExecutorConfig, args)
+    result = run_predeploy(
+        source, splits, cfg, args.out, args.fleet, trigger, args.target, quiet=args.quiet, executor_cfg=executor
+    )
+    result.report["executor"] = executor.executor
     return result.report
 
 
@@ -341,6 +347,9 @@ def _args_predeploy(p: argparse.ArgumentParser) -> None:
     add_flags(p, PredeployConfig)
     add_flags(p, NoiseConfig)
     add_flags(p, RejectConfig)
+    from trainer.stages.executors import ExecutorConfig
+
+    add_flags(p, ExecutorConfig)
     p.add_argument("--eval-trigger", default=None, help="evaluation only: also measure test CA/ASR per candidate")
     p.add_argument("--target", type=int, default=None, help="evaluation only: target class of --eval-trigger")
 
@@ -441,6 +450,12 @@ def _args_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--agents", type=positive, default=2, help="edge agent processes (default 2)")
     p.add_argument("--dataset", default="fashion-mnist")
     p.add_argument("--data-dir", type=Path, default=None)
+    p.add_argument(
+        "--jobs-backend",
+        choices=("local", "ray"),
+        default="local",
+        help="where serve runs the repair job: a child process, or a task on a Ray cluster serve starts for the run",
+    )
 
 
 def _args_keys(p: argparse.ArgumentParser) -> None:
@@ -491,6 +506,9 @@ def _args_fleet(p: argparse.ArgumentParser) -> None:
     fp.add_argument("rollout_action", choices=("status", "pause", "resume", "abort"))
     fp.add_argument("fleet", type=safe_name)
     fp.add_argument("--reason", default="", help="pause/abort: why (kept in the rollout's log)")
+    fp = fsub.add_parser("cancel", help="cancel a queued or running repair job (serve stops it within a second)")
+    fp.add_argument("fleet", type=safe_name)
+    fp.add_argument("job", help="the job's id (fleet status lists them)")
     fp = fsub.add_parser("policy", help="set or clear the fleet's default rollout policy (repair jobs use it too)")
     fp.add_argument("fleet", type=safe_name)
     _args_rollout_policy(fp)

@@ -379,7 +379,7 @@ def run_demo(args: Any) -> dict[str, Any]:
             "--tls-cert", str(tls["model-service"]), "--tls-key", str(tls["model-service"].with_suffix(".key")),
             "--tls-client-ca", str(tls["ca"]), "--curve-secret", str(curve["collector"][1]),
             "--curve-allow", str(allow), "--operators", "operator", "--agent-fleet", f"cam-*={FLEET}",
-            "--repair-profile", profile.repair[1], *data,
+            "--repair-profile", profile.repair[1], *data, "--jobs-backend", args.jobs_backend, "--ray-address", "local",
             *[f"--repair-arg={a}" for a in (*profile.repair[2:], "--eval-trigger", args.trigger, "--target",
                                             str(args.target))],
         ]  # fmt: skip
@@ -440,6 +440,7 @@ def run_demo(args: Any) -> dict[str, Any]:
     job_dir = out / "state" / "jobs" / job.id / "run"
     report = {
         "profile": args.profile,
+        "jobs_backend": args.jobs_backend,
         "trigger": args.trigger,
         "target": args.target,
         "cpd": args.cpd,

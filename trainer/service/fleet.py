@@ -129,6 +129,20 @@ def rollout_command(store: ModelStore, fleet: str, action: str, reason: str) -> 
     store.update_rollout(fleet, record["id"], change)
 
 
+def cancel_job(state_dir: Path, fleet: str, job_id: str) -> None:
+    """Ask ``serve`` to cancel a repair job (it stops the job at its next pass; no version is added)."""
+    with _registry(state_dir) as registry:
+        if registry is None:
+            raise StoreError(f"no trainer state in {state_dir}: pass the --state-dir 'nnoc-trainer serve' uses")
+        try:
+            job = registry.job(job_id)
+        except KeyError:
+            raise StoreError(f"no repair job {job_id!r}; 'fleet status {fleet}' lists the jobs") from None
+        if job.fleet != fleet:
+            raise StoreError(f"job {job_id} belongs to fleet {job.fleet!r}, not {fleet!r}")
+        registry.request_cancel(job_id)
+
+
 def check_source(source: Path) -> None:
     """A ``--from`` folder holding a bundle that verifies (a predeploy or repair output, or a bundle)."""
     from edge_agent.formats.bundle import BundleError, verify_bundle
@@ -184,6 +198,8 @@ def fleet_command(args: argparse.Namespace) -> dict[str, Any]:
         store.set_rollout_policy(fleet, policy.to_dict() if policy is not None else None)
     elif args.action == "rollout":
         rollout_command(store, fleet, args.rollout_action, args.reason)
+    elif args.action == "cancel":
+        cancel_job(args.state_dir, fleet, args.job)
     elif args.action == "rollback":
         store.rollback(fleet, args.version)
     st = status(store, args.state_dir, fleet)

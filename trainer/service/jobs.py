@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import signal
-import subprocess
 import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from edge_agent.options import flag, fraction, positive
+from edge_agent.options import flag, fraction, nonnegative_float, positive, positive_float
+from trainer.service.backends import BACKENDS, JobBackend, LocalBackend, RayBackend
 from trainer.service.collector import quarantine_dir, quarantine_size
 from trainer.service.registry import ACTIVE_STATES, Job, Registry
 from trainer.service.rollout import RolloutError, release
@@ -47,14 +46,29 @@ class JobPolicy:
     # each job's repair.toml beside the job's own (bundle, quarantine, out, version, profile).
     repair_config: dict[str, str | int | float | bool] = field(default_factory=dict)
     poll_interval: float = 1.0
+    jobs_backend: str = flag("local", "where repair jobs run: a child process (local) or a Ray task", choices=BACKENDS)
+    ray_address: str = flag(
+        "auto", "--jobs-backend ray: the cluster (auto: the local 'ray start' one; ray://HOST:PORT; local: start one)"
+    )
+    job_cpus: float = flag(1.0, "--jobs-backend ray: CPUs each repair job asks for", type=positive_float)
+    job_gpus: float = flag(0.0, "--jobs-backend ray: GPUs each repair job asks for", type=nonnegative_float)
 
 
 @dataclass
 class _Running:
     job: Job
-    proc: subprocess.Popen[bytes]
+    handle: Any  # the backend's
     out_dir: Path
     log_path: Path
+    state: str = "queued"
+    cancelled: bool = False
+
+
+def make_backend(policy: JobPolicy) -> JobBackend:
+    """The backend ``policy`` names (ValueError, one line, when Ray is missing or unreachable)."""
+    if policy.jobs_backend == "ray":
+        return RayBackend(policy.ray_address, policy.job_cpus, policy.job_gpus)
+    return LocalBackend()
 
 
 def write_toml(path: Path, values: dict[str, str | int | float | bool]) -> None:
@@ -74,9 +88,13 @@ class JobRunner:
         self._running: _Running | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="job-runner", daemon=True)
+        self.backend: JobBackend = LocalBackend()
 
     def start(self) -> JobRunner:
-        """Mark jobs a previous process left behind as failed, then start watching."""
+        """Connect the backend (ValueError when it cannot be), mark jobs a previous process left behind as
+        failed, then start watching."""
+        if self.policy.enabled:
+            self.backend = make_backend(self.policy)
         interrupted = self.registry.fail_interrupted()
         if interrupted:
             log.warning("%d repair jobs were interrupted by the last shutdown: marked failed", interrupted)
@@ -88,14 +106,11 @@ class JobRunner:
         self._stop.set()
         self._thread.join(timeout)
         run = self._running
-        if run is not None and run.proc.poll() is None:
-            run.proc.send_signal(signal.SIGTERM)
-            try:
-                run.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                run.proc.kill()
+        if run is not None:
+            self.backend.cancel(run.handle)
             self.registry.update_job(run.job.id, "failed", "stopped: the service shut down while it ran")
             self._running = None
+        self.backend.close()
 
     def _run(self) -> None:
         while not self._stop.wait(self.policy.poll_interval):
@@ -166,19 +181,33 @@ class JobRunner:
         cmd = self.repair_command(fleet, state.current, out_dir)
         log_path = out_dir / "repair.log"
         log.info("repair job %s for %s v%d started (%s)", job.id, fleet, state.current, reason)
-        with log_path.open("wb") as log_file:
-            proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env={**os.environ})
-        self.registry.update_job(job.id, "running", " ".join(cmd[3:6]), out_dir=str(out_dir))
-        self._running = _Running(job, proc, out_dir, log_path)
+        handle = self.backend.start(job.id, cmd, log_path)
+        self.registry.update_job(job.id, "queued", f"{self.backend.name}: {' '.join(cmd[3:6])}", out_dir=str(out_dir))
+        self._running = _Running(job, handle, out_dir, log_path)
 
     def _reap(self) -> None:
         run = self._running
         assert run is not None
-        code = run.proc.poll()
-        if code is None:
+        if not run.cancelled and self.registry.job(run.job.id).cancel:
+            log.warning("repair job %s: cancelled by the operator", run.job.id)
+            run.cancelled = True
+            self.backend.cancel(run.handle)
+        state = self.backend.state(run.handle)
+        if isinstance(state, str):
+            if state != run.state:
+                run.state = state
+                self.registry.update_job(run.job.id, state, f"{self.backend.name}: {state}")
             return
         self._running = None
-        tail = run.log_path.read_text(errors="replace")[-4000:]
+        if run.cancelled:  # whatever it had written stays in its job folder; the store never saw it
+            self.registry.update_job(run.job.id, "failed", "cancelled by the operator")
+            return
+        code = state.code
+        if code is None:
+            self.registry.update_job(run.job.id, "failed", state.reason)
+            log.error("repair job %s failed: %s", run.job.id, state.reason)
+            return
+        tail = run.log_path.read_text(errors="replace")[-4000:] if run.log_path.is_file() else ""
         report_path = run.out_dir / "run" / "report.json"
         report = json.loads(report_path.read_text()) if report_path.is_file() else {}
         if code == 0:

@@ -43,7 +43,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     out_dir TEXT NOT NULL DEFAULT '',
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL,
-    quarantine INTEGER NOT NULL DEFAULT 0
+    quarantine INTEGER NOT NULL DEFAULT 0,
+    cancel INTEGER NOT NULL DEFAULT 0
 );
 -- What each device's traffic did under each version: requests, rejects and errors added up over its stretches
 -- of serving that version (an agent restarts its counters when it starts serving a version again); `seen_*` are
@@ -82,6 +83,7 @@ class Job:
     created_at: float
     updated_at: float
     quarantine: int  # quarantine size of the version when the job started
+    cancel: int = 0  # an operator asked to cancel it (the runner stops it at its next pass)
 
 
 class Registry:
@@ -95,6 +97,9 @@ class Registry:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+        if "cancel" not in columns:  # a registry from before cancellable jobs
+            self._db.execute("ALTER TABLE jobs ADD COLUMN cancel INTEGER NOT NULL DEFAULT 0")
 
     def close(self) -> None:
         """Close the connection."""
@@ -231,6 +236,16 @@ class Registry:
                 (fleet,) if fleet else (),
             ).fetchall()
         return [Job(*r) for r in rows]
+
+    def request_cancel(self, job_id: str) -> Job:
+        """Ask the runner to cancel a queued or running job; KeyError for an unknown job, ValueError for one that
+        has ended."""
+        job = self.job(job_id)
+        if job.state not in ACTIVE_STATES:
+            raise ValueError(f"job {job_id} is {job.state} already; only queued or running jobs can be cancelled")
+        with self._lock:
+            self._db.execute("UPDATE jobs SET cancel=1, updated_at=? WHERE id=?", (time.time(), job_id))
+        return self.job(job_id)
 
     def fail_interrupted(self) -> int:
         """At start-up: jobs left queued/running by a previous process are marked failed; returns how many."""

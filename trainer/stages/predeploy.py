@@ -25,7 +25,7 @@ from edge_agent.formats.bundle import sha256_file
 from edge_agent.options import flag, fraction, positive, positive_float
 from protos.nnoc.v1 import bundle_pb2
 from trainer.errors import NoCandidateError
-from trainer.science.data import Splits
+from trainer.science.data import ImageSet, Splits
 from trainer.science.importers import PARITY_TOLERANCE, ModelImportError, onnxruntime_logits
 from trainer.science.metrics import Evaluation, evaluate, poisoned_copy
 from trainer.science.models import Checkpoint
@@ -33,6 +33,7 @@ from trainer.science.noise import NoiseConfig, augment
 from trainer.science.training import TrainConfig, default_device, predict, to_input, train
 from trainer.science.triggers import Trigger
 from trainer.stages.detect import RejectConfig, served
+from trainer.stages.executors import Executor, ExecutorConfig
 from trainer.stages.publish import publish_bundle, train_config_of, write_report
 from trainer.stages.suspect import ModelSource, import_model
 
@@ -298,6 +299,38 @@ def measure_baseline(
     return _Baseline(eval_ca, eval_ca - cfg.max_ca_drop, test_ref, poisoned, test)
 
 
+def fit_candidate(
+    suspect: Checkpoint,
+    data: ImageSet,
+    ft: TrainConfig,
+    seed: int,
+    label: str,
+    eval_split: ImageSet,
+    test_split: ImageSet,
+    eval_trigger: Trigger | None,
+    target: int | None,
+    base: _Baseline,
+    quiet: bool,
+) -> tuple[float, float | None, float | None, Checkpoint, float]:
+    """One candidate of the grid: fine-tune the suspect on ``data`` with ``ft``, measure it. Returns D_eval CA,
+    test CA and ASR (evaluation only, with ``eval_trigger``), the model and the seconds it took. Runs here or as
+    a Ray task (its inputs and result travel through Ray's object store)."""
+    t0 = time.monotonic()
+    device = default_device()
+    model = suspect.build()
+    train(model, data.images, data.labels, ft, seed, device, label, quiet)
+
+    def classify(x: np.ndarray) -> np.ndarray:
+        return predict(model, x, device=device)
+
+    eval_ca = evaluate(classify, eval_split).clean_accuracy
+    test_ca = test_asr = None
+    if eval_trigger is not None:
+        ev = evaluate(classify, test_split, eval_trigger, target, base.test_ref, poisoned=base.poisoned)
+        test_ca, test_asr = ev.clean_accuracy, ev.attack_success_rate
+    return eval_ca, test_ca, test_asr, suspect.derive(model, ft.to_dict(), {}), time.monotonic() - t0
+
+
 def search(
     suspect: Checkpoint,
     splits: Splits,
@@ -308,9 +341,11 @@ def search(
     eval_trigger: Trigger | None,
     target: int | None,
     quiet: bool,
+    executor: Executor | None = None,
 ) -> tuple[list[Candidate], list[Checkpoint], int]:
-    """Algorithm 1's grid: every γ (highest first) per round of α while the schedule goes on; all candidates."""
-    device = default_device()
+    """Algorithm 1's grid: every γ (highest first) per round of α while the schedule goes on; all candidates.
+    A round's candidates are independent: ``executor`` may train them in parallel (the next α needs them all)."""
+    executor = executor or Executor(ExecutorConfig())
     treat_sets = {
         g: augment(splits.treat, g, np.random.default_rng([cfg.seed, round(g * 1000)]), cfg.noise) for g in cfg.gammas
     }
@@ -322,22 +357,18 @@ def search(
     outer = tqdm(desc="predeploy", total=cfg.max_rounds * len(cfg.gammas), disable=quiet, unit="cand")
     while alpha is not None:
         any_above = False
-        for gamma in sorted(cfg.gammas, reverse=True):
-            t0 = time.monotonic()
-            model = suspect.build()
-            data, ft = treat_sets[gamma], replace(ft_base, lr=alpha)
-            train(model, data.images, data.labels, ft, cfg.seed, device, f"α={alpha:.3g} γ={gamma:.1f}", quiet)
-
-            def classify(x: np.ndarray, model: Any = model) -> np.ndarray:
-                return predict(model, x, device=device)
-
-            eval_ca = evaluate(classify, splits.eval).clean_accuracy
-            test_ca = test_asr = None
-            if eval_trigger is not None:
-                ev = evaluate(classify, splits.test, eval_trigger, target, base.test_ref, poisoned=base.poisoned)
-                test_ca, test_asr = ev.clean_accuracy, ev.attack_success_rate
-            candidates.append(Candidate(round_index, alpha, gamma, eval_ca, test_ca, test_asr, time.monotonic() - t0))
-            models.append(suspect.derive(model, ft.to_dict(), {}))
+        gammas = sorted(cfg.gammas, reverse=True)
+        ft = replace(ft_base, lr=alpha)
+        calls = [
+            (suspect, treat_sets[g], ft, cfg.seed, f"α={alpha:.3g} γ={g:.1f}", splits.eval, splits.test, eval_trigger,
+             target, base, quiet or executor.cfg.executor != "serial")
+            for g in gammas
+        ]  # fmt: skip
+        for gamma, (eval_ca, test_ca, test_asr, model, seconds) in zip(
+            gammas, executor.map(fit_candidate, calls), strict=True
+        ):
+            candidates.append(Candidate(round_index, alpha, gamma, eval_ca, test_ca, test_asr, seconds))
+            models.append(model)
             any_above |= eval_ca >= base.threshold
             outer.update(1)
             outer.set_postfix(alpha=f"{alpha:.3g}", gamma=gamma, ca=f"{eval_ca:.3f}")
@@ -422,6 +453,7 @@ def run_predeploy(
     eval_trigger: Trigger | None = None,
     target: int | None = None,
     quiet: bool = False,
+    executor_cfg: ExecutorConfig | None = None,
 ) -> PredeployResult:
     """Algorithm 1: load -> baseline -> search the (α, γ) grid -> pick -> publish v1; writes candidates.csv,
     heatmap.png, monitor.pt, primary.pt, bundle/ and report.json in ``out_dir``.
@@ -445,7 +477,13 @@ def run_predeploy(
         "BadNet D_eval CA %.4f -> threshold %.4f; α0 %.3g (%s)", base.eval_ca, base.threshold, alpha0, ft_base.optimizer
     )
     start = time.monotonic()
-    candidates, models, rounds = search(suspect, splits, cfg, base, ft_base, alpha0, eval_trigger, target, quiet)
+    executor = Executor(executor_cfg or ExecutorConfig())
+    try:
+        candidates, models, rounds = search(
+            suspect, splits, cfg, base, ft_base, alpha0, eval_trigger, target, quiet, executor
+        )
+    finally:
+        executor.close()
     selected = pick_candidate(candidates, base.threshold)
     write_candidates_csv(out_dir / "candidates.csv", candidates, selected)
     plot_heatmap(out_dir / "heatmap.png", candidates, base.threshold, selected)
