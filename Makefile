@@ -89,6 +89,7 @@ bench: $(STAMP) dataset camera-deps
 	$(BIN)/python -m bench.bench_detect
 	$(BIN)/python -m bench.bench_cameras
 	$(BIN)/python -m bench.bench_fleet
+	$(BIN)/python -m bench.bench_ray
 	$(BIN)/python -m bench.report
 
 clean:

@@ -540,6 +540,43 @@ def fleet_section(data: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def ray_section(data: dict[str, Any]) -> str:
+    grid, jobs = data["grid"], data["jobs"]
+    lines = [
+        "## Training work on Ray (issue 17)",
+        "",
+        _machine(data["machine"]),
+        "",
+        f"**Grid.** Algorithm 1 on one checker4 BadNet (the tests' small split), γ {' '.join(data['gammas'])}, "
+        f"{data['epochs']} epoch(s) per candidate, up to {data['max_rounds']} rounds: the whole `predeploy` command, "
+        "serial (one process, torch's own 2 threads) against `--executor ray` (a local cluster the command starts, "
+        "each round's candidates as tasks of 1 CPU: 2 workers).",
+        "",
+        "| executor | seconds | candidates | pick (α, γ, D_eval CA) |",
+        "|---|---|---|---|",
+    ]
+    for name in ("serial", "ray"):
+        row = grid[name]
+        picked = "; ".join(", ".join(p) for p in row["picked"]) or "none"
+        lines.append(f"| {name} | {row['seconds']:.1f} | {row['candidates']} | {picked} |")
+    lines += [
+        "",
+        f"Speed-up {grid['speedup']:.2f}×; same pick: {'yes' if grid['same_pick'] else 'no'}.",
+        "",
+        f"**Job overhead.** The job runner's two backends on the same commands, from submit to outcome (the local Ray "
+        f"cluster was started beforehand: {jobs['cluster_start_s']:.1f} s).",
+        "",
+        "| command | child process (s) | Ray task (s) | overhead (s) |",
+        "|---|---|---|---|",
+    ]
+    for name in ("trivial", "quick repair"):
+        local, ray = jobs[f"local {name}"], jobs[f"ray {name}"]
+        lines.append(
+            f"| {name} | {local['seconds']:.2f} | {ray['seconds']:.2f} | {ray['seconds'] - local['seconds']:+.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parts = [HEADER]
 
@@ -561,6 +598,7 @@ def main() -> None:
     section("detect", detect_section)
     section("cameras", cameras_section)
     section("fleet", fleet_section)
+    section("ray", ray_section)
     notes = ROOT / "bench" / "NOTES.md"
     if notes.is_file():
         parts.append(notes.read_text())
