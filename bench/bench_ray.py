@@ -5,11 +5,11 @@ grid: Algorithm 1 on one BadNet (checker4, the tests' small split) with the same
 tasks of 1 CPU: 2 workers on 2 cores). Wall time of the whole predeploy command, and whether both picked the same
 candidate (with different threads per candidate the numbers may differ in the last digits).
 
-job: the overhead of a job on Ray against a child process: a trivial command (python -c pass) and one quick repair
-(the tests' tiny repair on the predeploy output), each through the local backend and through the Ray backend of
+job: the overhead of a job on Ray against a child process: a trivial command (python -c pass) and one tiny repair
+(the tests' repair settings on the predeploy output), each through the local backend and through the Ray backend of
 the job runner (a local cluster, already up: its start is counted apart). Time from submit until the outcome.
 
-Usage: python -m bench.bench_ray [--gammas 0.3 0.6] [--epochs 1] [--max-rounds 2]
+Usage: python -m bench.bench_ray [--gammas 0.2 0.4 0.6 0.8] [--epochs 2] [--max-rounds 2]
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def bench_jobs(work: Path) -> dict[str, Any]:
     cluster_start = time.monotonic() - t0
     repair = [sys.executable, "-m", "trainer", "repair", *SPLIT, *TINY_REPAIR, "--bundle",
               str(work / "serial" / "bundle"), "--quarantine", str(stream), "--quiet"]  # fmt: skip
-    commands = {"trivial": [sys.executable, "-c", "pass"], "quick repair": repair}
+    commands = {"trivial": [sys.executable, "-c", "pass"], "tiny repair": repair}
     rows: dict[str, Any] = {"cluster_start_s": cluster_start}
     try:
         for backend in (LocalBackend(), RayBackend(cpus=1)):
@@ -91,8 +91,8 @@ def bench_jobs(work: Path) -> dict[str, Any]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--gammas", nargs="+", default=["0.3", "0.6"])
-    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--gammas", nargs="+", default=["0.2", "0.4", "0.6", "0.8"])
+    ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--max-rounds", type=int, default=2)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:

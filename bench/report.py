@@ -569,7 +569,7 @@ def ray_section(data: dict[str, Any]) -> str:
         "| command | child process (s) | Ray task (s) | overhead (s) |",
         "|---|---|---|---|",
     ]
-    for name in ("trivial", "quick repair"):
+    for name in ("trivial", "tiny repair"):
         local, ray = jobs[f"local {name}"], jobs[f"ray {name}"]
         lines.append(
             f"| {name} | {local['seconds']:.2f} | {ray['seconds']:.2f} | {ray['seconds'] - local['seconds']:+.2f} |"

@@ -405,3 +405,15 @@ def test_job_policy_starts_repairs_on_size_or_rate_and_retries_after_growth(stor
     capped = JobRunner(store, registry, qroot, tmp_path / "jobs", JobPolicy(min_quarantine=50, max_rounds=1))
     assert capped.due("default") == ""  # one published round is the cap
     registry.close()
+
+
+@pytest.mark.slow
+def test_demo_tiny_with_its_repair_on_ray(tmp_path: Path) -> None:
+    """The whole loop with serve's repair job as a task on a Ray cluster serve starts (--jobs-backend ray)."""
+    code, report, err = run_cli(
+        "trainer", "demo", "--profile", "tiny", "--out", str(tmp_path / "demo"), "--jobs-backend", "ray", "--quiet"
+    )
+    assert code == 0 and report is not None, err[-3000:]
+    assert report["jobs_backend"] == "ray" and report["repaired_version"] == 2
+    assert all(v == 2 for v in report["agents"].values())
+    assert "repair jobs go to the Ray cluster" in (tmp_path / "demo" / "logs" / "serve.log").read_text()
