@@ -91,13 +91,17 @@ def test_repair_jobs_on_ray_publish_fail_with_their_reason_and_cancel_cleanly(
     registry: Registry
     scenarios = itertools.count()
 
-    def runner(*extra: str) -> JobRunner:
+    def runner(*extra: str, **settings: Any) -> JobRunner:
         """A runner with a registry of its own (a version whose job did not publish waits for twice the quarantine
         before it is tried again: each scenario starts afresh)."""
         nonlocal registry
         registry = Registry(tmp_path / f"registry-{next(scenarios)}.sqlite")
         policy = JobPolicy(
-            min_quarantine=5, jobs_backend="ray", repair_arg=(*SMALL_SPLIT, *tiny, *extra), poll_interval=0.2
+            min_quarantine=5,
+            jobs_backend="ray",
+            repair_arg=(*SMALL_SPLIT, *tiny, *extra),
+            poll_interval=0.2,
+            **settings,
         )
         return JobRunner(store, registry, qroot, tmp_path / "jobs", policy).start()
 
@@ -114,6 +118,13 @@ def test_repair_jobs_on_ray_publish_fail_with_their_reason_and_cancel_cleanly(
     job = last_job(("failed",), 120)
     r.stop()
     assert job.detail.startswith("exit 2") and "gan-width" in job.detail and store.state("default").versions == [1]
+
+    # a job no node can take (a GPU on a CPU-only cluster): queued, then failed after its start timeout
+    r = runner(job_gpus=1.0, job_start_timeout=3.0)
+    assert last_job(("queued",), 60)
+    job = last_job(("failed",), 60)
+    r.stop()
+    assert "not started within 3 s" in job.detail and "1 GPUs" in job.detail
 
     # a cancelled job: stopped while it runs, no version added
     r = runner("--gan-epochs", "200")

@@ -14,6 +14,7 @@ import json
 import logging
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,9 @@ class JobPolicy:
     )
     job_cpus: float = flag(1.0, "--jobs-backend ray: CPUs each repair job asks for", type=positive_float)
     job_gpus: float = flag(0.0, "--jobs-backend ray: GPUs each repair job asks for", type=nonnegative_float)
+    job_start_timeout: float = flag(
+        600.0, "seconds a repair job may wait for its resources before it fails (Ray)", type=positive_float
+    )
 
 
 @dataclass
@@ -62,6 +66,8 @@ class _Running:
     log_path: Path
     state: str = "queued"
     cancelled: bool = False
+    queued_at: float = field(default_factory=time.monotonic)
+    timed_out: bool = False
 
 
 def make_backend(policy: JobPolicy) -> JobBackend:
@@ -197,10 +203,20 @@ class JobRunner:
             if state != run.state:
                 run.state = state
                 self.registry.update_job(run.job.id, state, f"{self.backend.name}: {state}")
+            waited = time.monotonic() - run.queued_at
+            if state == "queued" and not run.timed_out and waited > self.policy.job_start_timeout:
+                log.error("repair job %s: not started after %.0f s; cancelling it", run.job.id, waited)
+                run.timed_out = True
+                self.backend.cancel(run.handle)
             return
         self._running = None
-        if run.cancelled:  # whatever it had written stays in its job folder; the store never saw it
-            self.registry.update_job(run.job.id, "failed", "cancelled by the operator")
+        if run.cancelled or run.timed_out:  # whatever it had written stays in its job folder; the store never saw it
+            why = "cancelled by the operator" if run.cancelled else (
+                f"not started within {self.policy.job_start_timeout:g} s: no node of the {self.backend.name} "
+                f"cluster offered {self.policy.job_cpus:g} CPUs and {self.policy.job_gpus:g} GPUs "
+                "(--job-cpus, --job-gpus, --job-start-timeout)"
+            )  # fmt: skip
+            self.registry.update_job(run.job.id, "failed", why)
             return
         code = state.code
         if code is None:
