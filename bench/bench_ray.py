@@ -5,9 +5,10 @@ grid: Algorithm 1 on one BadNet (checker4, the tests' small split) with the same
 tasks of 1 CPU: 2 workers on 2 cores). Wall time of the whole predeploy command, and whether both picked the same
 candidate (with different threads per candidate the numbers may differ in the last digits).
 
-job: the overhead of a job on Ray against a child process: a trivial command (python -c pass) and one tiny repair
-(the tests' repair settings on the predeploy output), each through the local backend and through the Ray backend of
-the job runner (a local cluster, already up: its start is counted apart). Time from submit until the outcome.
+job: the overhead of a job on Ray against a child process: a trivial command (python -c pass), the tests' tiny repair
+and a quick-profile repair (the job runner's default) on the predeploy output, each through the local backend and
+through the Ray backend of the job runner (a local cluster, already up: its start is counted apart). Time from
+submit until the outcome.
 
 Usage: python -m bench.bench_ray [--gammas 0.2 0.4 0.6 0.8] [--epochs 2] [--max-rounds 2]
 """
@@ -25,8 +26,11 @@ from typing import Any
 from bench.common import run_cli, save
 
 SPLIT = ["--valid-size", "1000", "--stream-size", "500", "--train-size", "8000", "--test-size", "2000"]
-TINY_REPAIR = ["--gan-epochs", "2", "--gan-epochs-decay", "1", "--gan-width", "8", "--gan-blocks", "2",
-               "--clean-domain", "100", "--epochs", "1", "--max-ca-drop", "0.3", "--min-quarantine", "5"]  # fmt: skip
+REPAIRS = {  # the tests' tiny repair, and the job runner's default profile (both on the small split)
+    "tiny": ["--gan-epochs", "2", "--gan-epochs-decay", "1", "--gan-width", "8", "--gan-blocks", "2",
+             "--clean-domain", "100", "--epochs", "1", "--max-ca-drop", "0.3", "--min-quarantine", "5"],
+    "quick": ["--profile", "quick", "--max-ca-drop", "0.3", "--min-quarantine", "5"],
+}  # fmt: skip
 
 
 def _picked(out: Path) -> list[tuple[str, str, str]]:
@@ -59,7 +63,7 @@ def _until_done(backend: Any, handle: Any) -> Any:
     return state
 
 
-def bench_jobs(work: Path) -> dict[str, Any]:
+def bench_jobs(work: Path, repairs: list[str]) -> dict[str, Any]:
     import ray
 
     from trainer.service.backends import LocalBackend, RayBackend
@@ -70,9 +74,11 @@ def bench_jobs(work: Path) -> dict[str, Any]:
     t0 = time.monotonic()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     cluster_start = time.monotonic() - t0
-    repair = [sys.executable, "-m", "trainer", "repair", *SPLIT, *TINY_REPAIR, "--bundle",
-              str(work / "serial" / "bundle"), "--quarantine", str(stream), "--quiet"]  # fmt: skip
-    commands = {"trivial": [sys.executable, "-c", "pass"], "tiny repair": repair}
+    commands = {"trivial": [sys.executable, "-c", "pass"]}
+    bundle = str(work / "serial" / "bundle")
+    for name in repairs:
+        repair = ["repair", *SPLIT, *REPAIRS[name], "--bundle", bundle, "--quarantine", str(stream), "--quiet"]
+        commands[f"{name} repair"] = [sys.executable, "-m", "trainer", *repair]
     rows: dict[str, Any] = {"cluster_start_s": cluster_start}
     try:
         for backend in (LocalBackend(), RayBackend(cpus=1)):
@@ -94,11 +100,12 @@ def main() -> None:
     ap.add_argument("--gammas", nargs="+", default=["0.2", "0.4", "0.6", "0.8"])
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--max-rounds", type=int, default=2)
+    ap.add_argument("--repairs", nargs="+", choices=tuple(REPAIRS), default=list(REPAIRS))
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
         work = Path(d)
         grid = bench_grid(work, args)
-        jobs = bench_jobs(work)
+        jobs = bench_jobs(work, args.repairs)
     save("ray", {"grid": grid, "jobs": jobs, "gammas": args.gammas, "epochs": args.epochs,
                  "max_rounds": args.max_rounds})  # fmt: skip
 

@@ -569,7 +569,9 @@ def ray_section(data: dict[str, Any]) -> str:
         "| command | child process (s) | Ray task (s) | overhead (s) |",
         "|---|---|---|---|",
     ]
-    for name in ("trivial", "tiny repair"):
+    for name in ("trivial", "tiny repair", "quick repair"):
+        if f"local {name}" not in jobs:
+            continue
         local, ray = jobs[f"local {name}"], jobs[f"ray {name}"]
         lines.append(
             f"| {name} | {local['seconds']:.2f} | {ray['seconds']:.2f} | {ray['seconds'] - local['seconds']:+.2f} |"
