@@ -51,6 +51,7 @@ class Agent:
     def swap(self, ensemble: Ensemble) -> Ensemble:
         """Serve ``ensemble`` from the next request on; returns the previous one."""
         with self._swap_lock:
+            self.versions.start(ensemble.bundle.version)
             old, self._ensemble = self._ensemble, ensemble
         return old
 

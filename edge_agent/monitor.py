@@ -71,37 +71,36 @@ class RejectMonitor:
 class VersionCounts:
     """Inputs classified, rejected and failed per bundle version since this process started serving it.
 
-    A version that stops serving and serves again (a rollout moved back and forth) starts from zero again, so the
-    numbers always describe its latest stretch; the trainer's registry adds the stretches up.
+    A version that is swapped in again (a rollout moved back and forth) starts from zero again, so the numbers
+    describe its latest stretch; the trainer's registry adds the stretches up. A batch the previous version was
+    still answering during a swap counts for that version.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._counts: dict[int, list[int]] = {}
-        self._serving: int | None = None
 
-    def _row(self, version: int) -> list[int]:
-        if version != self._serving:  # a swap: the new version's stretch starts now
-            self._serving = version
+    def start(self, version: int) -> None:
+        """``version`` starts serving (a swap): its counts start from zero."""
+        with self._lock:
             self._counts[version] = [0, 0, 0]
-        return self._counts[version]
 
     def record(self, version: int, requests: int, rejects: int) -> None:
         """``requests`` inputs answered by ``version``, ``rejects`` of them rejected."""
         with self._lock:
-            row = self._row(version)
+            row = self._counts.setdefault(version, [0, 0, 0])
             row[0] += requests
             row[1] += rejects
 
     def error(self, version: int, requests: int) -> None:
         """A batch of ``requests`` inputs that ``version``'s models failed on (not a bad input: the models raised)."""
         with self._lock:
-            row = self._row(version)
+            row = self._counts.setdefault(version, [0, 0, 0])
             row[0] += requests
             row[2] += requests
 
     def get(self, version: int) -> tuple[int, int, int]:
         """(requests, rejects, errors) of ``version``'s latest stretch; zeros when it has not served."""
         with self._lock:
-            row = self._counts.get(version) if version == self._serving else None
-            return (row[0], row[1], row[2]) if row else (0, 0, 0)
+            row = self._counts.get(version, [0, 0, 0])
+            return row[0], row[1], row[2]

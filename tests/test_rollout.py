@@ -437,3 +437,35 @@ def test_real_agents_follow_rollouts_a_bad_one_returns_by_itself_and_a_restart_r
                 proc.wait(30)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+def test_agents_count_per_version_and_the_registry_adds_up_their_stretches(tmp_path: Path) -> None:
+    from edge_agent.monitor import VersionCounts
+    from trainer.service.registry import Registry
+
+    c = VersionCounts()
+    c.record(1, 10, 2)
+    c.start(2)  # a swap
+    c.record(2, 5, 1)
+    c.record(1, 3, 0)  # a batch v1 was still answering during the swap counts for v1
+    assert c.get(1) == (13, 2, 0) and c.get(2) == (5, 1, 0) and c.get(7) == (0, 0, 0)
+    c.error(2, 4)
+    assert c.get(2) == (9, 1, 4)
+    c.start(1)  # moved back: v1's new stretch starts from zero
+    assert c.get(1) == (0, 0, 0)
+
+    registry = Registry(tmp_path / "registry.sqlite")
+
+    def stats(version: int, requests: int, rejects: int) -> None:
+        registry.record_stats(
+            AgentStats(device_id="cam-1", fleet="f", bundle_version=version, version_requests=requests,
+                       version_rejects=rejects)
+        )  # fmt: skip
+
+    stats(1, 100, 40)
+    stats(1, 150, 60)  # the same stretch grew
+    stats(2, 30, 1)
+    stats(1, 20, 5)  # back on v1 (or the agent restarted): a new stretch, added
+    assert registry.traffic(["cam-1"], (1, 2)) == {("cam-1", 1): (170, 65, 0), ("cam-1", 2): (30, 1, 0)}
+    assert registry.devices("f")[0]["bundle_version"] == 1
+    registry.close()
