@@ -7,8 +7,8 @@ candidate (with different threads per candidate the numbers may differ in the la
 
 job: the overhead of a job on Ray against a child process: a trivial command (python -c pass), the tests' tiny repair
 and a quick-profile repair (the job runner's default) on the predeploy output, each through the local backend and
-through the Ray backend of the job runner (a local cluster, already up: its start is counted apart). Time from
-submit until the outcome.
+through the Ray backend of the job runner (a local cluster, already up: its start is counted apart; the task asks
+for both CPUs, so the repair trains on two threads on both backends). Time from submit until the outcome.
 
 Usage: python -m bench.bench_ray [--gammas 0.2 0.4 0.6 0.8] [--epochs 2] [--max-rounds 2]
 """
@@ -81,7 +81,9 @@ def bench_jobs(work: Path, repairs: list[str]) -> dict[str, Any]:
         commands[f"{name} repair"] = [sys.executable, "-m", "trainer", *repair]
     rows: dict[str, Any] = {"cluster_start_s": cluster_start}
     try:
-        for backend in (LocalBackend(), RayBackend(cpus=1)):
+        # the Ray task gets the machine's two CPUs, as the child process has: Ray sets the task's OMP_NUM_THREADS to
+        # them, so the repair trains on as many threads on both backends
+        for backend in (LocalBackend(), RayBackend(cpus=2)):
             for name, cmd in commands.items():
                 out = work / f"job-{backend.name}-{name.replace(' ', '-')}"
                 out.mkdir()
