@@ -176,6 +176,25 @@ def cmd_detect_eval(args: argparse.Namespace) -> dict[str, Any]:
     return detect_eval(args.bundle, splits, trigger, args.target, args.out, seed=args.seed, baselines=args.baselines)
 
 
+def cmd_defend(args: argparse.Namespace) -> dict[str, Any]:
+    """A post-training defense of the field on the suspect model (evaluation harness: fine-pruning, NC)."""
+    from trainer.science.triggers import parse_trigger
+    from trainer.stages.defenses import DefenseConfig, run_defense
+    from trainer.stages.predeploy import load_suspect
+    from trainer.stages.suspect import ModelSource
+
+    if (args.eval_trigger is None) != (args.target is None):
+        raise ValueError("--eval-trigger and --target go together")
+    trigger = parse_trigger(args.eval_trigger) if args.eval_trigger else None
+    source = from_args(ModelSource, args)
+    source.check()  # before the data loads
+    splits, _ = _splits(args, source.declared_block())
+    _check_target(args.target, splits)
+    suspect, splits = load_suspect(source, splits)
+    cfg = from_args(DefenseConfig, args)
+    return run_defense(suspect, splits, cfg, args.out, trigger, args.target, quiet=args.quiet)
+
+
 def cmd_repair(args: argparse.Namespace) -> dict[str, Any]:
     """CycleGAN trigger learning and repair; bundle v+1 behind a gate."""
     from trainer.science.cyclegan import CycleGANConfig
@@ -377,6 +396,18 @@ def _args_detect_eval(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
+def _args_defend(p: argparse.ArgumentParser) -> None:
+    """Flags of ``defend``."""
+    from trainer.stages.defenses import DefenseConfig
+    from trainer.stages.suspect import ModelSource
+
+    add_flags(p, ModelSource)
+    p.add_argument("--out", type=_out_dir, required=True, help="output folder (model.pt, report.json, a PNG)")
+    add_flags(p, DefenseConfig)
+    p.add_argument("--eval-trigger", default=None, help="evaluation only: report test CA/ASR for this trigger")
+    p.add_argument("--target", type=int, default=None, help="evaluation only: target class of --eval-trigger")
+
+
 def _args_repair(p: argparse.ArgumentParser) -> None:
     """Flags of ``repair``."""
     from edge_agent.formats.reject import SCORES
@@ -566,6 +597,11 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], bool]]
         _args_detect_eval,
         True,
     ),
+    "defend": (
+        "a defense of the field on the suspect model, to compare with the repair: fine-pruning, neural-cleanse",
+        _args_defend,
+        True,
+    ),
     "serve": ("run the collector, the model service and the repair job runner", _args_serve, True),
     "demo": ("the whole loop: BadNet, θ_aug, serve, agents, quarantine, repair, measure", _args_demo, False),
     "keys": ("key pairs: Ed25519 for signing bundles, CURVE for the quarantine uplink", _args_keys, False),
@@ -583,6 +619,7 @@ HANDLERS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "stream": cmd_stream,
     "repair": cmd_repair,
     "detect-eval": cmd_detect_eval,
+    "defend": cmd_defend,
     "serve": cmd_serve,
     "demo": cmd_demo,
     "keys": cmd_keys,

@@ -1,0 +1,129 @@
+"""The defense against the field, on our own BadNets (issues 14 and 15): for each trigger and seed, one BadNet, the
+heuristic θ_aug, the monitor as a detector, a stream at CPD 0.1 (N = 1000), the CycleGAN repair and the
+post-training defenses of the field on the same BadNet and the same clean data budget.
+
+Stages per cell (each writes its own JSON under ``--work``; a finished stage is not run again, so the bench
+resumes where it stopped):
+
+1. ``attack``: the BadNet (the attack command's defaults, ``--seed``);
+2. ``predeploy``: Algorithm 1 (``--epochs 3 --max-rounds 3`` as bench_predeploy; ASR read for this table only);
+3. ``detect``: ``detect-eval`` on the v1 bundle (AUROC, recall at 1% clean rejects, label-free point, STRIP and
+   SCALE-UP on 500 + 500 inputs);
+4. ``stream``: N = 1000 at CPD 0.1 through the bundle (quarantine);
+5. ``repair``: the default repair (quick profile), and ``clean-ft``: the same base fine-tuned on clean D_treat
+   alone (``--learner none``);
+6. ``fine-pruning`` and ``neural-cleanse``: ``nnoc-trainer defend`` on the BadNet.
+
+Triggers: ``checker4``, ``square:4``, an ``image:`` paste of a glyph made here and a ``blend:`` of a noise picture
+made here at opacity 0.15 (none of the defaults was tuned on the last two).
+
+    python -m bench.bench_field [--triggers checker4 square:4 paste blend] [--seeds 0 1] [--stages ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.common import RESULTS, ROOT, machine, run_cli, save
+
+WORK = ROOT / "runs" / "bench-field"
+STAGES = ("attack", "predeploy", "detect", "stream", "repair", "clean-ft", "fine-pruning", "neural-cleanse")
+QUICK = ["--profile", "quick"]
+
+
+def trigger_pictures(folder: Path) -> dict[str, str]:
+    """The trigger specs, with the two pictures made here (deterministic) written into ``folder``."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    glyph = folder / "glyph.png"  # a 5x5 ring with a dot, gray on white, opaque
+    ring = np.full((5, 5), 255, np.uint8)
+    ring[1:4, 1:4] = 40
+    ring[2, 2] = 255
+    Image.fromarray(ring, mode="L").save(glyph)
+    noise = folder / "noise.png"  # uniform RGB noise (Chen et al.'s blended attack uses random patterns too)
+    Image.fromarray(np.random.default_rng(1234).integers(0, 256, (28, 28, 3), dtype=np.uint8)).save(noise)
+    return {
+        "checker4": "checker4",
+        "square:4": "square:4",
+        "paste": f"image:{glyph}@3,19",
+        "blend": f"blend:{noise}:0.15",
+    }
+
+
+def stage(path: Path, fn: Any) -> dict[str, Any]:
+    """Run ``fn`` unless ``path`` holds its earlier result; returns the result (with its seconds)."""
+    if path.is_file():
+        return dict(json.loads(path.read_text()))
+    t0 = time.monotonic()
+    out = fn()
+    out["seconds"] = round(time.monotonic() - t0, 1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1) + "\n")
+    return dict(out)
+
+
+def cell(name: str, spec: str, seed: int, stages: set[str]) -> dict[str, Any]:
+    w = WORK / name / f"seed{seed}"
+    res: dict[str, Any] = {"trigger": name, "spec": spec, "seed": seed}
+    ev = ["--eval-trigger", spec, "--target", "0"]
+    if "attack" in stages:
+        res["attack"] = stage(w / "attack.json", lambda: run_cli(
+            "attack", "--trigger", spec, "--target", "0", "--seed", str(seed), "--out", str(w / "badnet")))  # fmt: skip
+    pd = w / "predeploy"
+    if "predeploy" in stages:
+        res["predeploy"] = stage(w / "predeploy.json", lambda: run_cli(
+            "predeploy", "--model", str(w / "badnet" / "model.pt"), "--out", str(pd), "--seed", str(seed),
+            "--epochs", "3", "--max-rounds", "3", *ev))  # fmt: skip
+    if "detect" in stages:
+        res["detect"] = stage(w / "detect.json", lambda: run_cli(
+            "detect-eval", "--bundle", str(pd / "bundle"), "--trigger", spec, "--target", "0", "--out",
+            str(w / "detect"), "--test-size", "5000", "--baselines", "500"))  # fmt: skip
+    q = w / "cpd0.1" / "quarantine"
+    if "stream" in stages:
+        res["stream"] = stage(w / "stream.json", lambda: run_cli(
+            "stream", "--bundle", str(pd / "bundle"), "--trigger", spec, "--target", "0", "--cpd", "0.1",
+            "--n", "1000", "--seed", str(seed), "--out", str(q)))  # fmt: skip
+    base = ["--bundle", str(pd / "bundle"), "--quarantine", str(q), "--primary-checkpoint",
+            str(w / "badnet" / "model.pt"), "--monitor-checkpoint", str(pd / "monitor.pt"), *ev, *QUICK]  # fmt: skip
+    if "repair" in stages:
+        res["repair"] = stage(w / "repair.json", lambda: run_cli("repair", *base, "--out", str(w / "repair")))
+    if "clean-ft" in stages:
+        res["clean-ft"] = stage(w / "clean-ft.json", lambda: run_cli(
+            "repair", *base, "--learner", "none", "--out", str(w / "clean-ft")))  # fmt: skip
+    for method in ("fine-pruning", "neural-cleanse"):
+        if method in stages:
+            res[method] = stage(w / f"{method}.json", lambda m=method: run_cli(
+                "defend", "--method", m, "--model", str(w / "badnet" / "model.pt"), "--out", str(w / m),
+                "--seed", str(seed), *ev))  # fmt: skip
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--triggers", nargs="+", default=["checker4", "square:4", "paste", "blend"])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0])
+    ap.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
+    args = ap.parse_args()
+    specs = trigger_pictures(WORK / "triggers")
+    path = RESULTS / "field.json"
+    cells = json.loads(path.read_text())["cells"] if path.is_file() else []
+    for seed in args.seeds:
+        for name in args.triggers:
+            res = cell(name, specs[name], seed, set(args.stages))
+            res["machine"] = machine()
+            old = [c for c in cells if (c["trigger"], c["seed"]) == (name, seed)]
+            res = {**(old[0] if old else {}), **res}
+            cells = [c for c in cells if (c["trigger"], c["seed"]) != (name, seed)] + [res]
+            save("field", {"cells": cells})
+            print(json.dumps({"trigger": name, "seed": seed, "stages": [s for s in STAGES if s in res]}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
