@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.conftest import SMALL_SPLIT, run_cli
+from conftest import SMALL_SPLIT, run_cli
 from trainer.stages.defenses import _prune_channels, anomaly_index, channel_activity, last_conv
 
 
@@ -97,3 +97,26 @@ def test_defend_bad_input_is_one_line(tmp_path: Path) -> None:
                            check=False)  # fmt: skip
     assert code == 2
     assert "Traceback" not in err and "none.pt" in err
+
+
+def test_a_second_backdoor_takes_its_own_rows() -> None:
+    from trainer.science.data import ImageSet
+    from trainer.science.triggers import parse_trigger
+    from trainer.stages.attack import add_backdoor, poison_training_set
+
+    rng = np.random.default_rng(0)
+    clean = ImageSet(np.full((200, 1, 28, 28), 100, np.uint8), rng.integers(0, 10, 200))
+    first = poison_training_set(clean, parse_trigger("checker4"), 0, 0.1, rng)
+    both = add_backdoor(first, parse_trigger("square:4"), 3, 0.1, rng)
+    second = both.poisoned & ~first.poisoned
+    assert first.poisoned.sum() == 20 and second.sum() == 20
+    assert (both.data.labels[second] == 3).all() and (both.data.labels[first.poisoned] == 0).all()
+    assert (both.data.images[second][:, 0, -4:, -4:] == 255).all()  # the white square, bottom right
+    untouched = ~both.poisoned
+    assert (both.data.images[untouched] == 100).all() and (both.data.labels[untouched] == clean.labels[untouched]).all()
+
+
+def test_second_backdoor_flags_go_together(tmp_path: Path) -> None:
+    code, _, err = run_cli("trainer", "attack", "--second-trigger", "square:4", "--out", str(tmp_path),
+                           check=False)  # fmt: skip
+    assert code == 2 and "--second-target" in err and "Traceback" not in err

@@ -277,3 +277,36 @@ def test_stream_then_repair_end_to_end(predeployed: tuple[Path, dict[str, Any]],
         check=False,
     )
     assert code == 2 and "quarantined inputs" in stderr
+
+
+@pytest.mark.parametrize("choice", ["refresh", "none"])
+def test_repair_chooses_what_monitors_the_new_version(
+    predeployed: tuple[Path, dict[str, Any]], tmp_path: Path, choice: str
+) -> None:
+    from edge_agent.formats.bundle import sha256_file
+    from trainer.science.models import Checkpoint
+
+    bundle = predeployed[0] / "bundle"
+    run_cli("trainer", "stream", *SMALL_SPLIT, "--bundle", str(bundle), "--trigger", "checker4", "--target", "0",
+            "--cpd", "0.2", "--n", "300", "--out", str(tmp_path / "q"), "--quiet")  # fmt: skip
+    _, out, _ = run_cli(
+        "trainer", "repair", *SMALL_SPLIT, "--bundle", str(bundle), "--quarantine", str(tmp_path / "q"),
+        "--out", str(tmp_path / "r"), "--learner", "none", "--epochs", "1", "--max-ca-drop", "0.2",
+        "--min-quarantine", "5", "--next-monitor", choice, "--quiet",
+    )  # fmt: skip
+    assert out is not None and out["published"]
+    manifest = json.loads((tmp_path / "r" / "bundle" / "manifest.json").read_text())
+    assert manifest["provenance"]["monitor"] == choice
+    files = {a["role"]: tmp_path / "r" / "bundle" / a["name"] for a in manifest["artifacts"]}
+    served = out["served_test"]
+    if choice == "none":
+        assert manifest["reject_rule"]["score"] == "disagree"
+        assert served["clean_reject_rate"] == 0.0
+        assert served["served_clean_accuracy"] == served["primary_clean_accuracy"]
+    else:
+        v1_monitor = bundle / next(a["name"] for a in json.loads((bundle / "manifest.json").read_text())["artifacts"]
+                                   if a["role"] == "monitor")  # fmt: skip
+        assert sha256_file(files["monitor"]) not in (sha256_file(files["primary"]), sha256_file(v1_monitor))
+        meta = Checkpoint.load(tmp_path / "r" / "monitor.pt").meta
+        assert meta["refreshed_from"] == "repaired primary" and "alpha" in meta and "gamma" in meta
+        assert 0 < served["clean_reject_rate"] < 0.5

@@ -47,6 +47,10 @@ class AttackConfig:
     # step-2 epochs of the 3-step recipe; None: same as train.epochs
     clean_epochs: int | None = flag(None, "epochs of the clean step (3-step only)", type=nonnegative)
     seed: int = flag(0, "seed of the poisoning and the training", type=int)
+    # a second, independent backdoor (another share of the training set with its own trigger and target): the
+    # attack the defense meets again after a first repair (multiple rounds, paper §7)
+    second_trigger: str | None = flag(None, "a second backdoor's trigger spec (its own poisoned share)")
+    second_target: int | None = flag(None, "the second backdoor's target class", type=int)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form for checkpoints and reports."""
@@ -91,6 +95,33 @@ def poison_training_set(
     return PoisonedSet(ImageSet(images, labels), mask)
 
 
+def _second_backdoor(cfg: AttackConfig, num_classes: int) -> tuple[Trigger, int] | None:
+    if (cfg.second_trigger is None) != (cfg.second_target is None):
+        raise ValueError("--second-trigger and --second-target go together")
+    if cfg.second_trigger is None or cfg.second_target is None:
+        return None
+    if not 0 <= cfg.second_target < num_classes:
+        raise ValueError(f"second target class {cfg.second_target} is not one of the dataset's 0..{num_classes - 1}")
+    return parse_trigger(cfg.second_trigger), cfg.second_target
+
+
+def add_backdoor(
+    attacked: PoisonedSet, trigger: Trigger, target: int, fraction: float, rng: np.random.Generator
+) -> PoisonedSet:
+    """A second backdoor: a ``fraction`` of the rows not poisoned yet get ``trigger`` and the label ``target``."""
+    free = np.flatnonzero(~attacked.poisoned)
+    k = max(1, round(fraction * len(attacked.poisoned)))
+    if k > len(free):
+        raise ValueError(f"poison fraction {fraction} leaves no room for a second backdoor")
+    idx = rng.choice(free, k, replace=False)
+    images, labels = attacked.data.images.copy(), attacked.data.labels.copy()
+    images[idx] = trigger.apply(images[idx], rng)
+    labels[idx] = target
+    mask = attacked.poisoned.copy()
+    mask[idx] = True
+    return PoisonedSet(ImageSet(images, labels), mask)
+
+
 def run_attack(
     cfg: AttackConfig,
     splits: Splits,
@@ -118,6 +149,9 @@ def run_attack(
     if block.layout != "NCHW":
         raise ValueError(f"the attack's architectures take NCHW inputs; the preprocess block says {block.layout}")
     raw_poisoned = poison_training_set(splits.raw_part("train"), trigger, cfg.target, cfg.poison_fraction, rng)
+    second = _second_backdoor(cfg, num_classes)
+    if second is not None:
+        raw_poisoned = add_backdoor(raw_poisoned, second[0], second[1], cfg.poison_fraction, rng)
     splits = splits.in_image_space(block)
     poisoned = PoisonedSet(
         ImageSet(splits.to_image(raw_poisoned.data.images), raw_poisoned.data.labels), raw_poisoned.poisoned
@@ -140,7 +174,7 @@ def run_attack(
     x_p = splits.to_image(poisoned_copy(splits.raw_part("test"), trigger, 1234))
     test_eval = evaluate(classify, splits.test, trigger, cfg.target, poisoned=x_p)
     eval_ca = evaluate(classify, splits.eval).clean_accuracy
-    metrics = {
+    metrics: dict[str, Any] = {
         "clean_accuracy": test_eval.clean_accuracy,
         "attack_success_rate": test_eval.attack_success_rate,
         "eval_clean_accuracy": eval_ca,
@@ -148,6 +182,11 @@ def run_attack(
         "train_seconds": round(train_seconds, 1),
         "poisoned_inputs": int(poisoned.poisoned.sum()),
     }
+    if second is not None:
+        x_p2 = splits.to_image(poisoned_copy(splits.raw_part("test"), second[0], 1235))
+        metrics["second_attack_success_rate"] = evaluate(
+            classify, splits.test, second[0], second[1], poisoned=x_p2
+        ).attack_success_rate
     ckpt = Checkpoint.from_model(
         model,
         cfg.architecture,
@@ -167,6 +206,8 @@ def run_attack(
     }
     (out_dir / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
     log.info(
-        "BadNet: CA %.4f, ASR %.4f (%.0f s)", metrics["clean_accuracy"], metrics["attack_success_rate"], train_seconds
-    )
+        "BadNet: CA %.4f, ASR %.4f%s (%.0f s)", metrics["clean_accuracy"], metrics["attack_success_rate"],
+        f", second backdoor ASR {metrics['second_attack_success_rate']:.4f}" if second is not None else "",
+        train_seconds,
+    )  # fmt: skip
     return report

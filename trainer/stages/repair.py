@@ -31,6 +31,7 @@ from trainer.science.cyclegan import CycleGANConfig, save_sample_grid, train_cyc
 from trainer.science.data import ImageSet, Splits
 from trainer.science.metrics import evaluate, poisoned_copy
 from trainer.science.models import Checkpoint
+from trainer.science.noise import NoiseConfig, augment
 from trainer.science.training import TrainConfig, default_device, predict, train
 from trainer.science.triggers import Trigger
 from trainer.service.quarantine import Quarantine, QuarantineStore
@@ -43,6 +44,9 @@ log = logging.getLogger(__name__)
 Classify = Callable[[np.ndarray], np.ndarray]  # images (N, C, H, W) uint8 -> labels or images
 REPAIR_BASES = ("bd", "aug")
 LEARNERS = ("cyclegan", "none")
+# what monitors the new version: the deployed monitor (θ_aug), θ_repair treated again with the deployed monitor's
+# recipe (α, γ, noise, epochs), or nothing (θ_repair twice: the rule never rejects; the edge still runs two passes)
+NEXT_MONITORS = ("keep", "refresh", "none")
 
 
 @dataclass(frozen=True)
@@ -72,6 +76,10 @@ class RepairConfig:
     # gate: θ_repair's D_eval CA >= θ_bd's D_eval CA - this
     max_ca_drop: float = flag(0.03, "gate: D_eval CA floor below the BadNet's", type=float)
     seed: int = flag(0, "seed of the CycleGAN and the fine-tuning", type=int)
+    next_monitor: str = flag(
+        "keep", "what monitors the new version: keep (the deployed monitor), refresh (θ_repair treated with the "
+        "deployed monitor's α, γ and noise), none (nothing is rejected)", choices=NEXT_MONITORS,
+    )  # fmt: skip
     # the new version's reject rule; None: the deployed one's score and budget, τ chosen anew for the new pair
     reject: RejectConfig | None = None
 
@@ -80,6 +88,8 @@ class RepairConfig:
             raise ValueError(f"unknown repair base {self.base!r}; choose one of: {', '.join(REPAIR_BASES)}")
         if self.learner not in LEARNERS:
             raise ValueError(f"unknown trigger learner {self.learner!r}; choose one of: {', '.join(LEARNERS)}")
+        if self.next_monitor not in NEXT_MONITORS:
+            raise ValueError(f"unknown monitor choice {self.next_monitor!r}; choose one of: {', '.join(NEXT_MONITORS)}")
         if self.purify not in PURIFIERS:
             raise ValueError(f"unknown purifier {self.purify!r}; choose one of: {', '.join(PURIFIERS)}")
 
@@ -292,6 +302,35 @@ def fine_tune(
     return model, ft, {"size": len(repair_set), "generated": len(generated), "flipping_generated": n_flipping}
 
 
+def check_refreshable(loaded: _Loaded) -> None:
+    """--next-monitor refresh repeats the deployed monitor's treatment: its checkpoint must record it."""
+    meta = loaded.aug_ckpt.meta
+    if "alpha" not in meta or "gamma" not in meta or not loaded.aug_ckpt.train:
+        raise ValueError(
+            f"{loaded.aug_path} does not record its treatment (α, γ, fine-tuning recipe): --next-monitor refresh "
+            "needs a monitor made by predeploy or by an earlier refresh; use keep or none"
+        )
+
+
+def refresh_monitor(loaded: _Loaded, model: Any, splits: Splits, cfg: RepairConfig, quiet: bool) -> Checkpoint:
+    """θ_repair treated as the deployed monitor was (Algorithm 1's pick: its α, γ, noise and fine-tuning recipe
+    from the monitor's checkpoint), without a new grid search."""
+    check_refreshable(loaded)
+    meta, recipe = loaded.aug_ckpt.meta, loaded.aug_ckpt.train
+    noise = NoiseConfig(**meta["noise"]) if meta.get("noise") else NoiseConfig()
+    data = augment(splits.treat, float(meta["gamma"]), np.random.default_rng([cfg.seed, 17]), noise)
+    ft = TrainConfig(**recipe)
+    monitor = loaded.bd_ckpt.derive(model, {}, {}).build()
+    train(monitor, data.images, data.labels, ft, cfg.seed + 17, loaded.device, "repair: refresh monitor", quiet)
+    eval_ca = evaluate(lambda x: predict(monitor, x, device=loaded.device), splits.eval).clean_accuracy
+    keep = ("alpha", "gamma", "noise", "dataset", "split")
+    return loaded.bd_ckpt.derive(
+        monitor, ft.to_dict(),
+        {**{k: meta[k] for k in keep if k in meta}, "role": "monitor", "refreshed_from": "repaired primary",
+         "eval_clean_accuracy": eval_ca},
+    )  # fmt: skip
+
+
 def measure(
     loaded: _Loaded,
     pur: Purified,
@@ -355,9 +394,11 @@ def publish(
     out_dir: Path,
     version: int,
     eval_images: np.ndarray,
+    refreshed: Checkpoint | None = None,
 ) -> bundle_pb2.Manifest:
-    """θ_repair's checkpoint next to the deployed monitor's, and bundle ``version`` (θ_repair, deployed monitor),
-    its reject rule's threshold chosen anew on ``eval_images`` (clean D_eval) for the new pair."""
+    """θ_repair's checkpoint next to the new version's monitor (the deployed one, ``refreshed``, or θ_repair itself
+    for ``--next-monitor none``), and bundle ``version``, its reject rule's threshold chosen anew on
+    ``eval_images`` (clean D_eval) for the new pair."""
     manifest, bd_ckpt = loaded.manifest, loaded.bd_ckpt
     rep_eval_ca = report["gate"]["eval_ca_repaired"]
     rep_ckpt = bd_ckpt.derive(
@@ -372,8 +413,14 @@ def publish(
         },
     )  # fmt: skip
     rep_ckpt.save(out_dir / "primary.pt")
-    if loaded.aug_path.resolve() != (out_dir / "monitor.pt").resolve():
-        shutil.copyfile(loaded.aug_path, out_dir / "monitor.pt")
+    mon_art = next(a for a in manifest.artifacts if a.role == "monitor")
+    monitor: Checkpoint | Path = bundle_dir / mon_art.name
+    if cfg.next_monitor == "keep":
+        if loaded.aug_path.resolve() != (out_dir / "monitor.pt").resolve():
+            shutil.copyfile(loaded.aug_path, out_dir / "monitor.pt")
+    else:
+        monitor = refreshed if cfg.next_monitor == "refresh" and refreshed is not None else rep_ckpt
+        monitor.save(out_dir / "monitor.pt")
     new = bundle_pb2.Manifest()
     new.CopyFrom(manifest)
     new.ClearField("created_at")
@@ -384,13 +431,13 @@ def publish(
             "primary_checkpoint_sha256": sha256_file(out_dir / "primary.pt"),
             "monitor_checkpoint_sha256": sha256_file(out_dir / "monitor.pt"),
             "repair_base": cfg.base,
+            "monitor": cfg.next_monitor,
             "quarantine_size": str(report["quarantine_size"]),
             "purified_size": str(report["purified_size"]),
             "dominant_label": "" if report["dominant_label"] is None else str(report["dominant_label"]),
         }
     )
     repaired_test = report.get("test", {}).get("repaired", {})
-    mon_art = next(a for a in manifest.artifacts if a.role == "monitor")
     metrics = {
         "primary": {
             "eval_clean_accuracy": rep_eval_ca,
@@ -401,10 +448,16 @@ def publish(
             k: getattr(mon_art.metrics, k)
             for k in ("eval_clean_accuracy", "test_clean_accuracy", "attack_success_rate")
             if mon_art.metrics.HasField(k)
-        },
+        }
+        if cfg.next_monitor == "keep"
+        else {"eval_clean_accuracy": float(monitor.meta.get("eval_clean_accuracy", rep_eval_ca))}
+        if isinstance(monitor, Checkpoint)
+        else {},
     }
     reject = cfg.reject or inherited_reject(manifest)
-    models: dict[str, Checkpoint | Path] = {"primary": rep_ckpt, "monitor": bundle_dir / mon_art.name}
+    if cfg.next_monitor == "none":  # two identical models: the paper's rule, which never fires
+        reject = RejectConfig("disagree", reject.clean_reject_budget)
+    models: dict[str, Checkpoint | Path] = {"primary": rep_ckpt, "monitor": monitor}
     return publish_bundle(out_dir, models, new, metrics, calibration=(eval_images, reject))
 
 
@@ -438,6 +491,8 @@ def run_repair(
     version = check_version(read_manifest(bundle_dir), version)
     splits = splits.in_image_space(preprocess_of(read_manifest(bundle_dir).input_spec))
     loaded = load(bundle_dir, quarantine_path, splits, primary_checkpoint, monitor_checkpoint)
+    if cfg.next_monitor == "refresh":
+        check_refreshable(loaded)  # before any training
     pur = purify_quarantine(loaded, splits, cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     trigger = learn_trigger(loaded, pur, splits, cfg, out_dir, quiet)
@@ -464,7 +519,8 @@ def run_repair(
     }
     report["seconds"] = round(time.monotonic() - t_start, 1)
     gate(report, cfg, out_dir)
-    written = publish(loaded, model, ft, report, cfg, bundle_dir, out_dir, version, splits.eval.images)
+    refreshed = refresh_monitor(loaded, model, splits, cfg, quiet) if cfg.next_monitor == "refresh" else None
+    written = publish(loaded, model, ft, report, cfg, bundle_dir, out_dir, version, splits.eval.images, refreshed)
     report["reject_rule"] = MessageToDict(written.reject_rule, preserving_proto_field_name=True)
     report["served_test"] = served(out_dir / "bundle", splits.test.images, splits.test.labels)  # evaluation only
     report.update({"published": True, "bundle_out": str(out_dir / "bundle"), "version": int(written.version)})
