@@ -1,0 +1,112 @@
+"""Multiple rounds and the choice of v2's monitor (issues 14 and 15), on one BadNet with two backdoors.
+
+The attacker plants two independent backdoors (checker4 -> class 0, and a pasted glyph -> class 4, each on 10% of
+the training set). The fleet first meets only the first trigger: stream (CPD 0.1, N = 1000), repair -> v2. Then
+the second trigger appears: stream through v2, repair -> v3. Measured per round: test CA, ASR of both triggers
+for the primary, what the fleet serves (served clean accuracy, clean reject rate) and how well the bundle's rule
+catches each trigger (``detect-eval``: AUROC, recall at the label-free operating point).
+
+v2's monitor, three ways from the same θ_repair (the CycleGAN of the ``keep`` run is reused: same seed, same
+θ_repair): ``keep`` (θ_aug), ``refresh`` (θ_repair treated with θ_aug's α, γ and noise) and ``none``.
+
+    python -m bench.bench_rounds [--seed 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+from typing import Any
+
+from bench.bench_field import stage, trigger_pictures
+from bench.common import ROOT, machine, run_cli, save
+
+WORK = ROOT / "runs" / "bench-rounds"
+FIRST, FIRST_TARGET = "checker4", 0
+SECOND_TARGET = 4
+MONITORS = ("keep", "refresh", "none")
+
+
+def detect(bundle: Path, spec: str, target: int, out: Path) -> dict[str, Any]:
+    rep = run_cli("detect-eval", "--bundle", str(bundle), "--trigger", spec, "--target", str(target), "--out",
+                  str(out), "--test-size", "5000")  # fmt: skip
+    keep = ("auroc", "recall", "clean_reject_rate", "attacks", "paper_rule")
+    return {k: rep.get(k) for k in keep} | {"exit_code": rep["exit_code"], "error": rep.get("error")}
+
+
+def asr(model: Path, spec: str, target: int, reference: Path) -> dict[str, Any]:
+    return run_cli("evaluate", "--model", str(model), "--trigger", spec, "--target", str(target), "--reference",
+                   str(reference))  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    second = trigger_pictures(WORK / "triggers")["paste"]
+    w = WORK / f"seed{args.seed}"
+    s = str(args.seed)
+    res: dict[str, Any] = {"first": FIRST, "second": second, "seed": args.seed}
+    bd = w / "badnet" / "model.pt"
+    res["attack"] = stage(w / "attack.json", lambda: run_cli(
+        "attack", "--trigger", FIRST, "--target", str(FIRST_TARGET), "--second-trigger", second, "--second-target",
+        str(SECOND_TARGET), "--seed", s, "--out", str(w / "badnet")))  # fmt: skip
+    pd = w / "predeploy"
+    res["predeploy"] = stage(w / "predeploy.json", lambda: run_cli(
+        "predeploy", "--model", str(bd), "--out", str(pd), "--seed", s, "--epochs", "3", "--max-rounds", "3",
+        "--eval-trigger", FIRST, "--target", str(FIRST_TARGET)))  # fmt: skip
+
+    def staged(name: str, fn: Any, *fn_args: Any) -> dict[str, Any]:
+        return stage(w / f"{name}.json", lambda: fn(*fn_args))
+
+    res["v1"] = {
+        "first": staged("v1-detect-first", detect, pd / "bundle", FIRST, FIRST_TARGET, w / "d1a"),
+        "second": staged("v1-detect-second", detect, pd / "bundle", second, SECOND_TARGET, w / "d1b"),
+        "monitor_second_asr": staged("v1-monitor-second", asr, pd / "monitor.pt", second, SECOND_TARGET, bd),
+    }
+    q1 = w / "q1"
+    res["stream1"] = stage(w / "stream1.json", lambda: run_cli(
+        "stream", "--bundle", str(pd / "bundle"), "--trigger", FIRST, "--target", str(FIRST_TARGET), "--cpd", "0.1",
+        "--n", "1000", "--seed", s, "--out", str(q1)))  # fmt: skip
+    base = ["--bundle", str(pd / "bundle"), "--quarantine", str(q1), "--profile", "quick", "--eval-trigger", FIRST,
+            "--target", str(FIRST_TARGET)]  # fmt: skip
+    res["v2"] = {}
+    for choice in MONITORS:
+        out = w / f"v2-{choice}"
+        if choice != "keep" and (w / "v2-keep" / "cyclegan.pt").is_file() and not (out / "cyclegan.pt").exists():
+            out.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(w / "v2-keep" / "cyclegan.pt", out / "cyclegan.pt")  # resumed: the same generator
+        rep = staged(f"v2-{choice}", run_cli, "repair", *base, "--next-monitor", choice, "--out", str(out))
+        row: dict[str, Any] = {
+            "repair": {k: rep.get(k) for k in ("test", "served_test", "reject_rule", "seconds", "exit_code", "error")}
+        }
+        if rep.get("published"):
+            row["first"] = staged(f"v2-{choice}-detect-first", detect, out / "bundle", FIRST, FIRST_TARGET,
+                                  out / "d-first")  # fmt: skip
+            row["second"] = staged(f"v2-{choice}-detect-second", detect, out / "bundle", second, SECOND_TARGET,
+                                   out / "d-second")  # fmt: skip
+            row["primary_second_asr"] = staged(f"v2-{choice}-second-asr", asr, out / "primary.pt", second,
+                                               SECOND_TARGET, bd)  # fmt: skip
+        res["v2"][choice] = row
+        save("rounds", {"machine": machine(), "runs": [res]})
+    v2 = w / "v2-keep"
+    q2 = w / "q2"
+    res["stream2"] = stage(w / "stream2.json", lambda: run_cli(
+        "stream", "--bundle", str(v2 / "bundle"), "--trigger", second, "--target", str(SECOND_TARGET), "--cpd",
+        "0.1", "--n", "1000", "--seed", s, "--out", str(q2)))  # fmt: skip
+    rep3 = stage(w / "v3.json", lambda: run_cli(
+        "repair", "--bundle", str(v2 / "bundle"), "--quarantine", str(q2), "--profile", "quick", "--eval-trigger",
+        second, "--target", str(SECOND_TARGET), "--primary-checkpoint", str(v2 / "primary.pt"),
+        "--monitor-checkpoint", str(v2 / "monitor.pt"), "--out", str(w / "v3")))  # fmt: skip
+    res["v3"] = {"repair": {k: rep3.get(k) for k in ("test", "served_test", "seconds", "exit_code", "error")}}
+    if rep3.get("published"):
+        v3 = w / "v3" / "primary.pt"
+        res["v3"]["primary_first_asr"] = staged("v3-first-asr", asr, v3, FIRST, FIRST_TARGET, bd)
+        res["v3"]["primary_second_asr_vs_badnet"] = staged("v3-second-asr", asr, v3, second, SECOND_TARGET, bd)
+    save("rounds", {"machine": machine(), "runs": [res]})
+    print("done", flush=True)
+
+
+if __name__ == "__main__":
+    main()
