@@ -94,6 +94,10 @@ def cell(name: str, spec: str, seed: int, stages: set[str]) -> dict[str, Any]:
             str(w / "badnet" / "model.pt"), "--monitor-checkpoint", str(pd / "monitor.pt"), *ev, *QUICK]  # fmt: skip
     if "repair" in stages:
         res["repair"] = stage(w / "repair.json", lambda: run_cli("repair", *base, "--out", str(w / "repair")))
+        if res["repair"].get("kept_keys") is not None:  # evaluation only: the stream's truth.json
+            from bench.bench_repair import purity
+
+            res["purity"] = purity(q, res["repair"])
     if "clean-ft" in stages:
         res["clean-ft"] = stage(w / "clean-ft.json", lambda: run_cli(
             "repair", *base, "--learner", "none", "--out", str(w / "clean-ft")))  # fmt: skip

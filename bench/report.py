@@ -601,6 +601,8 @@ def main() -> None:
     section("cameras", cameras_section)
     section("fleet", fleet_section)
     section("ray", ray_section)
+    section("field", field_section)
+    section("rounds", rounds_section)
     notes = ROOT / "bench" / "NOTES.md"
     if notes.is_file():
         parts.append(notes.read_text())
@@ -610,3 +612,180 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def _test(rep: dict[str, Any] | None, key: str) -> tuple[Any, Any]:
+    """(CA, ASR) of ``key`` in a report's ``test`` block."""
+    t = ((rep or {}).get("test") or {}).get(key) or {}
+    return t.get("clean_accuracy"), t.get("attack_success_rate")
+
+
+def _pair(ca: Any, asr: Any) -> str:
+    return f"{_fmt(ca, 3)} / {_fmt(asr, 3)}"
+
+
+FIELD_METHODS = ("BadNet", "θ_aug", "θ_repair", "clean-ft", "fine-pruning", "neural-cleanse")
+
+
+def _field_methods(c: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """CA / ASR per method of one bench_field cell (None where not run)."""
+    a, p = c.get("attack") or {}, (c.get("predeploy") or {}).get("selected") or {}
+    return {
+        "BadNet": (a.get("clean_accuracy"), a.get("attack_success_rate")),
+        "θ_aug": (p.get("test_ca"), p.get("test_asr")),
+        "θ_repair": _test(c.get("repair"), "repaired"),
+        "clean-ft": _test(c.get("clean-ft"), "repaired"),
+        "fine-pruning": _test(c.get("fine-pruning"), "defended"),
+        "neural-cleanse": _test(c.get("neural-cleanse"), "defended"),
+    }
+
+
+def plot_field(cells: list[dict[str, Any]], path: Path) -> bool:
+    """CA and ASR per method and trigger (bars), the paper's Table 3 as a picture."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = [c for c in cells if c.get("repair")]
+    if not cells:
+        return False
+    fig, axes = plt.subplots(2, 1, figsize=(10, 5.5), sharex=True)
+    width = 0.8 / len(FIELD_METHODS)
+    for k, method in enumerate(FIELD_METHODS):
+        vals = [_field_methods(c)[method] for c in cells]
+        xs = [i + (k - len(FIELD_METHODS) / 2 + 0.5) * width for i in range(len(cells))]
+        for row, idx in ((0, 0), (1, 1)):
+            axes[row].bar(xs, [v[idx] if v[idx] is not None else 0 for v in vals], width, label=method)
+    axes[0].set_ylabel("clean accuracy")
+    axes[0].set_ylim(0.7, 0.95)
+    axes[1].set_ylabel("attack success rate")
+    axes[1].set_yscale("symlog", linthresh=0.01)
+    axes[1].set_xticks(range(len(cells)), [f"{c['trigger']} (seed {c['seed']})" for c in cells])
+    axes[0].legend(ncol=3, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def field_section(data: dict[str, Any]) -> str:
+    cells = sorted(data["cells"], key=lambda c: (c["seed"], c["trigger"]))
+    lines = [
+        "## The defense against the field, per trigger (issues 14 and 15)",
+        "",
+        _machine(cells[0]["machine"]) if cells else "",
+        "",
+        "`python -m bench.bench_field`: per trigger and seed one BadNet (the attack's defaults: cnn3, 3-step, "
+        "10% poisoning, target 0), Algorithm 1 (3 epochs per candidate, up to 3 α rounds), the bundle's rule as a "
+        "detector (`detect-eval`, 5,000 clean test inputs; τ from clean D_eval at the default 1% budget), a "
+        "stream at CPD 0.1 (N = 1000) and, on the same BadNet and clean data (D_treat to fine-tune, D_eval to "
+        "stop or gate), the repair (quick profile) and the field's post-training defenses. Triggers: `checker4` "
+        "(random place), `square:4` (bottom right), `paste` (a 5×5 ring glyph made by the bench at row 3, column "
+        "19) and `blend` (a uniform-noise picture made by the bench, opacity 0.15).",
+        "",
+        "**Detection** (goal: AUROC ≥ 0.99 and recall ≥ 0.95 at ≤ 1% clean rejects; v1 served CA within 0.02 of "
+        "the BadNet's):",
+        "",
+        "| trigger | seed | attacks | paper rule: recall / clean rejects | kl AUROC | recall at 1% (curve) "
+        "| label-free 1%: recall / clean rejects | served CA v1 / BadNet | STRIP AUROC / recall at 1% "
+        "| SCALE-UP AUROC |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c in cells:
+        d = c.get("detect")
+        if not d or "scores" not in d:
+            continue
+        paper, kl = d["scores"]["disagree"], d["scores"]["kl"]
+        base = d.get("baselines") or {}
+        strip, scale = base.get("strip") or {}, base.get("scale_up") or {}
+        lines.append(
+            f"| `{c['trigger']}` | {c['seed']} | {d['attacks']} "
+            f"| {_pair(paper.get('recall'), paper.get('clean_reject_rate'))} "
+            f"| {_fmt(kl['auroc'])} | {_fmt((kl.get('recall_at_clean_reject') or {}).get('0.01'))} "
+            f"| {_pair(d.get('recall'), d.get('clean_reject_rate'))} "
+            f"| {_pair(d.get('served_clean_accuracy'), d.get('primary_clean_accuracy'))} "
+            f"| {_pair(strip.get('auroc'), strip.get('recall_at_1pct'))} | {_fmt(scale.get('auroc'), 3)} |"
+        )
+    lines += [
+        "",
+        "**Repair against the field**, test CA / ASR (the paper's Table 3 in shape; goal: θ_repair ASR ≤ 0.01 at a "
+        "CA drop ≤ 0.01 against the BadNet, and not worse than clean fine-tuning). Stream: rejects, recall, and "
+        "the purity of what the CycleGAN learned from (evaluation only); v2 served: what the fleet serves "
+        "with θ_repair and the kept monitor (answered and right / all, and clean rejects).",
+        "",
+        "| trigger | seed | " + " | ".join(FIELD_METHODS) + " | stream rejects / recall / kept purity "
+        "| v2 served CA / clean rejects | NC: flagged (target's anomaly index) | FP: pruned |",
+        "|---|---|" + "---|" * (len(FIELD_METHODS) + 4),
+    ]
+    for c in cells:
+        m = _field_methods(c)
+        s, pur = c.get("stream") or {}, c.get("purity") or {}
+        served = (c.get("repair") or {}).get("served_test") or {}
+        nc = ((c.get("neural-cleanse") or {}).get("details")) or {}
+        fp = ((c.get("fine-pruning") or {}).get("details")) or {}
+        ai = nc.get("anomaly_index")
+        lines.append(
+            f"| `{c['trigger']}` | {c['seed']} | "
+            + " | ".join(_pair(*m[k]) for k in FIELD_METHODS)
+            + f" | {s.get('rejected', '–')} / {_fmt(s.get('recall'), 2)} / {_fmt(pur.get('kept_purity'), 2)} "
+            f"| {_pair(served.get('served_clean_accuracy'), served.get('clean_reject_rate'))} "
+            f"| {nc.get('flagged', '–')} ({_fmt(ai[0] if ai else None, 2)}) "
+            f"| {fp.get('pruned', '–')} of {fp.get('channels', '–')} |"
+        )
+    if plot_field(cells, RESULTS / "field-methods.png"):
+        lines += ["", "![CA and ASR per method and trigger](bench/results/field-methods.png)"]
+    return "\n".join(lines) + "\n"
+
+
+def rounds_section(data: dict[str, Any]) -> str:
+    lines = [
+        "## Two backdoors, two rounds; v2's monitor three ways (issues 14 and 15)",
+        "",
+        _machine(data["machine"]),
+        "",
+        "`python -m bench.bench_rounds`: one BadNet with two independent backdoors (checker4 → 0, the bench's "
+        "ring glyph → 4, 10% of the training set each). Round 1 streams checker4 only (CPD 0.1, N = 1000) and "
+        "repairs into v2; v2's monitor is chosen three ways from the same θ_repair (the `keep` run's CycleGAN "
+        "reused). Round 2 streams the glyph through v2 and repairs into v3. Detection: the bundle's own rule "
+        "(label-free τ) on 5,000 clean test inputs against the triggered inputs its primary sends to the target.",
+        "",
+        "| version | monitor | primary test CA | ASR checker4 | ASR glyph | served CA / clean rejects "
+        "| rule recall checker4 | rule recall glyph (AUROC) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in data["runs"]:
+        a = r.get("attack") or {}
+        v1 = r.get("v1") or {}
+        sel = (r.get("predeploy") or {}).get("served_test") or {}
+        lines.append(
+            f"| v1 (BadNet) | θ_aug | {_fmt(a.get('clean_accuracy'), 3)} | {_fmt(a.get('attack_success_rate'), 3)} "
+            f"| {_fmt(a.get('second_attack_success_rate'), 3)} "
+            f"| {_pair(sel.get('served_clean_accuracy'), sel.get('clean_reject_rate'))} "
+            f"| {_fmt((v1.get('first') or {}).get('recall'), 3)} | {_fmt((v1.get('second') or {}).get('recall'), 3)} "
+            f"({_fmt((v1.get('second') or {}).get('auroc'), 3)}) |"
+        )
+        for choice, row in (r.get("v2") or {}).items():
+            rep = row.get("repair") or {}
+            ca, asr1 = _test(rep, "repaired")
+            served = rep.get("served_test") or {}
+            lines.append(
+                f"| v2 | {choice} | {_fmt(ca, 3)} | {_fmt(asr1, 3)} "
+                f"| {_fmt((row.get('primary_second_asr') or {}).get('attack_success_rate'), 3)} "
+                f"| {_pair(served.get('served_clean_accuracy'), served.get('clean_reject_rate'))} "
+                f"| {_fmt((row.get('first') or {}).get('recall'), 3)} "
+                f"| {_fmt((row.get('second') or {}).get('recall'), 3)} "
+                f"({_fmt((row.get('second') or {}).get('auroc'), 3)}) |"
+            )
+        v3 = r.get("v3") or {}
+        rep3 = v3.get("repair") or {}
+        ca3, _ = _test(rep3, "repaired")
+        served3 = rep3.get("served_test") or {}
+        if rep3:
+            lines.append(
+                f"| v3 | θ_aug | {_fmt(ca3, 3)} "
+                f"| {_fmt((v3.get('primary_first_asr') or {}).get('attack_success_rate'), 3)} "
+                f"| {_fmt((v3.get('primary_second_asr_vs_badnet') or {}).get('attack_success_rate'), 3)} "
+                f"| {_pair(served3.get('served_clean_accuracy'), served3.get('clean_reject_rate'))} | – | – |"
+            )
+    return "\n".join(lines) + "\n"
