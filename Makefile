@@ -90,6 +90,9 @@ bench: $(STAMP) dataset camera-deps
 	$(BIN)/python -m bench.bench_cameras
 	$(BIN)/python -m bench.bench_fleet
 	$(BIN)/python -m bench.bench_ray
+	$(BIN)/python -m bench.bench_field --seeds 0 1
+	$(BIN)/python -m bench.bench_rounds
+	$(BIN)/python -m bench.bench_tsne
 	$(BIN)/python -m bench.report
 
 clean:
