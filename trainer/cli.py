@@ -127,21 +127,28 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def cmd_predeploy(args: argparse.Namespace) -> dict[str, Any]:
-    """Algorithm 1 and bundle v1."""
-    from trainer.science.noise import NoiseConfig
+def _suspect_and_trigger(args: argparse.Namespace) -> tuple[Any, Any, Any]:
+    """The suspect's source (checked before the data loads), the data fitted to it and the evaluation trigger."""
     from trainer.science.triggers import parse_trigger
-    from trainer.stages.detect import RejectConfig
-    from trainer.stages.predeploy import PredeployConfig, run_predeploy
     from trainer.stages.suspect import ModelSource
 
     if (args.eval_trigger is None) != (args.target is None):
         raise ValueError("--eval-trigger and --target go together")
     trigger = parse_trigger(args.eval_trigger) if args.eval_trigger else None
     source = from_args(ModelSource, args)
-    source.check()  # before the data loads
+    source.check()
     splits, _ = _splits(args, source.declared_block())
     _check_target(args.target, splits)
+    return source, splits, trigger
+
+
+def cmd_predeploy(args: argparse.Namespace) -> dict[str, Any]:
+    """Algorithm 1 and bundle v1."""
+    from trainer.science.noise import NoiseConfig
+    from trainer.stages.detect import RejectConfig
+    from trainer.stages.predeploy import PredeployConfig, run_predeploy
+
+    source, splits, trigger = _suspect_and_trigger(args)
     from trainer.stages.executors import ExecutorConfig
 
     cfg = from_args(PredeployConfig, args, noise=from_args(NoiseConfig, args), reject=from_args(RejectConfig, args))
@@ -178,18 +185,10 @@ def cmd_detect_eval(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_defend(args: argparse.Namespace) -> dict[str, Any]:
     """A post-training defense of the field on the suspect model (evaluation harness: fine-pruning, NC)."""
-    from trainer.science.triggers import parse_trigger
     from trainer.stages.defenses import DefenseConfig, run_defense
     from trainer.stages.predeploy import load_suspect
-    from trainer.stages.suspect import ModelSource
 
-    if (args.eval_trigger is None) != (args.target is None):
-        raise ValueError("--eval-trigger and --target go together")
-    trigger = parse_trigger(args.eval_trigger) if args.eval_trigger else None
-    source = from_args(ModelSource, args)
-    source.check()  # before the data loads
-    splits, _ = _splits(args, source.declared_block())
-    _check_target(args.target, splits)
+    source, splits, trigger = _suspect_and_trigger(args)
     suspect, splits = load_suspect(source, splits)
     cfg = from_args(DefenseConfig, args)
     return run_defense(suspect, splits, cfg, args.out, trigger, args.target, quiet=args.quiet)

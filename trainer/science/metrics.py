@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from trainer.science.data import ImageSet
+from trainer.science.data import ImageSet, Splits
 from trainer.science.triggers import Trigger
 
 # Anything that maps uint8 images (N, C, H, W) to predicted labels (N,): a torch model, an ONNX session.
@@ -86,3 +86,16 @@ def evaluate(
     x_p = poisoned if poisoned is not None else poisoned_copy(test, trigger, seed)
     asr = attack_success_rate(classify(x_p), test.labels, ref_pred, target)
     return Evaluation(ca, asr, len(test), int(asr_mask(test.labels, ref_pred, target).sum()))
+
+
+def evaluate_models(
+    models: dict[str, Classifier], splits: Splits, trigger: Trigger, target: int, seed: int
+) -> dict[str, dict[str, float | int | None]]:
+    """Test CA and ASR of each of ``models`` (the first is the BadNet: it fixes the ASR's eligible inputs), the
+    trigger put on the raw test pictures with ``seed`` (the same triggered copy for every model)."""
+    reference = next(iter(models.values()))(splits.test.images)
+    x_p = splits.to_image(poisoned_copy(splits.raw_part("test"), trigger, seed))
+    return {
+        name: evaluate(fn, splits.test, trigger, target, reference, poisoned=x_p).to_dict()
+        for name, fn in models.items()
+    }

@@ -35,7 +35,7 @@ from torch.nn.utils import prune
 
 from edge_agent.options import flag, fraction, positive, positive_float
 from trainer.science.data import Splits
-from trainer.science.metrics import evaluate, poisoned_copy
+from trainer.science.metrics import evaluate, evaluate_models
 from trainer.science.models import Checkpoint
 from trainer.science.training import TrainConfig, default_device, predict, to_input, train
 from trainer.science.triggers import Trigger
@@ -395,12 +395,7 @@ def run_defense(
         },
     }
     if eval_trigger is not None and target is not None:
-        ref = bd(splits.test.images)
-        x_p = splits.to_image(poisoned_copy(splits.raw_part("test"), eval_trigger, cfg.seed + 11))
-        report["test"] = {
-            name: evaluate(fn, splits.test, eval_trigger, target, ref, poisoned=x_p).to_dict()
-            for name, fn in (("badnet", bd), ("defended", after))
-        }
+        report["test"] = evaluate_models({"badnet": bd, "defended": after}, splits, eval_trigger, target, cfg.seed + 11)
     suspect.derive(defended, details.get("train", {}), {**suspect.meta, "defense": cfg.method}).save(
         out_dir / "model.pt"
     )

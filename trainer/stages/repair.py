@@ -29,7 +29,7 @@ from protos.nnoc.v1 import bundle_pb2
 from trainer.errors import GateError
 from trainer.science.cyclegan import CycleGANConfig, save_sample_grid, train_cyclegan, translate
 from trainer.science.data import ImageSet, Splits
-from trainer.science.metrics import evaluate, poisoned_copy
+from trainer.science.metrics import evaluate, evaluate_models
 from trainer.science.models import Checkpoint
 from trainer.science.noise import NoiseConfig, augment
 from trainer.science.training import TrainConfig, default_device, predict, train
@@ -362,12 +362,8 @@ def measure(
         "gate": {"eval_ca_badnet": bd_eval_ca, "eval_ca_repaired": rep_eval_ca, "floor": floor},
     }
     if eval_trigger is not None and target is not None:
-        ref = bd(splits.test.images)
-        x_p = splits.to_image(poisoned_copy(splits.raw_part("test"), eval_trigger, cfg.seed + 11))
-        out["test"] = {
-            name: evaluate(fn, splits.test, eval_trigger, target, ref, poisoned=x_p).to_dict()
-            for name, fn in (("badnet", bd), ("monitor", loaded.aug), ("repaired", repaired))
-        }
+        models = {"badnet": bd, "monitor": loaded.aug, "repaired": repaired}
+        out["test"] = evaluate_models(models, splits, eval_trigger, target, cfg.seed + 11)
     return out
 
 
