@@ -90,8 +90,8 @@ def cell(name: str, spec: str, seed: int, stages: set[str]) -> dict[str, Any]:
         res["stream"] = stage(w / "stream.json", lambda: run_cli(
             "stream", "--bundle", str(pd / "bundle"), "--trigger", spec, "--target", "0", "--cpd", "0.1",
             "--n", "1000", "--seed", str(seed), "--out", str(q)))  # fmt: skip
-    base = ["--bundle", str(pd / "bundle"), "--quarantine", str(q), "--primary-checkpoint",
-            str(w / "badnet" / "model.pt"), "--monitor-checkpoint", str(pd / "monitor.pt"), *ev, *QUICK]  # fmt: skip
+    # the checkpoints predeploy wrote beside the bundle (its provenance names them)
+    base = ["--bundle", str(pd / "bundle"), "--quarantine", str(q), *ev, *QUICK]
     if "repair" in stages:
         res["repair"] = stage(w / "repair.json", lambda: run_cli("repair", *base, "--out", str(w / "repair")))
         if res["repair"].get("kept_keys") is not None:  # evaluation only: the stream's truth.json

@@ -68,7 +68,7 @@ def main() -> None:
     args = ap.parse_args()
     tag = args.trigger.replace(":", "-").replace("/", "_")
     pd_dir = args.predeploy or ROOT / "runs" / "bench-predeploy" / tag / "block"
-    badnet = pd_dir.parent / "badnet" / "model.pt"
+    badnet = pd_dir / "primary.pt"  # the suspect as predeploy saved it (the bundle's provenance names this file)
     pd_report = json.loads((pd_dir / "report.json").read_text())
     out_path = RESULTS / f"repair-{tag}.json"
     rows: list[dict[str, Any]] = json.loads(out_path.read_text())["rows"] if out_path.is_file() else []
