@@ -610,10 +610,6 @@ def main() -> None:
     print(f"wrote {ROOT / 'BENCHMARKS.md'}")
 
 
-if __name__ == "__main__":
-    main()
-
-
 def _test(rep: dict[str, Any] | None, key: str) -> tuple[Any, Any]:
     """(CA, ASR) of ``key`` in a report's ``test`` block."""
     t = ((rep or {}).get("test") or {}).get(key) or {}
@@ -781,7 +777,16 @@ def rounds_section(data: dict[str, Any]) -> str:
         rep3 = v3.get("repair") or {}
         ca3, _ = _test(rep3, "repaired")
         served3 = rep3.get("served_test") or {}
-        if rep3:
+        s2 = r.get("stream2") or {}
+        if s2:
+            lines.append(
+                f"| round 2 stream through v2 (keep) | – | – | – | – | – | – | {s2.get('rejected')} rejects, recall "
+                f"{_fmt(s2.get('recall'), 2)}, the glyph's success through the ensemble "
+                f"{_fmt(s2.get('attack_success_through_ensemble'), 3)} |"
+            )
+        if rep3.get("error"):
+            lines.append(f"| v3 | – | repair refused: {rep3['error']} | | | | | |")
+        elif rep3:
             lines.append(
                 f"| v3 | θ_aug | {_fmt(ca3, 3)} "
                 f"| {_fmt((v3.get('primary_first_asr') or {}).get('attack_success_rate'), 3)} "
@@ -789,3 +794,7 @@ def rounds_section(data: dict[str, Any]) -> str:
                 f"| {_pair(served3.get('served_clean_accuracy'), served3.get('clean_reject_rate'))} | – | – |"
             )
     return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
