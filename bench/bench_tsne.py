@@ -4,7 +4,8 @@ triggered ones (black crosses, true class other than the target), embedded with 
 
     python -m bench.bench_tsne --trigger SPEC --target T --model NAME=PATH.pt [--model NAME=PATH.pt ...] --out PNG
 
-Default: each trigger of bench_field (seed 0) with its BadNet, θ_repair and clean fine-tuning, where they exist.
+Default: each trigger of bench_field (seed 0) with its BadNet, θ_repair, clean fine-tuning, fine-pruning and Neural
+Cleanse, where they exist.
 """
 
 from __future__ import annotations
@@ -91,7 +92,9 @@ def main() -> None:
     for name, spec in trigger_pictures(WORK / "triggers").items():
         w = WORK / name / "seed0"
         candidates = [("BadNet", w / "badnet" / "model.pt"), ("θ_repair", w / "repair" / "primary.pt"),
-                      ("clean fine-tuning", w / "clean-ft" / "primary.pt")]  # fmt: skip
+                      ("clean fine-tuning", w / "clean-ft" / "primary.pt"),
+                      ("fine-pruning", w / "fine-pruning" / "model.pt"),
+                      ("Neural Cleanse", w / "neural-cleanse" / "model.pt")]  # fmt: skip
         models = [(n, p) for n, p in candidates if p.is_file()]
         if len(models) > 1:
             figure(spec, 0, models, RESULTS / f"tsne-{name.replace(':', '-')}.png")

@@ -731,6 +731,8 @@ def field_section(data: dict[str, Any]) -> str:
         )
     if plot_field(cells, RESULTS / "field-methods.png"):
         lines += ["", "![CA and ASR per method and trigger](bench/results/field-methods.png)"]
+    for png in sorted(RESULTS.glob("tsne-*.png")):  # bench_tsne: the paper's Fig. 10 analogue
+        lines += ["", f"![t-SNE of penultimate features, {png.stem[5:]}](bench/results/{png.name})"]
     return "\n".join(lines) + "\n"
 
 
