@@ -579,6 +579,41 @@ def ray_section(data: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def gpu_section(data: dict[str, Any]) -> str:
+    """The edge ensemble on a lent GPU against the CPU (bench/bench_gpu.py), with the run before the fp32 fix."""
+
+    def table(rows: list[dict[str, Any]]) -> list[str]:
+        out = [
+            "| provider | path | batch 1 /s | batch 32 /s | batch 256 /s | labels = CPU | rejects = CPU "
+            "| max score gap |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for r in rows:
+            rate = r["per_s"]
+            out.append(
+                f"| {r['setting']} | {r['served']} | {rate['1']:,.0f} | {rate['32']:,.0f} | {rate['256']:,.0f} | "
+                f"{r['labels_equal_cpu']} | {r['rejected_equal_cpu']} | {r['score_max_gap']:.2g} |"
+            )
+        return out
+
+    lines = [
+        "## The edge on a GPU (bench/bench_gpu.py)",
+        "",
+        _machine(data["machine"]),
+        "",
+        f"onnxruntime {data['onnxruntime']}; {data['bundle']}; {data['inputs']:,} test images, decisions compared "
+        "with the CPU's two sessions. `cuda` is the product's default (fp32), `cuda-tf32` onnxruntime's own.",
+        "",
+        *table(data["rows"]),
+    ]
+    first = data.get("first_run")
+    if first:
+        lines += ["", f"First run, {first['gpu']} ({first['note']}):", "", *table(first["rows"])]
+    for name, text in data.get("tests", {}).items():
+        lines += ["", f"- {name.replace('_', ' ')}: {text}"]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parts = [HEADER]
 
@@ -603,6 +638,7 @@ def main() -> None:
     section("ray", ray_section)
     section("field", field_section)
     section("rounds", rounds_section)
+    section("gpu", gpu_section)
     notes = ROOT / "bench" / "NOTES.md"
     if notes.is_file():
         parts.append(notes.read_text())

@@ -40,6 +40,12 @@ class RuntimeConfig:
     # onnxruntime's worker threads spin after each run (lower latency when nothing else needs the cores); with
     # camera sources decoding on the same cores, spinning takes their time. auto: off with --source, else on.
     spin: str = flag("auto", "intra-op threads spin-wait between runs", choices=("auto", "on", "off"))
+    # onnxruntime's CUDA provider computes convolutions and matrix products in TF32 unless told not to: on an H100
+    # the cnn3 ensemble's reject scores then differ from the CPU's by up to 0.01 and a label in 10,000 flips
+    # (measured, BENCHMARKS.md). The threshold τ was chosen on fp32 scores, so the edge keeps fp32 by default.
+    tf32: str = flag(
+        "off", "let the CUDA provider compute in TF32 (faster, scores drift from fp32)", choices=("off", "on")
+    )
     # How the ensemble runs its two models: "fused" (one graph, see edge_agent/fuse.py), "two-sessions", or
     # "timed" (time both at load and keep the faster one).
     ensemble_path: str = flag(
@@ -94,6 +100,12 @@ def choose_providers(requested: Sequence[str] | None = None) -> list[str]:
     return chosen
 
 
+def with_provider_options(providers: Sequence[str], tf32: bool = False) -> list[str | tuple[str, dict[str, str]]]:
+    """``providers`` as onnxruntime takes them, with the options this project sets: the CUDA provider computes
+    in full fp32 (``use_tf32`` 0) unless ``tf32``, so a GPU answers what the trainer measured on fp32."""
+    return [(p, {"use_tf32": "1" if tf32 else "0"}) if p == "CUDAExecutionProvider" else p for p in providers]
+
+
 def make_session(path: Path, cfg: RuntimeConfig | None = None, model: bytes | None = None) -> ort.InferenceSession:
     """Load an ONNX model (from ``path``, or from ``model`` bytes named ``path``); logs which provider runs.
 
@@ -114,7 +126,8 @@ def make_session(path: Path, cfg: RuntimeConfig | None = None, model: bytes | No
     opts.log_severity_level = 3  # GPU providers that cannot load are reported by us, once, below
     try:
         source = model if model is not None else str(path)
-        session = ort.InferenceSession(source, sess_options=opts, providers=choose_providers(cfg.providers))
+        providers = with_provider_options(choose_providers(cfg.providers), tf32=cfg.tf32 == "on")
+        session = ort.InferenceSession(source, sess_options=opts, providers=providers)
     except Exception as e:  # onnxruntime's own exception types for corrupt or unsupported files
         raise ValueError(f"cannot load ONNX model {path}: {e}") from e
     log.info("%s runs on %s", path.name, session.get_providers()[0])

@@ -56,6 +56,18 @@ def test_replay_spec_errors_say_what_to_change(spec: str, why: str) -> None:
         parse_replay(spec)
 
 
+def test_the_cuda_provider_computes_in_fp32_unless_asked() -> None:
+    from edge_agent.runtime import RuntimeConfig, choose_providers, with_provider_options
+
+    assert RuntimeConfig().tf32 == "off"
+    assert with_provider_options(["CUDAExecutionProvider", "CPUExecutionProvider"]) == [
+        ("CUDAExecutionProvider", {"use_tf32": "0"}),
+        "CPUExecutionProvider",
+    ]
+    assert with_provider_options(["CUDAExecutionProvider"], tf32=True) == [("CUDAExecutionProvider", {"use_tf32": "1"})]
+    assert choose_providers()[-1] == "CPUExecutionProvider"
+
+
 def test_fused_graph_answers_like_two_sessions(predeployed: tuple[Path, dict[str, Any]], splits: Any) -> None:
     from edge_agent.ensemble import Ensemble, to_model_input
     from edge_agent.formats.bundle import verify_bundle

@@ -19,7 +19,8 @@ from trainer.science.models import ARCHITECTURES, Checkpoint, build_model
 def test_badnet_harness_reaches_a_working_backdoor(badnet: tuple[Path, dict[str, Any]]) -> None:
     out, report = badnet
     assert report["clean_accuracy"] > 0.75  # 8,000 images, 3 epochs
-    assert report["attack_success_rate"] > 0.9
+    # 0.90-0.92 here; 0.886 with torch 2.11 on 16 CPU cores, 0.899-0.923 on an H100: a backdoor either way
+    assert report["attack_success_rate"] > 0.8
     assert {"model.pt", "model.onnx", "metrics.json"} <= {p.name for p in out.iterdir()}
     ckpt = Checkpoint.load(out / "model.pt")
     assert ckpt.architecture == "cnn3" and ckpt.input_spec.shape == (1, 28, 28)
@@ -148,4 +149,5 @@ def test_two_step_attack_and_combo_trigger(tmp_path: Path, splits: Any) -> None:
     whole = evaluate(classify, splits.test, combo, 0).attack_success_rate
     parts = [evaluate(classify, splits.test, part, 0).attack_success_rate for part in combo.parts]
     assert whole is not None and whole >= 0.75, whole  # measured 0.86
-    assert all(a is not None and a <= 0.2 for a in parts), parts  # measured 0.08, 0.06
+    # measured 0.08, 0.06 here; 0.24, 0.17 trained on an H100 (torch 2.11): each part well under the whole
+    assert all(a is not None and a <= 0.3 for a in parts), parts

@@ -14,13 +14,16 @@ from edge_agent.formats.spec import InputSpec
 from trainer.science.export import META_CLASS_NAMES, META_INPUT_SPEC, META_PREPROCESS
 
 
-def cpu_or_cuda_providers() -> list[str]:
-    """onnxruntime providers for trainer-side evaluation: CUDA only when torch sees a GPU, then the CPU."""
+def cpu_or_cuda_providers() -> list[str | tuple[str, dict[str, str]]]:
+    """onnxruntime providers for trainer-side evaluation: CUDA (fp32, as on the edge) only when torch sees a GPU,
+    then the CPU."""
     import onnxruntime as ort
+
+    from edge_agent.runtime import with_provider_options
 
     available = ort.get_available_providers()
     want = ["CUDAExecutionProvider"] if torch.cuda.is_available() else []
-    return [p for p in want if p in available] + ["CPUExecutionProvider"]
+    return with_provider_options([p for p in want if p in available] + ["CPUExecutionProvider"])
 
 
 class OnnxClassifier:
@@ -34,13 +37,14 @@ class OnnxClassifier:
         expected_shape: tuple[int, int, int] | None = None,
         batch_size: int = 1024,
         preprocess: Preprocess | None = None,
+        providers: list[str | tuple[str, dict[str, str]]] | None = None,
     ) -> None:
         import onnxruntime as ort
 
         if not path.is_file():
             raise ValueError(f"model file {path} does not exist")
         try:
-            self.session = ort.InferenceSession(str(path), providers=cpu_or_cuda_providers())
+            self.session = ort.InferenceSession(str(path), providers=providers or cpu_or_cuda_providers())
         except Exception as e:  # onnxruntime raises its own exception types for bad files
             raise ValueError(f"{path} is not a loadable ONNX model: {e}") from e
         meta = self.session.get_modelmeta().custom_metadata_map
