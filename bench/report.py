@@ -429,8 +429,9 @@ def detect_section(data: dict[str, Any]) -> str:
         "",
         "`nnoc-trainer detect-eval` on the test split (5,000 clean inputs) against its triggered copy, counting as "
         "attacks the triggered inputs the BadNet sends to the target. Recall at a clean-reject rate uses the "
-        "threshold set on these clean test inputs (the curve); the label-free point uses τ chosen on clean D_eval "
-        "at a 1% budget (what a published bundle does). Paper rule: reject when the argmaxes differ.",
+        "threshold set on these clean test inputs (the curve); the label-free point uses τ chosen as a published "
+        "bundle chooses it at a 1% budget (clean D_treat ∪ D_eval with a 0.9-confidence bound since session 9; the "
+        "foreign rows are older: D_eval quantile). Paper rule: reject when the argmaxes differ.",
         "",
         "| case | attacks | paper rule recall / clean rejects | score | AUROC | recall at 0.5% / 1% / 2% / 5% "
         "| label-free 1%: recall / clean rejects |",
@@ -710,7 +711,8 @@ def field_section(data: dict[str, Any]) -> str:
         "",
         "`python -m bench.bench_field`: per trigger and seed one BadNet (the attack's defaults: cnn3, 3-step, "
         "10% poisoning, target 0), Algorithm 1 (3 epochs per candidate, up to 3 α rounds), the bundle's rule as a "
-        "detector (`detect-eval`, 5,000 clean test inputs; τ from clean D_eval at the default 1% budget), a "
+        "detector (`detect-eval`, 5,000 clean test inputs; τ chosen label-free "
+        "at the default 1% budget: clean D_treat ∪ D_eval, 0.9-confidence bound), a "
         "stream at CPD 0.1 (N = 1000) and, on the same BadNet and clean data (D_treat to fine-tune, D_eval to "
         "stop or gate), the repair (quick profile) and the field's post-training defenses. Triggers: `checker4` "
         "(random place), `square:4` (bottom right), `paste` (a 5×5 ring glyph made by the bench at row 3, column "

@@ -43,6 +43,46 @@ def test_threshold_keeps_the_clean_budget() -> None:
     assert rule_for("disagree", 0.02, np.zeros(10)).threshold == 0.5
 
 
+def test_the_confidence_bound_keeps_the_budget_on_new_inputs() -> None:
+    """With confidence c, τ chosen on n clean scores rejects at most the budget of new clean inputs in at least c
+    of the draws; the plain quantile (confidence 0) in only about half."""
+    from edge_agent.formats.reject import allowed_exceedances
+    from protos.nnoc.v1 import bundle_pb2
+
+    assert allowed_exceedances(1000, 0.01, 0.0) == 10
+    assert allowed_exceedances(1000, 0.01, 0.9) == 5  # P(Binomial(1000, 0.01) <= 5) = 0.067; <= 6: 0.130
+    assert allowed_exceedances(5000, 0.01, 0.9) == 40
+    assert allowed_exceedances(200, 0.01, 0.9) == -1  # 0.99^200 = 0.134 > 0.1: too few scores
+    assert allowed_exceedances(200, 0.0, 0.9) == 0
+    with pytest.raises(RejectRuleError, match="confidence"):
+        allowed_exceedances(100, 0.01, 1.0)
+    rng = np.random.default_rng(0)
+    trials, held = 400, {0.0: 0, 0.9: 0}
+    for _ in range(trials):
+        clean = rng.exponential(size=1000)
+        for c in held:  # Exp(1) scores: a new input's score lies above τ with probability exp(-τ)
+            held[c] += int(np.exp(-threshold_for(clean, 0.01, c)) <= 0.01)
+    assert held[0.9] >= 0.85 * trials, held
+    assert 0.3 * trials <= held[0.0] <= 0.75 * trials, held
+    rule = rule_for("kl", 0.01, rng.exponential(size=5000), 0.9, "valid")
+    assert (rule.calibration_set, rule.calibration_inputs, rule.confidence) == ("valid", 5000, 0.9)
+    manifest = bundle_pb2.Manifest()
+    manifest.reject_rule.CopyFrom(rule.message())
+    assert RejectRule.of(manifest) == rule
+
+
+def test_calibration_uses_d_treat_unless_its_scores_sit_lower() -> None:
+    from trainer.stages.detect import RejectConfig, calibration_scores
+
+    rng = np.random.default_rng(0)
+    ev, same, lower = rng.exponential(size=1000), rng.exponential(size=4000), 0.6 * rng.exponential(size=4000)
+    chosen, name = calibration_scores({"eval": ev, "treat": same}, RejectConfig())
+    assert name == "valid" and len(chosen) == 5000
+    chosen, name = calibration_scores({"eval": ev, "treat": lower}, RejectConfig())
+    assert name == "eval" and len(chosen) == 1000  # the models agree more where they were fine-tuned
+    assert calibration_scores({"eval": ev, "treat": same}, RejectConfig(calibration_set="eval"))[1] == "eval"
+
+
 @pytest.mark.parametrize("score", SCORES)
 def test_the_fused_graph_and_the_two_sessions_apply_the_manifests_rule(score: str, tmp_path: Path) -> None:
     import onnxruntime as ort
@@ -90,6 +130,8 @@ def test_predeploy_chooses_the_threshold_on_clean_data_and_detect_eval_measures_
     rule = RejectRule.of(verify_bundle(out / "bundle").manifest)
     assert rule.score == "kl" and rule.budget == DEFAULT_BUDGET
     assert rule.clean_rate is not None and rule.clean_rate <= DEFAULT_BUDGET
+    assert rule.calibration_set in ("valid", "eval") and rule.confidence == 0.9
+    assert rule.calibration_inputs == (1000 if rule.calibration_set == "valid" else 200)  # D_treat 800 + D_eval 200
     assert report["reject_rule"]["score"] == "kl"
     _, ev, _ = run_cli("trainer", "detect-eval", *SMALL_SPLIT, "--bundle", str(out / "bundle"), "--trigger",
                        "checker4", "--target", "0", "--out", str(tmp_path / "d"), "--quiet")  # fmt: skip

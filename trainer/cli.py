@@ -225,13 +225,12 @@ def cmd_repair(args: argparse.Namespace) -> dict[str, Any]:
         seed=args.seed,
     )
     reject = None
-    if args.reject_score is not None or args.clean_reject_budget is not None:
+    given = {k: getattr(args, k) for k in ("reject_score", "clean_reject_budget", "calibration_confidence",
+                                           "calibration_set") if getattr(args, k) is not None}  # fmt: skip
+    if given:  # else the deployed version's rule (its score, budget and calibration) is made again
         from trainer.stages.detect import RejectConfig
 
-        default = RejectConfig()
-        reject = RejectConfig(args.reject_score or default.reject_score,
-                              default.clean_reject_budget if args.clean_reject_budget is None
-                              else args.clean_reject_budget)  # fmt: skip
+        reject = RejectConfig(**given)
     cfg = from_args(RepairConfig, args, cyclegan=gan, epochs=knob("epochs"), reject=reject)
     return run_repair(
         args.bundle,
@@ -440,8 +439,12 @@ def _args_repair(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", type=int, default=None, help="evaluation only: target class of --eval-trigger")
     p.add_argument("--reject-score", choices=SCORES, default=None, help="the new version's reject score "
                    "(default: the deployed version's)")  # fmt: skip
-    p.add_argument("--clean-reject-budget", type=fraction, default=None, help="share of clean D_eval its rule may "
+    p.add_argument("--clean-reject-budget", type=fraction, default=None, help="share of clean inputs its rule may "
                    "reject (default: the deployed version's)")  # fmt: skip
+    p.add_argument("--calibration-confidence", type=fraction, default=None, help="probability that the new rule's "
+                   "clean reject rate stays within the budget (default: the deployed version's)")  # fmt: skip
+    p.add_argument("--calibration-set", choices=("valid", "eval"), default=None, help="clean inputs τ is chosen on "
+                   "(default: the deployed version's)")  # fmt: skip
 
 
 def _args_serve(p: argparse.ArgumentParser) -> None:

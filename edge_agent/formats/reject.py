@@ -8,12 +8,14 @@ Scores, each from the primary's (θ_bd) and the monitor's (θ_aug) logits:
 - ``kl``: KL(softmax(primary) ‖ softmax(monitor)), how far the monitor's belief is from the primary's.
 - ``doubt``: 1 − the monitor's probability of the primary's label.
 
-τ is chosen label-free (:func:`threshold_for`): from a clean-reject budget on clean D_eval only, no trigger and no
-poisoned example read. A manifest without a rule is the paper's rule.
+τ is chosen label-free (:func:`threshold_for`): from a clean-reject budget on clean inputs only, no trigger and no
+poisoned example read, with a binomial bound so that the budget holds on new clean inputs with a stated
+confidence (:func:`allowed_exceedances`). A manifest without a rule is the paper's rule.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,6 +25,9 @@ from protos.nnoc.v1 import bundle_pb2
 SCORES = ("disagree", "kl", "doubt")
 DEFAULT_SCORE = "kl"
 DEFAULT_BUDGET = 0.01  # share of clean inputs the rule may reject
+# τ keeps the clean reject rate on new inputs within the budget with this probability. Measured (BENCHMARKS.md): the
+# plain 99th percentile of 1,000 D_eval scores let 1.1-2.0% of clean test inputs through the 1% budget.
+DEFAULT_CONFIDENCE = 0.9
 
 
 class RejectRuleError(ValueError):
@@ -38,6 +43,9 @@ class RejectRule:
     threshold: float = 0.5
     budget: float | None = None
     clean_rate: float | None = None
+    calibration_set: str = ""
+    calibration_inputs: int | None = None
+    confidence: float | None = None
 
     def __post_init__(self) -> None:
         if self.score not in SCORES:
@@ -51,6 +59,11 @@ class RejectRule:
             msg.clean_reject_budget = self.budget
         if self.clean_rate is not None:
             msg.eval_clean_reject_rate = self.clean_rate
+        msg.calibration_set = self.calibration_set
+        if self.calibration_inputs is not None:
+            msg.calibration_inputs = self.calibration_inputs
+        if self.confidence is not None:
+            msg.calibration_confidence = self.confidence
         return msg
 
     @staticmethod
@@ -64,6 +77,9 @@ class RejectRule:
             m.threshold,
             m.clean_reject_budget if m.HasField("clean_reject_budget") else None,
             m.eval_clean_reject_rate if m.HasField("eval_clean_reject_rate") else None,
+            m.calibration_set,
+            m.calibration_inputs if m.HasField("calibration_inputs") else None,
+            m.calibration_confidence if m.HasField("calibration_confidence") else None,
         )
 
     def reject(self, scores: np.ndarray) -> np.ndarray:
@@ -89,19 +105,46 @@ def reject_scores(primary_logits: np.ndarray, monitor_logits: np.ndarray, score:
     raise RejectRuleError(f"unknown reject score {score!r}; choose one of {list(SCORES)}")
 
 
-def threshold_for(clean_scores: np.ndarray, budget: float) -> float:
-    """The smallest τ such that at most ``budget`` of ``clean_scores`` lie above it (label-free: clean data only)."""
+def allowed_exceedances(n: int, budget: float, confidence: float = 0.0) -> int:
+    """How many of ``n`` clean calibration scores may lie above τ for a clean-reject ``budget``.
+
+    ``confidence`` 0: ⌊budget·n⌋, the empirical quantile (on new inputs its reject rate exceeds the budget about
+    half the time). ``confidence`` c in (0, 1): the largest k with P(Binomial(n, budget) ≤ k) ≤ 1 − c, so that the
+    reject rate on new clean inputs from the same distribution is within ``budget`` with probability at least c
+    (the binomial tail bound of training-conditional conformal prediction, Vovk 2012). -1 when even no
+    exceedance cannot reach that confidence (too few scores: n < log(1 − c) / log(1 − budget)).
+    """
     if not 0.0 <= budget < 1.0:
         raise RejectRuleError(f"the clean-reject budget must lie in [0, 1), got {budget}")
+    if not 0.0 <= confidence < 1.0:
+        raise RejectRuleError(f"the calibration confidence must lie in [0, 1), got {confidence}")
+    if confidence == 0.0 or budget == 0.0:
+        return math.floor(budget * n)
+    delta, log_p, log_q = 1.0 - confidence, math.log(budget), math.log1p(-budget)
+    cdf = 0.0
+    for k in range(n + 1):
+        cdf += math.exp(math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1) + k * log_p + (n - k) * log_q)
+        if cdf > delta:
+            return k - 1
+    return n
+
+
+def threshold_for(clean_scores: np.ndarray, budget: float, confidence: float = 0.0) -> float:
+    """The smallest τ such that at most :func:`allowed_exceedances` of ``clean_scores`` lie above it (label-free:
+    clean inputs only). With too few scores for ``confidence``, τ is the largest score."""
     s = np.sort(np.asarray(clean_scores, np.float64))
     if len(s) == 0:
         raise RejectRuleError("no clean inputs to choose the reject threshold on")
-    allowed = int(np.floor(budget * len(s)))
+    allowed = max(allowed_exceedances(len(s), budget, confidence), 0)
     return float(s[len(s) - 1 - allowed])
 
 
-def rule_for(score: str, budget: float, clean_scores: np.ndarray) -> RejectRule:
+def rule_for(
+    score: str, budget: float, clean_scores: np.ndarray, confidence: float = 0.0, calibration_set: str = ""
+) -> RejectRule:
     """The rule for ``score`` at ``budget`` on clean scores (the paper's rule keeps τ = 0.5)."""
-    tau = 0.5 if score == "disagree" else threshold_for(clean_scores, budget)
+    tau = 0.5 if score == "disagree" else threshold_for(clean_scores, budget, confidence)
     rate = float((np.asarray(clean_scores) > tau).mean())
-    return RejectRule(score, tau, None if score == "disagree" else budget, rate)
+    if score == "disagree":
+        return RejectRule(score, tau, None, rate, calibration_set, len(clean_scores))
+    return RejectRule(score, tau, budget, rate, calibration_set, len(clean_scores), confidence)

@@ -1,8 +1,9 @@
 """The monitor as a detector: choose the reject rule's threshold label-free, and measure the rule.
 
-:func:`calibrate` runs when a bundle is published: both exported ONNX models (what the edge runs) score clean
-D_eval, and τ is the smallest threshold that rejects at most ``--clean-reject-budget`` of it. No trigger, no
-poisoned input and no ASR is read.
+:func:`calibrate` runs when a bundle is published: both exported ONNX models (what the edge runs) score the
+defender's clean inputs (D_treat and D_eval, or D_eval alone), and τ is the smallest threshold whose reject rate on
+new clean inputs stays within ``--clean-reject-budget`` with probability ``--calibration-confidence`` (a binomial
+bound, :func:`edge_agent.formats.reject.allowed_exceedances`). No trigger, no poisoned input and no ASR is read.
 
 :func:`detect_eval` (``nnoc-trainer detect-eval``, evaluation only: it reads a trigger) scores the clean test
 set and its triggered copy (the inputs the BadNet sends to the target) under every score: ROC curve, AUROC,
@@ -14,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,16 @@ import numpy as np
 
 from edge_agent.formats.bundle import verify_bundle
 from edge_agent.formats.preprocess import Preprocess
-from edge_agent.formats.reject import DEFAULT_BUDGET, DEFAULT_SCORE, SCORES, RejectRule, reject_scores, rule_for
+from edge_agent.formats.reject import (
+    DEFAULT_BUDGET,
+    DEFAULT_CONFIDENCE,
+    DEFAULT_SCORE,
+    SCORES,
+    RejectRule,
+    reject_scores,
+    rule_for,
+    threshold_for,
+)
 from edge_agent.formats.spec import image_shape_of, preprocess_of
 from edge_agent.options import flag, fraction
 from trainer.science.classifiers import OnnxClassifier
@@ -40,8 +50,56 @@ class RejectConfig:
 
     reject_score: str = flag(DEFAULT_SCORE, "the edge's reject score (disagree: the paper's rule)", choices=SCORES)
     clean_reject_budget: float = flag(
-        DEFAULT_BUDGET, "share of clean D_eval the rule may reject: sets its threshold (label-free)", type=fraction
+        DEFAULT_BUDGET, "share of clean inputs the rule may reject: sets its threshold (label-free)", type=fraction
     )
+    calibration_confidence: float = flag(
+        DEFAULT_CONFIDENCE,
+        "probability that the reject rate on new clean inputs stays within the budget (0: the plain quantile)",
+        type=fraction,
+    )
+    # valid: D_treat and D_eval (5x the inputs of D_eval alone), unless D_treat's scores sit lower than D_eval's
+    calibration_set: str = flag("valid", "clean inputs τ is chosen on", choices=("valid", "eval"))
+
+
+# One-sided z above which D_treat's scores count as lower than D_eval's (p < 0.01): the models were fine-tuned on
+# D_treat and may agree more there than on new inputs, which would set τ too low.
+SHIFT_Z = 2.33
+
+
+def _lower_share(treat: np.ndarray, ev: np.ndarray, tau: float) -> float:
+    """z of (D_eval's share above τ − D_treat's), pooled two-proportion test; 0 when both shares are 0 or 1."""
+    r_e, r_t = float((ev > tau).mean()), float((treat > tau).mean())
+    r = (r_e * len(ev) + r_t * len(treat)) / (len(ev) + len(treat))
+    se = float(np.sqrt(r * (1 - r) * (1 / len(ev) + 1 / len(treat))))
+    return (r_e - r_t) / se if se > 0 else 0.0
+
+
+def calibration_scores(scores: dict[str, np.ndarray], cfg: RejectConfig) -> tuple[np.ndarray, str]:
+    """The clean scores τ is chosen on and their name: D_eval and D_treat together ("valid") unless ``cfg`` says
+    D_eval, or D_treat's scores sit lower than D_eval's at the union's 90th percentile or at its τ (then D_eval
+    alone, logged). Label-free: only clean inputs' scores are read."""
+    ev = scores["eval"]
+    treat = scores.get("treat")
+    if cfg.calibration_set == "eval" or treat is None or not len(treat):
+        return ev, "eval"
+    both = np.concatenate([treat, ev])
+    tau = threshold_for(both, cfg.clean_reject_budget, cfg.calibration_confidence)
+    z = max(_lower_share(treat, ev, float(np.quantile(both, 0.9))), _lower_share(treat, ev, tau))
+    if z > SHIFT_Z:
+        log.warning(
+            "the models agree more on D_treat (fine-tuned on it) than on D_eval (z %.1f): τ is chosen on D_eval "
+            "alone (%d inputs)",
+            z,
+            len(ev),
+        )
+        return ev, "eval"
+    return both, "valid"
+
+
+def rule_from_scores(scores: dict[str, np.ndarray], cfg: RejectConfig) -> RejectRule:
+    """The rule for ``cfg`` from clean scores by set ("eval", "treat"), τ chosen per :func:`calibration_scores`."""
+    chosen, name = calibration_scores(scores, cfg)
+    return rule_for(cfg.reject_score, cfg.clean_reject_budget, chosen, cfg.calibration_confidence, name)
 
 
 def pair_logits(primary: Path, monitor: Path, images: np.ndarray, preprocess: Preprocess) -> tuple[np.ndarray, ...]:
@@ -50,12 +108,24 @@ def pair_logits(primary: Path, monitor: Path, images: np.ndarray, preprocess: Pr
 
 
 def calibrate(
-    primary: Path, monitor: Path, images: np.ndarray, preprocess: Preprocess, cfg: RejectConfig
+    primary: Path, monitor: Path, clean: dict[str, np.ndarray], preprocess: Preprocess, cfg: RejectConfig
 ) -> RejectRule:
-    """The rule for ``cfg`` with τ chosen on clean ``images`` (D_eval) only."""
-    p, m = pair_logits(primary, monitor, images, preprocess)
-    rule = rule_for(cfg.reject_score, cfg.clean_reject_budget, reject_scores(p, m, cfg.reject_score))
-    log.info("reject rule: %s > %.4g (clean D_eval reject rate %.4f)", rule.score, rule.threshold, rule.clean_rate)
+    """The rule for ``cfg`` with τ chosen on clean images only: ``clean`` maps "eval" (D_eval) and optionally
+    "treat" (D_treat) to the model's images."""
+    scores = {}
+    for name, images in clean.items():
+        p, m = pair_logits(primary, monitor, images, preprocess)
+        scores[name] = reject_scores(p, m, cfg.reject_score)
+    rule = rule_from_scores(scores, cfg)
+    log.info(
+        "reject rule: %s > %.4g (chosen on %s clean inputs of %s at confidence %.2f; their reject rate %.4f)",
+        rule.score,
+        rule.threshold,
+        rule.calibration_inputs,
+        rule.calibration_set,
+        cfg.calibration_confidence,
+        rule.clean_rate,
+    )
     return rule
 
 
@@ -101,7 +171,6 @@ def roc(negative: np.ndarray, positive: np.ndarray) -> tuple[np.ndarray, np.ndar
 
 def recall_at(negative: np.ndarray, positive: np.ndarray, rate: float) -> float:
     """Recall with the threshold that rejects at most ``rate`` of ``negative`` (set on these clean inputs)."""
-    from edge_agent.formats.reject import threshold_for
 
     return float((positive > threshold_for(negative, rate)).mean())
 
@@ -157,6 +226,14 @@ def detect_eval(
     # it got right and that are not of the target class; negatives: every clean test input.
     attacks = (test.labels != target) & (p_clean.argmax(1) == test.labels) & (p_trig.argmax(1) == target)
     p_eval, m_eval = pair_logits(primary, monitor, fitted.image(splits.eval.images), preprocess)
+    p_treat, m_treat = pair_logits(primary, monitor, fitted.image(splits.treat.images), preprocess)
+    # Label-free operating points as publishing makes them: the bundle's calibration (else today's default)
+    default = RejectConfig()
+    calib = replace(
+        default,
+        calibration_confidence=default.calibration_confidence if rule.confidence is None else rule.confidence,
+        calibration_set=rule.calibration_set or default.calibration_set,
+    )
     out: dict[str, Any] = {
         "bundle": str(bundle_dir),
         "bundle_version": int(manifest.version),
@@ -164,7 +241,14 @@ def detect_eval(
         "target": target,
         "clean_inputs": len(test),
         "attacks": int(attacks.sum()),
-        "rule": {"score": rule.score, "threshold": rule.threshold, "budget": rule.budget},
+        "rule": {
+            "score": rule.score,
+            "threshold": rule.threshold,
+            "budget": rule.budget,
+            "calibration_set": rule.calibration_set,
+            "calibration_inputs": rule.calibration_inputs,
+            "calibration_confidence": rule.confidence,
+        },
         "scores": {},
     }
     curves = {}
@@ -174,11 +258,13 @@ def detect_eval(
         row: dict[str, Any] = {"auroc": auroc(neg, pos) if len(pos) else None}
         if score != "disagree" and len(pos):
             row["recall_at_clean_reject"] = {str(b): recall_at(neg, pos, b) for b in BUDGETS}
-            ev = reject_scores(p_eval, m_eval, score)
-            # Label-free operating points: τ from clean D_eval at each budget, measured on the test set.
+            clean = {"eval": reject_scores(p_eval, m_eval, score), "treat": reject_scores(p_treat, m_treat, score)}
+            # Label-free operating points: τ chosen on clean inputs at each budget, measured on the test set.
             row["label_free"] = {
                 str(b): {
-                    "threshold": (r := rule_for(score, b, ev)).threshold,
+                    "threshold": (
+                        r := rule_from_scores(clean, replace(calib, reject_score=score, clean_reject_budget=b))
+                    ).threshold,
                     "recall": float((pos > r.threshold).mean()),
                     "clean_reject_rate": float((neg > r.threshold).mean()),
                 }

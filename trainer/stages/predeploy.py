@@ -34,7 +34,7 @@ from trainer.science.training import TrainConfig, default_device, predict, to_in
 from trainer.science.triggers import Trigger
 from trainer.stages.detect import RejectConfig, served
 from trainer.stages.executors import Executor, ExecutorConfig
-from trainer.stages.publish import publish_bundle, train_config_of, write_report
+from trainer.stages.publish import clean_images, publish_bundle, train_config_of, write_report
 from trainer.stages.suspect import ModelSource, import_model
 
 log = logging.getLogger(__name__)
@@ -393,10 +393,10 @@ def publish_v1(
     cfg: PredeployConfig,
     fleet: str,
     out_dir: Path,
-    eval_images: np.ndarray,
+    clean: dict[str, np.ndarray],
 ) -> bundle_pb2.Manifest:
     """θ_aug's checkpoint beside θ_bd's (repair fine-tunes them) and bundle v1 (θ_bd primary, θ_aug monitor), its
-    reject rule's threshold chosen on ``eval_images`` (clean D_eval, the model's images)."""
+    reject rule's threshold chosen on ``clean`` (D_eval and D_treat, the model's images)."""
     aug.meta = {
         "role": "monitor",
         "parent_sha256": sha256_file(source.path),
@@ -442,7 +442,7 @@ def publish_v1(
         },
     }
     return publish_bundle(
-        out_dir, {"primary": suspect, "monitor": aug}, manifest, metrics, calibration=(eval_images, cfg.reject)
+        out_dir, {"primary": suspect, "monitor": aug}, manifest, metrics, calibration=(clean, cfg.reject)
     )
 
 
@@ -512,7 +512,7 @@ def run_predeploy(
         write_report(out_dir, report)
         raise NoCandidateError(report["error"])
     written = publish_v1(
-        source, suspect, models[selected], candidates[selected], base, cfg, fleet, out_dir, splits.eval.images
+        source, suspect, models[selected], candidates[selected], base, cfg, fleet, out_dir, clean_images(splits)
     )
     report["reject_rule"] = MessageToDict(written.reject_rule, preserving_proto_field_name=True)
     report["served_test"] = served(out_dir / "bundle", splits.test.images, splits.test.labels)  # evaluation only

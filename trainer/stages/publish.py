@@ -17,6 +17,7 @@ import numpy as np
 from edge_agent.formats.bundle import write_bundle
 from edge_agent.formats.spec import preprocess_of
 from protos.nnoc.v1 import bundle_pb2
+from trainer.science.data import Splits
 from trainer.science.export import export_checkpoint
 from trainer.science.models import Checkpoint
 from trainer.science.training import TrainConfig
@@ -33,16 +34,22 @@ def write_report(out_dir: Path, report: Mapping[str, Any]) -> None:
     (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
 
 
+def clean_images(splits: Splits) -> dict[str, np.ndarray]:
+    """The defender's clean inputs a reject threshold is chosen on (the model's images): D_eval and D_treat."""
+    return {"eval": splits.eval.images, "treat": splits.treat.images}
+
+
 def publish_bundle(
     out_dir: Path,
     models: Mapping[str, Checkpoint | Path],
     manifest: bundle_pb2.Manifest,
     metrics: Mapping[str, Mapping[str, float | None]],
-    calibration: tuple[np.ndarray, RejectConfig] | None = None,
+    calibration: tuple[dict[str, np.ndarray], RejectConfig] | None = None,
 ) -> bundle_pb2.Manifest:
     """Write ``out_dir/bundle`` for ``manifest`` from role -> checkpoint (exported here) or ONNX file (copied).
 
-    ``calibration``: clean D_eval (the model's images) and the rule to make; τ is chosen on the exported files
+    ``calibration``: clean D_eval and D_treat (name -> the model's images) and the rule to make; τ is chosen on
+    the exported files
     (what the edge runs) and the rule goes into the manifest (signed with it).
     """
     onnx: dict[str, Path] = {}

@@ -36,7 +36,7 @@ from trainer.science.training import TrainConfig, default_device, predict, train
 from trainer.science.triggers import Trigger
 from trainer.service.quarantine import Quarantine, QuarantineStore
 from trainer.stages.detect import RejectConfig, pair_logits, served
-from trainer.stages.publish import publish_bundle, train_config_of, write_report
+from trainer.stages.publish import clean_images, publish_bundle, train_config_of, write_report
 from trainer.stages.purify import PURIFIERS, Purified, purify
 
 log = logging.getLogger(__name__)
@@ -389,12 +389,12 @@ def publish(
     bundle_dir: Path,
     out_dir: Path,
     version: int,
-    eval_images: np.ndarray,
+    clean: dict[str, np.ndarray],
     refreshed: Checkpoint | None = None,
 ) -> bundle_pb2.Manifest:
     """θ_repair's checkpoint next to the new version's monitor (the deployed one, ``refreshed``, or θ_repair itself
     for ``--next-monitor none``), and bundle ``version``, its reject rule's threshold chosen anew on
-    ``eval_images`` (clean D_eval) for the new pair."""
+    ``clean`` (D_eval and D_treat) for the new pair."""
     manifest, bd_ckpt = loaded.manifest, loaded.bd_ckpt
     rep_eval_ca = report["gate"]["eval_ca_repaired"]
     rep_ckpt = bd_ckpt.derive(
@@ -452,15 +452,21 @@ def publish(
     }
     reject = cfg.reject or inherited_reject(manifest)
     if cfg.next_monitor == "none":  # two identical models: the paper's rule, which never fires
-        reject = RejectConfig("disagree", reject.clean_reject_budget)
+        reject = replace(reject, reject_score="disagree")
     models: dict[str, Checkpoint | Path] = {"primary": rep_ckpt, "monitor": monitor}
-    return publish_bundle(out_dir, models, new, metrics, calibration=(eval_images, reject))
+    return publish_bundle(out_dir, models, new, metrics, calibration=(clean, reject))
 
 
 def inherited_reject(manifest: bundle_pb2.Manifest) -> RejectConfig:
-    """The deployed version's score and budget (the paper's rule stays the paper's rule)."""
-    rule = RejectRule.of(manifest)
-    return RejectConfig(rule.score, rule.budget if rule.budget is not None else RejectConfig().clean_reject_budget)
+    """The deployed version's score, budget and calibration (the paper's rule stays the paper's rule; what an
+    older manifest does not record takes today's default)."""
+    rule, default = RejectRule.of(manifest), RejectConfig()
+    return RejectConfig(
+        rule.score,
+        default.clean_reject_budget if rule.budget is None else rule.budget,
+        default.calibration_confidence if rule.confidence is None else rule.confidence,
+        rule.calibration_set or default.calibration_set,
+    )
 
 
 def run_repair(
@@ -516,7 +522,7 @@ def run_repair(
     report["seconds"] = round(time.monotonic() - t_start, 1)
     gate(report, cfg, out_dir)
     refreshed = refresh_monitor(loaded, model, splits, cfg, quiet) if cfg.next_monitor == "refresh" else None
-    written = publish(loaded, model, ft, report, cfg, bundle_dir, out_dir, version, splits.eval.images, refreshed)
+    written = publish(loaded, model, ft, report, cfg, bundle_dir, out_dir, version, clean_images(splits), refreshed)
     report["reject_rule"] = MessageToDict(written.reject_rule, preserving_proto_field_name=True)
     report["served_test"] = served(out_dir / "bundle", splits.test.images, splits.test.labels)  # evaluation only
     report.update({"published": True, "bundle_out": str(out_dir / "bundle"), "version": int(written.version)})
