@@ -639,6 +639,7 @@ def main() -> None:
     section("ray", ray_section)
     section("field", field_section)
     section("rounds", rounds_section)
+    section("weak", weak_section)
     section("gpu", gpu_section)
     notes = ROOT / "bench" / "NOTES.md"
     if notes.is_file():
@@ -700,6 +701,65 @@ def plot_field(cells: list[dict[str, Any]], path: Path) -> bool:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return True
+
+
+def _field_seeds(cells: list[dict[str, Any]]) -> list[str]:
+    """Mean ± half-range of CA / ASR per method over the seeds of each trigger run with two or more."""
+    by: dict[str, list[dict[str, tuple[Any, Any]]]] = {}
+    for c in cells:
+        by.setdefault(c["trigger"], []).append(_field_methods(c))
+    multi = {t: ms for t, ms in by.items() if len(ms) >= 2}
+    if not multi:
+        return []
+
+    def spread(values: list[Any]) -> str:
+        v = [x for x in values if x is not None]
+        if len(v) < 2:
+            return _fmt(v[0] if v else None, 3)
+        return f"{sum(v) / len(v):.3f} ± {(max(v) - min(v)) / 2:.3f}"
+
+    head = "| trigger | seeds | " + " | ".join(FIELD_METHODS) + " |"
+    lines = ["", "Across seeds (mean ± half the range), CA / ASR:", "", head, "|---|---|" + "---|" * len(FIELD_METHODS)]
+    for t, ms in multi.items():
+        row = [f"{spread([m[k][0] for m in ms])} / {spread([m[k][1] for m in ms])}" for k in FIELD_METHODS]
+        lines.append(f"| `{t}` | {len(ms)} | " + " | ".join(row) + " |")
+    return lines
+
+
+def weak_section(data: dict[str, Any]) -> str:
+    """Table 15's shape: repair from weak monitors (bench/bench_weak.py)."""
+    rows = data["rows"]
+    lines = [
+        "## Repair from a weak θ_aug (the paper's Table 15; issue 15)",
+        "",
+        _machine(rows[0]["machine"]) if rows else "",
+        "",
+        "`python -m bench.bench_weak`: a candidate of the field cell's Algorithm 1 grid chosen by its test ASR "
+        "(evaluation only), trained again as a one-point grid and deployed as the monitor; streams of N = 1000 at "
+        "the paper's CPDs; the CycleGAN repair and clean fine-tuning of the same base (θ_aug) from the same "
+        "quarantine. Goal: repaired ASR ≤ 0.05 at a CA drop ≤ 0.03 where clean fine-tuning stays above 0.2. CA / ASR "
+        "on the test set.",
+        "",
+        "| trigger | seed | candidate α, γ | BadNet | θ_aug | CPD | rejects / recall | θ_repair | clean-ft |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        sel = (r.get("predeploy") or {}).get("selected") or {}
+        a = r.get("candidate") or {}
+        bad = ((r.get("predeploy") or {}).get("baseline")) or {}
+        for key in sorted(k for k in r if k.startswith("cpd")):
+            x = r[key]
+            st = x.get("stream") or {}
+            rep, cft = x.get("repair") or {}, x.get("clean-ft") or {}
+            why = f" ({rep['error'][:60]})" if rep.get("error") else ""
+            lines.append(
+                f"| `{r['trigger']}` | {r['seed']} | {a.get('alpha', 0):g}, {a.get('gamma', 0):g} "
+                f"| {_pair(bad.get('clean_accuracy'), bad.get('attack_success_rate'))} "
+                f"| {_pair(sel.get('test_ca'), sel.get('test_asr'))} | {key[3:]} "
+                f"| {st.get('rejected', '–')} / {_fmt(st.get('recall'), 2)} "
+                f"| {_pair(*_test(rep, 'repaired'))}{why} | {_pair(*_test(cft, 'repaired'))} |"
+            )
+    return "\n".join(lines) + "\n"
 
 
 def field_section(data: dict[str, Any]) -> str:
@@ -767,6 +827,7 @@ def field_section(data: dict[str, Any]) -> str:
             f"| {nc.get('flagged', '–')} ({_fmt(ai[0] if ai else None, 2)}) "
             f"| {fp.get('pruned', '–')} of {fp.get('channels', '–')} |"
         )
+    lines += _field_seeds(cells)
     if plot_field(cells, RESULTS / "field-methods.png"):
         lines += ["", "![CA and ASR per method and trigger](bench/results/field-methods.png)"]
     for png in sorted(RESULTS.glob("tsne-*.png")):  # bench_tsne: the paper's Fig. 10 analogue

@@ -1,0 +1,85 @@
+"""A weak θ_aug, as in the paper's Table 15 (issue 15): repair from monitors that did not remove the backdoor.
+
+From a field cell's Algorithm 1 grid (bench_field: its candidates.csv, whose test ASR this evaluation may read; the
+heuristic never does) the candidates whose ASR lies nearest ``--asr`` (default high 0.8 and mid 0.35) are trained
+again as the only candidate of a one-point grid (same α, γ, epochs and seed), giving a v1 bundle whose monitor
+keeps that much of the backdoor. Each is streamed at CPD 0.5 and 0.2 (N = 1000, the paper's Table 15 CPDs) and
+repaired two ways from the same base: the CycleGAN repair (quick profile) and clean fine-tuning (``--learner
+none``). The question is where the learned trigger changes the outcome against clean fine-tuning.
+
+    python -m bench.bench_weak [--trigger checker4] [--seed 0] [--asr 0.8 0.35] [--cpds 0.5 0.2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+from bench.bench_field import QUICK, WORK, stage, trigger_pictures
+from bench.common import RESULTS, machine, run_cli, save
+
+
+def pick(candidates: Path, asr: float) -> dict[str, float]:
+    """The grid's candidate whose test ASR is nearest ``asr`` (evaluation only)."""
+    with candidates.open() as f:
+        rows = [
+            {k: float(v) for k, v in r.items() if k in ("alpha", "gamma", "test_asr", "eval_ca")}
+            for r in csv.DictReader(f)
+        ]
+    return min(rows, key=lambda r: abs(r["test_asr"] - asr))
+
+
+def variant(cell: Path, spec: str, seed: int, asr: float, cpds: list[float]) -> dict[str, Any]:
+    chosen = pick(cell / "predeploy" / "candidates.csv", asr)
+    w = cell / f"weak-{asr:g}"
+    ev = ["--eval-trigger", spec, "--target", "0"]
+    res: dict[str, Any] = {"asked_asr": asr, "candidate": chosen}
+    res["predeploy"] = stage(w / "predeploy.json", lambda: run_cli(
+        "predeploy", "--model", str(cell / "badnet" / "model.pt"), "--out", str(w / "predeploy"), "--seed", str(seed),
+        "--epochs", "3", "--max-rounds", "1", "--alpha0", f"{chosen['alpha']:g}", "--gammas", f"{chosen['gamma']:g}",
+        *ev))  # fmt: skip
+    bundle = w / "predeploy" / "bundle"
+    for cpd in cpds:
+        q = w / f"cpd{cpd:g}" / "quarantine"
+        row: dict[str, Any] = {}
+        row["stream"] = stage(w / f"stream-{cpd:g}.json", lambda q=q, cpd=cpd: run_cli(
+            "stream", "--bundle", str(bundle), "--trigger", spec, "--target", "0", "--cpd", f"{cpd:g}", "--n", "1000",
+            "--seed", str(seed), "--out", str(q)))  # fmt: skip
+        base = ["--bundle", str(bundle), "--quarantine", str(q), *ev, *QUICK]
+        row["repair"] = stage(w / f"repair-{cpd:g}.json", lambda base=base, cpd=cpd: run_cli(
+            "repair", *base, "--out", str(w / f"repair-{cpd:g}")))  # fmt: skip
+        row["clean-ft"] = stage(w / f"clean-ft-{cpd:g}.json", lambda base=base, cpd=cpd: run_cli(
+            "repair", *base, "--learner", "none", "--out", str(w / f"clean-ft-{cpd:g}")))  # fmt: skip
+        res[f"cpd{cpd:g}"] = row
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--trigger", default="checker4")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--asr", nargs="+", type=float, default=[0.8, 0.35])
+    ap.add_argument("--cpds", nargs="+", type=float, default=[0.5, 0.2])
+    args = ap.parse_args()
+    spec = trigger_pictures(WORK / "triggers")[args.trigger]
+    cell = WORK / args.trigger / f"seed{args.seed}"
+    if not (cell / "predeploy" / "candidates.csv").is_file():
+        raise SystemExit(
+            f"run bench.bench_field --triggers {args.trigger} --seeds {args.seed} first (its grid is read)"
+        )
+    path = RESULTS / "weak.json"
+    rows = json.loads(path.read_text())["rows"] if path.is_file() else []
+    for asr in args.asr:
+        res = {"trigger": args.trigger, "seed": args.seed, **variant(cell, spec, args.seed, asr, args.cpds)}
+        res["machine"] = machine()
+        rows = [r for r in rows if (r["trigger"], r["seed"], r["asked_asr"]) != (args.trigger, args.seed, asr)]
+        save("weak", {"rows": [*rows, res]})
+        rows = [*rows, res]
+        print(json.dumps({"trigger": args.trigger, "asr": asr, "candidate": res["candidate"]}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
