@@ -91,6 +91,7 @@ bench: $(STAMP) dataset camera-deps
 	$(BIN)/python -m bench.bench_fleet
 	$(BIN)/python -m bench.bench_ray
 	$(BIN)/python -m bench.bench_field --seeds 0 1
+	$(BIN)/python -m bench.bench_weak --trigger checker4
 	$(BIN)/python -m bench.bench_rounds
 	$(BIN)/python -m bench.bench_tsne
 	$(BIN)/python -m bench.report
