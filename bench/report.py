@@ -791,13 +791,18 @@ def field_section(data: dict[str, Any]) -> str:
         if not d or "scores" not in d:
             continue
         paper, kl = d["scores"]["disagree"], d["scores"]["kl"]
+        # τ as publishing chooses it today (for bundles made before a calibration change, not their own τ)
+        lf = (kl.get("label_free") or {}).get("0.01") or {
+            "recall": d.get("recall"),
+            "clean_reject_rate": d.get("clean_reject_rate"),
+        }
         base = d.get("baselines") or {}
         strip, scale = base.get("strip") or {}, base.get("scale_up") or {}
         lines.append(
             f"| `{c['trigger']}` | {c['seed']} | {d['attacks']} "
             f"| {_pair(paper.get('recall'), paper.get('clean_reject_rate'))} "
             f"| {_fmt(kl['auroc'])} | {_fmt((kl.get('recall_at_clean_reject') or {}).get('0.01'))} "
-            f"| {_pair(d.get('recall'), d.get('clean_reject_rate'))} "
+            f"| {_fmt(lf.get('recall'), 3)} / {_fmt(lf.get('clean_reject_rate'))} "
             f"| {_pair(d.get('served_clean_accuracy'), d.get('primary_clean_accuracy'))} "
             f"| {_pair(strip.get('auroc'), strip.get('recall_at_1pct'))} | {_fmt(scale.get('auroc'), 3)} |"
         )
