@@ -171,7 +171,6 @@ def roc(negative: np.ndarray, positive: np.ndarray) -> tuple[np.ndarray, np.ndar
 
 def recall_at(negative: np.ndarray, positive: np.ndarray, rate: float) -> float:
     """Recall with the threshold that rejects at most ``rate`` of ``negative`` (set on these clean inputs)."""
-
     return float((positive > threshold_for(negative, rate)).mean())
 
 
