@@ -67,8 +67,19 @@ PROFILES = {
         attack=("--epochs", "1", "--clean-epochs", "1"),
         # The plain D_eval quantile for τ: these 1-epoch models make a thin quarantine (~25 inputs), and the
         # default's 0.9-confidence bound (a higher τ) left 3 usable of 25 (measured): too few to learn from.
-        predeploy=("--epochs", "1", "--max-rounds", "1", "--gammas", "0.2", "0.4",
-                   "--calibration-confidence", "0", "--calibration-set", "eval"),  # fmt: skip
+        predeploy=(
+            "--epochs",
+            "1",
+            "--max-rounds",
+            "1",
+            "--gammas",
+            "0.2",
+            "0.4",
+            "--calibration-confidence",
+            "0",
+            "--calibration-set",
+            "eval",
+        ),
         repair=(
             "--profile",
             "quick",
