@@ -417,3 +417,15 @@ def test_demo_tiny_with_its_repair_on_ray(tmp_path: Path) -> None:
     assert report["jobs_backend"] == "ray" and report["repaired_version"] == 2
     assert all(v == 2 for v in report["agents"].values())
     assert "repair jobs go to the Ray cluster" in (tmp_path / "demo" / "logs" / "serve.log").read_text()
+
+
+def test_demo_names_the_child_that_ended_and_its_last_log_line(tmp_path: Path) -> None:
+    """A child of the demo that exits early is reported with its exit code and its log's last line, not 'see logs'."""
+    from trainer.demo import _exited
+
+    (tmp_path / "cam-1.log").write_text("starting\nboom: the model service refused this agent\n")
+    proc = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)", "--device-id", "cam-1"])
+    proc.wait()
+    message = str(_exited(proc, tmp_path))
+    assert "exited early with 3" in message and "boom: the model service refused this agent" in message
+    assert str(tmp_path / "cam-1.log") in message

@@ -153,7 +153,19 @@ def _python(*args: str, log_path: Path | None = None) -> dict[str, Any]:
     return json.loads(lines[-1]) if lines else {}
 
 
-def _wait_file(path: Path, procs: list[subprocess.Popen[bytes]], timeout: float) -> dict[str, Any]:
+def _exited(proc: subprocess.Popen[bytes], logs: Path) -> DemoError:
+    """The error for a child that ended before the demo did: its exit code and its log's last line."""
+    args = [str(a) for a in proc.args] if isinstance(proc.args, list | tuple) else [str(proc.args)]
+    name = args[args.index("--device-id") + 1] if "--device-id" in args else "serve"
+    log_path = logs / f"{name}.log"
+    try:
+        last = _last_line(log_path.read_text(errors="replace"))
+    except OSError:
+        last = "(no log)"
+    return DemoError(f"{_describe(proc)} exited early with {proc.returncode}: {last} (log: {log_path})")
+
+
+def _wait_file(path: Path, procs: list[subprocess.Popen[bytes]], timeout: float, logs: Path) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if path.is_file():
@@ -163,7 +175,7 @@ def _wait_file(path: Path, procs: list[subprocess.Popen[bytes]], timeout: float)
                 pass  # being written
         for p in procs:
             if p.poll() is not None:
-                raise DemoError(f"{_describe(p)} exited early with {p.returncode}; see its log")
+                raise _exited(p, logs)
         time.sleep(0.2)
     raise DemoError(f"{path} did not appear within {timeout:.0f} s")
 
@@ -352,7 +364,7 @@ def _wait_for_repair(
                 last_line = line
             for p in procs:
                 if p.poll() is not None:
-                    raise DemoError(f"{_describe(p)} exited early with {p.returncode}; see {logs}")
+                    raise _exited(p, logs)
             time.sleep(2.0)
     finally:
         registry.close()
@@ -399,7 +411,7 @@ def run_demo(args: Any) -> dict[str, Any]:
         ]  # fmt: skip
         with (logs / "serve.log").open("wb") as f:
             procs.append(subprocess.Popen(serve_cmd, stdout=f, stderr=subprocess.STDOUT))
-        info = _wait_file(out / "state" / "serve.json", procs, 60)
+        info = _wait_file(out / "state" / "serve.json", procs, 60, logs)
         agents = []
         for i, device in enumerate(devices):
             replay = (
@@ -421,7 +433,7 @@ def run_demo(args: Any) -> dict[str, Any]:
             with (logs / f"{device}.log").open("wb") as f:
                 procs.append(subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT))
             agents.append(device)
-        ports = {d: _wait_file(out / "agents" / d / "agent.json", procs, 120)["infer_port"] for d in agents}
+        ports = {d: _wait_file(out / "agents" / d / "agent.json", procs, 120, logs)["infer_port"] for d in agents}
         creds = channel_credentials(tls["ca"], tls["operator"], tls["operator"].with_suffix(".key"))
         clients = {d: AgentClient(p, FLEET, creds) for d, p in ports.items()}
         log.info("%d agents serving; streaming %d inputs each (%.0f%% poisoned)", len(agents),

@@ -137,10 +137,12 @@ class RayBackend:
                     self._owned = True
                 else:
                     ray.init(address=address, log_to_driver=False)
-            except (ConnectionError, RuntimeError, ValueError) as e:
+            except Exception as e:  # Ray raises a bare Exception when its node does not come up
+                ray.shutdown()  # what did start of a local node
+                what = "start a local Ray node" if address == "local" else f"reach the Ray cluster at {address!r}"
                 raise ValueError(
-                    f"cannot reach the Ray cluster at {address!r}: {e} (start one with 'ray start --head', or pass "
-                    "--ray-address local to start one inside serve)"
+                    f"cannot {what}: {str(e).strip().splitlines()[0][:300]} (start one with 'ray start --head', or "
+                    "pass --ray-address local to start one inside serve)"
                 ) from None
         self._task = ray.remote(run_command)
         log.info("repair jobs go to the Ray cluster (%s): %s", address, ray.cluster_resources())
@@ -171,3 +173,4 @@ class RayBackend:
         """Disconnect (and stop the cluster this process started)."""
         if self._owned:
             self.ray.shutdown()
+            self._owned = False

@@ -87,19 +87,26 @@ class JobRunner:
     """Watches quarantine sizes and agents' reject rates; runs one repair at a time in a child process."""
 
     def __init__(
-        self, store: ModelStore, registry: Registry, quarantine_root: Path, jobs_root: Path, policy: JobPolicy
+        self,
+        store: ModelStore,
+        registry: Registry,
+        quarantine_root: Path,
+        jobs_root: Path,
+        policy: JobPolicy,
+        backend: JobBackend | None = None,
     ) -> None:
         self.store, self.registry, self.policy = store, registry, policy
         self.quarantine_root, self.jobs_root = quarantine_root, jobs_root
         self._running: _Running | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="job-runner", daemon=True)
-        self.backend: JobBackend = LocalBackend()
+        self.backend: JobBackend = backend or LocalBackend()
+        self._connected = backend is not None
 
     def start(self) -> JobRunner:
-        """Connect the backend (ValueError when it cannot be), mark jobs a previous process left behind as
-        failed, then start watching."""
-        if self.policy.enabled:
+        """Connect the backend unless given one (ValueError when it cannot be), mark jobs a previous process left
+        behind as failed, then start watching."""
+        if self.policy.enabled and not self._connected:
             self.backend = make_backend(self.policy)
         interrupted = self.registry.fail_interrupted()
         if interrupted:

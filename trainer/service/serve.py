@@ -32,7 +32,7 @@ from edge_agent.options import flag, positive_float
 from edge_agent.ports import StateLock, check_address
 from protos.nnoc.v1 import bundle_pb2
 from trainer.service.collector import Collector, CollectorConfig, SpecSource
-from trainer.service.jobs import JobPolicy, JobRunner
+from trainer.service.jobs import JobPolicy, JobRunner, make_backend
 from trainer.service.model_service import ModelServer, ModelServicer, ServiceConfig
 from trainer.service.registry import Registry
 from trainer.service.rollout import RolloutController
@@ -161,6 +161,12 @@ def serve(cfg: ServeConfig, stop: threading.Event | None = None) -> dict[str, An
         log.warning("no --signing-key: new versions are published unsigned (agents with trusted keys refuse them)")
     with ExitStack() as started:
         started.callback(lock.release)
+        # Ray first, while this process has one thread: ray.init forks its raylet with a preexec_fn (Python code
+        # between fork and exec), which can deadlock in the child when gRPC and ZeroMQ threads hold locks; seen
+        # once in CI as "The current node timed out during startup" with no raylet ever started.
+        backend = make_backend(cfg.policy) if cfg.policy.enabled else None
+        if backend is not None:
+            started.callback(backend.close)
         store = ModelStore(cfg.store, load_private_key(cfg.signing_key) if cfg.signing_key else None)
         registry = Registry(cfg.state_dir / "registry.sqlite")
         started.callback(registry.close)
@@ -184,7 +190,7 @@ def serve(cfg: ServeConfig, stop: threading.Event | None = None) -> dict[str, An
             except OSError as e:
                 raise OSError(f"--metrics-port {cfg.metrics_port}: cannot listen: {e.strerror or e}") from None
             started.callback(http.shutdown)
-        runner = JobRunner(store, registry, cfg.quarantine_root, cfg.state_dir / "jobs", cfg.policy).start()
+        runner = JobRunner(store, registry, cfg.quarantine_root, cfg.state_dir / "jobs", cfg.policy, backend).start()
         started.callback(runner.stop)
         rollouts = RolloutController(store, registry, cfg.rollout_interval).start()
         started.callback(rollouts.stop)
