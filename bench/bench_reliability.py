@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import ROOT, free_port, save, wait
+from bench.common import RESULTS, ROOT, free_port, machine, save, wait
 
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 BUNDLE = ROOT / "runs" / "bench-predeploy" / "checker4" / "block"
@@ -46,13 +46,53 @@ def _serve(store: Path, state: Path, port: int) -> subprocess.Popen[bytes]:
     return proc
 
 
+def _model_bundle(out: Path, fleet: str, version: int, arch: str = "cnn3") -> Path:
+    """A bundle of two untrained models of different seeds (they disagree on many inputs: rejects to spool):
+    ``cnn3`` on 28x28 gray (the replayed data set's pictures), or torchvision's ``resnet18`` on 32x32 RGB (90 MB:
+    a download that lasts long enough to be interrupted)."""
+    import torch
+    import torchvision
+
+    from edge_agent.formats.bundle import write_bundle
+    from edge_agent.formats.preprocess import Preprocess
+    from edge_agent.formats.spec import InputSpec
+    from protos.nnoc.v1 import bundle_pb2
+    from trainer.science.export import export_onnx
+    from trainer.science.models import build_model
+
+    out.mkdir(parents=True, exist_ok=True)
+    if arch == "cnn3":
+        shape, block = (1, 28, 28), Preprocess(color="gray", size=(28, 28))
+    else:
+        shape, block = (3, 32, 32), Preprocess(color="rgb", size=(32, 32), mean=(0.5,), std=(0.25,))
+    spec = InputSpec.for_image(shape, block)
+    files = {}
+    for role, seed in (("primary", 0), ("monitor", 1)):
+        torch.manual_seed(seed)
+        net = build_model("cnn3", shape, 10) if arch == "cnn3" else torchvision.models.resnet18(num_classes=10)
+        files[role] = out / f"{role}.onnx"
+        export_onnx(net.eval(), spec, tuple("0123456789"), files[role])
+    classes = list("0123456789")
+    manifest = bundle_pb2.Manifest(fleet=fleet, version=version, input_spec=spec.message(), class_names=classes)
+    write_bundle(out / "bundle", files, manifest)
+    return out
+
+
 def _store(tmp: Path) -> Path:
     from trainer.service.store import ModelStore
 
     store = ModelStore(tmp / "exports")
     store.create("default")
-    store.publish("default", store.add("default", BUNDLE))
+    store.publish("default", store.add("default", _bundle_dir(tmp)))
     return tmp / "exports"
+
+
+def _bundle_dir(tmp: Path) -> Path:
+    """The bench-predeploy block when a run left one, else an untrained cnn3 bundle made here."""
+    if (BUNDLE / "bundle" / "manifest.pb").is_file():
+        return BUNDLE
+    made = tmp.parent / "cnn3-bundle"
+    return made if (made / "bundle" / "manifest.pb").is_file() else _model_bundle(made, "default", 1)
 
 
 def fault_collector_kill(tmp: Path, n: int = 10000) -> dict[str, Any]:
@@ -102,8 +142,8 @@ def fault_agent_kill(tmp: Path) -> dict[str, Any]:
     source = "replay:fashion-mnist?split=test&n=600&poison=0.5&trigger=checker4&seed=5"
     cmd = [
         sys.executable, "-m", "edge_agent", "run", "--insecure", "--device-id", "cam-k", "--fleet", "default",
-        "--bundle", str(BUNDLE / "bundle"), "--collector", f"tcp://127.0.0.1:{port}", "--infer-port", "0",
-        "--state-dir", str(agent_state), "--source", source, "--source-batch", "8", "--quiet",
+        "--bundle", str(_bundle_dir(tmp / "b") / "bundle"), "--collector", f"tcp://127.0.0.1:{port}",
+        "--infer-port", "0", "--state-dir", str(agent_state), "--source", source, "--source-batch", "8", "--quiet",
     ]  # fmt: skip
     agent = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     from edge_agent.spool import Spool, SpoolConfig
@@ -141,6 +181,130 @@ def fault_agent_kill(tmp: Path) -> dict[str, Any]:
     }
 
 
+def _as_version(src: Path, dest: Path, version: int) -> Path:
+    """A copy of bundle folder ``src`` whose manifest says ``version`` (the model files unchanged)."""
+    import shutil
+
+    from edge_agent.formats.bundle import manifest_json, verify_bundle
+
+    shutil.copytree(src, dest)
+    manifest = verify_bundle(dest / "bundle").manifest
+    manifest.version = version
+    (dest / "bundle" / "manifest.pb").write_bytes(manifest.SerializeToString(deterministic=True))
+    (dest / "bundle" / "manifest.json").write_text(manifest_json(manifest))
+    return dest
+
+
+def fault_rollouts(tmp: Path, agents: int = 4) -> dict[str, Any]:
+    """A staged rollout of a 90 MB version (canary, 50%, 100%) to ``agents`` ``nnoc-edge run`` processes, with two
+    faults: the canary agent is killed -9 in the middle of its download (and started again a second later), and the
+    trainer (``nnoc-trainer serve``) is killed -9 once the 50% stage has started (and started again). Watched every
+    0.1 s from the registry and the rollout record: whether any device ever served the new version outside the
+    stages reached, and whether the rollout completes by itself."""
+    from trainer.service.fleet import status
+    from trainer.service.rollout import reached_stage
+    from trainer.service.store import ModelStore
+
+    root = tmp / "r"
+    v1 = _model_bundle(root / "v1", "cams", 1, "resnet18")
+    _as_version(v1, root / "v2", 2)
+    size = sum(f.stat().st_size for f in (v1 / "bundle").iterdir() if f.suffix == ".onnx")
+    store_dir, state = root / "exports", root / "state"
+    store = ModelStore(store_dir)
+    store.create("cams")
+    store.publish("cams", store.add("cams", v1))
+    service, collector = free_port(), free_port()
+    frames = root / "frames.npy"
+    np.save(frames, np.random.default_rng(0).integers(0, 256, (24, 3, 40, 40), dtype=np.uint8))
+    logs = root / "logs"
+    logs.mkdir()
+
+    def start_serve() -> subprocess.Popen[bytes]:
+        (state / "serve.json").unlink(missing_ok=True)
+        cmd = [sys.executable, "-m", "trainer", "serve", "--insecure", "--store", str(store_dir), "--state-dir",
+               str(state), "--listen", f"127.0.0.1:{service}", "--collector", f"tcp://127.0.0.1:{collector}",
+               "--no-jobs", "--rollout-interval", "0.2", "--quiet"]  # fmt: skip
+        with (logs / "serve.log").open("ab") as f:
+            return subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=f)
+
+    def start_agent(name: str) -> subprocess.Popen[bytes]:
+        cmd = [sys.executable, "-m", "edge_agent", "run", "--insecure", "--device-id", name, "--fleet", "cams",
+               "--bundle", str(v1 / "bundle"), "--model-service", f"127.0.0.1:{service}", "--collector",
+               f"tcp://127.0.0.1:{collector}", "--infer-port", "0", "--stats-interval", "0.3", "--threads", "1",
+               "--source", f"npy:{frames}?loop=1&fps=20", "--state-dir", str(root / name)]  # fmt: skip
+        with (logs / f"{name}.log").open("ab") as f:
+            return subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=f)
+
+    names = [f"cam-{chr(97 + i)}" for i in range(agents)]
+    serve = start_serve()
+    procs = {n: start_agent(n) for n in names}
+    out: dict[str, Any] = {"agents": agents, "bundle_mb": round(size / 1e6, 1)}
+    outside: set[str] = set()
+
+    def look() -> dict[str, Any]:
+        st = status(store, state, "cams")
+        record = st["rollout"] if st["rollout"] and st["rollout"].get("target") == 2 else None
+        for d in st["devices"]:
+            if d["bundle_version"] == 2 and (record is None or reached_stage(record, d["device_id"]) is None):
+                outside.add(d["device_id"])
+        return {"versions": {d["device_id"]: d["bundle_version"] for d in st["devices"]}, "rollout": record or {}}
+
+    try:
+        if not wait(lambda: (state / "serve.json").is_file(), 60):
+            raise RuntimeError("serve did not start")
+        if not wait(lambda: look()["versions"] == dict.fromkeys(names, 1), 180):
+            raise RuntimeError(f"agents did not all report v1: {look()['versions']}")
+        policy = "canary=cam-a,steps=50,100,bake=3s,min-requests=20,apply-timeout=60s,heartbeat=30s"
+        t0 = time.monotonic()
+        subprocess.run([sys.executable, "-m", "trainer", "fleet", "publish", "cams", "--from", str(root / "v2"),
+                        "--rollout", policy, "--store", str(store_dir), "--state-dir", str(state), "--quiet"],
+                       cwd=ROOT, env=ENV, check=True, capture_output=True)  # fmt: skip
+        staging = root / "cam-a" / "bundles" / "staging" / "2"
+
+        def partial() -> int:
+            return sum(f.stat().st_size for f in staging.glob("*.onnx")) if staging.is_dir() else 0
+
+        wait(lambda: 0 < partial() < size, 60, 0.002)
+        got = partial()
+        procs["cam-a"].send_signal(signal.SIGKILL)
+        procs["cam-a"].wait()
+        out["agent_killed_at_bytes"] = got
+        out["agent_killed_mid_download"] = 0 < got < size
+        time.sleep(1.0)
+        procs["cam-a"] = start_agent("cam-a")
+        if not wait(lambda: look()["rollout"].get("stage", 0) >= 1 or look()["rollout"].get("state") == "aborted", 120):
+            raise RuntimeError(f"the rollout did not pass its canary: {look()['rollout']}")
+        serve.send_signal(signal.SIGKILL)
+        serve.wait()
+        out["trainer_killed_in_stage"] = look()["rollout"].get("stage")
+        time.sleep(1.0)
+        serve = start_serve()
+        done = wait(lambda: look()["rollout"].get("state") in ("completed", "aborted"), 180)
+        final = look()
+        settled = wait(lambda: set(look()["versions"].values()) == {2}, 60)
+        final = look()
+        resumed = [ln for ln in (logs / "cam-a.log").read_text(errors="replace").splitlines() if "resuming" in ln]
+        out.update(
+            rollout_state=final["rollout"].get("state") if done else "timed out",
+            reason=final["rollout"].get("reason", ""),
+            stages_started=len(final["rollout"].get("stage_started", [])),
+            seconds=time.monotonic() - t0,
+            versions=final["versions"],
+            all_on_target=settled,
+            served_outside_stage=sorted(outside),
+            resumed=resumed[-1].split("INFO ", 1)[-1][:200] if resumed else "",
+        )
+    finally:
+        for proc in (*procs.values(), serve):
+            proc.send_signal(signal.SIGTERM)
+        for proc in (*procs.values(), serve):
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    return out
+
+
 def fuzz(examples: int, tmp: Path) -> dict[str, Any]:
     report = tmp / "fuzz.json"
     env = {**ENV, "NNOC_FUZZ_EXAMPLES": str(examples), "NNOC_FUZZ_REPORT": str(report)}
@@ -170,7 +334,7 @@ def transport_infer(tmp: Path, seconds: float = 4.0) -> dict[str, float]:
     from protos.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 
     tls = make_local_ca(tmp / "tls", ["agent", "client"])
-    bundle = verify_bundle(BUNDLE / "bundle")
+    bundle = verify_bundle(_bundle_dir(tmp / "t") / "bundle")
     agent = Agent(Ensemble(bundle), Spool(SpoolConfig(tmp / "t-spool.sqlite")), RejectMonitor(), "t")
     x = np.zeros((1, 1, 28, 28), np.float32)
     req = pb.ModelInferRequest(model_name=bundle.manifest.fleet)
@@ -250,10 +414,18 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--examples", type=int, default=10000)
     ap.add_argument("--skip-fuzz", action="store_true")
+    ap.add_argument("--only-rollouts", action="store_true", help="run the rollout faults alone (kept with the rest)")
     args = ap.parse_args()
     mp.set_start_method("spawn", force=True)
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
+        rollouts = fault_rollouts(tmp)
+        print("rollouts:", rollouts, flush=True)
+        if args.only_rollouts:
+            path = RESULTS / "reliability.json"  # the other parts keep the machine and date they were run on
+            previous = json.loads(path.read_text())
+            path.write_text(json.dumps({**previous, "rollouts": {**rollouts, "machine": machine()}}, indent=2) + "\n")
+            return
         faults = [fault_collector_kill(tmp), fault_agent_kill(tmp)]
         for f in faults:
             print(f, flush=True)
@@ -263,7 +435,10 @@ def main() -> None:
         print("collector:", curve, flush=True)
         decoders = None if args.skip_fuzz else fuzz(args.examples, tmp)
         print("fuzz:", decoders, flush=True)
-    save("reliability", {"faults": faults, "inference_rates": infer, "collector_rates": curve, "fuzz": decoders})
+    save(
+        "reliability",
+        {"faults": faults, "rollouts": rollouts, "inference_rates": infer, "collector_rates": curve, "fuzz": decoders},
+    )
 
 
 if __name__ == "__main__":

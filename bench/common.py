@@ -57,13 +57,13 @@ def save(name: str, payload: dict[str, Any]) -> Path:
     return path
 
 
-def wait(cond: Any, timeout: float) -> bool:
-    """Poll ``cond`` until it holds or ``timeout`` seconds pass."""
+def wait(cond: Any, timeout: float, every: float = 0.05) -> bool:
+    """Poll ``cond`` every ``every`` seconds until it holds or ``timeout`` seconds pass."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if cond():
             return True
-        time.sleep(0.05)
+        time.sleep(every)
     return False
 
 

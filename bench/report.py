@@ -242,6 +242,37 @@ def service_section(data: dict[str, Any]) -> str:
     )
 
 
+def _rollout_faults(ro: dict[str, Any]) -> str:
+    """The staged-rollout faults (issue 16): an agent killed mid-download, the trainer killed mid-rollout."""
+    if "error" in ro:
+        return f"**Rollout faults** did not run to the end: {ro['error']}"
+    on = sum(v == 2 for v in ro["versions"].values())
+    killed = (
+        f"at {ro['agent_killed_at_bytes'] / 1e6:.1f} of {ro['bundle_mb']} MB"
+        if ro["agent_killed_mid_download"]
+        else "after its download had finished (not mid-download)"
+    )
+    resumed = f"; it resumed: `{ro['resumed']}`" if ro.get("resumed") else "; no resume logged"
+    outside = ", ".join(ro["served_outside_stage"]) or "none"
+    return "\n".join(
+        [
+            f"**Rollout faults** (issue 16): a {ro['bundle_mb']} MB version rolled out to {ro['agents']} "
+            "`nnoc-edge run` agents (canary cam-a, then 50%, 100%; bake 3 s), the canary agent killed -9 "
+            "mid-download and started again a second later, the trainer killed -9 once the 50% stage had started "
+            "and started again; watched every 0.1 s." + (f" {_machine(ro['machine'])}" if "machine" in ro else ""),
+            "",
+            "| fault | what happened |",
+            "|---|---|",
+            f"| kill -9 agent mid-download | killed {killed}{resumed} |",
+            f"| kill -9 trainer mid-rollout (stage {ro['trainer_killed_in_stage']}) | the restarted service went on "
+            f"from the stored record: rollout {ro['rollout_state']} ({ro['stages_started']} stages started) in "
+            f"{ro['seconds']:.0f} s from publish |",
+            f"| outcome | {on} of {ro['agents']} agents on the new version; devices that served it outside the "
+            f"stages reached: {outside} |",
+        ]
+    )
+
+
 def reliability_section(data: dict[str, Any]) -> str:
     lines = [
         "## Reliability (issue 6)",
@@ -255,6 +286,9 @@ def reliability_section(data: dict[str, Any]) -> str:
         lines.append(
             f"| {f['fault']} | {f['sent']} | {f['stored']} | {f['lost']} | {f['duplicated']} | {f['failed_replies']} |"
         )
+    ro = data.get("rollouts")
+    if ro:
+        lines += ["", _rollout_faults(ro)]
     fz = data.get("fuzz")
     if fz:
         lines += ["", "| decoder (hypothesis) | bad inputs tried | crashes |", "|---|---|---|"]

@@ -282,6 +282,8 @@ def download_bundle(
                 have = 0
             if have == art.size:
                 break
+            if attempt == 0 and have:  # a partial file an earlier run of this agent left (killed mid-download)
+                log.info("resuming %s of v%d at byte %d of %d", art.name, manifest.version, have, art.size)
             try:
                 request = model_service_pb2.DownloadRequest(
                     fleet=manifest.fleet, version=manifest.version, name=art.name, offset=have
