@@ -9,18 +9,19 @@ catches each trigger (``detect-eval``: AUROC, recall at the label-free operating
 v2's monitor, three ways from the same θ_repair (the CycleGAN of the ``keep`` run is reused: same seed, same
 θ_repair): ``keep`` (θ_aug), ``refresh`` (θ_repair treated with θ_aug's α, γ and noise) and ``none``.
 
-    python -m bench.bench_rounds [--seed 0]
+    python -m bench.bench_rounds [--seed 0] [--second paste|blend]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 from pathlib import Path
 from typing import Any
 
 from bench.bench_field import stage, trigger_pictures
-from bench.common import ROOT, machine, run_cli, save
+from bench.common import RESULTS, ROOT, machine, run_cli, save
 
 WORK = ROOT / "runs" / "bench-rounds"
 FIRST, FIRST_TARGET = "checker4", 0
@@ -40,14 +41,26 @@ def asr(model: Path, spec: str, target: int, reference: Path) -> dict[str, Any]:
                    str(reference))  # fmt: skip
 
 
+def _save(res: dict[str, Any]) -> None:
+    """rounds.json with this run in place of an earlier one of the same second trigger and seed."""
+    path = RESULTS / "rounds.json"
+    runs = json.loads(path.read_text())["runs"] if path.is_file() else []
+    key = (res["second_name"], res["seed"])
+    runs = [r for r in runs if (r.get("second_name", "paste"), r.get("seed")) != key] + [res]
+    save("rounds", {"machine": machine(), "runs": runs})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--second", choices=("paste", "blend"), default="paste",
+                    help="the second backdoor: the ring glyph pasted (θ_aug removes it) or the noise blend (it "
+                         "survives θ_aug: a second round with something to repair)")  # fmt: skip
     args = ap.parse_args()
-    second = trigger_pictures(WORK / "triggers")["paste"]
-    w = WORK / f"seed{args.seed}"
+    second = trigger_pictures(WORK / "triggers")[args.second]
+    w = WORK / (f"seed{args.seed}" if args.second == "paste" else f"{args.second}-seed{args.seed}")
     s = str(args.seed)
-    res: dict[str, Any] = {"first": FIRST, "second": second, "seed": args.seed}
+    res: dict[str, Any] = {"first": FIRST, "second": second, "second_name": args.second, "seed": args.seed}
     bd = w / "badnet" / "model.pt"
     res["attack"] = stage(w / "attack.json", lambda: run_cli(
         "attack", "--trigger", FIRST, "--target", str(FIRST_TARGET), "--second-trigger", second, "--second-target",
@@ -89,7 +102,7 @@ def main() -> None:
             row["primary_second_asr"] = staged(f"v2-{choice}-second-asr", asr, out / "primary.pt", second,
                                                SECOND_TARGET, bd)  # fmt: skip
         res["v2"][choice] = row
-        save("rounds", {"machine": machine(), "runs": [res]})
+        _save(res)
     v2 = w / "v2-keep"
     q2 = w / "q2"
     res["stream2"] = stage(w / "stream2.json", lambda: run_cli(
@@ -104,7 +117,7 @@ def main() -> None:
         v3 = w / "v3" / "primary.pt"
         res["v3"]["primary_first_asr"] = staged("v3-first-asr", asr, v3, FIRST, FIRST_TARGET, bd)
         res["v3"]["primary_second_asr_vs_badnet"] = staged("v3-second-asr", asr, v3, second, SECOND_TARGET, bd)
-    save("rounds", {"machine": machine(), "runs": [res]})
+    _save(res)
     print("done", flush=True)
 
 

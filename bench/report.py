@@ -881,19 +881,22 @@ def rounds_section(data: dict[str, Any]) -> str:
         _machine(data["machine"]),
         "",
         "`python -m bench.bench_rounds`: one BadNet with two independent backdoors (checker4 → 0, the bench's "
-        "ring glyph → 4, 10% of the training set each). Round 1 streams checker4 only (CPD 0.1, N = 1000) and "
+        "second trigger → 4: the ring glyph pasted, or the noise blend at opacity 0.15; 10% of the training set "
+        "each). Round 1 streams checker4 only (CPD 0.1, N = 1000) and "
         "repairs into v2; v2's monitor is chosen three ways from the same θ_repair (the `keep` run's CycleGAN "
-        "reused). Round 2 streams the glyph through v2 and repairs into v3. Detection: the bundle's own rule "
+        "reused). Round 2 streams the second trigger through v2 and repairs into v3. Detection: the bundle's own rule "
         "(label-free τ) on 5,000 clean test inputs against the triggered inputs its primary sends to the target.",
         "",
-        "| version | monitor | primary test CA | ASR checker4 | ASR glyph | served CA / clean rejects "
-        "| rule recall checker4 | rule recall glyph (AUROC) |",
+        "| version | monitor | primary test CA | ASR checker4 | ASR second | served CA / clean rejects "
+        "| rule recall checker4 | rule recall second (AUROC) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in data["runs"]:
         a = r.get("attack") or {}
         v1 = r.get("v1") or {}
         sel = (r.get("predeploy") or {}).get("served_test") or {}
+        name = {"paste": "glyph", "blend": "noise blend"}.get(r.get("second_name", "paste"), "?")
+        lines.append(f"| **second backdoor: {name}** (seed {r.get('seed')}) | | | | | | | |")
         lines.append(
             f"| v1 (BadNet) | θ_aug | {_fmt(a.get('clean_accuracy'), 3)} | {_fmt(a.get('attack_success_rate'), 3)} "
             f"| {_fmt(a.get('second_attack_success_rate'), 3)} "
@@ -921,7 +924,7 @@ def rounds_section(data: dict[str, Any]) -> str:
         if s2:
             lines.append(
                 f"| round 2 stream through v2 (keep) | – | – | – | – | – | – | {s2.get('rejected')} rejects, recall "
-                f"{_fmt(s2.get('recall'), 2)}, the glyph's success through the ensemble "
+                f"{_fmt(s2.get('recall'), 2)}, the second trigger's success through the ensemble "
                 f"{_fmt(s2.get('attack_success_through_ensemble'), 3)} |"
             )
         if rep3.get("error"):
