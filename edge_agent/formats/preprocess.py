@@ -228,9 +228,13 @@ def convert_color(raw: np.ndarray, color: str | None) -> np.ndarray:
     c = raw.shape[1]
     if color is None or (color == "gray" and c == 1) or (color == "rgb" and c == 3):
         return raw
-    if color == "gray":
-        w = np.asarray(GRAY_WEIGHTS, np.float32).reshape(1, 3, 1, 1)
-        return np.clip(np.rint((raw.astype(np.float32) * w).sum(1, keepdims=True)), 0, 255).astype(np.uint8)
+    if color == "gray":  # r*wr + g*wg + b*wb in float32, in that order (3x faster than a sum over the axis)
+        f = raw.astype(np.float32)
+        wr, wg, wb = (np.float32(v) for v in GRAY_WEIGHTS)
+        y = f[:, 0:1] * wr
+        y += f[:, 1:2] * wg
+        y += f[:, 2:3] * wb
+        return np.clip(np.rint(y, out=y), 0, 255, out=y).astype(np.uint8)
     rgb = np.repeat(raw, 3, axis=1) if c == 1 else raw
     return rgb[:, ::-1] if color == "bgr" else rgb
 
@@ -282,10 +286,24 @@ def _resample(x: np.ndarray, h: int, w: int, interpolation: str, pixel: PixelFn 
     """(N, C, H, W) uint8 -> (N, C', h, w) uint8 by separable weights, ``pixel`` applied to the pixels read."""
     wh, rows = _plan(h, x.shape[2], interpolation)
     ww, cols = _plan(w, x.shape[3], interpolation)
-    part = x[:, :, rows[:, None], cols]  # one gather of the rows x cols pixels (10x faster than two on a frame view)
+    part = _gather(x, rows, cols)
     part = (pixel(part) if pixel is not None else part).astype(np.float32)
     out = wh @ (part @ ww.T)  # (h, H') @ (N, C, H', W') @ (W', w): two matmuls (einsum's path search cost more)
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def _gather(x: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """``x[:, :, rows][..., cols]`` for (N, C, H, W) ``x``. A camera frame arrives as a view of an (H, W, 3) BGR
+    buffer: there, two ``take`` calls on the buffer's own layout copy whole rows, then pixels (4x faster than one
+    fancy index through the view); other layouts take the fancy index."""
+    hwc = x.transpose(0, 2, 3, 1)
+    flipped = hwc.shape[3] > 1 and hwc.strides[3] < 0
+    if flipped:
+        hwc = hwc[..., ::-1]
+    if hwc.flags.c_contiguous:
+        part = hwc.take(rows, axis=1).take(cols, axis=2)
+        return (part[..., ::-1] if flipped else part).transpose(0, 3, 1, 2)
+    return x[:, :, rows[:, None], cols]
 
 
 @lru_cache(maxsize=64)
