@@ -98,3 +98,26 @@ def test_every_bundle_carries_a_golden_pair_the_edge_recomputes(
     monkeypatch.setattr(pp, "_resample", lambda x, h, w, interpolation, pixel=None: original(x, h, w, "nearest", pixel))
     with pytest.raises(BundleError, match="preprocessing differs from the trainer's"):
         verify_bundle(bundle)
+
+
+def test_weighted_gathers_match_the_matmul_and_camera_frames_match_contiguous_pictures() -> None:
+    """The few-tap path (bilinear, bicubic, nearest) computes what the dense matmul does, and a BGR camera frame
+    (a view of an (H, W, 3) buffer, gathered on its own layout) preprocesses to what the same picture as a
+    contiguous RGB array does."""
+    from edge_agent.formats.preprocess import _apply, _plan, _taps
+
+    rng = np.random.default_rng(3)
+    part = rng.uniform(0, 255, (2, 3, 40, 90)).astype(np.float32)
+    for interpolation in ("nearest", "bilinear", "bicubic"):
+        for dst in (7, 33, 160):
+            weights, used = _plan(dst, 90, interpolation)
+            taps = _taps(dst, 90, interpolation)
+            assert taps is not None and taps[0].shape[1] <= 4
+            sub = part[..., used]
+            np.testing.assert_allclose(_apply(sub, weights, taps, 3), _apply(sub, weights, None, 3), atol=1e-3)
+    assert _taps(28, 1280, "area") is None  # 46 sources per pixel: the matmul
+    frame = rng.integers(0, 256, (72, 128, 3), dtype=np.uint8)
+    view = frame[:, :, 2::-1].transpose(2, 0, 1)[None]
+    rgb = np.ascontiguousarray(view)
+    for block in (Preprocess(color="gray", size=(28, 28)), Preprocess(color="rgb", size=(32, 48), resize="letterbox")):
+        np.testing.assert_array_equal(block.image(view), block.image(rgb))
