@@ -7,7 +7,11 @@ keeps that much of the backdoor. Each is streamed at CPD 0.5 and 0.2 (N = 1000, 
 repaired two ways from the same base: the CycleGAN repair (quick profile) and clean fine-tuning (``--learner
 none``). The question is where the learned trigger changes the outcome against clean fine-tuning.
 
-    python -m bench.bench_weak [--trigger checker4] [--seed 0] [--asr 0.8 0.35] [--cpds 0.5 0.2]
+``--reject-score S``: the v1 bundle is first put under score S by ``nnoc-trainer calibrate`` (same two models, τ
+chosen again on clean data), so the quarantine the repair learns from comes from that rule; its files and rows are
+kept apart from the bundle's own rule's.
+
+    python -m bench.bench_weak [--trigger checker4] [--seed 0] [--asr 0.8 0.35] [--cpds 0.5 0.2] [--reject-score S]
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ def pick(candidates: Path, asr: float) -> dict[str, float]:
     return min(rows, key=lambda r: abs(r["test_asr"] - asr))
 
 
-def variant(cell: Path, spec: str, seed: int, asr: float, cpds: list[float]) -> dict[str, Any]:
+def variant(cell: Path, spec: str, seed: int, asr: float, cpds: list[float], score: str | None) -> dict[str, Any]:
     chosen = pick(cell / "predeploy" / "candidates.csv", asr)
     w = cell / f"weak-{asr:g}"
     ev = ["--eval-trigger", spec, "--target", "0"]
@@ -42,6 +46,12 @@ def variant(cell: Path, spec: str, seed: int, asr: float, cpds: list[float]) -> 
         "--epochs", "3", "--max-rounds", "1", "--alpha0", f"{chosen['alpha']:g}", "--gammas", f"{chosen['gamma']:g}",
         *ev))  # fmt: skip
     bundle = w / "predeploy" / "bundle"
+    if score is not None:
+        res["reject_score"] = score
+        w = w / score
+        res["calibrate"] = stage(w / "calibrate.json", lambda: run_cli(
+            "calibrate", "--bundle", str(bundle), "--reject-score", score, "--out", str(w / "calibrated")))  # fmt: skip
+        bundle = w / "calibrated" / "bundle"
     for cpd in cpds:
         q = w / f"cpd{cpd:g}" / "quarantine"
         row: dict[str, Any] = {}
@@ -51,6 +61,10 @@ def variant(cell: Path, spec: str, seed: int, asr: float, cpds: list[float]) -> 
         base = ["--bundle", str(bundle), "--quarantine", str(q), *ev, *QUICK]
         row["repair"] = stage(w / f"repair-{cpd:g}.json", lambda base=base, cpd=cpd: run_cli(
             "repair", *base, "--out", str(w / f"repair-{cpd:g}")))  # fmt: skip
+        if row["repair"].get("kept_keys") is not None:  # evaluation only: the stream's truth.json
+            from bench.bench_repair import purity
+
+            row["purity"] = purity(q, row["repair"])
         row["clean-ft"] = stage(w / f"clean-ft-{cpd:g}.json", lambda base=base, cpd=cpd: run_cli(
             "repair", *base, "--learner", "none", "--out", str(w / f"clean-ft-{cpd:g}")))  # fmt: skip
         res[f"cpd{cpd:g}"] = row
@@ -63,6 +77,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--asr", nargs="+", type=float, default=[0.8, 0.35])
     ap.add_argument("--cpds", nargs="+", type=float, default=[0.5, 0.2])
+    ap.add_argument("--reject-score", default=None, help="put v1 under this score first (default: its own rule)")
     args = ap.parse_args()
     spec = trigger_pictures(WORK / "triggers")[args.trigger]
     cell = WORK / args.trigger / f"seed{args.seed}"
@@ -73,9 +88,11 @@ def main() -> None:
     path = RESULTS / "weak.json"
     rows = json.loads(path.read_text())["rows"] if path.is_file() else []
     for asr in args.asr:
-        res = {"trigger": args.trigger, "seed": args.seed, **variant(cell, spec, args.seed, asr, args.cpds)}
+        score = args.reject_score
+        res = {"trigger": args.trigger, "seed": args.seed, **variant(cell, spec, args.seed, asr, args.cpds, score)}
         res["machine"] = machine()
-        rows = [r for r in rows if (r["trigger"], r["seed"], r["asked_asr"]) != (args.trigger, args.seed, asr)]
+        key = (args.trigger, args.seed, asr, score)
+        rows = [r for r in rows if (r["trigger"], r["seed"], r["asked_asr"], r.get("reject_score")) != key]
         save("weak", {"rows": [*rows, res]})
         rows = [*rows, res]
         print(json.dumps({"trigger": args.trigger, "asr": asr, "candidate": res["candidate"]}), flush=True)

@@ -473,7 +473,7 @@ def detect_section(data: dict[str, Any]) -> str:
     ]
     for r in data["rows"]:
         paper = r["scores"]["disagree"]
-        for score in ("kl", "doubt"):
+        for score in [k for k in r["scores"] if k != "disagree"]:
             s = r["scores"][score]
             at = s.get("recall_at_clean_reject") or {}
             lf = (s.get("label_free") or {}).get("0.01", {})
@@ -494,11 +494,12 @@ def detect_section(data: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|",
     ]
     for r in data["rows"]:
-        kl = r["scores"]["kl"]
         cost = r.get("rule_cost", {})
-        at1 = (kl.get("recall_at_clean_reject") or {}).get("0.01")
-        lines.append(f"| {r['name']} | two-model rule (kl) | {_fmt(kl['auroc'])} | {_fmt(at1)} | 2 "
-                     f"| {cost.get('us_per_input', 0):.0f} |")  # fmt: skip
+        for score in [k for k in ("kl", "logit_gap") if k in r["scores"]]:
+            sc = r["scores"][score]
+            at1 = (sc.get("recall_at_clean_reject") or {}).get("0.01")
+            lines.append(f"| {r['name']} | two-model rule ({score}) | {_fmt(sc['auroc'])} | {_fmt(at1)} | 2 "
+                         f"| {cost.get('us_per_input', 0):.0f} |")  # fmt: skip
         for name, b in (r.get("baselines") or {}).items():
             lines.append(f"| {r['name']} | {name} | {_fmt(b['auroc'])} | {_fmt(b['recall_at_1pct'])} "
                          f"| {b['forward_passes']} | {b['us_per_input']:.0f} |")  # fmt: skip
@@ -774,8 +775,9 @@ def weak_section(data: dict[str, Any]) -> str:
         "quarantine. Goal: repaired ASR ≤ 0.05 at a CA drop ≤ 0.03 where clean fine-tuning stays above 0.2. CA / ASR "
         "on the test set.",
         "",
-        "| trigger | seed | candidate α, γ | BadNet | θ_aug | CPD | rejects / recall | θ_repair | clean-ft |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| trigger | seed | candidate α, γ | BadNet | θ_aug | rule | CPD | rejects / recall / kept purity | θ_repair "
+        "| clean-ft |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         sel = (r.get("predeploy") or {}).get("selected") or {}
@@ -783,14 +785,15 @@ def weak_section(data: dict[str, Any]) -> str:
         bad = ((r.get("predeploy") or {}).get("baseline")) or {}
         for key in sorted(k for k in r if k.startswith("cpd")):
             x = r[key]
-            st = x.get("stream") or {}
+            st, pur = x.get("stream") or {}, x.get("purity") or {}
             rep, cft = x.get("repair") or {}, x.get("clean-ft") or {}
             why = f" ({rep['error'][:60]})" if rep.get("error") else ""
+            rule = r.get("reject_score") or "kl (v1's)"
             lines.append(
                 f"| `{r['trigger']}` | {r['seed']} | {a.get('alpha', 0):g}, {a.get('gamma', 0):g} "
                 f"| {_pair(bad.get('clean_accuracy'), bad.get('attack_success_rate'))} "
-                f"| {_pair(sel.get('test_ca'), sel.get('test_asr'))} | {key[3:]} "
-                f"| {st.get('rejected', '–')} / {_fmt(st.get('recall'), 2)} "
+                f"| {_pair(sel.get('test_ca'), sel.get('test_asr'))} | {rule} | {key[3:]} "
+                f"| {st.get('rejected', '–')} / {_fmt(st.get('recall'), 2)} / {_fmt(pur.get('kept_purity'), 2)} "
                 f"| {_pair(*_test(rep, 'repaired'))}{why} | {_pair(*_test(cft, 'repaired'))} |"
             )
     return "\n".join(lines) + "\n"
@@ -815,31 +818,34 @@ def field_section(data: dict[str, Any]) -> str:
         "**Detection** (goal: AUROC ≥ 0.99 and recall ≥ 0.95 at ≤ 1% clean rejects; v1 served CA within 0.02 of "
         "the BadNet's):",
         "",
-        "| trigger | seed | attacks | paper rule: recall / clean rejects | kl AUROC | recall at 1% (curve) "
+        "| trigger | seed | attacks | paper rule: recall / clean rejects | score | AUROC | recall at 1% (curve) "
         "| label-free 1%: recall / clean rejects | served CA v1 / BadNet | STRIP AUROC / recall at 1% "
         "| SCALE-UP AUROC |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in cells:
         d = c.get("detect")
         if not d or "scores" not in d:
             continue
-        paper, kl = d["scores"]["disagree"], d["scores"]["kl"]
-        # τ as publishing chooses it today (for bundles made before a calibration change, not their own τ)
-        lf = (kl.get("label_free") or {}).get("0.01") or {
-            "recall": d.get("recall"),
-            "clean_reject_rate": d.get("clean_reject_rate"),
-        }
+        paper = d["scores"]["disagree"]
         base = d.get("baselines") or {}
         strip, scale = base.get("strip") or {}, base.get("scale_up") or {}
-        lines.append(
-            f"| `{c['trigger']}` | {c['seed']} | {d['attacks']} "
-            f"| {_pair(paper.get('recall'), paper.get('clean_reject_rate'))} "
-            f"| {_fmt(kl['auroc'])} | {_fmt((kl.get('recall_at_clean_reject') or {}).get('0.01'))} "
-            f"| {_fmt(lf.get('recall'), 3)} / {_fmt(lf.get('clean_reject_rate'))} "
-            f"| {_pair(d.get('served_clean_accuracy'), d.get('primary_clean_accuracy'))} "
-            f"| {_pair(strip.get('auroc'), strip.get('recall_at_1pct'))} | {_fmt(scale.get('auroc'), 3)} |"
-        )
+        for score in [k for k in ("kl", "logit_gap") if k in d["scores"]]:
+            sc = d["scores"][score]
+            # τ as publishing chooses it today (for bundles made before a calibration change, not their own τ)
+            lf = (sc.get("label_free") or {}).get("0.01") or {
+                "recall": d.get("recall"),
+                "clean_reject_rate": d.get("clean_reject_rate"),
+            }
+            own = score == (d.get("rule") or {}).get("score")  # served CA is the bundle's own rule's
+            lines.append(
+                f"| `{c['trigger']}` | {c['seed']} | {d['attacks']} "
+                f"| {_pair(paper.get('recall'), paper.get('clean_reject_rate'))} | {score} "
+                f"| {_fmt(sc['auroc'])} | {_fmt((sc.get('recall_at_clean_reject') or {}).get('0.01'))} "
+                f"| {_fmt(lf.get('recall'), 3)} / {_fmt(lf.get('clean_reject_rate'))} "
+                f"| {_pair(d.get('served_clean_accuracy'), d.get('primary_clean_accuracy')) if own else '–'} "
+                f"| {_pair(strip.get('auroc'), strip.get('recall_at_1pct'))} | {_fmt(scale.get('auroc'), 3)} |"
+            )
     lines += [
         "",
         "**Repair against the field**, test CA / ASR (the paper's Table 3 in shape; goal: θ_repair ASR ≤ 0.01 at a "

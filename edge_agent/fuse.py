@@ -51,6 +51,19 @@ def _score_nodes(p_logits: str, m_logits: str, rule: RejectRule) -> list[onnx.No
             n("Mul", ["s/pp", "s/d"], ["s/e"]),
             n("ReduceSum", ["s/e", "s/axes"], [SCORE_OUT], keepdims=0),
         ]
+    elif rule.score == "logit_gap":  # (p - m)[y] - mean(p - m); the label count from the shape (any opset >= 13)
+        body = [
+            n("Sub", ["s/p", "s/m"], ["s/d"]),
+            n("Unsqueeze", [PRIMARY_OUT, "s/axes"], ["s/idx"]),
+            n("GatherElements", ["s/d", "s/idx"], ["s/dy2"], axis=1),
+            n("Squeeze", ["s/dy2", "s/axes"], ["s/dy"]),
+            n("ReduceSum", ["s/d", "s/axes"], ["s/sum"], keepdims=0),
+            n("Shape", ["s/d"], ["s/shape"]),
+            n("Gather", ["s/shape", "s/axes"], ["s/k1"], axis=0),
+            n("Cast", ["s/k1"], ["s/k"], to=onnx.TensorProto.FLOAT),
+            n("Div", ["s/sum", "s/k"], ["s/mean"]),
+            n("Sub", ["s/dy", "s/mean"], [SCORE_OUT]),
+        ]
     else:  # doubt
         body = [
             n("Softmax", ["s/m"], ["s/pm"], axis=1),

@@ -24,6 +24,13 @@ def test_scores_by_hand() -> None:
     doubt = reject_scores(p, m, "doubt")
     sm = np.exp(m[1]) / np.exp(m[1]).sum()
     assert doubt[1] == pytest.approx(1 - sm[1], rel=1e-5) and doubt[0] < doubt[1]
+    gap = reject_scores(p, m, "logit_gap")  # (p - m)[y] - mean(p - m): row 1 d = (-3, 3, 0), y = 1
+    assert gap.tolist() == pytest.approx([0.0, 3.0])
+    shifted = reject_scores(p + 5.0, m - np.array([[1.0], [7.0]], np.float32), "logit_gap")
+    assert shifted == pytest.approx(gap)  # a softmax-preserving shift of either model's logits changes nothing
+    # Both models name label 0, the primary far more sure: the softmaxes saturate, the logits do not.
+    sure, less = np.array([[12.0, 0.0, 0.0]], np.float32), np.array([[5.0, 0.0, 0.0]], np.float32)
+    assert reject_scores(sure, less, "kl")[0] < 0.02 and reject_scores(sure, less, "logit_gap")[0] > 4.0
     with pytest.raises(RejectRuleError, match="unknown reject score"):
         RejectRule("entropy", 0.1)
 
@@ -118,27 +125,58 @@ def test_the_fused_graph_and_the_two_sessions_apply_the_manifests_rule(score: st
 def test_predeploy_chooses_the_threshold_on_clean_data_and_detect_eval_measures_it(
     predeployed: tuple[Path, dict], splits: object, tmp_path: Path
 ) -> None:
-    """Bundle v1 carries a kl rule whose threshold rejects at most the budget of clean D_eval (chosen label-free);
-    detect-eval measures every score on the test set and the bundle's own operating point."""
+    """Bundle v1 carries the default score's rule whose threshold rejects at most the budget of clean D_eval (chosen
+    label-free); detect-eval measures every score on the test set and the bundle's own operating point."""
     import json
 
     from conftest import SMALL_SPLIT, run_cli
     from edge_agent.formats.bundle import verify_bundle
-    from edge_agent.formats.reject import DEFAULT_BUDGET
+    from edge_agent.formats.reject import DEFAULT_BUDGET, DEFAULT_SCORE
 
     out, report = predeployed
     rule = RejectRule.of(verify_bundle(out / "bundle").manifest)
-    assert rule.score == "kl" and rule.budget == DEFAULT_BUDGET
+    assert rule.score == DEFAULT_SCORE == "logit_gap" and rule.budget == DEFAULT_BUDGET
     assert rule.clean_rate is not None and rule.clean_rate <= DEFAULT_BUDGET
     assert rule.calibration_set in ("valid", "eval") and rule.confidence == 0.9
     assert rule.calibration_inputs == (1000 if rule.calibration_set == "valid" else 200)  # D_treat 800 + D_eval 200
-    assert report["reject_rule"]["score"] == "kl"
+    assert report["reject_rule"]["score"] == DEFAULT_SCORE
     _, ev, _ = run_cli("trainer", "detect-eval", *SMALL_SPLIT, "--bundle", str(out / "bundle"), "--trigger",
                        "checker4", "--target", "0", "--out", str(tmp_path / "d"), "--quiet")  # fmt: skip
     assert ev is not None and ev["attacks"] > 100
-    assert set(ev["scores"]) == set(SCORES) and ev["rule"]["score"] == "kl"
-    assert ev["auroc"] == ev["scores"]["kl"]["auroc"] > 0.9
+    assert set(ev["scores"]) == set(SCORES) and ev["rule"]["score"] == DEFAULT_SCORE
+    assert ev["auroc"] == ev["scores"][DEFAULT_SCORE]["auroc"] > 0.9
     assert ev["clean_reject_rate"] < ev["scores"]["disagree"]["clean_reject_rate"]  # fewer clean rejects
     assert 0.0 < ev["recall"] <= 1.0 and ev["served_clean_accuracy"] <= ev["primary_clean_accuracy"]
     assert (tmp_path / "d" / "roc.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((tmp_path / "d" / "report.json").read_text())["auroc"] == ev["auroc"]
+
+
+def test_calibrate_puts_the_same_models_under_a_new_rule(predeployed: tuple[Path, dict], tmp_path: Path) -> None:
+    """``calibrate`` writes v2 with v1's two ONNX files, a rule with the given score and v1's other choices, τ chosen
+    again on clean data within the budget; the checkpoints come along so that a repair can start from it."""
+    from conftest import SMALL_SPLIT, run_cli
+    from edge_agent.formats.bundle import verify_bundle
+
+    out, _ = predeployed
+    v1 = verify_bundle(out / "bundle")
+    before = RejectRule.of(v1.manifest)
+    _, rep, _ = run_cli("trainer", "calibrate", *SMALL_SPLIT, "--bundle", str(out / "bundle"), "--reject-score",
+                        "kl", "--out", str(tmp_path / "c"), "--quiet")  # fmt: skip
+    v2 = verify_bundle(tmp_path / "c" / "bundle")
+    rule = RejectRule.of(v2.manifest)
+    assert (v2.manifest.version, v2.manifest.parent_version) == (2, 1) and rep is not None
+    assert rule.score == "kl" and rule.budget == before.budget and rule.confidence == before.confidence
+    assert rule.clean_rate is not None and rule.clean_rate <= before.budget  # type: ignore[operator]
+    assert rep["reject_rule"]["score"] == "kl" and rep["previous_rule"]["score"] == before.score
+    hashes = {a.role: a.sha256 for a in v1.manifest.artifacts}
+    assert all(hashes[a.role] == a.sha256 for a in v2.manifest.artifacts if a.role in ("primary", "monitor"))
+    assert (tmp_path / "c" / "primary.pt").is_file() and (tmp_path / "c" / "monitor.pt").is_file()
+    assert v2.manifest.provenance["recalibrated_from"].startswith(f"v1 ({before.score} > ")
+    # Only a budget given: the score stays the bundle's.
+    _, rep, _ = run_cli("trainer", "calibrate", *SMALL_SPLIT, "--bundle", str(tmp_path / "c" / "bundle"),
+                        "--clean-reject-budget", "0.05", "--out", str(tmp_path / "d"), "--quiet")  # fmt: skip
+    assert rep is not None and rep["reject_rule"]["score"] == "kl" and rep["bundle_version"] == 3
+    assert rep["reject_rule"]["threshold"] < rule.threshold  # a larger budget: a lower τ
+    code, _, err = run_cli("trainer", "calibrate", "--bundle", str(tmp_path / "nowhere"), "--out",
+                           str(tmp_path / "e"), check=False)  # fmt: skip
+    assert code == 2 and "Traceback" not in err and "nowhere" in err

@@ -194,6 +194,30 @@ def cmd_defend(args: argparse.Namespace) -> dict[str, Any]:
     return run_defense(suspect, splits, cfg, args.out, trigger, args.target, quiet=args.quiet)
 
 
+RULE_FLAGS = ("reject_score", "clean_reject_budget", "calibration_confidence", "calibration_set")
+
+
+def _rule_of(args: argparse.Namespace) -> Any:
+    """The RejectConfig of ``_args_rule``'s flags, each one not given taken from ``args.bundle``'s rule."""
+    from edge_agent.formats.bundle import BundleError, read_manifest
+    from trainer.stages.detect import RejectConfig
+    from trainer.stages.publish import inherited_reject
+
+    given = {k: getattr(args, k) for k in RULE_FLAGS if getattr(args, k) is not None}
+    try:
+        return inherited_reject(read_manifest(args.bundle), **given)
+    except (BundleError, OSError):  # the command says what is wrong with the bundle when it loads it
+        return RejectConfig(**given)
+
+
+def cmd_calibrate(args: argparse.Namespace) -> dict[str, Any]:
+    """The same two models under a new reject rule (score, budget): τ chosen again on clean data, label-free."""
+    from trainer.stages.publish import recalibrate
+
+    splits, _ = _splits(args, _bundle_block(args.bundle))
+    return recalibrate(args.bundle, splits, _rule_of(args), args.out, args.version)
+
+
 def cmd_repair(args: argparse.Namespace) -> dict[str, Any]:
     """CycleGAN trigger learning and repair; bundle v+1 behind a gate."""
     from trainer.science.cyclegan import CycleGANConfig
@@ -224,13 +248,8 @@ def cmd_repair(args: argparse.Namespace) -> dict[str, Any]:
         lambda_identity=args.gan_identity,
         seed=args.seed,
     )
-    reject = None
-    given = {k: getattr(args, k) for k in ("reject_score", "clean_reject_budget", "calibration_confidence",
-                                           "calibration_set") if getattr(args, k) is not None}  # fmt: skip
-    if given:  # else the deployed version's rule (its score, budget and calibration) is made again
-        from trainer.stages.detect import RejectConfig
-
-        reject = RejectConfig(**given)
+    # None: the deployed version's rule (its score, budget and calibration) is made again
+    reject = _rule_of(args) if any(getattr(args, k) is not None for k in RULE_FLAGS) else None
     cfg = from_args(RepairConfig, args, cyclegan=gan, epochs=knob("epochs"), reject=reject)
     return run_repair(
         args.bundle,
@@ -408,7 +427,6 @@ def _args_defend(p: argparse.ArgumentParser) -> None:
 
 def _args_repair(p: argparse.ArgumentParser) -> None:
     """Flags of ``repair``."""
-    from edge_agent.formats.reject import SCORES
     from trainer.stages.profiles import REPAIR_PROFILES
     from trainer.stages.repair import RepairConfig
 
@@ -437,6 +455,13 @@ def _args_repair(p: argparse.ArgumentParser) -> None:
     p.add_argument("--version", type=positive, default=None, help="version of the new bundle (default: deployed + 1)")
     p.add_argument("--eval-trigger", default=None, help="evaluation only: report test CA/ASR for this trigger")
     p.add_argument("--target", type=int, default=None, help="evaluation only: target class of --eval-trigger")
+    _args_rule(p)
+
+
+def _args_rule(p: argparse.ArgumentParser) -> None:
+    """The new version's reject rule, each part defaulting to the given bundle's (``repair``, ``calibrate``)."""
+    from edge_agent.formats.reject import SCORES
+
     p.add_argument("--reject-score", choices=SCORES, default=None, help="the new version's reject score "
                    "(default: the deployed version's)")  # fmt: skip
     p.add_argument("--clean-reject-budget", type=fraction, default=None, help="share of clean inputs its rule may "
@@ -445,6 +470,14 @@ def _args_repair(p: argparse.ArgumentParser) -> None:
                    "clean reject rate stays within the budget (default: the deployed version's)")  # fmt: skip
     p.add_argument("--calibration-set", choices=("valid", "eval"), default=None, help="clean inputs τ is chosen on "
                    "(default: the deployed version's)")  # fmt: skip
+
+
+def _args_calibrate(p: argparse.ArgumentParser) -> None:
+    """Flags of ``calibrate``."""
+    p.add_argument("--bundle", type=Path, required=True, help="the bundle whose two models get a new rule")
+    p.add_argument("--out", type=_out_dir, required=True, help="output folder (bundle/, report.json)")
+    p.add_argument("--version", type=positive, default=None, help="version of the new bundle (default: given + 1)")
+    _args_rule(p)
 
 
 def _args_serve(p: argparse.ArgumentParser) -> None:
@@ -599,6 +632,11 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], bool]]
         _args_detect_eval,
         True,
     ),
+    "calibrate": (
+        "the same two models under a new reject rule: another score or clean-reject budget, τ chosen again",
+        _args_calibrate,
+        True,
+    ),
     "defend": (
         "a defense of the field on the suspect model, to compare with the repair: fine-pruning, neural-cleanse",
         _args_defend,
@@ -621,6 +659,7 @@ HANDLERS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "stream": cmd_stream,
     "repair": cmd_repair,
     "detect-eval": cmd_detect_eval,
+    "calibrate": cmd_calibrate,
     "defend": cmd_defend,
     "serve": cmd_serve,
     "demo": cmd_demo,

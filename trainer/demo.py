@@ -97,9 +97,10 @@ PROFILES = {
             "10",
         ),
         data=("--train-size", "12000", "--test-size", "2000"),  # the replay plays the default stream split
-        stream_per_agent=300,
-        # ~54 triggered inputs in the 600 played, about half of them attacks of the tiny BadNet; the kl rule
-        # rejects ~1% of clean inputs (the paper's rule ~10%): measured 28 quarantined
+        stream_per_agent=500,
+        # ~10% triggered inputs, only about half of them attacks of the tiny 1-epoch BadNet (ASR ~0.33). Measured on
+        # 600 played: logit_gap quarantined 19 (15 attacks, 4 clean), kl 28 (14 attacks, 8 triggered inputs the
+        # BadNet did not flip, 6 clean), the paper's rule 66 (46 clean); 1,000 played keep logit_gap above 20.
         min_quarantine=20,
         test_images=1000,
         timeout=900,

@@ -7,6 +7,11 @@ Scores, each from the primary's (θ_bd) and the monitor's (θ_aug) logits:
 - ``disagree``: 1 when the two argmaxes differ, else 0 (the paper's rule, τ = 0.5).
 - ``kl``: KL(softmax(primary) ‖ softmax(monitor)), how far the monitor's belief is from the primary's.
 - ``doubt``: 1 − the monitor's probability of the primary's label.
+- ``logit_gap``: how far the monitor's logit for the primary's label falls below the primary's, each logit taken
+  relative to its model's mean logit over the labels: (p − m)[y] − mean(p − m), y the primary's label. A trigger
+  drives the BadNet's target logit far beyond what clean inputs do; a softmax saturates there (KL and doubt see
+  two near-one-hot answers when the monitor still says the target), the logits do not. Measured (bench/NOTES.md):
+  recall at 1% clean rejects 0.96-1.00 on every trigger and model where ``kl`` gave 0.17-0.97.
 
 τ is chosen label-free (:func:`threshold_for`): from a clean-reject budget on clean inputs only, no trigger and no
 poisoned example read, with a binomial bound so that the budget holds on new clean inputs with a stated
@@ -22,8 +27,8 @@ import numpy as np
 
 from protos.nnoc.v1 import bundle_pb2
 
-SCORES = ("disagree", "kl", "doubt")
-DEFAULT_SCORE = "kl"
+SCORES = ("disagree", "kl", "doubt", "logit_gap")
+DEFAULT_SCORE = "logit_gap"
 DEFAULT_BUDGET = 0.01  # share of clean inputs the rule may reject
 # τ keeps the clean reject rate on new inputs within the budget with this probability. Measured (BENCHMARKS.md): the
 # plain 99th percentile of 1,000 D_eval scores let 1.1-2.0% of clean test inputs through the 1% budget.
@@ -96,6 +101,10 @@ def reject_scores(primary_logits: np.ndarray, monitor_logits: np.ndarray, score:
     """(N,) float32 scores of ``score`` for logits (N, K) of both models."""
     if score == "disagree":
         return (primary_logits.argmax(1) != monitor_logits.argmax(1)).astype(np.float32)
+    if score == "logit_gap":
+        d = primary_logits.astype(np.float32) - monitor_logits.astype(np.float32)
+        picked = np.take_along_axis(d, primary_logits.argmax(1)[:, None], axis=1)[:, 0]
+        return (picked - d.mean(axis=1)).astype(np.float32)
     lp, lm = _log_softmax(primary_logits), _log_softmax(monitor_logits)
     if score == "kl":
         return (np.exp(lp) * (lp - lm)).sum(axis=1).astype(np.float32)

@@ -8,6 +8,7 @@ repair fine-tunes them) and ``report.json``.
 from __future__ import annotations
 
 import json
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -70,3 +71,72 @@ def publish_bundle(
     finally:
         for path in exported:
             path.unlink(missing_ok=True)
+
+
+def inherited_reject(manifest: bundle_pb2.Manifest, **given: Any) -> RejectConfig:
+    """The deployed version's score, budget and calibration, with ``given`` (RejectConfig fields) in their place
+    (the paper's rule stays the paper's rule; what an older manifest does not record takes today's default)."""
+    from dataclasses import replace
+
+    from edge_agent.formats.reject import RejectRule
+
+    rule, default = RejectRule.of(manifest), RejectConfig()
+    inherited = RejectConfig(
+        rule.score,
+        default.clean_reject_budget if rule.budget is None else rule.budget,
+        default.calibration_confidence if rule.confidence is None else rule.confidence,
+        rule.calibration_set or default.calibration_set,
+    )
+    return replace(inherited, **given)
+
+
+def _metrics_of(msg: bundle_pb2.Metrics) -> dict[str, float | None]:
+    known = ("eval_clean_accuracy", "test_clean_accuracy", "attack_success_rate")
+    return {**{k: getattr(msg, k) for k in known if msg.HasField(k)}, **dict(msg.extra)}
+
+
+def recalibrate(
+    bundle_dir: Path, splits: Splits, cfg: RejectConfig, out_dir: Path, version: int | None = None
+) -> dict[str, Any]:
+    """A bundle with the same two models under a new reject rule: τ chosen again, label-free, on clean D_eval and
+    D_treat (the model's images made from ``splits``' pictures by the bundle's preprocessing). The new version
+    (default: the given one + 1) names the given one as its parent; the checkpoints beside the given bundle are
+    copied beside the new one so that a repair can start from it."""
+    import shutil
+
+    from google.protobuf.json_format import MessageToDict
+
+    from edge_agent.formats.bundle import verify_bundle
+    from edge_agent.formats.reject import RejectRule
+    from edge_agent.formats.spec import image_shape_of
+
+    bundle = verify_bundle(bundle_dir)
+    old, old_rule = bundle.manifest, RejectRule.of(bundle.manifest)
+    fitted = preprocess_of(old.input_spec).fitted(image_shape_of(old.input_spec))
+    clean = {name: fitted.image(images) for name, images in clean_images(splits).items()}
+    manifest = bundle_pb2.Manifest()
+    manifest.CopyFrom(old)
+    manifest.ClearField("created_at")
+    manifest.ClearField("signature")
+    manifest.ClearField("reject_rule")
+    manifest.version = old.version + 1 if version is None else version
+    manifest.parent_version, manifest.created_by = old.version, "nnoc-trainer calibrate"
+    manifest.provenance["recalibrated_from"] = f"v{old.version} ({old_rule.score} > {old_rule.threshold:.6g})"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("primary.pt", "monitor.pt"):
+        if (bundle_dir.parent / name).is_file() and bundle_dir.parent.resolve() != out_dir.resolve():
+            shutil.copyfile(bundle_dir.parent / name, out_dir / name)
+    models = {a.role: bundle.model_path(a.role) for a in old.artifacts if a.role in ("primary", "monitor")}
+    metrics = {a.role: _metrics_of(a.metrics) for a in old.artifacts if a.role in models}
+    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:  # the new bundle may replace the given one
+        copies = {role: Path(shutil.copy(path, Path(tmp) / path.name)) for role, path in models.items()}
+        written = publish_bundle(out_dir, copies, manifest, metrics, calibration=(clean, cfg))
+    report: dict[str, Any] = {
+        "bundle": str(out_dir / "bundle"),
+        "bundle_version": int(written.version),
+        "parent_version": int(old.version),
+        "previous_rule": MessageToDict(old.reject_rule, preserving_proto_field_name=True),
+        "reject_rule": MessageToDict(written.reject_rule, preserving_proto_field_name=True),
+    }
+    write_report(out_dir, report)
+    return report

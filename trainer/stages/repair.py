@@ -36,7 +36,7 @@ from trainer.science.training import TrainConfig, default_device, predict, train
 from trainer.science.triggers import Trigger
 from trainer.service.quarantine import Quarantine, QuarantineStore
 from trainer.stages.detect import RejectConfig, pair_logits, served
-from trainer.stages.publish import clean_images, publish_bundle, train_config_of, write_report
+from trainer.stages.publish import clean_images, inherited_reject, publish_bundle, train_config_of, write_report
 from trainer.stages.purify import PURIFIERS, Purified, purify
 
 log = logging.getLogger(__name__)
@@ -455,18 +455,6 @@ def publish(
         reject = replace(reject, reject_score="disagree")
     models: dict[str, Checkpoint | Path] = {"primary": rep_ckpt, "monitor": monitor}
     return publish_bundle(out_dir, models, new, metrics, calibration=(clean, reject))
-
-
-def inherited_reject(manifest: bundle_pb2.Manifest) -> RejectConfig:
-    """The deployed version's score, budget and calibration (the paper's rule stays the paper's rule; what an
-    older manifest does not record takes today's default)."""
-    rule, default = RejectRule.of(manifest), RejectConfig()
-    return RejectConfig(
-        rule.score,
-        default.clean_reject_budget if rule.budget is None else rule.budget,
-        default.calibration_confidence if rule.confidence is None else rule.confidence,
-        rule.calibration_set or default.calibration_set,
-    )
 
 
 def run_repair(
