@@ -464,8 +464,8 @@ def detect_section(data: dict[str, Any]) -> str:
         "`nnoc-trainer detect-eval` on the test split (5,000 clean inputs) against its triggered copy, counting as "
         "attacks the triggered inputs the BadNet sends to the target. Recall at a clean-reject rate uses the "
         "threshold set on these clean test inputs (the curve); the label-free point uses τ chosen as a published "
-        "bundle chooses it at a 1% budget (clean D_treat ∪ D_eval with a 0.9-confidence bound since session 9; the "
-        "foreign rows are older: D_eval quantile). Paper rule: reject when the argmaxes differ.",
+        "bundle chooses it at a 1% budget (clean D_treat ∪ D_eval with a 0.9-confidence bound). Paper rule: reject "
+        "when the argmaxes differ. `logit_gap` is the default score since session 11 (`kl` before).",
         "",
         "| case | attacks | paper rule recall / clean rejects | score | AUROC | recall at 0.5% / 1% / 2% / 5% "
         "| label-free 1%: recall / clean rejects |",
@@ -837,13 +837,15 @@ def field_section(data: dict[str, Any]) -> str:
                 "recall": d.get("recall"),
                 "clean_reject_rate": d.get("clean_reject_rate"),
             }
-            own = score == (d.get("rule") or {}).get("score")  # served CA is the bundle's own rule's
+            # served CA at that point (older reports: only at the bundle's own rule)
+            own = score == (d.get("rule") or {}).get("score")
+            served = lf.get("served_clean_accuracy", d.get("served_clean_accuracy") if own else None)
             lines.append(
                 f"| `{c['trigger']}` | {c['seed']} | {d['attacks']} "
                 f"| {_pair(paper.get('recall'), paper.get('clean_reject_rate'))} | {score} "
                 f"| {_fmt(sc['auroc'])} | {_fmt((sc.get('recall_at_clean_reject') or {}).get('0.01'))} "
                 f"| {_fmt(lf.get('recall'), 3)} / {_fmt(lf.get('clean_reject_rate'))} "
-                f"| {_pair(d.get('served_clean_accuracy'), d.get('primary_clean_accuracy')) if own else '–'} "
+                f"| {_pair(served, d.get('primary_clean_accuracy'))} "
                 f"| {_pair(strip.get('auroc'), strip.get('recall_at_1pct'))} | {_fmt(scale.get('auroc'), 3)} |"
             )
     lines += [

@@ -147,6 +147,8 @@ def test_predeploy_chooses_the_threshold_on_clean_data_and_detect_eval_measures_
     assert ev["auroc"] == ev["scores"][DEFAULT_SCORE]["auroc"] > 0.9
     assert ev["clean_reject_rate"] < ev["scores"]["disagree"]["clean_reject_rate"]  # fewer clean rejects
     assert 0.0 < ev["recall"] <= 1.0 and ev["served_clean_accuracy"] <= ev["primary_clean_accuracy"]
+    point = ev["scores"][DEFAULT_SCORE]["label_free"]["0.01"]  # τ as publishing chooses it, served CA there
+    assert point["served_clean_accuracy"] >= ev["primary_clean_accuracy"] - point["clean_reject_rate"] - 1e-9
     assert (tmp_path / "d" / "roc.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((tmp_path / "d" / "report.json").read_text())["auroc"] == ev["auroc"]
 

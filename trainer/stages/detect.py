@@ -251,6 +251,7 @@ def detect_eval(
         "scores": {},
     }
     curves = {}
+    right = p_clean.argmax(1) == test.labels
     for score in SCORES:
         neg = reject_scores(p_clean, m_clean, score)
         pos = reject_scores(p_trig, m_trig, score)[attacks]
@@ -266,6 +267,7 @@ def detect_eval(
                     ).threshold,
                     "recall": float((pos > r.threshold).mean()),
                     "clean_reject_rate": float((neg > r.threshold).mean()),
+                    "served_clean_accuracy": float((right & (neg <= r.threshold)).mean()),
                 }
                 for b in BUDGETS
             }
