@@ -10,8 +10,9 @@ resumes where it stopped):
 3. ``detect``: ``detect-eval`` on the v1 bundle (AUROC, recall at 1% clean rejects, label-free point, STRIP and
    SCALE-UP on 500 + 500 inputs);
 4. ``stream``: N = 1000 at CPD 0.1 through the bundle (quarantine);
-5. ``repair``: the default repair (quick profile), and ``clean-ft``: the same base fine-tuned on clean D_treat
-   alone (``--learner none``);
+5. ``repair``: the default repair (quick profile); ``detect-v2``: ``detect-eval`` on v2 (served CA and clean rejects
+   of every score at its label-free point); ``clean-ft``: the same base fine-tuned on clean D_treat alone
+   (``--learner none``);
 6. ``fine-pruning`` and ``neural-cleanse``: ``nnoc-trainer defend`` on the BadNet.
 
 Triggers: ``checker4``, ``square:4``, an ``image:`` paste of a glyph made here and a ``blend:`` of a noise picture
@@ -33,7 +34,9 @@ import numpy as np
 from bench.common import RESULTS, ROOT, machine, run_cli, save
 
 WORK = ROOT / "runs" / "bench-field"
-STAGES = ("attack", "predeploy", "detect", "stream", "repair", "clean-ft", "fine-pruning", "neural-cleanse")
+STAGES = (
+    "attack", "predeploy", "detect", "stream", "repair", "detect-v2", "clean-ft", "fine-pruning", "neural-cleanse",
+)  # fmt: skip
 QUICK = ["--profile", "quick"]
 
 
@@ -98,6 +101,10 @@ def cell(name: str, spec: str, seed: int, stages: set[str]) -> dict[str, Any]:
             from bench.bench_repair import purity
 
             res["purity"] = purity(q, res["repair"])
+    if "detect-v2" in stages and (w / "repair" / "bundle" / "manifest.pb").is_file():
+        res["detect-v2"] = stage(w / "detect-v2.json", lambda: run_cli(
+            "detect-eval", "--bundle", str(w / "repair" / "bundle"), "--trigger", spec, "--target", "0", "--out",
+            str(w / "detect-v2"), "--test-size", "5000"))  # fmt: skip
     if "clean-ft" in stages:
         res["clean-ft"] = stage(w / "clean-ft.json", lambda: run_cli(
             "repair", *base, "--learner", "none", "--out", str(w / "clean-ft")))  # fmt: skip

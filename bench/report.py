@@ -799,6 +799,17 @@ def weak_section(data: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _v2_gap(d: dict[str, Any] | None) -> str:
+    """v2's served CA, clean rejects and θ_repair's CA at logit_gap's label-free 1% point (detect-eval on v2)."""
+    lf = (((d or {}).get("scores") or {}).get("logit_gap") or {}).get("label_free", {}).get("0.01")
+    if not d or not lf:
+        return "–"
+    return (
+        f"{_fmt(lf.get('served_clean_accuracy'), 3)} / {_fmt(lf.get('clean_reject_rate'))} "
+        f"/ {_fmt(d.get('primary_clean_accuracy'), 3)}"
+    )
+
+
 def field_section(data: dict[str, Any]) -> str:
     cells = sorted(data["cells"], key=lambda c: (c["seed"], c["trigger"]))
     lines = [
@@ -856,8 +867,9 @@ def field_section(data: dict[str, Any]) -> str:
         "with θ_repair and the kept monitor (answered and right / all, and clean rejects).",
         "",
         "| trigger | seed | " + " | ".join(FIELD_METHODS) + " | stream rejects / recall / kept purity "
-        "| v2 served CA / clean rejects | NC: flagged (target's anomaly index) | FP: pruned |",
-        "|---|---|" + "---|" * (len(FIELD_METHODS) + 4),
+        "| v2 served CA / clean rejects | v2 under logit_gap: served CA / clean rejects / θ_repair CA "
+        "| NC: flagged (target's anomaly index) | FP: pruned |",
+        "|---|---|" + "---|" * (len(FIELD_METHODS) + 5),
     ]
     for c in cells:
         m = _field_methods(c)
@@ -871,6 +883,7 @@ def field_section(data: dict[str, Any]) -> str:
             + " | ".join(_pair(*m[k]) for k in FIELD_METHODS)
             + f" | {s.get('rejected', '–')} / {_fmt(s.get('recall'), 2)} / {_fmt(pur.get('kept_purity'), 2)} "
             f"| {_pair(served.get('served_clean_accuracy'), served.get('clean_reject_rate'))} "
+            f"| {_v2_gap(c.get('detect-v2'))} "
             f"| {nc.get('flagged', '–')} ({_fmt(ai[0] if ai else None, 2)}) "
             f"| {fp.get('pruned', '–')} of {fp.get('channels', '–')} |"
         )
