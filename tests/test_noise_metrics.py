@@ -68,29 +68,3 @@ def test_evaluate_with_reference_classifier() -> None:
     assert ev.clean_accuracy == 0.5 and ev.attack_success_rate == 1.0 and ev.n_asr == 2
     ev2 = evaluate(model, test, parse_trigger("square:2"), 0, reference=np.array([1, 1, 2, 2]))
     assert ev2.n_asr == 4
-
-
-def test_distillation_follows_the_teacher_where_it_has_one_and_the_labels_elsewhere() -> None:
-    """train(..., teacher=...): rows with teacher logits learn its answer (at weight 1), NaN rows their labels."""
-    import torch
-
-    from trainer.science.training import TrainConfig, logits_of, train
-
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 56, (64, 1, 4, 4), dtype=np.uint8)
-    images[:32] += 200  # the two halves are easy to tell apart
-    labels = np.zeros(64, np.int64)  # every label says 0
-    teacher = np.full((64, 3), np.nan, np.float32)
-    teacher[:32] = [0.0, 8.0, 0.0]  # the teacher says 1 on the first half
-    cfg = TrainConfig(epochs=60, lr=0.05, batch_size=16)
-
-    def fit(distill: float) -> np.ndarray:
-        torch.manual_seed(0)
-        layers = [torch.nn.Flatten(), torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3)]
-        model = torch.nn.Sequential(*layers)
-        train(model, images, labels, cfg, 0, torch.device("cpu"), quiet=True, teacher=teacher, distill=distill)
-        return logits_of(model, images, device=torch.device("cpu")).argmax(1)
-
-    taught, plain = fit(1.0), fit(0.0)
-    assert (taught[:32] == 1).mean() > 0.9 and (taught[32:] == 0).mean() > 0.9
-    assert (plain == 0).all()  # distill 0: the teacher is ignored

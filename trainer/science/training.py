@@ -67,16 +67,8 @@ def train(
     device: torch.device | None = None,
     desc: str = "train",
     quiet: bool = False,
-    teacher: np.ndarray | None = None,
-    distill: float = 0.0,
-    temperature: float = 2.0,
 ) -> list[float]:
-    """Train ``model`` in place on uint8 ``images`` (N, C, H, W) and ``labels`` (N,); returns epoch losses.
-
-    ``teacher``: (N, K) logits of a teacher, a row of NaN where there is none. Where there is one, the loss is
-    (1 − ``distill``)·CE + ``distill``·T²·KL(teacher_T ‖ model_T), T = ``temperature`` (Hinton et al., 2015);
-    elsewhere CE alone.
-    """
+    """Train ``model`` in place on uint8 ``images`` (N, C, H, W) and ``labels`` (N,); returns epoch losses."""
     device = device or default_device()
     model.to(device).train()
     opt = make_optimizer(model.parameters(), cfg)
@@ -86,7 +78,6 @@ def train(
     n = len(labels)
     x_all = torch.from_numpy(images)
     y_all = torch.from_numpy(labels.astype(np.int64))
-    t_all = torch.from_numpy(teacher.astype(np.float32)) if teacher is not None and distill > 0 else None
     losses: list[float] = []
     steps = (n + cfg.batch_size - 1) // cfg.batch_size
     with tqdm(total=cfg.epochs * steps, desc=desc, disable=quiet, leave=False, unit="batch") as bar:
@@ -98,11 +89,7 @@ def train(
                 x = x_all[idx].to(device).float().mul_(1.0 / 255.0)
                 y = y_all[idx].to(device)
                 opt.zero_grad(set_to_none=True)
-                out = model(x)
-                if t_all is None:
-                    loss = loss_fn(out, y)
-                else:
-                    loss = _distilled_loss(out, y, t_all[idx].to(device), distill, temperature)
+                loss = loss_fn(model(x), y)
                 loss.backward()
                 opt.step()
                 total += loss.item() * len(idx)
@@ -114,32 +101,6 @@ def train(
             log.log(level, "%s epoch %d/%d loss %.4f", desc, epoch + 1, cfg.epochs, losses[-1])
     model.eval()
     return losses
-
-
-def _distilled_loss(out: torch.Tensor, y: torch.Tensor, t: torch.Tensor, alpha: float, temp: float) -> torch.Tensor:
-    ce = nn.functional.cross_entropy(out, y, reduction="none")
-    has = ~torch.isnan(t[:, 0])
-    if not bool(has.any()):
-        return ce.mean()
-    w = has.float() * alpha
-    log_s = nn.functional.log_softmax(out / temp, dim=1)
-    log_t = nn.functional.log_softmax(torch.nan_to_num(t) / temp, dim=1)
-    kd = (log_t.exp() * (log_t - log_s)).sum(1) * temp * temp
-    return ((1 - w) * ce + w * kd).mean()
-
-
-@torch.no_grad()
-def logits_of(
-    model: nn.Module, images: np.ndarray, batch_size: int = 1024, device: torch.device | None = None
-) -> np.ndarray:
-    """Logits (N, K) float32 for uint8 ``images`` (N, C, H, W)."""
-    device = device or default_device()
-    model.to(device).eval()
-    out = [
-        model(to_input(images[i : i + batch_size], device)).float().cpu().numpy()
-        for i in range(0, len(images), batch_size)
-    ]
-    return np.concatenate(out)
 
 
 @torch.no_grad()

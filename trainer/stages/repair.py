@@ -24,7 +24,7 @@ from google.protobuf.json_format import MessageToDict
 from edge_agent.formats.bundle import read_manifest, sha256_file, verify_bundle
 from edge_agent.formats.reject import RejectRule, reject_scores
 from edge_agent.formats.spec import preprocess_of
-from edge_agent.options import flag, fraction, nonnegative, positive, positive_float
+from edge_agent.options import flag, nonnegative, positive, positive_float
 from protos.nnoc.v1 import bundle_pb2
 from trainer.errors import GateError
 from trainer.science.cyclegan import CycleGANConfig, save_sample_grid, train_cyclegan, translate
@@ -32,7 +32,7 @@ from trainer.science.data import ImageSet, Splits
 from trainer.science.metrics import evaluate, evaluate_models
 from trainer.science.models import Checkpoint
 from trainer.science.noise import NoiseConfig, augment
-from trainer.science.training import TrainConfig, default_device, logits_of, predict, train
+from trainer.science.training import TrainConfig, default_device, predict, train
 from trainer.science.triggers import Trigger
 from trainer.service.quarantine import Quarantine, QuarantineStore
 from trainer.stages.detect import RejectConfig, pair_logits, served
@@ -71,9 +71,6 @@ class RepairConfig:
     epochs: int = 5  # fine-tuning epochs (the CLI's --epochs, default from the profile)
     # None: the BadNet's own learning rate (paper)
     lr: float | None = flag(None, "fine-tuning lr (default: the BadNet's)", type=positive_float)
-    # distillation from θ_bd's answers on the clean images of the fine-tuning set (0: off; see fine_tune)
-    distill: float = flag(0.0, "weight of θ_bd as a teacher on the clean images while fine-tuning (0: off)",
-                          type=fraction)  # fmt: skip
     # extra copies of the generated images that flip θ_bd (see run_repair)
     emphasis: int = flag(0, "extra copies of generated images that flip θ_bd", type=nonnegative)
     # gate: θ_repair's D_eval CA >= θ_bd's D_eval CA - this
@@ -298,16 +295,10 @@ def fine_tune(
         n_flipping = int(flips.sum())
         parts += [ImageSet(generated[flips], treat.labels[flips])] * cfg.emphasis
     repair_set = ImageSet.concat(*parts)
-    teacher = None
-    if cfg.distill > 0:  # θ_bd teaches on the clean images only: on generated ones it would answer the target
-        teacher = np.full((len(repair_set), len(splits.class_names)), np.nan, np.float32)
-        start = len(generated)
-        teacher[start : start + len(treat)] = logits_of(loaded.bd_ckpt.build(), treat.images, device=loaded.device)
     base_train = train_config_of(loaded.bd_ckpt)
     ft = replace(base_train, epochs=cfg.epochs, lr=cfg.lr or base_train.lr)
     model = (loaded.bd_ckpt if cfg.base == "bd" else loaded.aug_ckpt).build()
-    train(model, repair_set.images, repair_set.labels, ft, cfg.seed, loaded.device, "repair: fine-tune", quiet,
-          teacher=teacher, distill=cfg.distill)  # fmt: skip
+    train(model, repair_set.images, repair_set.labels, ft, cfg.seed, loaded.device, "repair: fine-tune", quiet)
     return model, ft, {"size": len(repair_set), "generated": len(generated), "flipping_generated": n_flipping}
 
 
