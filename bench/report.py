@@ -506,6 +506,32 @@ def detect_section(data: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def scores_section(data: dict[str, Any]) -> str:
+    """Candidate reject scores side by side (bench/bench_scores.py)."""
+    cases = data["cases"]
+    names = list(cases[0]["scores"]) if cases else []
+    lines = [
+        "### Candidate reject scores (bench/bench_scores.py)",
+        "",
+        _machine(data["machine"]),
+        "",
+        "Each score's τ chosen as publishing chooses it (label-free, 1% budget, 0.9 bound on clean D_treat ∪ "
+        "D_eval); recall over the attacks of 5,000 clean test inputs at that τ, per case; the last columns the "
+        "worst case's recall and AUROC. Cases: " + "; ".join(f"({i + 1}) {c['case']}" for i, c in enumerate(cases)),
+        "",
+        "| score | " + " | ".join(f"({i + 1})" for i in range(len(cases))) + " | worst recall | worst AUROC |",
+        "|---|" + "---|" * (len(cases) + 2),
+    ]
+    for n in names:
+        rows = [c["scores"][n] for c in cases]
+        lines.append(
+            f"| {n} | "
+            + " | ".join(_fmt(r["recall"], 3) for r in rows)
+            + f" | **{_fmt(min(r['recall'] for r in rows), 3)}** | {_fmt(min(r['auroc'] for r in rows), 4)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def _monitoring(m: dict[str, Any]) -> str:
     """One batch size's agent/bare ratio at the default durability, then the others (older runs: one ratio)."""
     text = f"**{m['ratio']:.2f}×** ({m['agent']:.0f} / {m['bare']:.0f})"
@@ -669,6 +695,7 @@ def main() -> None:
     section("foreign", foreign_section)
     section("cyclegan-sizes", cyclegan_sizes_section)
     section("detect", detect_section)
+    section("scores", scores_section)
     section("cameras", cameras_section)
     section("fleet", fleet_section)
     section("ray", ray_section)
