@@ -8,15 +8,19 @@ repair fine-tunes them) and ``report.json``.
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from google.protobuf.json_format import MessageToDict
 
-from edge_agent.formats.bundle import write_bundle
-from edge_agent.formats.spec import preprocess_of
+from edge_agent.formats.bundle import verify_bundle, write_bundle
+from edge_agent.formats.reject import RejectRule
+from edge_agent.formats.spec import image_shape_of, preprocess_of
 from protos.nnoc.v1 import bundle_pb2
 from trainer.science.data import Splits
 from trainer.science.export import export_checkpoint
@@ -76,10 +80,6 @@ def publish_bundle(
 def inherited_reject(manifest: bundle_pb2.Manifest, **given: Any) -> RejectConfig:
     """The deployed version's score, budget and calibration, with ``given`` (RejectConfig fields) in their place
     (the paper's rule stays the paper's rule; what an older manifest does not record takes today's default)."""
-    from dataclasses import replace
-
-    from edge_agent.formats.reject import RejectRule
-
     rule, default = RejectRule.of(manifest), RejectConfig()
     inherited = RejectConfig(
         rule.score,
@@ -90,7 +90,8 @@ def inherited_reject(manifest: bundle_pb2.Manifest, **given: Any) -> RejectConfi
     return replace(inherited, **given)
 
 
-def _metrics_of(msg: bundle_pb2.Metrics) -> dict[str, float | None]:
+def metrics_of(msg: bundle_pb2.Metrics) -> dict[str, float | None]:
+    """A manifest artifact's metrics as the plain dict :func:`publish_bundle` takes."""
     known = ("eval_clean_accuracy", "test_clean_accuracy", "attack_success_rate")
     return {**{k: getattr(msg, k) for k in known if msg.HasField(k)}, **dict(msg.extra)}
 
@@ -102,14 +103,6 @@ def recalibrate(
     D_treat (the model's images made from ``splits``' pictures by the bundle's preprocessing). The new version
     (default: the given one + 1) names the given one as its parent; the checkpoints beside the given bundle are
     copied beside the new one so that a repair can start from it."""
-    import shutil
-
-    from google.protobuf.json_format import MessageToDict
-
-    from edge_agent.formats.bundle import verify_bundle
-    from edge_agent.formats.reject import RejectRule
-    from edge_agent.formats.spec import image_shape_of
-
     bundle = verify_bundle(bundle_dir)
     old, old_rule = bundle.manifest, RejectRule.of(bundle.manifest)
     fitted = preprocess_of(old.input_spec).fitted(image_shape_of(old.input_spec))
@@ -127,7 +120,7 @@ def recalibrate(
         if (bundle_dir.parent / name).is_file() and bundle_dir.parent.resolve() != out_dir.resolve():
             shutil.copyfile(bundle_dir.parent / name, out_dir / name)
     models = {a.role: bundle.model_path(a.role) for a in old.artifacts if a.role in ("primary", "monitor")}
-    metrics = {a.role: _metrics_of(a.metrics) for a in old.artifacts if a.role in models}
+    metrics = {a.role: metrics_of(a.metrics) for a in old.artifacts if a.role in models}
     with tempfile.TemporaryDirectory(dir=out_dir) as tmp:  # the new bundle may replace the given one
         copies = {role: Path(shutil.copy(path, Path(tmp) / path.name)) for role, path in models.items()}
         written = publish_bundle(out_dir, copies, manifest, metrics, calibration=(clean, cfg))

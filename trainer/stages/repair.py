@@ -36,7 +36,14 @@ from trainer.science.training import TrainConfig, default_device, predict, train
 from trainer.science.triggers import Trigger
 from trainer.service.quarantine import Quarantine, QuarantineStore
 from trainer.stages.detect import RejectConfig, pair_logits, served
-from trainer.stages.publish import clean_images, inherited_reject, publish_bundle, train_config_of, write_report
+from trainer.stages.publish import (
+    clean_images,
+    inherited_reject,
+    metrics_of,
+    publish_bundle,
+    train_config_of,
+    write_report,
+)
 from trainer.stages.purify import PURIFIERS, Purified, purify
 
 log = logging.getLogger(__name__)
@@ -440,11 +447,7 @@ def publish(
             "test_clean_accuracy": repaired_test.get("clean_accuracy"),
             "attack_success_rate": repaired_test.get("attack_success_rate"),
         },
-        "monitor": {
-            k: getattr(mon_art.metrics, k)
-            for k in ("eval_clean_accuracy", "test_clean_accuracy", "attack_success_rate")
-            if mon_art.metrics.HasField(k)
-        }
+        "monitor": metrics_of(mon_art.metrics)  # the kept monitor's own metrics
         if cfg.next_monitor == "keep"
         else {"eval_clean_accuracy": float(monitor.meta.get("eval_clean_accuracy", rep_eval_ca))}
         if isinstance(monitor, Checkpoint)
