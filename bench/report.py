@@ -800,7 +800,9 @@ def weak_section(data: dict[str, Any]) -> str:
         "(evaluation only), trained again as a one-point grid and deployed as the monitor; streams of N = 1000 at "
         "the paper's CPDs; the CycleGAN repair and clean fine-tuning of the same base (θ_aug) from the same "
         "quarantine. Goal: repaired ASR ≤ 0.05 at a CA drop ≤ 0.03 where clean fine-tuning stays above 0.2. CA / ASR "
-        "on the test set.",
+        "on the test set. Rule: the one the quarantine came from (v1's own, or v1's two models put under another "
+        "score by `nnoc-trainer calibrate`); kept purity: share of the purified quarantine that was triggered "
+        "(evaluation only).",
         "",
         "| trigger | seed | candidate α, γ | BadNet | θ_aug | rule | CPD | rejects / recall / kept purity | θ_repair "
         "| clean-ft |",
