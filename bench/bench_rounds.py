@@ -9,7 +9,13 @@ catches each trigger (``detect-eval``: AUROC, recall at the label-free operating
 v2's monitor, three ways from the same θ_repair (the CycleGAN of the ``keep`` run is reused: same seed, same
 θ_repair): ``keep`` (θ_aug), ``refresh`` (θ_repair treated with θ_aug's α, γ and noise) and ``none``.
 
-    python -m bench.bench_rounds [--seed 0] [--second paste|blend]
+``--weak-second ASR``: a θ_aug that keeps the second backdoor, so that v2 has something left for its monitor to
+catch. Algorithm 1's grid is run once more with the second trigger as its evaluation trigger (the evaluation reads
+each candidate's ASR; the heuristic never does), the candidate whose second-trigger ASR lies nearest ``ASR`` is
+trained again as a one-point grid (as bench_weak does) and becomes v1's monitor; every later stage runs from it
+(files under ``weak-second-ASR/``).
+
+    python -m bench.bench_rounds [--seed 0] [--second paste|blend] [--weak-second 0.5]
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.bench_field import stage, trigger_pictures
+from bench.bench_weak import pick
 from bench.common import RESULTS, ROOT, machine, run_cli, save
 
 WORK = ROOT / "runs" / "bench-rounds"
@@ -45,8 +52,8 @@ def _save(res: dict[str, Any]) -> None:
     """rounds.json with this run in place of an earlier one of the same second trigger and seed."""
     path = RESULTS / "rounds.json"
     runs = json.loads(path.read_text())["runs"] if path.is_file() else []
-    key = (res["second_name"], res["seed"])
-    runs = [r for r in runs if (r.get("second_name", "paste"), r.get("seed")) != key] + [res]
+    key = (res["second_name"], res["seed"], res.get("weak_second"))
+    runs = [r for r in runs if (r.get("second_name", "paste"), r.get("seed"), r.get("weak_second")) != key] + [res]
     save("rounds", {"machine": machine(), "runs": runs})
 
 
@@ -56,6 +63,8 @@ def main() -> None:
     ap.add_argument("--second", choices=("paste", "blend"), default="paste",
                     help="the second backdoor: the ring glyph pasted (θ_aug removes it) or the noise blend (it "
                          "survives θ_aug: a second round with something to repair)")  # fmt: skip
+    ap.add_argument("--weak-second", type=float, default=None, metavar="ASR",
+                    help="v1's monitor: the grid candidate whose second-trigger ASR lies nearest this")  # fmt: skip
     args = ap.parse_args()
     second = trigger_pictures(WORK / "triggers")[args.second]
     w = WORK / (f"seed{args.seed}" if args.second == "paste" else f"{args.second}-seed{args.seed}")
@@ -65,10 +74,20 @@ def main() -> None:
     res["attack"] = stage(w / "attack.json", lambda: run_cli(
         "attack", "--trigger", FIRST, "--target", str(FIRST_TARGET), "--second-trigger", second, "--second-target",
         str(SECOND_TARGET), "--seed", s, "--out", str(w / "badnet")))  # fmt: skip
+    grid = ["--model", str(bd), "--seed", s, "--epochs", "3"]
+    if args.weak_second is not None:
+        res["weak_second"] = args.weak_second
+        res["grid_second"] = stage(w / "grid-second.json", lambda: run_cli(
+            "predeploy", *grid, "--out", str(w / "grid-second"), "--max-rounds", "3", "--eval-trigger", second,
+            "--target", str(SECOND_TARGET)))  # fmt: skip
+        chosen = res["candidate"] = pick(w / "grid-second" / "candidates.csv", args.weak_second)
+        w = w / f"weak-second-{args.weak_second:g}"
+        grid += ["--max-rounds", "1", "--alpha0", f"{chosen['alpha']:g}", "--gammas", f"{chosen['gamma']:g}"]
+    else:
+        grid += ["--max-rounds", "3"]
     pd = w / "predeploy"
     res["predeploy"] = stage(w / "predeploy.json", lambda: run_cli(
-        "predeploy", "--model", str(bd), "--out", str(pd), "--seed", s, "--epochs", "3", "--max-rounds", "3",
-        "--eval-trigger", FIRST, "--target", str(FIRST_TARGET)))  # fmt: skip
+        "predeploy", *grid, "--out", str(pd), "--eval-trigger", FIRST, "--target", str(FIRST_TARGET)))  # fmt: skip
 
     def staged(name: str, fn: Any, *fn_args: Any) -> dict[str, Any]:
         return stage(w / f"{name}.json", lambda: fn(*fn_args))

@@ -946,7 +946,11 @@ def rounds_section(data: dict[str, Any]) -> str:
         v1 = r.get("v1") or {}
         sel = (r.get("predeploy") or {}).get("served_test") or {}
         name = {"paste": "glyph", "blend": "noise blend"}.get(r.get("second_name", "paste"), "?")
-        lines.append(f"| **second backdoor: {name}** (seed {r.get('seed')}) | | | | | | | |")
+        weak = ""
+        if r.get("weak_second") is not None:
+            kept = (v1.get("monitor_second_asr") or {}).get("attack_success_rate")
+            weak = f", a weak θ_aug that keeps it: ASR {_fmt(kept, 3)}, the grid's pick nearest {r['weak_second']:g}"
+        lines.append(f"| **second backdoor: {name}** (seed {r.get('seed')}{weak}) | | | | | | | |")
         lines.append(
             f"| v1 (BadNet) | θ_aug | {_fmt(a.get('clean_accuracy'), 3)} | {_fmt(a.get('attack_success_rate'), 3)} "
             f"| {_fmt(a.get('second_attack_success_rate'), 3)} "
