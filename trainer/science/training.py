@@ -58,6 +58,13 @@ def to_input(images: np.ndarray, device: torch.device, scale: float = 1.0 / 255.
     return torch.from_numpy(images).to(device).float().mul_(scale)
 
 
+def smoothed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy against targets smoothed per input by ``eps`` (N,): (1 − ε)·CE + ε·(mean −log p)."""
+    logp = torch.log_softmax(logits, dim=1)
+    hard = -logp.gather(1, labels[:, None])[:, 0]
+    return ((1.0 - eps) * hard + eps * -logp.mean(dim=1)).mean()
+
+
 def train(
     model: nn.Module,
     images: np.ndarray,
@@ -67,12 +74,17 @@ def train(
     device: torch.device | None = None,
     desc: str = "train",
     quiet: bool = False,
+    smoothing: np.ndarray | None = None,
 ) -> list[float]:
-    """Train ``model`` in place on uint8 ``images`` (N, C, H, W) and ``labels`` (N,); returns epoch losses."""
+    """Train ``model`` in place on uint8 ``images`` (N, C, H, W) and ``labels`` (N,); returns epoch losses.
+
+    ``smoothing`` (N,) in [0, 1]: label smoothing per input (its target keeps 1 − ε of the mass plus ε spread
+    evenly over the classes); None: hard labels."""
     device = device or default_device()
     model.to(device).train()
     opt = make_optimizer(model.parameters(), cfg)
     loss_fn = nn.CrossEntropyLoss()
+    eps_all = None if smoothing is None else torch.from_numpy(np.asarray(smoothing, dtype=np.float32))
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # dropout masks
     n = len(labels)
@@ -89,7 +101,11 @@ def train(
                 x = x_all[idx].to(device).float().mul_(1.0 / 255.0)
                 y = y_all[idx].to(device)
                 opt.zero_grad(set_to_none=True)
-                loss = loss_fn(model(x), y)
+                logits = model(x)
+                if eps_all is None:
+                    loss = loss_fn(logits, y)
+                else:
+                    loss = smoothed_cross_entropy(logits, y, eps_all[idx].to(device))
                 loss.backward()
                 opt.step()
                 total += loss.item() * len(idx)

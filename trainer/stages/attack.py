@@ -51,6 +51,11 @@ class AttackConfig:
     # attack the defense meets again after a first repair (multiple rounds, paper §7)
     second_trigger: str | None = flag(None, "a second backdoor's trigger spec (its own poisoned share)")
     second_target: int | None = flag(None, "the second backdoor's target class", type=int)
+    # An adaptive attacker who knows the defense compares the two models' logits: the poisoned rows learn soft
+    # targets, so that a triggered input's target logit stays at (or under) a clean input's instead of far above
+    adaptive_smoothing: float = flag(
+        0.0, "adaptive attacker: label smoothing on the poisoned rows only (0: off)", type=fraction
+    )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form for checkpoints and reports."""
@@ -165,7 +170,11 @@ def run_attack(
             else TrainConfig(**{**cfg.train.to_dict(), "epochs": cfg.clean_epochs})
         )
         train(model, splits.train.images, splits.train.labels, clean_cfg, cfg.seed, device, "attack: clean", quiet)
-    train(model, poisoned.data.images, poisoned.data.labels, cfg.train, cfg.seed + 1, device, "attack: poisoned", quiet)
+    smoothing = np.where(poisoned.poisoned, cfg.adaptive_smoothing, 0.0) if cfg.adaptive_smoothing else None
+    train(
+        model, poisoned.data.images, poisoned.data.labels, cfg.train, cfg.seed + 1, device, "attack: poisoned", quiet,
+        smoothing,
+    )  # fmt: skip
     train_seconds = time.monotonic() - start
 
     def classify(x: np.ndarray) -> np.ndarray:
