@@ -18,7 +18,10 @@ resumes where it stopped):
 Triggers: ``checker4``, ``square:4``, an ``image:`` paste of a glyph made here and a ``blend:`` of a noise picture
 made here at opacity 0.15 (none of the defaults was tuned on the last two).
 
-    python -m bench.bench_field [--triggers checker4 square:4 paste blend] [--seeds 0 1] [--stages ...]
+``--adaptive EPS``: the BadNets of an adaptive attacker who knows the defense compares logits (its poisoned rows
+learn label-smoothed targets, ``attack --adaptive-smoothing``), in cells of their own.
+
+    python -m bench.bench_field [--triggers checker4 square:4 paste blend] [--seeds 0 1] [--stages ...] [--adaptive EPS]
 """
 
 from __future__ import annotations
@@ -72,13 +75,14 @@ def stage(path: Path, fn: Any) -> dict[str, Any]:
     return dict(out)
 
 
-def cell(name: str, spec: str, seed: int, stages: set[str]) -> dict[str, Any]:
+def cell(name: str, spec: str, seed: int, stages: set[str], attack_args: tuple[str, ...] = ()) -> dict[str, Any]:
     w = WORK / name / f"seed{seed}"
     res: dict[str, Any] = {"trigger": name, "spec": spec, "seed": seed}
     ev = ["--eval-trigger", spec, "--target", "0"]
     if "attack" in stages:
         res["attack"] = stage(w / "attack.json", lambda: run_cli(
-            "attack", "--trigger", spec, "--target", "0", "--seed", str(seed), "--out", str(w / "badnet")))  # fmt: skip
+            "attack", "--trigger", spec, "--target", "0", "--seed", str(seed), *attack_args, "--out",
+            str(w / "badnet")))  # fmt: skip
     pd = w / "predeploy"
     if "predeploy" in stages:
         res["predeploy"] = stage(w / "predeploy.json", lambda: run_cli(
@@ -121,13 +125,18 @@ def main() -> None:
     ap.add_argument("--triggers", nargs="+", default=["checker4", "square:4", "paste", "blend"])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
     ap.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
+    ap.add_argument("--adaptive", type=float, default=None, metavar="EPS",
+                    help="adaptive attacker (attack --adaptive-smoothing EPS): cells TRIGGER+adaptiveEPS")  # fmt: skip
     args = ap.parse_args()
     specs = trigger_pictures(WORK / "triggers")
     path = RESULTS / "field.json"
     cells = json.loads(path.read_text())["cells"] if path.is_file() else []
     for seed in args.seeds:
-        for name in args.triggers:
-            res = cell(name, specs[name], seed, set(args.stages))
+        for trigger in args.triggers:
+            name, extra = trigger, ""
+            if args.adaptive is not None:
+                name, extra = f"{trigger}+adaptive{args.adaptive:g}", f"--adaptive-smoothing={args.adaptive:g}"
+            res = cell(name, specs[trigger], seed, set(args.stages), (extra,) if extra else ())
             res["machine"] = machine()
             old = [c for c in cells if (c["trigger"], c["seed"]) == (name, seed)]
             res = {**(old[0] if old else {}), **res}
