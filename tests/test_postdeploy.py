@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 from dataclasses import replace
 from pathlib import Path
@@ -279,12 +280,19 @@ def test_stream_then_repair_end_to_end(predeployed: tuple[Path, dict[str, Any]],
     assert code == 2 and "quarantined inputs" in stderr
 
 
-@pytest.mark.parametrize("choice", ["refresh", "none"])
+@pytest.mark.parametrize("choice", ["auto", "none"])
 def test_repair_chooses_what_monitors_the_new_version(
-    predeployed: tuple[Path, dict[str, Any]], tmp_path: Path, choice: str
+    predeployed: tuple[Path, dict[str, Any]],
+    splits: Any,
+    tmp_path: Path,
+    choice: str,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    """auto (the default) refreshes a monitor that records its treatment; a version whose monitor does not (made
+    with none) is kept by the next repair's auto, with a warning."""
     from edge_agent.formats.bundle import sha256_file
     from trainer.science.models import Checkpoint
+    from trainer.stages.repair import RepairConfig, load, resolve_next_monitor
 
     bundle = predeployed[0] / "bundle"
     run_cli("trainer", "stream", *SMALL_SPLIT, "--bundle", str(bundle), "--trigger", "checker4", "--target", "0",
@@ -292,17 +300,23 @@ def test_repair_chooses_what_monitors_the_new_version(
     _, out, _ = run_cli(
         "trainer", "repair", *SMALL_SPLIT, "--bundle", str(bundle), "--quarantine", str(tmp_path / "q"),
         "--out", str(tmp_path / "r"), "--learner", "none", "--epochs", "1", "--max-ca-drop", "0.2",
-        "--min-quarantine", "5", "--next-monitor", choice, "--quiet",
+        "--min-quarantine", "5", *(["--next-monitor", choice] if choice != "auto" else []), "--quiet",
     )  # fmt: skip
     assert out is not None and out["published"]
     manifest = json.loads((tmp_path / "r" / "bundle" / "manifest.json").read_text())
-    assert manifest["provenance"]["monitor"] == choice
+    assert manifest["provenance"]["monitor"] == ("refresh" if choice == "auto" else choice)
     files = {a["role"]: tmp_path / "r" / "bundle" / a["name"] for a in manifest["artifacts"]}
     served = out["served_test"]
     if choice == "none":
         assert manifest["reject_rule"]["score"] == "disagree"
         assert served["clean_reject_rate"] == 0.0
         assert served["served_clean_accuracy"] == served["primary_clean_accuracy"]
+        v2 = load(tmp_path / "r" / "bundle", tmp_path / "q", splits)  # its monitor: θ_repair, no treatment
+        with caplog.at_level(logging.WARNING, logger="trainer.stages.repair"):
+            assert resolve_next_monitor(v2, RepairConfig()).next_monitor == "keep"
+        assert "does not record its treatment" in caplog.text
+        with pytest.raises(ValueError, match="does not record its treatment"):
+            resolve_next_monitor(v2, RepairConfig(next_monitor="refresh"))
     else:
         v1_monitor = bundle / next(a["name"] for a in json.loads((bundle / "manifest.json").read_text())["artifacts"]
                                    if a["role"] == "monitor")  # fmt: skip

@@ -52,8 +52,12 @@ Classify = Callable[[np.ndarray], np.ndarray]  # images (N, C, H, W) uint8 -> la
 REPAIR_BASES = ("bd", "aug")
 LEARNERS = ("cyclegan", "none")
 # what monitors the new version: the deployed monitor (θ_aug), θ_repair treated again with the deployed monitor's
-# recipe (α, γ, noise, epochs), or nothing (θ_repair twice: the rule never rejects; the edge still runs two passes)
-NEXT_MONITORS = ("keep", "refresh", "none")
+# recipe (α, γ, noise, epochs), or nothing (θ_repair twice: the rule never rejects; the edge still runs two passes).
+# "auto" (the default) is refresh where the deployed monitor records its treatment (predeploy's and refreshed ones
+# do), else keep. Measured (BENCHMARKS.md, two backdoors, a θ_aug that kept the second): only a refreshed monitor
+# still caught the backdoor θ_repair kept (AUROC 0.97 against 0.06 for the kept θ_aug, which keeps it too), at a
+# served CA within 0.01 of θ_repair's like keep's; where both backdoors were gone, refresh and keep served the same.
+NEXT_MONITORS = ("auto", "keep", "refresh", "none")
 
 
 @dataclass(frozen=True)
@@ -84,8 +88,9 @@ class RepairConfig:
     max_ca_drop: float = flag(0.03, "gate: D_eval CA floor below the BadNet's", type=float)
     seed: int = flag(0, "seed of the CycleGAN and the fine-tuning", type=int)
     next_monitor: str = flag(
-        "keep", "what monitors the new version: keep (the deployed monitor), refresh (θ_repair treated with the "
-        "deployed monitor's α, γ and noise), none (nothing is rejected)", choices=NEXT_MONITORS,
+        "auto", "what monitors the new version: keep (the deployed monitor), refresh (θ_repair treated with the "
+        "deployed monitor's α, γ and noise), none (nothing is rejected), auto (refresh where the deployed monitor "
+        "records its treatment, else keep)", choices=NEXT_MONITORS,
     )  # fmt: skip
     # the new version's reject rule; None: the deployed one's score and budget, τ chosen anew for the new pair
     reject: RejectConfig | None = None
@@ -319,6 +324,21 @@ def check_refreshable(loaded: _Loaded) -> None:
         )
 
 
+def resolve_next_monitor(loaded: _Loaded, cfg: RepairConfig) -> RepairConfig:
+    """``cfg`` with ``auto`` resolved (refresh where the deployed monitor records its treatment, else keep,
+    logged); an explicit refresh of a monitor that does not record it is refused before any training."""
+    if cfg.next_monitor == "refresh":
+        check_refreshable(loaded)
+    if cfg.next_monitor != "auto":
+        return cfg
+    try:
+        check_refreshable(loaded)
+    except ValueError as e:
+        log.warning("%s; the new version keeps the deployed monitor", e)
+        return replace(cfg, next_monitor="keep")
+    return replace(cfg, next_monitor="refresh")
+
+
 def refresh_monitor(loaded: _Loaded, model: Any, splits: Splits, cfg: RepairConfig, quiet: bool) -> Checkpoint:
     """θ_repair treated as the deployed monitor was (Algorithm 1's pick: its α, γ, noise and fine-tuning recipe
     from the monitor's checkpoint), without a new grid search."""
@@ -484,8 +504,7 @@ def run_repair(
     version = check_version(read_manifest(bundle_dir), version)
     splits = splits.in_image_space(preprocess_of(read_manifest(bundle_dir).input_spec))
     loaded = load(bundle_dir, quarantine_path, splits, primary_checkpoint, monitor_checkpoint)
-    if cfg.next_monitor == "refresh":
-        check_refreshable(loaded)  # before any training
+    cfg = resolve_next_monitor(loaded, cfg)  # before any training
     pur = purify_quarantine(loaded, splits, cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     trigger = learn_trigger(loaded, pur, splits, cfg, out_dir, quiet)
