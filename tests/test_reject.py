@@ -78,7 +78,7 @@ def test_the_confidence_bound_keeps_the_budget_on_new_inputs() -> None:
     assert RejectRule.of(manifest) == rule
 
 
-def test_calibration_uses_d_treat_unless_its_scores_sit_lower() -> None:
+def test_calibration_uses_d_treat_unless_its_scores_sit_lower_and_would_lower_tau() -> None:
     from trainer.stages.detect import RejectConfig, calibration_scores
 
     rng = np.random.default_rng(0)
@@ -88,6 +88,11 @@ def test_calibration_uses_d_treat_unless_its_scores_sit_lower() -> None:
     chosen, name = calibration_scores({"eval": ev, "treat": lower}, RejectConfig())
     assert name == "eval" and len(chosen) == 1000  # the models agree more where they were fine-tuned
     assert calibration_scores({"eval": ev, "treat": same}, RejectConfig(calibration_set="eval"))[1] == "eval"
+    # lower in the bulk but with a longer tail (a primary fine-tuned on D_treat, more sure of itself there, under a
+    # logit-space score): the union's τ rejects fewer new inputs than D_eval's alone, so both are used
+    bulk_lower_tail_higher = np.where(rng.random(4000) < 0.03, 6.0 + rng.exponential(size=4000), 0.5 * same)
+    chosen, name = calibration_scores({"eval": ev, "treat": bulk_lower_tail_higher}, RejectConfig())
+    assert name == "valid" and len(chosen) == 5000
 
 
 @pytest.mark.parametrize("score", SCORES)

@@ -76,8 +76,15 @@ def _lower_share(treat: np.ndarray, ev: np.ndarray, tau: float) -> float:
 
 def calibration_scores(scores: dict[str, np.ndarray], cfg: RejectConfig) -> tuple[np.ndarray, str]:
     """The clean scores τ is chosen on and their name: D_eval and D_treat together ("valid") unless ``cfg`` says
-    D_eval, or D_treat's scores sit lower than D_eval's at the union's 90th percentile or at its τ (then D_eval
-    alone, logged). Label-free: only clean inputs' scores are read."""
+    D_eval, or D_treat's scores sit lower than D_eval's at the union's 90th percentile or at its τ and the union's
+    τ would reject more than D_eval's alone (then D_eval alone, logged). Label-free: only clean inputs' scores are
+    read.
+
+    Where the two sets differ, the higher of the two thresholds is the one that keeps the budget: a model
+    fine-tuned on D_treat may agree more there (lower scores, a τ too low for new inputs: D_eval's is taken), or,
+    for a score in logit space, be more sure of its answers there (the bulk lower but the tail higher: measured on
+    repaired pairs, where D_eval's 1,000 scores alone gave half the reject rate of new inputs; the union's is taken).
+    """
     ev = scores["eval"]
     treat = scores.get("treat")
     if cfg.calibration_set == "eval" or treat is None or not len(treat):
@@ -86,6 +93,16 @@ def calibration_scores(scores: dict[str, np.ndarray], cfg: RejectConfig) -> tupl
     tau = threshold_for(both, cfg.clean_reject_budget, cfg.calibration_confidence)
     z = max(_lower_share(treat, ev, float(np.quantile(both, 0.9))), _lower_share(treat, ev, tau))
     if z > SHIFT_Z:
+        tau_eval = threshold_for(ev, cfg.clean_reject_budget, cfg.calibration_confidence)
+        if tau >= tau_eval:
+            log.info(
+                "D_treat's scores differ from D_eval's (z %.1f), but τ on both (%.4g) is above D_eval's alone "
+                "(%.4g): chosen on both",
+                z,
+                tau,
+                tau_eval,
+            )
+            return both, "valid"
         log.warning(
             "the models agree more on D_treat (fine-tuned on it) than on D_eval (z %.1f): τ is chosen on D_eval "
             "alone (%d inputs)",
