@@ -78,6 +78,20 @@ def test_the_confidence_bound_keeps_the_budget_on_new_inputs() -> None:
     assert RejectRule.of(manifest) == rule
 
 
+def test_a_new_version_keeps_the_deployed_budget_but_chooses_its_calibration_set_again() -> None:
+    from protos.nnoc.v1 import bundle_pb2
+    from trainer.stages.publish import inherited_reject
+
+    # the guard used D_eval alone for the deployed pair; that says nothing about the next pair
+    deployed = rule_for("logit_gap", 0.02, np.random.default_rng(0).exponential(size=1000), 0.95, "eval")
+    manifest = bundle_pb2.Manifest()
+    manifest.reject_rule.CopyFrom(deployed.message())
+    cfg = inherited_reject(manifest)
+    assert (cfg.reject_score, cfg.clean_reject_budget, cfg.calibration_confidence) == ("logit_gap", 0.02, 0.95)
+    assert cfg.calibration_set == "valid"
+    assert inherited_reject(manifest, calibration_set="eval").calibration_set == "eval"
+
+
 def test_calibration_uses_d_treat_unless_its_scores_sit_lower_and_would_lower_tau() -> None:
     from trainer.stages.detect import RejectConfig, calibration_scores
 

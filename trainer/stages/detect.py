@@ -243,12 +243,11 @@ def detect_eval(
     attacks = (test.labels != target) & (p_clean.argmax(1) == test.labels) & (p_trig.argmax(1) == target)
     p_eval, m_eval = pair_logits(primary, monitor, fitted.image(splits.eval.images), preprocess)
     p_treat, m_treat = pair_logits(primary, monitor, fitted.image(splits.treat.images), preprocess)
-    # Label-free operating points as publishing makes them: the bundle's calibration (else today's default)
+    # Label-free operating points as publishing makes them today: the bundle's confidence, the set chosen by
+    # today's guard (the manifest records the set used then, not what was asked)
     default = RejectConfig()
     calib = replace(
-        default,
-        calibration_confidence=default.calibration_confidence if rule.confidence is None else rule.confidence,
-        calibration_set=rule.calibration_set or default.calibration_set,
+        default, calibration_confidence=default.calibration_confidence if rule.confidence is None else rule.confidence
     )
     out: dict[str, Any] = {
         "bundle": str(bundle_dir),

@@ -78,14 +78,15 @@ def publish_bundle(
 
 
 def inherited_reject(manifest: bundle_pb2.Manifest, **given: Any) -> RejectConfig:
-    """The deployed version's score, budget and calibration, with ``given`` (RejectConfig fields) in their place
-    (the paper's rule stays the paper's rule; what an older manifest does not record takes today's default)."""
+    """The deployed version's score, budget and confidence, with ``given`` (RejectConfig fields) in their place
+    (the paper's rule stays the paper's rule; what an older manifest does not record takes today's default). The
+    calibration set is today's default unless given: the manifest records the set the guard used for the old pair
+    (D_eval alone where D_treat's scores sat lower), which says nothing about the new pair."""
     rule, default = RejectRule.of(manifest), RejectConfig()
     inherited = RejectConfig(
         rule.score,
         default.clean_reject_budget if rule.budget is None else rule.budget,
         default.calibration_confidence if rule.confidence is None else rule.confidence,
-        rule.calibration_set or default.calibration_set,
     )
     return replace(inherited, **given)
 
