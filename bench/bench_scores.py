@@ -63,8 +63,14 @@ def candidates() -> dict[str, Scorer]:
         other = np.where(m.argmax(1) == y, np.sort(m, 1)[:, -2], m.max(1))
         return _margin(p) - (_at_label(m, p) - other)
 
+    def gap_plus_margin(p: np.ndarray, m: np.ndarray) -> np.ndarray:
+        # logit_gap plus how far the monitor prefers its own label over the primary's (0 where they agree): an
+        # adaptive BadNet that keeps its target logit in the clean range still meets a monitor sure of another label
+        return reject_scores(p, m, "logit_gap") + (m.max(1) - _at_label(m, p))
+
     return {
         "logit_gap": lambda p, m: reject_scores(p, m, "logit_gap"),
+        "logit_gap + monitor margin": gap_plus_margin,
         "kl": lambda p, m: reject_scores(p, m, "kl"),
         "doubt": lambda p, m: reject_scores(p, m, "doubt"),
         "raw logit difference": lambda p, m: _at_label(p - m, p),
@@ -88,6 +94,8 @@ def cases() -> list[tuple[str, Path, str, int]]:
                         (foreign / arch / "trigger.txt").read_text().strip(), 7))  # fmt: skip
     out.append(("weak θ_aug checker4 (ASR 0.78)", WORK / "checker4" / "seed0" / "weak-0.8" / "predeploy" / "bundle",
                 "checker4", 0))  # fmt: skip
+    adaptive = WORK / "checker4+adaptive0.3" / "seed0" / "predeploy" / "bundle"
+    out.append(("adaptive attacker: checker4, smoothing 0.3", adaptive, "checker4", 0))
     rounds = ROOT / "runs" / "bench-rounds"
     out.append(("two backdoors: blend → 4", rounds / "blend-seed0" / "predeploy" / "bundle",
                 f"blend:{rounds / 'triggers' / 'noise.png'}:0.15", 4))  # fmt: skip
