@@ -1,8 +1,8 @@
 """The publishing step both stages end with: checkpoints exported to ONNX, the bundle written, the report saved.
 
 ``predeploy`` publishes bundle v1 (θ_bd as primary, θ_aug as monitor); ``repair`` publishes v+1 (θ_repair as
-primary, the deployed monitor kept). Each version folder holds the bundle, both torch checkpoints (the next
-repair fine-tunes them) and ``report.json``.
+primary, beside a refreshed, the deployed or no monitor: ``--next-monitor``). Each version folder holds the bundle,
+both torch checkpoints (the next repair fine-tunes them) and ``report.json``.
 """
 
 from __future__ import annotations
