@@ -104,10 +104,11 @@ def cases() -> list[tuple[str, Path, str, int]]:
 
 def measure(bundle: Path, spec: str, target: int) -> dict[str, dict[str, float]]:
     from edge_agent.formats.bundle import read_manifest
+    from edge_agent.formats.reject import reject_scores
     from edge_agent.formats.spec import image_shape_of, preprocess_of
     from trainer.science.data import DataConfig, SplitConfig, load_splits
     from trainer.science.triggers import parse_trigger
-    from trainer.stages.detect import RejectConfig, auroc, pair_logits, rule_from_scores
+    from trainer.stages.detect import RejectConfig, auroc, clean_scores, pair_logits, rule_from_scores
 
     manifest = read_manifest(bundle)
     pre = preprocess_of(manifest.input_spec)
@@ -123,7 +124,11 @@ def measure(bundle: Path, spec: str, target: int) -> dict[str, dict[str, float]]
     calib = {"eval": logits(splits.eval.images), "treat": logits(splits.treat.images)}
     attacks = (test.labels != target) & (clean[0].argmax(1) == test.labels) & (trig[0].argmax(1) == target)
     rows = {}
-    for name, fn in candidates().items():
+    scorers = candidates()
+    # the shipped combined score, its scales fitted on the defender's clean sets as publishing fits them
+    scales = clean_scores("gap_or_kl", calib, 0.01)[1]
+    scorers["gap_or_kl"] = lambda p, m: reject_scores(p, m, "gap_or_kl", scales)
+    for name, fn in scorers.items():
         neg, pos = fn(*clean), fn(*trig)[attacks]
         # "kl" as the rule's score only names the threshold's bookkeeping: τ is chosen from these scores
         rule = rule_from_scores({k: fn(*v) for k, v in calib.items()}, replace(RejectConfig(), reject_score="kl"))

@@ -13,7 +13,7 @@ import onnxruntime as ort
 
 from edge_agent.formats.bundle import VerifiedBundle
 from edge_agent.formats.preprocess import PreprocessError
-from edge_agent.formats.reject import RejectRule, reject_scores
+from edge_agent.formats.reject import RejectRule
 from edge_agent.formats.spec import accepted_range, image_shape_of, preprocess_of
 from edge_agent.fuse import MONITOR_OUT, PRIMARY_OUT, REJECTED_OUT, SCORE_OUT, FuseError, fuse_models
 from edge_agent.runtime import RuntimeConfig, make_session, warm_up
@@ -179,7 +179,7 @@ class Ensemble:
         feed = {self.input_name: x}
         p_logits = np.asarray(self.primary.run(None, feed)[0])
         m_logits = np.asarray(self.monitor.run(None, feed)[0])
-        score = reject_scores(p_logits, m_logits, self.rule.score)
+        score = self.rule.scores(p_logits, m_logits)
         primary, monitor = p_logits.argmax(1).astype(np.int64), m_logits.argmax(1).astype(np.int64)
         return primary, monitor, score, self.rule.reject(score)
 

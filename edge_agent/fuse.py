@@ -12,7 +12,7 @@ from pathlib import Path
 import onnx
 from onnx import compose, helper
 
-from edge_agent.formats.reject import RejectRule
+from edge_agent.formats.reject import COMBINED, RejectRule
 
 PRIMARY_OUT, MONITOR_OUT = "primary_label", "monitor_label"
 SCORE_OUT, REJECTED_OUT = "reject_score", "rejected"
@@ -26,8 +26,51 @@ def _opsets(model: onnx.ModelProto) -> dict[str, int]:
     return {o.domain or "ai.onnx": o.version for o in model.opset_import}
 
 
+def _part_nodes(score: str, out: str) -> list[onnx.NodeProto]:
+    """Nodes computing one plain score of :mod:`.formats.reject` into ``out`` (names kept apart per score)."""
+    n = helper.make_node
+    t = f"s/{score}/"  # this score's intermediate names
+    if score == "disagree":
+        return [
+            n("Equal", [PRIMARY_OUT, MONITOR_OUT], [t + "same"]),
+            n("Not", [t + "same"], [t + "differ"]),
+            n("Cast", [t + "differ"], [out], to=onnx.TensorProto.FLOAT),
+        ]
+    if score == "kl":
+        return [
+            n("LogSoftmax", ["s/p"], [t + "lp"], axis=1),
+            n("LogSoftmax", ["s/m"], [t + "lm"], axis=1),
+            n("Exp", [t + "lp"], [t + "pp"]),
+            n("Sub", [t + "lp", t + "lm"], [t + "d"]),
+            n("Mul", [t + "pp", t + "d"], [t + "e"]),
+            n("ReduceSum", [t + "e", "s/axes"], [out], keepdims=0),
+        ]
+    if score == "logit_gap":  # (p - m)[y] - mean(p - m); the label count from the shape (any opset >= 13)
+        return [
+            n("Sub", ["s/p", "s/m"], [t + "d"]),
+            n("Unsqueeze", [PRIMARY_OUT, "s/axes"], [t + "idx"]),
+            n("GatherElements", [t + "d", t + "idx"], [t + "dy2"], axis=1),
+            n("Squeeze", [t + "dy2", "s/axes"], [t + "dy"]),
+            n("ReduceSum", [t + "d", "s/axes"], [t + "sum"], keepdims=0),
+            n("Shape", [t + "d"], [t + "shape"]),
+            n("Gather", [t + "shape", "s/axes"], [t + "k1"], axis=0),
+            n("Cast", [t + "k1"], [t + "k"], to=onnx.TensorProto.FLOAT),
+            n("Div", [t + "sum", t + "k"], [t + "mean"]),
+            n("Sub", [t + "dy", t + "mean"], [out]),
+        ]
+    # doubt
+    return [
+        n("Softmax", ["s/m"], [t + "pm"], axis=1),
+        n("Unsqueeze", [PRIMARY_OUT, "s/axes"], [t + "idx"]),
+        n("GatherElements", [t + "pm", t + "idx"], [t + "picked2"], axis=1),
+        n("Squeeze", [t + "picked2", "s/axes"], [t + "picked"]),
+        n("Sub", ["s/one", t + "picked"], [out]),
+    ]
+
+
 def _score_nodes(p_logits: str, m_logits: str, rule: RejectRule) -> list[onnx.NodeProto]:
-    """Nodes computing ``reject_score`` (FLOAT, (batch,)) and ``rejected`` (BOOL) as :mod:`.formats.reject` does."""
+    """Nodes computing ``reject_score`` (FLOAT, (batch,)) and ``rejected`` (BOOL) as :mod:`.formats.reject` does;
+    a combined score is the largest of its parts, each divided by the rule's scale for it."""
     n = helper.make_node
     const = [
         n("Constant", [], ["s/axes"], value=helper.make_tensor("axes", onnx.TensorProto.INT64, [1], [1])),
@@ -36,42 +79,18 @@ def _score_nodes(p_logits: str, m_logits: str, rule: RejectRule) -> list[onnx.No
         n("Cast", [p_logits], ["s/p"], to=onnx.TensorProto.FLOAT),
         n("Cast", [m_logits], ["s/m"], to=onnx.TensorProto.FLOAT),
     ]
-    if rule.score == "disagree":
-        body = [
-            n("Equal", [PRIMARY_OUT, MONITOR_OUT], ["s/same"]),
-            n("Not", ["s/same"], ["s/differ"]),
-            n("Cast", ["s/differ"], [SCORE_OUT], to=onnx.TensorProto.FLOAT),
+    parts = COMBINED.get(rule.score)
+    if parts is None:
+        return [*const, *_part_nodes(rule.score, SCORE_OUT), n("Greater", [SCORE_OUT, "s/tau"], [REJECTED_OUT])]
+    body: list[onnx.NodeProto] = []
+    for part, scale in zip(parts, rule.scales, strict=True):
+        c = f"s/{part}/scale"
+        body += [
+            n("Constant", [], [c], value=helper.make_tensor("scale", onnx.TensorProto.FLOAT, [], [scale])),
+            *_part_nodes(part, f"s/{part}/raw"),
+            n("Div", [f"s/{part}/raw", c], [f"s/{part}/scaled"]),
         ]
-    elif rule.score == "kl":
-        body = [
-            n("LogSoftmax", ["s/p"], ["s/lp"], axis=1),
-            n("LogSoftmax", ["s/m"], ["s/lm"], axis=1),
-            n("Exp", ["s/lp"], ["s/pp"]),
-            n("Sub", ["s/lp", "s/lm"], ["s/d"]),
-            n("Mul", ["s/pp", "s/d"], ["s/e"]),
-            n("ReduceSum", ["s/e", "s/axes"], [SCORE_OUT], keepdims=0),
-        ]
-    elif rule.score == "logit_gap":  # (p - m)[y] - mean(p - m); the label count from the shape (any opset >= 13)
-        body = [
-            n("Sub", ["s/p", "s/m"], ["s/d"]),
-            n("Unsqueeze", [PRIMARY_OUT, "s/axes"], ["s/idx"]),
-            n("GatherElements", ["s/d", "s/idx"], ["s/dy2"], axis=1),
-            n("Squeeze", ["s/dy2", "s/axes"], ["s/dy"]),
-            n("ReduceSum", ["s/d", "s/axes"], ["s/sum"], keepdims=0),
-            n("Shape", ["s/d"], ["s/shape"]),
-            n("Gather", ["s/shape", "s/axes"], ["s/k1"], axis=0),
-            n("Cast", ["s/k1"], ["s/k"], to=onnx.TensorProto.FLOAT),
-            n("Div", ["s/sum", "s/k"], ["s/mean"]),
-            n("Sub", ["s/dy", "s/mean"], [SCORE_OUT]),
-        ]
-    else:  # doubt
-        body = [
-            n("Softmax", ["s/m"], ["s/pm"], axis=1),
-            n("Unsqueeze", [PRIMARY_OUT, "s/axes"], ["s/idx"]),
-            n("GatherElements", ["s/pm", "s/idx"], ["s/picked2"], axis=1),
-            n("Squeeze", ["s/picked2", "s/axes"], ["s/picked"]),
-            n("Sub", ["s/one", "s/picked"], [SCORE_OUT]),
-        ]
+    body.append(n("Max", [f"s/{part}/scaled" for part in parts], [SCORE_OUT]))
     return [*const, *body, n("Greater", [SCORE_OUT, "s/tau"], [REJECTED_OUT])]
 
 

@@ -10,7 +10,17 @@ import pytest
 
 from conftest import rgb_bundle
 from edge_agent.formats.preprocess import Preprocess
-from edge_agent.formats.reject import SCORES, RejectRule, RejectRuleError, reject_scores, rule_for, threshold_for
+from edge_agent.formats.reject import (
+    COMBINED,
+    SCORES,
+    RejectRule,
+    RejectRuleError,
+    fit_scales,
+    reject_scores,
+    rule_for,
+    threshold_for,
+)
+from protos.nnoc.v1 import bundle_pb2
 
 BLOCK = Preprocess(color="rgb", size=(32, 32), mean=(0.5,), std=(0.25,))
 
@@ -33,6 +43,47 @@ def test_scores_by_hand() -> None:
     assert reject_scores(sure, less, "kl")[0] < 0.02 and reject_scores(sure, less, "logit_gap")[0] > 4.0
     with pytest.raises(RejectRuleError, match="unknown reject score"):
         RejectRule("entropy", 0.1)
+
+
+def test_the_combined_score_takes_the_larger_part_in_units_of_its_clean_tail() -> None:
+    """gap_or_kl: logit_gap and kl each divided by its clean (1 - budget) quantile; the larger decides. The
+    adaptive case (a primary unsure on purpose, the monitor sure of another label) is caught by the kl part, a
+    weak monitor (the same label, less sure) by the logit_gap part."""
+    rng = np.random.default_rng(0)
+    p = rng.normal(size=(2000, 10)).astype(np.float32)
+    p[np.arange(2000), rng.integers(0, 10, 2000)] += 6.0
+    m = p + rng.normal(scale=0.3, size=p.shape).astype(np.float32)  # clean: the two models nearly agree
+    parts = {part: reject_scores(p, m, part) for part in ("logit_gap", "kl")}
+    scales = fit_scales("gap_or_kl", parts, 0.01)
+    assert scales == (threshold_for(parts["logit_gap"], 0.01), threshold_for(parts["kl"], 0.01))
+    clean = reject_scores(p, m, "gap_or_kl", scales)
+    rule = rule_for("gap_or_kl", 0.01, clean, scales=scales)
+    assert rule.scales == scales and (clean > rule.threshold).mean() <= 0.01
+    # both parts at 1% each: the union rejects between 1% and 2% of clean inputs at scale 1
+    assert 0.01 <= (clean > 1.0).mean() <= 0.02
+    adaptive_p = np.array([[0.0, 1.5, 0.0, 0, 0, 0, 0, 0, 0, 0]], np.float32)  # target 1, unsure
+    adaptive_m = np.array([[6.0, -1.0, 0.0, 0, 0, 0, 0, 0, 0, 0]], np.float32)  # sure of label 0
+    weak_p = np.array([[0.0, 14.0, 0, 0, 0, 0, 0, 0, 0, 0]], np.float32)  # far past the clean range
+    weak_m = np.array([[0.0, 7.0, 0, 0, 0, 0, 0, 0, 0, 0]], np.float32)  # the same label, less sure
+    for a, b, part in ((adaptive_p, adaptive_m, "kl"), (weak_p, weak_m, "logit_gap")):
+        got = reject_scores(a, b, "gap_or_kl", scales)[0]
+        assert got > rule.threshold and got == pytest.approx(
+            reject_scores(a, b, part)[0] / scales[("logit_gap", "kl").index(part)]
+        )
+    assert reject_scores(weak_p, weak_m, "kl")[0] < scales[1]  # kl alone misses the weak monitor's input
+    # the manifest carries the scales; a combined rule without them (or a plain one with them) is refused
+    assert RejectRule.of(_manifest_with(rule)).scales == scales
+    for bad in ((), (1.0,), (1.0, 0.0), (1.0, float("nan"))):
+        with pytest.raises(RejectRuleError, match="scale"):
+            RejectRule("gap_or_kl", 1.0, scales=bad)
+    with pytest.raises(RejectRuleError, match="takes 0 scales"):
+        RejectRule("kl", 1.0, scales=(1.0,))
+
+
+def _manifest_with(rule: RejectRule) -> bundle_pb2.Manifest:
+    manifest = bundle_pb2.Manifest()
+    manifest.reject_rule.CopyFrom(rule.message())
+    return bundle_pb2.Manifest.FromString(manifest.SerializeToString())
 
 
 def test_threshold_keeps_the_clean_budget() -> None:
@@ -118,16 +169,23 @@ def test_the_fused_graph_and_the_two_sessions_apply_the_manifests_rule(score: st
     from edge_agent.runtime import RuntimeConfig
 
     x = BLOCK.model_input(np.random.default_rng(1).integers(0, 256, (64, 3, 32, 32), dtype=np.uint8))
-    first = verify_bundle(rgb_bundle(tmp_path / "a", BLOCK, rule=RejectRule(score, 0.5)))
+    first = verify_bundle(rgb_bundle(tmp_path / "a", BLOCK))
     logits = [
         ort.InferenceSession(str(first.model_path(r)), providers=["CPUExecutionProvider"]).run(
             None, {first.manifest.input_spec.input_name: x}
         )[0]
         for r in ("primary", "monitor")
     ]
-    want = reject_scores(*logits, score)
+    # a combined score's scales from this batch (each part's median: parts of different magnitudes, so that a
+    # swapped or missing scale shows)
+    parts = {part: reject_scores(*logits, part) for part in COMBINED.get(score, ())}
+    scales = tuple(float(np.median(parts[part])) for part in parts)
+    want = reject_scores(*logits, score, scales)
+    if parts:
+        assert np.allclose(want, np.max([parts[p] / s for p, s in zip(parts, scales, strict=True)], axis=0))
+        assert 0 < np.isclose(want, parts["kl"] / scales[1]).mean() < 1  # each part the larger on some inputs
     # A threshold inside this batch's scores, so that both sides of it are exercised.
-    rule = RejectRule(score, 0.5 if score == "disagree" else float(np.median(want)))
+    rule = RejectRule(score, 0.5 if score == "disagree" else float(np.median(want)), scales=scales)
     bundle = verify_bundle(rgb_bundle(tmp_path / "b", BLOCK, rule=rule))
     fused = Ensemble(bundle, RuntimeConfig(ensemble_path="fused"))
     two = Ensemble(bundle, RuntimeConfig(ensemble_path="two-sessions"))
@@ -182,13 +240,28 @@ def test_calibrate_puts_the_same_models_under_a_new_rule(predeployed: tuple[Path
     v1 = verify_bundle(out / "bundle")
     before = RejectRule.of(v1.manifest)
     _, rep, _ = run_cli("trainer", "calibrate", *SMALL_SPLIT, "--bundle", str(out / "bundle"), "--reject-score",
-                        "kl", "--out", str(tmp_path / "c"), "--quiet")  # fmt: skip
+                        "gap_or_kl", "--out", str(tmp_path / "c"), "--quiet")  # fmt: skip
     v2 = verify_bundle(tmp_path / "c" / "bundle")
     rule = RejectRule.of(v2.manifest)
     assert (v2.manifest.version, v2.manifest.parent_version) == (2, 1) and rep is not None
-    assert rule.score == "kl" and rule.budget == before.budget and rule.confidence == before.confidence
+    assert rule.score == "gap_or_kl" and rule.budget == before.budget and rule.confidence == before.confidence
     assert rule.clean_rate is not None and rule.clean_rate <= before.budget  # type: ignore[operator]
-    assert rep["reject_rule"]["score"] == "kl" and rep["previous_rule"]["score"] == before.score
+    assert rep["reject_rule"]["score"] == "gap_or_kl" and rep["previous_rule"]["score"] == before.score
+    # the combined score's scales, fitted on clean inputs, travel in the manifest; the edge's fused graph applies
+    # them as the numpy definition does, on the real models
+    assert len(rule.scales) == 2 and rep["reject_rule"]["score_scales"] == list(rule.scales)
+    from edge_agent.ensemble import Ensemble, to_model_input
+    from edge_agent.formats.spec import preprocess_of
+    from edge_agent.runtime import RuntimeConfig
+    from trainer.science.data import DataConfig, SplitConfig, load_splits
+    from trainer.stages.detect import pair_logits
+
+    spec = v2.manifest.input_spec
+    images = load_splits(DataConfig(), SplitConfig(valid=1000, stream=500, train=8000, test=500)).test.images
+    fused = Ensemble(v2, RuntimeConfig(ensemble_path="fused")).classify(to_model_input(images, spec))
+    logits = pair_logits(v2.model_path("primary"), v2.model_path("monitor"), images, preprocess_of(spec))
+    want = rule.scores(*logits)
+    np.testing.assert_allclose(fused.score, want, rtol=1e-4, atol=1e-5)
     hashes = {a.role: a.sha256 for a in v1.manifest.artifacts}
     assert all(hashes[a.role] == a.sha256 for a in v2.manifest.artifacts if a.role in ("primary", "monitor"))
     assert (tmp_path / "c" / "primary.pt").is_file() and (tmp_path / "c" / "monitor.pt").is_file()
@@ -196,7 +269,7 @@ def test_calibrate_puts_the_same_models_under_a_new_rule(predeployed: tuple[Path
     # Only a budget given: the score stays the bundle's.
     _, rep, _ = run_cli("trainer", "calibrate", *SMALL_SPLIT, "--bundle", str(tmp_path / "c" / "bundle"),
                         "--clean-reject-budget", "0.05", "--out", str(tmp_path / "d"), "--quiet")  # fmt: skip
-    assert rep is not None and rep["reject_rule"]["score"] == "kl" and rep["bundle_version"] == 3
+    assert rep is not None and rep["reject_rule"]["score"] == "gap_or_kl" and rep["bundle_version"] == 3
     assert rep["reject_rule"]["threshold"] < rule.threshold  # a larger budget: a lower τ
     code, _, err = run_cli("trainer", "calibrate", "--bundle", str(tmp_path / "nowhere"), "--out",
                            str(tmp_path / "e"), check=False)  # fmt: skip

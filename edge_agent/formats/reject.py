@@ -12,6 +12,10 @@ Scores, each from the primary's (θ_bd) and the monitor's (θ_aug) logits:
   drives the BadNet's target logit far beyond what clean inputs do; a softmax saturates there (KL and doubt see
   two near-one-hot answers when the monitor still says the target), the logits do not. Measured (bench/NOTES.md):
   recall at 1% clean rejects 0.96-1.00 on every trigger and model where ``kl`` gave 0.17-0.97.
+- ``gap_or_kl``: the larger of ``logit_gap`` and ``kl``, each divided by its scale (its own clean quantile at the
+  budget, chosen with τ and kept in the rule): an input is rejected when either part is far out in its own clean
+  tail. ``logit_gap`` reads logit magnitudes (a monitor that agrees but less surely); ``kl`` reads the distributions
+  (an adaptive BadNet trained to keep its target logit in the clean range, which ``logit_gap`` then misses).
 
 τ is chosen label-free (:func:`threshold_for`): from a clean-reject budget on clean inputs only, no trigger and no
 poisoned example read, with a binomial bound so that the budget holds on new clean inputs with a stated
@@ -27,7 +31,9 @@ import numpy as np
 
 from protos.nnoc.v1 import bundle_pb2
 
-SCORES = ("disagree", "kl", "doubt", "logit_gap")
+# A combined score: the largest of its parts, each divided by its scale (``RejectRule.scales``, in this order).
+COMBINED = {"gap_or_kl": ("logit_gap", "kl")}
+SCORES = ("disagree", "kl", "doubt", "logit_gap", *COMBINED)
 DEFAULT_SCORE = "logit_gap"
 DEFAULT_BUDGET = 0.01  # share of clean inputs the rule may reject
 # τ keeps the clean reject rate on new inputs within the budget with this probability. Measured (BENCHMARKS.md): the
@@ -51,15 +57,21 @@ class RejectRule:
     calibration_set: str = ""
     calibration_inputs: int | None = None
     confidence: float | None = None
+    scales: tuple[float, ...] = ()  # a combined score's scale per part (see COMBINED); empty for the others
 
     def __post_init__(self) -> None:
         if self.score not in SCORES:
             raise RejectRuleError(f"unknown reject score {self.score!r}; choose one of {list(SCORES)}")
         if not np.isfinite(self.threshold):
             raise RejectRuleError(f"reject threshold {self.threshold} is not a finite number")
+        check_scales(self.score, self.scales)
+
+    def scores(self, primary_logits: np.ndarray, monitor_logits: np.ndarray) -> np.ndarray:
+        """This rule's score for both models' logits."""
+        return reject_scores(primary_logits, monitor_logits, self.score, self.scales)
 
     def message(self) -> bundle_pb2.RejectRule:
-        msg = bundle_pb2.RejectRule(score=self.score, threshold=self.threshold)
+        msg = bundle_pb2.RejectRule(score=self.score, threshold=self.threshold, score_scales=self.scales)
         if self.budget is not None:
             msg.clean_reject_budget = self.budget
         if self.clean_rate is not None:
@@ -85,6 +97,7 @@ class RejectRule:
             m.calibration_set,
             m.calibration_inputs if m.HasField("calibration_inputs") else None,
             m.calibration_confidence if m.HasField("calibration_confidence") else None,
+            tuple(m.score_scales),
         )
 
     def reject(self, scores: np.ndarray) -> np.ndarray:
@@ -97,8 +110,39 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
 
 
-def reject_scores(primary_logits: np.ndarray, monitor_logits: np.ndarray, score: str) -> np.ndarray:
-    """(N,) float32 scores of ``score`` for logits (N, K) of both models."""
+def check_scales(score: str, scales: tuple[float, ...]) -> None:
+    """A combined score needs one positive finite scale per part; the others take none."""
+    parts = COMBINED.get(score, ())
+    if len(scales) != len(parts):
+        raise RejectRuleError(
+            f"reject score {score!r} takes {len(parts)} scales ({', '.join(parts) or 'none'}), got {len(scales)}: "
+            "choose the rule again with nnoc-trainer calibrate"
+        )
+    if not all(np.isfinite(x) and x > 0 for x in scales):
+        raise RejectRuleError(f"reject score scales must be positive finite numbers, got {list(scales)}")
+
+
+# A part whose clean quantile is not above this (two models that agree exactly) is scaled by it instead.
+MIN_SCALE = 1e-6
+
+
+def fit_scales(score: str, parts: dict[str, np.ndarray], budget: float) -> tuple[float, ...]:
+    """A combined score's scales from clean inputs only: each part's empirical (1 − budget) quantile (``parts``:
+    each part's clean scores), so that at scale 1 each part alone rejects about the budget. () for a plain score."""
+    return tuple(max(threshold_for(parts[part], budget), MIN_SCALE) for part in COMBINED.get(score, ()))
+
+
+def reject_scores(
+    primary_logits: np.ndarray, monitor_logits: np.ndarray, score: str, scales: tuple[float, ...] = ()
+) -> np.ndarray:
+    """(N,) float32 scores of ``score`` for logits (N, K) of both models (``scales``: a combined score's)."""
+    if score in COMBINED:
+        check_scales(score, scales)
+        parts = [
+            reject_scores(primary_logits, monitor_logits, part) / s
+            for part, s in zip(COMBINED[score], scales, strict=True)
+        ]
+        return np.max(parts, axis=0).astype(np.float32)
     if score == "disagree":
         return (primary_logits.argmax(1) != monitor_logits.argmax(1)).astype(np.float32)
     if score == "logit_gap":
@@ -149,11 +193,17 @@ def threshold_for(clean_scores: np.ndarray, budget: float, confidence: float = 0
 
 
 def rule_for(
-    score: str, budget: float, clean_scores: np.ndarray, confidence: float = 0.0, calibration_set: str = ""
+    score: str,
+    budget: float,
+    clean_scores: np.ndarray,
+    confidence: float = 0.0,
+    calibration_set: str = "",
+    scales: tuple[float, ...] = (),
 ) -> RejectRule:
-    """The rule for ``score`` at ``budget`` on clean scores (the paper's rule keeps τ = 0.5)."""
+    """The rule for ``score`` at ``budget`` on clean scores (the paper's rule keeps τ = 0.5); ``scales``: a combined
+    score's, those the clean scores were computed with."""
     tau = 0.5 if score == "disagree" else threshold_for(clean_scores, budget, confidence)
     rate = float((np.asarray(clean_scores) > tau).mean())
     if score == "disagree":
         return RejectRule(score, tau, None, rate, calibration_set, len(clean_scores))
-    return RejectRule(score, tau, budget, rate, calibration_set, len(clean_scores), confidence)
+    return RejectRule(score, tau, budget, rate, calibration_set, len(clean_scores), confidence, scales)

@@ -24,11 +24,13 @@ import numpy as np
 from edge_agent.formats.bundle import verify_bundle
 from edge_agent.formats.preprocess import Preprocess
 from edge_agent.formats.reject import (
+    COMBINED,
     DEFAULT_BUDGET,
     DEFAULT_CONFIDENCE,
     DEFAULT_SCORE,
     SCORES,
     RejectRule,
+    fit_scales,
     reject_scores,
     rule_for,
     threshold_for,
@@ -113,10 +115,46 @@ def calibration_scores(scores: dict[str, np.ndarray], cfg: RejectConfig) -> tupl
     return both, "valid"
 
 
-def rule_from_scores(scores: dict[str, np.ndarray], cfg: RejectConfig) -> RejectRule:
-    """The rule for ``cfg`` from clean scores by set ("eval", "treat"), τ chosen per :func:`calibration_scores`."""
+def rule_from_scores(scores: dict[str, np.ndarray], cfg: RejectConfig, scales: tuple[float, ...] = ()) -> RejectRule:
+    """The rule for ``cfg`` from clean scores by set ("eval", "treat"), τ chosen per :func:`calibration_scores`
+    (``scales``: a combined score's, those the scores were computed with)."""
     chosen, name = calibration_scores(scores, cfg)
-    return rule_for(cfg.reject_score, cfg.clean_reject_budget, chosen, cfg.calibration_confidence, name)
+    return rule_for(cfg.reject_score, cfg.clean_reject_budget, chosen, cfg.calibration_confidence, name, scales)
+
+
+def clean_scores(
+    score: str, logits: dict[str, tuple[np.ndarray, ...]], budget: float
+) -> tuple[dict[str, np.ndarray], tuple[float, ...]]:
+    """Each clean set's scores of ``score`` from both models' logits (primary, monitor) by set, and the scales they
+    were computed with: a combined score's, fitted on the clean inputs of every set together at ``budget``
+    (label-free), else ()."""
+    parts = {
+        part: np.concatenate([reject_scores(pair[0], pair[1], part) for pair in logits.values()])
+        for part in COMBINED.get(score, ())
+    }
+    scales = fit_scales(score, parts, budget)
+    return {name: reject_scores(pair[0], pair[1], score, scales) for name, pair in logits.items()}, scales
+
+
+def _label_free(
+    defenders: dict[str, tuple[np.ndarray, ...]],
+    cfg: RejectConfig,
+    clean: tuple[np.ndarray, np.ndarray],
+    triggered: tuple[np.ndarray, np.ndarray],
+    attacks: np.ndarray,
+    right: np.ndarray,
+) -> dict[str, float]:
+    """One label-free operating point: scales and τ chosen on the defender's clean sets as publishing chooses them,
+    measured on the clean test inputs and the attacks (evaluation)."""
+    scores, scales = clean_scores(cfg.reject_score, defenders, cfg.clean_reject_budget)
+    rule = rule_from_scores(scores, cfg, scales)
+    neg, pos = rule.scores(*clean), rule.scores(*triggered)[attacks]
+    return {
+        "threshold": rule.threshold,
+        "recall": float((pos > rule.threshold).mean()),
+        "clean_reject_rate": float((neg > rule.threshold).mean()),
+        "served_clean_accuracy": float((right & (neg <= rule.threshold)).mean()),
+    }
 
 
 def pair_logits(primary: Path, monitor: Path, images: np.ndarray, preprocess: Preprocess) -> tuple[np.ndarray, ...]:
@@ -129,11 +167,9 @@ def calibrate(
 ) -> RejectRule:
     """The rule for ``cfg`` with τ chosen on clean images only: ``clean`` maps "eval" (D_eval) and optionally
     "treat" (D_treat) to the model's images."""
-    scores = {}
-    for name, images in clean.items():
-        p, m = pair_logits(primary, monitor, images, preprocess)
-        scores[name] = reject_scores(p, m, cfg.reject_score)
-    rule = rule_from_scores(scores, cfg)
+    logits = {name: pair_logits(primary, monitor, images, preprocess) for name, images in clean.items()}
+    scores, scales = clean_scores(cfg.reject_score, logits, cfg.clean_reject_budget)
+    rule = rule_from_scores(scores, cfg, scales)
     log.info(
         "reject rule: %s > %.4g (chosen on %s clean inputs of %s at confidence %.2f; their reject rate %.4f)",
         rule.score,
@@ -153,7 +189,7 @@ def served(bundle_dir: Path, images: np.ndarray, labels: np.ndarray) -> dict[str
     rule = RejectRule.of(bundle.manifest)
     p, m = pair_logits(bundle.model_path("primary"), bundle.model_path("monitor"), images,
                        preprocess_of(bundle.manifest.input_spec))  # fmt: skip
-    rejected = rule.reject(reject_scores(p, m, rule.score))
+    rejected = rule.reject(rule.scores(p, m))
     right = p.argmax(1) == labels
     return {
         "served_clean_accuracy": float((right & ~rejected).mean()),
@@ -263,28 +299,32 @@ def detect_eval(
             "calibration_set": rule.calibration_set,
             "calibration_inputs": rule.calibration_inputs,
             "calibration_confidence": rule.confidence,
+            "scales": list(rule.scales),
         },
         "scores": {},
     }
     curves = {}
     right = p_clean.argmax(1) == test.labels
+    defenders: dict[str, tuple[np.ndarray, ...]] = {"eval": (p_eval, m_eval), "treat": (p_treat, m_treat)}
     for score in SCORES:
-        neg = reject_scores(p_clean, m_clean, score)
-        pos = reject_scores(p_trig, m_trig, score)[attacks]
+        # a combined score's curve with the scales publishing would fit at the default budget
+        scales = clean_scores(score, defenders, default.clean_reject_budget)[1]
+        neg = reject_scores(p_clean, m_clean, score, scales)
+        pos = reject_scores(p_trig, m_trig, score, scales)[attacks]
         row: dict[str, Any] = {"auroc": auroc(neg, pos) if len(pos) else None}
         if score != "disagree" and len(pos):
             row["recall_at_clean_reject"] = {str(b): recall_at(neg, pos, b) for b in BUDGETS}
-            clean = {"eval": reject_scores(p_eval, m_eval, score), "treat": reject_scores(p_treat, m_treat, score)}
-            # Label-free operating points: τ chosen on clean inputs at each budget, measured on the test set.
+            # Label-free operating points: scales and τ chosen on clean inputs at each budget, measured on the
+            # test set.
             row["label_free"] = {
-                str(b): {
-                    "threshold": (
-                        r := rule_from_scores(clean, replace(calib, reject_score=score, clean_reject_budget=b))
-                    ).threshold,
-                    "recall": float((pos > r.threshold).mean()),
-                    "clean_reject_rate": float((neg > r.threshold).mean()),
-                    "served_clean_accuracy": float((right & (neg <= r.threshold)).mean()),
-                }
+                str(b): _label_free(
+                    defenders,
+                    replace(calib, reject_score=score, clean_reject_budget=b),
+                    (p_clean, m_clean),
+                    (p_trig, m_trig),
+                    attacks,
+                    right,
+                )
                 for b in BUDGETS
             }
         else:
@@ -293,9 +333,9 @@ def detect_eval(
         out["scores"][score] = row
         if len(pos):
             curves[score] = roc(neg, pos)
-    neg = reject_scores(p_clean, m_clean, rule.score)
-    pos = reject_scores(p_trig, m_trig, rule.score)[attacks]
-    out["auroc"] = out["scores"][rule.score]["auroc"]
+    neg = rule.scores(p_clean, m_clean)
+    pos = rule.scores(p_trig, m_trig)[attacks]
+    out["auroc"] = auroc(neg, pos) if len(pos) else None
     out["recall"] = float((pos > rule.threshold).mean()) if len(pos) else None
     out["clean_reject_rate"] = float((neg > rule.threshold).mean())
     answered = neg <= rule.threshold

@@ -22,7 +22,7 @@ import numpy as np
 from google.protobuf.json_format import MessageToDict
 
 from edge_agent.formats.bundle import read_manifest, sha256_file, verify_bundle
-from edge_agent.formats.reject import RejectRule, reject_scores
+from edge_agent.formats.reject import RejectRule
 from edge_agent.formats.spec import preprocess_of
 from edge_agent.options import flag, nonnegative, positive, positive_float
 from protos.nnoc.v1 import bundle_pb2
@@ -223,7 +223,7 @@ def clean_rejects(loaded: _Loaded, images: np.ndarray) -> tuple[np.ndarray, np.n
     bundle = verify_bundle(loaded.bundle_dir)
     p, m = pair_logits(bundle.model_path("primary"), bundle.model_path("monitor"), images,
                        preprocess_of(loaded.manifest.input_spec))  # fmt: skip
-    return p.argmax(1), rule.reject(reject_scores(p, m, rule.score))
+    return p.argmax(1), rule.reject(rule.scores(p, m))
 
 
 def purify_quarantine(loaded: _Loaded, splits: Splits, cfg: RepairConfig) -> Purified:

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from edge_agent.formats.bundle import verify_bundle
-from edge_agent.formats.reject import RejectRule, reject_scores
+from edge_agent.formats.reject import RejectRule
 from edge_agent.formats.spec import preprocess_of
 from edge_agent.formats.wire import build_header
 from edge_agent.options import flag, fraction, positive, safe_name
@@ -70,7 +70,7 @@ def run_stream(bundle_dir: Path, splits: Splits, trigger: Trigger, cfg: StreamCo
     p_logits, m_logits = primary.logits(images), monitor.logits(images)
     p_pred, m_pred = p_logits.argmax(1), m_logits.argmax(1)
     rule = RejectRule.of(manifest)  # the bundle's rule, as the edge applies it
-    scores = reject_scores(p_logits, m_logits, rule.score)
+    scores = rule.scores(p_logits, m_logits)
     rejected = rule.reject(scores)
     out_dir.mkdir(parents=True, exist_ok=True)
     messages = []

@@ -130,7 +130,7 @@ class Manifest(_message.Message):
     def __init__(self, format: _Optional[int] = ..., fleet: _Optional[str] = ..., version: _Optional[int] = ..., parent_version: _Optional[int] = ..., artifacts: _Optional[_Iterable[_Union[Artifact, _Mapping]]] = ..., input_spec: _Optional[_Union[InputSpec, _Mapping]] = ..., class_names: _Optional[_Iterable[str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., created_by: _Optional[str] = ..., provenance: _Optional[_Mapping[str, str]] = ..., signature: _Optional[_Union[Signature, _Mapping]] = ..., reject_rule: _Optional[_Union[RejectRule, _Mapping]] = ...) -> None: ...
 
 class RejectRule(_message.Message):
-    __slots__ = ("score", "threshold", "clean_reject_budget", "eval_clean_reject_rate", "calibration_set", "calibration_inputs", "calibration_confidence")
+    __slots__ = ("score", "threshold", "clean_reject_budget", "eval_clean_reject_rate", "calibration_set", "calibration_inputs", "calibration_confidence", "score_scales")
     SCORE_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     CLEAN_REJECT_BUDGET_FIELD_NUMBER: _ClassVar[int]
@@ -138,6 +138,7 @@ class RejectRule(_message.Message):
     CALIBRATION_SET_FIELD_NUMBER: _ClassVar[int]
     CALIBRATION_INPUTS_FIELD_NUMBER: _ClassVar[int]
     CALIBRATION_CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
+    SCORE_SCALES_FIELD_NUMBER: _ClassVar[int]
     score: str
     threshold: float
     clean_reject_budget: float
@@ -145,4 +146,5 @@ class RejectRule(_message.Message):
     calibration_set: str
     calibration_inputs: int
     calibration_confidence: float
-    def __init__(self, score: _Optional[str] = ..., threshold: _Optional[float] = ..., clean_reject_budget: _Optional[float] = ..., eval_clean_reject_rate: _Optional[float] = ..., calibration_set: _Optional[str] = ..., calibration_inputs: _Optional[int] = ..., calibration_confidence: _Optional[float] = ...) -> None: ...
+    score_scales: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, score: _Optional[str] = ..., threshold: _Optional[float] = ..., clean_reject_budget: _Optional[float] = ..., eval_clean_reject_rate: _Optional[float] = ..., calibration_set: _Optional[str] = ..., calibration_inputs: _Optional[int] = ..., calibration_confidence: _Optional[float] = ..., score_scales: _Optional[_Iterable[float]] = ...) -> None: ...
