@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.bench_field import WORK, trigger_pictures
-from bench.common import ROOT, machine, save
+from bench.common import RESULTS, ROOT, save
 
 Scorer = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
@@ -141,12 +141,18 @@ def measure(bundle: Path, spec: str, target: int) -> dict[str, dict[str, float]]
 
 
 def main() -> None:
-    out = []
+    """Measure every case whose bundle is at hand; the earlier results of cases not at hand are kept."""
+    path = RESULTS / "scores.json"
+    out = json.loads(path.read_text())["cases"] if path.is_file() else []
     for name, bundle, spec, target in cases():
         rows = measure(bundle, spec, target)
-        out.append({"case": name, "scores": rows})
+        old = [i for i, c in enumerate(out) if c["case"] == name]
+        if old:
+            out[old[0]] = {"case": name, "scores": rows}
+        else:
+            out.append({"case": name, "scores": rows})
+        save("scores", {"cases": out})
         print(json.dumps({"case": name, **{k: round(v["recall"], 3) for k, v in rows.items()}}), flush=True)
-    save("scores", {"machine": machine(), "cases": out})
 
 
 if __name__ == "__main__":

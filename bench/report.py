@@ -509,7 +509,7 @@ def detect_section(data: dict[str, Any]) -> str:
 def scores_section(data: dict[str, Any]) -> str:
     """Candidate reject scores side by side (bench/bench_scores.py)."""
     cases = data["cases"]
-    names = list(cases[0]["scores"]) if cases else []
+    names = list(dict.fromkeys(n for c in cases for n in c["scores"]))  # a score added later: its cases only
     lines = [
         "### Candidate reject scores (bench/bench_scores.py)",
         "",
@@ -523,12 +523,16 @@ def scores_section(data: dict[str, Any]) -> str:
         "|---|" + "---|" * (len(cases) + 2),
     ]
     for n in names:
-        rows = [c["scores"][n] for c in cases]
+        cells = [c["scores"].get(n) for c in cases]
+        rows = [r for r in cells if r is not None]
+        of = "" if len(rows) == len(cases) else f" (of {len(rows)})"
         lines.append(
             f"| {n} | "
-            + " | ".join(_fmt(r["recall"], 3) for r in rows)
-            + f" | **{_fmt(min(r['recall'] for r in rows), 3)}** | {_fmt(min(r['auroc'] for r in rows), 4)} |"
+            + " | ".join("–" if r is None else _fmt(r["recall"], 3) for r in cells)
+            + f" | **{_fmt(min(r['recall'] for r in rows), 3)}**{of} | {_fmt(min(r['auroc'] for r in rows), 4)} |"
         )
+    if len(names) and any(len(c["scores"]) < len(names) for c in cases):
+        lines += ["", "–: a case whose bundle was not at hand when that score was added (not measured)."]
     return "\n".join(lines) + "\n"
 
 
