@@ -111,6 +111,16 @@ def test_purify_majority_and_fallback() -> None:
         purify(low, "majorty")
     # No attack: counts follow the baseline, nothing stands out, everything is kept.
     assert purify(np.array([0] * 5 + [4] * 28 + [6] * 33), "excess", baseline_counts=baseline).dominant is None
+    # A label clean data almost never gives, seen 4 times (z 3.4 under the normal approximation, but an exact tail
+    # of 0.01): not taken as the attacked label (measured: a 1-epoch BadNet's quarantine, 34 of 49 on its target,
+    # whose clean rejects also sit mostly on the target). Nothing stands out: everything is kept.
+    tiny = np.array([0] * 34 + [1] * 4 + [5] * 6 + [8] * 3 + [7] * 2)
+    p = purify(tiny, "excess", baseline_counts=np.array([31, 0, 0, 0, 0, 10, 0, 2, 5, 0]))
+    assert p.dominant is None and p.keep.all()
+    from trainer.stages.purify import binomial_tail
+
+    assert binomial_tail(49, 1 / 58, 4) == pytest.approx(0.0105, abs=5e-4) and binomial_tail(10, 0.3, 0) == 1.0
+    assert binomial_tail(10, 0.5, 10) == pytest.approx(0.5**10) and binomial_tail(5, 0.5, 6) == 0.0
     with pytest.raises(ValueError, match="baseline"):
         purify(low, "excess")
     assert purify(np.zeros(0, np.int64), "majority").keep.shape == (0,)

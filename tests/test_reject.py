@@ -212,7 +212,7 @@ def test_predeploy_chooses_the_threshold_on_clean_data_and_detect_eval_measures_
 
     out, report = predeployed
     rule = RejectRule.of(verify_bundle(out / "bundle").manifest)
-    assert rule.score == DEFAULT_SCORE == "logit_gap" and rule.budget == DEFAULT_BUDGET
+    assert rule.score == DEFAULT_SCORE == "gap_or_kl" and rule.budget == DEFAULT_BUDGET
     assert rule.clean_rate is not None and rule.clean_rate <= DEFAULT_BUDGET
     assert rule.calibration_set in ("valid", "eval") and rule.confidence == 0.9
     assert rule.calibration_inputs == (1000 if rule.calibration_set == "valid" else 200)  # D_treat 800 + D_eval 200

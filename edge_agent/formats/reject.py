@@ -34,7 +34,7 @@ from protos.nnoc.v1 import bundle_pb2
 # A combined score: the largest of its parts, each divided by its scale (``RejectRule.scales``, in this order).
 COMBINED = {"gap_or_kl": ("logit_gap", "kl")}
 SCORES = ("disagree", "kl", "doubt", "logit_gap", *COMBINED)
-DEFAULT_SCORE = "logit_gap"
+DEFAULT_SCORE = "gap_or_kl"
 DEFAULT_BUDGET = 0.01  # share of clean inputs the rule may reject
 # τ keeps the clean reject rate on new inputs within the budget with this probability. Measured (BENCHMARKS.md): the
 # plain 99th percentile of 1,000 D_eval scores let 1.1-2.0% of clean test inputs through the 1% budget.
