@@ -100,7 +100,8 @@ PROFILES = {
         stream_per_agent=500,
         # ~10% triggered inputs, only about half of them attacks of the tiny 1-epoch BadNet (ASR ~0.33). Measured on
         # 600 played: logit_gap quarantined 19 (15 attacks, 4 clean), kl 28 (14 attacks, 8 triggered inputs the
-        # BadNet did not flip, 6 clean), the paper's rule 66 (46 clean); 1,000 played keep logit_gap above 20.
+        # BadNet did not flip, 6 clean), the paper's rule 66 (46 clean); 1,000 played keep logit_gap above 20. The
+        # default gap_or_kl quarantined 49 (34 on the target label), purified to all 49 (no label stands out).
         min_quarantine=20,
         test_images=1000,
         timeout=900,
