@@ -126,14 +126,19 @@ def clean_scores(
     score: str, logits: dict[str, tuple[np.ndarray, ...]], budget: float
 ) -> tuple[dict[str, np.ndarray], tuple[float, ...]]:
     """Each clean set's scores of ``score`` from both models' logits (primary, monitor) by set, and the scales they
-    were computed with: a combined score's, fitted on the clean inputs of every set together at ``budget``
-    (label-free), else ()."""
+    were computed with (:func:`pair_scales`)."""
+    scales = pair_scales(score, logits, budget)
+    return {name: reject_scores(pair[0], pair[1], score, scales) for name, pair in logits.items()}, scales
+
+
+def pair_scales(score: str, logits: dict[str, tuple[np.ndarray, ...]], budget: float) -> tuple[float, ...]:
+    """A combined score's scales, fitted on the clean inputs of every set together at ``budget`` (label-free);
+    () for a plain score."""
     parts = {
         part: np.concatenate([reject_scores(pair[0], pair[1], part) for pair in logits.values()])
         for part in COMBINED.get(score, ())
     }
-    scales = fit_scales(score, parts, budget)
-    return {name: reject_scores(pair[0], pair[1], score, scales) for name, pair in logits.items()}, scales
+    return fit_scales(score, parts, budget)
 
 
 def _label_free(
@@ -308,7 +313,7 @@ def detect_eval(
     defenders: dict[str, tuple[np.ndarray, ...]] = {"eval": (p_eval, m_eval), "treat": (p_treat, m_treat)}
     for score in SCORES:
         # a combined score's curve with the scales publishing would fit at the default budget
-        scales = clean_scores(score, defenders, default.clean_reject_budget)[1]
+        scales = pair_scales(score, defenders, default.clean_reject_budget)
         neg = reject_scores(p_clean, m_clean, score, scales)
         pos = reject_scores(p_trig, m_trig, score, scales)[attacks]
         row: dict[str, Any] = {"auroc": auroc(neg, pos) if len(pos) else None}
