@@ -536,6 +536,34 @@ def scores_section(data: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def purity_section(data: dict[str, Any]) -> str:
+    """What each reject score hands the repair (bench/bench_purity.py)."""
+    lines = [
+        "### What the reject score hands the repair (bench/bench_purity.py)",
+        "",
+        _machine(data["machine"]),
+        "",
+        "Streams of 1,000 (seed 0) through each bundle under each score; the quarantine, the triggered inputs in it "
+        "(evaluation: truth.json) and what `excess` purification keeps; where a repair ran (quick profile, from "
+        "that CPD-0.1 quarantine), θ_repair's test CA / ASR and v2's served CA at its clean rejects.",
+        "",
+        "| case | score | CPD | quarantined | triggered caught | kept | kept purity | θ_repair CA / ASR | served v2 |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in data["rows"]:
+        rep = r.get("repair") or {}
+        test, served = rep.get("test") or {}, rep.get("served_test") or {}
+        lines.append(
+            f"| {r['cell']} | {r['score']} | {r['cpd']:g} | {r['quarantined']} | {r['poisoned_caught']} / "
+            f"{r['poisoned_streamed']} | {r['kept']} | {_fmt(r['kept_purity'], 3)} | "
+            + (f"{test['clean_accuracy']:.4f} / {test['attack_success_rate']:.4f}" if test else "–")
+            + " | "
+            + (f"{served['served_clean_accuracy']:.4f} ({served['clean_reject_rate']:.2%})" if served else "–")
+            + " |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def _monitoring(m: dict[str, Any]) -> str:
     """One batch size's agent/bare ratio at the default durability, then the others (older runs: one ratio)."""
     text = f"**{m['ratio']:.2f}×** ({m['agent']:.0f} / {m['bare']:.0f})"
@@ -700,6 +728,7 @@ def main() -> None:
     section("cyclegan-sizes", cyclegan_sizes_section)
     section("detect", detect_section)
     section("scores", scores_section)
+    section("purity", purity_section)
     section("cameras", cameras_section)
     section("fleet", fleet_section)
     section("ray", ray_section)
