@@ -19,7 +19,7 @@ $(BIN)/python:
 
 # torch/torchvision come from the local wheel cache where the machine has one (see README).
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e ".[edge,trainer,ray,dev]"
+	$(BIN)/python -m pip install --quiet -e ".[edge,trainer,ray,pyav,dev]"
 	touch $(STAMP)
 
 install: $(STAMP)

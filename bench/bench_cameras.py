@@ -4,6 +4,8 @@
 decode:     a 1280x720 H.264 file at 30 fps (Debian's ffmpeg, libx264, from Fashion-MNIST stream pictures
             upscaled) decoded alone against the same file through the agent (decode, preprocess, dynamic
             batcher, ensemble, spool as `nnoc-edge run` sets it up, uplink to a collector process); goal >= 0.8x.
+            For each decoder (`opencv`, the default; `pyav` when PyAV is installed): frames/s and CPU per frame
+            (process time, all threads of the measuring process; the collector's process is apart).
 sources:    four copies as four sources into one agent, batched (up to 8 frames) against one frame at a time:
             as fast as they decode (throughput ratio), and paced at 30 fps each (capture -> decision latency p50/p99).
 monitoring: the agent (spool + uplink at the stream's reject rate) against the bare ensemble, batch 1 and 8,
@@ -15,6 +17,7 @@ monitoring: the agent (spool + uplink at the stream's reject rate) against the b
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import subprocess
 import tempfile
@@ -26,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import ROOT, drain_agents, save, start_collector
+from bench.common import RESULTS, ROOT, drain_agents, save, start_collector
 
 FOREIGN = ROOT / "runs" / "bench-foreign" / "resnet18"
 DURABILITIES = ("deferred", "process", "power")  # the first is nnoc-edge run's default
@@ -44,16 +47,27 @@ def make_video(path: Path, pictures: np.ndarray, fps: int = 30, size: str = "128
     return path
 
 
-def decode_alone(path: Path) -> float:
-    """Frames per second of OpenCV decoding the file (what the source does), nothing else."""
-    import cv2
+def decode_alone(path: Path, decoder: str = "opencv") -> tuple[float, float]:
+    """Frames per second and CPU milliseconds per frame of decoding the file as the source does with ``decoder``
+    (OpenCV: BGR frames; PyAV: the YUV planes as :func:`edge_agent.sources.av_picture` takes them), nothing else."""
+    from edge_agent.sources import Reader, parse_source
 
-    cap = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG)
-    n, t0 = 0, time.perf_counter()
-    while cap.read()[0]:
+    reader = Reader(parse_source(f"video:{path}?decoder={decoder}"))
+    n, t0, c0 = 0, time.perf_counter(), time.process_time()
+    while reader.read() is not None:
         n += 1
-    cap.release()
-    return n / (time.perf_counter() - t0)
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    reader.release()
+    return n / seconds, 1000 * cpu / max(n, 1)
+
+
+def decoders() -> list[str]:
+    """The decoders this machine has (PyAV is an optional extra)."""
+    try:
+        import av  # noqa: F401
+    except ImportError:
+        return ["opencv"]
+    return ["opencv", "pyav"]
 
 
 class Rig:
@@ -145,12 +159,19 @@ def measure(bundle: Path, name: str, pictures: np.ndarray, trigger: str, seconds
     video = make_video(tmp / f"{name}.mp4", pictures)
     rig = Rig(bundle, tmp / name)
     out: dict[str, Any] = {"name": name, "bundle": str(bundle), "trigger": trigger, "frames": len(pictures)}
-    decode, agent = [], []
-    for _ in range(2):  # alternate, best of each
-        decode.append(decode_alone(video))
-        agent.append(rig.play([f"video:{video}"], 8)["fps"])
-    out["decode"] = {"decode_fps": max(decode), "agent_fps": max(agent), "ratio": max(agent) / max(decode)}
-    print(name, "decode", out["decode"], flush=True)
+    out["decoders"] = {}
+    for decoder in decoders():
+        decode, agent = [], []
+        for _ in range(3):  # alternate, best of each
+            decode.append(decode_alone(video, decoder))
+            c0 = time.process_time()
+            played = rig.play([f"video:{video}?decoder={decoder}"], 8)
+            agent.append((played["fps"], 1000 * (time.process_time() - c0) / max(played["frames"], 1)))
+        (decode_fps, decode_ms), (agent_fps, agent_ms) = max(decode), max(agent)
+        out["decoders"][decoder] = {"decode_fps": decode_fps, "agent_fps": agent_fps, "ratio": agent_fps / decode_fps,
+                                    "decode_cpu_ms": decode_ms, "agent_cpu_ms": agent_ms}  # fmt: skip
+        print(name, decoder, out["decoders"][decoder], flush=True)
+    out["decode"] = out["decoders"]["opencv"]
     fast = [f"video:{video}?id=cam{i}" for i in range(4)]
     paced = [f"video:{video}?id=cam{i}&fps=30" for i in range(4)]
     runs: dict[str, Any] = {
@@ -189,11 +210,14 @@ def main() -> None:
     rng = np.random.default_rng(0)
     pictures, _ = poison_fraction(splits.stream.images[: args.frames], splits.stream.labels[: args.frames],
                                   parse_trigger(trigger_spec), 0.1, 7, rng)  # fmt: skip
-    rows = []
+    path = RESULTS / "cameras.json"
+    rows = json.loads(path.read_text())["rows"] if path.is_file() else []  # bundles not measured now are kept
     with tempfile.TemporaryDirectory() as d:
         for name, bundle in bundles:
             (Path(d) / name.replace(" ", "-")).mkdir()
-            rows.append(measure(bundle, name.replace(" ", "-"), pictures, trigger_spec, args.seconds, Path(d)))
+            row = measure(bundle, name.replace(" ", "-"), pictures, trigger_spec, args.seconds, Path(d))
+            row["date"] = time.strftime("%Y-%m-%d")
+            rows = [r for r in rows if r["name"] != row["name"]] + [row]
     save("cameras", {"rows": rows})
 
 

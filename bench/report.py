@@ -577,13 +577,17 @@ def cameras_section(data: dict[str, Any]) -> str:
         "",
         _machine(data["machine"]),
         "",
-        f"{data['rows'][0]['frames']} Fashion-MNIST stream pictures (10% with `{data['rows'][0]['trigger']}`) "
+        f"{data['rows'][0]['frames']} Fashion-MNIST stream pictures (10% with the bundle's trigger: "
+        + "; ".join(f"{r['name']} `{r['trigger']}`" for r in data["rows"])
+        + ") "
         "upscaled to a 1280×720 H.264 file at 30 fps (Debian's ffmpeg, libx264). Through the agent: OpenCV "
-        "decoding in the source's thread, the bundle's preprocessing, the dynamic batcher, the fused ensemble, the "
+        "decoding (the default decoder) in the source's thread, the bundle's preprocessing, the dynamic batcher, "
+        "the fused ensemble, the "
         "spool as `nnoc-edge run` sets it up (durability `deferred`: group commits within 50 ms, the reply does not "
         "wait) and the uplink to a collector process. Monitoring: the agent against the bare ensemble at the "
         "stream's reject share, for each spool durability. Goals (issue 13): the agent ≥ 0.8× decoding alone; "
-        "monitoring ≥ 0.9× the bare ensemble.",
+        "monitoring ≥ 0.9× the bare ensemble. Rows of different dates are not comparable with each other: this "
+        "machine's speed varies from day to day (decoding alone 293 frames/s in one run, 661 in another).",
         "",
         "| bundle | decode alone / through the agent (frames/s) | 4 sources as fast as they decode: batched ≤ 8 / "
         "one at a time (frames/s) | 4 × 30 fps, capture→decision p50 / p99 ms: batched / one at a time "
@@ -594,12 +598,34 @@ def cameras_section(data: dict[str, Any]) -> str:
         d, src, mon = r["decode"], r["sources"], r["monitoring"]
         b, o, b30, o30 = src["batched"], src["one_at_a_time"], src["batched_30fps"], src["one_at_a_time_30fps"]
         lines.append(
-            f"| {r['name']} | {d['decode_fps']:.0f} / {d['agent_fps']:.0f} (**{d['ratio']:.2f}×**) "
+            f"| {r['name']} ({r.get('date', 'an earlier run')}) | {d['decode_fps']:.0f} / {d['agent_fps']:.0f} "
+            f"(**{d['ratio']:.2f}×**) "
             f"| {b['fps']:.0f} / {o['fps']:.0f} ({src['throughput_ratio']:.2f}×; mean batch {b['mean_batch']:.1f}) "
             f"| {b30['latency_p50_ms']:.0f} / {b30['latency_p99_ms']:.0f} vs {o30['latency_p50_ms']:.0f} / "
             f"{o30['latency_p99_ms']:.0f} | {_monitoring(mon['batch1'])}; {_monitoring(mon['batch8'])} "
             f"| {mon['reject_share']:.3f} ({r.get('reject_rule', '?')}) |"
         )
+    measured = [r for r in data["rows"] if "decoders" in r]
+    if measured:
+        lines += [
+            "",
+            "**Decoders.** The same file decoded alone and through the agent by each decoder: OpenCV (BGR frames, "
+            "the default) and PyAV (`?decoder=pyav`: the decoder's YUV planes, converted only where the resize "
+            "reads). CPU: process time of all the measuring process's threads per frame (the collector's process "
+            "apart). Best of three alternating runs.",
+            "",
+            "| bundle | decoder | decode alone: frames/s (CPU ms per frame) | through the agent: frames/s (CPU ms "
+            "per frame) | agent / decode alone (goal ≥ 0.8×) | agent / OpenCV decoding alone |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in measured:
+            cv = r["decoders"]["opencv"]["decode_fps"]
+            for name, d in r["decoders"].items():
+                lines.append(
+                    f"| {r['name']} ({r.get('date', '')}) | {name} | {d['decode_fps']:.0f} ({d['decode_cpu_ms']:.2f}) "
+                    f"| {d['agent_fps']:.0f} ({d['agent_cpu_ms']:.2f}) | **{d['ratio']:.2f}×** "
+                    f"| {d['agent_fps'] / cv:.2f}× |"
+                )
     return "\n".join(lines) + "\n"
 
 

@@ -63,7 +63,8 @@ class RunConfig:
     sources: tuple[str, ...] = flag(
         (),
         "frames to classify (repeat for several): rtsp://..., http(s)://..., video:PATH, v4l2:/dev/videoN, "
-        "dir:PATH, npy:PATH (uint8 pictures N,C,H,W), each optionally ?id=NAME&fps=N&loop=1&stall=S",
+        "dir:PATH, npy:PATH (uint8 pictures N,C,H,W), each optionally ?id=NAME&fps=N&loop=1&stall=S&decoder=D "
+        "(opencv, the default, or pyav: the extra nnoculation-edge[pyav], GPL codecs)",
         name="--source",
         action="append",
     )

@@ -24,6 +24,7 @@ import numpy as np
 
 from edge_agent.agent import Agent, Origin
 from edge_agent.ensemble import Decision, InputError, check_input, image_to_input, to_model_image
+from edge_agent.formats.preprocess import Yuv420
 from edge_agent.formats.spec import preprocess_of
 from edge_agent.sources import Frame, SourceStats
 
@@ -89,7 +90,8 @@ class Batcher:
         replaced and False is returned (the source counts a drop). Raises ``InputError`` for a picture the
         preprocessing refuses.
         """
-        image = to_model_image(frame.picture[None], self.agent.ensemble.spec)[0]
+        picture = frame.picture if isinstance(frame.picture, Yuv420) else frame.picture[None]  # a batch of one
+        image = to_model_image(picture, self.agent.ensemble.spec)[0]
         with self._cond:
             q = self._queues[frame.source]
             replaced = False

@@ -12,7 +12,7 @@ import numpy as np
 import onnxruntime as ort
 
 from edge_agent.formats.bundle import VerifiedBundle
-from edge_agent.formats.preprocess import PreprocessError
+from edge_agent.formats.preprocess import PreprocessError, Yuv420
 from edge_agent.formats.reject import RejectRule
 from edge_agent.formats.spec import accepted_range, image_shape_of, preprocess_of
 from edge_agent.fuse import MONITOR_OUT, PRIMARY_OUT, REJECTED_OUT, SCORE_OUT, FuseError, fuse_models
@@ -66,9 +66,9 @@ def check_input(x: np.ndarray, spec: bundle_pb2.InputSpec) -> np.ndarray:
     return np.ascontiguousarray(x)
 
 
-def to_model_image(pictures: np.ndarray, spec: bundle_pb2.InputSpec) -> np.ndarray:
-    """uint8 pictures (N, C, H, W), C 1 or 3, of any size -> the model's image (N, C', H', W') uint8: the spec's
-    colour conversion and resize (what the quarantine stores)."""
+def to_model_image(pictures: np.ndarray | Yuv420, spec: bundle_pb2.InputSpec) -> np.ndarray:
+    """uint8 pictures (N, C, H, W), C 1 or 3, of any size (or one video frame's YUV planes) -> the model's image
+    (N, C', H', W') uint8: the spec's colour conversion and resize (what the quarantine stores)."""
     try:
         return preprocess_of(spec).fitted(image_shape_of(spec)).image(pictures)
     except PreprocessError as e:

@@ -1,13 +1,19 @@
 """Where an agent's frames come from: cameras and streams (``rtsp://``, ``http(s)://``, ``v4l2:/dev/videoN``),
 video files (``video:PATH``), and the older ``dir:`` and ``npy:`` sources.
 
-A spec may end in ``?id=NAME&fps=N&loop=1&stall=S`` (the agent's own keys; any other query stays in the URL):
-``id`` names the source in metrics, logs and the quarantine (default ``cam-N``), ``fps`` caps its rate, ``loop``
-plays a file again from the start, ``stall`` is how many seconds without a frame count as a stalled camera.
+A spec may end in ``?id=NAME&fps=N&loop=1&stall=S&decoder=D`` (the agent's own keys; any other query stays in
+the URL): ``id`` names the source in metrics, logs and the quarantine (default ``cam-N``), ``fps`` caps its rate,
+``loop`` plays a file again from the start, ``stall`` is how many seconds without a frame count as a stalled
+camera, ``decoder`` picks the video decoder.
 
-Decoding is OpenCV's FFmpeg backend (``opencv-python-headless``: LGPL FFmpeg inside, no GPL codecs; PyAV's
-wheels bundle GPL codecs). Open and read timeouts are set at open time (``stall`` for live sources), RTSP runs
-over TCP.
+Decoders (:data:`DECODERS`): ``opencv`` (the default) is OpenCV's FFmpeg backend (``opencv-python-headless``: an
+LGPL FFmpeg inside, no GPL codecs); it hands out every frame converted to BGR. ``pyav`` is PyAV (the optional
+extra ``nnoculation-edge[pyav]``; its wheels bundle FFmpeg with the GPL codecs libx264 and libx265, which makes
+the distributed agent GPL: an operator's choice, not the default); it hands out the decoder's YUV planes
+(:class:`~edge_agent.formats.preprocess.Yuv420`) and the preprocessing converts only the pixels its resize reads,
+with FFmpeg's own frame and slice threads. Measured on a 1280x720 H.264 file (BENCHMARKS.md): less CPU per frame
+and more frames per second through the agent. Open and read timeouts are set at open time (``stall`` for live
+sources), RTSP runs over TCP, with either decoder.
 
 **Files** (video, dir, npy) are read in order with no drops: the reader waits while the batcher is full, so a
 run is deterministic. **Live sources** run a grabber thread that keeps only the newest frame (an unread frame that
@@ -31,12 +37,14 @@ from urllib.parse import parse_qsl, urlencode
 import numpy as np
 
 from edge_agent.formats.names import is_name
+from edge_agent.formats.preprocess import Yuv420
 
 log = logging.getLogger(__name__)
 
 LIVE_KINDS = ("rtsp", "http", "https", "v4l2")
 FILE_KINDS = ("video", "dir", "npy")
-OWN_KEYS = ("id", "fps", "loop", "stall")
+OWN_KEYS = ("id", "fps", "loop", "stall", "decoder")
+DECODERS = ("opencv", "pyav")
 READ_TIMEOUT_S = 5.0
 STALL_S = 10.0
 BACKOFF_START_S, BACKOFF_MAX_S = 1.0, 30.0
@@ -57,6 +65,7 @@ class SourceSpec:
     fps: float | None = None
     loop: bool = False
     stall: float = STALL_S
+    decoder: str = "opencv"
 
     @property
     def live(self) -> bool:
@@ -66,7 +75,7 @@ class SourceSpec:
 
 def parse_source(spec: str, index: int = 0) -> SourceSpec:
     """``rtsp://...``, ``http(s)://...``, ``video:PATH``, ``v4l2:/dev/videoN``, ``dir:PATH`` or ``npy:PATH``, with
-    an optional ``?id=&fps=&loop=&stall=`` tail. ``index`` numbers the default id (``cam-1`` for 0)."""
+    an optional ``?id=&fps=&loop=&stall=&decoder=`` tail. ``index`` numbers the default id (``cam-1`` for 0)."""
     head, sep, query = spec.partition("?")
     pairs = parse_qsl(query, keep_blank_values=True) if sep else []
     own = {k: v for k, v in pairs if k in OWN_KEYS}
@@ -80,7 +89,7 @@ def parse_source(spec: str, index: int = 0) -> SourceSpec:
         if not colon or kind not in ("video", "v4l2", "dir", "npy") or not target:
             raise SourceError(
                 f"unknown source {spec!r}: expected rtsp://..., http(s)://..., video:PATH, v4l2:/dev/videoN, dir:PATH "
-                "or npy:PATH, optionally followed by ?id=NAME&fps=N&loop=1&stall=S"
+                "or npy:PATH, optionally followed by ?id=NAME&fps=N&loop=1&stall=S&decoder=opencv|pyav"
             )
         if rest:
             raise SourceError(f"--source {spec!r}: unknown option(s) {[k for k, _ in rest]}; use {list(OWN_KEYS)}")
@@ -104,7 +113,12 @@ def parse_source(spec: str, index: int = 0) -> SourceSpec:
     loop = own.get("loop", "0").lower() in ("1", "true", "yes")
     stall = number("stall", STALL_S)
     assert stall is not None
-    return SourceSpec(kind, target, source_id, number("fps", None), loop, stall)
+    decoder = own.get("decoder", "opencv").lower()
+    if decoder not in DECODERS:
+        raise SourceError(f"--source {spec!r}: decoder={own['decoder']!r}; choose one of {list(DECODERS)}")
+    if decoder != "opencv" and kind in ("dir", "npy"):
+        raise SourceError(f"--source {spec!r}: decoder= applies to video files and cameras, not {kind}: sources")
+    return SourceSpec(kind, target, source_id, number("fps", None), loop, stall, decoder)
 
 
 @dataclass(frozen=True)
@@ -112,7 +126,7 @@ class Frame:
     """One picture from a source: the camera's own size and colour, (C, H, W) uint8, C 1 or 3 (RGB)."""
 
     source: str
-    picture: np.ndarray
+    picture: np.ndarray | Yuv420  # (C, H, W) uint8, or a video frame's planes (decoder=pyav)
     captured_at: float  # wall-clock seconds when it was read
     position: int  # frame number in the source (a file's frame index; a live source counts from 0)
 
@@ -179,7 +193,80 @@ def open_capture(spec: SourceSpec) -> Any:
     return cap
 
 
-def _file_pictures(spec: SourceSpec, stats: SourceStats) -> Iterator[np.ndarray]:
+def open_pyav(spec: SourceSpec) -> tuple[Any, Any]:
+    """An opened PyAV container and its first video stream (FFmpeg's frame and slice threads on), with the same
+    open and read timeouts as :func:`open_capture`; raises :class:`SourceError` when it cannot open."""
+    try:
+        import av
+    except ImportError:
+        raise SourceError(
+            f"source {spec.id}: decoder=pyav needs PyAV: pip install 'nnoculation-edge[pyav]' (its wheels bundle GPL "
+            "codecs), or leave the decoder at opencv"
+        ) from None
+    timeout = spec.stall if spec.live else READ_TIMEOUT_S
+    options = {"rtsp_transport": "tcp"} if spec.kind == "rtsp" else {}
+    try:
+        container = av.open(spec.target, format="v4l2" if spec.kind == "v4l2" else None, options=options,
+                            timeout=(timeout, timeout))  # fmt: skip
+    except (av.FFmpegError, OSError, ValueError) as e:
+        raise SourceError(f"source {spec.id}: cannot open {spec.target}: {e}") from None
+    if not container.streams.video:
+        container.close()
+        raise SourceError(f"source {spec.id}: {spec.target} has no video stream")
+    stream = container.streams.video[0]
+    stream.thread_type = "AUTO"
+    return container, stream
+
+
+def av_picture(frame: Any) -> np.ndarray | Yuv420:
+    """A PyAV video frame -> its planes (4:2:0 YUV, views of the decoder's buffers), or (C, H, W) uint8 RGB/gray
+    for the other pixel formats (converted by FFmpeg)."""
+    name = frame.format.name
+    if name in ("yuv420p", "yuvj420p"):
+        y, u, v = (np.frombuffer(p, np.uint8).reshape(p.height, p.line_size)[:, : p.width] for p in frame.planes[:3])
+        matrix = "bt709" if frame.colorspace == 1 else "bt601"  # AVCOL_SPC_BT709; unspecified is taken as BT.601
+        return Yuv420(y, u, v, matrix, name == "yuvj420p" or frame.color_range == 2)  # AVCOL_RANGE_JPEG
+    if name == "gray":
+        return np.asarray(frame.to_ndarray())[None]
+    return np.asarray(frame.to_ndarray(format="rgb24")).transpose(2, 0, 1)
+
+
+class Reader:
+    """A video file or camera opened with the spec's decoder: :meth:`read` gives the next picture, or None at the
+    end, after a read timeout or on a decoding error (``error`` then says which)."""
+
+    def __init__(self, spec: SourceSpec) -> None:
+        self.error = ""
+        self._cap: Any = None
+        self._container: Any = None
+        if spec.decoder == "pyav":
+            self._container, stream = open_pyav(spec)
+            self.frames = int(stream.frames or 0)  # from the container: an estimate, 0 when unknown
+            self._decoded = self._container.decode(stream)
+        else:
+            self._cap = open_capture(spec)
+            self.frames = int(self._cap.get(7))  # CAP_PROP_FRAME_COUNT: as above
+
+    def read(self) -> np.ndarray | Yuv420 | None:
+        if self._cap is not None:
+            ok, image = self._cap.read()  # returns within the read timeout even if nothing comes
+            return _bgr_to_picture(image) if ok and image is not None else None
+        try:
+            return av_picture(next(self._decoded))
+        except StopIteration:
+            return None
+        except Exception as e:  # av.FFmpegError: corrupt data, a read timeout (ExitError), a dropped connection
+            self.error = str(e)[:200]
+            return None
+
+    def release(self) -> None:
+        if self._cap is not None:
+            self._cap.release()
+        if self._container is not None:
+            self._container.close()
+
+
+def _file_pictures(spec: SourceSpec, stats: SourceStats) -> Iterator[np.ndarray | Yuv420]:
     """A file source's pictures in order (a corrupt video frame ends the file: counted as a decode error)."""
     if spec.kind == "npy":
         data = np.load(spec.target)
@@ -198,23 +285,23 @@ def _file_pictures(spec: SourceSpec, stats: SourceStats) -> Iterator[np.ndarray]
                 stats.last_error = str(e)[:200]
                 log.warning("source %s: %s", spec.id, e)
         return
-    cap = open_capture(spec)
+    reader = Reader(spec)
     try:
-        total = int(cap.get(7))  # CAP_PROP_FRAME_COUNT: an estimate from the container, 0 when unknown
         n = 0
         while True:
-            ok, image = cap.read()
-            if not ok:
-                if total and n < total:  # the container promised more: a truncated or corrupt file
+            picture = reader.read()
+            if picture is None:
+                total = reader.frames
+                if reader.error or (total and n < total):  # the container promised more: truncated or corrupt
                     stats.decode_errors += 1
-                    stats.last_error = f"read failed at frame {n} of {total}"
+                    stats.last_error = reader.error or f"read failed at frame {n} of {total}"
                     log.warning("source %s: %s ends at frame %d of %d (truncated or corrupt)", spec.id,
                                 spec.target, n, total)  # fmt: skip
                 return
             n += 1
-            yield _bgr_to_picture(image)
+            yield picture
     finally:
-        cap.release()
+        reader.release()
 
 
 # -- the readers -------------------------------------------------------------------------------------------------
@@ -288,7 +375,7 @@ class Source:
         backoff, position, last = BACKOFF_START_S, 0, 0.0
         while not self._stop.is_set():
             try:
-                cap = open_capture(self.spec)
+                reader = Reader(self.spec)
             except SourceError as e:
                 self._reconnect_wait(str(e), backoff)
                 backoff = min(backoff * 2, BACKOFF_MAX_S)
@@ -296,9 +383,9 @@ class Source:
             self.stats.state, last_frame = "up", time.monotonic()
             try:
                 while not self._stop.is_set():
-                    ok, image = cap.read()  # returns within the read timeout (``stall``) even if nothing comes
+                    picture = reader.read()  # returns within the read timeout (``stall``) even if nothing comes
                     now = time.monotonic()
-                    if not ok or image is None:
+                    if picture is None:
                         stalled = now - last_frame >= 0.9 * self.spec.stall
                         if not stalled:
                             self.stats.decode_errors += 1
@@ -306,7 +393,7 @@ class Source:
                         self.stats.last_error = (
                             f"no frame for {now - last_frame:.1f} s"
                             if stalled
-                            else "read failed (stream ended or corrupt)"
+                            else f"read failed (stream ended or corrupt{': ' + reader.error if reader.error else ''})"
                         )
                         break
                     last_frame = now
@@ -317,13 +404,13 @@ class Source:
                         self.stats.dropped += 1  # over the rate cap: not passed on
                         continue
                     last = now
-                    if not self._hand_over(Frame(self.spec.id, _bgr_to_picture(image), time.time(), position), False):
+                    if not self._hand_over(Frame(self.spec.id, picture, time.time(), position), False):
                         self.stats.dropped += 1  # the previous, still unread frame was replaced
                     position += 1
                     if self.limit is not None and position >= self.limit:
                         return
             finally:
-                cap.release()
+                reader.release()
             if not self._stop.is_set():
                 self._reconnect_wait(self.stats.last_error, backoff)
                 backoff = min(backoff * 2, BACKOFF_MAX_S)

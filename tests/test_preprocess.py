@@ -121,3 +121,43 @@ def test_weighted_gathers_match_the_matmul_and_camera_frames_match_contiguous_pi
     rgb = np.ascontiguousarray(view)
     for block in (Preprocess(color="gray", size=(28, 28)), Preprocess(color="rgb", size=(32, 48), resize="letterbox")):
         np.testing.assert_array_equal(block.image(view), block.image(rgb))
+
+
+def test_yuv_frames_convert_only_what_the_resize_reads_and_match_opencv() -> None:
+    """A decoder's 4:2:0 planes (decoder=pyav) give the pictures OpenCV's BGR frames give, within a grey level."""
+    import cv2
+
+    from edge_agent.formats.preprocess import Yuv420
+
+    rng = np.random.default_rng(0)
+    h, w = 90, 160
+    y = rng.integers(16, 236, (h, w), dtype=np.uint8)
+    u, v = (rng.integers(16, 241, (h // 2, w // 2), dtype=np.uint8) for _ in range(2))
+    frame = Yuv420(y, u, v)
+    reference = cv2.cvtColor(np.concatenate([y.ravel(), u.ravel(), v.ravel()]).reshape(h * 3 // 2, w),
+                             cv2.COLOR_YUV2RGB_I420).transpose(2, 0, 1)[None]  # fmt: skip
+    assert frame.shape == reference.shape
+    assert np.abs(frame.rgb().astype(int) - reference).max() <= 1
+    for block, shape in (
+        (Preprocess(), (1, 28, 28)),  # gray, stretched
+        (Preprocess(size=(32, 32), resize="letterbox"), (3, 32, 32)),
+        (Preprocess(size=(24, 24), resize="center-crop", interpolation="bicubic"), (3, 24, 24)),
+        (Preprocess(size=(h, w)), (3, h, w)),  # no resize: the whole frame converted
+    ):
+        fitted = block.fitted(shape)
+        got, want = fitted.image(frame), fitted.image(np.ascontiguousarray(reference))
+        assert got.shape == want.shape == (1, *shape)
+        # one level per converted pixel; bicubic's negative lobes can add up two such differences on noise
+        assert np.abs(got.astype(int) - want).max() <= (2 if block.interpolation == "bicubic" else 1), block
+    # the matrices and ranges: video-range white and black, full-range white, BT.709's red
+    ones = np.ones((2, 2), np.uint8)
+    assert Yuv420(ones * 235, ones[:1, :1] * 128, ones[:1, :1] * 128).rgb().min() == 255
+    assert Yuv420(ones * 16, ones[:1, :1] * 128, ones[:1, :1] * 128).rgb().max() == 0
+    assert Yuv420(ones * 255, ones[:1, :1] * 128, ones[:1, :1] * 128, full_range=True).rgb().min() == 255
+    red = Yuv420(ones * 63, ones[:1, :1] * 102, ones[:1, :1] * 240, matrix="bt709").rgb()[0, :, 0, 0]
+    assert np.abs(red.astype(int) - [255, 0, 0]).max() <= 3
+    assert Yuv420(np.ones((3, 5), np.uint8), np.ones((2, 3), np.uint8), np.ones((2, 3), np.uint8)).shape == (1, 3, 3, 5)
+    with pytest.raises(PreprocessError, match="chroma planes"):
+        Yuv420(y, u[:, :-1], v)
+    with pytest.raises(PreprocessError, match="matrix"):
+        Yuv420(y, u, v, matrix="bt2020")

@@ -39,15 +39,23 @@ def write_video(path: Path, pictures: np.ndarray, size: tuple[int, int] = (640, 
     return path
 
 
-def decode_all(path: Path) -> list[np.ndarray]:
-    """Every frame of a video as (C, H, W) RGB, decoded independently of the agent."""
+def decode_all(path: Path, decoder: str = "opencv") -> list[Any]:
+    """Every frame of a video as a batch of one picture: (1, C, H, W) RGB decoded by OpenCV independently of the
+    agent, or PyAV's YUV planes (decoder=pyav) as one frame, for the preprocessing to convert."""
+    if decoder == "pyav":
+        import av
+
+        from edge_agent.sources import av_picture
+
+        with av.open(str(path)) as container:
+            return [av_picture(f) for f in container.decode(video=0)]
     cap = cv2.VideoCapture(str(path))
     out = []
     while True:
         ok, image = cap.read()
         if not ok:
             break
-        out.append(np.ascontiguousarray(image[:, :, ::-1].transpose(2, 0, 1)))
+        out.append(np.ascontiguousarray(image[:, :, ::-1].transpose(2, 0, 1))[None])
     cap.release()
     return out
 
@@ -82,12 +90,16 @@ def test_source_specs_parse_and_refuse_clearly(tmp_path: Path) -> None:
     assert s.kind == "rtsp" and s.live and s.target == "rtsp://10.0.0.5:554/stream1?channel=2" and s.stall == 3.0
     assert parse_source("http://cam.local/mjpg", 1).id == "cam-2"
     assert parse_source("v4l2:/dev/video0", 0).live
+    assert parse_source("v4l2:/dev/video0?decoder=pyav", 0).decoder == "pyav"
+    assert parse_source(f"video:{tmp_path / 'a.mp4'}", 0).decoder == "opencv"  # the default: no GPL codecs
     for bad, says in (
         ("replay:fashion-mnist", "unknown source"),
         (f"video:{tmp_path / 'none.mp4'}", "no such file"),
         (f"video:{tmp_path / 'a.mp4'}?fps=0", "fps"),
         (f"video:{tmp_path / 'a.mp4'}?speed=2", "unknown option"),
         ("http://x/?id=../etc", "id"),
+        (f"video:{tmp_path / 'a.mp4'}?decoder=gstreamer", "decoder"),
+        (f"dir:{tmp_path}?decoder=pyav", "applies to video files and cameras"),
     ):
         with pytest.raises(SourceError, match=says):
             parse_source(bad, 0)
@@ -107,9 +119,10 @@ def _agent(bundle: Path, tmp_path: Path) -> Any:
 def test_four_sources_batched_account_for_every_frame_and_decide_as_one_by_one(
     bundle: Path, splits: Any, tmp_path: Path
 ) -> None:
-    """Two video files, a folder of stills, an RTSP camera and an MJPEG-over-HTTP camera into one agent, batch 8."""
+    """Two video files, a folder of stills, an RTSP camera and an MJPEG-over-HTTP camera into one agent, batch 8;
+    one file and the RTSP camera decoded by PyAV (its YUV planes), the others by OpenCV."""
     from edge_agent.batcher import Batcher
-    from edge_agent.ensemble import to_model_input
+    from edge_agent.ensemble import to_model_image, to_model_input
     from edge_agent.formats.spec import preprocess_of
     from edge_agent.sources import Source
     from protos.nnoc.v1.quarantine_pb2 import QuarantineHeader
@@ -125,10 +138,10 @@ def test_four_sources_batched_account_for_every_frame_and_decide_as_one_by_one(
     batcher = Batcher(agent, max_batch=8, max_wait=0.005, decisions=tmp_path / "decisions.jsonl").start()
     stop = threading.Event()
     specs = [
-        parse_source(f"video:{a}?id=gate", 0),
+        parse_source(f"video:{a}?id=gate&decoder=pyav", 0),
         parse_source(f"video:{b}", 1),
         parse_source(f"dir:{tmp_path / 'stills'}?id=stills", 2),
-        parse_source(f"rtsp://127.0.0.1:{cam.port}/cam?id=yard&stall=2", 3),
+        parse_source(f"rtsp://127.0.0.1:{cam.port}/cam?id=yard&stall=2&decoder=pyav", 3),
         parse_source(f"http://127.0.0.1:{mjpeg.port}/video.mjpg?id=dock&stall=2", 4),
     ]
     sources = [Source(s, batcher.deliver, stop) for s in specs]
@@ -158,12 +171,18 @@ def test_four_sources_batched_account_for_every_frame_and_decide_as_one_by_one(
     for r in rows:
         by_source.setdefault(r["source"], []).append(r)
     spec = agent.ensemble.spec
-    for sid, path in (("gate", a), ("cam-2", b)):
+    for sid, path, decoder in (("gate", a, "pyav"), ("cam-2", b, "opencv")):
         got = by_source[sid]
         assert [r["position"] for r in got] == list(range(len(got)))  # in order, none missing
-        frames = decode_all(path)
-        one_by_one = [int(agent.ensemble.classify(to_model_input(f[None], spec)).labels[0]) for f in frames]
+        frames = decode_all(path, decoder)
+        one_by_one = [int(agent.ensemble.classify(to_model_input(f, spec)).labels[0]) for f in frames]
         assert [r["label"] for r in got] == one_by_one
+    # the two decoders give the model the same images (within a grey level or two: rounding of two conversions)
+    yuv, bgr = decode_all(a, "pyav"), decode_all(a)
+    assert len(yuv) == len(bgr) == 40
+    images = [np.abs(to_model_image(p, spec).astype(int) - to_model_image(q, spec)).max()
+              for p, q in zip(yuv, bgr, strict=True)]  # fmt: skip
+    assert max(images) <= 2, images
     # Quarantined frames carry their source, position and capture time; the image is the model's (uint8 3x32x32).
     spooled = [QuarantineHeader.FromString(item.header) for item in agent.spool.due(10_000, 0.0)]
     assert spooled and {h.source_id for h in spooled} <= {"gate", "cam-2", "stills", "yard", "dock"}
@@ -176,7 +195,8 @@ def test_four_sources_batched_account_for_every_frame_and_decide_as_one_by_one(
 
 def test_a_camera_that_dies_is_reconnected_while_the_endpoint_answers(bundle: Path, tmp_path: Path) -> None:
     """`nnoc-edge run` with an RTSP camera (GStreamer's server, H.264) that is killed mid-stream and started
-    again, and a camera that accepts and never sends: the agent reconnects by itself, counts the outage, answers
+    again, and a camera that accepts and never sends (read by PyAV: its timeouts too): the agent reconnects by
+    itself, counts the outage, answers
     its inference endpoint the whole time, and `nnoc-edge status` shows each source's state."""
     import grpc
 
@@ -189,7 +209,7 @@ def test_a_camera_that_dies_is_reconnected_while_the_endpoint_answers(bundle: Pa
         [sys.executable, "-m", "edge_agent", "run", "--insecure", "--device-id", "edge-2", "--fleet", "cams",
          "--bundle", str(bundle), "--infer-port", "0", "--state-dir", str(state), "--quiet",
          "--source", f"rtsp://127.0.0.1:{live.port}/cam?id=door&stall=2",
-         "--source", f"http://127.0.0.1:{silent.port}/video?id=hung&stall=1"],
+         "--source", f"http://127.0.0.1:{silent.port}/video?id=hung&stall=1&decoder=pyav"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
 
@@ -249,7 +269,8 @@ def test_a_camera_that_dies_is_reconnected_while_the_endpoint_answers(bundle: Pa
     assert "Traceback" not in err
 
 
-def test_a_truncated_video_ends_that_source_only(bundle: Path, splits: Any, tmp_path: Path) -> None:
+@pytest.mark.parametrize("decoder", ["opencv", "pyav"])
+def test_a_truncated_video_ends_that_source_only(bundle: Path, splits: Any, tmp_path: Path, decoder: str) -> None:
     from edge_agent.batcher import Batcher
     from edge_agent.sources import Source
 
@@ -261,7 +282,7 @@ def test_a_truncated_video_ends_that_source_only(bundle: Path, splits: Any, tmp_
     batcher = Batcher(agent, max_batch=4).start()
     stop = threading.Event()
     sources = [
-        Source(parse_source(f"video:{p}", i), batcher.deliver, stop)
+        Source(parse_source(f"video:{p}?decoder={decoder}", i), batcher.deliver, stop)
         for i, p in enumerate((good, tmp_path / "cut.mp4", tmp_path / "noise.mp4"))
     ]
     try:

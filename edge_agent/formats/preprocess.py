@@ -4,8 +4,8 @@ One numpy implementation serves both sides: the trainer turns its data into the 
 triggers, noise, the CycleGAN and the quarantine work), the edge turns camera frames and images into model
 inputs with it. Two stages, as ``DESIGN.md`` names them:
 
-- :meth:`Preprocess.image`: raw uint8 pictures (N, C, H, W) of any size -> the model's image (N, C', H', W')
-  uint8, after colour conversion and resize;
+- :meth:`Preprocess.image`: raw uint8 pictures (N, C, H, W) of any size (or one video frame's YUV planes,
+  :class:`Yuv420`) -> the model's image (N, C', H', W') uint8, after colour conversion and resize;
 - :meth:`Preprocess.model_input`: the model's image -> float32 ``(x * scale - mean) / std`` in the model's layout.
 
 Resizing is separable: each interpolation is a (destination, source) weight matrix per axis, so nearest,
@@ -92,13 +92,17 @@ class Preprocess:
         h, w = self.size if self.size is not None else raw_shape[1:]
         return self.channels(raw_shape[0]), int(h), int(w)
 
-    def image(self, raw: np.ndarray) -> np.ndarray:
-        """Raw uint8 pictures (N, C, H, W), C 1 (gray) or 3 (RGB) -> the model's image (N, C', H', W') uint8."""
-        if raw.ndim != 4 or raw.shape[1] not in (1, 3) or raw.dtype != np.uint8:
+    def image(self, raw: np.ndarray | Yuv420) -> np.ndarray:
+        """Raw uint8 pictures (N, C, H, W), C 1 (gray) or 3 (RGB), or one video frame's planes (:class:`Yuv420`, a
+        batch of one RGB picture) -> the model's image (N, C', H', W') uint8."""
+        if isinstance(raw, Yuv420):
+            if self.size is None or raw.y.shape == tuple(self.size):
+                return np.ascontiguousarray(convert_color(raw.rgb(), self.color))
+        elif raw.ndim != 4 or raw.shape[1] not in (1, 3) or raw.dtype != np.uint8:
             raise PreprocessError(
                 f"raw pictures must be uint8 (N, C, H, W) with C 1 or 3, got {raw.dtype} {tuple(raw.shape)}"
             )
-        if self.size is None or tuple(raw.shape[2:]) == tuple(self.size):
+        elif self.size is None or tuple(raw.shape[2:]) == tuple(self.size):
             return np.ascontiguousarray(convert_color(raw, self.color))
         # The colour conversion is per pixel, so it runs on the pixels the resize reads only (the same numbers
         # as converting the whole picture first: a 1280x720 frame to 28x28 gray converts 56 rows and columns).
@@ -220,6 +224,66 @@ def _field_value(key: str, value: Any, where: str) -> Any:
     return tuple(number(v) for v in values)
 
 
+# -- video frames as YUV planes -------------------------------------------------------------------------------
+
+# (Kr, Kb) of the colour matrices a video stream may be tagged with. An untagged stream is BT.601, as FFmpeg's
+# swscale (and so OpenCV's capture) converts it.
+YUV_MATRICES = {"bt601": (0.299, 0.114), "bt709": (0.2126, 0.0722)}
+
+
+@dataclass(frozen=True)
+class Yuv420:
+    """One decoded video frame as decoders hand it out (4:2:0): planes ``y`` (H, W) and ``u``, ``v`` (⌈H/2⌉, ⌈W/2⌉)
+    uint8, views of the decoder's buffers; its colour ``matrix`` (:data:`YUV_MATRICES`) and ``full_range`` (JPEG
+    range; else video range, Y 16-235). :meth:`Preprocess.image` converts to RGB only the pixels its resize reads
+    (64 rows and columns of a 1280x720 frame for a 32x32 model), where a decoder's own RGB output converts all
+    921,600. Each pixel takes the chroma sample that covers it (no chroma interpolation, as swscale's unscaled
+    YUV -> RGB path)."""
+
+    y: np.ndarray
+    u: np.ndarray
+    v: np.ndarray
+    matrix: str = "bt601"
+    full_range: bool = False
+
+    def __post_init__(self) -> None:
+        if self.y.ndim != 2 or min(self.y.shape) < 1:
+            raise PreprocessError(f"a YUV frame's Y plane must be (H, W), got {tuple(self.y.shape)}")
+        half = ((self.y.shape[0] + 1) // 2, (self.y.shape[1] + 1) // 2)
+        if self.u.shape != half or self.v.shape != half:
+            raise PreprocessError(
+                f"4:2:0 chroma planes of a {self.y.shape[1]}x{self.y.shape[0]} frame are {half[1]}x{half[0]}, "
+                f"got {tuple(self.u.shape)} and {tuple(self.v.shape)}"
+            )
+        if not self.y.dtype == self.u.dtype == self.v.dtype == np.uint8:
+            raise PreprocessError("YUV planes must be uint8")
+        _check_choice("matrix", self.matrix, tuple(YUV_MATRICES))
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """As a batch of one RGB picture: (1, 3, H, W)."""
+        return (1, 3, int(self.y.shape[0]), int(self.y.shape[1]))
+
+    def rgb(self, rows: np.ndarray | None = None, cols: np.ndarray | None = None) -> np.ndarray:
+        """(1, 3, h, w) uint8 RGB of the pixels at ``rows`` x ``cols`` (every pixel when not given)."""
+        rows = np.arange(self.y.shape[0]) if rows is None else rows
+        cols = np.arange(self.y.shape[1]) if cols is None else cols
+        luma = self.y.take(rows, 0).take(cols, 1).astype(np.float32)
+        cb = self.u.take(rows // 2, 0).take(cols // 2, 1).astype(np.float32) - np.float32(128)
+        cr = self.v.take(rows // 2, 0).take(cols // 2, 1).astype(np.float32) - np.float32(128)
+        if not self.full_range:  # video range: Y 16-235, chroma 16-240
+            luma = (luma - np.float32(16)) * np.float32(255 / 219)
+            cb *= np.float32(255 / 224)
+            cr *= np.float32(255 / 224)
+        kr, kb = YUV_MATRICES[self.matrix]
+        kg = 1.0 - kr - kb
+        r = luma + np.float32(2 * (1 - kr)) * cr
+        g = luma - np.float32(2 * kb * (1 - kb) / kg) * cb - np.float32(2 * kr * (1 - kr) / kg) * cr
+        b = luma + np.float32(2 * (1 - kb)) * cb
+        out = np.stack((r, g, b))[None]
+        return np.clip(np.rint(out, out=out), 0, 255, out=out).astype(np.uint8)
+
+
 # -- colour ---------------------------------------------------------------------------------------------------
 
 
@@ -282,8 +346,9 @@ def _cubic(t: np.ndarray, a: float = -0.75) -> np.ndarray:
 PixelFn = Callable[[np.ndarray], np.ndarray]  # a per-pixel uint8 transform (N, C, h, w) -> (N, C', h, w)
 
 
-def _resample(x: np.ndarray, h: int, w: int, interpolation: str, pixel: PixelFn | None = None) -> np.ndarray:
-    """(N, C, H, W) uint8 -> (N, C', h, w) uint8 by separable weights, ``pixel`` applied to the pixels read."""
+def _resample(x: np.ndarray | Yuv420, h: int, w: int, interpolation: str, pixel: PixelFn | None = None) -> np.ndarray:
+    """(N, C, H, W) uint8 (or a :class:`Yuv420` frame) -> (N, C', h, w) uint8 by separable weights, ``pixel``
+    applied to the pixels read."""
     wh, rows = _plan(h, x.shape[2], interpolation)
     ww, cols = _plan(w, x.shape[3], interpolation)
     part = _gather(x, rows, cols)
@@ -312,10 +377,12 @@ def _apply(part: np.ndarray, weights: np.ndarray, taps: tuple[np.ndarray, np.nda
     return out
 
 
-def _gather(x: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+def _gather(x: np.ndarray | Yuv420, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
     """``x[:, :, rows][..., cols]`` for (N, C, H, W) ``x``. A camera frame arrives as a view of an (H, W, 3) BGR
     buffer: there, two ``take`` calls on the buffer's own layout copy whole rows, then pixels (4x faster than one
-    fancy index through the view); other layouts take the fancy index."""
+    fancy index through the view); other layouts take the fancy index. YUV planes convert the pixels read."""
+    if isinstance(x, Yuv420):
+        return x.rgb(rows, cols)
     hwc = x.transpose(0, 2, 3, 1)
     flipped = hwc.shape[3] > 1 and hwc.strides[3] < 0
     if flipped:
@@ -352,7 +419,7 @@ def _taps(dst: int, src: int, interpolation: str) -> tuple[np.ndarray, np.ndarra
 
 
 def resize(
-    x: np.ndarray, size: tuple[int, int], mode: str, interpolation: str, pixel: PixelFn | None = None
+    x: np.ndarray | Yuv420, size: tuple[int, int], mode: str, interpolation: str, pixel: PixelFn | None = None
 ) -> np.ndarray:
     """(N, C, H, W) uint8 -> (N, C, *size) uint8: ``stretch`` to the size, ``letterbox`` (fit inside, pad with
     black, centred) or ``center-crop`` (shorter side to the size, then the centre). ``pixel``: a per-pixel
