@@ -299,3 +299,13 @@ def test_a_truncated_video_ends_that_source_only(bundle: Path, splits: Any, tmp_
     assert ok.read == ok.classified == 30 and ok.state == "finished"
     assert cut.read < 30 and cut.classified == cut.read  # what could be decoded was classified
     assert noise.state == "failed" and "cannot open" in noise.last_error and noise.read == 0
+
+
+def test_pyav_missing_says_how_to_install_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An agent without the optional extra refuses decoder=pyav with the install line, not a traceback."""
+    from edge_agent.sources import Reader
+
+    write_video(tmp_path / "a.mp4", np.zeros((2, 1, 28, 28), np.uint8))
+    monkeypatch.setitem(sys.modules, "av", None)  # import av -> ImportError, as on a box without PyAV
+    with pytest.raises(SourceError, match=r"nnoculation-edge\[pyav\]"):
+        Reader(parse_source(f"video:{tmp_path / 'a.mp4'}?decoder=pyav"))
