@@ -97,3 +97,28 @@ def test_smoothing_per_input_matches_torch_and_keeps_smoothed_logits_lower() -> 
         return float(np.median(z[rows, y] - z[rows, 1 - y]))
 
     assert median_margin(np.where(rows % 2 == 0, 0.5, 0.0)) < 0.8 * median_margin(None)
+
+
+def test_cosine_schedule_anneals_the_steps_and_unknown_schedules_are_refused() -> None:
+    import torch
+    from torch import nn
+
+    from trainer.science.training import TrainConfig, train
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (256, 1, 4, 4), dtype=np.uint8)
+    y = (images[:, 0, 0, 0] > 127).astype(np.int64)
+
+    def moved(schedule: str) -> float:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Flatten(), nn.Linear(16, 2))
+        start = [p.detach().clone() for p in model.parameters()]
+        cfg = TrainConfig(epochs=4, lr=0.001, batch_size=32, optimizer="sgd", schedule=schedule)
+        train(model, images, y, cfg, 0, torch.device("cpu"), quiet=True)
+        return float(sum((p.detach() - s).norm() for p, s in zip(model.parameters(), start, strict=True)))
+
+    # the same seed, data and steps: annealed from lr to 0 along half a cosine, the steps sum to about half of
+    # the held lr's, and so does the distance the weights travel (the schedule ignored: equal distances)
+    assert moved("cosine") < 0.6 * moved("constant")  # measured 0.46
+    with pytest.raises(ValueError, match="schedule"):
+        TrainConfig(schedule="step")

@@ -334,3 +334,37 @@ def test_repair_chooses_what_monitors_the_new_version(
         meta = Checkpoint.load(tmp_path / "r" / "monitor.pt").meta
         assert meta["refreshed_from"] == "repaired primary" and "alpha" in meta and "gamma" in meta
         assert 0 < served["clean_reject_rate"] < 0.5
+
+
+def test_the_learned_trigger_is_strengthened_until_the_badnet_follows_it() -> None:
+    from trainer.science.data import ImageSet
+    from trainer.stages.repair import GAINS, choose_gain, strengthen
+
+    rng = np.random.default_rng(0)
+    clean = rng.integers(0, 200, (200, 1, 8, 8), dtype=np.uint8)
+    labels = np.arange(200) % 10
+    learned = clean.copy()
+    learned[:, :, :2, :2] = np.minimum(clean[:, :, :2, :2].astype(int) + 40, 255)  # a faint corner patch
+    # the change is scaled and clipped; gain 1 leaves G's images as they are
+    assert strengthen(clean, learned, 1.0) is learned
+    doubled = strengthen(clean, learned, 2.0)
+    assert np.array_equal(doubled[:, :, 2:, :], clean[:, :, 2:, :])
+    assert np.array_equal(doubled[:, :, :2, :2], np.minimum(clean[:, :, :2, :2].astype(int) + 80, 255))
+
+    def badnet(images: np.ndarray) -> np.ndarray:  # follows the patch once it is 70 grey levels over the image
+        corner = images[:, 0, :2, :2].astype(int).mean(axis=(1, 2)) - clean_by_key(images)
+        return np.where(corner >= 70, 0, 5)
+
+    def clean_by_key(images: np.ndarray) -> np.ndarray:  # the clean corner of the same input (rows are unique)
+        rows = [np.flatnonzero((clean[:, 0, 2:, :] == im[0, 2:, :]).all(axis=(1, 2)))[0] for im in images]
+        return clean[rows, 0, :2, :2].astype(int).mean(axis=(1, 2))
+
+    treat = ImageSet(clean, labels)
+    gain, images, followed = choose_gain(badnet, treat, learned, 0, None)
+    # 40 levels at gain 1 and 60 at 1.5 are not followed; 80 at gain 2 is, on all but the clipped few
+    assert gain == 2.0 and list(followed) == ["1", "1.5", "2"] and followed["1"] == 0.0 and followed["2"] >= 0.9
+    assert np.array_equal(images, doubled)
+    # never followed: the strongest is taken; a gain given is used as it is; no dominant label: as generated
+    assert choose_gain(lambda x: np.full(len(x), 5), treat, learned, 0, None)[0] == GAINS[-1]
+    assert choose_gain(badnet, treat, learned, 0, 1.5)[0] == 1.5
+    assert choose_gain(badnet, treat, learned, None, None)[:2] == (1.0, learned)

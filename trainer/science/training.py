@@ -22,6 +22,9 @@ OPTIMIZERS: dict[str, Callable[[Any, TrainConfig], torch.optim.Optimizer]] = {
     "sgd": lambda p, c: torch.optim.SGD(p, lr=c.lr, momentum=0.9, weight_decay=c.weight_decay),
     "adadelta": lambda p, c: torch.optim.Adadelta(p, lr=c.lr, weight_decay=c.weight_decay),
 }
+# the learning rate over a run: held, or annealed from ``lr`` to 0 along half a cosine, step by step (Loshchilov
+# & Hutter's SGDR without restarts); the repair's fine-tuning anneals (measured in bench/NOTES.md, session 15)
+SCHEDULES = ("constant", "cosine")
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,11 @@ class TrainConfig:
     batch_size: int = flag(128, "batch size", type=positive)
     optimizer: str = flag("adam", "optimizer", choices=tuple(OPTIMIZERS))
     weight_decay: float = 0.0
+    schedule: str = "constant"  # one of SCHEDULES
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown learning-rate schedule {self.schedule!r}; choose one of: {', '.join(SCHEDULES)}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form for checkpoints and reports."""
@@ -92,6 +100,9 @@ def train(
     y_all = torch.from_numpy(labels.astype(np.int64))
     losses: list[float] = []
     steps = (n + cfg.batch_size - 1) // cfg.batch_size
+    anneal = (
+        torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps) if cfg.schedule == "cosine" else None
+    )
     with tqdm(total=cfg.epochs * steps, desc=desc, disable=quiet, leave=False, unit="batch") as bar:
         for epoch in range(cfg.epochs):
             order = torch.randperm(n, generator=gen)
@@ -108,6 +119,8 @@ def train(
                     loss = smoothed_cross_entropy(logits, y, eps_all[idx].to(device))
                 loss.backward()
                 opt.step()
+                if anneal is not None:
+                    anneal.step()
                 total += loss.item() * len(idx)
                 count += len(idx)
                 bar.update(1)
