@@ -11,8 +11,8 @@ resumes where it stopped):
    SCALE-UP on 500 + 500 inputs);
 4. ``stream``: N = 1000 at CPD 0.1 through the bundle (quarantine);
 5. ``repair``: the default repair (quick profile); ``detect-v2``: ``detect-eval`` on v2 (served CA and clean rejects
-   of every score at its label-free point); ``clean-ft``: the same base fine-tuned on clean D_treat alone
-   (``--learner none``);
+   of every score at its label-free point); ``clean-ft``: θ_aug fine-tuned on clean D_treat alone (``--learner
+   none --repair-base aug``: the stronger clean-only control; θ_bd's is in bench_recipe);
 6. ``fine-pruning`` and ``neural-cleanse``: ``nnoc-trainer defend`` on the BadNet.
 
 Triggers: ``checker4``, ``square:4``, an ``image:`` paste of a glyph made here and a ``blend:`` of a noise picture
@@ -111,7 +111,7 @@ def cell(name: str, spec: str, seed: int, stages: set[str], attack_args: tuple[s
             str(w / "detect-v2"), "--test-size", "5000"))  # fmt: skip
     if "clean-ft" in stages:
         res["clean-ft"] = stage(w / "clean-ft.json", lambda: run_cli(
-            "repair", *base, "--learner", "none", "--out", str(w / "clean-ft")))  # fmt: skip
+            "repair", *base, "--learner", "none", "--repair-base", "aug", "--out", str(w / "clean-ft")))  # fmt: skip
     for method in ("fine-pruning", "neural-cleanse"):
         if method in stages:
             res[method] = stage(w / f"{method}.json", lambda m=method: run_cli(

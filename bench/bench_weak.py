@@ -4,8 +4,9 @@ From a field cell's Algorithm 1 grid (bench_field: its candidates.csv, whose tes
 heuristic never does) the candidates whose ASR lies nearest ``--asr`` (default high 0.8 and mid 0.35) are trained
 again as the only candidate of a one-point grid (same α, γ, epochs and seed), giving a v1 bundle whose monitor
 keeps that much of the backdoor. Each is streamed at CPD 0.5 and 0.2 (N = 1000, the paper's Table 15 CPDs) and
-repaired two ways from the same base: the CycleGAN repair (quick profile) and clean fine-tuning (``--learner
-none``). The question is where the learned trigger changes the outcome against clean fine-tuning.
+repaired two ways: the CycleGAN repair (quick profile, the repair's defaults) and clean fine-tuning of the weak
+θ_aug itself (``--learner none --repair-base aug``: the base that carries the monitor's treatment, the stronger
+clean-only control). The question is where the learned trigger changes the outcome against clean fine-tuning.
 
 ``--reject-score S``: the v1 bundle is first put under score S by ``nnoc-trainer calibrate`` (same two models, τ
 chosen again on clean data), so the quarantine the repair learns from comes from that rule; its files and rows are
@@ -66,7 +67,8 @@ def variant(cell: Path, spec: str, seed: int, asr: float, cpds: list[float], sco
 
             row["purity"] = purity(q, row["repair"])
         row["clean-ft"] = stage(w / f"clean-ft-{cpd:g}.json", lambda base=base, cpd=cpd: run_cli(
-            "repair", *base, "--learner", "none", "--out", str(w / f"clean-ft-{cpd:g}")))  # fmt: skip
+            "repair", *base, "--learner", "none", "--repair-base", "aug", "--out",
+            str(w / f"clean-ft-{cpd:g}")))  # fmt: skip
         res[f"cpd{cpd:g}"] = row
     return res
 

@@ -761,6 +761,7 @@ def main() -> None:
     section("field", field_section)
     section("rounds", rounds_section)
     section("weak", weak_section)
+    section("recipe", recipe_section)
     section("gpu", gpu_section)
     notes = ROOT / "bench" / "NOTES.md"
     if notes.is_file():
@@ -847,6 +848,12 @@ def _field_seeds(cells: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _base(rep: dict[str, Any]) -> str:
+    """The model a repair report fine-tuned, as " (θ_bd)" or " (θ_aug)"."""
+    base = (rep.get("config") or {}).get("base")
+    return f" (θ_{base})" if base else ""
+
+
 def weak_section(data: dict[str, Any]) -> str:
     """Table 15's shape: repair from weak monitors (bench/bench_weak.py)."""
     rows = data["rows"]
@@ -857,9 +864,10 @@ def weak_section(data: dict[str, Any]) -> str:
         "",
         "`python -m bench.bench_weak`: a candidate of the field cell's Algorithm 1 grid chosen by its test ASR "
         "(evaluation only), trained again as a one-point grid and deployed as the monitor; streams of N = 1000 at "
-        "the paper's CPDs; the CycleGAN repair and clean fine-tuning of the same base (θ_aug) from the same "
-        "quarantine. Goal: repaired ASR ≤ 0.05 at a CA drop ≤ 0.03 where clean fine-tuning stays above 0.2. CA / ASR "
-        "on the test set. Rule: the one the quarantine came from (v1's own, or v1's two models put under another "
+        "the paper's CPDs; the CycleGAN repair (the model it fine-tuned in brackets: θ_aug before session 15's "
+        "defaults, θ_bd since) and clean fine-tuning of θ_aug from the same quarantine. Goal: repaired ASR ≤ 0.05 "
+        "at a CA drop ≤ 0.03 where clean fine-tuning stays above 0.2. CA / ASR on the test set. "
+        "Rule: the one the quarantine came from (v1's own, or v1's two models put under another "
         "score by `nnoc-trainer calibrate`); kept purity: share of the purified quarantine that was triggered "
         "(evaluation only).",
         "",
@@ -882,8 +890,47 @@ def weak_section(data: dict[str, Any]) -> str:
                 f"| {_pair(bad.get('clean_accuracy'), bad.get('attack_success_rate'))} "
                 f"| {_pair(sel.get('test_ca'), sel.get('test_asr'))} | {rule} | {key[3:]} "
                 f"| {st.get('rejected', '–')} / {_fmt(st.get('recall'), 2)} / {_fmt(pur.get('kept_purity'), 2)} "
-                f"| {_pair(*_test(rep, 'repaired'))}{why} | {_pair(*_test(cft, 'repaired'))} |"
+                f"| {_pair(*_test(rep, 'repaired'))}{_base(rep)}{why} | {_pair(*_test(cft, 'repaired'))} |"
             )
+    return "\n".join(lines) + "\n"
+
+
+def recipe_section(data: dict[str, Any]) -> str:
+    """The repair's fine-tuning recipes side by side on the field cells (bench/bench_recipe.py)."""
+    cells = sorted(data["cells"], key=lambda c: (c["seed"], c["trigger"]))
+    names = data["variants"]
+    lines = [
+        "## The repair's fine-tuning recipe (issue 15's CA drop)",
+        "",
+        _machine(cells[0]["machine"]) if cells else "",
+        "",
+        "`python -m bench.bench_recipe`: on each field cell's CPD-0.1 quarantine (N = 1000) and one CycleGAN per "
+        "cell (quick profile, reused), the model fine-tuned (θ_bd or θ_aug), the lr (held or annealed along a "
+        "cosine, 5 epochs from the BadNet's 1e-3) and the learned trigger's strength (`--trigger-gain`; auto: the "
+        "smallest of 1, 1.5, 2, 3 that θ_bd follows on 90% of G(D_treat), label-free), and clean fine-tuning of "
+        "each base as the control. Test CA / ASR; **bold**: both goals met (ASR ≤ 0.01 at a CA drop ≤ 0.01 "
+        "against the BadNet). Gain: the one the default took, and the share of G(D_treat) θ_bd followed at each "
+        "gain tried.",
+        "",
+        "| trigger | seed | BadNet | " + " | ".join(names) + " | default's gain (θ_bd followed) |",
+        "|---|---|---|" + "---|" * (len(names) + 1),
+    ]
+    for c in cells:
+        a = c["attack"]
+        row = []
+        for n in names:
+            ca, asr = _test({"test": {"r": (c.get(n) or {}).get("test")}}, "r")
+            text = _pair(ca, asr)
+            met = None not in (ca, asr, a.get("clean_accuracy")) and asr <= 0.01 and a["clean_accuracy"] - ca <= 0.01
+            row.append(f"**{text}**" if met else text)
+        default = next((n for n in names if n.startswith("default")), names[0])
+        rs = (c.get(default) or {}).get("repair_set") or {}
+        follows = ", ".join(f"{g}: {v:.2f}" for g, v in (rs.get("bd_follows") or {}).items())
+        lines.append(
+            f"| `{c['trigger']}` | {c['seed']} | {_pair(a.get('clean_accuracy'), a.get('attack_success_rate'))} | "
+            + " | ".join(row)
+            + f" | {_fmt(rs.get('trigger_gain'))} ({follows}) |"
+        )
     return "\n".join(lines) + "\n"
 
 

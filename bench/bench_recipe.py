@@ -1,0 +1,84 @@
+"""The repair's fine-tuning recipe, side by side (issue 15's CA drop): on each field cell's CPD-0.1 quarantine and
+the same CycleGAN, which model is fine-tuned (θ_bd or θ_aug), how the learning rate runs (held or annealed along
+a cosine) and how strong the learned trigger is made (``--trigger-gain``: 1, or the default that strengthens it
+until θ_bd follows it); clean fine-tuning of each base under the same schedule as the control.
+
+The CycleGAN is fitted once per cell (the first variant that needs it) and reused by the others (the repair
+resumes a finished ``cyclegan.pt``), so only the fine-tuning differs. ``--next-monitor keep``: the monitor does not
+change the primary's CA / ASR, and a refresh would cost a treatment run per variant. Cells come from
+``bench_field`` (its ``attack`` and ``predeploy`` stages; the stream is run here when missing).
+
+    python -m bench.bench_recipe [--triggers checker4 blend ...] [--seeds 0 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from typing import Any
+
+from bench.bench_field import QUICK, WORK, cell, stage, trigger_pictures
+from bench.common import RESULTS, machine, run_cli, save
+
+# name -> the repair's flags; the last two are the controls (clean D_treat alone, no trigger learner)
+VARIANTS: dict[str, list[str]] = {
+    "θ_aug, held lr, gain 1": ["--repair-base", "aug", "--lr-schedule", "constant", "--trigger-gain", "1"],
+    "θ_bd, held lr, gain 1": ["--repair-base", "bd", "--lr-schedule", "constant", "--trigger-gain", "1"],
+    "θ_bd, cosine, gain 1": ["--repair-base", "bd", "--lr-schedule", "cosine", "--trigger-gain", "1"],
+    "default (θ_bd, cosine, gain auto)": [],
+    "clean-ft θ_aug (cosine)": ["--learner", "none", "--repair-base", "aug"],
+    "clean-ft θ_bd (cosine)": ["--learner", "none", "--repair-base", "bd"],
+}
+
+
+def slug(name: str) -> str:
+    return "".join(ch if ch.isalnum() else "-" for ch in name).strip("-")
+
+
+def recipe_cell(trigger: str, spec: str, seed: int) -> dict[str, Any]:
+    w = WORK / trigger / f"seed{seed}"
+    if not (w / "predeploy" / "bundle" / "manifest.pb").is_file():
+        raise SystemExit(f"{w}: no v1 bundle; run `python -m bench.bench_field --triggers {trigger} --seeds {seed}`")
+    cell(trigger, spec, seed, {"stream"})  # the quarantine (cached)
+    q = w / "cpd0.1" / "quarantine"
+    common = ["--bundle", str(w / "predeploy" / "bundle"), "--quarantine", str(q), "--eval-trigger", spec,
+              "--target", "0", *QUICK, "--next-monitor", "keep"]  # fmt: skip
+    gan = w / "recipe" / "cyclegan.pt"
+    res: dict[str, Any] = {"trigger": trigger, "seed": seed, "attack": json.loads((w / "attack.json").read_text())}
+    for name, flags in VARIANTS.items():
+        out = w / "recipe" / slug(name)
+        if gan.is_file() and "--learner" not in flags and not (out / "cyclegan.pt").is_file():
+            out.mkdir(parents=True, exist_ok=True)
+            shutil.copy(gan, out / "cyclegan.pt")
+        rep = stage(out.with_suffix(".json"), lambda f=flags, o=out: run_cli("repair", *common, *f, "--out", str(o)))
+        if not gan.is_file() and (out / "cyclegan.pt").is_file():
+            shutil.copy(out / "cyclegan.pt", gan)
+        res[name] = {
+            "exit_code": rep.get("exit_code"),
+            "error": rep.get("error"),
+            "test": (rep.get("test") or {}).get("repaired"),
+            "repair_set": rep.get("repair_set"),
+            "config": {k: (rep.get("config") or {}).get(k) for k in ("base", "learner", "schedule", "trigger_gain")},
+        }
+        print(json.dumps({"trigger": trigger, "seed": seed, "variant": name, "test": res[name]["test"]}), flush=True)
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--triggers", nargs="+", default=["checker4", "square:4", "paste", "blend"])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0])
+    args = ap.parse_args()
+    specs = trigger_pictures(WORK / "triggers")
+    path = RESULTS / "recipe.json"
+    cells: list[dict[str, Any]] = json.loads(path.read_text())["cells"] if path.is_file() else []
+    for seed in args.seeds:
+        for trigger in args.triggers:
+            res = {**recipe_cell(trigger, specs[trigger], seed), "machine": machine()}
+            cells = [c for c in cells if (c["trigger"], c["seed"]) != (trigger, seed)] + [res]
+            save("recipe", {"variants": list(VARIANTS), "cells": cells})
+
+
+if __name__ == "__main__":
+    main()
