@@ -343,7 +343,9 @@ def fine_tune(
     """
     treat = splits.treat
     learned = trigger.generate(treat.images)
-    gain, generated, followed = choose_gain(loaded.bd, treat, learned, pur.dominant, cfg.trigger_gain)
+    # the clean-only baseline's "generated" images are the clean ones: nothing to strengthen
+    asked = 1.0 if cfg.learner == "none" else cfg.trigger_gain
+    gain, generated, followed = choose_gain(loaded.bd, treat, learned, pur.dominant, asked)
     parts = [ImageSet(generated, treat.labels), treat]
     n_flipping = 0
     if pur.dominant is not None:
