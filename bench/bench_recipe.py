@@ -52,7 +52,7 @@ def recipe_cell(trigger: str, spec: str, seed: int) -> dict[str, Any]:
             out.mkdir(parents=True, exist_ok=True)
             shutil.copy(gan, out / "cyclegan.pt")
         rep = stage(out.with_suffix(".json"), lambda f=flags, o=out: run_cli("repair", *common, *f, "--out", str(o)))
-        if not gan.is_file() and (out / "cyclegan.pt").is_file():
+        if (out / "cyclegan.pt").is_file():  # the one this variant used or fitted (a stale shared one is refitted)
             shutil.copy(out / "cyclegan.pt", gan)
         res[name] = {
             "exit_code": rep.get("exit_code"),

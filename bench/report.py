@@ -929,7 +929,7 @@ def recipe_section(data: dict[str, Any]) -> str:
         lines.append(
             f"| `{c['trigger']}` | {c['seed']} | {_pair(a.get('clean_accuracy'), a.get('attack_success_rate'))} | "
             + " | ".join(row)
-            + f" | {_fmt(rs.get('trigger_gain'))} ({follows}) |"
+            + f" | {rs.get('trigger_gain', 0):g} ({follows}) |"
         )
     return "\n".join(lines) + "\n"
 
