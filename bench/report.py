@@ -28,6 +28,11 @@ def _machine(m: dict[str, Any]) -> str:
     return f"_{m['cpu']}, {m['cores']} cores{gpu}; Python {m['python']}, torch {m['torch']}; {m['date']}._"
 
 
+def _heading(title: str, rows: list[dict[str, Any]], text: str) -> list[str]:
+    """A section's first lines: its title, the machine its first row ran on, what it measures."""
+    return [title, "", _machine(rows[0]["machine"]) if rows else "", "", text]
+
+
 def predeploy_section(data: dict[str, Any]) -> str:
     lines = [
         "## Pre-deployment treatment (Algorithm 1)",
@@ -858,18 +863,18 @@ def weak_section(data: dict[str, Any]) -> str:
     """Table 15's shape: repair from weak monitors (bench/bench_weak.py)."""
     rows = data["rows"]
     lines = [
-        "## Repair from a weak θ_aug (the paper's Table 15; issue 15)",
-        "",
-        _machine(rows[0]["machine"]) if rows else "",
-        "",
-        "`python -m bench.bench_weak`: a candidate of the field cell's Algorithm 1 grid chosen by its test ASR "
-        "(evaluation only), trained again as a one-point grid and deployed as the monitor; streams of N = 1000 at "
-        "the paper's CPDs; the CycleGAN repair (the model it fine-tuned in brackets: θ_aug before session 15's "
-        "defaults, θ_bd since) and clean fine-tuning of θ_aug from the same quarantine. Goal: repaired ASR ≤ 0.05 "
-        "at a CA drop ≤ 0.03 where clean fine-tuning stays above 0.2. CA / ASR on the test set. "
-        "Rule: the one the quarantine came from (v1's own, or v1's two models put under another "
-        "score by `nnoc-trainer calibrate`); kept purity: share of the purified quarantine that was triggered "
-        "(evaluation only).",
+        *_heading(
+            "## Repair from a weak θ_aug (the paper's Table 15; issue 15)",
+            rows,
+            "`python -m bench.bench_weak`: a candidate of the field cell's Algorithm 1 grid chosen by its test ASR "
+            "(evaluation only), trained again as a one-point grid and deployed as the monitor; streams of N = 1000 at "
+            "the paper's CPDs; the CycleGAN repair (the model it fine-tuned in brackets: θ_aug before session 15's "
+            "defaults, θ_bd since) and clean fine-tuning of θ_aug from the same quarantine. Goal: repaired ASR ≤ 0.05 "
+            "at a CA drop ≤ 0.03 where clean fine-tuning stays above 0.2. CA / ASR on the test set. "
+            "Rule: the one the quarantine came from (v1's own, or v1's two models put under another "
+            "score by `nnoc-trainer calibrate`); kept purity: share of the purified quarantine that was triggered "
+            "(evaluation only).",
+        ),
         "",
         "| trigger | seed | candidate α, γ | BadNet | θ_aug | rule | CPD | rejects / recall / kept purity | θ_repair "
         "| clean-ft |",
@@ -900,17 +905,17 @@ def recipe_section(data: dict[str, Any]) -> str:
     cells = sorted(data["cells"], key=lambda c: (c["seed"], c["trigger"]))
     names = data["variants"]
     lines = [
-        "## The repair's fine-tuning recipe (issue 15's CA drop)",
-        "",
-        _machine(cells[0]["machine"]) if cells else "",
-        "",
-        "`python -m bench.bench_recipe`: on each field cell's CPD-0.1 quarantine (N = 1000) and one CycleGAN per "
-        "cell (quick profile, reused), the model fine-tuned (θ_bd or θ_aug), the lr (held or annealed along a "
-        "cosine, 5 epochs from the BadNet's 1e-3) and the learned trigger's strength (`--trigger-gain`; auto: the "
-        "smallest of 1, 1.5, 2, 3 that θ_bd follows on 90% of G(D_treat), label-free), and clean fine-tuning of "
-        "each base as the control. Test CA / ASR; **bold**: both goals met (ASR ≤ 0.01 at a CA drop ≤ 0.01 "
-        "against the BadNet). Gain: the one the default took, and the share of G(D_treat) θ_bd followed at each "
-        "gain tried.",
+        *_heading(
+            "## The repair's fine-tuning recipe (issue 15's CA drop)",
+            cells,
+            "`python -m bench.bench_recipe`: on each field cell's CPD-0.1 quarantine (N = 1000) and one CycleGAN per "
+            "cell (quick profile, reused), the model fine-tuned (θ_bd or θ_aug), the lr (held or annealed along a "
+            "cosine, 5 epochs from the BadNet's 1e-3) and the learned trigger's strength (`--trigger-gain`; auto: the "
+            "smallest of 1, 1.5, 2, 3 that θ_bd follows on 90% of G(D_treat), label-free), and clean fine-tuning of "
+            "each base as the control. Test CA / ASR; **bold**: both goals met (ASR ≤ 0.01 at a CA drop ≤ 0.01 "
+            "against the BadNet). Gain: the one the default took, and the share of G(D_treat) θ_bd followed at each "
+            "gain tried.",
+        ),
         "",
         "| trigger | seed | BadNet | " + " | ".join(names) + " | default's gain (θ_bd followed) |",
         "|---|---|---|" + "---|" * (len(names) + 1),
@@ -948,18 +953,18 @@ def _v2_gap(d: dict[str, Any] | None) -> str:
 def field_section(data: dict[str, Any]) -> str:
     cells = sorted(data["cells"], key=lambda c: (c["seed"], c["trigger"]))
     lines = [
-        "## The defense against the field, per trigger (issues 14 and 15)",
-        "",
-        _machine(cells[0]["machine"]) if cells else "",
-        "",
-        "`python -m bench.bench_field`: per trigger and seed one BadNet (the attack's defaults: cnn3, 3-step, "
-        "10% poisoning, target 0), Algorithm 1 (3 epochs per candidate, up to 3 α rounds), the bundle's rule as a "
-        "detector (`detect-eval`, 5,000 clean test inputs; τ chosen label-free "
-        "at the default 1% budget: clean D_treat ∪ D_eval, 0.9-confidence bound), a "
-        "stream at CPD 0.1 (N = 1000) and, on the same BadNet and clean data (D_treat to fine-tune, D_eval to "
-        "stop or gate), the repair (quick profile) and the field's post-training defenses. Triggers: `checker4` "
-        "(random place), `square:4` (bottom right), `paste` (a 5×5 ring glyph made by the bench at row 3, column "
-        "19) and `blend` (a uniform-noise picture made by the bench, opacity 0.15).",
+        *_heading(
+            "## The defense against the field, per trigger (issues 14 and 15)",
+            cells,
+            "`python -m bench.bench_field`: per trigger and seed one BadNet (the attack's defaults: cnn3, 3-step, "
+            "10% poisoning, target 0), Algorithm 1 (3 epochs per candidate, up to 3 α rounds), the bundle's rule as a "
+            "detector (`detect-eval`, 5,000 clean test inputs; τ chosen label-free "
+            "at the default 1% budget: clean D_treat ∪ D_eval, 0.9-confidence bound), a "
+            "stream at CPD 0.1 (N = 1000) and, on the same BadNet and clean data (D_treat to fine-tune, D_eval to "
+            "stop or gate), the repair (quick profile) and the field's post-training defenses. Triggers: `checker4` "
+            "(random place), `square:4` (bottom right), `paste` (a 5×5 ring glyph made by the bench at row 3, column "
+            "19) and `blend` (a uniform-noise picture made by the bench, opacity 0.15).",
+        ),
         "",
         "**Detection** (goal: AUROC ≥ 0.99 and recall ≥ 0.95 at ≤ 1% clean rejects; v1 served CA within 0.02 of "
         "the BadNet's):",
