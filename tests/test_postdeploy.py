@@ -172,6 +172,24 @@ def test_cyclegan_learns_a_patch_and_resumes(tmp_path: Path) -> None:
     assert len(fresh.history) == 1
 
 
+def test_a_cyclegan_that_stopped_early_is_not_trained_on_when_resumed(tmp_path: Path) -> None:
+    # A score that never improves stops the fit at its patience; the repair reuses a finished cyclegan.pt (bench
+    # variants share one), so a second call must return the same generator without training another epoch.
+    rng = np.random.default_rng(0)
+    u = rng.integers(0, 60, (16, 1, 12, 12), dtype=np.uint8)
+    v = rng.integers(0, 60, (16, 1, 12, 12), dtype=np.uint8)
+    cfg = CycleGANConfig(ngf=4, ndf=4, n_res_blocks=1, epochs=10, epochs_decay=0, batch_size=8, patience=2,
+                         min_epochs=3)  # fmt: skip
+    ckpt = tmp_path / "gan.pt"
+    cpu = torch.device("cpu")
+    res = train_cyclegan(u, v, cfg, lambda gen: 0.5, u, checkpoint=ckpt, quiet=True, device=cpu)
+    assert res.stopped_early and len(res.history) == 3 and res.best_epoch == 0
+    again = train_cyclegan(u, v, cfg, lambda gen: 1.0, u, checkpoint=ckpt, quiet=True, device=cpu)
+    assert again.stopped_early and len(again.history) == 3 and again.best_epoch == 0  # a better score unseen
+    assert all(torch.equal(a, b) for a, b in zip(res.generator.state_dict().values(),
+                                                again.generator.state_dict().values(), strict=True))  # fmt: skip
+
+
 def test_stream_then_repair_end_to_end(predeployed: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
     bundle = predeployed[0] / "bundle"
     _, rep, _ = run_cli(

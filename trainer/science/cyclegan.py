@@ -248,6 +248,11 @@ def _step(
     return loss_g.item(), loss_d.item(), loss_cyc.item()
 
 
+def _plateaued(cfg: CycleGANConfig, epoch: int, best_epoch: int) -> bool:
+    """Early stop after ``epoch``: ``cfg.patience`` epochs without a better score, past ``cfg.min_epochs``."""
+    return bool(cfg.patience) and epoch + 1 >= cfg.min_epochs and epoch - best_epoch >= cfg.patience
+
+
 def _restore(state: dict[str, Any], nets: tuple[nn.Module, ...], optim: tuple[Any, ...]) -> None:
     """Load a checkpoint's networks, optimisers and schedulers (resume)."""
     for obj, key in zip((*nets, *optim), _STATE_KEYS, strict=True):
@@ -304,6 +309,7 @@ def train_cyclegan(
     best_score: float | None = None
     best_epoch = -1
     start_epoch = 0
+    stopped_early = False
     fingerprint = hashlib.sha256(clean.tobytes() + quarantine.tobytes()).hexdigest()
     state = None
     if checkpoint is not None and checkpoint.is_file():
@@ -317,13 +323,14 @@ def train_cyclegan(
         best_score, best_state = state["best_score"], state["best_g_uv"]
         rng = np.random.default_rng([cfg.seed, start_epoch])
         log.info("resumed CycleGAN from %s at epoch %d", checkpoint, start_epoch)
+        # a fit that stopped early is finished: resuming it must not train on (and may pick another generator)
+        stopped_early = score is not None and _plateaued(cfg, start_epoch - 1, best_epoch)
 
     u_all, v_all = to_gan(clean, device), to_gan(quarantine, device)
     steps = max(1, int(np.ceil(max(len(clean), len(quarantine)) / cfg.batch_size)))
     t0 = time.monotonic()
-    stopped_early = False
     bar = tqdm(total=total_epochs, initial=start_epoch, desc="cyclegan", disable=quiet, unit="epoch")
-    for epoch in range(start_epoch, total_epochs):
+    for epoch in range(start_epoch, start_epoch if stopped_early else total_epochs):
         g_uv.train(), g_vu.train(), d_u.train(), d_v.train()
         sums = {"loss_g": 0.0, "loss_d": 0.0, "cycle": 0.0}
         order_u = rng.permutation(len(clean))
@@ -360,7 +367,7 @@ def train_cyclegan(
             progress = {"history": history, "epoch": epoch, "best_epoch": best_epoch, "best_score": best_score,
                         "best_g_uv": best_state, "config": cfg.to_dict(), "data": fingerprint}  # fmt: skip
             _save(checkpoint, (g_uv, g_vu, d_u, d_v), (opt_g, opt_d, sched_g, sched_d), progress)
-        if score is not None and cfg.patience and epoch + 1 >= cfg.min_epochs and epoch - best_epoch >= cfg.patience:
+        if score is not None and _plateaued(cfg, epoch, best_epoch):
             stopped_early = True
             log.info(
                 "CycleGAN score plateaued (best %.4f at epoch %d); stopping at epoch %d", best_score, best_epoch, epoch
