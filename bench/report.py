@@ -833,8 +833,10 @@ def plot_field(cells: list[dict[str, Any]], path: Path) -> bool:
 def _field_seeds(cells: list[dict[str, Any]]) -> list[str]:
     """Mean ± half-range of CA / ASR per method over the seeds of each trigger run with two or more."""
     by: dict[str, list[dict[str, tuple[Any, Any]]]] = {}
+    bases: dict[str, list[str]] = {}  # θ_repair's base per seed: seeds repaired by different recipes are not pooled
     for c in cells:
         by.setdefault(c["trigger"], []).append(_field_methods(c))
+        bases.setdefault(c["trigger"], []).append(_base(c.get("repair") or {}))
     multi = {t: ms for t, ms in by.items() if len(ms) >= 2}
     if not multi:
         return []
@@ -846,9 +848,25 @@ def _field_seeds(cells: list[dict[str, Any]]) -> list[str]:
         return f"{sum(v) / len(v):.3f} ± {(max(v) - min(v)) / 2:.3f}"
 
     head = "| trigger | seeds | " + " | ".join(FIELD_METHODS) + " |"
-    lines = ["", "Across seeds (mean ± half the range), CA / ASR:", "", head, "|---|---|" + "---|" * len(FIELD_METHODS)]
+    lines = [
+        "",
+        "Across seeds (mean ± half the range), CA / ASR; θ_repair pooled over seeds repaired from the same base only:",
+        "",
+        head,
+        "|---|---|" + "---|" * len(FIELD_METHODS),
+    ]
+
+    def pooled(ms: list[dict[str, tuple[Any, Any]]], k: str) -> str:
+        return f"{spread([m[k][0] for m in ms])} / {spread([m[k][1] for m in ms])}"
+
     for t, ms in multi.items():
-        row = [f"{spread([m[k][0] for m in ms])} / {spread([m[k][1] for m in ms])}" for k in FIELD_METHODS]
+        row = [pooled(ms, k) for k in FIELD_METHODS]
+        groups = {b: [m for m, mb in zip(ms, bases[t], strict=True) if mb == b] for b in bases[t]}
+        if len(groups) > 1:
+            row[FIELD_METHODS.index("θ_repair")] = "; ".join(
+                f"{pooled(g, 'θ_repair')} ({b.strip(' ()')}, {len(g)} seed{'s' * (len(g) > 1)})"
+                for b, g in groups.items()
+            )
         lines.append(f"| `{t}` | {len(ms)} | " + " | ".join(row) + " |")
     return lines
 
@@ -1020,7 +1038,9 @@ def field_section(data: dict[str, Any]) -> str:
         ai = nc.get("anomaly_index")
         lines.append(
             f"| `{c['trigger']}` | {c['seed']} | "
-            + " | ".join(_pair(*m[k]) for k in FIELD_METHODS)
+            + " | ".join(
+                _pair(*m[k]) + (_base(c.get("repair") or {}) if k == "θ_repair" else "") for k in FIELD_METHODS
+            )
             + f" | {s.get('rejected', '–')} / {_fmt(s.get('recall'), 2)} / {_fmt(pur.get('kept_purity'), 2)} "
             f"| {_pair(served.get('served_clean_accuracy'), served.get('clean_reject_rate'))} "
             f"| {_v2_gap(c.get('detect-v2'))} "
