@@ -27,6 +27,8 @@ VARIANTS: dict[str, list[str]] = {
     "θ_bd, held lr, gain 1": ["--repair-base", "bd", "--lr-schedule", "constant", "--trigger-gain", "1"],
     "θ_bd, cosine, gain 1": ["--repair-base", "bd", "--lr-schedule", "cosine", "--trigger-gain", "1"],
     "default (θ_bd, cosine, gain auto)": [],
+    "θ_aug, cosine, gain auto": ["--repair-base", "aug"],
+    "base auto (cosine, gain auto)": ["--repair-base", "auto"],
     "clean-ft θ_aug (cosine)": ["--learner", "none", "--repair-base", "aug"],
     "clean-ft θ_bd (cosine)": ["--learner", "none", "--repair-base", "bd"],
 }
@@ -36,7 +38,7 @@ def slug(name: str) -> str:
     return "".join(ch if ch.isalnum() else "-" for ch in name).strip("-")
 
 
-def recipe_cell(trigger: str, spec: str, seed: int) -> dict[str, Any]:
+def recipe_cell(trigger: str, spec: str, seed: int, only: list[str] | None = None) -> dict[str, Any]:
     w = WORK / trigger / f"seed{seed}"
     if not (w / "predeploy" / "bundle" / "manifest.pb").is_file():
         raise SystemExit(f"{w}: no v1 bundle; run `python -m bench.bench_field --triggers {trigger} --seeds {seed}`")
@@ -45,8 +47,13 @@ def recipe_cell(trigger: str, spec: str, seed: int) -> dict[str, Any]:
     common = ["--bundle", str(w / "predeploy" / "bundle"), "--quarantine", str(q), "--eval-trigger", spec,
               "--target", "0", *QUICK, "--next-monitor", "keep"]  # fmt: skip
     gan = w / "recipe" / "cyclegan.pt"
+    if not gan.is_file() and (w / "repair" / "cyclegan.pt").is_file():  # bench_field's repair fitted the same one
+        gan.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(w / "repair" / "cyclegan.pt", gan)
     res: dict[str, Any] = {"trigger": trigger, "seed": seed, "attack": json.loads((w / "attack.json").read_text())}
     for name, flags in VARIANTS.items():
+        if only and name not in only:
+            continue
         out = w / "recipe" / slug(name)
         if gan.is_file() and "--learner" not in flags and not (out / "cyclegan.pt").is_file():
             out.mkdir(parents=True, exist_ok=True)
@@ -69,13 +76,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--triggers", nargs="+", default=["checker4", "square:4", "paste", "blend"])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
+    ap.add_argument("--variants", nargs="+", default=None, choices=list(VARIANTS), metavar="NAME",
+                    help="run only these variants (default: all); the cell's other results are kept")  # fmt: skip
     args = ap.parse_args()
     specs = trigger_pictures(WORK / "triggers")
     path = RESULTS / "recipe.json"
     cells: list[dict[str, Any]] = json.loads(path.read_text())["cells"] if path.is_file() else []
     for seed in args.seeds:
         for trigger in args.triggers:
-            res = {**recipe_cell(trigger, specs[trigger], seed), "machine": machine()}
+            old = [c for c in cells if (c["trigger"], c["seed"]) == (trigger, seed)]
+            res = {**(old[0] if old else {}), **recipe_cell(trigger, specs[trigger], seed, args.variants)}
+            res["machine"] = machine()
             cells = [c for c in cells if (c["trigger"], c["seed"]) != (trigger, seed)] + [res]
             save("recipe", {"variants": list(VARIANTS), "cells": cells})
 

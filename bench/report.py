@@ -872,9 +872,11 @@ def _field_seeds(cells: list[dict[str, Any]]) -> list[str]:
 
 
 def _base(rep: dict[str, Any]) -> str:
-    """The model a repair report fine-tuned, as " (θ_bd)" or " (θ_aug)"."""
-    base = (rep.get("config") or {}).get("base")
-    return f" (θ_{base})" if base else ""
+    """The model a repair report fine-tuned, as " (θ_bd)", " (θ_aug)" or " (θ_aug, auto)" (chosen by the repair)."""
+    asked, took = (rep.get("config") or {}).get("base"), (rep.get("repair_set") or {}).get("base")
+    if asked == "auto":
+        return f" (θ_{took}, auto)"
+    return f" (θ_{took or asked})" if took or asked else ""
 
 
 def weak_section(data: dict[str, Any]) -> str:

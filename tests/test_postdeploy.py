@@ -190,6 +190,17 @@ def test_a_cyclegan_that_stopped_early_is_not_trained_on_when_resumed(tmp_path: 
                                                 again.generator.state_dict().values(), strict=True))  # fmt: skip
 
 
+def test_the_auto_base_is_the_candidate_that_follows_fewer_quarantined_inputs() -> None:
+    from trainer.stages.repair import choose_base
+
+    bd = {"eval_clean_accuracy": 0.91, "quarantine_still_dominant": 9, "quarantine_inputs": 100}
+    aug = {"eval_clean_accuracy": 0.89, "quarantine_still_dominant": 4, "quarantine_inputs": 100}
+    assert choose_base({"bd": bd, "aug": aug}) == "aug"
+    assert choose_base({"bd": {**bd, "quarantine_still_dominant": 4}, "aug": aug}) == "bd"  # a tie: the CA decides
+    assert choose_base({"bd": {"eval_clean_accuracy": 0.91}, "aug": {"eval_clean_accuracy": 0.89}}) == "bd"
+    assert choose_base({"aug": aug}) == "aug"
+
+
 def test_stream_then_repair_end_to_end(predeployed: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
     bundle = predeployed[0] / "bundle"
     _, rep, _ = run_cli(
@@ -240,6 +251,8 @@ def test_stream_then_repair_end_to_end(predeployed: tuple[Path, dict[str, Any]],
         "1",
         "--max-ca-drop",
         "0.2",
+        "--repair-base",
+        "auto",
         "--eval-trigger",
         "checker4",
         "--target",
@@ -248,12 +261,16 @@ def test_stream_then_repair_end_to_end(predeployed: tuple[Path, dict[str, Any]],
         check=False,
     )
     assert code == 0, stderr[-2000:]
+    # auto: both bases fine-tuned and checked on the purified quarantine; the one taken is named in the bundle
+    took = out["repair_set"]["base"]
+    assert set(out["repair_set"]["bases"]) == {"bd", "aug"} and took in ("bd", "aug")
+    assert all(b["quarantine_inputs"] == out["purified_size"] for b in out["repair_set"]["bases"].values())
     assert out is not None and out["published"] and out["version"] == 2 and out["parent_version"] == 1
     assert out["dominant_label"] == 0 and out["purified_size"] <= out["quarantine_size"]
     assert {"badnet", "monitor", "repaired"} <= set(out["test"])
     manifest = json.loads((tmp_path / "r" / "bundle" / "manifest.json").read_text())
     assert manifest["version"] == "2" and manifest["parent_version"] == "1"
-    assert manifest["created_by"] == "nnoc-trainer repair"
+    assert manifest["created_by"] == "nnoc-trainer repair" and manifest["provenance"]["repair_base"] == took
     assert (tmp_path / "r" / "samples.png").read_bytes()[:4] == b"\x89PNG"
     from edge_agent.formats.bundle import verify_bundle
 

@@ -49,7 +49,7 @@ from trainer.stages.purify import PURIFIERS, Purified, purify
 log = logging.getLogger(__name__)
 
 Classify = Callable[[np.ndarray], np.ndarray]  # images (N, C, H, W) uint8 -> labels or images
-REPAIR_BASES = ("bd", "aug")
+REPAIR_BASES = ("bd", "aug", "auto")
 LEARNERS = ("cyclegan", "none")
 # what monitors the new version: the deployed monitor (θ_aug), θ_repair treated again with the deployed monitor's
 # recipe (α, γ, noise, epochs), or nothing (θ_repair twice: the rule never rejects; the edge still runs two passes).
@@ -69,8 +69,11 @@ class RepairConfig:
     # Which model is fine-tuned: θ_bd (the paper's Algorithm 2) or θ_aug (the authors' code). With a constant lr
     # θ_aug measured better (lower ASR at a similar CA); with the lr annealed and the learned trigger strengthened,
     # θ_bd keeps 1-1.5 points more clean accuracy at a similar ASR on four triggers (bench/NOTES.md, session 15):
-    # θ_aug starts 3-5 points under the BadNet by design, and 4,000 clean images do not buy that back.
-    base: str = flag("bd", "model to fine-tune", name="--repair-base", choices=REPAIR_BASES)
+    # θ_aug starts 3-5 points under the BadNet by design, and 4,000 clean images do not buy that back. auto:
+    # both, and the one that answers the dominant label on fewer purified quarantined inputs (the attacker's own
+    # triggered inputs, never trained on), then the higher D_eval CA (label-free; :func:`choose_base`).
+    base: str = flag("bd", "model to fine-tune (auto: both, the one that follows fewer quarantined inputs to the "
+                     "dominant label)", name="--repair-base", choices=REPAIR_BASES)  # fmt: skip
     # measured better than "majority" at low CPD (BENCHMARKS.md)
     purify: str = flag("excess", "quarantine purification (label-free)", choices=PURIFIERS)
     # "none": fine-tune on clean D_treat alone (the baseline the bench compares to)
@@ -355,11 +358,34 @@ def fine_tune(
     repair_set = ImageSet.concat(*parts)
     base_train = train_config_of(loaded.bd_ckpt)
     ft = replace(base_train, epochs=cfg.epochs, lr=cfg.lr or base_train.lr, schedule=cfg.schedule)
-    model = (loaded.bd_ckpt if cfg.base == "bd" else loaded.aug_ckpt).build()
-    train(model, repair_set.images, repair_set.labels, ft, cfg.seed, loaded.device, "repair: fine-tune", quiet)
+    tried: dict[str, dict[str, Any]] = {}
+    models: dict[str, Any] = {}
+    for base in ("bd", "aug") if cfg.base == "auto" else (cfg.base,):
+        models[base] = (loaded.bd_ckpt if base == "bd" else loaded.aug_ckpt).build()
+        train(models[base], repair_set.images, repair_set.labels, ft, cfg.seed, loaded.device,
+              f"repair: fine-tune θ_{base}", quiet)  # fmt: skip
+        tried[base] = base_check(models[base], loaded, pur, splits)
+    chosen = choose_base(tried)
     info = {"size": len(repair_set), "generated": len(generated), "flipping_generated": n_flipping,
-            "trigger_gain": gain, "bd_follows": followed}  # fmt: skip
-    return model, ft, info
+            "trigger_gain": gain, "bd_follows": followed, "base": chosen, "bases": tried}  # fmt: skip
+    return models[chosen], ft, info
+
+
+def base_check(model: Any, loaded: _Loaded, pur: Purified, splits: Splits) -> dict[str, Any]:
+    """Label-free numbers of a fine-tuned candidate: its D_eval CA and how many of the purified quarantine's
+    inputs (the attacker's trigger as it arrived, never trained on) it still answers with the dominant label."""
+    out: dict[str, Any] = {"eval_clean_accuracy": evaluate(lambda x: predict(model, x, device=loaded.device),
+                                                           splits.eval).clean_accuracy}  # fmt: skip
+    if pur.dominant is not None:
+        answers = predict(model, loaded.quarantine.images[pur.keep], device=loaded.device)
+        out["quarantine_still_dominant"] = int(np.sum(answers == pur.dominant))
+        out["quarantine_inputs"] = int(pur.keep.sum())
+    return out
+
+
+def choose_base(tried: dict[str, dict[str, Any]]) -> str:
+    """The candidate that follows the fewest quarantined inputs to the dominant label, then the higher D_eval CA."""
+    return min(tried, key=lambda b: (tried[b].get("quarantine_still_dominant", 0), -tried[b]["eval_clean_accuracy"]))
 
 
 def check_refreshable(loaded: _Loaded) -> None:
@@ -476,7 +502,7 @@ def publish(
         model, ft.to_dict(),
         {
             "role": "primary",
-            "repaired_from": cfg.base,
+            "repaired_from": report["repair_set"]["base"],
             "parent_version": int(manifest.version),
             "parent_primary_sha256": sha256_file(loaded.bd_path),
             "eval_clean_accuracy": rep_eval_ca,
@@ -501,7 +527,7 @@ def publish(
         {
             "primary_checkpoint_sha256": sha256_file(out_dir / "primary.pt"),
             "monitor_checkpoint_sha256": sha256_file(out_dir / "monitor.pt"),
-            "repair_base": cfg.base,
+            "repair_base": report["repair_set"]["base"],
             "monitor": cfg.next_monitor,
             "quarantine_size": str(report["quarantine_size"]),
             "purified_size": str(report["purified_size"]),
