@@ -190,13 +190,14 @@ def test_a_cyclegan_that_stopped_early_is_not_trained_on_when_resumed(tmp_path: 
                                                 again.generator.state_dict().values(), strict=True))  # fmt: skip
 
 
-def test_the_auto_base_is_the_candidate_that_follows_fewer_quarantined_inputs() -> None:
+def test_the_auto_base_weighs_quarantined_inputs_followed_against_clean_accuracy_lost() -> None:
     from trainer.stages.repair import choose_base
 
     bd = {"eval_clean_accuracy": 0.91, "quarantine_still_dominant": 9, "quarantine_inputs": 100}
     aug = {"eval_clean_accuracy": 0.89, "quarantine_still_dominant": 4, "quarantine_inputs": 100}
-    assert choose_base({"bd": bd, "aug": aug}) == "aug"
-    assert choose_base({"bd": {**bd, "quarantine_still_dominant": 4}, "aug": aug}) == "bd"  # a tie: the CA decides
+    assert choose_base({"bd": bd, "aug": aug}) == "aug"  # 0.05 fewer followed for 0.02 of CA
+    assert choose_base({"bd": {**bd, "quarantine_still_dominant": 5}, "aug": aug}) == "bd"  # 0.01 for 0.02 of CA
+    assert choose_base({"bd": {**bd, "quarantine_still_dominant": 6}, "aug": aug}) == "bd"  # a tie: the CA decides
     assert choose_base({"bd": {"eval_clean_accuracy": 0.91}, "aug": {"eval_clean_accuracy": 0.89}}) == "bd"
     assert choose_base({"aug": aug}) == "aug"
 

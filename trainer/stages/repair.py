@@ -70,10 +70,13 @@ class RepairConfig:
     # θ_aug measured better (lower ASR at a similar CA); with the lr annealed and the learned trigger strengthened,
     # θ_bd keeps 1-1.5 points more clean accuracy at a similar ASR on four triggers (bench/NOTES.md, session 15):
     # θ_aug starts 3-5 points under the BadNet by design, and 4,000 clean images do not buy that back. auto:
-    # both, and the one that answers the dominant label on fewer purified quarantined inputs (the attacker's own
-    # triggered inputs, never trained on), then the higher D_eval CA (label-free; :func:`choose_base`).
-    base: str = flag("bd", "model to fine-tune (auto: both, the one that follows fewer quarantined inputs to the "
-                     "dominant label)", name="--repair-base", choices=REPAIR_BASES)  # fmt: skip
+    # both, and the one with the smaller sum of the share of purified quarantined inputs (the attacker's own
+    # triggered inputs, never trained on) it still answers with the dominant label and the D_eval CA it gives up
+    # (label-free; :func:`choose_base`).
+    base: str = flag(
+        "bd", "model to fine-tune (auto: both; the one that follows fewer quarantined inputs to the dominant label, "
+        "CA lost counted against it)", name="--repair-base", choices=REPAIR_BASES,
+    )  # fmt: skip
     # measured better than "majority" at low CPD (BENCHMARKS.md)
     purify: str = flag("excess", "quarantine purification (label-free)", choices=PURIFIERS)
     # "none": fine-tune on clean D_treat alone (the baseline the bench compares to)
@@ -384,8 +387,18 @@ def base_check(model: Any, loaded: _Loaded, pur: Purified, splits: Splits) -> di
 
 
 def choose_base(tried: dict[str, dict[str, Any]]) -> str:
-    """The candidate that follows the fewest quarantined inputs to the dominant label, then the higher D_eval CA."""
-    return min(tried, key=lambda b: (tried[b].get("quarantine_still_dominant", 0), -tried[b]["eval_clean_accuracy"]))
+    """The candidate with the smaller sum of its two label-free harms: the share of purified quarantined inputs it
+    still answers with the dominant label (an estimate of the attack's success) and the D_eval CA it gives up
+    against the best candidate; a tie goes to the higher D_eval CA. Either alone chose badly: the CA alone keeps
+    θ_bd where it unlearned little of the trigger, a difference of one quarantined input alone gave up a point of
+    CA (bench/NOTES.md, session 16)."""
+    best_ca = max(t["eval_clean_accuracy"] for t in tried.values())
+
+    def harm(t: dict[str, Any]) -> tuple[float, float]:
+        followed = t["quarantine_still_dominant"] / t["quarantine_inputs"] if t.get("quarantine_inputs") else 0.0
+        return round(followed + best_ca - t["eval_clean_accuracy"], 9), -t["eval_clean_accuracy"]
+
+    return min(tried, key=lambda b: harm(tried[b]))
 
 
 def check_refreshable(loaded: _Loaded) -> None:
