@@ -932,7 +932,10 @@ def recipe_section(data: dict[str, Any]) -> str:
             "cell (quick profile, reused), the model fine-tuned (θ_bd or θ_aug), the lr (held or annealed along a "
             "cosine, 5 epochs from the BadNet's 1e-3) and the learned trigger's strength (`--trigger-gain`; auto: the "
             "smallest of 1, 1.5, 2, 3 that θ_bd follows on 90% of G(D_treat), label-free), and clean fine-tuning of "
-            "each base as the control. Test CA / ASR; **bold**: both goals met (ASR ≤ 0.01 at a CA drop ≤ 0.01 "
+            "each base as the control; base auto: both fine-tuned, the one with the smaller sum of the share of "
+            "purified quarantined inputs it still answers with the attacked label and the D_eval CA it gives up "
+            "(label-free). "
+            "Test CA / ASR; **bold**: both goals met (ASR ≤ 0.01 at a CA drop ≤ 0.01 "
             "against the BadNet). Gain: the one the default took, and the share of G(D_treat) θ_bd followed at each "
             "gain tried.",
         ),
