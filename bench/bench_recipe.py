@@ -29,6 +29,9 @@ VARIANTS: dict[str, list[str]] = {
     "default (θ_bd, cosine, gain auto)": [],
     "θ_aug, cosine, gain auto": ["--repair-base", "aug"],
     "base auto (cosine, gain auto)": ["--repair-base", "auto"],
+    "default + unlearn quarantine 0.5": ["--unlearn-quarantine", "0.5"],
+    "default + unlearn quarantine 1": ["--unlearn-quarantine", "1"],
+    "clean-ft θ_bd + unlearn quarantine 1": ["--learner", "none", "--repair-base", "bd", "--unlearn-quarantine", "1"],
     "clean-ft θ_aug (cosine)": ["--learner", "none", "--repair-base", "aug"],
     "clean-ft θ_bd (cosine)": ["--learner", "none", "--repair-base", "bd"],
 }

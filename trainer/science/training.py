@@ -66,6 +66,26 @@ def to_input(images: np.ndarray, device: torch.device, scale: float = 1.0 / 255.
     return torch.from_numpy(images).to(device).float().mul_(scale)
 
 
+@dataclass(frozen=True)
+class Unlearn:
+    """Inputs to move off one label while training: each step adds ``weight`` × the mean of −log(1 − p_label)
+    over ``batch_size`` of ``images`` drawn at random. The term teaches no answer (only "not this one") and
+    vanishes once the model has left the label; the repair uses it on the purified quarantine (label-free: the
+    label is the quarantine's dominant BadNet answer)."""
+
+    images: np.ndarray
+    label: int
+    weight: float
+    batch_size: int = 32
+
+
+def leave_label_loss(logits: torch.Tensor, label: int) -> torch.Tensor:
+    """Mean −log(1 − p_label), computed in log space: logsumexp over the other classes minus over all."""
+    others = logits.clone()
+    others[:, label] = float("-inf")
+    return (torch.logsumexp(logits, dim=1) - torch.logsumexp(others, dim=1)).mean()
+
+
 def smoothed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy against targets smoothed per input by ``eps`` (N,): (1 − ε)·CE + ε·(mean −log p)."""
     logp = torch.log_softmax(logits, dim=1)
@@ -83,11 +103,13 @@ def train(
     desc: str = "train",
     quiet: bool = False,
     smoothing: np.ndarray | None = None,
+    unlearn: Unlearn | None = None,
 ) -> list[float]:
     """Train ``model`` in place on uint8 ``images`` (N, C, H, W) and ``labels`` (N,); returns epoch losses.
 
     ``smoothing`` (N,) in [0, 1]: label smoothing per input (its target keeps 1 − ε of the mass plus ε spread
-    evenly over the classes); None: hard labels."""
+    evenly over the classes); None: hard labels. ``unlearn``: a term that moves other inputs off a label
+    (:class:`Unlearn`)."""
     device = device or default_device()
     model.to(device).train()
     opt = make_optimizer(model.parameters(), cfg)
@@ -98,6 +120,7 @@ def train(
     n = len(labels)
     x_all = torch.from_numpy(images)
     y_all = torch.from_numpy(labels.astype(np.int64))
+    u_all = None if unlearn is None or not len(unlearn.images) else torch.from_numpy(unlearn.images)
     losses: list[float] = []
     steps = (n + cfg.batch_size - 1) // cfg.batch_size
     anneal = (
@@ -117,6 +140,10 @@ def train(
                     loss = loss_fn(logits, y)
                 else:
                     loss = smoothed_cross_entropy(logits, y, eps_all[idx].to(device))
+                if u_all is not None and unlearn is not None and unlearn.weight > 0:
+                    pick = torch.randint(len(u_all), (min(unlearn.batch_size, len(u_all)),), generator=gen)
+                    u = u_all[pick].to(device).float().mul_(1.0 / 255.0)
+                    loss = loss + unlearn.weight * leave_label_loss(model(u), unlearn.label)
                 loss.backward()
                 opt.step()
                 if anneal is not None:

@@ -24,7 +24,7 @@ from google.protobuf.json_format import MessageToDict
 from edge_agent.formats.bundle import read_manifest, sha256_file, verify_bundle
 from edge_agent.formats.reject import RejectRule
 from edge_agent.formats.spec import preprocess_of
-from edge_agent.options import flag, nonnegative, positive, positive_float
+from edge_agent.options import flag, nonnegative, nonnegative_float, positive, positive_float
 from protos.nnoc.v1 import bundle_pb2
 from trainer.errors import GateError
 from trainer.science.cyclegan import CycleGANConfig, save_sample_grid, train_cyclegan, translate
@@ -32,7 +32,7 @@ from trainer.science.data import ImageSet, Splits
 from trainer.science.metrics import evaluate, evaluate_models
 from trainer.science.models import Checkpoint
 from trainer.science.noise import NoiseConfig, augment
-from trainer.science.training import SCHEDULES, TrainConfig, default_device, predict, train
+from trainer.science.training import SCHEDULES, TrainConfig, Unlearn, default_device, predict, train
 from trainer.science.triggers import Trigger
 from trainer.service.quarantine import Quarantine, QuarantineStore
 from trainer.stages.detect import RejectConfig, pair_logits, served
@@ -102,6 +102,14 @@ class RepairConfig:
     trigger_gain: float | None = flag(
         None, "scale of the learned trigger's change G(x) - x on the fine-tuning images (default: the smallest of "
         "1, 1.5, 2, 3 that the BadNet follows on 90%% of them)", type=positive_float,
+    )  # fmt: skip
+    # weight of a term that moves the purified quarantine's inputs (the attacker's trigger as it arrived) off the
+    # dominant BadNet label while fine-tuning: it teaches no answer, so the clean inputs among them and the
+    # monitor's wrong answers teach nothing wrong (as labelling them with the monitor's answers did, bench/NOTES.md
+    # session 16). 0: off
+    unlearn_quarantine: float = flag(
+        0.0, "weight of a fine-tuning term that moves the purified quarantined inputs off the dominant label "
+        "(0: off)", type=nonnegative_float,
     )  # fmt: skip
     # extra copies of the generated images that flip θ_bd (see run_repair)
     emphasis: int = flag(0, "extra copies of generated images that flip θ_bd", type=nonnegative)
@@ -359,6 +367,9 @@ def fine_tune(
         n_flipping = int(flips.sum())
         parts += [ImageSet(generated[flips], treat.labels[flips])] * cfg.emphasis
     repair_set = ImageSet.concat(*parts)
+    unlearn = None
+    if cfg.unlearn_quarantine > 0 and pur.dominant is not None:
+        unlearn = Unlearn(loaded.quarantine.images[pur.keep], pur.dominant, cfg.unlearn_quarantine)
     base_train = train_config_of(loaded.bd_ckpt)
     ft = replace(base_train, epochs=cfg.epochs, lr=cfg.lr or base_train.lr, schedule=cfg.schedule)
     tried: dict[str, dict[str, Any]] = {}
@@ -366,11 +377,12 @@ def fine_tune(
     for base in ("bd", "aug") if cfg.base == "auto" else (cfg.base,):
         models[base] = (loaded.bd_ckpt if base == "bd" else loaded.aug_ckpt).build()
         train(models[base], repair_set.images, repair_set.labels, ft, cfg.seed, loaded.device,
-              f"repair: fine-tune θ_{base}", quiet)  # fmt: skip
+              f"repair: fine-tune θ_{base}", quiet, unlearn=unlearn)  # fmt: skip
         tried[base] = base_check(models[base], loaded, pur, splits)
     chosen = choose_base(tried)
     info = {"size": len(repair_set), "generated": len(generated), "flipping_generated": n_flipping,
-            "trigger_gain": gain, "bd_follows": followed, "base": chosen, "bases": tried}  # fmt: skip
+            "trigger_gain": gain, "bd_follows": followed, "base": chosen, "bases": tried,
+            "unlearned": 0 if unlearn is None else len(unlearn.images)}  # fmt: skip
     return models[chosen], ft, info
 
 
