@@ -62,7 +62,7 @@ demo: $(STAMP) dataset
 	$(BIN)/nnoc-trainer demo --profile quick --out $(DEMO_DIR)
 
 # The post-deployment stage as offline batch jobs on the demo's bundle: a simulated stream of 1,000 inputs
-# with 10% poisoned, the quarantine, the CycleGAN repair (quick profile) and bundle v2. Run after `make demo`.
+# with 10% poisoned, the quarantine, the repair (quick profile) and bundle v2. Run after `make demo`.
 demo-repair: $(STAMP) dataset
 	@test -f $(DEMO_DIR)/predeploy/bundle/manifest.pb || { echo "run 'make demo' first"; exit 1; }
 	$(BIN)/nnoc-trainer stream --bundle $(DEMO_DIR)/predeploy/bundle --trigger checker4 --target 0 \
@@ -73,7 +73,7 @@ demo-repair: $(STAMP) dataset
 	@echo "Repaired model (ASR over the BadNet's eligible inputs):"; $(BIN)/nnoc-trainer evaluate --quiet \
 		--model $(DEMO_DIR)/repair/bundle/primary.onnx --reference $(DEMO_DIR)/predeploy/bundle/primary.onnx \
 		--trigger checker4 --target 0
-	@echo "Generated triggers: $(DEMO_DIR)/repair/samples.png, bundle v2: $(DEMO_DIR)/repair/bundle"
+	@echo "Unlearned quarantined inputs: $(DEMO_DIR)/repair/samples.png, bundle v2: $(DEMO_DIR)/repair/bundle"
 
 bench: $(STAMP) dataset camera-deps
 	$(BIN)/python -m bench.bench_predeploy

@@ -111,7 +111,8 @@ def cell(name: str, spec: str, seed: int, stages: set[str], attack_args: tuple[s
             str(w / "detect-v2"), "--test-size", "5000"))  # fmt: skip
     if "clean-ft" in stages:
         res["clean-ft"] = stage(w / "clean-ft.json", lambda: run_cli(
-            "repair", *base, "--learner", "none", "--repair-base", "aug", "--out", str(w / "clean-ft")))  # fmt: skip
+            "repair", *base, "--learner", "none", "--unlearn-quarantine", "0", "--repair-base", "aug", "--out",
+            str(w / "clean-ft")))  # fmt: skip
     for method in ("fine-pruning", "neural-cleanse"):
         if method in stages:
             res[method] = stage(w / f"{method}.json", lambda m=method: run_cli(

@@ -1,7 +1,8 @@
 """The repair's fine-tuning recipe, side by side (issue 15's CA drop): on each field cell's CPD-0.1 quarantine and
 the same CycleGAN, which model is fine-tuned (θ_bd or θ_aug), how the learning rate runs (held or annealed along
 a cosine) and how strong the learned trigger is made (``--trigger-gain``: 1, or the default that strengthens it
-until θ_bd follows it); clean fine-tuning of each base under the same schedule as the control.
+until θ_bd follows it); the purified quarantine unlearned (``--unlearn-quarantine W``) with and without the
+CycleGAN; clean fine-tuning of each base under the same schedule as the control.
 
 The CycleGAN is fitted once per cell (the first variant that needs it) and reused by the others (the repair
 resumes a finished ``cyclegan.pt``), so only the fine-tuning differs. ``--next-monitor keep``: the monitor does not
@@ -21,20 +22,28 @@ from typing import Any
 from bench.bench_field import QUICK, WORK, cell, stage, trigger_pictures
 from bench.common import RESULTS, machine, run_cli, save
 
-# name -> the repair's flags; the last two are the controls (clean D_treat alone, no trigger learner)
+# name -> the repair's flags; the last two are the controls (clean D_treat alone, no trigger learner, nothing
+# unlearned). The CycleGAN rows were the default until session 16; the quarantine unlearned without it since 17
+CYCLEGAN = ["--learner", "cyclegan"]
+NO_UNLEARN = ["--unlearn-quarantine", "0"]
 VARIANTS: dict[str, list[str]] = {
-    "θ_aug, held lr, gain 1": ["--repair-base", "aug", "--lr-schedule", "constant", "--trigger-gain", "1"],
-    "θ_bd, held lr, gain 1": ["--repair-base", "bd", "--lr-schedule", "constant", "--trigger-gain", "1"],
-    "θ_bd, cosine, gain 1": ["--repair-base", "bd", "--lr-schedule", "cosine", "--trigger-gain", "1"],
-    "default (θ_bd, cosine, gain auto)": [],
-    "θ_aug, cosine, gain auto": ["--repair-base", "aug"],
-    "base auto (cosine, gain auto)": ["--repair-base", "auto"],
-    "default + unlearn quarantine 0.5": ["--unlearn-quarantine", "0.5"],
-    "default + unlearn quarantine 1": ["--unlearn-quarantine", "1"],
-    "clean-ft θ_bd + unlearn quarantine 1": ["--learner", "none", "--repair-base", "bd", "--unlearn-quarantine", "1"],
-    "clean-ft θ_aug (cosine)": ["--learner", "none", "--repair-base", "aug"],
-    "clean-ft θ_bd (cosine)": ["--learner", "none", "--repair-base", "bd"],
-}
+    "θ_aug, held lr, gain 1": [*CYCLEGAN, *NO_UNLEARN, "--repair-base", "aug", "--lr-schedule", "constant",
+                               "--trigger-gain", "1"],
+    "θ_bd, held lr, gain 1": [*CYCLEGAN, *NO_UNLEARN, "--repair-base", "bd", "--lr-schedule", "constant",
+                              "--trigger-gain", "1"],
+    "θ_bd, cosine, gain 1": [*CYCLEGAN, *NO_UNLEARN, "--repair-base", "bd", "--lr-schedule", "cosine",
+                             "--trigger-gain", "1"],
+    "CycleGAN (θ_bd, cosine, gain auto)": [*CYCLEGAN, *NO_UNLEARN],
+    "θ_aug, cosine, gain auto": [*CYCLEGAN, *NO_UNLEARN, "--repair-base", "aug"],
+    "base auto (cosine, gain auto)": [*CYCLEGAN, *NO_UNLEARN, "--repair-base", "auto"],
+    "CycleGAN + unlearn quarantine 0.5": [*CYCLEGAN, "--unlearn-quarantine", "0.5"],
+    "CycleGAN + unlearn quarantine 1": [*CYCLEGAN, "--unlearn-quarantine", "1"],
+    "default (θ_bd, unlearn quarantine 0.5)": [],
+    "unlearn quarantine 1": ["--unlearn-quarantine", "1"],
+    "unlearn quarantine 2": ["--unlearn-quarantine", "2"],
+    "clean-ft θ_aug (cosine)": ["--learner", "none", *NO_UNLEARN, "--repair-base", "aug"],
+    "clean-ft θ_bd (cosine)": ["--learner", "none", *NO_UNLEARN, "--repair-base", "bd"],
+}  # fmt: skip
 
 
 def slug(name: str) -> str:
@@ -58,7 +67,7 @@ def recipe_cell(trigger: str, spec: str, seed: int, only: list[str] | None = Non
         if only and name not in only:
             continue
         out = w / "recipe" / slug(name)
-        if gan.is_file() and "--learner" not in flags and not (out / "cyclegan.pt").is_file():
+        if gan.is_file() and "cyclegan" in flags and not (out / "cyclegan.pt").is_file():
             out.mkdir(parents=True, exist_ok=True)
             shutil.copy(gan, out / "cyclegan.pt")
         rep = stage(out.with_suffix(".json"), lambda f=flags, o=out: run_cli("repair", *common, *f, "--out", str(o)))

@@ -32,9 +32,9 @@ from trainer.service.quarantine import QuarantineStore
 VARIANTS: dict[str, list[str]] = {
     "purified": [],
     "raw": ["--purify", "none"],
-    "clean-ft": ["--learner", "none"],
+    "clean-ft": ["--learner", "none", "--unlearn-quarantine", "0"],
     "bd-base": ["--repair-base", "bd"],
-    "clean-ft-bd": ["--learner", "none", "--repair-base", "bd"],
+    "clean-ft-bd": ["--learner", "none", "--repair-base", "bd", "--unlearn-quarantine", "0"],
 }
 
 

@@ -67,7 +67,7 @@ def variant(cell: Path, spec: str, seed: int, asr: float, cpds: list[float], sco
 
             row["purity"] = purity(q, row["repair"])
         row["clean-ft"] = stage(w / f"clean-ft-{cpd:g}.json", lambda base=base, cpd=cpd: run_cli(
-            "repair", *base, "--learner", "none", "--repair-base", "aug", "--out",
+            "repair", *base, "--learner", "none", "--unlearn-quarantine", "0", "--repair-base", "aug", "--out",
             str(w / f"clean-ft-{cpd:g}")))  # fmt: skip
         res[f"cpd{cpd:g}"] = row
     return res

@@ -767,6 +767,7 @@ def main() -> None:
     section("rounds", rounds_section)
     section("weak", weak_section)
     section("recipe", recipe_section)
+    section("unlearn", unlearn_section)
     section("gpu", gpu_section)
     notes = ROOT / "bench" / "NOTES.md"
     if notes.is_file():
@@ -934,13 +935,15 @@ def recipe_section(data: dict[str, Any]) -> str:
             "smallest of 1, 1.5, 2, 3 that θ_bd follows on 90% of G(D_treat), label-free), and clean fine-tuning of "
             "each base as the control; base auto: both fine-tuned, the one with the smaller sum of the share of "
             "purified quarantined inputs it still answers with the attacked label and the D_eval CA it gives up "
-            "(label-free). "
+            "(label-free). Unlearn quarantine W: `--unlearn-quarantine W`, each purified quarantined input moved off "
+            "the BadNet's answer to it while fine-tuning (−log(1 − p), no label taught), with the CycleGAN's images "
+            "or without them (the default since session 17). "
             "Test CA / ASR; **bold**: both goals met (ASR ≤ 0.01 at a CA drop ≤ 0.01 "
-            "against the BadNet). Gain: the one the default took, and the share of G(D_treat) θ_bd followed at each "
-            "gain tried.",
+            "against the BadNet). Gain: the one the CycleGAN recipe took, and the share of G(D_treat) θ_bd "
+            "followed at each gain tried.",
         ),
         "",
-        "| trigger | seed | BadNet | " + " | ".join(names) + " | default's gain (θ_bd followed) |",
+        "| trigger | seed | BadNet | " + " | ".join(names) + " | CycleGAN's gain (θ_bd followed) |",
         "|---|---|---|" + "---|" * (len(names) + 1),
     ]
     for c in cells:
@@ -951,13 +954,47 @@ def recipe_section(data: dict[str, Any]) -> str:
             text = _pair(ca, asr)
             met = None not in (ca, asr, a.get("clean_accuracy")) and asr <= 0.01 and a["clean_accuracy"] - ca <= 0.01
             row.append(f"**{text}**" if met else text)
-        default = next((n for n in names if n.startswith("default")), names[0])
-        rs = (c.get(default) or {}).get("repair_set") or {}
+        gan = next((n for n in names if n.startswith("CycleGAN (")), names[0])
+        rs = (c.get(gan) or {}).get("repair_set") or {}
         follows = ", ".join(f"{g}: {v:.2f}" for g, v in (rs.get("bd_follows") or {}).items())
         lines.append(
             f"| `{c['trigger']}` | {c['seed']} | {_pair(a.get('clean_accuracy'), a.get('attack_success_rate'))} | "
             + " | ".join(row)
             + f" | {rs.get('trigger_gain', 0):g} ({follows}) |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def unlearn_section(data: dict[str, Any]) -> str:
+    """The quarantine unlearned where it is small or the monitor weak (bench/bench_unlearn.py)."""
+    rows = data["rows"]
+    names = data["variants"]
+    lines = [
+        *_heading(
+            "## The quarantine unlearned: small quarantines, weak monitors, an adaptive attacker (issue 15)",
+            rows,
+            "`python -m bench.bench_unlearn`: the same quarantine repaired three ways (quick profile, "
+            "`--next-monitor keep`): the CycleGAN (the default until session 16), the CycleGAN with "
+            "`--unlearn-quarantine 1`, and the quarantine unlearned with no trigger learner (the default since "
+            "session 17). Cases: seed-0 field cells streamed at CPD 0.02 under `gap_or_kl` (about 20 triggered "
+            "inputs in N = 1000), the adaptive attacker's cell, and checker4's weak monitors (Table 15: θ_aug "
+            "test ASR 0.78 and 0.33) at CPD 0.5 and 0.2. Test CA / ASR (ASR to 4 places); quarantined → kept "
+            "after purification.",
+        ),
+        "",
+        "| case | quarantined → kept | " + " | ".join(names) + " |",
+        "|---|---|" + "---|" * len(names),
+    ]
+    for r in rows:
+        first = next((r[n] for n in names if r.get(n)), {})
+        cells = []
+        for n in names:
+            t = ((r.get(n) or {}).get("test") or {}).get("repaired") or {}
+            cells.append(f"{_fmt(t.get('clean_accuracy'), 3)} / {_fmt(t.get('attack_success_rate'), 4)}")
+        lines.append(
+            f"| {r['case']} | {first.get('quarantine_size', '–')} → {first.get('purified_size', '–')} | "
+            + " | ".join(cells)
+            + " |"
         )
     return "\n".join(lines) + "\n"
 

@@ -254,6 +254,8 @@ def test_stream_then_repair_end_to_end(predeployed: tuple[Path, dict[str, Any]],
         "0.2",
         "--repair-base",
         "auto",
+        "--learner",
+        "cyclegan",
         "--eval-trigger",
         "checker4",
         "--target",
@@ -266,6 +268,7 @@ def test_stream_then_repair_end_to_end(predeployed: tuple[Path, dict[str, Any]],
     took = out["repair_set"]["base"]
     assert set(out["repair_set"]["bases"]) == {"bd", "aug"} and took in ("bd", "aug")
     assert all(b["quarantine_inputs"] == out["purified_size"] for b in out["repair_set"]["bases"].values())
+    assert out["repair_set"]["unlearned"] == out["purified_size"]  # the quarantine unlearned beside G(D_treat)
     assert out is not None and out["published"] and out["version"] == 2 and out["parent_version"] == 1
     assert out["dominant_label"] == 0 and out["purified_size"] <= out["quarantine_size"]
     assert {"badnet", "monitor", "repaired"} <= set(out["test"])

@@ -219,7 +219,7 @@ def cmd_calibrate(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_repair(args: argparse.Namespace) -> dict[str, Any]:
-    """CycleGAN trigger learning and repair; bundle v+1 behind a gate."""
+    """Repair from a quarantine (unlearned; the CycleGAN on request); bundle v+1 behind a gate."""
     from trainer.science.cyclegan import CycleGANConfig
     from trainer.science.triggers import parse_trigger
     from trainer.stages.repair import RepairConfig, run_repair
@@ -626,7 +626,11 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], bool]]
     "evaluate": ("clean accuracy and attack success rate of a .pt or .onnx classifier", _args_evaluate, True),
     "predeploy": ("pre-deployment treatment (Algorithm 1) and bundle v1", _args_predeploy, True),
     "stream": ("simulate a poisoned deployment stream through a bundle (Algorithm 2, 1-12)", _args_stream, True),
-    "repair": ("learn the trigger from a quarantine (CycleGAN) and repair: bundle v+1", _args_repair, True),
+    "repair": (
+        "repair from a quarantine (unlearn it, or learn its trigger with a CycleGAN): bundle v+1",
+        _args_repair,
+        True,
+    ),
     "detect-eval": (
         "the monitor as a detector: ROC, AUROC, recall at fixed clean-reject rates",
         _args_detect_eval,

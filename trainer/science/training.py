@@ -68,21 +68,20 @@ def to_input(images: np.ndarray, device: torch.device, scale: float = 1.0 / 255.
 
 @dataclass(frozen=True)
 class Unlearn:
-    """Inputs to move off one label while training: each step adds ``weight`` × the mean of −log(1 − p_label)
-    over ``batch_size`` of ``images`` drawn at random. The term teaches no answer (only "not this one") and
-    vanishes once the model has left the label; the repair uses it on the purified quarantine (label-free: the
-    label is the quarantine's dominant BadNet answer)."""
+    """Inputs to move off given labels while training: each step adds ``weight`` × the mean of −log(1 − p_label)
+    over ``batch_size`` of ``images`` drawn at random, each against its own entry of ``labels``. The term teaches no
+    answer (only "not this one") and vanishes once the model has left the label; the repair uses it on the purified
+    quarantine, each input against the BadNet's answer to it (label-free)."""
 
     images: np.ndarray
-    label: int
+    labels: np.ndarray
     weight: float
     batch_size: int = 32
 
 
-def leave_label_loss(logits: torch.Tensor, label: int) -> torch.Tensor:
-    """Mean −log(1 − p_label), computed in log space: logsumexp over the other classes minus over all."""
-    others = logits.clone()
-    others[:, label] = float("-inf")
+def leave_label_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean −log(1 − p_label) over the rows, in log space: logsumexp over the other classes minus over all."""
+    others = logits.scatter(1, labels[:, None], float("-inf"))
     return (torch.logsumexp(logits, dim=1) - torch.logsumexp(others, dim=1)).mean()
 
 
@@ -121,6 +120,7 @@ def train(
     x_all = torch.from_numpy(images)
     y_all = torch.from_numpy(labels.astype(np.int64))
     u_all = None if unlearn is None or not len(unlearn.images) else torch.from_numpy(unlearn.images)
+    u_labels = None if unlearn is None else torch.from_numpy(np.asarray(unlearn.labels, dtype=np.int64))
     losses: list[float] = []
     steps = (n + cfg.batch_size - 1) // cfg.batch_size
     anneal = (
@@ -140,10 +140,10 @@ def train(
                     loss = loss_fn(logits, y)
                 else:
                     loss = smoothed_cross_entropy(logits, y, eps_all[idx].to(device))
-                if u_all is not None and unlearn is not None and unlearn.weight > 0:
+                if u_all is not None and u_labels is not None and unlearn is not None and unlearn.weight > 0:
                     pick = torch.randint(len(u_all), (min(unlearn.batch_size, len(u_all)),), generator=gen)
                     u = u_all[pick].to(device).float().mul_(1.0 / 255.0)
-                    loss = loss + unlearn.weight * leave_label_loss(model(u), unlearn.label)
+                    loss = loss + unlearn.weight * leave_label_loss(model(u), u_labels[pick].to(device))
                 loss.backward()
                 opt.step()
                 if anneal is not None:
