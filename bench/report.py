@@ -986,7 +986,7 @@ def unlearn_section(data: dict[str, Any]) -> str:
         "|---|---|" + "---|" * len(names),
     ]
     for r in rows:
-        first = next((r[n] for n in names if r.get(n)), {})
+        first: dict[str, Any] = next((r[n] for n in names if r.get(n)), {})
         cells = []
         for n in names:
             t = ((r.get(n) or {}).get("test") or {}).get("repaired") or {}
