@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+from pathlib import Path
 from typing import Any
 
 from bench.bench_field import QUICK, WORK, cell, stage, trigger_pictures
@@ -50,6 +51,20 @@ def slug(name: str) -> str:
     return "".join(ch if ch.isalnum() else "-" for ch in name).strip("-")
 
 
+def repair_variant(out: Path, common: list[str], flags: list[str], gan: Path) -> dict[str, Any]:
+    """One repair variant into ``out`` (its report cached beside it as ``out``.json). A CycleGAN variant resumes the
+    case's fitted ``gan`` when there is one, and the one it used or fitted becomes the case's (a stale shared one is
+    refitted)."""
+    if gan.is_file() and "cyclegan" in flags and not (out / "cyclegan.pt").is_file():
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copy(gan, out / "cyclegan.pt")
+    rep = stage(out.with_suffix(".json"), lambda: run_cli("repair", *common, *flags, "--out", str(out)))
+    if (out / "cyclegan.pt").is_file():
+        gan.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(out / "cyclegan.pt", gan)
+    return rep
+
+
 def recipe_cell(trigger: str, spec: str, seed: int, only: list[str] | None = None) -> dict[str, Any]:
     w = WORK / trigger / f"seed{seed}"
     if not (w / "predeploy" / "bundle" / "manifest.pb").is_file():
@@ -66,13 +81,7 @@ def recipe_cell(trigger: str, spec: str, seed: int, only: list[str] | None = Non
     for name, flags in VARIANTS.items():
         if only and name not in only:
             continue
-        out = w / "recipe" / slug(name)
-        if gan.is_file() and "cyclegan" in flags and not (out / "cyclegan.pt").is_file():
-            out.mkdir(parents=True, exist_ok=True)
-            shutil.copy(gan, out / "cyclegan.pt")
-        rep = stage(out.with_suffix(".json"), lambda f=flags, o=out: run_cli("repair", *common, *f, "--out", str(o)))
-        if (out / "cyclegan.pt").is_file():  # the one this variant used or fitted (a stale shared one is refitted)
-            shutil.copy(out / "cyclegan.pt", gan)
+        rep = repair_variant(w / "recipe" / slug(name), common, flags, gan)
         res[name] = {
             "exit_code": rep.get("exit_code"),
             "error": rep.get("error"),

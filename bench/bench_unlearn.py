@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
-from bench.bench_field import QUICK, WORK, stage, trigger_pictures
-from bench.common import RESULTS, machine, run_cli, save
+from bench.bench_field import QUICK, WORK, trigger_pictures
+from bench.bench_recipe import repair_variant, slug
+from bench.common import RESULTS, machine, save
 
 VARIANTS: dict[str, list[str]] = {
     "CycleGAN (session-16 default)": ["--learner", "cyclegan", "--unlearn-quarantine", "0"],
@@ -69,14 +69,8 @@ def run_case(case: dict[str, Any], only: list[str] | None) -> dict[str, Any]:
     for name, flags in VARIANTS.items():
         if only and name not in only:
             continue
-        out = case["dir"] / "".join(ch if ch.isalnum() else "-" for ch in name).strip("-")
-        if gan.is_file() and "cyclegan" in flags and not (out / "cyclegan.pt").is_file():
-            out.mkdir(parents=True, exist_ok=True)
-            shutil.copy(gan, out / "cyclegan.pt")
-        rep = stage(out.with_suffix(".json"), lambda f=flags, o=out: run_cli("repair", *common, *f, "--out", str(o)))
-        if not gan.is_file() and (out / "cyclegan.pt").is_file():
-            gan.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(out / "cyclegan.pt", gan)
+        out = case["dir"] / slug(name)
+        rep = repair_variant(out, common, flags, gan)
         res[name] = {
             "exit_code": rep.get("exit_code"),
             "error": rep.get("error"),

@@ -873,11 +873,15 @@ def _field_seeds(cells: list[dict[str, Any]]) -> list[str]:
 
 
 def _base(rep: dict[str, Any]) -> str:
-    """The model a repair report fine-tuned, as " (θ_bd)", " (θ_aug)" or " (θ_aug, auto)" (chosen by the repair)."""
-    asked, took = (rep.get("config") or {}).get("base"), (rep.get("repair_set") or {}).get("base")
-    if asked == "auto":
-        return f" (θ_{took}, auto)"
-    return f" (θ_{took or asked})" if took or asked else ""
+    """The model a repair report fine-tuned and how, as " (θ_bd, unlearned)", " (θ_aug, auto, CycleGAN)" ...
+    (auto: chosen by the repair; reports older than the quarantine term were all CycleGAN repairs)."""
+    cfg = rep.get("config") or {}
+    asked, took = cfg.get("base"), (rep.get("repair_set") or {}).get("base")
+    if not (took or asked):
+        return ""
+    gan, unlearned = cfg.get("learner", "cyclegan") == "cyclegan", bool(cfg.get("unlearn_quarantine"))
+    how = " + ".join(w for w, on in (("CycleGAN", gan), ("unlearned", unlearned)) if on) or "clean"
+    return f" (θ_{took}, auto, {how})" if asked == "auto" else f" (θ_{took or asked}, {how})"
 
 
 def weak_section(data: dict[str, Any]) -> str:
@@ -989,10 +993,14 @@ def unlearn_section(data: dict[str, Any]) -> str:
         first: dict[str, Any] = next((r[n] for n in names if r.get(n)), {})
         cells = []
         for n in names:
-            t = ((r.get(n) or {}).get("test") or {}).get("repaired") or {}
+            v = r.get(n) or {}
+            t = (v.get("test") or {}).get("repaired") or {}
+            if not t and v.get("error"):  # refused: the one line the repair printed
+                cells.append(f"exit {v.get('exit_code')}: {str(v['error']).split(';')[0]})")
+                continue
             cells.append(f"{_fmt(t.get('clean_accuracy'), 3)} / {_fmt(t.get('attack_success_rate'), 4)}")
         lines.append(
-            f"| {r['case']} | {first.get('quarantine_size', '–')} → {first.get('purified_size', '–')} | "
+            f"| {r['case']} | {first.get('quarantine_size') or '–'} → {first.get('purified_size') or '–'} | "
             + " | ".join(cells)
             + " |"
         )
@@ -1063,8 +1071,10 @@ def field_section(data: dict[str, Any]) -> str:
         "",
         "**Repair against the field**, test CA / ASR (the paper's Table 3 in shape; goal: θ_repair ASR ≤ 0.01 at a "
         "CA drop ≤ 0.01 against the BadNet, and not worse than clean fine-tuning). Stream: rejects, recall, and "
-        "the purity of what the CycleGAN learned from (evaluation only); v2 served: what the fleet serves "
-        "with θ_repair and the kept monitor (answered and right / all, and clean rejects).",
+        "the purity of what the repair learned from (evaluation only); v2 served: what the fleet serves "
+        "with θ_repair and its monitor (refreshed; answered and right / all, and clean rejects). θ_repair: the "
+        "repair's defaults when the cell was repaired (the CycleGAN until session 16, the quarantine unlearned "
+        "since 17).",
         "",
         "| trigger | seed | " + " | ".join(FIELD_METHODS) + " | stream rejects / recall / kept purity "
         "| v2 served CA / clean rejects | v2 under logit_gap: served CA / clean rejects / θ_repair CA "
