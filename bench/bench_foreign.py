@@ -17,27 +17,34 @@ import sys
 import time
 from typing import Any
 
+from bench.bench_field import stage
 from bench.common import RESULTS, ROOT, machine, run_cli, save
 
 OUT = ROOT / "runs" / "bench-foreign"
 DATA = ["--valid-size", "5000", "--stream-size", "2000", "--test-size", "5000"]
 
 
-def defend(arch: str, rounds: int, epochs: int) -> dict[str, Any]:
-    """Make the outsider's BadNet, then defend it through the CLI; every step's seconds and numbers."""
+def defend(arch: str, rounds: int, epochs: int, reuse: bool = False) -> dict[str, Any]:
+    """Make the outsider's BadNet, then defend it through the CLI; every step's seconds and numbers.
+
+    ``reuse``: keep the BadNet and the predeploy run already under ``runs/bench-foreign/ARCH`` (its report.json and
+    predeploy.json) and stream and repair again, e.g. after the repair's default changed."""
     out = OUT / arch
     t = time.monotonic()
-    subprocess.run([sys.executable, "-m", "bench.outsider_badnet", "--arch", arch, "--out", str(out)], check=True,
-                   cwd=ROOT)  # fmt: skip
+    if not (reuse and (out / "report.json").is_file()):
+        subprocess.run([sys.executable, "-m", "bench.outsider_badnet", "--arch", arch, "--out", str(out)],
+                       check=True, cwd=ROOT)  # fmt: skip
+        (out / "predeploy.json").unlink(missing_ok=True)
+        made = json.loads((out / "report.json").read_text()) | {"seconds": round(time.monotonic() - t, 1)}
+        (out / "report.json").write_text(json.dumps(made, indent=1) + "\n")
     made = json.loads((out / "report.json").read_text())
-    made["seconds"] = round(time.monotonic() - t, 1)
     trigger = (out / "trigger.txt").read_text().strip()
     door = ["--model", str(out / "model.onnx"), "--preprocess", str(out / "preprocess.json")]
     evaluation = ["--eval-trigger", trigger, "--target", "7"]
-    t = time.monotonic()
-    pd = run_cli("predeploy", *door, "--out", str(out / "predeploy"), *evaluation, *DATA,
-                 "--max-rounds", str(rounds), "--epochs", str(epochs))  # fmt: skip
-    pd_seconds = round(time.monotonic() - t, 1)
+    pd = stage(out / "predeploy.json", lambda: run_cli(
+        "predeploy", *door, "--out", str(out / "predeploy"), *evaluation, *DATA, "--max-rounds", str(rounds),
+        "--epochs", str(epochs)))  # fmt: skip
+    pd_seconds = pd["seconds"]
     result: dict[str, Any] = {"arch": arch, "outsider": made, "trigger": trigger, "predeploy_seconds": pd_seconds}
     if pd["exit_code"] != 0:
         result["error"] = pd.get("error")
@@ -80,12 +87,14 @@ def main() -> None:
     ap.add_argument("--archs", nargs="+", default=["resnet18", "resnet-small"])
     ap.add_argument("--rounds", type=int, default=2, help="predeploy α rounds")
     ap.add_argument("--epochs", type=int, default=3, help="predeploy fine-tuning epochs per candidate")
+    ap.add_argument("--reuse", action="store_true",
+                    help="keep each model's BadNet and θ_aug from an earlier run; stream and repair again")  # fmt: skip
     args = ap.parse_args()
     # Rows of models not run this time are kept (each model takes about an hour here): one report for all.
     path = RESULTS / "foreign.json"
     rows = json.loads(path.read_text())["rows"] if path.is_file() else []
     for arch in args.archs:
-        row = defend(arch, args.rounds, args.epochs)
+        row = defend(arch, args.rounds, args.epochs, args.reuse)
         row["machine"] = machine()
         print(json.dumps(row), flush=True)
         rows = [r for r in rows if r["arch"] != arch] + [row]

@@ -6,8 +6,10 @@ the second trigger appears: stream through v2, repair -> v3. Measured per round:
 for the primary, what the fleet serves (served clean accuracy, clean reject rate) and how well the bundle's rule
 catches each trigger (``detect-eval``: AUROC, recall at the label-free operating point).
 
-v2's monitor, three ways from the same θ_repair (the CycleGAN of the ``keep`` run is reused: same seed, same
-θ_repair): ``keep`` (θ_aug), ``refresh`` (θ_repair treated with θ_aug's α, γ and noise) and ``none``.
+v2's monitor, three ways from the same θ_repair (same seed; under ``--learner cyclegan`` the ``keep`` run's
+generator is reused): ``keep`` (θ_aug), ``refresh`` (θ_repair treated with θ_aug's α, γ and noise) and ``none``.
+Every repair runs under the repair's defaults (since session 17: θ_bd fine-tuned while unlearning the purified
+quarantine, no trigger learner); v3 repairs v2-keep's primary with v2-keep's monitor deployed.
 
 ``--weak-second ASR``: a θ_aug that keeps the second backdoor, so that v2 has something left for its monitor to
 catch. Algorithm 1's grid is run once more with the second trigger as its evaluation trigger (the evaluation reads
@@ -34,6 +36,7 @@ WORK = ROOT / "runs" / "bench-rounds"
 FIRST, FIRST_TARGET = "checker4", 0
 SECOND_TARGET = 4
 MONITORS = ("keep", "refresh", "none")
+REPAIR_KEYS = ("test", "served_test", "reject_rule", "config", "repair_set", "seconds", "exit_code", "error")
 
 
 def detect(bundle: Path, spec: str, target: int, out: Path) -> dict[str, Any]:
@@ -110,9 +113,7 @@ def main() -> None:
             out.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(w / "v2-keep" / "cyclegan.pt", out / "cyclegan.pt")  # resumed: the same generator
         rep = staged(f"v2-{choice}", run_cli, "repair", *base, "--next-monitor", choice, "--out", str(out))
-        row: dict[str, Any] = {
-            "repair": {k: rep.get(k) for k in ("test", "served_test", "reject_rule", "seconds", "exit_code", "error")}
-        }
+        row: dict[str, Any] = {"repair": {k: rep.get(k) for k in REPAIR_KEYS}}
         if rep.get("published"):
             row["first"] = staged(f"v2-{choice}-detect-first", detect, out / "bundle", FIRST, FIRST_TARGET,
                                   out / "d-first")  # fmt: skip
@@ -131,7 +132,7 @@ def main() -> None:
         "repair", "--bundle", str(v2 / "bundle"), "--quarantine", str(q2), "--profile", "quick", "--eval-trigger",
         second, "--target", str(SECOND_TARGET), "--primary-checkpoint", str(v2 / "primary.pt"),
         "--monitor-checkpoint", str(v2 / "monitor.pt"), "--out", str(w / "v3")))  # fmt: skip
-    res["v3"] = {"repair": {k: rep3.get(k) for k in ("test", "served_test", "seconds", "exit_code", "error")}}
+    res["v3"] = {"repair": {k: rep3.get(k) for k in REPAIR_KEYS}}
     if rep3.get("published"):
         v3 = w / "v3" / "primary.pt"
         res["v3"]["primary_first_asr"] = staged("v3-first-asr", asr, v3, FIRST, FIRST_TARGET, bd)

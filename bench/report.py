@@ -1116,9 +1116,11 @@ def rounds_section(data: dict[str, Any]) -> str:
         "`python -m bench.bench_rounds`: one BadNet with two independent backdoors (checker4 → 0, the bench's "
         "second trigger → 4: the ring glyph pasted, or the noise blend at opacity 0.15; 10% of the training set "
         "each). Round 1 streams checker4 only (CPD 0.1, N = 1000) and "
-        "repairs into v2; v2's monitor is chosen three ways from the same θ_repair (the `keep` run's CycleGAN "
-        "reused). Round 2 streams the second trigger through v2 and repairs into v3. Detection: the bundle's own rule "
-        "(label-free τ) on 5,000 clean test inputs against the triggered inputs its primary sends to the target.",
+        "repairs into v2; v2's monitor is chosen three ways from the same θ_repair. Round 2 streams the second "
+        "trigger through v2 (keep) and repairs v2's primary into v3. The repair's recipe is named after each "
+        "version (runs without one predate session 17 and were CycleGAN repairs of θ_aug). Detection: the bundle's "
+        "own rule (label-free τ) on 5,000 clean test inputs against the triggered inputs its primary sends to the "
+        "target.",
         "",
         "| version | monitor | primary test CA | ASR checker4 | ASR second | served CA / clean rejects "
         "| rule recall checker4 | rule recall second (AUROC) |",
@@ -1146,7 +1148,7 @@ def rounds_section(data: dict[str, Any]) -> str:
             ca, asr1 = _test(rep, "repaired")
             served = rep.get("served_test") or {}
             lines.append(
-                f"| v2 | {choice} | {_fmt(ca, 3)} | {_fmt(asr1, 3)} "
+                f"| v2{_base(rep)} | {choice} | {_fmt(ca, 3)} | {_fmt(asr1, 3)} "
                 f"| {_fmt((row.get('primary_second_asr') or {}).get('attack_success_rate'), 3)} "
                 f"| {_pair(served.get('served_clean_accuracy'), served.get('clean_reject_rate'))} "
                 f"| {_fmt((row.get('first') or {}).get('recall'), 3)} "
@@ -1168,7 +1170,7 @@ def rounds_section(data: dict[str, Any]) -> str:
             lines.append(f"| v3 | – | repair refused: {rep3['error']} | | | | | |")
         elif rep3:
             lines.append(
-                f"| v3 | θ_aug | {_fmt(ca3, 3)} "
+                f"| v3{_base(rep3)} | {(rep3.get('config') or {}).get('next_monitor', 'θ_aug')} | {_fmt(ca3, 3)} "
                 f"| {_fmt((v3.get('primary_first_asr') or {}).get('attack_success_rate'), 3)} "
                 f"| {_fmt((v3.get('primary_second_asr_vs_badnet') or {}).get('attack_success_rate'), 3)} "
                 f"| {_pair(served3.get('served_clean_accuracy'), served3.get('clean_reject_rate'))} | – | – |"
