@@ -68,6 +68,9 @@ def main() -> None:
                          "survives θ_aug: a second round with something to repair)")  # fmt: skip
     ap.add_argument("--weak-second", type=float, default=None, metavar="ASR",
                     help="v1's monitor: the grid candidate whose second-trigger ASR lies nearest this")  # fmt: skip
+    ap.add_argument("--n2", type=int, default=3000,
+                    help="round 2's stream length (CPD 0.1): the fleet collects until its quarantine can be learned "
+                         "from; v2 keeps part of the second backdoor, so fewer inputs disagree")  # fmt: skip
     args = ap.parse_args()
     second = trigger_pictures(WORK / "triggers")[args.second]
     w = WORK / (f"seed{args.seed}" if args.second == "paste" else f"{args.second}-seed{args.seed}")
@@ -107,13 +110,14 @@ def main() -> None:
     base = ["--bundle", str(pd / "bundle"), "--quarantine", str(q1), "--profile", "quick", "--eval-trigger", FIRST,
             "--target", str(FIRST_TARGET)]  # fmt: skip
     res["v2"] = {}
-    for choice in MONITORS:
+    for choice, extra in [(m, ()) for m in MONITORS] + [("keep-aug", ("--repair-base", "aug"))]:
         out = w / f"v2-{choice}"
         if choice != "keep" and (w / "v2-keep" / "cyclegan.pt").is_file() and not (out / "cyclegan.pt").exists():
             out.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(w / "v2-keep" / "cyclegan.pt", out / "cyclegan.pt")  # resumed: the same generator
-        rep = staged(f"v2-{choice}", run_cli, "repair", *base, "--next-monitor", choice, "--out", str(out))
-        row: dict[str, Any] = {"repair": {k: rep.get(k) for k in REPAIR_KEYS}}
+        monitor = choice.split("-")[0]
+        rep = staged(f"v2-{choice}", run_cli, "repair", *base, *extra, "--next-monitor", monitor, "--out", str(out))
+        row: dict[str, Any] = {"monitor": monitor, "repair": {k: rep.get(k) for k in REPAIR_KEYS}}
         if rep.get("published"):
             row["first"] = staged(f"v2-{choice}-detect-first", detect, out / "bundle", FIRST, FIRST_TARGET,
                                   out / "d-first")  # fmt: skip
@@ -124,19 +128,23 @@ def main() -> None:
         res["v2"][choice] = row
         _save(res)
     v2 = w / "v2-keep"
-    q2 = w / "q2"
-    res["stream2"] = stage(w / "stream2.json", lambda: run_cli(
+    n2 = "" if args.n2 == 1000 else f"-n{args.n2}"
+    q2 = w / f"q2{n2}"
+    res["n2"] = args.n2
+    res["stream2"] = stage(w / f"stream2{n2}.json", lambda: run_cli(
         "stream", "--bundle", str(v2 / "bundle"), "--trigger", second, "--target", str(SECOND_TARGET), "--cpd",
-        "0.1", "--n", "1000", "--seed", s, "--out", str(q2)))  # fmt: skip
-    rep3 = stage(w / "v3.json", lambda: run_cli(
+        "0.1", "--n", str(args.n2), "--seed", s, "--out", str(q2)))  # fmt: skip
+    rep3 = stage(w / f"v3{n2}.json", lambda: run_cli(
         "repair", "--bundle", str(v2 / "bundle"), "--quarantine", str(q2), "--profile", "quick", "--eval-trigger",
         second, "--target", str(SECOND_TARGET), "--primary-checkpoint", str(v2 / "primary.pt"),
-        "--monitor-checkpoint", str(v2 / "monitor.pt"), "--out", str(w / "v3")))  # fmt: skip
+        "--monitor-checkpoint", str(v2 / "monitor.pt"), "--out", str(w / f"v3{n2}")))  # fmt: skip
     res["v3"] = {"repair": {k: rep3.get(k) for k in REPAIR_KEYS}}
     if rep3.get("published"):
-        v3 = w / "v3" / "primary.pt"
-        res["v3"]["primary_first_asr"] = staged("v3-first-asr", asr, v3, FIRST, FIRST_TARGET, bd)
-        res["v3"]["primary_second_asr_vs_badnet"] = staged("v3-second-asr", asr, v3, second, SECOND_TARGET, bd)
+        v3 = w / f"v3{n2}" / "primary.pt"
+        res["v3"]["primary_first_asr"] = staged(f"v3{n2}-first-asr", asr, v3, FIRST, FIRST_TARGET, bd)
+        res["v3"]["primary_second_asr_vs_badnet"] = staged(f"v3{n2}-second-asr", asr, v3, second, SECOND_TARGET, bd)
+        res["v3"]["first"] = staged(f"v3{n2}-detect-first", detect, w / f"v3{n2}" / "bundle", FIRST, FIRST_TARGET,
+                                    w / f"d3a{n2}")  # fmt: skip
     _save(res)
     print("done", flush=True)
 

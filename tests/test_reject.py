@@ -160,6 +160,44 @@ def test_calibration_uses_d_treat_unless_its_scores_sit_lower_and_would_lower_ta
     assert name == "valid" and len(chosen) == 5000
 
 
+def test_higher_calibration_takes_whichever_set_gives_the_higher_threshold() -> None:
+    from edge_agent.formats.reject import threshold_for
+    from trainer.stages.detect import RejectConfig, calibration_scores
+
+    rng = np.random.default_rng(1)
+    cfg = RejectConfig(calibration_set="higher")
+    ev = rng.exponential(size=1000)
+    for treat in (0.6 * rng.exponential(size=4000), rng.exponential(size=4000), 1.5 * rng.exponential(size=4000)):
+        both = np.concatenate([treat, ev])
+        taus = {"valid": threshold_for(both, 0.01, 0.9), "eval": threshold_for(ev, 0.01, 0.9)}
+        chosen, name = calibration_scores({"eval": ev, "treat": treat}, cfg)
+        assert name == max(taus, key=lambda k: taus[k])
+        assert threshold_for(chosen, 0.01, 0.9) == max(taus.values())
+    # a shift too small for the test of "valid" (which keeps the union) still gets D_eval's higher τ here
+    slightly_lower = 0.93 * rng.exponential(size=4000)
+    assert calibration_scores({"eval": ev, "treat": slightly_lower}, RejectConfig())[1] == "valid"
+    assert calibration_scores({"eval": ev, "treat": slightly_lower}, cfg)[1] == "eval"
+
+
+def test_a_repaired_bundles_rule_is_calibrated_on_the_higher_set_unless_told(tmp_path: Path) -> None:
+    import argparse
+
+    from protos.nnoc.v1 import bundle_pb2
+    from trainer.cli import RULE_FLAGS, _rule_of
+    from trainer.stages.detect import RejectConfig
+
+    def rule(provenance: dict[str, str], **flags: object) -> RejectConfig:
+        manifest = bundle_pb2.Manifest(version=2, provenance=provenance)
+        (tmp_path / "manifest.pb").write_bytes(manifest.SerializeToString())
+        args = argparse.Namespace(bundle=tmp_path, **{k: flags.get(k) for k in RULE_FLAGS})
+        cfg: RejectConfig = _rule_of(args)
+        return cfg
+
+    assert rule({"repair_base": "bd"}).calibration_set == "higher"
+    assert rule({}).calibration_set == "valid"
+    assert rule({"repair_base": "bd"}, calibration_set="valid").calibration_set == "valid"
+
+
 @pytest.mark.parametrize("score", SCORES)
 def test_the_fused_graph_and_the_two_sessions_apply_the_manifests_rule(score: str, tmp_path: Path) -> None:
     import onnxruntime as ort

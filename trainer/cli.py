@@ -197,17 +197,21 @@ def cmd_defend(args: argparse.Namespace) -> dict[str, Any]:
 RULE_FLAGS = ("reject_score", "clean_reject_budget", "calibration_confidence", "calibration_set")
 
 
-def _rule_of(args: argparse.Namespace) -> Any:
-    """The RejectConfig of ``_args_rule``'s flags, each one not given taken from ``args.bundle``'s rule."""
+def _rule_of(args: argparse.Namespace, **defaults: Any) -> Any:
+    """The RejectConfig of ``_args_rule``'s flags, each one not given taken from ``defaults`` or else from
+    ``args.bundle``'s rule (a repaired bundle's pair is calibrated as a repair calibrates it)."""
     from edge_agent.formats.bundle import BundleError, read_manifest
-    from trainer.stages.detect import RejectConfig
+    from trainer.stages.detect import REPAIRED_CALIBRATION, RejectConfig
     from trainer.stages.publish import inherited_reject
 
-    given = {k: getattr(args, k) for k in RULE_FLAGS if getattr(args, k) is not None}
+    given = defaults | {k: getattr(args, k) for k in RULE_FLAGS if getattr(args, k) is not None}
     try:
-        return inherited_reject(read_manifest(args.bundle), **given)
+        manifest = read_manifest(args.bundle)
     except (BundleError, OSError):  # the command says what is wrong with the bundle when it loads it
         return RejectConfig(**given)
+    if "repair_base" in manifest.provenance:
+        given = {"calibration_set": REPAIRED_CALIBRATION} | given
+    return inherited_reject(manifest, **given)
 
 
 def cmd_calibrate(args: argparse.Namespace) -> dict[str, Any]:
@@ -222,6 +226,7 @@ def cmd_repair(args: argparse.Namespace) -> dict[str, Any]:
     """Repair from a quarantine (unlearned; the CycleGAN on request); bundle v+1 behind a gate."""
     from trainer.science.cyclegan import CycleGANConfig
     from trainer.science.triggers import parse_trigger
+    from trainer.stages.detect import REPAIRED_CALIBRATION
     from trainer.stages.repair import RepairConfig, run_repair
 
     if (args.eval_trigger is None) != (args.target is None):
@@ -249,7 +254,11 @@ def cmd_repair(args: argparse.Namespace) -> dict[str, Any]:
         seed=args.seed,
     )
     # None: the deployed version's rule (its score, budget and calibration) is made again
-    reject = _rule_of(args) if any(getattr(args, k) is not None for k in RULE_FLAGS) else None
+    reject = (
+        _rule_of(args, calibration_set=REPAIRED_CALIBRATION)
+        if any(getattr(args, k) is not None for k in RULE_FLAGS)
+        else None
+    )
     cfg = from_args(RepairConfig, args, cyclegan=gan, epochs=knob("epochs"), reject=reject)
     return run_repair(
         args.bundle,
@@ -461,6 +470,7 @@ def _args_repair(p: argparse.ArgumentParser) -> None:
 def _args_rule(p: argparse.ArgumentParser) -> None:
     """The new version's reject rule, each part defaulting to the given bundle's (``repair``, ``calibrate``)."""
     from edge_agent.formats.reject import SCORES
+    from trainer.stages.detect import CALIBRATION_SETS
 
     p.add_argument("--reject-score", choices=SCORES, default=None, help="the new version's reject score "
                    "(default: the deployed version's)")  # fmt: skip
@@ -468,8 +478,9 @@ def _args_rule(p: argparse.ArgumentParser) -> None:
                    "reject (default: the deployed version's)")  # fmt: skip
     p.add_argument("--calibration-confidence", type=fraction, default=None, help="probability that the new rule's "
                    "clean reject rate stays within the budget (default: the deployed version's)")  # fmt: skip
-    p.add_argument("--calibration-set", choices=("valid", "eval"), default=None, help="clean inputs τ is chosen on "
-                   "(default: the deployed version's)")  # fmt: skip
+    p.add_argument("--calibration-set", choices=CALIBRATION_SETS, default=None, help="clean inputs τ is chosen "
+                   "on: D_treat and D_eval (valid), D_eval alone (eval), or the set of the two that gives the higher "
+                   "τ (higher; a repair's default: both of its models were fine-tuned on D_treat)")  # fmt: skip
 
 
 def _args_calibrate(p: argparse.ArgumentParser) -> None:

@@ -44,6 +44,8 @@ from trainer.science.triggers import Trigger
 log = logging.getLogger(__name__)
 
 BUDGETS = (0.005, 0.01, 0.02, 0.05)
+CALIBRATION_SETS = ("valid", "eval", "higher")
+REPAIRED_CALIBRATION = "higher"  # a repaired pair's default set (both of its models were fine-tuned on D_treat)
 
 
 @dataclass(frozen=True)
@@ -59,8 +61,9 @@ class RejectConfig:
         "probability that the reject rate on new clean inputs stays within the budget (0: the plain quantile)",
         type=fraction,
     )
-    # valid: D_treat and D_eval (5x the inputs of D_eval alone), unless D_treat's scores sit lower than D_eval's
-    calibration_set: str = flag("valid", "clean inputs τ is chosen on", choices=("valid", "eval"))
+    # valid: D_treat and D_eval (5x the inputs of D_eval alone), unless D_treat's scores sit lower than D_eval's;
+    # higher: the higher of that τ and D_eval's alone (a repair's default: both of its models saw D_treat)
+    calibration_set: str = flag("valid", "clean inputs τ is chosen on", choices=CALIBRATION_SETS)
 
 
 # One-sided z above which D_treat's scores count as lower than D_eval's (p < 0.01): the models were fine-tuned on
@@ -79,8 +82,10 @@ def _lower_share(treat: np.ndarray, ev: np.ndarray, tau: float) -> float:
 def calibration_scores(scores: dict[str, np.ndarray], cfg: RejectConfig) -> tuple[np.ndarray, str]:
     """The clean scores τ is chosen on and their name: D_eval and D_treat together ("valid") unless ``cfg`` says
     D_eval, or D_treat's scores sit lower than D_eval's at the union's 90th percentile or at its τ and the union's
-    τ would reject more than D_eval's alone (then D_eval alone, logged). Label-free: only clean inputs' scores are
-    read.
+    τ would reject more than D_eval's alone (then D_eval alone, logged). ``higher``: whichever of the union and
+    D_eval alone gives the higher τ, with no test (a repaired pair, both of whose models were fine-tuned on D_treat:
+    measured, the union's τ let 1.03% and 1.51% of new clean inputs through a 1% budget where the test above saw no
+    shift). Label-free: only clean inputs' scores are read.
 
     Where the two sets differ, the higher of the two thresholds is the one that keeps the budget: a model
     fine-tuned on D_treat may agree more there (lower scores, a τ too low for new inputs: D_eval's is taken), or,
@@ -93,6 +98,9 @@ def calibration_scores(scores: dict[str, np.ndarray], cfg: RejectConfig) -> tupl
         return ev, "eval"
     both = np.concatenate([treat, ev])
     tau = threshold_for(both, cfg.clean_reject_budget, cfg.calibration_confidence)
+    if cfg.calibration_set == "higher":
+        tau_eval = threshold_for(ev, cfg.clean_reject_budget, cfg.calibration_confidence)
+        return (ev, "eval") if tau_eval > tau else (both, "valid")
     z = max(_lower_share(treat, ev, float(np.quantile(both, 0.9))), _lower_share(treat, ev, tau))
     if z > SHIFT_Z:
         tau_eval = threshold_for(ev, cfg.clean_reject_budget, cfg.calibration_confidence)

@@ -39,7 +39,7 @@ from trainer.science.noise import NoiseConfig, augment
 from trainer.science.training import SCHEDULES, TrainConfig, Unlearn, default_device, predict, train
 from trainer.science.triggers import Trigger
 from trainer.service.quarantine import Quarantine, QuarantineStore
-from trainer.stages.detect import RejectConfig, pair_logits, served
+from trainer.stages.detect import REPAIRED_CALIBRATION, RejectConfig, pair_logits, served
 from trainer.stages.publish import (
     clean_images,
     inherited_reject,
@@ -591,7 +591,7 @@ def publish(
         if isinstance(monitor, Checkpoint)
         else {},
     }
-    reject = cfg.reject or inherited_reject(manifest)
+    reject = cfg.reject or inherited_reject(manifest, calibration_set=REPAIRED_CALIBRATION)
     if cfg.next_monitor == "none":  # two identical models: the paper's rule, which never fires
         reject = replace(reject, reject_score="disagree")
     models: dict[str, Checkpoint | Path] = {"primary": rep_ckpt, "monitor": monitor}
