@@ -69,6 +69,7 @@ def defend(arch: str, rounds: int, epochs: int, reuse: bool = False) -> dict[str
     result["repair_seconds"] = round(time.monotonic() - t, 1)
     if "test" in rep:
         result["theta_repair"] = rep["test"]["repaired"]
+    result["repair"] = {k: rep.get(k) for k in ("config", "repair_set", "served_test", "reject_rule")}
     result["repair_published"] = rep["exit_code"] == 0
     result["repair_error"] = rep.get("error")
     bd_ca = result["badnet"]["clean_accuracy"]

@@ -417,7 +417,7 @@ def foreign_section(data: dict[str, Any]) -> str:
         "(issue 12): θ_aug ASR ≤ 0.10 at CA drop ≤ 0.05; θ_repair ASR ≤ 0.03 at CA drop ≤ 0.03.",
         "",
         "| model | BadNet CA / ASR | θ_aug CA / ASR (α, γ) | stream recall / clean rejects | θ_repair CA / ASR "
-        "| primary parity | targets met |",
+        "(recipe; minutes) | primary parity | targets met |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in data["rows"]:
@@ -432,7 +432,8 @@ def foreign_section(data: dict[str, Any]) -> str:
             f"| {r['arch']} | {_fmt(bd['clean_accuracy'])} / {_fmt(bd['attack_success_rate'])} "
             f"| {_fmt(aug['clean_accuracy'])} / {_fmt(aug['attack_success_rate'])} ({aug['alpha']:.3g}, "
             f"{aug['gamma']}) | {_fmt(st.get('recall'))} / {_fmt(st.get('clean_reject_rate'))} "
-            f"| {_fmt(rep.get('clean_accuracy'))} / {_fmt(rep.get('attack_success_rate'))} "
+            f"| {_fmt(rep.get('clean_accuracy'))} / {_fmt(rep.get('attack_success_rate'))}"
+            f"{_base(r.get('repair') or {}) or ' (CycleGAN, before session 17)'}; {r['repair_seconds'] / 60:.0f} "
             f"| {r['primary_parity']:.1e} | {met}{'; missed: ' + ', '.join(missed) if missed else ''} |"
         )
     return "\n".join(lines) + "\n"
