@@ -1050,7 +1050,7 @@ def field_section(data: dict[str, Any]) -> str:
         paper = d["scores"]["disagree"]
         base = d.get("baselines") or {}
         strip, scale = base.get("strip") or {}, base.get("scale_up") or {}
-        for score in [k for k in ("kl", "logit_gap") if k in d["scores"]]:
+        for score in [k for k in ("gap_or_kl", "logit_gap", "kl") if k in d["scores"]]:  # the default first
             sc = d["scores"][score]
             # τ as publishing chooses it today (for bundles made before a calibration change, not their own τ)
             lf = (sc.get("label_free") or {}).get("0.01") or {
@@ -1073,7 +1073,8 @@ def field_section(data: dict[str, Any]) -> str:
         "**Repair against the field**, test CA / ASR (the paper's Table 3 in shape; goal: θ_repair ASR ≤ 0.01 at a "
         "CA drop ≤ 0.01 against the BadNet, and not worse than clean fine-tuning). Stream: rejects, recall, and "
         "the purity of what the repair learned from (evaluation only); v2 served: what the fleet serves "
-        "with θ_repair and its monitor (refreshed; answered and right / all, and clean rejects). θ_repair: the "
+        "with θ_repair and its monitor (refreshed; answered and right / all, and clean rejects; τ since session 18 "
+        "the higher of D_treat ∪ D_eval's and D_eval's alone, `--calibration-set higher`). θ_repair: the "
         "repair's defaults when the cell was repaired (the CycleGAN until session 16, the quarantine unlearned "
         "since 17).",
         "",
