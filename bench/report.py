@@ -1150,7 +1150,7 @@ def rounds_section(data: dict[str, Any]) -> str:
             ca, asr1 = _test(rep, "repaired")
             served = rep.get("served_test") or {}
             lines.append(
-                f"| v2{_base(rep)} | {choice} | {_fmt(ca, 3)} | {_fmt(asr1, 3)} "
+                f"| v2{_base(rep)} | {row.get('monitor', choice)} | {_fmt(ca, 3)} | {_fmt(asr1, 3)} "
                 f"| {_fmt((row.get('primary_second_asr') or {}).get('attack_success_rate'), 3)} "
                 f"| {_pair(served.get('served_clean_accuracy'), served.get('clean_reject_rate'))} "
                 f"| {_fmt((row.get('first') or {}).get('recall'), 3)} "
@@ -1164,7 +1164,8 @@ def rounds_section(data: dict[str, Any]) -> str:
         s2 = r.get("stream2") or {}
         if s2:
             lines.append(
-                f"| round 2 stream through v2 (keep) | – | – | – | – | – | – | {s2.get('rejected')} rejects, recall "
+                f"| round 2 stream through v2 (keep), N = {r.get('n2', 1000)} | – | – | – | – | – | – "
+                f"| {s2.get('rejected')} rejects, recall "
                 f"{_fmt(s2.get('recall'), 2)}, the second trigger's success through the ensemble "
                 f"{_fmt(s2.get('attack_success_through_ensemble'), 3)} |"
             )
@@ -1175,7 +1176,8 @@ def rounds_section(data: dict[str, Any]) -> str:
                 f"| v3{_base(rep3)} | {(rep3.get('config') or {}).get('next_monitor', 'θ_aug')} | {_fmt(ca3, 3)} "
                 f"| {_fmt((v3.get('primary_first_asr') or {}).get('attack_success_rate'), 3)} "
                 f"| {_fmt((v3.get('primary_second_asr_vs_badnet') or {}).get('attack_success_rate'), 3)} "
-                f"| {_pair(served3.get('served_clean_accuracy'), served3.get('clean_reject_rate'))} | – | – |"
+                f"| {_pair(served3.get('served_clean_accuracy'), served3.get('clean_reject_rate'))} "
+                f"| {_fmt((v3.get('first') or {}).get('recall'), 3)} | – |"
             )
     return "\n".join(lines) + "\n"
 
