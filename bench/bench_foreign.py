@@ -46,7 +46,7 @@ def defend(arch: str, rounds: int, epochs: int, reuse: bool = False) -> dict[str
         "--epochs", str(epochs)))  # fmt: skip
     pd_seconds = pd["seconds"]
     result: dict[str, Any] = {"arch": arch, "outsider": made, "trigger": trigger, "predeploy_seconds": pd_seconds}
-    if pd["exit_code"] != 0:
+    if pd.get("exit_code", 0) != 0:  # a stored predeploy report (--reuse) has no exit code: it was published
         result["error"] = pd.get("error")
         return result
     base, pick = pd["baseline"], pd["selected"]
