@@ -3,8 +3,9 @@
 collector: quarantine messages from 4 agent processes on loopback, as agents send them (the model's 28x28 uint8
 image; --layout tensor: the 28x28 float32 model input older agents sent). Bare pyzmq
 PUSH/PULL moving the same frames (no parsing, no storage, no replies) against the real collector (parse, check
-against the fleet's input spec, one SQLite WAL transaction per batch with synchronous=FULL, then an ACK per
-message; senders keep a window of unacknowledged messages). Counted afterwards: stored rows, lost, duplicated.
+against the fleet's input spec, one SQLite WAL transaction per batch with synchronous=FULL, then the ACKs: one
+reply per sender and write, as agents ask for them with ``batched_acks``; ``--ack-each`` is the per-message reply
+older agents get; senders keep a window of unacknowledged messages). Counted afterwards: stored rows, lost, duplicated.
 
 push: a bundle of about 50 MB published to 10 subscribed agent processes against one agent alone: time from publish
 until the last agent has downloaded it in 1 MiB chunks (the service's side), then, apart, until every agent has
@@ -35,12 +36,12 @@ AGENTS = 4
 LAYOUT = {"image": "uint8", "tensor": "float32"}
 
 
-def _header(device: str, seq: int, dtype: str) -> bytes:
+def _header(device: str, seq: int, dtype: str, batched_acks: bool = True) -> bytes:
     from protos.nnoc.v1 import quarantine_pb2
 
     return quarantine_pb2.QuarantineHeader(
         device_id=device, fleet="bench", bundle_version=1, seq=seq, shape=[1, 28, 28], dtype=dtype,
-        primary_label=0, monitor_label=3,
+        primary_label=0, monitor_label=3, batched_acks=batched_acks,
     ).SerializeToString()  # fmt: skip
 
 
@@ -77,8 +78,10 @@ def _dealer(
     server_public: str = "",
     go: Any = None,
     dtype: str = "float32",
+    batched_acks: bool = True,
 ) -> None:
-    """One agent's worth of quarantine messages with a window of unacknowledged ones (CURVE when keys given)."""
+    """One agent's worth of quarantine messages with a window of unacknowledged ones (CURVE when keys given;
+    ``batched_acks`` as agents ask for it, or one reply per message as older agents get)."""
     from edge_agent.formats.curve import configure_client
     from protos.nnoc.v1 import quarantine_pb2
 
@@ -89,7 +92,7 @@ def _dealer(
         configure_client(s, Path(curve_secret), Path(server_public))
     s.connect(f"tcp://127.0.0.1:{port}")
     tensor = _payload(dtype)
-    headers = [_header(device, seq, dtype) for seq in range(n)]  # built before the clock starts
+    headers = [_header(device, seq, dtype, batched_acks) for seq in range(n)]  # built before the clock starts
     if go is not None:
         out.put(("ready", device))
         go.wait()
@@ -109,8 +112,9 @@ def _dealer(
                 except zmq.Again:
                     break
                 r = quarantine_pb2.QuarantineReply.FromString(frame)
-                statuses[r.status] = statuses.get(r.status, 0) + 1
-                acked += 1
+                answered = 1 + len(r.acked)  # an ACK names every message of this sender its write stored
+                statuses[r.status] = statuses.get(r.status, 0) + answered
+                acked += answered
                 idle_since = time.monotonic()
     statuses[-1] = n - acked  # never answered
     out.put((device, statuses))
@@ -141,7 +145,7 @@ def bench_pushpull(n: int, dtype: str) -> float:
     return got / dt
 
 
-def bench_collector(n: int, tmp: Path, dtype: str) -> dict[str, Any]:
+def bench_collector(n: int, tmp: Path, dtype: str, batched_acks: bool = True) -> dict[str, Any]:
     from protos.nnoc.v1 import bundle_pb2
     from trainer.service.collector import Collector, CollectorConfig, fixed_spec, quarantine_size
 
@@ -151,7 +155,7 @@ def bench_collector(n: int, tmp: Path, dtype: str) -> dict[str, Any]:
     out: Any = mp.Queue()
     go = mp.Event()
     procs = [
-        mp.Process(target=_dealer, args=(collector.port, f"cam-{i}", n, 1000, out, None, "", go, dtype))
+        mp.Process(target=_dealer, args=(collector.port, f"cam-{i}", n, 1000, out, None, "", go, dtype, batched_acks))
         for i in range(AGENTS)
     ]
     for p in procs:
@@ -166,6 +170,7 @@ def bench_collector(n: int, tmp: Path, dtype: str) -> dict[str, Any]:
         p.join()
     collector.stop()
     stored = quarantine_size(tmp / "q", "bench", 1)
+    shutil.rmtree(tmp / "q")  # the next run starts from an empty store
     acks = sum(r[1].get(1, 0) for r in results)
     return {
         "rate": AGENTS * n / dt,
@@ -291,6 +296,8 @@ def main() -> None:
         print(f"PUSH/PULL: {pushpull:.0f} msg/s", flush=True)
         collector = bench_collector(args.messages, tmp, dtype)
         print(f"collector: {collector}", flush=True)
+        each = bench_collector(args.messages, tmp, dtype, batched_acks=False)
+        print(f"collector, a reply per message: {each}", flush=True)
         big = _big_bundles(tmp, args.bundle_mb)
         one = bench_push(1, big, tmp)
         print(f"push to 1 agent: {one}", flush=True)
@@ -305,6 +312,8 @@ def main() -> None:
             "pushpull_rate": pushpull,
             "collector": collector,
             "collector_ratio": collector["rate"] / pushpull,
+            "collector_ack_each": each,
+            "collector_ack_each_ratio": each["rate"] / pushpull,
             "bundle_mb": args.bundle_mb,
             "push_one_s": one["delivered_s"],
             "push_ten_s": ten["delivered_s"],

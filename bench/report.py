@@ -230,13 +230,22 @@ def service_section(data: dict[str, Any]) -> str:
                 f"({_layout(data)}) on loopback. Bare pyzmq PUSH/PULL moving the same frames (both senders send "
                 "frame by frame) against the collector "
                 "(parse, check against the fleet's input spec, one SQLite WAL transaction per batch with "
-                "synchronous=FULL, an ACK per message; senders keep ≤ 1000 unacknowledged). Target ≥ 0.3×.",
+                "synchronous=FULL, then the ACKs; senders keep ≤ 1000 unacknowledged). ACKs as agents ask for them "
+                "(`batched_acks`: one reply per sender and write, naming every message it stored) and, where measured, "
+                "one reply per message (agents before session 18). Target ≥ 0.3×.",
                 "",
-                "| path | messages/s | sent | acked | stored | lost | duplicates stored |",
-                "|---|---|---|---|---|---|---|",
-                f"| bare PUSH/PULL | {data['pushpull_rate']:.0f} | {c['sent']} | – | – | – | – |",
-                f"| collector | {c['rate']:.0f} | {c['sent']} | {c['acked']} | {c['stored']} | {c['lost']} "
-                f"| {c['duplicates_stored']} |",
+                "| path | messages/s | ratio | sent | acked | stored | lost | duplicates stored |",
+                "|---|---|---|---|---|---|---|---|",
+                f"| bare PUSH/PULL | {data['pushpull_rate']:.0f} | 1 | {c['sent']} | – | – | – | – |",
+                *[
+                    f"| {name} | {r['rate']:.0f} | {r['rate'] / data['pushpull_rate']:.2f}× | {r['sent']} "
+                    f"| {r['acked']} | {r['stored']} | {r['lost']} | {r['duplicates_stored']} |"
+                    for name, r in (
+                        ("collector" + (", one reply per write" if "collector_ack_each" in data else ""), c),
+                        ("collector, one reply per message", data.get("collector_ack_each")),
+                    )
+                    if r
+                ],
                 "",
                 f"Ratio {data['collector_ratio']:.2f}× ({'met' if data['collector_ratio'] >= 0.3 else 'MISS'}).",
                 "",

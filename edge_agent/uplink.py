@@ -1,8 +1,9 @@
 """The quarantine uplink: a ZeroMQ DEALER that streams the spool to the trainer's collector (a ROUTER).
 
 Each spooled input goes out as the multipart message ``[QuarantineHeader, tensor bytes]`` with the spool's
-sequence number in the header; the collector answers a ``QuarantineReply`` after its durable write, and only
-then is the row deleted from the spool. Unacknowledged rows are resent after ``resend_after`` seconds;
+sequence number in the header; the collector answers a ``QuarantineReply`` after its durable write (one reply
+for all of this device's messages one write stored: the header asks for ``batched_acks``), and only then is the
+row deleted from the spool. Unacknowledged rows are resent after ``resend_after`` seconds;
 ZeroMQ reconnects by itself. The uplink runs in its own thread and never blocks inference: it reads the spool,
 the request path only writes it.
 """
@@ -128,6 +129,7 @@ class Uplink:
                         header = quarantine_pb2.QuarantineHeader.FromString(item.header)
                         header.seq = item.seq
                         header.device_id = self.cfg.device_id
+                        header.batched_acks = True  # one reply may acknowledge several (QuarantineReply.acked)
                         try:
                             sock.send_multipart([header.SerializeToString(), item.tensor], flags=zmq.NOBLOCK)
                         except zmq.Again:  # queue full while disconnected: try again after resend_after
@@ -150,6 +152,9 @@ class Uplink:
                     in_flight.pop(reply.seq, None)
                     if reply.status == quarantine_pb2.QuarantineReply.ACK:
                         acks.append(reply.seq)
+                        for seq in reply.acked:  # the rest of this device's messages the same write stored
+                            in_flight.pop(seq, None)
+                            acks.append(seq)
                     elif reply.status == quarantine_pb2.QuarantineReply.REJECTED:
                         # The collector will never accept this message as it is: drop it, count it, say why.
                         log.warning("collector refused quarantine message %d: %s", reply.seq, reply.error)

@@ -189,6 +189,26 @@ def test_collector_validates_dedupes_limits_and_records_stats(store: ModelStore,
     assert devices[0]["window_reject_rate"] == pytest.approx(0.08)
 
 
+def test_collector_acks_a_write_in_one_reply_to_agents_that_ask_and_one_per_message_to_others(
+    store: ModelStore, tmp_path: Path
+) -> None:
+    collector = Collector(CollectorConfig("tcp://127.0.0.1:0", tmp_path / "q"), spec_source(store))
+    batch = [[b"cam-1", *_message(seq, batched_acks=True)] for seq in range(5)]
+    batch += [[b"cam-2", *_message(seq, device="cam-2")] for seq in range(3)]  # an agent before batched ACKs
+    batch.append([b"cam-1", *_message(3, batched_acks=True)])  # a resend of one already in this write
+    batch.append([b"cam-1", *_message(9, shape=[1, 28, 27], batched_acks=True)])  # refused: its own reply
+    replies = [(ident, Reply.FromString(r.SerializeToString())) for ident, r in collector.handle(batch)]
+    by_sender: dict[bytes, list[Reply]] = {}
+    for ident, r in replies:
+        by_sender.setdefault(ident, []).append(r)
+    acks = [r for r in by_sender[b"cam-1"] if r.status == Reply.ACK]
+    assert len(acks) == 1 and sorted([acks[0].seq, *acks[0].acked]) == [0, 1, 2, 3, 3, 4]
+    assert [(r.status, r.seq) for r in by_sender[b"cam-1"] if r.status != Reply.ACK] == [(Reply.REJECTED, 9)]
+    assert sorted((r.seq, r.status, len(r.acked)) for r in by_sender[b"cam-2"]) == [(k, Reply.ACK, 0) for k in range(3)]
+    assert collector.counters.stored == 8 and collector.counters.duplicates == 1
+    assert quarantine_size(tmp_path / "q", "default", 1) == 8
+
+
 def test_collector_restart_keeps_unacknowledged_messages(store: ModelStore, tmp_path: Path) -> None:
     from edge_agent.spool import Spool, SpoolConfig
     from edge_agent.uplink import Uplink, UplinkConfig

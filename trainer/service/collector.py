@@ -632,7 +632,22 @@ class Collector:
                 c.bytes_used += w.pending * new // len(w.accepted)
             c.stored += new
             c.duplicates += len(w.accepted) - new
-            replies.extend((i, Reply(device_id=h.device_id, seq=h.seq, status=Reply.ACK)) for i, h, _ in w.accepted)
+            replies.extend(self._acks(w.accepted))
+        return replies
+
+    @staticmethod
+    def _acks(accepted: list[Item]) -> list[tuple[bytes, Reply]]:
+        """ACKs for stored messages: one per message, except to senders that read ``acked`` (``batched_acks`` in
+        their headers): one reply for all of theirs in this write."""
+        replies: list[tuple[bytes, Reply]] = []
+        batched: dict[bytes, tuple[str, list[int]]] = {}
+        for ident, h, _ in accepted:
+            if h.batched_acks:
+                batched.setdefault(ident, (h.device_id, []))[1].append(h.seq)
+            else:
+                replies.append((ident, Reply(device_id=h.device_id, seq=h.seq, status=Reply.ACK)))
+        for ident, (device, seqs) in batched.items():
+            replies.append((ident, Reply(device_id=device, seq=seqs[0], status=Reply.ACK, acked=seqs[1:])))
         return replies
 
     def _refuse(

@@ -11,7 +11,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class QuarantineHeader(_message.Message):
-    __slots__ = ("device_id", "fleet", "bundle_version", "seq", "shape", "dtype", "primary_label", "monitor_label", "captured_at", "source_id", "position", "reject_score")
+    __slots__ = ("device_id", "fleet", "bundle_version", "seq", "shape", "dtype", "primary_label", "monitor_label", "captured_at", "source_id", "position", "reject_score", "batched_acks")
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     FLEET_FIELD_NUMBER: _ClassVar[int]
     BUNDLE_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -24,6 +24,7 @@ class QuarantineHeader(_message.Message):
     SOURCE_ID_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
     REJECT_SCORE_FIELD_NUMBER: _ClassVar[int]
+    BATCHED_ACKS_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     fleet: str
     bundle_version: int
@@ -36,10 +37,11 @@ class QuarantineHeader(_message.Message):
     source_id: str
     position: int
     reject_score: float
-    def __init__(self, device_id: _Optional[str] = ..., fleet: _Optional[str] = ..., bundle_version: _Optional[int] = ..., seq: _Optional[int] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., primary_label: _Optional[int] = ..., monitor_label: _Optional[int] = ..., captured_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., source_id: _Optional[str] = ..., position: _Optional[int] = ..., reject_score: _Optional[float] = ...) -> None: ...
+    batched_acks: bool
+    def __init__(self, device_id: _Optional[str] = ..., fleet: _Optional[str] = ..., bundle_version: _Optional[int] = ..., seq: _Optional[int] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., primary_label: _Optional[int] = ..., monitor_label: _Optional[int] = ..., captured_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., source_id: _Optional[str] = ..., position: _Optional[int] = ..., reject_score: _Optional[float] = ..., batched_acks: _Optional[bool] = ...) -> None: ...
 
 class QuarantineReply(_message.Message):
-    __slots__ = ("device_id", "seq", "status", "error", "retry_after")
+    __slots__ = ("device_id", "seq", "status", "error", "retry_after", "acked")
     class Status(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         STATUS_UNSPECIFIED: _ClassVar[QuarantineReply.Status]
@@ -59,12 +61,14 @@ class QuarantineReply(_message.Message):
     STATUS_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     RETRY_AFTER_FIELD_NUMBER: _ClassVar[int]
+    ACKED_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     seq: int
     status: QuarantineReply.Status
     error: str
     retry_after: float
-    def __init__(self, device_id: _Optional[str] = ..., seq: _Optional[int] = ..., status: _Optional[_Union[QuarantineReply.Status, str]] = ..., error: _Optional[str] = ..., retry_after: _Optional[float] = ...) -> None: ...
+    acked: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, device_id: _Optional[str] = ..., seq: _Optional[int] = ..., status: _Optional[_Union[QuarantineReply.Status, str]] = ..., error: _Optional[str] = ..., retry_after: _Optional[float] = ..., acked: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class AgentStats(_message.Message):
     __slots__ = ("device_id", "fleet", "bundle_version", "requests", "rejects", "window_reject_rate", "window_size", "spool_depth", "spool_dropped", "provider", "sent_at", "version_requests", "version_rejects", "version_errors")
