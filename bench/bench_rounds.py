@@ -9,7 +9,8 @@ catches each trigger (``detect-eval``: AUROC, recall at the label-free operating
 v2's monitor, three ways from the same θ_repair (same seed; under ``--learner cyclegan`` the ``keep`` run's
 generator is reused): ``keep`` (θ_aug), ``refresh`` (θ_repair treated with θ_aug's α, γ and noise) and ``none``.
 Every repair runs under the repair's defaults (since session 17: θ_bd fine-tuned while unlearning the purified
-quarantine, no trigger learner); v3 repairs v2-keep's primary with v2-keep's monitor deployed.
+quarantine, no trigger learner); v3 repairs v2-keep's primary with v2-keep's monitor deployed, unlearning round 1's
+purified quarantine again (``--unlearn-earlier``, as the service's repair jobs do) so that it keeps v2's repair.
 
 ``--weak-second ASR``: a θ_aug that keeps the second backdoor, so that v2 has something left for its monitor to
 catch. Algorithm 1's grid is run once more with the second trigger as its evaluation trigger (the evaluation reads
@@ -137,7 +138,8 @@ def main() -> None:
     rep3 = stage(w / f"v3{n2}.json", lambda: run_cli(
         "repair", "--bundle", str(v2 / "bundle"), "--quarantine", str(q2), "--profile", "quick", "--eval-trigger",
         second, "--target", str(SECOND_TARGET), "--primary-checkpoint", str(v2 / "primary.pt"),
-        "--monitor-checkpoint", str(v2 / "monitor.pt"), "--out", str(w / f"v3{n2}")))  # fmt: skip
+        "--monitor-checkpoint", str(v2 / "monitor.pt"), "--unlearn-earlier", str(v2), "--out",
+        str(w / f"v3{n2}")))  # fmt: skip
     res["v3"] = {"repair": {k: rep3.get(k) for k in REPAIR_KEYS}}
     if rep3.get("published"):
         v3 = w / f"v3{n2}" / "primary.pt"

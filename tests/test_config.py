@@ -70,10 +70,21 @@ def test_a_repair_job_reads_its_settings_from_the_file_the_runner_wrote(tmp_path
     runner = JobRunner(tiny_store(tmp_path / "store", "cams"), registry, tmp_path / "q", tmp_path / "jobs", cfg.policy)
     (tmp_path / "job").mkdir()
     cmd = runner.repair_command("cams", 1, tmp_path / "job")
+    # v1 made by an earlier repair job: the next repair unlearns again what that one unlearned
+    made = registry.add_job("cams", 0, "test", 300)
+    (tmp_path / "earlier" / "run").mkdir(parents=True)
+    (tmp_path / "earlier" / "run" / "report.json").write_text("{}")
+    registry.update_job(made.id, "published", version=1, out_dir=str(tmp_path / "earlier"))
+    (tmp_path / "job2").mkdir()
+    cmd2 = runner.repair_command("cams", 1, tmp_path / "job2")
     registry.close()
     written = tomllib.loads((tmp_path / "job" / "repair.toml").read_text())
     assert written["version"] == 2 and written["quarantine"].endswith("cams/1")
+    assert "unlearn_earlier" not in written
+    args2 = parse_args(build_parser(only="repair"), cmd2[cmd2.index("repair") :])
+    assert args2.unlearn_earlier == [tmp_path / "earlier" / "run"]
     args = parse_args(build_parser(only="repair"), cmd[cmd.index("repair") :])
+    assert args.unlearn_earlier == []
     assert args.bundle == tmp_path / "store" / "cams" / "1" / "bundle"
     assert (args.image_size, args.valid_size, args.split_seed, args.profile, args.epochs) == (
         (32, 32),

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -157,3 +159,43 @@ def test_the_unlearning_term_moves_its_inputs_off_the_label() -> None:
 
     assert share_at_zero(0.0) > 0.9
     assert share_at_zero(1.0) < 0.2
+
+
+def test_earlier_repairs_unlearned_inputs_are_collected_through_the_chain(tmp_path: Path) -> None:
+    import json
+
+    from edge_agent.formats.preprocess import Preprocess
+    from protos.nnoc.v1 import quarantine_pb2
+    from trainer.service.quarantine import QuarantineStore
+    from trainer.stages.repair import earlier_unlearned
+
+    def repair_dir(name: str, labels: list[int], kept: list[int], earlier: list[Path]) -> Path:
+        q = tmp_path / name / "q"
+
+        def header(seq: int, label: int) -> quarantine_pb2.QuarantineHeader:
+            return quarantine_pb2.QuarantineHeader(
+                device_id="cam-1", fleet="f", bundle_version=1, seq=seq, shape=[1, 28, 28], dtype="uint8",
+                primary_label=label, monitor_label=1,
+            )  # fmt: skip
+
+        with QuarantineStore(q) as store:
+            store.add_many((header(seq, label), np.full((1, 28, 28), seq, np.uint8).tobytes())
+                           for seq, label in enumerate(labels))  # fmt: skip
+        out = tmp_path / name / "out"
+        out.mkdir()
+        report = {"quarantine": str(q), "kept_keys": [["cam-1", k] for k in kept], "unlearn_earlier": [str(e)
+                  for e in earlier]}  # fmt: skip
+        (out / "report.json").write_text(json.dumps(report))
+        return out
+
+    first = repair_dir("v2", [0, 0, 5, 0], kept=[0, 1, 3], earlier=[])
+    second = repair_dir("v3", [4, 7, 4], kept=[0, 2], earlier=[first])
+    got = earlier_unlearned([second, first], Preprocess(), (1, 28, 28))  # the first one named twice: taken once
+    assert got.repairs == [str(second.resolve()), str(first.resolve())]
+    assert got.labels.tolist() == [4, 4, 0, 0, 0]  # what each repair kept, with its deployed primary's labels
+    assert [int(i[0, 0, 0]) for i in got.images] == [0, 2, 0, 1, 3]
+    assert len(earlier_unlearned([], Preprocess(), (1, 28, 28)).labels) == 0
+    with pytest.raises(ValueError, match="not a folder an earlier `repair --out` wrote"):
+        earlier_unlearned([tmp_path], Preprocess(), (1, 28, 28))
+    with pytest.raises(ValueError, match="the model"):
+        earlier_unlearned([first], Preprocess(), (3, 32, 32))

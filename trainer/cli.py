@@ -272,6 +272,7 @@ def cmd_repair(args: argparse.Namespace) -> dict[str, Any]:
         args.monitor_checkpoint,
         quiet=args.quiet,
         version=args.version,
+        unlearn_earlier=args.unlearn_earlier,
     )
 
 
@@ -443,6 +444,10 @@ def _args_repair(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quarantine", type=Path, required=True, help="quarantine folder or .sqlite file")
     p.add_argument("--out", type=_out_dir, required=True, help="output folder (bundle/, report.json, samples.png)")
     p.add_argument("--primary-checkpoint", type=Path, default=None, help="θ_bd weights (default: BUNDLE/../primary.pt)")
+    p.add_argument("--unlearn-earlier", type=Path, action="append", default=[], metavar="DIR",
+                   help="an earlier repair's output folder: the inputs it unlearned (its purified quarantine, against "
+                        "the labels its deployed primary gave them) are unlearned again, so that this round keeps that "
+                        "one's repair; repeatable, and the repairs it named itself are included")  # fmt: skip
     p.add_argument(
         "--monitor-checkpoint", type=Path, default=None, help="θ_aug weights (default: BUNDLE/../monitor.pt)"
     )

@@ -77,8 +77,8 @@ def make_backend(policy: JobPolicy) -> JobBackend:
     return LocalBackend()
 
 
-def write_toml(path: Path, values: dict[str, str | int | float | bool]) -> None:
-    """A flat TOML file of ``values`` (JSON's strings, numbers and booleans are TOML's too)."""
+def write_toml(path: Path, values: dict[str, str | int | float | bool | list[str]]) -> None:
+    """A flat TOML file of ``values`` (JSON's strings, numbers, booleans and arrays of strings are TOML's too)."""
     lines = [f"{key} = {json.dumps(value)}" for key, value in values.items() if value is not None]
     path.write_text("\n".join(lines) + "\n")
 
@@ -169,6 +169,14 @@ class JobRunner:
         """The command line of a repair of ``fleet`` v``version`` into ``out_dir``; its settings go into
         ``out_dir/repair.toml`` (the shared data settings, the bundle, quarantine and version, the profile)."""
         config = out_dir / "repair.toml"
+        # the repair job that made this version: what it unlearned is unlearned again (and what it kept of earlier
+        # rounds), so that this round does not undo that one
+        made = [
+            Path(j.out_dir) / "run"
+            for j in self.registry.jobs(fleet)
+            if j.state == "published" and j.version == version and j.out_dir
+        ]
+        earlier = [str(d) for d in made[-1:] if (d / "report.json").is_file()]
         write_toml(
             config,
             {
@@ -178,6 +186,7 @@ class JobRunner:
                 "out": str(out_dir / "run"),
                 "version": self.store.next_version(fleet),
                 "profile": self.policy.repair_profile,
+                **({"unlearn_earlier": earlier} if earlier else {}),
             },
         )
         # --quiet: no bars in a log file; INFO lines (an epoch each) show the job's progress.

@@ -14,10 +14,11 @@ reads ASR or which inputs were poisoned: ``eval_trigger`` only adds test CA/ASR 
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ import numpy as np
 from google.protobuf.json_format import MessageToDict
 
 from edge_agent.formats.bundle import read_manifest, sha256_file, verify_bundle
+from edge_agent.formats.preprocess import Preprocess
 from edge_agent.formats.reject import RejectRule
 from edge_agent.formats.spec import preprocess_of
 from edge_agent.options import flag, nonnegative, nonnegative_float, positive, positive_float
@@ -260,6 +262,46 @@ def load(
     )  # fmt: skip
 
 
+@dataclass(frozen=True)
+class Earlier:
+    """What earlier repairs unlearned, unlearned again so that this round does not undo theirs: each one's purified
+    quarantined inputs with the labels its deployed primary gave them (the attacked label where one stood out)."""
+
+    images: np.ndarray  # (N, C, H, W) uint8
+    labels: np.ndarray  # (N,) int64
+    repairs: list[str]  # the repairs' output folders, those they named themselves included
+
+
+def earlier_unlearned(dirs: Sequence[Path], preprocess: Preprocess, shape: tuple[int, ...]) -> Earlier:
+    """The inputs the repairs that wrote ``dirs`` unlearned (report.json: the quarantine and the keys purification
+    kept), and those of the repairs each of them named in turn, each repair once; as the model's images (``shape``,
+    ``preprocess``: the model's own)."""
+    images, labels, seen, todo = [], [], [], [Path(d) for d in dirs]
+    while todo:
+        d = todo.pop(0).resolve()
+        if str(d) in seen:
+            continue
+        seen.append(str(d))
+        try:
+            report = json.loads((d / "report.json").read_text())
+            quarantine, kept = Path(report["quarantine"]), {tuple(k) for k in report["kept_keys"]}
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(
+                f"--unlearn-earlier {d}: not a folder an earlier `repair --out` wrote ({e}); give that folder"
+            ) from e
+        with QuarantineStore(quarantine, create=False) as store:
+            q = store.load(preprocess)
+        if len(q) and q.images.shape[1:] != shape:
+            raise ValueError(f"--unlearn-earlier {d}: its quarantine holds {q.images.shape[1:]}, the model {shape}")
+        take = np.array([k in kept for k in q.keys], dtype=bool)
+        images.append(q.images[take])
+        labels.append(q.primary[take])
+        todo += [Path(e) for e in report.get("unlearn_earlier", [])]
+    if not images:
+        return Earlier(np.zeros((0, *shape), np.uint8), np.zeros(0, np.int64), [])
+    return Earlier(np.concatenate(images), np.concatenate(labels), seen)
+
+
 def clean_rejects(loaded: _Loaded, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The BadNet's labels of clean ``images`` and which of them the deployed bundle's rule rejects (the bundle's
     own ONNX files and rule, as the edge decided)."""
@@ -364,10 +406,17 @@ def choose_gain(
 
 
 def fine_tune(
-    loaded: _Loaded, pur: Purified, trigger: _Trigger, splits: Splits, cfg: RepairConfig, quiet: bool
+    loaded: _Loaded,
+    pur: Purified,
+    trigger: _Trigger,
+    splits: Splits,
+    cfg: RepairConfig,
+    quiet: bool,
+    earlier: Earlier | None = None,
 ) -> tuple[Any, TrainConfig, dict[str, Any]]:
     """Fine-tune the base on D_repair = G(D_treat) with the clean labels ∪ D_treat (with no learner G(x) = x), and
-    with ``unlearn_quarantine`` > 0 move each purified quarantined input off the BadNet's answer to it meanwhile.
+    with ``unlearn_quarantine`` > 0 move each purified quarantined input off the BadNet's answer to it meanwhile
+    (and the inputs ``earlier`` repairs unlearned off theirs).
 
     G's change to each image is scaled first (:func:`choose_gain`). Generated images that the
     BadNet sends to the quarantine's dominant label demonstrably carry a working trigger: they are counted, and
@@ -388,7 +437,10 @@ def fine_tune(
     unlearn = None
     if cfg.unlearn_quarantine > 0:  # each kept input against the BadNet's answer (the dominant label where one is)
         q = loaded.quarantine
-        unlearn = Unlearn(q.images[pur.keep], q.primary[pur.keep], cfg.unlearn_quarantine)
+        images, labels = q.images[pur.keep], q.primary[pur.keep]
+        if earlier is not None and len(earlier.labels):
+            images, labels = np.concatenate([images, earlier.images]), np.concatenate([labels, earlier.labels])
+        unlearn = Unlearn(images, labels, cfg.unlearn_quarantine)
     base_train = train_config_of(loaded.bd_ckpt)
     ft = replace(base_train, epochs=cfg.epochs, lr=cfg.lr or base_train.lr, schedule=cfg.schedule)
     tried: dict[str, dict[str, Any]] = {}
@@ -401,7 +453,8 @@ def fine_tune(
     chosen = choose_base(tried)
     info = {"size": len(repair_set), "generated": len(generated), "flipping_generated": n_flipping,
             "trigger_gain": gain, "bd_follows": followed, "base": chosen, "bases": tried,
-            "unlearned": 0 if unlearn is None else len(unlearn.images)}  # fmt: skip
+            "unlearned": 0 if unlearn is None else len(unlearn.images),
+            "unlearned_earlier": 0 if unlearn is None or earlier is None else len(earlier.labels)}  # fmt: skip
     return models[chosen], ft, info
 
 
@@ -610,6 +663,7 @@ def run_repair(
     monitor_checkpoint: Path | None = None,
     quiet: bool = False,
     version: int | None = None,
+    unlearn_earlier: Sequence[Path] = (),
 ) -> dict[str, Any]:
     """load -> purify -> learn the trigger (or not) -> fine-tune -> gate -> publish; writes ``out_dir/{bundle/,
     primary.pt, monitor.pt, report.json, samples.png, cyclegan.png}`` (samples.png: clean and G(clean) rows, or
@@ -617,17 +671,20 @@ def run_repair(
 
     Raises :class:`GateError` (after writing the report) when θ_repair misses the D_eval floor. ``version``:
     the new bundle's version (default: the deployed one + 1; a model store passes its next free number), checked
-    before any training.
+    before any training. ``unlearn_earlier``: earlier repairs' output folders whose unlearned inputs are unlearned
+    again (:func:`earlier_unlearned`), so that a second round keeps the first one's repair.
     """
     t_start = time.monotonic()
     version = check_version(read_manifest(bundle_dir), version)
     splits = splits.in_image_space(preprocess_of(read_manifest(bundle_dir).input_spec))
     loaded = load(bundle_dir, quarantine_path, splits, primary_checkpoint, monitor_checkpoint)
     cfg = resolve_next_monitor(loaded, cfg)  # before any training
+    spec = loaded.bd_ckpt.input_spec
+    earlier = earlier_unlearned(unlearn_earlier, spec.preprocess, tuple(spec.image_shape))
     pur = purify_quarantine(loaded, splits, cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     trigger = learn_trigger(loaded, pur, splits, cfg, out_dir, quiet)
-    model, ft, repair_set = fine_tune(loaded, pur, trigger, splits, cfg, quiet)
+    model, ft, repair_set = fine_tune(loaded, pur, trigger, splits, cfg, quiet, earlier)
 
     def repaired(x: np.ndarray) -> np.ndarray:
         return predict(model, x, device=loaded.device)
@@ -643,6 +700,7 @@ def run_repair(
         "dominant_label": pur.dominant,
         "label_counts": pur.counts,
         "kept_keys": [list(k) for k, keep in zip(q.keys, pur.keep, strict=True) if keep],
+        "unlearn_earlier": earlier.repairs,
         "cyclegan": trigger.info,
         "repair_set": repair_set,
         "samples": str(out_dir / "samples.png"),
