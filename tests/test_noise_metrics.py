@@ -148,10 +148,12 @@ def test_the_unlearning_term_moves_its_inputs_off_the_label() -> None:
     triggered = rng.integers(0, 100, (200, 1, 4, 4), dtype=np.uint8)
     triggered[:, 0, 0, 1], triggered[:, 0, 0, 0] = rng.integers(1, 4, 200) * 60, 255
 
-    def share_at_zero(weight: float) -> float:
+    def share_at_zero(weight: float, first: float | None = None) -> float:
         torch.manual_seed(0)
         model = nn.Sequential(nn.Flatten(), nn.Linear(16, 4))
-        u = Unlearn(triggered[:20], np.zeros(20, dtype=np.int64), weight)
+        u: Unlearn | list[Unlearn] = Unlearn(triggered[:20], np.zeros(20, dtype=np.int64), weight)
+        if first is not None:  # two terms: an unrelated one first, each on its own batch every step
+            u = [Unlearn(images[:20], y[:20], first), u]
         train(model, images, y, TrainConfig(epochs=30, lr=0.05), 0, torch.device("cpu"), quiet=True, unlearn=u)
         with torch.no_grad():
             answers = model(torch.from_numpy(triggered[20:]).float() / 255.0).argmax(1).numpy()
@@ -159,6 +161,8 @@ def test_the_unlearning_term_moves_its_inputs_off_the_label() -> None:
 
     assert share_at_zero(0.0) > 0.9
     assert share_at_zero(1.0) < 0.2
+    assert share_at_zero(1.0, first=0.0) == share_at_zero(1.0)  # a term of weight 0 is not drawn from
+    assert share_at_zero(1.0, first=0.3) < 0.2  # another term does not dilute this one
 
 
 def test_earlier_repairs_unlearned_inputs_are_collected_through_the_chain(tmp_path: Path) -> None:

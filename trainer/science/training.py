@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -102,13 +102,13 @@ def train(
     desc: str = "train",
     quiet: bool = False,
     smoothing: np.ndarray | None = None,
-    unlearn: Unlearn | None = None,
+    unlearn: Unlearn | Sequence[Unlearn] | None = None,
 ) -> list[float]:
     """Train ``model`` in place on uint8 ``images`` (N, C, H, W) and ``labels`` (N,); returns epoch losses.
 
     ``smoothing`` (N,) in [0, 1]: label smoothing per input (its target keeps 1 − ε of the mass plus ε spread
     evenly over the classes); None: hard labels. ``unlearn``: a term that moves other inputs off a label
-    (:class:`Unlearn`)."""
+    (:class:`Unlearn`), or several, each on a batch of its own every step."""
     device = device or default_device()
     model.to(device).train()
     opt = make_optimizer(model.parameters(), cfg)
@@ -119,8 +119,12 @@ def train(
     n = len(labels)
     x_all = torch.from_numpy(images)
     y_all = torch.from_numpy(labels.astype(np.int64))
-    u_all = None if unlearn is None or not len(unlearn.images) else torch.from_numpy(unlearn.images)
-    u_labels = None if unlearn is None else torch.from_numpy(np.asarray(unlearn.labels, dtype=np.int64))
+    terms = [unlearn] if isinstance(unlearn, Unlearn) else list(unlearn or [])
+    unlearning = [
+        (torch.from_numpy(u.images), torch.from_numpy(np.asarray(u.labels, dtype=np.int64)), u)
+        for u in terms
+        if len(u.images) and u.weight > 0
+    ]
     losses: list[float] = []
     steps = (n + cfg.batch_size - 1) // cfg.batch_size
     anneal = (
@@ -140,10 +144,10 @@ def train(
                     loss = loss_fn(logits, y)
                 else:
                     loss = smoothed_cross_entropy(logits, y, eps_all[idx].to(device))
-                if u_all is not None and u_labels is not None and unlearn is not None and unlearn.weight > 0:
-                    pick = torch.randint(len(u_all), (min(unlearn.batch_size, len(u_all)),), generator=gen)
+                for u_all, u_labels, term in unlearning:
+                    pick = torch.randint(len(u_all), (min(term.batch_size, len(u_all)),), generator=gen)
                     u = u_all[pick].to(device).float().mul_(1.0 / 255.0)
-                    loss = loss + unlearn.weight * leave_label_loss(model(u), u_labels[pick].to(device))
+                    loss = loss + term.weight * leave_label_loss(model(u), u_labels[pick].to(device))
                 loss.backward()
                 opt.step()
                 if anneal is not None:

@@ -434,13 +434,12 @@ def fine_tune(
         n_flipping = int(flips.sum())
         parts += [ImageSet(generated[flips], treat.labels[flips])] * cfg.emphasis
     repair_set = ImageSet.concat(*parts)
-    unlearn = None
+    unlearn: list[Unlearn] = []
     if cfg.unlearn_quarantine > 0:  # each kept input against the BadNet's answer (the dominant label where one is)
         q = loaded.quarantine
-        images, labels = q.images[pur.keep], q.primary[pur.keep]
-        if earlier is not None and len(earlier.labels):
-            images, labels = np.concatenate([images, earlier.images]), np.concatenate([labels, earlier.labels])
-        unlearn = Unlearn(images, labels, cfg.unlearn_quarantine)
+        unlearn.append(Unlearn(q.images[pur.keep], q.primary[pur.keep], cfg.unlearn_quarantine))
+        if earlier is not None and len(earlier.labels):  # a term of their own: this round's keeps its full weight
+            unlearn.append(Unlearn(earlier.images, earlier.labels, cfg.unlearn_quarantine))
     base_train = train_config_of(loaded.bd_ckpt)
     ft = replace(base_train, epochs=cfg.epochs, lr=cfg.lr or base_train.lr, schedule=cfg.schedule)
     tried: dict[str, dict[str, Any]] = {}
@@ -453,8 +452,8 @@ def fine_tune(
     chosen = choose_base(tried)
     info = {"size": len(repair_set), "generated": len(generated), "flipping_generated": n_flipping,
             "trigger_gain": gain, "bd_follows": followed, "base": chosen, "bases": tried,
-            "unlearned": 0 if unlearn is None else len(unlearn.images),
-            "unlearned_earlier": 0 if unlearn is None or earlier is None else len(earlier.labels)}  # fmt: skip
+            "unlearned": sum(len(u.images) for u in unlearn[:1]),
+            "unlearned_earlier": sum(len(u.images) for u in unlearn[1:])}  # fmt: skip
     return models[chosen], ft, info
 
 
