@@ -1182,7 +1182,9 @@ def rounds_section(data: dict[str, Any]) -> str:
             lines.append(f"| v3 | – | repair refused: {rep3['error']} | | | | | |")
         elif rep3:
             lines.append(
-                f"| v3{_base(rep3)} | {(rep3.get('config') or {}).get('next_monitor', 'θ_aug')} | {_fmt(ca3, 3)} "
+                f"| v3{_base(rep3)}"
+                f"{' + round 1 unlearned again' if (rep3.get('repair_set') or {}).get('unlearned_earlier') else ''} "
+                f"| {(rep3.get('config') or {}).get('next_monitor', 'θ_aug')} | {_fmt(ca3, 3)} "
                 f"| {_fmt((v3.get('primary_first_asr') or {}).get('attack_success_rate'), 3)} "
                 f"| {_fmt((v3.get('primary_second_asr_vs_badnet') or {}).get('attack_success_rate'), 3)} "
                 f"| {_pair(served3.get('served_clean_accuracy'), served3.get('clean_reject_rate'))} "
