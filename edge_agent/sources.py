@@ -365,7 +365,7 @@ class Source:
                     return
                 now = time.time()
                 self.stats.count_read(time.monotonic())
-                self._hand_over(Frame(self.spec.id, picture, now, position), True)
+                self._deliver(Frame(self.spec.id, picture, now, position), True)
                 position += 1
                 played += 1
             if not self.spec.loop or played == 0:
@@ -404,7 +404,7 @@ class Source:
                         self.stats.dropped += 1  # over the rate cap: not passed on
                         continue
                     last = now
-                    if not self._hand_over(Frame(self.spec.id, picture, time.time(), position), False):
+                    if not self._deliver(Frame(self.spec.id, picture, time.time(), position), False):
                         self.stats.dropped += 1  # the previous, still unread frame was replaced
                     position += 1
                     if self.limit is not None and position >= self.limit:
@@ -414,16 +414,6 @@ class Source:
             if not self._stop.is_set():
                 self._reconnect_wait(self.stats.last_error, backoff)
                 backoff = min(backoff * 2, BACKOFF_MAX_S)
-
-    def _hand_over(self, frame: Frame, may_block: bool) -> bool:
-        """Deliver a frame; one the preprocessing refuses (a picture it cannot convert) is a decode error."""
-        try:
-            return self._deliver(frame, may_block)
-        except ValueError as e:  # InputError: an odd channel count or size
-            self.stats.decode_errors += 1
-            self.stats.last_error = str(e)[:200]
-            log.warning("source %s frame %d refused: %s", self.spec.id, frame.position, e)
-            return True
 
     def _reconnect_wait(self, why: str, backoff: float) -> None:
         self.stats.state, self.stats.last_error = "reconnecting", why

@@ -193,6 +193,36 @@ def test_four_sources_batched_account_for_every_frame_and_decide_as_one_by_one(
     agent.spool.close()
 
 
+def test_a_picture_the_preprocessing_refuses_costs_that_frame_only(bundle: Path, tmp_path: Path) -> None:
+    """Frames are preprocessed in the batching thread: a refused picture is its source's decode error, the other
+    frames of its batch are classified, and the batcher goes on; a replaced live frame was never preprocessed."""
+    from edge_agent.batcher import Batcher
+    from edge_agent.sources import Frame, SourceStats
+
+    agent = _agent(bundle, tmp_path)
+    batcher = Batcher(agent, max_batch=8, max_wait=0.05)
+    files, live = SourceStats(), SourceStats()
+    batcher.add_source("file", files, live=False)
+    batcher.add_source("cam", live, live=True)
+    rng = np.random.default_rng(0)
+    good = [rng.integers(0, 256, (3, 48, 64), np.uint8) for _ in range(3)]
+    odd = rng.integers(0, 256, (2, 48, 64), np.uint8)  # two channels: no colour conversion for it
+    for i, picture in enumerate([good[0], odd, good[1]]):
+        assert batcher.deliver(Frame("file", picture, time.time(), i), True)
+    assert batcher.deliver(Frame("cam", odd, time.time(), 0), False)
+    assert not batcher.deliver(Frame("cam", good[2], time.time(), 1), False)  # replaced the odd one, unread
+    batcher.start()
+    try:
+        assert wait_for(lambda: batcher.pending() == 0 and files.classified + live.classified == 3, 10)
+        assert batcher.deliver(Frame("file", good[0], time.time(), 3), True)  # still serving
+        assert wait_for(lambda: files.classified == 3, 10)
+    finally:
+        batcher.stop()
+        agent.spool.close()
+    assert (files.classified, files.decode_errors, live.classified, live.decode_errors) == (3, 1, 1, 0)
+    assert "1 or 3" in files.last_error and files.classify_errors == 0
+
+
 def test_a_camera_that_dies_is_reconnected_while_the_endpoint_answers(bundle: Path, tmp_path: Path) -> None:
     """`nnoc-edge run` with an RTSP camera (GStreamer's server, H.264) that is killed mid-stream and started
     again, and a camera that accepts and never sends (read by PyAV: its timeouts too): the agent reconnects by
