@@ -596,8 +596,8 @@ def cameras_section(data: dict[str, Any]) -> str:
         + "; ".join(f"{r['name']} `{r['trigger']}`" for r in data["rows"])
         + ") "
         "upscaled to a 1280×720 H.264 file at 30 fps (Debian's ffmpeg, libx264). Through the agent: OpenCV "
-        "decoding (the default decoder) in the source's thread, the bundle's preprocessing, the dynamic batcher, "
-        "the fused ensemble, the "
+        "decoding (the default decoder) in the source's thread, the bundle's preprocessing in the dynamic batcher's "
+        "thread (since 2026-11-28; before, in the source's thread: 0.79× for project-cnn3), the fused ensemble, the "
         "spool as `nnoc-edge run` sets it up (durability `deferred`: group commits within 50 ms, the reply does not "
         "wait) and the uplink to a collector process. Monitoring: the agent against the bare ensemble at the "
         "stream's reject share, for each spool durability. Goals (issue 13): the agent ≥ 0.8× decoding alone; "

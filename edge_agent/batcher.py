@@ -2,6 +2,9 @@
 endpoint's requests go through the ensemble as one batch, up to ``max_batch`` inputs, waiting at most
 ``max_wait`` seconds after the first arrival for more.
 
+Frames are preprocessed (the bundle's colour conversion and resize) in the batching thread as a batch is taken:
+a source's thread only decodes, and a live frame that a newer one replaces is never preprocessed.
+
 Files deliver with back-pressure (a file source waits while its queue is full: nothing is dropped); a live
 source has a one-frame slot, and a newer frame replaces an unread one (the source counts the drop). Requests
 are never split, and the endpoint's requests go first: a caller is waiting on each.
