@@ -9,7 +9,9 @@ decode:     a 1280x720 H.264 file at 30 fps (Debian's ffmpeg, libx264, from Fash
 sources:    four copies as four sources into one agent, batched (up to 8 frames) against one frame at a time:
             as fast as they decode (throughput ratio), and paced at 30 fps each (capture -> decision latency p50/p99).
 monitoring: the agent (spool + uplink at the stream's reject rate) against the bare ensemble, batch 1 and 8,
-            for each spool durability (deferred: the default; process; power); goal >= 0.9x.
+            for each spool durability (deferred: the default; process; power); goal >= 0.9x. The collector process
+            (on the trainer's host in a deployment) shares this machine's cores: its CPU during the default
+            agent's rounds is recorded (collector_cores).
 
     python -m bench.bench_cameras [--bundle DIR] [--frames 300]
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import tempfile
@@ -130,6 +133,12 @@ class Rig:
         return {"acked": acked}
 
 
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) another process of this machine used so far, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def monitoring(rig: Rig, x: np.ndarray, seconds: float) -> dict[str, Any]:
     """Agents (spool + uplink) against the bare ensemble, batch 1 and 8, alternating rounds, best of each."""
     out: dict[str, Any] = {"reject_share": float(rig.ensemble.classify(x).rejected.mean())}
@@ -137,15 +146,19 @@ def monitoring(rig: Rig, x: np.ndarray, seconds: float) -> dict[str, Any]:
     runs += [(f"agent_{d}", a.classify) for d, a in rig.agents.items()]
     for batch in (1, 8):
         best: dict[str, float] = {}
+        collector: list[float] = []  # cores the collector process used during the default agent's rounds
         for _ in range(4):
             for name, fn in runs:
-                n, t0, i = 0, time.perf_counter(), 0
+                n, t0, i, c0 = 0, time.perf_counter(), 0, process_cpu(rig.collector.pid)
                 while time.perf_counter() - t0 < seconds:
                     fn(x[i : i + batch])
                     i = (i + batch) % (len(x) - batch)
                     n += batch
                 best[name] = max(best.get(name, 0.0), n / (time.perf_counter() - t0))
+                if name == f"agent_{DURABILITIES[0]}":
+                    collector.append((process_cpu(rig.collector.pid) - c0) / (time.perf_counter() - t0))
         best["agent"] = best[f"agent_{DURABILITIES[0]}"]
+        best["collector_cores"] = float(np.mean(collector))
         out[f"batch{batch}"] = {**best, **{f"ratio_{d}": best[f"agent_{d}"] / best["bare"] for d in DURABILITIES}}
         out[f"batch{batch}"]["ratio"] = out[f"batch{batch}"][f"ratio_{DURABILITIES[0]}"]
         print("monitoring", batch, out[f"batch{batch}"], flush=True)

@@ -583,6 +583,8 @@ def _monitoring(m: dict[str, Any]) -> str:
     """One batch size's agent/bare ratio at the default durability, then the others (older runs: one ratio)."""
     text = f"**{m['ratio']:.2f}×** ({m['agent']:.0f} / {m['bare']:.0f})"
     others = [f"{m[f'ratio_{d}']:.2f}×" for d in ("process", "power") if f"ratio_{d}" in m]
+    if "collector_cores" in m:
+        others.append(f"collector {m['collector_cores']:.3f} cores")
     return text + (f" ({', '.join(others)})" if others else "")
 
 
@@ -600,7 +602,9 @@ def cameras_section(data: dict[str, Any]) -> str:
         "thread (since 2026-11-28; before, in the source's thread: 0.79× for project-cnn3), the fused ensemble, the "
         "spool as `nnoc-edge run` sets it up (durability `deferred`: group commits within 50 ms, the reply does not "
         "wait) and the uplink to a collector process. Monitoring: the agent against the bare ensemble at the "
-        "stream's reject share, for each spool durability. Goals (issue 13): the agent ≥ 0.8× decoding alone; "
+        "stream's reject share, for each spool durability; the collector process, on the trainer's host in a "
+        "deployment, shares these two cores (its CPU during the default agent's rounds is shown). Goals (issue 13): "
+        "the agent ≥ 0.8× decoding alone; "
         "monitoring ≥ 0.9× the bare ensemble. Rows of different dates are not comparable with each other: this "
         "machine's speed varies from day to day (decoding alone 293 frames/s in one run, 661 in another).",
         "",
