@@ -105,8 +105,10 @@ class Batcher:
                 if self._stop.is_set():
                     return True
                 self._cond.wait(0.1)
+            waiting = self._waiting()
             q.frames.append(frame)
-            self._cond.notify_all()
+            if waiting == 0 or waiting + 1 >= self.max_batch:  # else the batcher wakes at its deadline anyway
+                self._cond.notify_all()
         return not replaced
 
     def submit(self, x: np.ndarray, images: np.ndarray | None = None) -> Future[tuple[Decision, int]]:
