@@ -88,7 +88,7 @@ class Batcher:
 
     def deliver(self, frame: Frame, may_block: bool) -> bool:
         """A source's frame, as decoded: the batching thread preprocesses it when it takes it into a batch, so the
-        source's thread only reads (a decoder with frame threads waits on that thread: 0.8x -> 0.83x of decoding
+        source's thread only reads (a decoder with frame threads waits on that thread: 0.79x -> 0.80-0.84x of decoding
         alone on a 720p file, BENCHMARKS.md) and a live frame that a newer one replaces costs no preprocessing.
 
         ``may_block`` (files): wait while the queue is full; returns True. Otherwise (live) a full slot's frame is
