@@ -582,6 +582,9 @@ def purity_section(data: dict[str, Any]) -> str:
 def _monitoring(m: dict[str, Any]) -> str:
     """One batch size's agent/bare ratio at the default durability, then the others (older runs: one ratio)."""
     text = f"**{m['ratio']:.2f}×** ({m['agent']:.0f} / {m['bare']:.0f})"
+    if "round_ratios" in m:
+        r = m["round_ratios"]
+        text += f", rounds: median **{m['round_ratio_median']:.2f}×**, {min(r):.2f}-{max(r):.2f}"
     others = [f"{m[f'ratio_{d}']:.2f}×" for d in ("process", "power") if f"ratio_{d}" in m]
     if "collector_cores" in m:
         others.append(f"collector {m['collector_cores']:.3f} cores")

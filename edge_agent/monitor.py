@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections import deque
 from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
@@ -29,7 +28,11 @@ class RejectMonitor:
         if window < 1 or not 0.0 <= threshold <= 1.0:
             raise ValueError(f"window must be >= 1 and threshold in [0, 1] (got {window}, {threshold})")
         self.window, self.threshold = window, threshold
-        self._recent: deque[bool] = deque(maxlen=window)
+        # The last ``window`` outcomes as a ring of 0/1 bytes: recording one touches a byte and two ints, which
+        # stays cheap on the request path right after a model run, when little of the interpreter is in cache.
+        self._ring = bytearray(window)
+        self._pos = 0  # where the next outcome goes
+        self._fill = 0  # outcomes in the ring (< window until it has gone round once)
         self._in_window = 0
         self._requests = 0
         self._rejects = 0
@@ -39,15 +42,17 @@ class RejectMonitor:
     def record(self, rejected: list[bool]) -> None:
         """Add one batch's outcomes (True: rejected)."""
         with self._lock:
+            ring, pos, window, in_window = self._ring, self._pos, self.window, self._in_window
             for r in rejected:
-                if len(self._recent) == self.window and self._recent[0]:
-                    self._in_window -= 1
-                self._recent.append(bool(r))
-                self._in_window += int(r)
-                self._requests += 1
-                self._rejects += int(r)
-            fill = len(self._recent)
-            alarm = fill == self.window and self._in_window / fill > self.threshold
+                bit = 1 if r else 0
+                in_window += bit - ring[pos]
+                ring[pos] = bit
+                self._rejects += bit
+                pos = pos + 1 if pos + 1 < window else 0
+            self._pos, self._in_window = pos, in_window
+            self._requests += len(rejected)
+            fill = self._fill = min(self._fill + len(rejected), window)
+            alarm = fill == window and in_window / fill > self.threshold
             if alarm != self._alarm:  # the paper's §7 signal: log both edges (nnoc_reject_alarm holds the state)
                 self._alarm = alarm
                 rate = self._in_window / fill
@@ -61,7 +66,7 @@ class RejectMonitor:
     def snapshot(self) -> MonitorSnapshot:
         """Current totals and the windowed reject rate."""
         with self._lock:
-            fill = len(self._recent)
+            fill = self._fill
             rate = self._in_window / fill if fill else 0.0
             return MonitorSnapshot(
                 self._requests, self._rejects, self.window, fill, rate, fill == self.window and rate > self.threshold

@@ -38,9 +38,7 @@ CREATE TABLE IF NOT EXISTS spool (
     header BLOB NOT NULL,
     tensor BLOB NOT NULL,
     size INTEGER NOT NULL,
-    created REAL NOT NULL,
-    last_sent REAL NOT NULL DEFAULT 0,
-    attempts INTEGER NOT NULL DEFAULT 0
+    created REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
@@ -75,11 +73,16 @@ class SpooledItem:
     seq: int
     header: bytes
     tensor: bytes
-    attempts: int
 
 
 class SpoolFull(RuntimeError):
     """The spool is at its bound and the policy is ``reject-new``."""
+
+
+def _chunks(seqs: list[int], size: int = 500) -> Iterator[list[int]]:
+    """``seqs`` in parts small enough for one statement's parameters."""
+    for start in range(0, len(seqs), size):
+        yield seqs[start : start + size]
 
 
 class Spool:
@@ -206,29 +209,32 @@ class Spool:
 
     @contextlib.contextmanager
     def _bookkeeping(self) -> Iterator[None]:
-        """The uplink's writes (sent marks, deletions after an ACK) need no fsync: if power loss undoes them, the
-        rows are sent again and the collector, which keys on (device, seq), stores them once. Only puts pay for
-        durability."""
+        """The uplink's deletions after an ACK need no fsync: if power loss undoes them, the rows are sent again and
+        the collector, which keys on (device, seq), stores them once. Only puts pay for durability."""
         self._db.execute("PRAGMA synchronous=OFF")
         try:
             yield
         finally:
             self._db.execute(f"PRAGMA synchronous={DURABILITY[self.cfg.durability]}")
 
-    def due(self, limit: int, resend_after: float) -> list[SpooledItem]:
-        """Up to ``limit`` rows never sent or sent more than ``resend_after`` seconds ago; marks them sent."""
-        now = time.time()
-        with self._lock, self._bookkeeping():
+    def after(self, seq: int, limit: int) -> list[SpooledItem]:
+        """Up to ``limit`` rows with a sequence number above ``seq``, oldest first (reads only: what was sent and
+        when is the uplink's to remember, so that sending costs the spool no writes)."""
+        with self._lock:
             rows = self._db.execute(
-                "SELECT seq, header, tensor, attempts FROM spool WHERE last_sent <= ? ORDER BY seq LIMIT ?",
-                (now - resend_after, limit),
+                "SELECT seq, header, tensor FROM spool WHERE seq > ? ORDER BY seq LIMIT ?", (seq, limit)
             ).fetchall()
-            if rows:
-                self._db.executemany(
-                    "UPDATE spool SET last_sent = ?, attempts = attempts + 1 WHERE seq = ?",
-                    [(now, r[0]) for r in rows],
-                )
-        return [SpooledItem(int(r[0]), bytes(r[1]), bytes(r[2]), int(r[3]) + 1) for r in rows]
+        return [SpooledItem(int(r[0]), bytes(r[1]), bytes(r[2])) for r in rows]
+
+    def get(self, seqs: list[int]) -> list[SpooledItem]:
+        """The rows of ``seqs`` still held, oldest first (acknowledged and dropped ones are gone)."""
+        rows = []
+        with self._lock:
+            for part in _chunks(seqs):
+                rows += self._db.execute(
+                    f"SELECT seq, header, tensor FROM spool WHERE seq IN ({','.join('?' * len(part))})", part
+                ).fetchall()
+        return sorted((SpooledItem(int(r[0]), bytes(r[1]), bytes(r[2])) for r in rows), key=lambda item: item.seq)
 
     def ack(self, seqs: list[int]) -> int:
         """Delete acknowledged rows; returns how many were still present."""
@@ -237,8 +243,10 @@ class Spool:
         with self._lock, self._bookkeeping():
             self._db.execute("BEGIN IMMEDIATE")
             freed = []
-            for seq in seqs:
-                freed += self._db.execute("DELETE FROM spool WHERE seq = ? RETURNING size", (seq,)).fetchall()
+            for part in _chunks(seqs):
+                freed += self._db.execute(
+                    f"DELETE FROM spool WHERE seq IN ({','.join('?' * len(part))}) RETURNING size", part
+                ).fetchall()
             self._bump("acked", len(freed))
             self._db.execute("COMMIT")
             self._n -= len(freed)

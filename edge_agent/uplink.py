@@ -105,7 +105,10 @@ class Uplink:
         sock.connect(self.cfg.endpoint)
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
-        in_flight: dict[int, float] = {}  # seq -> when it was sent
+        # What was sent and when lives here, not in the spool: sending costs the spool no writes. A restart
+        # forgets it and sends every row again; the collector keys on (device, seq) and stores each once.
+        in_flight: dict[int, float] = {}  # seq -> when it was last sent; stays until ACKed, REJECTED or gone
+        cursor = 0  # the newest seq sent so far: rows above it have never been sent
         next_stats = time.monotonic()
         paused_until = 0.0  # the collector asked to wait (quota, budget, a store it cannot write)
         try:
@@ -121,24 +124,35 @@ class Uplink:
                     except zmq.Again:  # disconnected: stats are a snapshot, the next one will do
                         pass
                 horizon = time.monotonic() - self.cfg.resend_after
-                in_flight = {seq: t for seq, t in in_flight.items() if t > horizon}  # the rest is due again
-                room = self.cfg.window - len(in_flight) if time.monotonic() >= paused_until else 0
+                expired = sorted(seq for seq, t in in_flight.items() if t <= horizon)  # no reply in time: due again
+                room = self.cfg.window - (len(in_flight) - len(expired)) if time.monotonic() >= paused_until else 0
                 sent_now = 0
                 if room > 0:
-                    for item in self.spool.due(room, self.cfg.resend_after):
+                    expired = expired[:room]
+                    for seq in expired:  # found again below unless ACKed meanwhile or dropped by the spool's bound
+                        del in_flight[seq]
+                    items = self.spool.get(expired) if expired else []
+                    resends = len(items)
+                    if len(items) < room:
+                        fresh = self.spool.after(cursor, room - len(items))
+                        cursor = fresh[-1].seq if fresh else cursor
+                        items += fresh
+                    for k, item in enumerate(items):
                         header = quarantine_pb2.QuarantineHeader.FromString(item.header)
                         header.seq = item.seq
                         header.device_id = self.cfg.device_id
                         header.batched_acks = True  # one reply may acknowledge several (QuarantineReply.acked)
+                        in_flight[item.seq] = time.monotonic()  # sent, or tried: either way due again later
                         try:
                             sock.send_multipart([header.SerializeToString(), item.tensor], flags=zmq.NOBLOCK)
-                        except zmq.Again:  # queue full while disconnected: try again after resend_after
+                        except zmq.Again:  # queue full while disconnected: this and the rest after resend_after
+                            for rest in items[k + 1 :]:
+                                in_flight[rest.seq] = time.monotonic()
                             break
                         self.counters.sent += 1
                         sent_now += 1
-                        if item.attempts > 1:
+                        if k < resends:
                             self.counters.resent += 1
-                        in_flight[item.seq] = time.monotonic()
                 events = dict(poller.poll(self.cfg.poll_ms))
                 acks: list[int] = []
                 while sock in events:
@@ -149,8 +163,8 @@ class Uplink:
                     reply = self._parse_reply(frames)
                     if reply is None:
                         continue
-                    in_flight.pop(reply.seq, None)
                     if reply.status == quarantine_pb2.QuarantineReply.ACK:
+                        in_flight.pop(reply.seq, None)
                         acks.append(reply.seq)
                         for seq in reply.acked:  # the rest of this device's messages the same write stored
                             in_flight.pop(seq, None)
@@ -159,14 +173,15 @@ class Uplink:
                         # The collector will never accept this message as it is: drop it, count it, say why.
                         log.warning("collector refused quarantine message %d: %s", reply.seq, reply.error)
                         self.counters.refused += 1
+                        in_flight.pop(reply.seq, None)
                         acks.append(reply.seq)
                     elif reply.status == quarantine_pb2.QuarantineReply.THROTTLED:
-                        self.counters.throttled += 1  # stays spooled; due again after resend_after
+                        self.counters.throttled += 1  # stays spooled and in flight: due again after resend_after
                     elif reply.status in (
                         quarantine_pb2.QuarantineReply.OVER_QUOTA,
                         quarantine_pb2.QuarantineReply.UNAVAILABLE,
                     ):
-                        # Stays spooled (the spool's own bound applies); nothing more goes out for a while.
+                        # Stays spooled (the spool's own bound applies) and in flight; nothing goes out for a while.
                         self.counters.deferred += 1
                         wait = min(max(reply.retry_after, self.cfg.resend_after), 600.0)
                         if time.monotonic() + wait > paused_until:

@@ -100,7 +100,7 @@ def test_raw_and_encoded_pictures_answer_like_the_preprocessed_tensor(bundle: Pa
         images = {bytes(i) for i in to_model_image(gray, spec)} | {
             bytes(to_model_image(rgb.transpose(0, 3, 1, 2), spec)[0])
         }
-        spooled = spool.due(1000, 0.0)
+        spooled = spool.after(0, 1000)
         assert spooled and spool.depth() == len(spooled)
         for item in spooled:
             header = QuarantineHeader.FromString(item.header)

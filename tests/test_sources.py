@@ -184,7 +184,7 @@ def test_four_sources_batched_account_for_every_frame_and_decide_as_one_by_one(
               for p, q in zip(yuv, bgr, strict=True)]  # fmt: skip
     assert max(images) <= 2, images
     # Quarantined frames carry their source, position and capture time; the image is the model's (uint8 3x32x32).
-    spooled = [QuarantineHeader.FromString(item.header) for item in agent.spool.due(10_000, 0.0)]
+    spooled = [QuarantineHeader.FromString(item.header) for item in agent.spool.after(0, 10_000)]
     assert spooled and {h.source_id for h in spooled} <= {"gate", "cam-2", "stills", "yard", "dock"}
     assert all(h.dtype == "uint8" and list(h.shape) == [3, 32, 32] and h.HasField("position") for h in spooled)
     rejected = {(r["source"], r["position"]) for r in rows if r["rejected"]}

@@ -67,9 +67,11 @@ def test_spool_is_durable_bounded_and_counted(tmp_path: Path) -> None:
         assert spool.depth() == 5 and spool.counter("dropped") == 3
     with Spool(cfg) as spool:  # reopened: rows and counters survived
         assert spool.depth() == 5 and spool.counter("dropped") == 3
-        assert [i.seq for i in spool.due(10, resend_after=60)] == seqs[3:]
-        assert spool.due(10, resend_after=60) == []  # just sent: not due again yet
+        assert [i.seq for i in spool.after(0, 10)] == seqs[3:]
+        assert [i.seq for i in spool.after(seqs[5], 10)] == seqs[6:] and spool.after(seqs[7], 10) == []
+        assert [i.seq for i in spool.get([seqs[7], seqs[0], seqs[4]])] == [seqs[4], seqs[7]]  # seqs[0] was dropped
         assert spool.ack(seqs[3:5]) == 2 and spool.depth() == 3
+        assert [i.seq for i in spool.after(0, 10)] == seqs[5:] and spool.get(seqs[3:5]) == []
     with Spool(SpoolConfig(tmp_path / "r.sqlite", max_items=2, policy="reject-new")) as spool:
         spool.put(header(), TENSOR)
         spool.put(header(), TENSOR)
