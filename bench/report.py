@@ -605,8 +605,11 @@ def cameras_section(data: dict[str, Any]) -> str:
         "thread (since 2026-11-28; before, in the source's thread: 0.79× for project-cnn3), the fused ensemble, the "
         "spool as `nnoc-edge run` sets it up (durability `deferred`: group commits within 50 ms, the reply does not "
         "wait) and the uplink to a collector process. Monitoring: the agent against the bare ensemble at the "
-        "stream's reject share, for each spool durability; the collector process, on the trainer's host in a "
-        "deployment, shares these two cores (its CPU during the default agent's rounds is shown). Goals (issue 13): "
+        "stream's reject share, for each spool durability, in alternating rounds of 3 s: the best round of each "
+        "(from 2026-12-06: of six rounds, then the median and range of each round's agent / bare of the same "
+        "round: this machine's speed drifts between rounds by as much as the effect measured); the collector "
+        "process, on the trainer's host in a deployment, shares these two cores (its CPU during the default "
+        "agent's rounds is shown). Goals (issue 13): "
         "the agent ≥ 0.8× decoding alone; "
         "monitoring ≥ 0.9× the bare ensemble. Rows of different dates are not comparable with each other: this "
         "machine's speed varies from day to day (decoding alone 293 frames/s in one run, 661 in another).",
