@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import numpy as np
@@ -106,14 +107,19 @@ def test_unacked_messages_are_resent_and_stored_once(tmp_path: Path) -> None:
     with Spool(SpoolConfig(tmp_path / "spool.sqlite")) as spool:
         for _ in range(20):
             spool.put(header(), TENSOR)
+        reader = sqlite3.connect(tmp_path / "spool.sqlite")  # data_version moves when another connection commits
+        written = reader.execute("PRAGMA data_version").fetchone()[0]
         up = Uplink(spool, UplinkConfig(f"tcp://127.0.0.1:{port}", "cam-2", resend_after=0.3)).start()
         try:
             assert wait_for(lambda: silent.received >= 40)  # every message went out at least twice
             silent.close()
             assert spool.depth() == 20  # nothing acknowledged, nothing deleted
+            assert reader.execute("PRAGMA data_version").fetchone()[0] == written  # sending wrote nothing
             answering = Collector(tmp_path / "q", port=port)
             assert wait_for(lambda: spool.depth() == 0)
             answering.close()
+            assert reader.execute("PRAGMA data_version").fetchone()[0] != written  # the ACKs deleted the rows
+            reader.close()
         finally:
             up.stop()
         assert up.counters.resent > 0
