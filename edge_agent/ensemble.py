@@ -15,7 +15,7 @@ from edge_agent.formats.bundle import VerifiedBundle
 from edge_agent.formats.preprocess import PreprocessError, Yuv420
 from edge_agent.formats.reject import RejectRule
 from edge_agent.formats.spec import accepted_range, image_shape_of, preprocess_of
-from edge_agent.fuse import MONITOR_OUT, PRIMARY_OUT, REJECTED_OUT, SCORE_OUT, FuseError, fuse_models
+from edge_agent.fuse import MONITOR_OUT, NONFINITE_OUT, PRIMARY_OUT, REJECTED_OUT, SCORE_OUT, FuseError, fuse_models
 from edge_agent.runtime import RuntimeConfig, make_session, warm_up
 from protos.nnoc.v1 import bundle_pb2
 
@@ -37,6 +37,7 @@ class Decision:
     primary: np.ndarray  # (N,) int64, θ_bd's label
     monitor: np.ndarray  # (N,) int64, θ_aug's label
     score: np.ndarray  # (N,) float32, the reject rule's score (rejected where above its threshold)
+    nonfinite: np.ndarray  # (N,) bool, NaN or an infinity in a model's logits or the score (always rejected)
 
     def part(self, start: int, stop: int) -> Decision:
         """Rows ``start:stop`` (one request's share of a batch)."""
@@ -158,7 +159,7 @@ class Ensemble:
             lo, hi = 0.0, 1.0
         probe = rng.uniform(lo, hi, (32, *shape)).astype(np.dtype(self.spec.dtype))
         fused, two = self._run_fused(probe), self._run_two(probe)
-        same = all(np.array_equal(a, b) for a, b in zip(fused[:2], two[:2], strict=True))
+        same = all(np.array_equal(a, b) for a, b in zip(fused[:2] + fused[3:], two[:2] + two[3:], strict=True))
         if not same or not np.allclose(fused[2], two[2], rtol=1e-4, atol=1e-5):
             log.warning("fused graph disagrees with the two sessions on a probe batch; serving two sessions")
             return "two-sessions"
@@ -175,24 +176,25 @@ class Ensemble:
         log.info("ensemble path %s (load-time probe, s: %s)", path, {k: round(v, 4) for k, v in self.timings.items()})
         return path
 
-    def _run_two(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def _run_two(self, x: np.ndarray) -> tuple[np.ndarray, ...]:
         feed = {self.input_name: x}
         p_logits = np.asarray(self.primary.run(None, feed)[0])
         m_logits = np.asarray(self.monitor.run(None, feed)[0])
-        score = self.rule.scores(p_logits, m_logits)
+        score, rejected, bad = self.rule.decide(p_logits, m_logits)
         primary, monitor = p_logits.argmax(1).astype(np.int64), m_logits.argmax(1).astype(np.int64)
-        return primary, monitor, score, self.rule.reject(score)
+        return primary, monitor, score, rejected, bad
 
-    def _run_fused(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def _run_fused(self, x: np.ndarray) -> tuple[np.ndarray, ...]:
         assert self.fused is not None
-        primary, monitor, score, rejected = self.fused.run(
-            [PRIMARY_OUT, MONITOR_OUT, SCORE_OUT, REJECTED_OUT], {self.input_name: x}
+        primary, monitor, score, rejected, bad = self.fused.run(
+            [PRIMARY_OUT, MONITOR_OUT, SCORE_OUT, REJECTED_OUT, NONFINITE_OUT], {self.input_name: x}
         )
         return (
             np.asarray(primary, dtype=np.int64),
             np.asarray(monitor, dtype=np.int64),
             np.asarray(score, dtype=np.float32),
             np.asarray(rejected, dtype=bool),
+            np.asarray(bad, dtype=bool),
         )
 
     @property
@@ -203,5 +205,5 @@ class Ensemble:
     def classify(self, x: np.ndarray) -> Decision:
         """Classify a checked batch; raises :class:`InputError` for a bad batch (the models never see it)."""
         x = check_input(x, self.spec)
-        primary, monitor, score, rejected = self._run_fused(x) if self.path == "fused" else self._run_two(x)
-        return Decision(np.where(rejected, REJECTED, primary), rejected, primary, monitor, score)
+        primary, monitor, score, rejected, bad = self._run_fused(x) if self.path == "fused" else self._run_two(x)
+        return Decision(np.where(rejected, REJECTED, primary), rejected, primary, monitor, score, bad)

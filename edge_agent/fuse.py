@@ -15,7 +15,7 @@ from onnx import compose, helper
 from edge_agent.formats.reject import COMBINED, RejectRule
 
 PRIMARY_OUT, MONITOR_OUT = "primary_label", "monitor_label"
-SCORE_OUT, REJECTED_OUT = "reject_score", "rejected"
+SCORE_OUT, REJECTED_OUT, NONFINITE_OUT = "reject_score", "rejected", "nonfinite"
 
 
 class FuseError(ValueError):
@@ -81,7 +81,7 @@ def _score_nodes(p_logits: str, m_logits: str, rule: RejectRule) -> list[onnx.No
     ]
     parts = COMBINED.get(rule.score)
     if parts is None:
-        return [*const, *_part_nodes(rule.score, SCORE_OUT), n("Greater", [SCORE_OUT, "s/tau"], [REJECTED_OUT])]
+        return [*const, *_part_nodes(rule.score, SCORE_OUT), *_decision_nodes()]
     body: list[onnx.NodeProto] = []
     for part, scale in zip(parts, rule.scales, strict=True):
         c = f"s/{part}/scale"
@@ -91,12 +91,40 @@ def _score_nodes(p_logits: str, m_logits: str, rule: RejectRule) -> list[onnx.No
             n("Div", [f"s/{part}/raw", c], [f"s/{part}/scaled"]),
         ]
     body.append(n("Max", [f"s/{part}/scaled" for part in parts], [SCORE_OUT]))
-    return [*const, *body, n("Greater", [SCORE_OUT, "s/tau"], [REJECTED_OUT])]
+    return [*const, *body, *_decision_nodes()]
+
+
+def _decision_nodes() -> list[onnx.NodeProto]:
+    """``nonfinite`` (BOOL, (batch,)): NaN or an infinity in either model's logits or in the score; ``rejected``:
+    the score above τ, or nonfinite (fail closed, as :func:`.formats.reject.nonfinite`). Counting the bad logits
+    with ReduceSum keeps to operators whose axes are an input from opset 13 on."""
+    n = helper.make_node
+    nodes = []
+    for part in ("p", "m"):
+        nodes += [
+            n("IsNaN", [f"s/{part}"], [f"s/{part}/nan"]),
+            n("IsInf", [f"s/{part}"], [f"s/{part}/inf"]),
+            n("Or", [f"s/{part}/nan", f"s/{part}/inf"], [f"s/{part}/bad"]),
+            n("Cast", [f"s/{part}/bad"], [f"s/{part}/badf"], to=onnx.TensorProto.FLOAT),
+            n("ReduceSum", [f"s/{part}/badf", "s/axes"], [f"s/{part}/nbad"], keepdims=0),
+        ]
+    return [
+        *nodes,
+        n("Add", ["s/p/nbad", "s/m/nbad"], ["s/nbad"]),
+        n("Constant", [], ["s/zero"], value=helper.make_tensor("zero", onnx.TensorProto.FLOAT, [], [0.0])),
+        n("Greater", ["s/nbad", "s/zero"], ["s/logits_bad"]),
+        n("IsNaN", [SCORE_OUT], ["s/score_nan"]),
+        n("IsInf", [SCORE_OUT], ["s/score_inf"]),
+        n("Or", ["s/score_nan", "s/score_inf"], ["s/score_bad"]),
+        n("Or", ["s/logits_bad", "s/score_bad"], [NONFINITE_OUT]),
+        n("Greater", [SCORE_OUT, "s/tau"], ["s/above"]),
+        n("Or", ["s/above", NONFINITE_OUT], [REJECTED_OUT]),
+    ]
 
 
 def fuse_models(primary: Path, monitor: Path, input_name: str, rule: RejectRule | None = None) -> bytes:
-    """Serialised graph ``input_name -> (primary_label, monitor_label, reject_score, rejected)``: labels INT64,
-    the score FLOAT and the reject flag BOOL, all of shape (batch,), under ``rule`` (default: the paper's)."""
+    """Serialised graph ``input_name -> (primary_label, monitor_label, reject_score, rejected, nonfinite)``: labels
+    INT64, the score FLOAT and the flags BOOL, all of shape (batch,), under ``rule`` (default: the paper's)."""
     rule = rule or RejectRule()
     a, b = onnx.load(primary), onnx.load(monitor)
     if _opsets(a) != _opsets(b):
@@ -123,6 +151,7 @@ def fuse_models(primary: Path, monitor: Path, input_name: str, rule: RejectRule 
     outputs += [
         helper.make_tensor_value_info(SCORE_OUT, onnx.TensorProto.FLOAT, ["batch"]),
         helper.make_tensor_value_info(REJECTED_OUT, onnx.TensorProto.BOOL, ["batch"]),
+        helper.make_tensor_value_info(NONFINITE_OUT, onnx.TensorProto.BOOL, ["batch"]),
     ]
     graph = helper.make_graph(
         nodes,

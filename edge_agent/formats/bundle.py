@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import getpass
 import hashlib
+import math
 import os
 import shutil
 import socket
 import tempfile
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,12 +28,15 @@ from edge_agent.formats.errors import BundleError
 from edge_agent.formats.preprocess import GOLDEN_NAME, check_golden, golden_pair
 from edge_agent.formats.signing import check_signature
 from edge_agent.formats.spec import image_shape_of, preprocess_of
+from edge_agent.formats.untrusted import regular_file
 from protos.nnoc.v1 import bundle_pb2
 
 MANIFEST_FORMAT = 1
 MANIFEST_PB = "manifest.pb"
 MANIFEST_JSON = "manifest.json"  # a rendering for people; must say what manifest.pb says
 ROLES = ("primary", "monitor")
+MAX_MANIFEST_BYTES = 16 << 20  # a manifest is a few kB; a larger one is refused before it is read
+MAX_GOLDEN_ARRAY_BYTES = 64 << 20  # each array of the golden pair (a picture and its model input)
 
 __all__ = [
     "MANIFEST_FORMAT", "MANIFEST_JSON", "MANIFEST_PB", "ROLES", "BundleError", "VerifiedBundle", "fsync_dir",
@@ -53,6 +58,10 @@ def read_manifest(bundle: Path) -> bundle_pb2.Manifest:
     path = bundle / MANIFEST_PB
     if not path.is_file():
         raise BundleError(f"{bundle} is not a bundle: {MANIFEST_PB} is missing")
+    try:
+        regular_file(path, MAX_MANIFEST_BYTES)
+    except BundleError as e:
+        raise BundleError(f"{bundle}: {e}") from None
     msg = bundle_pb2.Manifest()
     try:
         msg.ParseFromString(path.read_bytes())
@@ -87,8 +96,12 @@ def check_json_rendering(path: Path, manifest: bundle_pb2.Manifest) -> None:
     """``manifest.json``, where a bundle has one, must say exactly what ``manifest.pb`` (authoritative) says."""
 
     rendering = path / MANIFEST_JSON
-    if not rendering.is_file():
+    if not rendering.is_file() and not rendering.is_symlink():
         return
+    try:
+        regular_file(rendering, MAX_MANIFEST_BYTES * 4)
+    except BundleError as e:
+        raise BundleError(f"{path}: {e}") from None
     shown = bundle_pb2.Manifest()
     try:
         json_format.Parse(rendering.read_text(), shown)
@@ -123,10 +136,14 @@ def verify_bundle(path: Path, trusted: Mapping[str, Any] | None = None) -> Verif
         if Path(art.name).name != art.name or art.name in ("", ".", ".."):
             raise BundleError(f"{path}: artifact name {art.name!r} is not a plain file name")
         f = path / art.name
-        if not f.is_file():
+        if not f.is_file() and not f.is_symlink():
             raise BundleError(f"{path}: artifact {art.name} is missing")
-        if f.stat().st_size != art.size:
-            raise BundleError(f"{path}: {art.name} has {f.stat().st_size} bytes, the manifest says {art.size}")
+        try:
+            size = regular_file(f, art.size)  # lstat: no symlink is followed, nothing larger is read
+        except BundleError as e:
+            raise BundleError(f"{path}: {e}") from None
+        if size != art.size:
+            raise BundleError(f"{path}: {art.name} has {size} bytes, the manifest says {art.size}")
         if sha256_file(f) != art.sha256:
             raise BundleError(f"{path}: {art.name} does not match the sha256 in its manifest")
     check_json_rendering(path, manifest)
@@ -146,14 +163,33 @@ def check_golden_artifact(path: Path, manifest: bundle_pb2.Manifest) -> None:
     if not golden:
         return
     try:
+        check_npz_sizes(path / golden[0].name, MAX_GOLDEN_ARRAY_BYTES)
         with np.load(path / golden[0].name, allow_pickle=False) as data:
             picture, expected = data["picture"], data["expected"]
-    except (OSError, KeyError, ValueError) as e:
+    except (OSError, KeyError, ValueError, MemoryError, zipfile.BadZipFile) as e:
         raise BundleError(f"{path}: {golden[0].name} is not a golden pair ({e})") from None
     try:
         check_golden(preprocess_of(manifest.input_spec), image_shape_of(manifest.input_spec), picture, expected)
     except ValueError as e:
         raise BundleError(f"{path}: {e}") from None
+
+
+def check_npz_sizes(path: Path, max_bytes: int) -> None:
+    """Each array of the ``.npz`` at ``path`` declares at most ``max_bytes`` in its header (read before any array
+    is allocated: a header may declare a terabyte); a ValueError otherwise."""
+    with zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():
+            with archive.open(info) as member:
+                version = np.lib.format.read_magic(member)
+                if version == (1, 0):
+                    shape, _, dtype = np.lib.format.read_array_header_1_0(member)
+                elif version in ((2, 0), (3, 0)):
+                    shape, _, dtype = np.lib.format.read_array_header_2_0(member)
+                else:
+                    raise ValueError(f"{info.filename}: npy format {version} is not known")
+                nbytes = math.prod(int(d) for d in shape) * dtype.itemsize
+                if nbytes > max_bytes:
+                    raise ValueError(f"{info.filename} declares {nbytes} bytes, more than {max_bytes}")
 
 
 def metrics_message(values: Mapping[str, float | None]) -> bundle_pb2.Metrics:

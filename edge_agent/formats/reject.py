@@ -100,8 +100,29 @@ class RejectRule:
             tuple(m.score_scales),
         )
 
+    def decide(
+        self, primary_logits: np.ndarray, monitor_logits: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(scores, rejected, nonfinite) for both models' logits, as the edge decides: rejected above τ and
+        wherever a logit or the score is NaN or infinite (see :func:`nonfinite`)."""
+        with np.errstate(invalid="ignore", over="ignore"):  # NaN/inf logits: flagged, never an answer
+            scores = self.scores(primary_logits, monitor_logits)
+        bad = nonfinite(primary_logits, monitor_logits, scores)
+        return scores, self.reject(scores) | bad, bad
+
     def reject(self, scores: np.ndarray) -> np.ndarray:
-        return np.asarray(scores > self.threshold)
+        """Which ``scores`` reject: above τ, and every NaN or infinite score (fail closed: a score that is not a
+        number never lets an input through)."""
+        scores = np.asarray(scores)
+        return np.asarray(~(scores <= self.threshold) | np.isinf(scores))
+
+
+def nonfinite(primary_logits: np.ndarray, monitor_logits: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """(N,) bool: inputs where either model's logits or the score hold NaN or an infinity. Such an input is
+    rejected whatever its score (a model that emits NaN on some inputs must not answer them: ArgMax over NaN
+    picks a label, and NaN is never above τ)."""
+    bad = ~np.isfinite(primary_logits).all(axis=1) | ~np.isfinite(monitor_logits).all(axis=1)
+    return np.asarray(bad | ~np.isfinite(scores))
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:

@@ -25,8 +25,10 @@ REASONS = (
     "layout",  # shape, dtype or size not the fleet's input
     "oversized",
     "values",  # NaN, infinities, values outside the spec's range
+    "labels",  # a model's label outside the fleet's classes
 )
 INT63 = (1 << 63) - 1  # SQLite's INTEGER is a signed 64-bit number
+MAX_LABEL = 1 << 16  # a label of a fleet whose manifest names no classes stays below this
 MAX_DIMS = 8
 DTYPES = ("float32", "float16", "float64", "uint8")  # what an input spec may declare
 

@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
+import re
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,6 +31,8 @@ import onnx
 import torch
 from onnx import defs, numpy_helper
 from torch import nn
+
+from edge_agent.formats.untrusted import external_tensors
 
 log = logging.getLogger(__name__)
 
@@ -215,6 +220,13 @@ def read_onnx(data: bytes, where: str) -> onnx.ModelProto:
     """Parse and check an ONNX model; refuse what this door cannot take, naming why."""
     try:
         proto = onnx.load_from_string(data)
+    except Exception as e:  # protobuf's DecodeError and others for a foreign file
+        raise ModelImportError(f"{where} is not a valid ONNX model: {e}") from None
+    if external_tensors(proto):  # the checker and converters would read the files it names, relative to here
+        raise ModelImportError(
+            f"{where} keeps tensors in external data files; pass --external-data DIR, the folder that holds them"
+        )
+    try:
         onnx.checker.check_model(proto)
     except Exception as e:  # onnx raises DecodeError, ValidationError and others for a foreign file
         raise ModelImportError(f"{where} is not a valid ONNX model: {e}") from None
@@ -262,8 +274,75 @@ def onnx_module(data: bytes, where: str = "model") -> nn.Module:
 # -- torch.export, torchvision, timm -------------------------------------------------------------------------
 
 
+# What a .pt2 archive may hold, under its one root folder: nothing that torch.export.load would unpickle (a weight,
+# constant or custom object marked use_pickle, legacy .pt state dicts), no compiled code (AOTInductor .so files,
+# ExecuTorch programs), no old-format archive. Sample inputs are a torch.save file: loaded weights-only here first,
+# since torch falls back to a full unpickle when that fails.
+PT2_ALLOWED = (
+    re.compile(r"(\.data/[A-Za-z0-9_.]+|archive_format|archive_version|byteorder|version|\.format_version)"),
+    re.compile(r"models/[A-Za-z0-9_]+\.json"),
+    re.compile(r"data/weights/[A-Za-z0-9_]+_weights_config\.json"),
+    re.compile(r"data/weights/weight_[0-9]+"),
+    re.compile(r"data/constants/[A-Za-z0-9_]+_constants_config\.json"),
+    re.compile(r"data/constants/tensor_[0-9]+"),
+    re.compile(r"data/sample_inputs/[A-Za-z0-9_]+\.pt"),
+    re.compile(r"extra/[A-Za-z0-9_.-]+"),
+)
+PT2_MAX_ENTRIES = 100_000
+
+
+def check_pt2_archive(data: bytes, where: str) -> None:
+    """Refuse a ``.pt2`` archive that torch.export.load would run code from (see :data:`PT2_ALLOWED`): every entry
+    allow-listed, no payload marked ``use_pickle``, sample inputs readable weights-only. Reads only the zip
+    directory, the JSON configs and the sample inputs."""
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data))
+        names = archive.namelist()
+    except (zipfile.BadZipFile, ValueError, OSError) as e:
+        raise ModelImportError(f"{where} is not a torch.export program (.pt2): {e}") from None
+    if not names or len(names) > PT2_MAX_ENTRIES:
+        raise ModelImportError(f"{where}: a .pt2 archive with {len(names)} entries is not a torch.export program")
+    roots = {n.split("/", 1)[0] for n in names}
+    if len(roots) != 1 or any("/" not in n for n in names):
+        raise ModelImportError(f"{where}: not a torch.export archive of this torch's format (entries under one folder)")
+    root = roots.pop() + "/"
+    rel = [n[len(root) :] for n in names]
+    for name in rel:
+        if not any(p.fullmatch(name) for p in PT2_ALLOWED):
+            raise ModelImportError(
+                f"{where}: the archive holds {name[:120]!r}, which this door does not load (pickled objects, compiled "
+                "code and old formats are refused); save the program again with torch.export.save, weights as tensors"
+            )
+    if "archive_format" not in rel or archive.read(root + "archive_format").strip() != b"pt2":
+        raise ModelImportError(f"{where}: not a torch.export .pt2 archive (archive_format is missing or not pt2)")
+    for name in rel:
+        if name.endswith("_config.json"):
+            try:
+                config = json.loads(archive.read(root + name))
+                entries = config["config"].items()
+            except (ValueError, KeyError, TypeError, AttributeError):
+                raise ModelImportError(f"{where}: {name} is not a payload config") from None
+            for fqn, meta in entries:
+                plain = isinstance(meta, dict) and not meta.get("use_pickle")
+                if not plain or not str(meta.get("path_name", "")).startswith(("weight_", "tensor_")):
+                    raise ModelImportError(
+                        f"{where}: {str(fqn)[:80]!r} is stored as a pickle or custom object in {name}; this door loads "
+                        "plain tensors only (a pickle runs the sender's code): save the program with plain weights"
+                    )
+        elif name.startswith("data/sample_inputs/"):
+            try:
+                torch.load(io.BytesIO(archive.read(root + name)), map_location="cpu", weights_only=True)
+            except Exception as e:  # torch's weights-only unpickler raises UnpicklingError and others
+                raise ModelImportError(
+                    f"{where}: its sample inputs ({name}) are not plain tensors ({str(e)[:160]}); save the program "
+                    "with tensor example inputs"
+                ) from None
+
+
 def pt2_module(data: bytes, where: str = "model") -> nn.Module:
-    """The module of a torch.export program (``torch.export.save``)."""
+    """The module of a torch.export program (``torch.export.save``), opened only after
+    :func:`check_pt2_archive`."""
+    check_pt2_archive(data, where)
     try:
         program = torch.export.load(io.BytesIO(data))
     except Exception as e:  # torch raises many types for a foreign or corrupt archive
@@ -371,6 +450,14 @@ def check_parity(
     with torch.no_grad():
         got = module(torch.from_numpy(inputs)).float().numpy()
     want = reference(inputs)
+    for logits, who in ((want, "the file (onnxruntime)"), (got, what)):
+        bad = ~np.isfinite(logits).reshape(len(logits), -1).all(axis=1)
+        if bad.any():
+            raise ModelImportError(
+                f"{where}: {who} gives NaN or infinite logits on {int(bad.sum())} of {len(inputs)} of your inputs "
+                f"(the first: #{int(np.flatnonzero(bad)[0])}); a model whose output is not a number on clean inputs "
+                "cannot be defended"
+            )
     if got.shape != want.shape:
         raise ModelImportError(f"{where}: {what} gives logits of shape {got.shape}, the file {want.shape}")
     diff = float(np.abs(got - want).max())

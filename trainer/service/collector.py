@@ -29,6 +29,7 @@ from collections import OrderedDict, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import zmq
@@ -37,7 +38,7 @@ from edge_agent.formats.curve import AllowList, CurveError, start_server_auth
 from edge_agent.formats.errors import QuarantineError
 from edge_agent.formats.names import is_name
 from edge_agent.formats.spec import accepted_range, image_shape_of
-from edge_agent.formats.wire import INT63, check_header, tensor_layout
+from edge_agent.formats.wire import INT63, MAX_LABEL, check_header, tensor_layout
 from edge_agent.options import flag, positive, positive_float
 from protos.nnoc.v1 import bundle_pb2, quarantine_pb2
 from trainer.service.quarantine import STORE_NAME, QuarantineStore, Row
@@ -46,8 +47,18 @@ from trainer.service.registry import Registry
 log = logging.getLogger(__name__)
 
 Reply = quarantine_pb2.QuarantineReply
-# (fleet, version) -> that version's input spec; raises QuarantineError (reason unknown-fleet/unknown-version)
-SpecSource = Callable[[str, int], bundle_pb2.InputSpec]
+
+
+class VersionSpec(NamedTuple):
+    """What a stored (fleet, version) lets its quarantine hold: its input spec and its class count (0: the
+    manifest names no classes; labels are then bounded by :data:`MAX_LABEL`)."""
+
+    input_spec: bundle_pb2.InputSpec
+    classes: int = 0
+
+
+# (fleet, version) -> that version's spec; raises QuarantineError (reason unknown-fleet/unknown-version)
+SpecSource = Callable[[str, int], VersionSpec]
 Item = tuple[bytes, quarantine_pb2.QuarantineHeader, bytes]
 Groups = list[tuple[str, int, bundle_pb2.InputSpec, list[Item]]]  # checked messages per (fleet, version, spec)
 _NOBLOCK, _SNDMORE, _RCVMORE = int(zmq.NOBLOCK), int(zmq.SNDMORE), int(zmq.RCVMORE)
@@ -130,15 +141,17 @@ def disk_usage(root: Path) -> int:
     return sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
 
 
-def fixed_spec(fleet: str, spec: bundle_pb2.InputSpec, versions: tuple[int, ...] = (1,)) -> SpecSource:
+def fixed_spec(
+    fleet: str, spec: bundle_pb2.InputSpec, versions: tuple[int, ...] = (1,), classes: int = 10
+) -> SpecSource:
     """A :data:`SpecSource` for one fleet and its versions (benchmarks and tests without a model store)."""
 
-    def spec_for(name: str, version: int) -> bundle_pb2.InputSpec:
+    def spec_for(name: str, version: int) -> VersionSpec:
         if name != fleet:
             raise QuarantineError(f"unknown fleet {name!r}", "unknown-fleet")
         if version not in versions:
             raise QuarantineError(f"fleet {name!r} has no version {version}", "unknown-version")
-        return spec
+        return VersionSpec(spec, classes)
 
     return spec_for
 
@@ -176,15 +189,15 @@ class _SpecCache:
 
     def __init__(self, source: SpecSource, size: int = 1024, retry: float = 1.0) -> None:
         self.source, self.size, self.retry = source, size, retry
-        self._items: OrderedDict[tuple[str, int], tuple[float, bundle_pb2.InputSpec | QuarantineError]] = OrderedDict()
+        self._items: OrderedDict[tuple[str, int], tuple[float, VersionSpec | QuarantineError]] = OrderedDict()
 
-    def get(self, fleet: str, version: int) -> bundle_pb2.InputSpec:
+    def get(self, fleet: str, version: int) -> VersionSpec:
         key = (fleet, version)
         now = time.monotonic()
         hit = self._items.get(key)
         if hit is None or (isinstance(hit[1], QuarantineError) and now - hit[0] > self.retry):
             try:
-                value: bundle_pb2.InputSpec | QuarantineError = self.source(fleet, version)
+                value: VersionSpec | QuarantineError = self.source(fleet, version)
             except QuarantineError as e:
                 value = e
             hit = (now, value)
@@ -311,7 +324,7 @@ class Collector:
         self._buckets: dict[str, _Bucket] = {}
         self._layouts_of: dict[tuple[str, int], tuple[bundle_pb2.InputSpec, list[tuple[str, list[int], int]]]] = {}
         self._warn = _OnceEvery(cfg.log_interval)
-        self._batch_layouts: dict[tuple[str, int], list[tuple[str, list[int], int]]] = {}
+        self._batch_layouts: dict[tuple[str, int], tuple[list[tuple[str, list[int], int]], int]] = {}
         self._curve = cfg.curve_secret is not None
         self._stop = threading.Event()
         self._ready = threading.Event()
@@ -474,10 +487,16 @@ class Collector:
         if not is_name(header.fleet):
             raise QuarantineError(f"unknown fleet {header.fleet[:80]!r}", "unknown-fleet")
         key = (header.fleet, header.bundle_version)
-        layouts = self._batch_layouts.get(key)
-        if layouts is None:  # first message of this version in the batch (a miss is not kept: asked again)
-            layouts = self._layouts(header.fleet, int(header.bundle_version), self._specs.get(*key))
-            self._batch_layouts[key] = layouts
+        known = self._batch_layouts.get(key)
+        if known is None:  # first message of this version in the batch (a miss is not kept: asked again)
+            version = self._specs.get(*key)
+            known = self._layouts(header.fleet, int(header.bundle_version), version.input_spec), version.classes
+            self._batch_layouts[key] = known
+        layouts, classes = known
+        bound = classes or MAX_LABEL
+        for what, label in (("primary_label", header.primary_label), ("monitor_label", header.monitor_label)):
+            if not 0 <= label < bound:  # a label indexes counts and tensors in the repair: never out of range
+                raise QuarantineError(f"{what} {label} is outside the fleet's labels [0, {bound})", "labels")
         tensor = body[1]
         for dtype, shape, nbytes in layouts:
             if header.dtype == dtype and len(tensor) == nbytes and header.shape == shape:
@@ -546,7 +565,7 @@ class Collector:
                 self._warn(("*", "internal"), f"could not check a message from {ident[:64]!r}: {e!r}")
                 continue
             checked[(header.fleet, int(header.bundle_version))].append((ident, header, body[1]))
-        return replies, [(f, v, self._specs.get(f, v), items) for (f, v), items in checked.items()]
+        return replies, [(f, v, self._specs.get(f, v).input_spec, items) for (f, v), items in checked.items()]
 
     def _store_groups(self, groups: Groups) -> list[tuple[bytes, Reply]]:
         """Store each group (one transaction per version) in this thread; the replies."""

@@ -9,6 +9,7 @@ primary key, so a resent message is stored once (at-least-once delivery, exactly
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import time
 from collections.abc import Iterable
@@ -21,8 +22,10 @@ import numpy as np
 from edge_agent.formats.errors import QuarantineError
 from edge_agent.formats.preprocess import Preprocess
 from edge_agent.formats.spec import image_shape_of, preprocess_of
-from edge_agent.formats.wire import check_message
+from edge_agent.formats.wire import MAX_LABEL, check_message
 from protos.nnoc.v1 import bundle_pb2, quarantine_pb2
+
+log = logging.getLogger(__name__)
 
 STORE_NAME = "quarantine.sqlite"
 Row = tuple[Any, ...]  # one row of the quarantine table, in its column order
@@ -229,16 +232,24 @@ class QuarantineStore:
         block = json.loads(text).get("preprocess") if text else None
         return Preprocess.from_dict(block, f"{self.path}: input_spec.preprocess") if block else Preprocess()
 
-    def load(self, preprocess: Preprocess) -> Quarantine:
-        """All stored inputs, in arrival order, as the model's uint8 images.
+    def load(self, preprocess: Preprocess, classes: int = MAX_LABEL) -> Quarantine:
+        """The stored inputs whose two labels lie in [0, ``classes``), in arrival order, as the model's uint8 images.
 
         Agents send the model's image (uint8, C, H, W); a float model-input tensor (older agents, the model's own
-        tensor format) is turned back into its image with ``preprocess``. Rows of both kinds may mix.
+        tensor format) is turned back into its image with ``preprocess``. Rows of both kinds may mix. A row whose
+        label is out of range (stored before the collector checked labels) is left out and counted in the log:
+        labels index counts and tensors in the repair.
         """
+        bound = max(1, min(int(classes) or MAX_LABEL, MAX_LABEL))
         rows = self.db.execute(
             "SELECT device_id, seq, shape, dtype, primary_label, monitor_label, tensor FROM quarantine "
-            "ORDER BY received_at, device_id, seq"
+            "WHERE primary_label >= 0 AND primary_label < ? AND monitor_label >= 0 AND monitor_label < ? "
+            "ORDER BY received_at, device_id, seq",
+            (bound, bound),
         ).fetchall()
+        skipped = self.count() - len(rows)
+        if skipped:
+            log.warning("%s: %d quarantined input(s) with labels outside [0, %d) left out", self.path, skipped, bound)
         if not rows:
             return Quarantine(np.zeros((0, 1, 1, 1), np.uint8), np.zeros(0, np.int64), np.zeros(0, np.int64), [])
         groups: dict[tuple[str, str], list[int]] = {}  # (shape, dtype) -> row indices: one conversion per kind

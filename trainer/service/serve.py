@@ -30,8 +30,7 @@ from edge_agent.formats.errors import QuarantineError
 from edge_agent.formats.signing import load_private_key
 from edge_agent.options import flag, positive_float
 from edge_agent.ports import StateLock, check_address
-from protos.nnoc.v1 import bundle_pb2
-from trainer.service.collector import Collector, CollectorConfig, SpecSource
+from trainer.service.collector import Collector, CollectorConfig, SpecSource, VersionSpec
 from trainer.service.jobs import JobPolicy, JobRunner, make_backend
 from trainer.service.model_service import ModelServer, ModelServicer, ServiceConfig
 from trainer.service.registry import Registry
@@ -100,13 +99,15 @@ def check_serve(cfg: ServeConfig) -> None:
 
 
 def spec_source(store: ModelStore) -> SpecSource:
-    """The input spec of a stored (fleet, version), from its manifest; QuarantineError when there is none."""
+    """The input spec and class count of a stored (fleet, version), from its manifest; QuarantineError when there
+    is none."""
 
-    def spec_for(fleet: str, version: int) -> bundle_pb2.InputSpec:
+    def spec_for(fleet: str, version: int) -> VersionSpec:
         if fleet not in store.fleets():
             raise QuarantineError(f"unknown fleet {fleet!r}", "unknown-fleet")
         try:
-            return store.manifest(fleet, version).input_spec
+            manifest = store.manifest(fleet, version)
+            return VersionSpec(manifest.input_spec, len(manifest.class_names))
         except StoreError as e:
             raise QuarantineError(f"fleet {fleet!r} has no version {version} in the store", "unknown-version") from e
 

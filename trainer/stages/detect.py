@@ -202,7 +202,7 @@ def served(bundle_dir: Path, images: np.ndarray, labels: np.ndarray) -> dict[str
     rule = RejectRule.of(bundle.manifest)
     p, m = pair_logits(bundle.model_path("primary"), bundle.model_path("monitor"), images,
                        preprocess_of(bundle.manifest.input_spec))  # fmt: skip
-    rejected = rule.reject(rule.scores(p, m))
+    rejected = rule.decide(p, m)[1]
     right = p.argmax(1) == labels
     return {
         "served_clean_accuracy": float((right & ~rejected).mean()),

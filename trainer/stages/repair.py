@@ -250,7 +250,7 @@ def load(
             "after the bundle's preprocessing"
         )
     with QuarantineStore(quarantine_path, create=False) as store:
-        quarantine = store.load(bd_ckpt.input_spec.preprocess)
+        quarantine = store.load(bd_ckpt.input_spec.preprocess, len(bd_ckpt.class_names))
     if len(quarantine) and quarantine.images.shape[1:] != splits.image_shape:
         raise ValueError(f"quarantine holds inputs {quarantine.images.shape[1:]}, the dataset has {splits.image_shape}")
     device = default_device()
@@ -309,7 +309,7 @@ def clean_rejects(loaded: _Loaded, images: np.ndarray) -> tuple[np.ndarray, np.n
     bundle = verify_bundle(loaded.bundle_dir)
     p, m = pair_logits(bundle.model_path("primary"), bundle.model_path("monitor"), images,
                        preprocess_of(loaded.manifest.input_spec))  # fmt: skip
-    return p.argmax(1), rule.reject(rule.scores(p, m))
+    return p.argmax(1), rule.decide(p, m)[1]
 
 
 def purify_quarantine(loaded: _Loaded, splits: Splits, cfg: RepairConfig) -> Purified:

@@ -70,8 +70,7 @@ def run_stream(bundle_dir: Path, splits: Splits, trigger: Trigger, cfg: StreamCo
     p_logits, m_logits = primary.logits(images), monitor.logits(images)
     p_pred, m_pred = p_logits.argmax(1), m_logits.argmax(1)
     rule = RejectRule.of(manifest)  # the bundle's rule, as the edge applies it
-    scores = rule.scores(p_logits, m_logits)
-    rejected = rule.reject(scores)
+    scores, rejected, _ = rule.decide(p_logits, m_logits)
     out_dir.mkdir(parents=True, exist_ok=True)
     messages = []
     for i in np.flatnonzero(rejected):

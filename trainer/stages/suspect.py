@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,8 @@ import torch
 from edge_agent.formats.preprocess import META_KEY as PREPROCESS_KEY
 from edge_agent.formats.preprocess import Preprocess
 from edge_agent.formats.spec import InputSpec
-from edge_agent.options import flag, positive
+from edge_agent.formats.untrusted import UntrustedFileError, self_contained_onnx
+from edge_agent.options import flag, positive, positive_float
 from trainer.science.data import Splits
 from trainer.science.importers import (
     PARITY_INPUTS,
@@ -38,6 +40,7 @@ from trainer.science.importers import (
     read_weights,
 )
 from trainer.science.models import Checkpoint, eval_mode
+from trainer.science.sandbox import ContainedError, Limits, run_contained
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +64,20 @@ class ModelSource:
         type=Path,
     )
     train_norm: bool = flag(False, "fine-tune an outside model with BatchNorm/Dropout in train mode (default: frozen)")
+    external_data: Path | None = flag(
+        None,
+        "the folder holding an ONNX model's external data files (default: such a model is refused); every location "
+        "must resolve inside it",
+        type=Path,
+    )
+    contained: bool = flag(
+        True,
+        "run the checks of a foreign model file (.onnx, .pt2) in this process only, not first in a contained child "
+        "(no network, a folder of its own, memory and time limits)",
+        name="--no-contained",
+    )
+    import_seconds: float = flag(600.0, "the contained import's time limit, seconds", type=positive_float)
+    import_memory_mb: int = flag(6144, "the contained import's memory limit, MiB", type=positive)
 
     @property
     def path(self) -> Path:
@@ -82,7 +99,7 @@ class ModelSource:
             return block
         try:  # an unreadable file is reported when the model itself is loaded, as every command does
             if self.model.suffix == ".onnx":
-                meta = onnx_metadata(read_onnx(self.model.read_bytes(), str(self.model)))
+                meta = onnx_metadata(read_onnx(vendor_bytes(self), str(self.model)))
                 text = meta.get(PREPROCESS_KEY)
                 return None if text is None else Preprocess.from_json(text, f"{self.model}: {PREPROCESS_KEY}")
             if self.model.suffix == ".pt":
@@ -115,13 +132,113 @@ def onnx_metadata(proto: onnx.ModelProto) -> dict[str, str]:
     return {p.key: p.value for p in proto.metadata_props}
 
 
+def vendor_bytes(src: ModelSource) -> bytes:
+    """The model file's bytes as data: an ONNX file self-contained (its external data refused, or inlined from
+    ``--external-data`` only); a ``.pt2`` archive as it is (checked when it is opened)."""
+    data = src.path.read_bytes()
+    if src.arch is None and src.path.suffix == ".onnx":
+        try:
+            return self_contained_onnx(data, str(src.path), src.external_data)
+        except UntrustedFileError as e:
+            raise ModelImportError(str(e)) from None
+    return data
+
+
+def check_finite(logits: np.ndarray, where: str, what: str) -> None:
+    """NaN or an infinity in ``logits`` (N, K) on the defender's own inputs is a :class:`ModelImportError` that
+    says on how many: such a model's answers are undefined there, and the edge would have to reject them all."""
+    bad = ~np.isfinite(logits).all(axis=1)
+    if bad.any():
+        first = int(np.flatnonzero(bad)[0])
+        raise ModelImportError(
+            f"{where}: {what} gives NaN or infinite logits on {int(bad.sum())} of {len(logits)} of your inputs "
+            f"(the first: #{first}); a model whose output is not a number on clean inputs cannot be defended"
+        )
+
+
+def _door(
+    kind: str,
+    data: bytes,
+    where: str,
+    block: Preprocess | None,
+    raw_shape: tuple[int, int, int],
+    num_classes: int,
+    probe: np.ndarray,
+    freeze: bool,
+) -> tuple[torch.nn.Module, InputSpec, dict[str, str], float | None]:
+    """A foreign graph file (``kind`` "onnx" or "pt2") as a checked, trainable module: (module, input spec, the
+    file's metadata, max |Δlogit| against onnxruntime or None). Every door check runs here, before any treatment."""
+    meta: dict[str, str] = {}
+    reference: Callable[[np.ndarray], np.ndarray] | None = None
+    if kind == "onnx":
+        meta = onnx_metadata(read_onnx(data, where))
+        net, reference = onnx_module(data, where), onnxruntime_logits(data)
+    else:
+        net = pt2_module(data, where)
+    if block is None and PREPROCESS_KEY in meta:
+        block = Preprocess.from_json(meta[PREPROCESS_KEY], f"{where}: {PREPROCESS_KEY}")
+    block = block or Preprocess()
+    spec = InputSpec.for_image(block.image_shape(raw_shape), block)
+    inputs = block.model_input(block.image(probe[:PARITY_INPUTS]))
+    net = eval_mode(net) if freeze else net
+    _check_runs(net, inputs, where, num_classes)
+    diff = None
+    if reference is not None:
+        diff = check_parity(reference, eval_mode(net), inputs, where, "the converted model")
+    return net, spec, meta, diff
+
+
+def _check_runs(net: torch.nn.Module, inputs: np.ndarray, where: str, num_classes: int) -> None:
+    """The module takes the user's inputs at two batch sizes, a backward pass reaches every weight, it has the
+    data's class count, and its logits are finite on every probe input."""
+    try:
+        check_backward(net, torch.from_numpy(inputs[:8]), where)
+        with torch.no_grad():
+            frozen = eval_mode(net)
+            logits = torch.cat([frozen(torch.from_numpy(inputs[i : i + 64])) for i in range(0, len(inputs), 64)])
+            frozen(torch.from_numpy(inputs[:3]))
+    except AssertionError:  # a torch.export guard: the program was exported for one batch size
+        raise ModelImportError(
+            f"{where} refuses a batch of another size (exported with a static batch size?); export it again with "
+            "a dynamic batch dimension (torch.export.export(..., dynamic_shapes=...))"
+        ) from None
+    except RuntimeError as e:  # the network itself refuses the input: wrong channels, size or layout
+        raise ModelImportError(
+            f"{where} does not take inputs of shape {tuple(inputs.shape[1:])} ({str(e)[:300]}); give a --preprocess "
+            "block with the colour, size and layout it was trained on"
+        ) from None
+    k = int(logits.shape[1])
+    if k != num_classes:
+        raise ModelImportError(f"{where}: the model has {k} classes, the data has {num_classes}")
+    check_finite(logits.float().numpy(), where, "the model")
+
+
+def door_check(
+    kind: str,
+    data: bytes,
+    where: str,
+    block_json: str | None,
+    raw_shape: tuple[int, int, int],
+    num_classes: int,
+    probe: np.ndarray,
+    freeze: bool,
+) -> dict[str, float | None]:
+    """:func:`_door` as the contained child runs it (:mod:`trainer.science.sandbox`): JSON in, JSON out."""
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
+    block = None if block_json is None else Preprocess.from_json(block_json, where)
+    *_, diff = _door(kind, data, where, block, tuple(raw_shape), num_classes, probe, freeze)  # type: ignore[arg-type]
+    return {"max_logit_diff": diff}
+
+
 def import_model(
     src: ModelSource, raw_shape: tuple[int, int, int], class_names: tuple[str, ...], probe: np.ndarray
 ) -> Checkpoint:
     """The suspect model as a checkpoint, checked before any treatment.
 
     ``raw_shape`` (C, H, W) and ``class_names`` are the data's; ``probe`` holds raw pictures of the user's clean
-    data (the parity check runs on up to 256 of them). Raises :class:`ModelImportError` naming what failed.
+    data (the checks run on up to 256 of them). A foreign graph (ONNX, .pt2) is first opened, converted and run in
+    a contained child (:mod:`trainer.science.sandbox`); only when it passes there is it converted here. Raises
+    :class:`ModelImportError` naming what failed.
     """
     src.check()
     block = src.block()
@@ -131,43 +248,36 @@ def import_model(
         if block is not None:
             ckpt.input_spec = InputSpec.for_image(ckpt.input_spec.image_shape, block)
         return ckpt
-    data = src.path.read_bytes()
-    meta: dict[str, str] = {}
-    reference: Callable[[np.ndarray], np.ndarray] | None = None
+    data = vendor_bytes(src)
+    freeze = not src.train_norm
     if src.arch is not None:
         assert src.weights is not None
         net = arch_module(src.arch, src.num_classes or len(class_names))
         load_weights(net, read_weights(src.weights), where)
-        kind, source = src.arch, b""
-    elif src.path.suffix == ".onnx":
-        proto = read_onnx(data, where)
-        meta = onnx_metadata(proto)
-        net, kind, source = onnx_module(data, where), "onnx", data
-        reference = onnxruntime_logits(data)
+        block = block or Preprocess()
+        spec = InputSpec.for_image(block.image_shape(raw_shape), block)
+        net = eval_mode(net) if freeze else net
+        _check_runs(net, block.model_input(block.image(probe[:PARITY_INPUTS])), where, len(class_names))
+        kind, source, meta = src.arch, b"", dict[str, str]()
     else:
-        net, kind, source = pt2_module(data, where), "pt2", data
-    if block is None and PREPROCESS_KEY in meta:
-        block = Preprocess.from_json(meta[PREPROCESS_KEY], f"{where}: {PREPROCESS_KEY}")
-    block = block or Preprocess()
-    spec = InputSpec.for_image(block.image_shape(raw_shape), block)
-    inputs = block.model_input(block.image(probe[:PARITY_INPUTS]))
-    freeze = not src.train_norm
-    if freeze:
-        net = eval_mode(net)
-    try:
-        check_backward(net, torch.from_numpy(inputs[:8]), where)
-    except RuntimeError as e:  # the network itself refuses the input: wrong channels, size or layout
-        raise ModelImportError(
-            f"{where} does not take inputs of shape {tuple(inputs.shape[1:])} ({e}); give a --preprocess block "
-            "with the colour, size and layout it was trained on"
-        ) from None
-    with torch.no_grad():
-        k = int(eval_mode(net)(torch.from_numpy(inputs[:2])).shape[1])
-    if k != len(class_names):
-        raise ModelImportError(f"{where}: the model has {k} classes, the data has {len(class_names)}")
-    if reference is not None:
-        diff = check_parity(reference, eval_mode(net), inputs, where, "the converted model")
-        log.info("%s: converted, max |Δlogit| %.2g against onnxruntime on %d inputs", where, diff, len(inputs))
+        kind, source = ("onnx" if src.path.suffix == ".onnx" else "pt2"), data
+        args = (kind, data, where, None if block is None else block.to_json(), raw_shape, len(class_names))
+        if src.contained:
+            limits = Limits(src.import_seconds, src.import_memory_mb << 20)
+            try:
+                run_contained(
+                    "trainer.stages.suspect:door_check",
+                    (*args, probe[:PARITY_INPUTS], freeze),
+                    limits,
+                    what=f"the import of {where}",
+                    imports=("onnx2torch", "onnxruntime"),
+                )
+            except ContainedError as e:
+                raise ModelImportError(str(e) if str(e).startswith(where) else f"{where}: {e}") from None
+        net, spec, meta, diff = _door(kind, data, where, block, raw_shape, len(class_names), probe, freeze)
+        if diff is not None:
+            log.info("%s: converted, max |Δlogit| %.2g against onnxruntime on its inputs", where, diff)
+    k = len(class_names)
     names = tuple(json.loads(meta["nnoc.class_names"])) if "nnoc.class_names" in meta else class_names
     state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
     info = {"source_file": src.path.name, "source_sha256": hashlib.sha256(data).hexdigest(), "door": kind}

@@ -1,0 +1,351 @@
+"""The vendor is the adversary (issue 36): a model file that runs code or reads the operator's files, a model that
+answers NaN, quarantine labels out of range. Each test failed on the code before the fix."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import pickle
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from conftest import ROOT, TINY_SPEC
+from protos.nnoc.v1 import bundle_pb2, quarantine_pb2
+from trainer.science.importers import ModelImportError, pt2_module
+from trainer.stages.suspect import ModelSource, import_model
+
+Reply = quarantine_pb2.QuarantineReply
+RAW = (1, 28, 28)
+PROBE = np.random.default_rng(0).integers(0, 256, (64, *RAW), dtype=np.uint8)
+CLASSES = tuple(f"c{i}" for i in range(10))
+
+
+class _Touch:
+    """A pickle that runs a command when it is loaded (what a hostile vendor puts in a weight)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _small_net() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10)).eval()
+
+
+def _pt2_bytes() -> bytes:
+    program = torch.export.export(_small_net(), (torch.zeros(2, *RAW),), dynamic_shapes=({0: torch.export.Dim("b")},))
+    buf = io.BytesIO()
+    torch.export.save(program, buf)
+    return buf.getvalue()
+
+
+def _rewrite_zip(data: bytes, change: dict[str, bytes]) -> bytes:
+    """``data`` (a zip) with the entries whose name ends with a key of ``change`` replaced."""
+    src, out = zipfile.ZipFile(io.BytesIO(data)), io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as dst:
+        for info in src.infolist():
+            body = next((v for k, v in change.items() if info.filename.endswith(k)), src.read(info))
+            dst.writestr(info.filename, body)
+    return out.getvalue()
+
+
+def _evil_pt2(marker: Path) -> bytes:
+    """A valid torch.export archive whose first weight is a pickle marked ``use_pickle`` that runs ``touch``."""
+    data = _pt2_bytes()
+    archive = zipfile.ZipFile(io.BytesIO(data))
+    name = next(n for n in archive.namelist() if n.endswith("model_weights_config.json"))
+    config = json.loads(archive.read(name))
+    first = next(iter(config["config"].values()))
+    first["use_pickle"] = True
+    return _rewrite_zip(
+        data,
+        {"model_weights_config.json": json.dumps(config).encode(), "/weight_0": pickle.dumps(_Touch(marker))},
+    )
+
+
+# -- 1. a .pt2 runs no code --------------------------------------------------------------------------------------
+
+
+def test_a_pt2_whose_weight_is_a_pickle_is_refused_and_runs_nothing(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    evil = _evil_pt2(marker)
+    # The file is really hostile: torch's own loader runs the vendor's command (and then fails on what it returned).
+    with contextlib.suppress(Exception):
+        torch.export.load(io.BytesIO(evil))
+    assert marker.exists()
+    marker.unlink()
+    (tmp_path / "evil.pt2").write_bytes(evil)
+    for contained in (True, False):
+        with pytest.raises(ModelImportError, match="pickle"):
+            import_model(ModelSource(model=tmp_path / "evil.pt2", contained=contained), RAW, CLASSES, PROBE)
+        assert not marker.exists()
+    # Other ways an archive carries code or pickles: refused before torch opens it.
+    plain = _pt2_bytes()
+    root = zipfile.ZipFile(io.BytesIO(plain)).namelist()[0].split("/")[0]
+    for extra in ("data/aotinductor/model/evil.so", "data/weights/model.pt", "data/constants/custom_obj_0"):
+        out = io.BytesIO()
+        with zipfile.ZipFile(out, "w") as z:
+            for info in zipfile.ZipFile(io.BytesIO(plain)).infolist():
+                z.writestr(info, zipfile.ZipFile(io.BytesIO(plain)).read(info))
+            z.writestr(f"{root}/{extra}", pickle.dumps(_Touch(marker)))
+        with pytest.raises(ModelImportError, match="does not load"):
+            pt2_module(out.getvalue(), "m.pt2")
+    sample = pickle.dumps(_Touch(marker))
+    with pytest.raises(ModelImportError, match="sample inputs"):
+        pt2_module(_rewrite_zip(plain, {"sample_inputs/model.pt": sample}), "m.pt2")
+    assert not marker.exists()
+    # The honest archive still comes in.
+    assert pt2_module(plain, "m.pt2")(torch.zeros(3, *RAW)).shape == (3, 10)
+
+
+def test_the_cli_refuses_the_pickled_pt2_in_one_line_and_no_marker_appears(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    (tmp_path / "evil.pt2").write_bytes(_evil_pt2(marker))
+    code, out, err = _cli(tmp_path, "evaluate", "--model", str(tmp_path / "evil.pt2"), "--valid-size", "200",
+                          "--stream-size", "100", "--train-size", "500", "--test-size", "200")  # fmt: skip
+    assert code == 2 and out is not None and "pickle" in out["error"]
+    assert "Traceback" not in err and not marker.exists()
+
+
+# -- 2. ONNX external data reads no file of the operator's ----------------------------------------------------
+
+
+def _linear_onnx(weight_location: str | None = None, nan_on_dark: bool = False) -> bytes:
+    """x (N, 1, 28, 28) -> Flatten -> MatMul W + b; W's bytes in ``weight_location`` (external) when given.
+    ``nan_on_dark``: + 0 * sqrt(mean(x) - 0.2), NaN exactly on dark inputs (mean below 0.2)."""
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((784, 10)).astype(np.float32), "W")
+    if weight_location is not None:
+        w.ClearField("raw_data")
+        w.data_location = TensorProto.EXTERNAL
+        for k, v in (("location", weight_location), ("offset", "0"), ("length", str(784 * 10 * 4))):
+            w.external_data.add(key=k, value=v)
+    b = numpy_helper.from_array(np.zeros(10, np.float32), "b")
+    nodes = [
+        helper.make_node("Flatten", ["x"], ["f"]),
+        helper.make_node("MatMul", ["f", "W"], ["mm"]),
+        helper.make_node("Add", ["mm", "b"], ["logits" if not nan_on_dark else "lin"]),
+    ]
+    inits = [w, b]
+    if nan_on_dark:
+        inits += [numpy_helper.from_array(np.array(v, np.float32), n) for n, v in (("low", 0.2), ("zero", 0.0))]
+        nodes += [
+            helper.make_node("ReduceMean", ["f"], ["mean"], axes=[1], keepdims=1),
+            helper.make_node("Sub", ["mean", "low"], ["d"]),
+            helper.make_node("Sqrt", ["d"], ["r"]),
+            helper.make_node("Mul", ["r", "zero"], ["z"]),
+            helper.make_node("Add", ["lin", "z"], ["logits"]),
+        ]
+    graph = helper.make_graph(
+        nodes,
+        "vendor",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 28, 28])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+def test_onnx_external_data_naming_the_operators_key_is_refused_and_nothing_of_it_ships(tmp_path: Path) -> None:
+    work = tmp_path / "operator"
+    (work / "keys").mkdir(parents=True)
+    secret = np.random.default_rng(7).integers(0, 256, 784 * 10 * 4, dtype=np.uint8).tobytes()
+    (work / "keys" / "signing.key").write_bytes(secret)
+    (tmp_path / "vendor").mkdir()
+    model = tmp_path / "vendor" / "model.onnx"
+    model.write_bytes(_linear_onnx("keys/signing.key"))
+    # Run from the folder that holds keys/, as the operator would: refused, one line, exit 2, no bundle.
+    code, out, err = _cli(work, "predeploy", "--model", str(model), "--out", str(work / "pd"), "--valid-size", "200",
+                          "--stream-size", "100", "--train-size", "500", "--test-size", "200")  # fmt: skip
+    assert code == 2 and out is not None and "--external-data" in out["error"] and "Traceback" not in err
+    assert not (work / "pd" / "bundle").exists()
+    os.chdir(work)
+    try:
+        for contained in (True, False):
+            with pytest.raises(ModelImportError, match="external data"):
+                import_model(ModelSource(model=model, contained=contained), RAW, CLASSES, PROBE)
+        # Named folder: the location must resolve inside it; ../ and symlinks out of it are refused.
+        climber = tmp_path / "vendor" / "climber.onnx"
+        climber.write_bytes(_linear_onnx("../operator/keys/signing.key"))
+        with pytest.raises(ModelImportError, match="outside"):
+            import_model(ModelSource(model=climber, external_data=tmp_path / "vendor"), RAW, CLASSES, PROBE)
+        (tmp_path / "vendor" / "keys").symlink_to(work / "keys")
+        with pytest.raises(ModelImportError, match="outside"):
+            import_model(ModelSource(model=model, external_data=tmp_path / "vendor"), RAW, CLASSES, PROBE)
+        (tmp_path / "vendor" / "keys").unlink()
+        # The vendor's own data file beside the model: inlined, and the checkpoint holds no path and no key byte.
+        (tmp_path / "vendor" / "keys").mkdir()
+        weights = np.random.default_rng(0).standard_normal((784, 10)).astype(np.float32).tobytes()
+        (tmp_path / "vendor" / "keys" / "signing.key").write_bytes(weights)
+        ckpt = import_model(ModelSource(model=model, external_data=tmp_path / "vendor"), RAW, CLASSES, PROBE)
+    finally:
+        os.chdir(ROOT)
+    inlined = onnx.load_from_string(ckpt.source)
+    assert all(t.data_location == TensorProto.DEFAULT for t in inlined.graph.initializer)
+    assert secret[:64] not in ckpt.source and weights[:64] in ckpt.source
+    state = b"".join(v.numpy().tobytes() for v in ckpt.state_dict.values())
+    assert secret[:64] not in state
+
+
+# -- 3. NaN fails closed ---------------------------------------------------------------------------------------
+
+
+def _nan_bundle(out: Path) -> Path:
+    from edge_agent.formats.bundle import write_bundle
+    from edge_agent.formats.reject import RejectRule
+
+    (out / "m").mkdir(parents=True)
+    (out / "m" / "primary.onnx").write_bytes(_linear_onnx(nan_on_dark=True))
+    (out / "m" / "monitor.onnx").write_bytes(_linear_onnx())
+    spec = bundle_pb2.InputSpec(**TINY_SPEC)
+    spec.output_name = "logits"
+    manifest = bundle_pb2.Manifest(fleet="f", version=1, input_spec=spec, class_names=CLASSES)
+    manifest.reject_rule.CopyFrom(RejectRule("logit_gap", 0.5).message())
+    write_bundle(out / "bundle", {r: out / "m" / f"{r}.onnx" for r in ("primary", "monitor")}, manifest)
+    return out / "bundle"
+
+
+@pytest.mark.parametrize("path", ["fused", "two-sessions"])
+def test_a_primary_that_answers_nan_on_dark_frames_is_rejected_there(path: str, tmp_path: Path) -> None:
+    from edge_agent.ensemble import Ensemble
+    from edge_agent.formats.bundle import verify_bundle
+    from edge_agent.runtime import RuntimeConfig
+
+    ensemble = Ensemble(verify_bundle(_nan_bundle(tmp_path)), RuntimeConfig(ensemble_path=path))
+    assert ensemble.path == path
+    x = np.concatenate([np.full((8, *RAW), 0.05, np.float32), np.full((8, *RAW), 0.6, np.float32)])
+    d = ensemble.classify(x)
+    # Same weights on both sides: bright frames agree exactly and are answered; dark ones are NaN and refused.
+    assert d.nonfinite.tolist() == [True] * 8 + [False] * 8
+    assert d.rejected.tolist() == [True] * 8 + [False] * 8
+    assert (d.labels[:8] == -1).all() and (d.labels[8:] >= 0).all()
+
+
+def test_the_rule_fails_closed_on_nan_and_infinite_scores() -> None:
+    from edge_agent.formats.reject import RejectRule
+
+    rule = RejectRule("logit_gap", 0.5)
+    p = np.array([[1.0, 0.0], [np.nan, 0.0], [np.inf, 0.0], [-np.inf, 0.0], [1.0, 0.0]], np.float32)
+    m = p.copy()
+    m[4] = [0.0, np.nan]
+    _, rejected, bad = rule.decide(p, m)
+    assert bad.tolist() == [False, True, True, True, True] and rejected.tolist() == bad.tolist()
+    assert rule.reject(np.array([np.nan, np.inf, -np.inf, 0.0, 1.0])).tolist() == [True, True, True, False, True]
+
+
+def test_the_door_names_nan_logits_on_the_defenders_own_pictures(tmp_path: Path) -> None:
+    model = tmp_path / "nan.onnx"
+    model.write_bytes(_linear_onnx(nan_on_dark=True))
+    dark = np.concatenate([PROBE[:32] // 8, PROBE[32:]])  # 32 dark pictures (mean below 0.2 after /255)
+    with pytest.raises(ModelImportError, match=r"NaN or infinite logits on 32 of 64"):
+        import_model(ModelSource(model=model, contained=False), RAW, CLASSES, dark)
+    with pytest.raises(ModelImportError, match=r"NaN or infinite logits on 32 of 64"):
+        import_model(ModelSource(model=model), RAW, CLASSES, dark)
+
+
+# -- 4. quarantine labels are range-checked ----------------------------------------------------------------
+
+
+def test_the_collector_refuses_labels_outside_the_fleets_classes_alone(tmp_path: Path) -> None:
+    from trainer.service.collector import Collector, CollectorConfig, fixed_spec, quarantine_size
+
+    c = Collector(CollectorConfig(root=tmp_path / "q"), fixed_spec("default", bundle_pb2.InputSpec(**TINY_SPEC)))
+    tensor = np.full((1, 28, 28), 0.5, np.float32).tobytes()
+
+    def msg(seq: int, primary: int, monitor: int = 3) -> list[bytes]:
+        h = quarantine_pb2.QuarantineHeader(
+            device_id="cam-1", fleet="default", bundle_version=1, seq=seq, dtype="float32",
+            primary_label=primary, monitor_label=monitor,
+        )  # fmt: skip
+        h.shape.extend([1, 28, 28])
+        return [b"cam-1", h.SerializeToString(), tensor]
+
+    batch = [msg(0, 0), msg(1, -5), msg(2, 10**7), msg(3, 9), msg(4, 2, monitor=10), msg(5, 1)]
+    replies = {r.seq: r for _, r in c.handle(batch)}
+    assert [replies[i].status for i in range(6)] == [Reply.ACK, Reply.REJECTED, Reply.REJECTED, Reply.ACK,
+                                                     Reply.REJECTED, Reply.ACK]  # fmt: skip
+    assert "primary_label -5 is outside the fleet's labels [0, 10)" in replies[1].error
+    assert c.counters.by_reason["labels"] == 3
+    assert quarantine_size(tmp_path / "q", "default", 1) == 3
+
+
+def test_stored_rows_with_labels_out_of_range_are_left_out_of_a_repair(tmp_path: Path) -> None:
+    from edge_agent.formats.preprocess import Preprocess
+    from trainer.service.quarantine import QuarantineStore
+
+    store = QuarantineStore(tmp_path / "quarantine.sqlite")  # rows written as an older collector did
+    spec = bundle_pb2.InputSpec(**TINY_SPEC)
+    store.describe("default", 1, spec)
+    rows = []
+    for seq, label in enumerate([1, -5, 10**7, 1, 2]):
+        h = quarantine_pb2.QuarantineHeader(
+            device_id="cam-1", fleet="default", bundle_version=1, seq=seq, dtype="uint8",
+            primary_label=label, monitor_label=0,
+        )  # fmt: skip
+        h.shape.extend([1, 28, 28])
+        rows.append((h, np.full((1, 28, 28), 9, np.uint8).tobytes()))
+    store.add_many(rows)
+    q = store.load(Preprocess(), classes=10)
+    store.close()
+    assert q.primary.tolist() == [1, 1, 2] and q.images.shape == (3, 1, 28, 28)
+
+
+def _cli(cwd: Path, *args: str) -> tuple[int, dict[str, Any] | None, str]:
+    """``nnoc-trainer ARGS --json`` run from ``cwd`` (the operator's folder)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "trainer", *args, "--json"], capture_output=True, text=True, cwd=cwd, env=env,
+        timeout=600,
+    )  # fmt: skip
+    lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
+    return proc.returncode, json.loads(lines[-1]) if lines else None, proc.stderr
+
+
+# -- the contained child -----------------------------------------------------------------------------------------
+
+
+def probe_containment(size: int, seconds: float) -> dict[str, Any]:
+    """Run in the contained child: what it can reach, then hold ``size`` bytes and sleep ``seconds``."""
+    import socket
+
+    try:
+        socket.create_connection(("127.0.0.1", 9), timeout=1).close()
+        network = "reached"
+    except OSError as e:
+        network = e.strerror or str(e)
+    Path("left-behind").write_text("x")
+    held = bytearray(size)
+    import time
+
+    time.sleep(seconds)
+    return {"cwd": os.getcwd(), "network": network, "held": len(held)}
+
+
+def test_the_contained_child_has_no_network_its_own_folder_and_limits(tmp_path: Path) -> None:
+    from trainer.science.sandbox import ContainedError, Limits, run_contained
+
+    target = "test_hostile_vendor:probe_containment"
+    got = run_contained(target, (1 << 20, 0.0), Limits(60, 1 << 30), "probe")
+    assert got["held"] == 1 << 20 and Path(got["cwd"]) != Path.cwd()
+    assert got["network"] in ("Network is unreachable", "Network unreachable")
+    assert not Path(got["cwd"]).exists()  # its folder is gone with it
+    with pytest.raises(ContainedError, match="memory"):
+        run_contained(target, (2 << 30, 0.0), Limits(60, 1 << 30), "probe")
+    with pytest.raises(ContainedError, match="ran past its 3 s limit"):
+        run_contained(target, (0, 30.0), Limits(3, 1 << 30), "probe")
