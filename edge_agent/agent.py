@@ -29,6 +29,7 @@ class Agent:
         self.spool, self.monitor, self.device_id, self.uplink = spool, monitor, device_id, uplink
         self.writer = SpoolWriter(spool, stored=self._stored)
         self.versions = VersionCounts()
+        self.nonfinite = 0  # inputs rejected because a model's logits or the score were NaN or infinite
 
     @property
     def unspooled(self) -> int:
@@ -104,6 +105,8 @@ class Agent:
         flags = decision.rejected.tolist()
         rejected = [i for i, flag in enumerate(flags) if flag] if True in flags else []
         if rejected:
+            if decision.nonfinite.any():  # fail closed, counted apart: a model that is not a number there
+                self.nonfinite += int(decision.nonfinite.sum())
             kept = images[rejected] if images is not None else x[rejected]  # copies: the caller may reuse its buffers
             picked = [origins[i] if origins is not None else None for i in rejected]
             self.writer.submit(lambda: self._rows(ensemble, decision, rejected, kept, images is not None, picked))

@@ -304,6 +304,7 @@ def _run(cfg: RunConfig, stop: threading.Event) -> dict[str, Any]:
         signal.signal(signal.SIGHUP, reload)
     info = {
         "pid": os.getpid(),
+        "process_start": process_start(os.getpid()),
         "device_id": cfg.device_id,
         "fleet": cfg.fleet,
         "infer_port": port,
@@ -311,7 +312,7 @@ def _run(cfg: RunConfig, stop: threading.Event) -> dict[str, Any]:
         "host": cfg.host,
         "started": time.time(),
     }
-    (cfg.state_dir / AGENT_FILE).write_text(json.dumps(info))
+    _write_agent_file(cfg.state_dir, info, agent)
     log.info(
         "agent %s serving %s v%d on %s:%d (%s)",
         cfg.device_id,
@@ -331,6 +332,7 @@ def _run(cfg: RunConfig, stop: threading.Event) -> dict[str, Any]:
         src.start()
     try:
         while not stop.wait(1.0):
+            _write_agent_file(cfg.state_dir, info, agent)
             if sources:
                 _write_sources(cfg.state_dir, batcher, stats)
     finally:
@@ -356,11 +358,51 @@ def _run(cfg: RunConfig, stop: threading.Event) -> dict[str, Any]:
     return result
 
 
+def _write_atomically(path: Path, payload: dict[str, Any]) -> None:
+    """``payload`` as JSON at ``path`` (temp file + rename: a reader never sees half a file). A full disk or an I/O
+    error keeps the last good file and is not an error: the agent goes on serving."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(json.dumps(payload))
+        tmp.replace(path)
+    except OSError as e:
+        log.debug("could not write %s: %s", path, e)
+
+
 def _write_sources(state_dir: Path, batcher: Batcher | None, stats: dict[str, SourceStats]) -> None:
-    """Per-source counters for ``nnoc-edge status`` (written atomically: a reader never sees half a file)."""
-    tmp = state_dir / (SOURCES_FILE + ".tmp")
-    tmp.write_text(json.dumps({"updated": time.time(), "sources": source_snapshot(batcher, stats)}))
-    tmp.replace(state_dir / SOURCES_FILE)
+    """Per-source counters for ``nnoc-edge status``."""
+    _write_atomically(state_dir / SOURCES_FILE, {"updated": time.time(), "sources": source_snapshot(batcher, stats)})
+
+
+def _write_agent_file(state_dir: Path, info: dict[str, Any], agent: Agent) -> None:
+    """Where the running agent listens and what only it can count (rejects the spool could not take, non-finite
+    rejects), for ``nnoc-edge status``; rewritten every second."""
+    counts = {"not_spooled": agent.unspooled, "nonfinite_rejects": agent.nonfinite, "updated": time.time()}
+    _write_atomically(state_dir / AGENT_FILE, {**info, **counts})
+
+
+def process_start(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks since boot, /proc/PID/stat field 22); None when there is none.
+    With the pid it names one process: a pid alone may have been reused by another since."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        return int(stat[stat.rindex(b")") + 2 :].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def running_agent(state_dir: Path) -> dict[str, Any] | None:
+    """The agent that wrote ``state_dir/agent.json`` when that process still runs (same pid and start time);
+    None when none runs (a file left by an agent that died is stale)."""
+    try:
+        info = json.loads((state_dir / AGENT_FILE).read_text())
+        pid, started = int(info["pid"]), info.get("process_start")
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if started is None or process_start(pid) != started:
+        return None
+    return dict(info)
 
 
 def _remove_own(path: Path) -> None:
@@ -379,11 +421,20 @@ def status(state_dir: Path) -> dict[str, Any]:
     cache = BundleCache(state_dir / "bundles")
     cur, prev = cache.load(), cache.load("previous")
     out: dict[str, Any] = {"current": cur.version if cur else None, "previous": prev.version if prev else None}
+    running = running_agent(state_dir)
     if (state_dir / "spool.sqlite").is_file():
         with Spool(SpoolConfig(state_dir / "spool.sqlite")) as spool:
-            out.update(spool_depth=spool.depth(), spool_dropped=spool.counter("dropped"))
-    agent_file = state_dir / AGENT_FILE
-    out["running"] = json.loads(agent_file.read_text()) if agent_file.is_file() else None
+            out.update(
+                spool_depth=spool.depth(),
+                spool_dropped=spool.counter("dropped"),  # spooled, then dropped at the bound (drop-oldest)
+                spool_refused_at_bound=spool.counter("rejected_full"),  # reject-new at the bound, every run
+            )
+    if running is not None:  # every reject not spooled since it started (the bound, a full disk, an error):
+        out["not_spooled"] = int(running.get("not_spooled", 0))  # in its memory, as the disk may be full
+        out["nonfinite_rejects"] = int(running.get("nonfinite_rejects", 0))
+    out["running"] = running
+    if running is None and (state_dir / AGENT_FILE).is_file():
+        out["stale_agent_file"] = True  # its agent died without removing it
     sources_file = state_dir / SOURCES_FILE
     if sources_file.is_file():  # the last run's sources when none runs now
         try:
@@ -398,12 +449,11 @@ def rollback(state_dir: Path) -> dict[str, Any]:
     if not state_dir.is_dir():
         raise ValueError(f"no agent state in {state_dir}: pass the --state-dir the agent runs with")
     version = BundleCache(state_dir / "bundles").rollback()
-    agent_file = state_dir / AGENT_FILE
+    running = running_agent(state_dir)  # never a process that merely reuses a dead agent's pid
     signalled = False
-    if agent_file.is_file():
-        pid = int(json.loads(agent_file.read_text())["pid"])
+    if running is not None:
         try:
-            os.kill(pid, signal.SIGHUP)
+            os.kill(int(running["pid"]), signal.SIGHUP)
             signalled = True
         except ProcessLookupError:
             pass

@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from edge_agent.console import write_out
 from edge_agent.options import add_flags, from_args
 
 log = logging.getLogger("edge_agent")
@@ -132,13 +133,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, OSError) as e:  # bad bundles, inputs, files and taken ports: one line, exit 2
         log.error("%s", e)
         if args.json:
-            print(json.dumps({"error": str(e)}))
+            write_out(json.dumps({"error": str(e)}))
         return 2
     if args.json:
-        print(json.dumps(result))
+        write_out(json.dumps(result))
     elif "results" in result:
         for r in result["results"]:
-            print(f"{r['image']}: {'REJECTED' if r['rejected'] else r['class'] or r['label']}")
+            write_out(f"{r['image']}: {'REJECTED' if r['rejected'] else r['class'] or r['label']}")
     else:
-        print(json.dumps(result, indent=2))
+        write_out(json.dumps(result, indent=2))
     return 0

@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+import threading
 import time
 from concurrent import futures
 from typing import Any
@@ -43,6 +44,34 @@ DEFAULT_MAX_BATCH = 256  # inputs per ModelInfer request; a camera batch is far 
 RAW_IMAGE, ENCODED_IMAGE = "raw_image", "encoded_image"
 MAX_PICTURE_BYTES = 16 << 20  # raw pictures per request (two 1080p RGB frames; JPEGs are far smaller)
 MAX_PIXELS = 4096 * 4096  # a decoded picture at most (refused before decoding: no decompression bombs)
+# Decoded pixels per request, and in all requests decoding at once: read from the files' headers before anything is
+# decoded. A camera batch of eight 1080p frames is 16.6 million; a flood of large images is refused with
+# RESOURCE_EXHAUSTED instead of holding every worker thread and gigabytes of memory while small requests wait.
+MAX_REQUEST_PIXELS = 32 << 20
+MAX_DECODING_PIXELS = 64 << 20
+SMALL_REQUEST_PIXELS = 4 << 20  # up to this (two 1080p frames) a request decodes without the shared budget:
+# a camera's frame is answered while large requests hold the budget (the worker threads bound these)
+
+
+class PixelBudget:
+    """Pixels being decoded now, across requests: a request takes its share before decoding, or is refused."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.used = limit, 0
+        self._lock = threading.Lock()
+
+    def take(self, n: int) -> bool:
+        """Reserve ``n`` pixels when they fit; False when they do not (the caller refuses its request)."""
+        with self._lock:
+            if self.used + n > self.limit:
+                return False
+            self.used += n
+            return True
+
+    def give(self, n: int) -> None:
+        """Release what :meth:`take` reserved."""
+        with self._lock:
+            self.used -= n
 
 
 class BatchTooLarge(InputError):
@@ -75,6 +104,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.agent = agent
         self.model_name = model_name
         self.max_batch = max_batch
+        self.decoding = PixelBudget(MAX_DECODING_PIXELS)
         self.metrics = metrics
         # With camera sources, requests join their frames in one batch; otherwise they go straight to the agent.
         self.classify = batcher.classify if batcher is not None else agent.classify
@@ -198,8 +228,18 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             raise InputError("empty batch: send at least one image")
         if len(files) > self.max_batch:
             raise BatchTooLarge(f"batch of {len(files)} images; this agent takes at most {self.max_batch} per request")
-        spec = self.agent.ensemble.spec
-        return np.concatenate([to_model_image(decode_picture(f, i), spec) for i, f in enumerate(files)])
+        total = sum(w * h for w, h in (picture_size(f, i) for i, f in enumerate(files)))  # headers only
+        if total > MAX_REQUEST_PIXELS:
+            raise BatchTooLarge(f"{len(files)} images of {total} pixels in all; at most {MAX_REQUEST_PIXELS} a request")
+        budget = total if total > SMALL_REQUEST_PIXELS else 0
+        if budget and not self.decoding.take(budget):
+            raise BatchTooLarge(f"the agent is decoding other large requests ({total} pixels asked); retry")
+        try:
+            spec = self.agent.ensemble.spec
+            return np.concatenate([to_model_image(decode_picture(f, i), spec) for i, f in enumerate(files)])
+        finally:
+            if budget:
+                self.decoding.give(budget)
 
     def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.ServicerContext) -> pb.ModelInferResponse:
         """Classify the batch; rejected inputs come back with label -1 and rejected=true."""
@@ -248,6 +288,20 @@ def _split_bytes(raw: bytes) -> list[bytes]:
         out.append(raw[i + 4 : i + 4 + n])
         i += 4 + n
     return out
+
+
+def picture_size(data: bytes, index: int = 0) -> tuple[int, int]:
+    """(width, height) of an encoded image from its header alone; refused past :data:`MAX_PIXELS`."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:  # reads the header only
+            w, h = img.size
+    except (OSError, UnidentifiedImageError, ValueError) as e:
+        raise InputError(f"image {index} cannot be decoded: {e}") from None
+    if w * h > MAX_PIXELS:
+        raise InputError(f"image {index} is {w}x{h}; at most {MAX_PIXELS} pixels")
+    return int(w), int(h)
 
 
 def decode_picture(data: bytes, index: int = 0) -> np.ndarray:

@@ -42,6 +42,11 @@ class AgentMetrics:
         Gauge("nnoc_rejects", "Inputs rejected (models disagreed) since start", registry=r).set_function(
             lambda: agent.monitor.snapshot().rejects
         )
+        Gauge(
+            "nnoc_nonfinite_rejects",
+            "Inputs rejected because a model's logits or the score were NaN or infinite",
+            registry=r,
+        ).set_function(lambda: agent.nonfinite)
         Gauge("nnoc_window_reject_rate", "Reject rate over the last window of requests", registry=r).set_function(
             lambda: agent.monitor.snapshot().window_reject_rate
         )

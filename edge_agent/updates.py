@@ -292,6 +292,8 @@ def download_bundle(
                     for chunk in stub.Download(request, timeout=60):
                         if chunk.offset != f.tell():
                             raise BundleError(f"{art.name}: chunk at {chunk.offset}, expected {f.tell()}")
+                        if f.tell() + len(chunk.data) > art.size:  # checked before the bytes touch the disk
+                            raise BundleError(f"{art.name}: the service sends more than its {art.size} bytes")
                         f.write(chunk.data)
             except grpc.RpcError as e:
                 if attempt == retries:

@@ -11,6 +11,7 @@ the request path only writes it.
 from __future__ import annotations
 
 import logging
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -57,6 +58,10 @@ class UplinkCounters:
     deferred: int = 0  # OVER_QUOTA or UNAVAILABLE: kept in the spool, sent again after the collector's retry_after
     bad_replies: int = 0
     stats_sent: int = 0
+    spool_errors: int = 0  # rounds the spool failed (disk full, I/O): the uplink waits and tries again
+
+
+SPOOL_RETRY = 1.0  # seconds between tries while the spool fails
 
 
 class Uplink:
@@ -111,89 +116,99 @@ class Uplink:
         cursor = 0  # the newest seq sent so far: rows above it have never been sent
         next_stats = time.monotonic()
         paused_until = 0.0  # the collector asked to wait (quota, budget, a store it cannot write)
+        to_delete: list[int] = []  # answered for good (ACK, REJECTED), not yet deleted from the spool
+        next_error_log = 0.0
         try:
             while not self._stop.is_set():
-                if self.stats is not None and time.monotonic() >= next_stats:
-                    next_stats = time.monotonic() + self.cfg.stats_interval
-                    msg = self.stats()
-                    msg.device_id = self.cfg.device_id
-                    msg.sent_at.GetCurrentTime()
-                    try:
-                        sock.send_multipart([msg.SerializeToString()], flags=zmq.NOBLOCK)
-                        self.counters.stats_sent += 1
-                    except zmq.Again:  # disconnected: stats are a snapshot, the next one will do
-                        pass
-                horizon = time.monotonic() - self.cfg.resend_after
-                expired = sorted(seq for seq, t in in_flight.items() if t <= horizon)  # no reply in time: due again
-                room = self.cfg.window - (len(in_flight) - len(expired)) if time.monotonic() >= paused_until else 0
-                sent_now = 0
-                if room > 0:
-                    expired = expired[:room]
-                    for seq in expired:  # found again below unless ACKed meanwhile or dropped by the spool's bound
-                        del in_flight[seq]
-                    items = self.spool.get(expired) if expired else []
-                    resends = len(items)
-                    if len(items) < room:
-                        fresh = self.spool.after(cursor, room - len(items))
-                        cursor = fresh[-1].seq if fresh else cursor
-                        items += fresh
-                    for k, item in enumerate(items):
-                        header = quarantine_pb2.QuarantineHeader.FromString(item.header)
-                        header.seq = item.seq
-                        header.device_id = self.cfg.device_id
-                        header.batched_acks = True  # one reply may acknowledge several (QuarantineReply.acked)
-                        in_flight[item.seq] = time.monotonic()  # sent, or tried: either way due again later
+                try:
+                    if self.stats is not None and time.monotonic() >= next_stats:
+                        next_stats = time.monotonic() + self.cfg.stats_interval
+                        msg = self.stats()
+                        msg.device_id = self.cfg.device_id
+                        msg.sent_at.GetCurrentTime()
                         try:
-                            sock.send_multipart([header.SerializeToString(), item.tensor], flags=zmq.NOBLOCK)
-                        except zmq.Again:  # queue full while disconnected: this and the rest after resend_after
-                            for rest in items[k + 1 :]:
-                                in_flight[rest.seq] = time.monotonic()
+                            sock.send_multipart([msg.SerializeToString()], flags=zmq.NOBLOCK)
+                            self.counters.stats_sent += 1
+                        except zmq.Again:  # disconnected: stats are a snapshot, the next one will do
+                            pass
+                    horizon = time.monotonic() - self.cfg.resend_after
+                    expired = sorted(seq for seq, t in in_flight.items() if t <= horizon)  # no reply in time: due again
+                    room = self.cfg.window - (len(in_flight) - len(expired)) if time.monotonic() >= paused_until else 0
+                    sent_now = 0
+                    if room > 0:
+                        expired = expired[:room]
+                        items = self.spool.get(expired) if expired else []
+                        for seq in expired:  # found again above unless ACKed meanwhile or dropped by the spool's bound
+                            del in_flight[seq]
+                        resends = len(items)
+                        if len(items) < room:
+                            fresh = self.spool.after(cursor, room - len(items))
+                            cursor = fresh[-1].seq if fresh else cursor
+                            items += fresh
+                        for k, item in enumerate(items):
+                            header = quarantine_pb2.QuarantineHeader.FromString(item.header)
+                            header.seq = item.seq
+                            header.device_id = self.cfg.device_id
+                            header.batched_acks = True  # one reply may acknowledge several (QuarantineReply.acked)
+                            in_flight[item.seq] = time.monotonic()  # sent, or tried: either way due again later
+                            try:
+                                sock.send_multipart([header.SerializeToString(), item.tensor], flags=zmq.NOBLOCK)
+                            except zmq.Again:  # queue full while disconnected: this and the rest after resend_after
+                                for rest in items[k + 1 :]:
+                                    in_flight[rest.seq] = time.monotonic()
+                                break
+                            self.counters.sent += 1
+                            sent_now += 1
+                            if k < resends:
+                                self.counters.resent += 1
+                    events = dict(poller.poll(self.cfg.poll_ms))
+                    acks = to_delete  # every seq the collector answered for good, deleted below
+                    while sock in events:
+                        try:
+                            frames = sock.recv_multipart(flags=zmq.NOBLOCK)
+                        except zmq.Again:
                             break
-                        self.counters.sent += 1
-                        sent_now += 1
-                        if k < resends:
-                            self.counters.resent += 1
-                events = dict(poller.poll(self.cfg.poll_ms))
-                acks: list[int] = []
-                while sock in events:
-                    try:
-                        frames = sock.recv_multipart(flags=zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    reply = self._parse_reply(frames)
-                    if reply is None:
-                        continue
-                    if reply.status == quarantine_pb2.QuarantineReply.ACK:
-                        in_flight.pop(reply.seq, None)
-                        acks.append(reply.seq)
-                        for seq in reply.acked:  # the rest of this device's messages the same write stored
-                            in_flight.pop(seq, None)
-                            acks.append(seq)
-                    elif reply.status == quarantine_pb2.QuarantineReply.REJECTED:
-                        # The collector will never accept this message as it is: drop it, count it, say why.
-                        log.warning("collector refused quarantine message %d: %s", reply.seq, reply.error)
-                        self.counters.refused += 1
-                        in_flight.pop(reply.seq, None)
-                        acks.append(reply.seq)
-                    elif reply.status == quarantine_pb2.QuarantineReply.THROTTLED:
-                        self.counters.throttled += 1  # stays spooled and in flight: due again after resend_after
-                    elif reply.status in (
-                        quarantine_pb2.QuarantineReply.OVER_QUOTA,
-                        quarantine_pb2.QuarantineReply.UNAVAILABLE,
-                    ):
-                        # Stays spooled (the spool's own bound applies) and in flight; nothing goes out for a while.
-                        self.counters.deferred += 1
-                        wait = min(max(reply.retry_after, self.cfg.resend_after), 600.0)
-                        if time.monotonic() + wait > paused_until:
-                            log.warning("collector defers quarantine for %.0f s: %s", wait, reply.error)
-                            paused_until = time.monotonic() + wait
-                if acks:
-                    self.counters.acked += self.spool.ack(acks)
-                if not in_flight and self.spool.depth() == 0:
-                    self._wake.wait(self.cfg.poll_ms / 1000)
-                    self._wake.clear()
-                elif acks or sent_now:
-                    self._stop.wait(self.cfg.batch_delay)
+                        reply = self._parse_reply(frames)
+                        if reply is None:
+                            continue
+                        if reply.status == quarantine_pb2.QuarantineReply.ACK:
+                            in_flight.pop(reply.seq, None)
+                            acks.append(reply.seq)
+                            for seq in reply.acked:  # the rest of this device's messages the same write stored
+                                in_flight.pop(seq, None)
+                                acks.append(seq)
+                        elif reply.status == quarantine_pb2.QuarantineReply.REJECTED:
+                            # The collector will never accept this message as it is: drop it, count it, say why.
+                            log.warning("collector refused quarantine message %d: %s", reply.seq, reply.error)
+                            self.counters.refused += 1
+                            in_flight.pop(reply.seq, None)
+                            acks.append(reply.seq)
+                        elif reply.status == quarantine_pb2.QuarantineReply.THROTTLED:
+                            self.counters.throttled += 1  # stays spooled and in flight: due again after resend_after
+                        elif reply.status in (
+                            quarantine_pb2.QuarantineReply.OVER_QUOTA,
+                            quarantine_pb2.QuarantineReply.UNAVAILABLE,
+                        ):
+                            # Stays spooled (the spool's own bound applies) and in flight; nothing goes out for a while.
+                            self.counters.deferred += 1
+                            wait = min(max(reply.retry_after, self.cfg.resend_after), 600.0)
+                            if time.monotonic() + wait > paused_until:
+                                log.warning("collector defers quarantine for %.0f s: %s", wait, reply.error)
+                                paused_until = time.monotonic() + wait
+                    if to_delete:  # kept until the DELETE commits: a failed one is tried again next round
+                        self.counters.acked += self.spool.ack(to_delete)
+                        to_delete.clear()
+                    if not in_flight and not to_delete and self.spool.depth() == 0:
+                        self._wake.wait(self.cfg.poll_ms / 1000)
+                        self._wake.clear()
+                    elif acks or sent_now:
+                        self._stop.wait(self.cfg.batch_delay)
+                except (sqlite3.Error, OSError) as e:  # the spool failed (disk full, I/O error): wait, try again
+                    self.counters.spool_errors += 1
+                    if time.monotonic() >= next_error_log:
+                        log.warning("uplink: the spool failed (%s); retrying every %.1f s", e, SPOOL_RETRY)
+                        next_error_log = time.monotonic() + 60.0
+                    self._stop.wait(SPOOL_RETRY)
         finally:
             sock.close()
 

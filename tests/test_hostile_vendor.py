@@ -21,6 +21,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from conftest import ROOT, TINY_SPEC
+from edge_agent.formats.preprocess import Preprocess
 from protos.nnoc.v1 import bundle_pb2, quarantine_pb2
 from trainer.science.importers import ModelImportError, pt2_module
 from trainer.stages.suspect import ModelSource, import_model
@@ -349,3 +350,159 @@ def test_the_contained_child_has_no_network_its_own_folder_and_limits(tmp_path: 
         run_contained(target, (2 << 30, 0.0), Limits(60, 1 << 30), "probe")
     with pytest.raises(ContainedError, match="ran past its 3 s limit"):
         run_contained(target, (0, 30.0), Limits(3, 1 << 30), "probe")
+
+
+# -- 6. the uplink survives its spool ------------------------------------------------------------------------
+
+
+def test_the_uplink_survives_spool_errors_and_resumes_losing_nothing(tmp_path: Path) -> None:
+    import sqlite3
+
+    import zmq
+
+    from conftest import wait_for
+    from edge_agent.spool import Spool, SpoolConfig
+    from edge_agent.uplink import Uplink, UplinkConfig
+    from trainer.service.collector import Collector, CollectorConfig, fixed_spec, quarantine_size
+
+    ctx = zmq.Context()
+    collector = Collector(
+        CollectorConfig("tcp://127.0.0.1:0", tmp_path / "q"), fixed_spec("default", bundle_pb2.InputSpec(**TINY_SPEC)),
+        None, ctx,
+    ).start()  # fmt: skip
+    spool = Spool(SpoolConfig(tmp_path / "spool.sqlite"))
+    h = quarantine_pb2.QuarantineHeader(device_id="cam-1", fleet="default", bundle_version=1, dtype="float32",
+                                        primary_label=0, monitor_label=3)  # fmt: skip
+    h.shape.extend([1, 28, 28])
+    for _ in range(40):
+        spool.put(h.SerializeToString(), np.full((1, 28, 28), 0.5, np.float32).tobytes())
+    # The disk fills as the first ACKs arrive (what SQLite raises then), and the reads fail for a while too.
+    failures = {"ack": 3, "after": 2}
+    real = {name: getattr(spool, name) for name in failures}
+
+    def failing(name: str) -> Any:
+        def call(*args: Any) -> Any:
+            if failures[name] > 0:
+                failures[name] -= 1
+                raise sqlite3.OperationalError("database or disk is full")
+            return real[name](*args)
+
+        return call
+
+    for name in failures:
+        setattr(spool, name, failing(name))
+    up = Uplink(spool, UplinkConfig(f"tcp://127.0.0.1:{collector.port}", "cam-1", resend_after=0.5), context=ctx)
+    up.start()
+    try:
+        assert wait_for(lambda: spool.depth() == 0, 30), (spool.depth(), up.counters)
+        assert up.counters.spool_errors == 5 and failures == {"ack": 0, "after": 0}
+        assert up._thread is not None and up._thread.is_alive()
+        assert quarantine_size(tmp_path / "q", "default", 1) == 40  # each stored once, nothing lost
+    finally:
+        up.stop()
+        collector.stop()
+        spool.close()
+        ctx.term()
+
+
+# -- 9. a dead agent's pid ---------------------------------------------------------------------------------------
+
+
+def test_status_and_rollback_never_take_a_reused_pid_for_the_agent(tmp_path: Path) -> None:
+    from conftest import tiny_bundle
+    from edge_agent.app import process_start, rollback, status
+    from edge_agent.updates import BundleCache
+
+    cache = BundleCache(tmp_path / "state" / "bundles")
+    for v in (1, 2):
+        cache.install(tiny_bundle(tmp_path / f"b{v}", "default", v) / "bundle", v)
+        cache.set_current(v)
+    # Another process now holds the pid a dead agent wrote down (here: a sleeper SIGHUP would kill).
+    other = subprocess.Popen(["sleep", "60"])
+    try:
+        for stale in ({"pid": other.pid}, {"pid": other.pid, "process_start": (process_start(other.pid) or 0) + 1}):
+            (tmp_path / "state" / "agent.json").write_text(json.dumps(stale))
+            st = status(tmp_path / "state")
+            assert st["running"] is None and st["stale_agent_file"] is True
+        done = rollback(tmp_path / "state")
+        assert done == {"current": 1, "signalled_running_agent": False}
+        assert other.poll() is None  # not signalled: still sleeping
+        # The live process named with its own start time is taken for the agent.
+        (tmp_path / "state" / "agent.json").write_text(
+            json.dumps({"pid": other.pid, "process_start": process_start(other.pid), "not_spooled": 7})
+        )
+        st = status(tmp_path / "state")
+        assert st["running"]["pid"] == other.pid and st["not_spooled"] == 7
+    finally:
+        other.kill()
+        other.wait()
+
+
+# -- 6. image bombs on the endpoint ------------------------------------------------------------------------------
+
+
+def test_the_endpoint_refuses_image_bombs_before_decoding_and_keeps_answering(tmp_path: Path) -> None:
+    import threading
+    import time
+
+    import grpc
+    from PIL import Image
+
+    from conftest import rgb_bundle
+    from edge_agent.agent import Agent
+    from edge_agent.ensemble import Ensemble
+    from edge_agent.formats.bundle import verify_bundle
+    from edge_agent.inference import ENCODED_IMAGE, MAX_REQUEST_PIXELS, serve
+    from edge_agent.monitor import RejectMonitor
+    from edge_agent.spool import Spool, SpoolConfig
+    from protos.inference import grpc_predict_v2_pb2 as pb
+    from protos.inference import grpc_predict_v2_pb2_grpc as pb_grpc
+
+    block = Preprocess(color="rgb", size=(32, 32))
+    verified = verify_bundle(rgb_bundle(tmp_path / "b", block))
+    big = io.BytesIO()
+    Image.new("L", (4096, 4096)).save(big, "PNG")  # ~17 kB on the wire, 16.8 million pixels decoded
+    small = io.BytesIO()
+    Image.new("L", (28, 28), 128).save(small, "PNG")
+
+    def request(files: list[bytes]) -> Any:
+        req = pb.ModelInferRequest(model_name="cams")
+        req.inputs.add(name=ENCODED_IMAGE, datatype="BYTES", shape=[len(files)]).contents.bytes_contents.extend(files)
+        return req
+
+    with Spool(SpoolConfig(tmp_path / "spool.sqlite")) as spool:
+        agent = Agent(Ensemble(verified), spool, RejectMonitor(), "cam-1")
+        server, port = serve(agent, "cams", "127.0.0.1:0")
+        try:
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+                stub = pb_grpc.GRPCInferenceServiceStub(ch)
+                # 128 such images: refused from their headers alone, at once.
+                t0 = time.monotonic()
+                with pytest.raises(grpc.RpcError) as e:
+                    stub.ModelInfer(request([big.getvalue()] * 128), timeout=30)
+                assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and str(MAX_REQUEST_PIXELS) in str(
+                    e.value.details()
+                )
+                assert time.monotonic() - t0 < 2.0
+                # Many requests of the largest allowed size at once: those over the decoding budget are refused,
+                # and a small request is answered while the others decode.
+                codes: list[Any] = []
+
+                def bomb() -> None:
+                    try:
+                        stub.ModelInfer(request([big.getvalue()] * 2), timeout=120)
+                        codes.append(grpc.StatusCode.OK)
+                    except grpc.RpcError as err:
+                        codes.append(err.code())
+
+                threads = [threading.Thread(target=bomb) for _ in range(3)]
+                for t in threads:
+                    t.start()
+                probe = stub.ModelInfer(request([small.getvalue()]), timeout=60)
+                assert len(probe.raw_output_contents[0]) == 8
+                for t in threads:
+                    t.join(120)
+                assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes or codes.count(grpc.StatusCode.OK) == 3
+                assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
+        finally:
+            server.stop(0)

@@ -80,7 +80,7 @@ def test_judging_each_verdict_and_the_decisions() -> None:
     policy = RolloutPolicy.parse(
         "canary=a+b+c+d+e+f+g,steps=100,bake=10s,min-requests=50,heartbeat=30s,apply-timeout=20s"
     )
-    record = new_record("r", "f", 2, 1, policy, [], "test")
+    record = new_record("r", "f", 2, 1, policy, list("abcdefg"), "test")
     t0 = record["stage_started"][0]
     devices = [
         _device("a", 2, t0 + 1),  # healthy: same rate as on v1

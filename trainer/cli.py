@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from edge_agent.console import write_out
 from edge_agent.options import (
     add_flags,
     as_flags,
@@ -815,7 +816,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.basicConfig(stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         log.error("%s", e)
         if "--json" in argv:
-            print(json.dumps({"error": str(e), "exit_code": EXIT_BAD_INPUT}))
+            write_out(json.dumps({"error": str(e), "exit_code": EXIT_BAD_INPUT}))
         return EXIT_BAD_INPUT
     _configure_logging(args)
     from trainer.errors import DemoError, GateError, NoCandidateError
@@ -825,20 +826,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DemoError as e:
         log.error("%s", e)
         if args.json:
-            print(json.dumps({"error": str(e), "exit_code": 1}))
+            write_out(json.dumps({"error": str(e), "exit_code": 1}))
         return 1
     except (NoCandidateError, GateError) as e:
         log.error("%s", e)
         if args.json:
-            print(json.dumps({"error": str(e), "exit_code": EXIT_GATE}))
+            write_out(json.dumps({"error": str(e), "exit_code": EXIT_GATE}))
         return EXIT_GATE
     except (ValueError, OSError) as e:  # bad input, a missing file, a taken port: one line, exit 2
         log.error("%s", e)
         if args.json:
-            print(json.dumps({"error": str(e), "exit_code": EXIT_BAD_INPUT}))
+            write_out(json.dumps({"error": str(e), "exit_code": EXIT_BAD_INPUT}))
         return EXIT_BAD_INPUT
     if args.json:
-        print(json.dumps({k: v for k, v in result.items() if k != "text"}, default=str))
+        write_out(json.dumps({k: v for k, v in result.items() if k != "text"}, default=str))
     else:
-        print(_summary(result))
+        write_out(_summary(result))
     return 0

@@ -38,8 +38,10 @@ class JobPolicy:
 
     min_quarantine: int = flag(200, "quarantine size that starts a repair", type=positive)
     reject_threshold: float = flag(0.05, "agent reject rate that starts a repair", type=fraction)
-    min_for_rate: int = flag(40, "quarantine needed for a rate-started repair", type=positive)
-    max_rounds: int | None = flag(None, "repairs per fleet at most (default: no cap)", type=positive)
+    # A rate-started repair reads agents' reports (unauthenticated without CURVE): it still needs this much real
+    # quarantine, so that a few junk messages and one forged rate cannot start a repair.
+    min_for_rate: int = flag(100, "quarantine needed for a rate-started repair", type=positive)
+    max_rounds: int | None = flag(5, "repairs published per fleet at most; raise it on purpose", type=positive)
     enabled: bool = flag(True, "collect and serve, never start a repair", name="--no-jobs")
     repair_profile: str = flag("quick", "repair profile of the jobs", choices=sorted(REPAIR_PROFILES))
     repair_arg: tuple[str, ...] = flag((), "extra flag for the repair jobs (repeat)", action="append")

@@ -31,6 +31,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from edge_agent.formats.bundle import read_manifest
+from edge_agent.formats.names import is_name
 from edge_agent.formats.tls import server_credentials
 from edge_agent.options import flag, positive, safe_name
 from edge_agent.ports import GRPC_EXCLUSIVE, PortError
@@ -284,8 +285,12 @@ class ModelServicer(ms_grpc.ModelServiceServicer):
     ) -> AsyncIterator[ms.VersionNotice]:
         """The fleet's current version now, then every change, until the agent or the service goes away."""
         await self._agent(context, "Subscribe", request.fleet, request.device_id)
-        if not request.device_id:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "SubscribeRequest needs a device_id")
+        if not is_name(request.device_id):  # the same rule as the collector's: no path, escape or 100 kB id
+            shown = request.device_id[:80]
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"device_id {shown!r} is not a valid device name: use 1-64 letters, digits, '.', '_' or '-'",
+            )
         try:
             view = await asyncio.to_thread(self._view, request.fleet)
             first = await asyncio.to_thread(self._notice, view, request.device_id, {})

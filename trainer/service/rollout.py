@@ -47,6 +47,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from edge_agent.formats.names import is_name
+
 log = logging.getLogger(__name__)
 
 ACTIVE = ("running", "paused")
@@ -213,7 +215,11 @@ def _convert(name: str, value: Any) -> dict[str, Any]:
         text = str(value).strip()
         if text.isdigit():
             return {"canary_count": int(text)}
-        return {"canary": tuple(n for n in text.split("+") if n)}
+        names = tuple(n for n in text.split("+") if n)
+        bad = [n for n in names if not is_name(n)]
+        if bad or not names:
+            raise ValueError(f"canary {text[:80]!r}: a device count (0, 1, 2 ...) or device names joined by '+'")
+        return {"canary": names}
     if name == "steps":
         return {"steps": tuple(share(v, percent=True) for v in values)}
     if len(values) != 1:
@@ -229,12 +235,19 @@ def _convert(name: str, value: Any) -> dict[str, Any]:
 
 
 def new_record(
-    rollout_id: str, fleet: str, target: int, baseline: int, policy: RolloutPolicy, known: list[str], by: str
+    rollout_id: str, fleet: str, target: int, baseline: int, policy: RolloutPolicy, known: list[str] | None, by: str
 ) -> dict[str, Any]:
-    """A rollout record at its start. ``known``: the fleet's known device ids (for a canary count)."""
+    """A rollout record at its start. ``known``: the fleet's known device ids (for a canary count; named canaries
+    must be among them), None when no registry is at hand (the store alone: names cannot be checked)."""
     canary = list(policy.canary)
+    unknown = sorted(set(canary) - set(known)) if known is not None else []
+    if unknown:  # a canary no device has would pass the stage on no evidence at all
+        raise RolloutError(
+            f"canary device(s) {', '.join(unknown[:5])} are not known devices of fleet {fleet!r} "
+            f"(known: {', '.join(sorted(known or [])[:10]) or 'none yet'}); name devices that have subscribed, or a count"
+        )
     if policy.canary_count:
-        canary = sorted(known, key=lambda d: cohort_hash(rollout_id, d))[: policy.canary_count]
+        canary = sorted(known or [], key=lambda d: cohort_hash(rollout_id, d))[: policy.canary_count]
     stages = ([{"name": "canary", "share": 0.0}] if canary else []) + [
         {"name": f"{s * 100:g}%", "share": s} for s in policy.steps
     ]
@@ -505,7 +518,7 @@ def release(
             store.publish(fleet, version, by=by, note=note)
             return None
         policy = RolloutPolicy.from_dict(default)
-    known = [str(d["device_id"]) for d in registry.devices(fleet)] if registry is not None else []
+    known = [str(d["device_id"]) for d in registry.devices(fleet)] if registry is not None else None
     if policy.canary_count and not known:
         raise RolloutError(
             f"canary={policy.canary_count} picks among the fleet's known devices and fleet {fleet!r} has none yet: "

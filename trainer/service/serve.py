@@ -92,6 +92,11 @@ def check_serve(cfg: ServeConfig) -> None:
         check_address(f"127.0.0.1:{cfg.metrics_port}", "--metrics-port", allow_any=False)
     if svc.tls_cert is None:
         log.warning("--insecure: the model service runs in plaintext; anyone on the network can read and call it")
+    if col.curve_secret is None:
+        log.warning(
+            "the quarantine collector runs without CURVE (--curve-secret, --curve-allow): senders are not "
+            "authenticated, any sender may claim any device id, and staged rollouts judge unauthenticated stats"
+        )
     if svc.insecure_operators:
         log.warning("--insecure-operators: any caller may publish and roll back fleets over gRPC")
     elif svc.tls_client_ca is not None and not svc.operators:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import shutil
 import time
 import uuid
@@ -31,6 +32,8 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edge_agent.formats.bundle import (
+    MANIFEST_JSON,
+    MANIFEST_PB,
     BundleError,
     VerifiedBundle,
     fsync_dir,
@@ -41,6 +44,8 @@ from edge_agent.formats.bundle import (
 from edge_agent.formats.names import check_name
 from edge_agent.formats.signing import sign_manifest
 from protos.nnoc.v1 import bundle_pb2
+
+TEMP_JSON = re.compile(r"\..+\.json\.[0-9a-f]{32}")  # what _write_json writes before its rename
 
 CHECKPOINTS = ("primary.pt", "monitor.pt")
 
@@ -142,9 +147,23 @@ class ModelStore:
         with (self.root / ".lock").open("a+") as f:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX)
             try:
+                self._sweep()
                 yield
             finally:
                 fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+    def _sweep(self) -> None:
+        """Remove what a writer killed mid-write left (a ``.staging-*`` version folder, a ``.NAME.json.<hex>`` temp
+        file). Called holding the lock: every writer holds it, so whatever of this kind exists now is left over."""
+        for fleet_dir in (d for d in self.root.iterdir() if d.is_dir() and not d.name.startswith(".")):
+            for folder in (fleet_dir, fleet_dir / "rollouts"):
+                if not folder.is_dir():
+                    continue
+                for leftover in folder.iterdir():
+                    if leftover.name.startswith(".staging-") and leftover.is_dir():
+                        shutil.rmtree(leftover, ignore_errors=True)
+                    elif TEMP_JSON.fullmatch(leftover.name) and leftover.is_file():
+                        leftover.unlink(missing_ok=True)
 
     def _write_json(self, path: Path, data: Any) -> None:
         tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}"
@@ -207,22 +226,31 @@ class ModelStore:
                 )
             d = self._fleet_dir(fleet)
             staging = d / f".staging-{uuid.uuid4().hex}"
-            shutil.copytree(bundle_dir, staging / "bundle")
-            if self.signing_key is not None:
-                signed = bundle_pb2.Manifest()
-                signed.CopyFrom(manifest)
-                sign_manifest(signed, self.signing_key)
-                (staging / "bundle" / "manifest.pb").write_bytes(signed.SerializeToString(deterministic=True))
-                (staging / "bundle" / "manifest.json").write_text(manifest_json(signed))
-            source = bundle_dir.parent if bundle_dir != run_dir else run_dir
-            for name in (*CHECKPOINTS, "report.json"):
-                if (source / name).is_file():
-                    shutil.copyfile(source / name, staging / name)
-            for f in staging.rglob("*"):
-                if f.is_file():
-                    with f.open("rb") as fh:
-                        os.fsync(fh.fileno())
-            staging.rename(d / str(bundle.version))
+            try:
+                (staging / "bundle").mkdir(parents=True)
+                # The manifest's files only, each verified a regular file above: nothing else of the folder (a link
+                # to a file outside it) comes into the store, and nothing of it is ever signed.
+                for name in (MANIFEST_PB, MANIFEST_JSON, *(a.name for a in manifest.artifacts)):
+                    if (bundle_dir / name).is_file() and not (bundle_dir / name).is_symlink():
+                        shutil.copyfile(bundle_dir / name, staging / "bundle" / name)
+                if self.signing_key is not None:
+                    signed = bundle_pb2.Manifest()
+                    signed.CopyFrom(manifest)
+                    sign_manifest(signed, self.signing_key)
+                    (staging / "bundle" / "manifest.pb").write_bytes(signed.SerializeToString(deterministic=True))
+                    (staging / "bundle" / "manifest.json").write_text(manifest_json(signed))
+                source = bundle_dir.parent if bundle_dir != run_dir else run_dir
+                for name in (*CHECKPOINTS, "report.json"):
+                    if (source / name).is_file() and not (source / name).is_symlink():
+                        shutil.copyfile(source / name, staging / name)
+                for f in staging.rglob("*"):
+                    if f.is_file():
+                        with f.open("rb") as fh:
+                            os.fsync(fh.fileno())
+                staging.rename(d / str(bundle.version))
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
             fsync_dir(d)
             history = [*state.history, {"action": "add", "version": bundle.version, "at": time.time(), "by": by}]
             self._write_state(fleet, state.current, history)

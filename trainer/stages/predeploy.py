@@ -35,7 +35,7 @@ from trainer.science.triggers import Trigger
 from trainer.stages.detect import RejectConfig, served
 from trainer.stages.executors import Executor, ExecutorConfig
 from trainer.stages.publish import clean_images, publish_bundle, train_config_of, write_report
-from trainer.stages.suspect import ModelSource, import_model
+from trainer.stages.suspect import ModelSource, check_finite, import_model
 
 log = logging.getLogger(__name__)
 
@@ -255,7 +255,7 @@ def check_primary(bundle_dir: Path, suspect: Checkpoint, source: ModelSource, im
     # CUDA provider alone moved these logits by up to 0.003).
     shipped = OnnxClassifier(bundle_dir / "primary.onnx", providers=["CPUExecutionProvider"])
     if source.arch is None and source.path.suffix == ".onnx":
-        original = onnxruntime_logits(source.path.read_bytes())
+        original = onnxruntime_logits(suspect.source)  # the file as imported: self-contained, no path read again
 
         def reference(x: np.ndarray) -> np.ndarray:
             return original(suspect.input_spec.preprocess.model_input(x))
@@ -269,7 +269,10 @@ def check_primary(bundle_dir: Path, suspect: Checkpoint, source: ModelSource, im
                 [net(to_input(x[i : i + 512], torch.device("cpu"))).numpy() for i in range(0, len(x), 512)]
             )
 
-    diff = float(np.abs(shipped.logits(images) - reference(images)).max())
+    got, want = shipped.logits(images), reference(images)
+    check_finite(want, str(source.path), "the model")
+    check_finite(got, "bundle v1's primary.onnx", "the export")
+    diff = float(np.abs(got - want).max())
     if not diff <= PARITY_TOLERANCE:
         raise ModelImportError(
             f"bundle v1's primary.onnx differs from {source.path} by up to {diff:.3g} in the logits on the test "
