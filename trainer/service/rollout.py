@@ -244,7 +244,7 @@ def new_record(
     if unknown:  # a canary no device has would pass the stage on no evidence at all
         raise RolloutError(
             f"canary device(s) {', '.join(unknown[:5])} are not known devices of fleet {fleet!r} "
-            f"(known: {', '.join(sorted(known or [])[:10]) or 'none yet'}); name devices that have subscribed, or a count"
+            f"(known: {', '.join(sorted(known or [])[:10]) or 'none yet'}); name subscribed devices, or a count"
         )
     if policy.canary_count:
         canary = sorted(known or [], key=lambda d: cohort_hash(rollout_id, d))[: policy.canary_count]
