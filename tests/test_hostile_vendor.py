@@ -506,3 +506,105 @@ def test_the_endpoint_refuses_image_bombs_before_decoding_and_keeps_answering(tm
                 assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
         finally:
             server.stop(0)
+
+
+# -- 5. one sender cannot take the service down -----------------------------------------------------------------
+
+
+def zmtp_null(port: int, identity: bytes) -> Any:
+    """A raw TCP connection that speaks ZMTP 3.0 (NULL mechanism) as a DEALER: what a hostile sender writes by hand,
+    frame by frame, with no ZeroMQ library holding unfinished messages back."""
+    import socket
+    import struct
+
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    s.sendall(b"\xff" + b"\x00" * 8 + b"\x7f" + b"\x03\x00" + b"NULL".ljust(20, b"\x00") + b"\x00" + b"\x00" * 31)
+    greeting = b""
+    while len(greeting) < 64:
+        greeting += s.recv(64 - len(greeting))
+
+    def prop(name: bytes, value: bytes) -> bytes:
+        return bytes([len(name)]) + name + struct.pack(">I", len(value)) + value
+
+    body = b"\x05READY" + prop(b"Socket-Type", b"DEALER") + prop(b"Identity", identity)
+    s.sendall(b"\x04" + bytes([len(body)]) + body)
+    return s
+
+
+def _frame(data: bytes, more: bool) -> bytes:
+    import struct
+
+    return bytes([0x02 | (0x01 if more else 0)]) + struct.pack(">Q", len(data)) + data
+
+
+def test_unfinished_frames_and_held_connections_hit_the_collectors_caps_not_serves(tmp_path: Path) -> None:
+    import resource
+    import socket
+
+    import zmq
+
+    from conftest import tiny_store, wait_for
+    from trainer.service.collector import CollectorConfig, max_frame_bytes
+    from trainer.service.collector_process import CollectorProcess
+
+    store = tiny_store(tmp_path / "exports")
+    collector = CollectorProcess(
+        CollectorConfig("tcp://127.0.0.1:0", tmp_path / "q"), store.root, tmp_path / "registry.sqlite",
+        memory_bytes=256 << 20, files=200, report_interval=0.1,
+    ).start()  # fmt: skip
+    own_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    held: list[socket.socket] = []
+
+    def child_rss() -> int:  # KiB
+        status = Path(f"/proc/{collector._proc.pid}/status").read_text()
+        return int(status.split("VmRSS:")[1].split()[0])
+
+    try:
+        port = collector.port
+        before = child_rss()
+        # Frames just under the frame cap, MORE set, never finished: 512 MiB offered to a 256 MiB collector. libzmq
+        # cannot allocate past the cap and drops the sender (or the collector dies and starts again).
+        chunk = bytes(max_frame_bytes(1 << 20) - 16)
+        dropped = 0
+        for k in range(4):
+            s = zmtp_null(port, f"flood-{k}".encode())
+            held.append(s)
+            try:
+                for _ in range(64):
+                    s.sendall(_frame(chunk, more=True))
+            except OSError:
+                dropped += 1
+        assert dropped + collector.restarts >= 4
+        if collector.restarts == 0:
+            assert child_rss() - before < 300 << 10  # KiB: what the flood holds is gone with its connections
+        # Connections held open past the collector's descriptor cap.
+        for _ in range(300):
+            try:
+                held.append(socket.create_connection(("127.0.0.1", port), timeout=2))
+            except OSError:
+                break
+        # serve's side stays small (this process hosts what serve hosts beside the collector) ...
+        assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - own_rss < 100 << 10  # KiB: under 100 MiB
+        for s in held:
+            s.close()
+        held.clear()
+        # ... and once the flood lets go, an honest sender is answered on the same port.
+        h = quarantine_pb2.QuarantineHeader(device_id="cam-1", fleet="default", bundle_version=1, seq=1,
+                                            dtype="float32", primary_label=0, monitor_label=3)  # fmt: skip
+        h.shape.extend([1, 28, 28])
+
+        def answered() -> bool:
+            with zmq.Context() as ctx, ctx.socket(zmq.DEALER) as d:
+                d.setsockopt(zmq.IDENTITY, b"cam-1")
+                d.setsockopt(zmq.LINGER, 0)
+                d.connect(f"tcp://127.0.0.1:{port}")
+                d.send_multipart([h.SerializeToString(), np.full((1, 28, 28), 0.5, np.float32).tobytes()])
+                return bool(d.poll(3000)) and Reply.FromString(d.recv_multipart()[-1]).status == Reply.ACK
+
+        assert wait_for(answered, 60)
+        collector.refresh()
+        assert collector.counters.stored == 1
+    finally:
+        for s in held:
+            s.close()
+        collector.stop()

@@ -80,7 +80,8 @@ def _open_to_others(path: str) -> bool:
         return False
 
 
-def _vm_size() -> int:
+def vm_size() -> int:
+    """This process's virtual memory size in bytes (what RLIMIT_AS counts)."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith("VmSize:"):
@@ -102,7 +103,7 @@ def _child(
     for extra in (module_name, *imports):  # before the limits: importing is ours, not the vendor's
         importlib.import_module(extra)
     fn = getattr(importlib.import_module(module_name), name)
-    resource.setrlimit(resource.RLIMIT_AS, (_vm_size() + limits.memory_bytes,) * 2)
+    resource.setrlimit(resource.RLIMIT_AS, (vm_size() + limits.memory_bytes,) * 2)
     cpu = int(limits.seconds * max(1, os.cpu_count() or 1)) + 1
     resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))

@@ -120,6 +120,12 @@ class CollectorCounters:
     by_reason: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
 
+def max_frame_bytes(max_tensor_bytes: int) -> int:
+    """The largest frame the collector's socket takes (``ZMQ_MAXMSGSIZE``): twice the tensor limit and room for a
+    header, so that a tensor somewhat over the limit is answered REJECTED, and anything far over disconnects."""
+    return 2 * max_tensor_bytes + (64 << 10)
+
+
 def quarantine_dir(root: Path, fleet: str, version: int) -> Path:
     """Folder of the quarantine collected for one fleet while ``version`` served."""
     return root / fleet / str(int(version))
@@ -334,6 +340,11 @@ class Collector:
         self._thread = threading.Thread(target=self._run, name="collector", daemon=True)
 
     @property
+    def alive(self) -> bool:
+        """Whether the ROUTER loop still runs."""
+        return self._thread.is_alive()
+
+    @property
     def open_stores(self) -> int:
         """Quarantine stores open now."""
         return len(self._stores)
@@ -368,9 +379,11 @@ class Collector:
         # window of ~1,000 unacknowledged messages then waits for ACKs that never come. A reply is ~30 bytes, so
         # a mark far above any sender's window costs little and drops nothing a reading peer would get.
         sock.setsockopt(zmq.SNDHWM, REPLY_HWM)
-        # A memory guard far above the tensor limit: a peer sending more is disconnected by ZeroMQ; anything
-        # between the two limits is received and answered REJECTED (oversized).
-        sock.setsockopt(zmq.MAXMSGSIZE, max(64 << 20, 4 * self.cfg.max_tensor_bytes))
+        # A frame guard above the tensor limit: a peer sending a larger frame is disconnected by ZeroMQ; anything
+        # between the two limits is received and answered REJECTED (oversized). It bounds a frame, not a message
+        # (libzmq buffers a multipart message's frames until its last): serve runs the collector in a process of its
+        # own under memory and descriptor caps for that (collector_process.py).
+        sock.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes(self.cfg.max_tensor_bytes))
         auth = None
         try:
             if self.cfg.curve_secret is not None:

@@ -22,15 +22,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import zmq
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from edge_agent.formats.errors import QuarantineError
 from edge_agent.formats.signing import load_private_key
-from edge_agent.options import flag, positive_float
+from edge_agent.options import flag, positive, positive_float
 from edge_agent.ports import StateLock, check_address
 from trainer.service.collector import Collector, CollectorConfig, SpecSource, VersionSpec
+from trainer.service.collector_process import CollectorProcess
 from trainer.service.jobs import JobPolicy, JobRunner, make_backend
 from trainer.service.model_service import ModelServer, ModelServicer, ServiceConfig
 from trainer.service.registry import Registry
@@ -59,6 +59,10 @@ class ServeConfig:
     metrics_port: int | None = flag(None, "Prometheus /metrics port (default: off)", type=int)
     insecure: bool = flag(False, "allow a plaintext model service (a warning is logged)")
     rollout_interval: float = flag(1.0, "seconds between judgings of the fleets' staged rollouts", type=positive_float)
+    # The collector runs in a process of its own under these caps (trainer/service/collector_process.py): a sender's
+    # flood kills and restarts it, and never takes the model service's memory or descriptors.
+    collector_memory_mb: int = flag(2048, "the collector process's memory cap beyond its imports, MiB", type=positive)
+    collector_files: int = flag(8192, "the collector process's descriptor cap (connections included)", type=positive)
     metrics_host: str = "127.0.0.1"
 
     @property
@@ -122,11 +126,13 @@ def spec_source(store: ModelStore) -> SpecSource:
 class ServeMetrics:
     """Prometheus metrics of ``serve``, read from the collector's and the model service's counters when scraped."""
 
-    def __init__(self, collector: Collector, servicer: ModelServicer) -> None:
+    def __init__(self, collector: Collector | CollectorProcess, servicer: ModelServicer) -> None:
         self.collector, self.servicer = collector, servicer
 
     def collect(self) -> Iterator[Metric]:
         """Called by prometheus-client on each scrape."""
+        if isinstance(self.collector, CollectorProcess):
+            self.collector.refresh()  # the collector's own process: its counters as of this scrape
         c = self.collector.counters
         for name, doc, value in (
             ("received", "Quarantine messages received", c.received),
@@ -176,13 +182,12 @@ def serve(cfg: ServeConfig, stop: threading.Event | None = None) -> dict[str, An
         store = ModelStore(cfg.store, load_private_key(cfg.signing_key) if cfg.signing_key else None)
         registry = Registry(cfg.state_dir / "registry.sqlite")
         started.callback(registry.close)
-        context = zmq.Context()
-        started.callback(context.term)
-        collector = Collector(
+        collector = CollectorProcess(
             CollectorConfig(**{**cfg.collector.__dict__, "root": cfg.quarantine_root}),
-            spec_source(store),
-            registry,
-            context,
+            cfg.store,
+            cfg.state_dir / "registry.sqlite",
+            memory_bytes=cfg.collector_memory_mb << 20,
+            files=cfg.collector_files,
         ).start()
         started.callback(collector.stop)
         servicer = ModelServicer(store, registry, cfg.quarantine_root, cfg.service)
