@@ -28,6 +28,7 @@ import numpy as np
 from edge_agent.agent import Agent
 from edge_agent.ensemble import Ensemble
 from edge_agent.formats.bundle import BundleError, VerifiedBundle, verify_bundle
+from edge_agent.formats.signing import check_rollback_order
 from edge_agent.formats.tls import channel as tls_channel
 from edge_agent.formats.tls import channel_credentials
 from edge_agent.runtime import RuntimeConfig
@@ -108,6 +109,21 @@ class BundleCache:
         for d in (self.root / "versions").iterdir():
             if d.name not in keep:
                 shutil.rmtree(d, ignore_errors=True)
+
+    def last_rollback(self) -> float:
+        """When the newest signed rollback order this agent applied was issued (0: none)."""
+        try:
+            return float(json.loads((self.root / "rollback.json").read_text())["issued_at"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return 0.0
+
+    def record_rollback(self, issued_at: float) -> None:
+        """Remember a signed rollback order as applied (written atomically): no older order is taken again."""
+        tmp = self.root / "rollback.json.tmp"
+        tmp.write_text(json.dumps({"issued_at": issued_at}))
+        with tmp.open("rb") as f:
+            os.fsync(f.fileno())
+        tmp.replace(self.root / "rollback.json")
 
     def rollback(self) -> int:
         """Swap current and previous; returns the version now current."""
@@ -222,9 +238,17 @@ class Updater:
             return False
         if version == current.version:
             return True
-        if version < current.version and not notice.rollback:
-            self._refuse(version, f"older than the current v{current.version} and not marked as a rollback")
-            return False
+        order = None
+        if version < current.version:
+            if self.cache.trusted is not None:  # going back needs the operator's signed order, not a flag
+                try:
+                    order = self._rollback_order(notice, current.version)
+                except BundleError as e:
+                    self._refuse(version, f"older than the current v{current.version}: {e}")
+                    return False
+            elif not notice.rollback:
+                self._refuse(version, f"older than the current v{current.version} and not marked as a rollback")
+                return False
         cur_spec, new_spec = current.manifest.input_spec, notice.manifest.input_spec
         if list(cur_spec.shape) != list(new_spec.shape) or cur_spec.dtype != new_spec.dtype:
             self._refuse(version, f"input spec {list(new_spec.shape)} {new_spec.dtype} differs from the fleet's")
@@ -250,10 +274,27 @@ class Updater:
             ensemble.bundle = VerifiedBundle(path, bundle.manifest)  # sessions are in memory; files moved
         self.agent.swap(ensemble)
         self.cache.set_current(version)
+        if order is not None:
+            self.cache.record_rollback(order.issued_at)
         self.counters.applied += 1
         self.counters.history.append(f"applied v{version}" + (" (cached)" if cached is not None else ""))
         log.info("now serving bundle v%d (was v%d)%s", version, current.version, ", from the cache" if cached else "")
         return True
+
+    def _rollback_order(self, notice: model_service_pb2.VersionNotice, serving: int) -> model_service_pb2.RollbackOrder:
+        """The notice's signed rollback order when it applies to this agent now; :class:`BundleError` otherwise."""
+        assert self.cache.trusted is not None
+        order = check_rollback_order(notice.rollback_order, self.cache.trusted)
+        now = time.time()
+        if order.fleet != self.cfg.fleet or order.version != notice.version:
+            raise BundleError(f"the signed order is for {order.fleet!r} v{order.version}, not this notice")
+        if order.from_version != serving:
+            raise BundleError(f"the signed order goes back from v{order.from_version}, this agent serves v{serving}")
+        if not order.issued_at <= now + 300 or order.expires_at < now:
+            raise BundleError("the signed rollback order has expired (or is dated in the future)")
+        if order.issued_at <= self.cache.last_rollback():
+            raise BundleError("the signed rollback order is not newer than one this agent applied (a replay)")
+        return order
 
     def download(
         self, stub: model_service_pb2_grpc.ModelServiceStub, notice: model_service_pb2.VersionNotice, staged: Path

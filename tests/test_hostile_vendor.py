@@ -608,3 +608,141 @@ def test_unfinished_frames_and_held_connections_hit_the_collectors_caps_not_serv
         for s in held:
             s.close()
         collector.stop()
+
+
+# -- 7. going back needs the operator's signed order ------------------------------------------------------------
+
+
+def test_an_older_version_needs_a_fresh_signed_rollback_order_for_this_agent(tmp_path: Path) -> None:
+    import base64
+    import shutil
+    import time
+
+    from conftest import rgb_bundle
+    from edge_agent.agent import Agent
+    from edge_agent.ensemble import Ensemble
+    from edge_agent.formats.bundle import write_bundle
+    from edge_agent.formats.signing import generate_keys, load_private_key, load_trusted_keys, sign_rollback_order
+    from edge_agent.monitor import RejectMonitor
+    from edge_agent.spool import Spool, SpoolConfig
+    from edge_agent.updates import BundleCache, UpdateConfig, Updater
+    from protos.nnoc.v1 import model_service_pb2 as ms
+    from trainer.service.store import ModelStore
+
+    key, pub = generate_keys(tmp_path / "keys")
+    other, _ = generate_keys(tmp_path / "keys", "other")
+    store = ModelStore(tmp_path / "exports", load_private_key(key))
+    store.create("cams")
+    block = Preprocess(color="rgb", size=(32, 32))
+    for v in (1, 2):
+        b = rgb_bundle(tmp_path / f"b{v}", block)
+        manifest_path = b / "manifest.pb"
+        m = bundle_pb2.Manifest.FromString(manifest_path.read_bytes())
+        m.version = v
+        write_bundle(tmp_path / f"v{v}" / "bundle", {r: b / f"{r}.onnx" for r in ("primary", "monitor")}, m)
+        store.add("cams", tmp_path / f"v{v}")
+    store.publish("cams", 1)
+    store.publish("cams", 2)
+    cache = BundleCache(tmp_path / "cache", load_trusted_keys([pub]))
+    for v in (1, 2):
+        shutil.copytree(store.version_dir("cams", v) / "bundle", tmp_path / f"stage{v}")
+        cache.install(tmp_path / f"stage{v}", v)
+        cache.set_current(v)
+    bundle = cache.load()
+    assert bundle is not None and bundle.version == 2
+    with Spool(SpoolConfig(tmp_path / "spool.sqlite")) as spool:
+        agent = Agent(Ensemble(bundle), spool, RejectMonitor(), "cam-1")
+        updater = Updater(agent, cache, UpdateConfig("127.0.0.1:1", "cams", "cam-1"))
+        v1 = store.manifest("cams", 1)
+
+        def notice(order: Any = None) -> Any:
+            n = ms.VersionNotice(fleet="cams", version=1, manifest=v1, rollback=True)
+            if order is not None:
+                n.rollback_order.CopyFrom(order)
+            return n
+
+        def order(signer: Path = key, **kw: Any) -> Any:
+            now = time.time()
+            fields = {"fleet": "cams", "version": 1, "from_version": 2, "issued_at": now, "expires_at": now + 60}
+            return sign_rollback_order(ms.RollbackOrder(**{**fields, **kw}), load_private_key(signer))
+
+        # The unsigned flag (what a hostile service replaying signed v1 sends) moves nothing; nor do orders that are
+        # not this agent's, not the operator's, or out of date.
+        for bad, says in (
+            (notice(), "carries none"),
+            (notice(order(other)), "not among the trusted keys"),
+            (notice(order(from_version=3)), "goes back from v3"),
+            (notice(order(fleet="other")), "for 'other'"),
+            (notice(order(expires_at=time.time() - 1)), "expired"),
+        ):
+            assert updater.handle(None, bad) is False  # type: ignore[arg-type]
+            assert agent.ensemble.bundle.version == 2 and says in updater.counters.last_error
+        # The operator's rollback in the store signs an order; with it the agent goes back.
+        store.rollback("cams", 1)
+        signed = bundle_pb2.Signature.FromString(store.rollback_order("cams"))
+        assert updater.handle(None, notice(signed)) is True  # type: ignore[arg-type]
+        assert agent.ensemble.bundle.version == 1
+        # Forward again, then the same order replayed: refused (not newer than the one applied).
+        v2 = ms.VersionNotice(fleet="cams", version=2, manifest=store.manifest("cams", 2))
+        assert updater.handle(None, v2) is True  # type: ignore[arg-type]
+        assert updater.handle(None, notice(signed)) is False  # type: ignore[arg-type]
+        assert "replay" in updater.counters.last_error and agent.ensemble.bundle.version == 2
+        assert base64.b64decode(json.loads((store.root / "cams" / "fleet.json").read_text())["rollback_order"])
+        # Publishing an older version is a rollback, said so: store and fleet cannot disagree.
+        store.publish("cams", 2)
+        with pytest.raises(Exception, match="is a rollback"):
+            store.publish("cams", 1)
+
+
+def test_envelope_signatures_verify_the_bytes_signed_and_old_bundles_still_verify(tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from edge_agent.formats.bundle import BundleError
+    from edge_agent.formats.signing import ALGORITHM, check_signature, key_id, sign_manifest, signed_bytes
+
+    private = Ed25519PrivateKey.generate()
+    trusted = {key_id(private.public_key()): private.public_key()}
+    m = bundle_pb2.Manifest(fleet="cams", version=3, class_names=["a", "b"])
+    sign_manifest(m, private)
+    assert m.signature.envelope == "dsse-v1" and check_signature(m, trusted)
+    tampered = bundle_pb2.Manifest()
+    tampered.CopyFrom(m)
+    tampered.version = 4
+    with pytest.raises(BundleError, match="differs from the one its signature covers"):
+        check_signature(tampered, trusted)
+    # A bundle signed the old way (over the re-serialised manifest) still verifies.
+    old = bundle_pb2.Manifest(fleet="cams", version=1)
+    old.signature.CopyFrom(
+        bundle_pb2.Signature(
+            algorithm=ALGORITHM, key_id=key_id(private.public_key()), value=private.sign(signed_bytes(old))
+        )
+    )
+    assert check_signature(old, trusted)
+
+
+# -- 9. door checks before the grid ------------------------------------------------------------------------------
+
+
+def test_a_model_the_exporter_cannot_take_is_refused_at_the_door_not_after_the_grid(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((700, 10)).astype(np.float32), "W"),
+        *(numpy_helper.from_array(np.array([v], np.int64), n) for n, v in (("st", 0), ("en", 700), ("ax", 1))),
+    ]
+    nodes = [
+        helper.make_node("Flatten", ["x"], ["f"]),
+        helper.make_node("Slice", ["f", "st", "en", "ax"], ["s"]),
+        helper.make_node("MatMul", ["s", "W"], ["logits"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "sliced", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 28, 28])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])], initializer=inits,
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    (tmp_path / "sliced.onnx").write_bytes(model.SerializeToString())
+    sizes = ["--valid-size", "200", "--stream-size", "100", "--train-size", "500", "--test-size", "200"]
+    code, out, err = _cli(ROOT, "predeploy", "--model", str(tmp_path / "sliced.onnx"), "--out", str(tmp_path / "pd"),
+                          *sizes)  # fmt: skip
+    assert code == 2 and out is not None and "cannot be exported to ONNX again" in out["error"]
+    assert "Traceback" not in err and not (tmp_path / "pd" / "candidates.csv").exists()

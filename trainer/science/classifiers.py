@@ -11,6 +11,7 @@ import torch
 
 from edge_agent.formats.preprocess import Preprocess
 from edge_agent.formats.spec import InputSpec
+from edge_agent.formats.untrusted import self_contained_onnx
 from trainer.science.export import META_CLASS_NAMES, META_INPUT_SPEC, META_PREPROCESS
 
 
@@ -43,8 +44,9 @@ class OnnxClassifier:
 
         if not path.is_file():
             raise ValueError(f"model file {path} does not exist")
+        data = self_contained_onnx(path.read_bytes(), str(path))  # external data is refused: no path is followed
         try:
-            self.session = ort.InferenceSession(str(path), providers=providers or cpu_or_cuda_providers())
+            self.session = ort.InferenceSession(data, providers=providers or cpu_or_cuda_providers())
         except Exception as e:  # onnxruntime raises its own exception types for bad files
             raise ValueError(f"{path} is not a loadable ONNX model: {e}") from e
         meta = self.session.get_modelmeta().custom_metadata_map

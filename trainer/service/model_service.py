@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import fnmatch
 import logging
 import threading
@@ -212,7 +213,12 @@ class ModelServicer(ms_grpc.ModelServiceServicer):
         if version not in manifests:
             manifests[version] = read_manifest(self.store.version_dir(view.fleet, version) / "bundle")
         rollback = back or (version == view.current and view.last_action == "rollback")
-        return ms.VersionNotice(fleet=view.fleet, version=version, manifest=manifests[version], rollback=rollback)
+        notice = ms.VersionNotice(fleet=view.fleet, version=version, manifest=manifests[version], rollback=rollback)
+        if back and view.rollout is not None and view.rollout.get("rollback_order"):
+            notice.rollback_order.ParseFromString(base64.b64decode(view.rollout["rollback_order"]))
+        elif rollback:
+            notice.rollback_order.ParseFromString(self.store.rollback_order(view.fleet))
+        return notice
 
     def _manifests(self, fleet: str, versions: set[int | None]) -> dict[int, Any]:
         return {v: read_manifest(self.store.version_dir(fleet, v) / "bundle") for v in versions if v is not None}

@@ -16,6 +16,7 @@ interleave; readers take no lock and always see a whole version and a consistent
 
 from __future__ import annotations
 
+import base64
 import fcntl
 import json
 import os
@@ -42,9 +43,10 @@ from edge_agent.formats.bundle import (
     verify_bundle,
 )
 from edge_agent.formats.names import check_name
-from edge_agent.formats.signing import sign_manifest
-from protos.nnoc.v1 import bundle_pb2
+from edge_agent.formats.signing import sign_manifest, sign_rollback_order
+from protos.nnoc.v1 import bundle_pb2, model_service_pb2
 
+ROLLBACK_ORDER_TTL = 7 * 86400.0  # seconds a rollback order holds: an agent offline longer stays where it is
 TEMP_JSON = re.compile(r"\..+\.json\.[0-9a-f]{32}")  # what _write_json writes before its rename
 
 CHECKPOINTS = ("primary.pt", "monitor.pt")
@@ -262,12 +264,37 @@ class ModelStore:
             if version not in state.versions:
                 raise StoreError(f"fleet {fleet!r} has no version {version} (stored: {state.versions})")
             self._refuse_during_rollout(state, action)
+            if action == "publish" and state.current is not None and version < state.current:
+                raise StoreError(
+                    f"v{version} is older than fleet {fleet!r}'s current v{state.current}: going back is a rollback "
+                    f"('nnoc-trainer fleet rollback {fleet} --version {version}'), which agents are told is one"
+                )
             entry = {"action": action, "version": version, "from": state.current, "at": time.time(), "by": by}
             if note:
                 entry["note"] = note
+            order = None
+            if action == "rollback" and state.current is not None:
+                order = self.rollback_order_for(fleet, version, state.current)
             # a publish or rollback supersedes an aborted rollout: every device follows the new current version
-            self._write_state(fleet, version, [*state.history, entry], rollout=None)
+            self._write_state(fleet, version, [*state.history, entry], rollout=None, rollback_order=order)
         return self.state(fleet)
+
+    def rollback_order_for(self, fleet: str, version: int, from_version: int) -> str | None:
+        """A signed order to go back from ``from_version`` to ``version`` (base64 of its DSSE signature), valid for
+        :data:`ROLLBACK_ORDER_TTL`; None when the store has no signing key (agents without trusted keys take the
+        notice's flag alone)."""
+        if self.signing_key is None:
+            return None
+        now = time.time()
+        order = model_service_pb2.RollbackOrder(
+            fleet=fleet, version=version, from_version=from_version, issued_at=now, expires_at=now + ROLLBACK_ORDER_TTL
+        )
+        return base64.b64encode(sign_rollback_order(order, self.signing_key).SerializeToString()).decode()
+
+    def rollback_order(self, fleet: str) -> bytes:
+        """The signed order of the fleet's last rollback (serialised Signature; empty when there is none)."""
+        data = json.loads((self._fleet_dir(fleet) / "fleet.json").read_text())
+        return base64.b64decode(data["rollback_order"]) if data.get("rollback_order") else b""
 
     def _refuse_during_rollout(self, state: FleetState, action: str) -> None:
         record = self._rollout_record(state.name, state.rollout) if state.rollout else None
@@ -338,6 +365,10 @@ class ModelStore:
             before = record["state"]
             change(record)
             record["updated"] = time.time()
+            if record["state"] == "aborted" and before != "aborted":  # the devices on the target go back, signed
+                record["rollback_order"] = self.rollback_order_for(
+                    fleet, int(record["baseline"]), int(record["target"])
+                )
             self._write_json(self._rollout_path(fleet, rollout_id), record)
             if record["state"] != before and record["state"] in ("completed", "aborted"):
                 state = self.state(fleet)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -26,9 +27,10 @@ from edge_agent.options import flag, fraction, positive, positive_float
 from protos.nnoc.v1 import bundle_pb2
 from trainer.errors import NoCandidateError
 from trainer.science.data import ImageSet, Splits
+from trainer.science.export import export_onnx
 from trainer.science.importers import PARITY_TOLERANCE, ModelImportError, onnxruntime_logits
 from trainer.science.metrics import Evaluation, evaluate, poisoned_copy
-from trainer.science.models import Checkpoint
+from trainer.science.models import ARCHITECTURES, Checkpoint
 from trainer.science.noise import NoiseConfig, augment
 from trainer.science.training import TrainConfig, default_device, predict, to_input, train
 from trainer.science.triggers import Trigger
@@ -243,7 +245,27 @@ def load_suspect(source: ModelSource, splits: Splits) -> tuple[Checkpoint, Split
         )
     if len(suspect.class_names) != len(splits.class_names):
         raise ValueError(f"{source.path}: model has {len(suspect.class_names)} classes, data {len(splits.class_names)}")
+    if suspect.architecture not in ARCHITECTURES:
+        check_exportable(suspect, str(source.path))
     return suspect, images
+
+
+def check_exportable(suspect: Checkpoint, where: str) -> None:
+    """The converted model exports to ONNX again, as bundle v1 and every repair will: a door check, before the grid
+    (an operator the exporter cannot take would otherwise fail after the whole treatment)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            export_onnx(suspect.network(), suspect.input_spec, suspect.class_names, Path(tmp) / "probe.onnx")
+        except Exception as e:  # torch.onnx and the checker raise many types for a graph they cannot take
+            cause = e.__cause__ or e  # torch.onnx wraps the exporter's own error in a banner
+            text = re.sub(r"\x1b\[[0-9;]*m", "", str(cause)).strip().splitlines()
+            raise ModelImportError(
+                f"{where}: the converted model cannot be exported to ONNX again ({type(cause).__name__}: "
+                f"{text[0][:300] if text else ''}); export it with torch.export (.pt2) or give --arch NAME "
+                "--weights FILE"
+            ) from None
 
 
 def check_primary(bundle_dir: Path, suspect: Checkpoint, source: ModelSource, images: np.ndarray) -> float:

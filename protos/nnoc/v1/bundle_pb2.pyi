@@ -85,14 +85,20 @@ class Artifact(_message.Message):
     def __init__(self, name: _Optional[str] = ..., role: _Optional[str] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ..., metrics: _Optional[_Union[Metrics, _Mapping]] = ...) -> None: ...
 
 class Signature(_message.Message):
-    __slots__ = ("algorithm", "key_id", "value")
+    __slots__ = ("algorithm", "key_id", "value", "envelope", "payload_type", "signed_body")
     ALGORITHM_FIELD_NUMBER: _ClassVar[int]
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
     VALUE_FIELD_NUMBER: _ClassVar[int]
+    ENVELOPE_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_TYPE_FIELD_NUMBER: _ClassVar[int]
+    SIGNED_BODY_FIELD_NUMBER: _ClassVar[int]
     algorithm: str
     key_id: str
     value: bytes
-    def __init__(self, algorithm: _Optional[str] = ..., key_id: _Optional[str] = ..., value: _Optional[bytes] = ...) -> None: ...
+    envelope: str
+    payload_type: str
+    signed_body: bytes
+    def __init__(self, algorithm: _Optional[str] = ..., key_id: _Optional[str] = ..., value: _Optional[bytes] = ..., envelope: _Optional[str] = ..., payload_type: _Optional[str] = ..., signed_body: _Optional[bytes] = ...) -> None: ...
 
 class Manifest(_message.Message):
     __slots__ = ("format", "fleet", "version", "parent_version", "artifacts", "input_spec", "class_names", "created_at", "created_by", "provenance", "signature", "reject_rule")

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from protos.nnoc.v1 import bundle_pb2 as protos_dot_nnoc_dot_v1_dot_bundle__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"protos/nnoc/v1/model_service.proto\x12\x07nnoc.v1\x1a\x1bprotos/nnoc/v1/bundle.proto\"M\n\x10SubscribeRequest\x12\r\n\x05\x66leet\x18\x01 \x01(\t\x12\x11\n\tdevice_id\x18\x02 \x01(\t\x12\x17\n\x0f\x63urrent_version\x18\x03 \x01(\x04\"f\n\rVersionNotice\x12\r\n\x05\x66leet\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12#\n\x08manifest\x18\x03 \x01(\x0b\x32\x11.nnoc.v1.Manifest\x12\x10\n\x08rollback\x18\x04 \x01(\x08\"O\n\x0f\x44ownloadRequest\x12\r\n\x05\x66leet\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0e\n\x06offset\x18\x04 \x01(\x03\"9\n\x05\x43hunk\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x12\n\ntotal_size\x18\x03 \x01(\x03\"\x13\n\x11ListFleetsRequest\"$\n\x12ListFleetsResponse\x12\x0e\n\x06\x66leets\x18\x01 \x03(\t\"#\n\x12\x46leetStatusRequest\x12\r\n\x05\x66leet\x18\x01 \x01(\t\"\xc4\x01\n\nDeviceInfo\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x16\n\x0e\x62undle_version\x18\x02 \x01(\x04\x12\x10\n\x08requests\x18\x03 \x01(\x04\x12\x0f\n\x07rejects\x18\x04 \x01(\x04\x12\x1a\n\x12window_reject_rate\x18\x05 \x01(\x01\x12\x13\n\x0bspool_depth\x18\x06 \x01(\x04\x12\x10\n\x08provider\x18\x07 \x01(\t\x12\x11\n\tlast_seen\x18\x08 \x01(\x01\x12\x12\n\nsubscribed\x18\t \x01(\x08\"\x93\x01\n\x07JobInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x14\n\x0c\x66rom_version\x18\x02 \x01(\x04\x12\r\n\x05state\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x05 \x01(\t\x12\x0f\n\x07version\x18\x06 \x01(\x04\x12\x12\n\ncreated_at\x18\x07 \x01(\x01\x12\x12\n\nupdated_at\x18\x08 \x01(\x01\"H\n\x0bVersionInfo\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x17\n\x0fquarantine_size\x18\x02 \x01(\x04\x12\x0f\n\x07\x63urrent\x18\x03 \x01(\x08\"\xcd\x01\n\x13\x46leetStatusResponse\x12\r\n\x05\x66leet\x18\x01 \x01(\t\x12\x17\n\x0f\x63urrent_version\x18\x02 \x01(\x04\x12&\n\x08versions\x18\x03 \x03(\x0b\x32\x14.nnoc.v1.VersionInfo\x12$\n\x07\x64\x65vices\x18\x04 \x03(\x0b\x32\x13.nnoc.v1.DeviceInfo\x12\x1e\n\x04jobs\x18\x05 \x03(\x0b\x32\x10.nnoc.v1.JobInfo\x12\x0f\n\x07history\x18\x06 \x03(\t\x12\x0f\n\x07rollout\x18\x07 \x03(\t\"K\n\x0ePublishRequest\x12\r\n\x05\x66leet\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x0c\n\x04note\x18\x03 \x01(\t\x12\x0b\n\x03now\x18\x04 \x01(\x08\"1\n\x0fRollbackRequest\x12\r\n\x05\x66leet\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x32\x9f\x03\n\x0cModelService\x12@\n\tSubscribe\x12\x19.nnoc.v1.SubscribeRequest\x1a\x16.nnoc.v1.VersionNotice0\x01\x12\x36\n\x08\x44ownload\x12\x18.nnoc.v1.DownloadRequest\x1a\x0e.nnoc.v1.Chunk0\x01\x12\x45\n\nListFleets\x12\x1a.nnoc.v1.ListFleetsRequest\x1a\x1b.nnoc.v1.ListFleetsResponse\x12H\n\x0b\x46leetStatus\x12\x1b.nnoc.v1.FleetStatusRequest\x1a\x1c.nnoc.v1.FleetStatusResponse\x12@\n\x07Publish\x12\x17.nnoc.v1.PublishRequest\x1a\x1c.nnoc.v1.FleetStatusResponse\x12\x42\n\x08Rollback\x12\x18.nnoc.v1.RollbackRequest\x1a\x1c.nnoc.v1.FleetStatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"protos/nnoc/v1/model_service.proto\x12\x07nnoc.v1\x1a\x1bprotos/nnoc/v1/bundle.proto\"M\n\x10SubscribeRequest\x12\r\n\x05\x66leet\x18\x01 \x01(\t\x12\x11\n\tdevice_id\x18\x02 \x01(\t\x12\x17\n\x0f\x63urrent_version\x18\x03 \x01(\x04\"\x92\x01\n\rVersionNotice\x12\r\n\x05\x66leet\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12#\n\x08manifest\x18\x03 \x01(\x0b\x32\x11.nnoc.v1.Manifest\x12\x10\n\x08rollback\x18\x04 \x01(\x08\x12*\n\x0erollback_order\x18\x05 \x01(\x0b\x32\x12.nnoc.v1.Signature\"l\n\rRollbackOrder\x12\r\n\x05\x66leet\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x14\n\x0c\x66rom_version\x18\x03 \x01(\x04\x12\x11\n\tissued_at\x18\x04 \x01(\x01\x12\x12\n\nexpires_at\x18\x05 \x01(\x01\"O\n\x0f\x44ownloadRequest\x12\r\n\x05\x66leet\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0e\n\x06offset\x18\x04 \x01(\x03\"9\n\x05\x43hunk\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x12\n\ntotal_size\x18\x03 \x01(\x03\"\x13\n\x11ListFleetsRequest\"$\n\x12ListFleetsResponse\x12\x0e\n\x06\x66leets\x18\x01 \x03(\t\"#\n\x12\x46leetStatusRequest\x12\r\n\x05\x66leet\x18\x01 \x01(\t\"\xc4\x01\n\nDeviceInfo\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x16\n\x0e\x62undle_version\x18\x02 \x01(\x04\x12\x10\n\x08requests\x18\x03 \x01(\x04\x12\x0f\n\x07rejects\x18\x04 \x01(\x04\x12\x1a\n\x12window_reject_rate\x18\x05 \x01(\x01\x12\x13\n\x0bspool_depth\x18\x06 \x01(\x04\x12\x10\n\x08provider\x18\x07 \x01(\t\x12\x11\n\tlast_seen\x18\x08 \x01(\x01\x12\x12\n\nsubscribed\x18\t \x01(\x08\"\x93\x01\n\x07JobInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x14\n\x0c\x66rom_version\x18\x02 \x01(\x04\x12\r\n\x05state\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x05 \x01(\t\x12\x0f\n\x07version\x18\x06 \x01(\x04\x12\x12\n\ncreated_at\x18\x07 \x01(\x01\x12\x12\n\nupdated_at\x18\x08 \x01(\x01\"H\n\x0bVersionInfo\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x17\n\x0fquarantine_size\x18\x02 \x01(\x04\x12\x0f\n\x07\x63urrent\x18\x03 \x01(\x08\"\xcd\x01\n\x13\x46leetStatusResponse\x12\r\n\x05\x66leet\x18\x01 \x01(\t\x12\x17\n\x0f\x63urrent_version\x18\x02 \x01(\x04\x12&\n\x08versions\x18\x03 \x03(\x0b\x32\x14.nnoc.v1.VersionInfo\x12$\n\x07\x64\x65vices\x18\x04 \x03(\x0b\x32\x13.nnoc.v1.DeviceInfo\x12\x1e\n\x04jobs\x18\x05 \x03(\x0b\x32\x10.nnoc.v1.JobInfo\x12\x0f\n\x07history\x18\x06 \x03(\t\x12\x0f\n\x07rollout\x18\x07 \x03(\t\"K\n\x0ePublishRequest\x12\r\n\x05\x66leet\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x0c\n\x04note\x18\x03 \x01(\t\x12\x0b\n\x03now\x18\x04 \x01(\x08\"1\n\x0fRollbackRequest\x12\r\n\x05\x66leet\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x32\x9f\x03\n\x0cModelService\x12@\n\tSubscribe\x12\x19.nnoc.v1.SubscribeRequest\x1a\x16.nnoc.v1.VersionNotice0\x01\x12\x36\n\x08\x44ownload\x12\x18.nnoc.v1.DownloadRequest\x1a\x0e.nnoc.v1.Chunk0\x01\x12\x45\n\nListFleets\x12\x1a.nnoc.v1.ListFleetsRequest\x1a\x1b.nnoc.v1.ListFleetsResponse\x12H\n\x0b\x46leetStatus\x12\x1b.nnoc.v1.FleetStatusRequest\x1a\x1c.nnoc.v1.FleetStatusResponse\x12@\n\x07Publish\x12\x17.nnoc.v1.PublishRequest\x1a\x1c.nnoc.v1.FleetStatusResponse\x12\x42\n\x08Rollback\x12\x18.nnoc.v1.RollbackRequest\x1a\x1c.nnoc.v1.FleetStatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,30 +34,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SUBSCRIBEREQUEST']._serialized_start=76
   _globals['_SUBSCRIBEREQUEST']._serialized_end=153
-  _globals['_VERSIONNOTICE']._serialized_start=155
-  _globals['_VERSIONNOTICE']._serialized_end=257
-  _globals['_DOWNLOADREQUEST']._serialized_start=259
-  _globals['_DOWNLOADREQUEST']._serialized_end=338
-  _globals['_CHUNK']._serialized_start=340
-  _globals['_CHUNK']._serialized_end=397
-  _globals['_LISTFLEETSREQUEST']._serialized_start=399
-  _globals['_LISTFLEETSREQUEST']._serialized_end=418
-  _globals['_LISTFLEETSRESPONSE']._serialized_start=420
-  _globals['_LISTFLEETSRESPONSE']._serialized_end=456
-  _globals['_FLEETSTATUSREQUEST']._serialized_start=458
-  _globals['_FLEETSTATUSREQUEST']._serialized_end=493
-  _globals['_DEVICEINFO']._serialized_start=496
-  _globals['_DEVICEINFO']._serialized_end=692
-  _globals['_JOBINFO']._serialized_start=695
-  _globals['_JOBINFO']._serialized_end=842
-  _globals['_VERSIONINFO']._serialized_start=844
-  _globals['_VERSIONINFO']._serialized_end=916
-  _globals['_FLEETSTATUSRESPONSE']._serialized_start=919
-  _globals['_FLEETSTATUSRESPONSE']._serialized_end=1124
-  _globals['_PUBLISHREQUEST']._serialized_start=1126
-  _globals['_PUBLISHREQUEST']._serialized_end=1201
-  _globals['_ROLLBACKREQUEST']._serialized_start=1203
-  _globals['_ROLLBACKREQUEST']._serialized_end=1252
-  _globals['_MODELSERVICE']._serialized_start=1255
-  _globals['_MODELSERVICE']._serialized_end=1670
+  _globals['_VERSIONNOTICE']._serialized_start=156
+  _globals['_VERSIONNOTICE']._serialized_end=302
+  _globals['_ROLLBACKORDER']._serialized_start=304
+  _globals['_ROLLBACKORDER']._serialized_end=412
+  _globals['_DOWNLOADREQUEST']._serialized_start=414
+  _globals['_DOWNLOADREQUEST']._serialized_end=493
+  _globals['_CHUNK']._serialized_start=495
+  _globals['_CHUNK']._serialized_end=552
+  _globals['_LISTFLEETSREQUEST']._serialized_start=554
+  _globals['_LISTFLEETSREQUEST']._serialized_end=573
+  _globals['_LISTFLEETSRESPONSE']._serialized_start=575
+  _globals['_LISTFLEETSRESPONSE']._serialized_end=611
+  _globals['_FLEETSTATUSREQUEST']._serialized_start=613
+  _globals['_FLEETSTATUSREQUEST']._serialized_end=648
+  _globals['_DEVICEINFO']._serialized_start=651
+  _globals['_DEVICEINFO']._serialized_end=847
+  _globals['_JOBINFO']._serialized_start=850
+  _globals['_JOBINFO']._serialized_end=997
+  _globals['_VERSIONINFO']._serialized_start=999
+  _globals['_VERSIONINFO']._serialized_end=1071
+  _globals['_FLEETSTATUSRESPONSE']._serialized_start=1074
+  _globals['_FLEETSTATUSRESPONSE']._serialized_end=1279
+  _globals['_PUBLISHREQUEST']._serialized_start=1281
+  _globals['_PUBLISHREQUEST']._serialized_end=1356
+  _globals['_ROLLBACKREQUEST']._serialized_start=1358
+  _globals['_ROLLBACKREQUEST']._serialized_end=1407
+  _globals['_MODELSERVICE']._serialized_start=1410
+  _globals['_MODELSERVICE']._serialized_end=1825
 # @@protoc_insertion_point(module_scope)

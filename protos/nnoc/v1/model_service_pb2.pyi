@@ -18,16 +18,32 @@ class SubscribeRequest(_message.Message):
     def __init__(self, fleet: _Optional[str] = ..., device_id: _Optional[str] = ..., current_version: _Optional[int] = ...) -> None: ...
 
 class VersionNotice(_message.Message):
-    __slots__ = ("fleet", "version", "manifest", "rollback")
+    __slots__ = ("fleet", "version", "manifest", "rollback", "rollback_order")
     FLEET_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_FIELD_NUMBER: _ClassVar[int]
     ROLLBACK_FIELD_NUMBER: _ClassVar[int]
+    ROLLBACK_ORDER_FIELD_NUMBER: _ClassVar[int]
     fleet: str
     version: int
     manifest: _bundle_pb2.Manifest
     rollback: bool
-    def __init__(self, fleet: _Optional[str] = ..., version: _Optional[int] = ..., manifest: _Optional[_Union[_bundle_pb2.Manifest, _Mapping]] = ..., rollback: _Optional[bool] = ...) -> None: ...
+    rollback_order: _bundle_pb2.Signature
+    def __init__(self, fleet: _Optional[str] = ..., version: _Optional[int] = ..., manifest: _Optional[_Union[_bundle_pb2.Manifest, _Mapping]] = ..., rollback: _Optional[bool] = ..., rollback_order: _Optional[_Union[_bundle_pb2.Signature, _Mapping]] = ...) -> None: ...
+
+class RollbackOrder(_message.Message):
+    __slots__ = ("fleet", "version", "from_version", "issued_at", "expires_at")
+    FLEET_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    FROM_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ISSUED_AT_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    fleet: str
+    version: int
+    from_version: int
+    issued_at: float
+    expires_at: float
+    def __init__(self, fleet: _Optional[str] = ..., version: _Optional[int] = ..., from_version: _Optional[int] = ..., issued_at: _Optional[float] = ..., expires_at: _Optional[float] = ...) -> None: ...
 
 class DownloadRequest(_message.Message):
     __slots__ = ("fleet", "version", "name", "offset")
