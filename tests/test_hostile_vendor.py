@@ -746,3 +746,28 @@ def test_a_model_the_exporter_cannot_take_is_refused_at_the_door_not_after_the_g
                           *sizes)  # fmt: skip
     assert code == 2 and out is not None and "cannot be exported to ONNX again" in out["error"]
     assert "Traceback" not in err and not (tmp_path / "pd" / "candidates.csv").exists()
+
+
+def test_reports_of_unknown_versions_stay_out_of_the_registry_and_report_only_devices_expire(tmp_path: Path) -> None:
+    import time
+
+    from conftest import tiny_store
+    from trainer.service.collector import Collector, CollectorConfig
+    from trainer.service.registry import Registry
+    from trainer.service.serve import spec_source
+
+    store = tiny_store(tmp_path / "exports")
+    registry = Registry(tmp_path / "registry.sqlite")
+    c = Collector(CollectorConfig(root=tmp_path / "q", device_ttl=3600), spec_source(store), registry)
+
+    def stats(device: str, fleet: str = "default", version: int = 1) -> list[bytes]:
+        body = quarantine_pb2.AgentStats(device_id=device, fleet=fleet, bundle_version=version, requests=5)
+        return [device.encode(), body.SerializeToString()]
+
+    c.handle([stats(f"id-{i}") for i in range(50)] + [stats("x-1", "nowhere"), stats("x-2", version=9)])
+    assert len(registry.devices()) == 50 and c.counters.stats == 50
+    registry.record_subscription("id-7", "default", 1, True)  # a real agent: subscribed to the model service
+    time.sleep(0.05)
+    assert registry.expire(0.01) == 49
+    assert [d["device_id"] for d in registry.devices()] == ["id-7"]
+    registry.close()

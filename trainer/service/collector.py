@@ -90,6 +90,10 @@ class CollectorConfig:
         type=positive,
     )
     retry_after: float = 30.0  # seconds an OVER_QUOTA / UNAVAILABLE sender is asked to wait
+    # A device known only from its reports (it never subscribed to the model service) leaves the registry after this
+    # long without one: a sender cycling through identities cannot grow the registry for good.
+    device_ttl: float = flag(3600.0, "seconds a device that never subscribed stays listed after its last report",
+                             type=positive_float)  # fmt: skip
     log_interval: float = 10.0  # a repeated refusal is logged once per device and reason per interval
 
     def __post_init__(self) -> None:
@@ -332,6 +336,7 @@ class Collector:
         self._warn = _OnceEvery(cfg.log_interval)
         self._batch_layouts: dict[tuple[str, int], tuple[list[tuple[str, list[int], int]], int]] = {}
         self._curve = cfg.curve_secret is not None
+        self._next_expiry = 0.0
         self._stop = threading.Event()
         self._ready = threading.Event()
         self._error: BaseException | None = None
@@ -746,6 +751,11 @@ class Collector:
             why = "stats with a count above 2**63-1"
         elif not 0.0 <= stats.window_reject_rate <= 1.0:
             why = f"stats with a reject rate {stats.window_reject_rate} outside [0, 1]"
+        else:  # a device enters the registry only with a report of a stored fleet and version
+            try:
+                self._specs.get(stats.fleet, int(stats.bundle_version))
+            except QuarantineError as e:
+                why = f"stats of a version the store does not hold ({e})"
         if why:
             self.counters.malformed_frames += 1
             self.counters.by_reason["identity" if "sender" in why else "malformed"] += 1
@@ -755,5 +765,10 @@ class Collector:
         if self.registry is not None:
             try:
                 self.registry.record_stats(stats)
+                if time.monotonic() >= self._next_expiry:  # devices only reports ever named, silent for long: gone
+                    self._next_expiry = time.monotonic() + 60.0
+                    gone = self.registry.expire(self.cfg.device_ttl)
+                    if gone:
+                        log.info("registry: %d device(s) that never subscribed and went silent expired", gone)
             except sqlite3.Error as e:
                 self._warn(("*", "registry"), f"cannot record stats: {e}")

@@ -159,6 +159,25 @@ class Registry:
             ),
         )
 
+    def expire(self, max_age: float) -> int:
+        """Remove the devices that are not subscribed and sent nothing for ``max_age`` seconds (with their traffic
+        tallies); returns how many."""
+        cutoff = time.time() - max_age
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                self._db.execute(
+                    "DELETE FROM device_versions WHERE device_id IN "
+                    "(SELECT device_id FROM devices WHERE subscribed = 0 AND last_seen < ?)",
+                    (cutoff,),
+                )
+                gone = self._db.execute("DELETE FROM devices WHERE subscribed = 0 AND last_seen < ?", (cutoff,))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return int(gone.rowcount)
+
     def record_subscription(self, device_id: str, fleet: str, version: int, subscribed: bool) -> None:
         """An agent opened (or closed) its Subscribe stream, serving ``version``."""
         with self._lock:
