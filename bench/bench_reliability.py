@@ -410,15 +410,277 @@ def transport_curve(tmp: Path, n: int = 5000) -> dict[str, float]:
     return rates
 
 
+# -- floods aimed at the service and the edge (issue 36) -----------------------------------------------------
+
+
+def _proc_usage(pids: list[int]) -> tuple[float, int]:
+    """(RSS in MiB, open descriptors) of processes ``pids`` together (0 for one that is gone)."""
+    rss, fds = 0.0, 0
+    for pid in pids:
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+            rss += int(status.split("VmRSS:")[1].split()[0]) / 1024
+            fds += len(os.listdir(f"/proc/{pid}/fd"))
+        except (OSError, IndexError, ValueError):
+            pass
+    return rss, fds
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat[stat.rindex(")") + 2 :].split()[1]) == pid:
+                out.append(int(entry))
+    return out
+
+
+class _Watch:
+    """Samples serve's and its collector's RSS and descriptors, and calls the model service's health check and an
+    honest quarantine sender, every ``every`` seconds on a thread of its own, until stopped."""
+
+    def __init__(self, serve_pid: int, service: str, collector_port: int, every: float = 0.25) -> None:
+        import threading
+
+        self.serve_pid, self.service, self.port, self.every = serve_pid, service, collector_port, every
+        self.peak = {"serve_rss_mib": 0.0, "serve_fds": 0, "collector_rss_mib": 0.0, "collector_fds": 0}
+        self.health = [0, 0]  # answered, asked
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        import grpc
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        with grpc.insecure_channel(self.service) as ch:
+            stub = health_pb2_grpc.HealthStub(ch)
+            while not self._stop.wait(self.every):
+                rss, fds = _proc_usage([self.serve_pid])
+                crss, cfds = _proc_usage(_children(self.serve_pid))
+                for key, value in (("serve_rss_mib", rss), ("serve_fds", fds), ("collector_rss_mib", crss),
+                                   ("collector_fds", cfds)):  # fmt: skip
+                    self.peak[key] = max(self.peak[key], value)
+                self.health[1] += 1
+                try:
+                    stub.Check(health_pb2.HealthCheckRequest(), timeout=2)
+                    self.health[0] += 1
+                except grpc.RpcError:
+                    pass
+
+    def __enter__(self) -> _Watch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
+def _honest(port: int, seq: int, timeout_ms: int = 5000) -> bool:
+    """One valid quarantine message from a fresh DEALER: ACKed in time?"""
+    import zmq
+
+    from protos.nnoc.v1 import quarantine_pb2
+
+    h = quarantine_pb2.QuarantineHeader(device_id="cam-ok", fleet="default", bundle_version=1, seq=seq,
+                                        dtype="uint8", primary_label=0, monitor_label=1)  # fmt: skip
+    h.shape.extend([1, 28, 28])
+    with zmq.Context() as ctx, ctx.socket(zmq.DEALER) as d:
+        d.setsockopt(zmq.IDENTITY, b"cam-ok")
+        d.setsockopt(zmq.LINGER, 0)
+        d.connect(f"tcp://127.0.0.1:{port}")
+        d.send_multipart([h.SerializeToString(), bytes(28 * 28)])
+        if not d.poll(timeout_ms):
+            return False
+        return quarantine_pb2.QuarantineReply.FromString(d.recv_multipart()[-1]).status == 0
+
+
+def hostile_serve(tmp: Path, connections: int = 10_000) -> dict[str, Any]:
+    """``nnoc-trainer serve`` under the two floods of issue 36: 30 raw ZMTP senders streaming unfinished frames of
+    the largest size the collector takes (1.9 GB offered), then ``connections`` held TCP connections."""
+    import resource
+    import socket
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_hostile_vendor import zmtp_frame, zmtp_null  # a hostile sender's raw ZMTP, shared with the tests
+
+    from trainer.service.collector import max_frame_bytes
+
+    store, state, port = _store(tmp / "h"), tmp / "h" / "state", free_port()
+    serve = _serve(store, state, port)
+    info = json.loads((state / "serve.json").read_text())
+    out: dict[str, Any] = {"baseline": dict(zip(("serve_rss_mib", "serve_fds"), _proc_usage([serve.pid]), strict=True))}
+    try:
+        chunk = bytes(max_frame_bytes(1 << 20) - 16)
+        with _Watch(serve.pid, info["model_service"], port) as watch:
+            dropped, t0 = 0, time.monotonic()
+            for k in range(30):
+                s = zmtp_null(port, f"flood-{k}".encode())
+                try:
+                    for _ in range(30):
+                        s.sendall(zmtp_frame(chunk, more=True))
+                except OSError:
+                    dropped += 1
+                s.close()
+            honest = wait(lambda: _honest(port, 1), 60)
+        out["unfinished_frames"] = {**watch.peak, "health_answered": watch.health[0], "health_asked": watch.health[1],
+                                    "senders_dropped": dropped, "honest_acked": honest,
+                                    "seconds": time.monotonic() - t0}  # fmt: skip
+        print("unfinished frames:", out["unfinished_frames"], flush=True)
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        held: list[socket.socket] = []
+        with _Watch(serve.pid, info["model_service"], port) as watch:
+            for _ in range(connections):
+                try:
+                    held.append(socket.create_connection(("127.0.0.1", port), timeout=2))
+                except OSError:
+                    break
+            time.sleep(2)
+            honest_during = _honest(port, 2, 3000)
+            time.sleep(1)
+        for s in held:
+            s.close()
+        out["held_connections"] = {**watch.peak, "opened": len(held), "health_answered": watch.health[0],
+                                   "health_asked": watch.health[1], "honest_acked_during": honest_during,
+                                   "honest_acked_after": wait(lambda: _honest(port, 3), 60)}  # fmt: skip
+        print("held connections:", out["held_connections"], flush=True)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        serve.wait(30)
+    return out
+
+
+def _bomb_request(files: list[bytes]) -> Any:
+    from edge_agent.inference import ENCODED_IMAGE
+    from protos.inference import grpc_predict_v2_pb2 as pb
+
+    req = pb.ModelInferRequest(model_name="default")
+    req.inputs.add(name=ENCODED_IMAGE, datatype="BYTES", shape=[len(files)]).contents.bytes_contents.extend(files)
+    return req
+
+
+def hostile_edge(tmp: Path) -> dict[str, Any]:
+    """``nnoc-edge run`` under 4 concurrent requests of 128 highly compressible 4096x4096 PNGs (6 MB each on the
+    wire) while a probe sends one small picture every 0.25 s: probes answered, the agent's RSS."""
+    import io
+    import threading
+
+    import grpc
+    from PIL import Image
+
+    from protos.inference import grpc_predict_v2_pb2_grpc as pb_grpc
+
+    state, infer = tmp / "e" / "agent", free_port()
+    cmd = [
+        sys.executable, "-m", "edge_agent", "run", "--insecure", "--device-id", "cam-b", "--fleet", "default",
+        "--bundle", str(_bundle_dir(tmp / "e") / "bundle"), "--infer-port", str(infer), "--state-dir", str(state),
+        "--quiet",
+    ]  # fmt: skip
+    agent = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    big, small = io.BytesIO(), io.BytesIO()
+    Image.new("L", (4096, 4096)).save(big, "PNG")
+    Image.new("L", (28, 28), 128).save(small, "PNG")
+    codes: list[str] = []
+    probes = [0, 0]
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{infer}") as ch:
+            stub = pb_grpc.GRPCInferenceServiceStub(ch)
+            if not wait(lambda: (state / "agent.json").is_file(), 60):
+                raise RuntimeError("agent did not start")
+            base = _proc_usage([agent.pid])[0]
+            peak = [base]
+
+            def bomb() -> None:
+                try:
+                    stub.ModelInfer(_bomb_request([big.getvalue()] * 128), timeout=300)
+                    codes.append("OK")
+                except grpc.RpcError as e:
+                    codes.append(e.code().name)
+
+            bombs = [threading.Thread(target=bomb) for _ in range(4)]
+            t0 = time.monotonic()
+            for t in bombs:
+                t.start()
+            while any(t.is_alive() for t in bombs) or time.monotonic() - t0 < 3:
+                probes[1] += 1
+                try:
+                    stub.ModelInfer(_bomb_request([small.getvalue()]), timeout=2)
+                    probes[0] += 1
+                except grpc.RpcError:
+                    pass
+                peak.append(_proc_usage([agent.pid])[0])
+                time.sleep(0.25)
+            seconds = time.monotonic() - t0
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        agent.wait(30)
+    return {"bombs": codes, "probes_answered": probes[0], "probes_sent": probes[1], "agent_rss_mib": base,
+            "agent_rss_peak_mib": max(peak), "seconds": seconds}  # fmt: skip
+
+
+def hostile_uplink(tmp: Path, n: int = 1000) -> dict[str, Any]:
+    """An uplink whose spool fails (disk full) on its first ACK deletes and reads: sent, stored, lost."""
+    import sqlite3
+
+    from edge_agent.spool import Spool, SpoolConfig
+    from edge_agent.uplink import Uplink, UplinkConfig
+    from protos.nnoc.v1 import bundle_pb2, quarantine_pb2
+    from trainer.service.collector import Collector, CollectorConfig, fixed_spec, quarantine_size
+
+    spec = bundle_pb2.InputSpec(shape=[1, 28, 28], dtype="float32", min_value=0.0, max_value=1.0, scale=1 / 255)
+    collector = Collector(CollectorConfig("tcp://127.0.0.1:0", tmp / "u" / "q"), fixed_spec("default", spec)).start()
+    spool = Spool(SpoolConfig(tmp / "u" / "spool.sqlite"))
+    h = quarantine_pb2.QuarantineHeader(device_id="cam-u", fleet="default", bundle_version=1, dtype="uint8",
+                                        primary_label=0, monitor_label=1)  # fmt: skip
+    h.shape.extend([1, 28, 28])
+    for _ in range(n):
+        spool.put(h.SerializeToString(), bytes(28 * 28))
+    failures = {"ack": 5, "after": 3}
+    real = {name: getattr(spool, name) for name in failures}
+
+    def failing(name: str) -> Any:
+        def call(*args: Any) -> Any:
+            if failures[name] > 0:
+                failures[name] -= 1
+                raise sqlite3.OperationalError("database or disk is full")
+            return real[name](*args)
+
+        return call
+
+    for name in failures:
+        setattr(spool, name, failing(name))
+    up = Uplink(spool, UplinkConfig(f"tcp://127.0.0.1:{collector.port}", "cam-u", resend_after=1.0)).start()
+    drained = wait(lambda: spool.depth() == 0, 120)
+    up.stop()
+    collector.stop()
+    stored = quarantine_size(tmp / "u" / "q", "default", 1)
+    return {"spooled": n, "stored": stored, "lost": n - stored, "drained": drained,
+            "spool_errors": up.counters.spool_errors}  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--examples", type=int, default=10000)
     ap.add_argument("--skip-fuzz", action="store_true")
     ap.add_argument("--only-rollouts", action="store_true", help="run the rollout faults alone (kept with the rest)")
+    ap.add_argument("--only-hostile", action="store_true", help="run the floods of issue 36 alone (kept with the rest)")
     args = ap.parse_args()
     mp.set_start_method("spawn", force=True)
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
+        hostile = {"serve": hostile_serve(tmp), "edge": hostile_edge(tmp), "uplink": hostile_uplink(tmp)}
+        print("hostile:", hostile, flush=True)
+        if args.only_hostile:
+            path = RESULTS / "reliability.json"  # the other parts keep the machine and date they were run on
+            previous = json.loads(path.read_text())
+            path.write_text(json.dumps({**previous, "hostile": {**hostile, "machine": machine()}}, indent=2) + "\n")
+            return
         rollouts = fault_rollouts(tmp)
         print("rollouts:", rollouts, flush=True)
         if args.only_rollouts:
@@ -437,7 +699,14 @@ def main() -> None:
         print("fuzz:", decoders, flush=True)
     save(
         "reliability",
-        {"faults": faults, "rollouts": rollouts, "inference_rates": infer, "collector_rates": curve, "fuzz": decoders},
+        {
+            "faults": faults,
+            "rollouts": rollouts,
+            "inference_rates": infer,
+            "collector_rates": curve,
+            "fuzz": decoders,
+            "hostile": {**hostile, "machine": machine()},
+        },
     )
 
 

@@ -303,6 +303,8 @@ def reliability_section(data: dict[str, Any]) -> str:
     ro = data.get("rollouts")
     if ro:
         lines += ["", _rollout_faults(ro)]
+    if data.get("hostile"):
+        lines += ["", _hostile(data["hostile"])]
     fz = data.get("fuzz")
     if fz:
         lines += ["", "| decoder (hypothesis) | bad inputs tried | crashes |", "|---|---|---|"]
@@ -323,6 +325,45 @@ def reliability_section(data: dict[str, Any]) -> str:
         f"| {col['curve'] / col['plaintext']:.2f}× |",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _hostile(h: dict[str, Any]) -> str:
+    """The floods of issue 36 (bench_reliability.hostile_*): what serve, the edge and the uplink held."""
+    sv, ed, up = h["serve"], h["edge"], h["uplink"]
+    base = sv["baseline"]
+    rows = []
+    for key, what in (("unfinished_frames", "30 raw ZMTP senders, unfinished 2 MiB frames (1.9 GB offered)"),
+                      ("held_connections", f"{sv['held_connections']['opened']} TCP connections held")):  # fmt: skip
+        r = sv[key]
+        honest = r.get("honest_acked", r.get("honest_acked_after"))
+        during = r.get("honest_acked_during")
+        rows.append(
+            f"| {what} | {base['serve_rss_mib']:.0f} → {r['serve_rss_mib']:.0f} MiB, {base['serve_fds']} → "
+            f"{r['serve_fds']} fds | {r['collector_rss_mib']:.0f} MiB, {r['collector_fds']} fds | "
+            f"{r['health_answered']} of {r['health_asked']} | "
+            + (f"during: {'yes' if during else 'no'}; " if during is not None else "")
+            + f"after: {'yes' if honest else 'no'} |"
+        )
+    return "\n".join(
+        [
+            f"**Floods aimed at the service and the edge** (issue 36; {h['machine']['date']}, "
+            f"{h['machine'].get('commit', '')}): serve's own process against its collector's (peaks while the flood "
+            "runs; goal: serve bounded, health answering).",
+            "",
+            "| flood | serve (model service, store watcher) | collector process (peak) | health checks answered "
+            "| an honest sender ACKed |",
+            "|---|---|---|---|---|",
+            *rows,
+            "",
+            f"Edge: 4 requests of 128 compressible 4096×4096 PNGs at once: {', '.join(ed['bombs'])}; "
+            f"**{ed['probes_answered']} of {ed['probes_sent']}** small probe requests answered meanwhile (goal: all); "
+            f"agent RSS {ed['agent_rss_mib']:.0f} → {ed['agent_rss_peak_mib']:.0f} MiB.",
+            "",
+            f"Uplink whose spool fails (disk full) on its first ACK deletes and reads: {up['spooled']} spooled, "
+            f"{up['stored']} stored, {up['lost']} lost, {up['spool_errors']} spool errors survived "
+            f"(goal: resumes, nothing lost).",
+        ]
+    )
 
 
 def attacks_section(data: dict[str, Any]) -> str:

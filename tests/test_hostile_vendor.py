@@ -531,7 +531,8 @@ def zmtp_null(port: int, identity: bytes) -> Any:
     return s
 
 
-def _frame(data: bytes, more: bool) -> bytes:
+def zmtp_frame(data: bytes, more: bool) -> bytes:
+    """One ZMTP 3.0 message frame (long form), MORE set when ``more``."""
     import struct
 
     return bytes([0x02 | (0x01 if more else 0)]) + struct.pack(">Q", len(data)) + data
@@ -571,7 +572,7 @@ def test_unfinished_frames_and_held_connections_hit_the_collectors_caps_not_serv
             held.append(s)
             try:
                 for _ in range(64):
-                    s.sendall(_frame(chunk, more=True))
+                    s.sendall(zmtp_frame(chunk, more=True))
             except OSError:
                 dropped += 1
         assert dropped + collector.restarts >= 4
