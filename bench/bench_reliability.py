@@ -626,8 +626,6 @@ def hostile_edge(tmp: Path) -> dict[str, Any]:
 
 def hostile_uplink(tmp: Path, n: int = 1000) -> dict[str, Any]:
     """An uplink whose spool fails (disk full) on its first ACK deletes and reads: sent, stored, lost."""
-    import sqlite3
-
     from edge_agent.spool import Spool, SpoolConfig
     from edge_agent.uplink import Uplink, UplinkConfig
     from protos.nnoc.v1 import bundle_pb2, quarantine_pb2
@@ -641,20 +639,10 @@ def hostile_uplink(tmp: Path, n: int = 1000) -> dict[str, Any]:
     h.shape.extend([1, 28, 28])
     for _ in range(n):
         spool.put(h.SerializeToString(), bytes(28 * 28))
-    failures = {"ack": 5, "after": 3}
-    real = {name: getattr(spool, name) for name in failures}
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_hostile_vendor import disk_full_for  # the same fault as the test's
 
-    def failing(name: str) -> Any:
-        def call(*args: Any) -> Any:
-            if failures[name] > 0:
-                failures[name] -= 1
-                raise sqlite3.OperationalError("database or disk is full")
-            return real[name](*args)
-
-        return call
-
-    for name in failures:
-        setattr(spool, name, failing(name))
+    disk_full_for(spool, {"ack": 5, "after": 3})
     up = Uplink(spool, UplinkConfig(f"tcp://127.0.0.1:{collector.port}", "cam-u", resend_after=1.0)).start()
     drained = wait(lambda: spool.depth() == 0, 120)
     up.stop()
@@ -662,6 +650,13 @@ def hostile_uplink(tmp: Path, n: int = 1000) -> dict[str, Any]:
     stored = quarantine_size(tmp / "u" / "q", "default", 1)
     return {"spooled": n, "stored": stored, "lost": n - stored, "drained": drained,
             "spool_errors": up.counters.spool_errors}  # fmt: skip
+
+
+def _keep(part: str, result: dict[str, Any]) -> None:
+    """Write one part into reliability.json with the machine it ran on; the other parts keep theirs."""
+    path = RESULTS / "reliability.json"
+    previous = json.loads(path.read_text())
+    path.write_text(json.dumps({**previous, part: {**result, "machine": machine()}}, indent=2) + "\n")
 
 
 def main() -> None:
@@ -674,20 +669,15 @@ def main() -> None:
     mp.set_start_method("spawn", force=True)
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        hostile = {"serve": hostile_serve(tmp), "edge": hostile_edge(tmp), "uplink": hostile_uplink(tmp)}
-        print("hostile:", hostile, flush=True)
-        if args.only_hostile:
-            path = RESULTS / "reliability.json"  # the other parts keep the machine and date they were run on
-            previous = json.loads(path.read_text())
-            path.write_text(json.dumps({**previous, "hostile": {**hostile, "machine": machine()}}, indent=2) + "\n")
-            return
+        if not args.only_rollouts:
+            hostile = {"serve": hostile_serve(tmp), "edge": hostile_edge(tmp), "uplink": hostile_uplink(tmp)}
+            print("hostile:", hostile, flush=True)
+            if args.only_hostile:
+                return _keep("hostile", hostile)
         rollouts = fault_rollouts(tmp)
         print("rollouts:", rollouts, flush=True)
         if args.only_rollouts:
-            path = RESULTS / "reliability.json"  # the other parts keep the machine and date they were run on
-            previous = json.loads(path.read_text())
-            path.write_text(json.dumps({**previous, "rollouts": {**rollouts, "machine": machine()}}, indent=2) + "\n")
-            return
+            return _keep("rollouts", rollouts)
         faults = [fault_collector_kill(tmp), fault_agent_kill(tmp)]
         for f in faults:
             print(f, flush=True)

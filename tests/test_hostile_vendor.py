@@ -355,9 +355,28 @@ def test_the_contained_child_has_no_network_its_own_folder_and_limits(tmp_path: 
 # -- 6. the uplink survives its spool ------------------------------------------------------------------------
 
 
-def test_the_uplink_survives_spool_errors_and_resumes_losing_nothing(tmp_path: Path) -> None:
+def disk_full_for(spool: Any, failures: dict[str, int]) -> dict[str, int]:
+    """Make each named method of ``spool`` raise what SQLite raises on a full disk, that many times first (a full
+    disk cannot be made on demand here); returns the counts left, updated as the calls fail."""
     import sqlite3
 
+    real = {name: getattr(spool, name) for name in failures}
+
+    def failing(name: str) -> Any:
+        def call(*args: Any) -> Any:
+            if failures[name] > 0:
+                failures[name] -= 1
+                raise sqlite3.OperationalError("database or disk is full")
+            return real[name](*args)
+
+        return call
+
+    for name in failures:
+        setattr(spool, name, failing(name))
+    return failures
+
+
+def test_the_uplink_survives_spool_errors_and_resumes_losing_nothing(tmp_path: Path) -> None:
     import zmq
 
     from conftest import wait_for
@@ -377,20 +396,7 @@ def test_the_uplink_survives_spool_errors_and_resumes_losing_nothing(tmp_path: P
     for _ in range(40):
         spool.put(h.SerializeToString(), np.full((1, 28, 28), 0.5, np.float32).tobytes())
     # The disk fills as the first ACKs arrive (what SQLite raises then), and the reads fail for a while too.
-    failures = {"ack": 3, "after": 2}
-    real = {name: getattr(spool, name) for name in failures}
-
-    def failing(name: str) -> Any:
-        def call(*args: Any) -> Any:
-            if failures[name] > 0:
-                failures[name] -= 1
-                raise sqlite3.OperationalError("database or disk is full")
-            return real[name](*args)
-
-        return call
-
-    for name in failures:
-        setattr(spool, name, failing(name))
+    failures = disk_full_for(spool, {"ack": 3, "after": 2})
     up = Uplink(spool, UplinkConfig(f"tcp://127.0.0.1:{collector.port}", "cam-1", resend_after=0.5), context=ctx)
     up.start()
     try:
