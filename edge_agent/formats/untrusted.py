@@ -105,7 +105,7 @@ def self_contained_onnx(data: bytes, where: str, external_dir: Path | None = Non
     try:
         model = onnx.load_from_string(data)  # reads no external data (only a path-based load does)
     except Exception as e:  # protobuf's DecodeError and others
-        raise UntrustedFileError(f"{where} is not a valid ONNX model: {e}") from None
+        raise UntrustedFileError(f"{where} is not a loadable ONNX model: {e}") from None
     tensors = external_tensors(model)
     if not tensors:
         return data
