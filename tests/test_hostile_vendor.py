@@ -778,3 +778,79 @@ def test_reports_of_unknown_versions_stay_out_of_the_registry_and_report_only_de
     assert registry.expire(0.01) == 49
     assert [d["device_id"] for d in registry.devices()] == ["id-7"]
     registry.close()
+
+
+# -- 8 and 9: the smaller cases ----------------------------------------------------------------------------------
+
+
+def test_a_static_batch_pt2_is_named_not_a_traceback(tmp_path: Path) -> None:
+    program = torch.export.export(_small_net(), (torch.zeros(4, *RAW),))  # no dynamic batch dimension
+    torch.export.save(program, tmp_path / "static.pt2")
+    for contained in (True, False):
+        with pytest.raises(ModelImportError, match="static batch size"):
+            import_model(ModelSource(model=tmp_path / "static.pt2", contained=contained), RAW, CLASSES, PROBE)
+
+
+def test_fleet_status_into_a_closed_pipe_is_quiet(tmp_path: Path) -> None:
+    from conftest import tiny_store
+
+    store = tiny_store(tmp_path / "exports", versions=(1, 2, 3))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        f"{sys.executable} -m trainer fleet status default --store {store.root} --state-dir {tmp_path / 's'} | head -1",
+        shell=True, capture_output=True, text=True, cwd=ROOT, env=env, timeout=120,
+    )  # fmt: skip
+    assert proc.stdout.strip() and "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr
+
+
+def test_leftovers_of_a_killed_writer_are_swept_by_the_next_one(tmp_path: Path) -> None:
+    from conftest import tiny_store
+
+    store = tiny_store(tmp_path / "exports", versions=(1, 2))
+    fleet = store.root / "default"
+    (fleet / ".staging-0123456789abcdef0123456789abcdef" / "bundle").mkdir(parents=True)
+    (fleet / ".fleet.json.0123456789abcdef0123456789abcdef").write_text("{")
+    store.publish("default", 2)
+    assert sorted(p.name for p in fleet.iterdir() if p.name.startswith(".")) == []
+    assert store.state("default").current == 2
+
+
+def test_a_canary_no_device_has_and_junk_quarantine_start_nothing(tmp_path: Path, caplog: Any) -> None:
+    import logging
+
+    from conftest import tiny_store
+    from trainer.service.jobs import JobPolicy, JobRunner
+    from trainer.service.registry import Registry
+    from trainer.service.rollout import RolloutError, RolloutPolicy, release
+    from trainer.service.serve import ServeConfig, check_serve
+
+    store = tiny_store(tmp_path / "exports", versions=(1, 2))
+    registry = Registry(tmp_path / "registry.sqlite")
+    registry.record_subscription("cam-1", "default", 1, True)
+    for spec in ("canary=-3,steps=100", "canary=cam-1+../../etc,steps=100"):
+        with pytest.raises((RolloutError, ValueError)):
+            release(store, registry, "default", 2, "test", RolloutPolicy.parse(spec))
+    with pytest.raises(RolloutError, match="not known devices"):
+        release(store, registry, "default", 2, "test", RolloutPolicy.parse("canary=cam-9,steps=100"))
+    assert store.state("default").rollout is None
+    # 60 junk quarantined inputs and one forged report of a high reject rate: no repair under the defaults (the old
+    # ones started one at 40).
+    from trainer.service.quarantine import QuarantineStore
+
+    with QuarantineStore(tmp_path / "q" / "default" / "1") as q:
+        rows = []
+        for seq in range(60):
+            h = quarantine_pb2.QuarantineHeader(device_id="cam-1", fleet="default", bundle_version=1, seq=seq,
+                                                dtype="uint8", primary_label=1, monitor_label=2)  # fmt: skip
+            h.shape.extend([1, 28, 28])
+            rows.append((h, bytes(784)))
+        q.add_many(rows)
+    forged = quarantine_pb2.AgentStats(device_id="cam-1", fleet="default", bundle_version=1, requests=1000)
+    forged.window_reject_rate, forged.window_size = 1.0, 1000
+    registry.record_stats(forged)
+    assert JobRunner(store, registry, tmp_path / "q", tmp_path / "jobs", JobPolicy()).due("default") == ""
+    registry.close()
+    # serve without CURVE says what that leaves open.
+    with caplog.at_level(logging.WARNING):
+        check_serve(ServeConfig(insecure=True))
+    assert "without CURVE" in caplog.text and "rollouts judge unauthenticated stats" in caplog.text
