@@ -16,8 +16,7 @@ import zmq
 
 from conftest import TINY_SPEC, dealer, run_cli, tiny_bundle, tiny_store, wait_for
 from protos.nnoc.v1 import bundle_pb2, quarantine_pb2
-from trainer.service.collector import Collector, CollectorConfig, fixed_spec, quarantine_size
-from trainer.service.serve import spec_source
+from trainer.service.collector import Collector, CollectorConfig, fixed_spec, quarantine_size, spec_source
 
 Reply = quarantine_pb2.QuarantineReply
 SPEC = bundle_pb2.InputSpec(**TINY_SPEC)

@@ -695,10 +695,12 @@ def test_an_older_version_needs_a_fresh_signed_rollback_order_for_this_agent(tmp
         assert updater.handle(None, notice(signed)) is False  # type: ignore[arg-type]
         assert "replay" in updater.counters.last_error and agent.ensemble.bundle.version == 2
         assert base64.b64decode(json.loads((store.root / "cams" / "fleet.json").read_text())["rollback_order"])
-        # Publishing an older version is a rollback, said so: store and fleet cannot disagree.
+        # Publishing an older version is a rollback, recorded and signed as one: store and fleet cannot disagree.
         store.publish("cams", 2)
-        with pytest.raises(Exception, match="is a rollback"):
-            store.publish("cams", 1)
+        store.publish("cams", 1)
+        assert store.last_action("cams") == "rollback" and store.rollback_order("cams") != signed.SerializeToString()
+        fresh = bundle_pb2.Signature.FromString(store.rollback_order("cams"))
+        assert updater.handle(None, notice(fresh)) is True  # type: ignore[arg-type]
 
 
 def test_envelope_signatures_verify_the_bytes_signed_and_old_bundles_still_verify(tmp_path: Path) -> None:
@@ -759,9 +761,8 @@ def test_reports_of_unknown_versions_stay_out_of_the_registry_and_report_only_de
     import time
 
     from conftest import tiny_store
-    from trainer.service.collector import Collector, CollectorConfig
+    from trainer.service.collector import Collector, CollectorConfig, spec_source
     from trainer.service.registry import Registry
-    from trainer.service.serve import spec_source
 
     store = tiny_store(tmp_path / "exports")
     registry = Registry(tmp_path / "registry.sqlite")

@@ -22,9 +22,8 @@ from edge_agent.formats.bundle import verify_bundle
 from protos.nnoc.v1 import model_service_pb2 as ms
 from protos.nnoc.v1 import model_service_pb2_grpc as ms_grpc
 from protos.nnoc.v1 import quarantine_pb2
-from trainer.service.collector import Collector, CollectorConfig, quarantine_size
+from trainer.service.collector import Collector, CollectorConfig, quarantine_size, spec_source
 from trainer.service.registry import Registry
-from trainer.service.serve import spec_source
 from trainer.service.store import ModelStore, StoreError
 
 Reply = quarantine_pb2.QuarantineReply

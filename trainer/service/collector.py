@@ -43,6 +43,7 @@ from edge_agent.options import flag, positive, positive_float
 from protos.nnoc.v1 import bundle_pb2, quarantine_pb2
 from trainer.service.quarantine import STORE_NAME, QuarantineStore, Row
 from trainer.service.registry import Registry
+from trainer.service.store import ModelStore, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +163,22 @@ def fixed_spec(
         if version not in versions:
             raise QuarantineError(f"fleet {name!r} has no version {version}", "unknown-version")
         return VersionSpec(spec, classes)
+
+    return spec_for
+
+
+def spec_source(store: ModelStore) -> SpecSource:
+    """The input spec and class count of a stored (fleet, version), from its manifest; QuarantineError when there
+    is none."""
+
+    def spec_for(fleet: str, version: int) -> VersionSpec:
+        if fleet not in store.fleets():
+            raise QuarantineError(f"unknown fleet {fleet!r}", "unknown-fleet")
+        try:
+            manifest = store.manifest(fleet, version)
+            return VersionSpec(manifest.input_spec, len(manifest.class_names))
+        except StoreError as e:
+            raise QuarantineError(f"fleet {fleet!r} has no version {version} in the store", "unknown-version") from e
 
     return spec_for
 

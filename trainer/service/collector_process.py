@@ -30,7 +30,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from trainer.service.collector import Collector, CollectorConfig, CollectorCounters
+from trainer.service.collector import Collector, CollectorConfig, CollectorCounters, spec_source
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,6 @@ def _child(
 
     from trainer.science.sandbox import vm_size
     from trainer.service.registry import Registry
-    from trainer.service.serve import spec_source
     from trainer.service.store import ModelStore
 
     if limits.get("memory_bytes"):  # beyond what the imports took: the collector's own buffers and stores

@@ -25,17 +25,16 @@ from typing import Any
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from edge_agent.formats.errors import QuarantineError
 from edge_agent.formats.signing import load_private_key
 from edge_agent.options import flag, positive, positive_float
 from edge_agent.ports import StateLock, check_address
-from trainer.service.collector import Collector, CollectorConfig, SpecSource, VersionSpec
+from trainer.service.collector import Collector, CollectorConfig
 from trainer.service.collector_process import CollectorProcess
 from trainer.service.jobs import JobPolicy, JobRunner, make_backend
 from trainer.service.model_service import ModelServer, ModelServicer, ServiceConfig
 from trainer.service.registry import Registry
 from trainer.service.rollout import RolloutController
-from trainer.service.store import ModelStore, StoreError
+from trainer.service.store import ModelStore
 
 log = logging.getLogger(__name__)
 
@@ -105,22 +104,6 @@ def check_serve(cfg: ServeConfig) -> None:
         log.warning("--insecure-operators: any caller may publish and roll back fleets over gRPC")
     elif svc.tls_client_ca is not None and not svc.operators:
         log.info("no --operators: operator RPCs are refused for every caller ('nnoc-trainer fleet' works on the store)")
-
-
-def spec_source(store: ModelStore) -> SpecSource:
-    """The input spec and class count of a stored (fleet, version), from its manifest; QuarantineError when there
-    is none."""
-
-    def spec_for(fleet: str, version: int) -> VersionSpec:
-        if fleet not in store.fleets():
-            raise QuarantineError(f"unknown fleet {fleet!r}", "unknown-fleet")
-        try:
-            manifest = store.manifest(fleet, version)
-            return VersionSpec(manifest.input_spec, len(manifest.class_names))
-        except StoreError as e:
-            raise QuarantineError(f"fleet {fleet!r} has no version {version} in the store", "unknown-version") from e
-
-    return spec_for
 
 
 class ServeMetrics:

@@ -265,10 +265,7 @@ class ModelStore:
                 raise StoreError(f"fleet {fleet!r} has no version {version} (stored: {state.versions})")
             self._refuse_during_rollout(state, action)
             if action == "publish" and state.current is not None and version < state.current:
-                raise StoreError(
-                    f"v{version} is older than fleet {fleet!r}'s current v{state.current}: going back is a rollback "
-                    f"('nnoc-trainer fleet rollback {fleet} --version {version}'), which agents are told is one"
-                )
+                action = "rollback"  # going back is a rollback, whatever it is called: agents are told so (signed)
             entry = {"action": action, "version": version, "from": state.current, "at": time.time(), "by": by}
             if note:
                 entry["note"] = note
@@ -395,7 +392,8 @@ class ModelStore:
         return self.state(fleet)
 
     def publish(self, fleet: str, version: int, by: str = "operator", note: str = "") -> FleetState:
-        """Make a stored version current: every subscribed agent of the fleet is told."""
+        """Make a stored version current: every subscribed agent of the fleet is told. A version older than the
+        current one is recorded, signed and announced as a rollback (agents take an older version only as one)."""
         return self._set_current(fleet, version, "publish", by, note)
 
     def rollback(self, fleet: str, version: int | None = None, by: str = "operator") -> FleetState:
