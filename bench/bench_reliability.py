@@ -480,55 +480,66 @@ class _Watch:
         self._thread.join(10)
 
 
-def _honest(port: int, seq: int, timeout_ms: int = 5000) -> bool:
-    """One valid quarantine message from a fresh DEALER: ACKed in time?"""
+def _honest(port: int, seq: int, shape: tuple[int, ...], timeout_ms: int = 5000) -> bool:
+    """One valid quarantine message (the model's image, ``shape``) from a fresh DEALER: ACKed in time?"""
+    import math
+
     import zmq
 
     from protos.nnoc.v1 import quarantine_pb2
 
     h = quarantine_pb2.QuarantineHeader(device_id="cam-ok", fleet="default", bundle_version=1, seq=seq,
                                         dtype="uint8", primary_label=0, monitor_label=1)  # fmt: skip
-    h.shape.extend([1, 28, 28])
+    h.shape.extend(shape)
     with zmq.Context() as ctx, ctx.socket(zmq.DEALER) as d:
         d.setsockopt(zmq.IDENTITY, b"cam-ok")
         d.setsockopt(zmq.LINGER, 0)
         d.connect(f"tcp://127.0.0.1:{port}")
-        d.send_multipart([h.SerializeToString(), bytes(28 * 28)])
+        d.send_multipart([h.SerializeToString(), bytes(math.prod(shape))])
         if not d.poll(timeout_ms):
             return False
-        return quarantine_pb2.QuarantineReply.FromString(d.recv_multipart()[-1]).status == 0
+        reply = quarantine_pb2.QuarantineReply.FromString(d.recv_multipart()[-1])
+        return reply.status == quarantine_pb2.QuarantineReply.ACK
 
 
 def hostile_serve(tmp: Path, connections: int = 10_000) -> dict[str, Any]:
     """``nnoc-trainer serve`` under the two floods of issue 36: 30 raw ZMTP senders streaming unfinished frames of
-    the largest size the collector takes (1.9 GB offered), then ``connections`` held TCP connections."""
+    the largest size the collector takes and holding them (2.5 GB offered, above the collector's 2 GiB cap), then
+    ``connections`` held TCP connections."""
     import resource
     import socket
 
     sys.path.insert(0, str(ROOT / "tests"))
     from test_hostile_vendor import zmtp_frame, zmtp_null  # a hostile sender's raw ZMTP, shared with the tests
 
+    from edge_agent.formats.spec import image_shape_of
     from trainer.service.collector import max_frame_bytes
+    from trainer.service.store import ModelStore
 
     store, state, port = _store(tmp / "h"), tmp / "h" / "state", free_port()
+    shape = tuple(image_shape_of(ModelStore(store).manifest("default", 1).input_spec))
     serve = _serve(store, state, port)
     info = json.loads((state / "serve.json").read_text())
     out: dict[str, Any] = {"baseline": dict(zip(("serve_rss_mib", "serve_fds"), _proc_usage([serve.pid]), strict=True))}
     try:
         chunk = bytes(max_frame_bytes(1 << 20) - 16)
         with _Watch(serve.pid, info["model_service"], port) as watch:
-            dropped, t0 = 0, time.monotonic()
+            dropped, t0, senders = 0, time.monotonic(), []
             for k in range(30):
                 s = zmtp_null(port, f"flood-{k}".encode())
+                senders.append(s)
                 try:
-                    for _ in range(30):
+                    for _ in range(40):
                         s.sendall(zmtp_frame(chunk, more=True))
                 except OSError:
                     dropped += 1
+            honest_during = _honest(port, 1, shape, 3000)
+            for s in senders:
                 s.close()
-            honest = wait(lambda: _honest(port, 1), 60)
+            honest = wait(lambda: _honest(port, 2, shape), 60)
         out["unfinished_frames"] = {**watch.peak, "health_answered": watch.health[0], "health_asked": watch.health[1],
-                                    "senders_dropped": dropped, "honest_acked": honest,
+                                    "senders_dropped": dropped, "honest_acked_during": honest_during,
+                                    "honest_acked_after": honest,
                                     "seconds": time.monotonic() - t0}  # fmt: skip
         print("unfinished frames:", out["unfinished_frames"], flush=True)
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -541,13 +552,13 @@ def hostile_serve(tmp: Path, connections: int = 10_000) -> dict[str, Any]:
                 except OSError:
                     break
             time.sleep(2)
-            honest_during = _honest(port, 2, 3000)
+            honest_during = _honest(port, 3, shape, 3000)
             time.sleep(1)
         for s in held:
             s.close()
         out["held_connections"] = {**watch.peak, "opened": len(held), "health_answered": watch.health[0],
                                    "health_asked": watch.health[1], "honest_acked_during": honest_during,
-                                   "honest_acked_after": wait(lambda: _honest(port, 3), 60)}  # fmt: skip
+                                   "honest_acked_after": wait(lambda: _honest(port, 4, shape), 60)}  # fmt: skip
         print("held connections:", out["held_connections"], flush=True)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     finally:
