@@ -553,11 +553,14 @@ def hostile_serve(tmp: Path, connections: int = 10_000) -> dict[str, Any]:
                     break
             time.sleep(2)
             honest_during = _honest(port, 3, shape, 3000)
-            time.sleep(1)
+            time.sleep(6)  # past the collector's 5 s handshake limit: silent connections are closed by now
+            honest_later = _honest(port, 5, shape, 3000)
+            still = _proc_usage(_children(serve.pid))[1]
         for s in held:
             s.close()
         out["held_connections"] = {**watch.peak, "opened": len(held), "health_answered": watch.health[0],
                                    "health_asked": watch.health[1], "honest_acked_during": honest_during,
+                                   "honest_acked_8s": honest_later, "collector_fds_8s": still,
                                    "honest_acked_after": wait(lambda: _honest(port, 4, shape), 60)}  # fmt: skip
         print("held connections:", out["held_connections"], flush=True)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

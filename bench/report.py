@@ -341,6 +341,11 @@ def _hostile(h: dict[str, Any]) -> str:
             f"{r['serve_fds']} fds | {r['collector_rss_mib']:.0f} MiB, {r['collector_fds']} fds | "
             f"{r['health_answered']} of {r['health_asked']} | "
             + (f"during: {'yes' if during else 'no'}; " if during is not None else "")
+            + (
+                f"8 s in, still held: {'yes' if r['honest_acked_8s'] else 'no'} ({r['collector_fds_8s']} fds); "
+                if "honest_acked_8s" in r
+                else ""
+            )
             + f"after: {'yes' if honest else 'no'} |"
         )
     return "\n".join(

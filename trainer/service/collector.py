@@ -63,6 +63,7 @@ SpecSource = Callable[[str, int], VersionSpec]
 Item = tuple[bytes, quarantine_pb2.QuarantineHeader, bytes]
 Groups = list[tuple[str, int, bundle_pb2.InputSpec, list[Item]]]  # checked messages per (fleet, version, spec)
 _NOBLOCK, _SNDMORE, _RCVMORE = int(zmq.NOBLOCK), int(zmq.SNDMORE), int(zmq.RCVMORE)
+HANDSHAKE_MS = 5000  # see Collector._run
 REPLY_HWM = 100_000  # replies queued per peer at most (see Collector._run)
 ROW_OVERHEAD = 200  # bytes SQLite spends on a stored row beside its header and tensor (measured order)
 
@@ -406,6 +407,9 @@ class Collector:
         # (libzmq buffers a multipart message's frames until its last): serve runs the collector in a process of its
         # own under memory and descriptor caps for that (collector_process.py).
         sock.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes(self.cfg.max_tensor_bytes))
+        # A connection that has not finished its ZMTP (or CURVE) handshake within this long is closed: a sender that
+        # opens thousands of TCP connections and says nothing frees their descriptors after 5 s (libzmq: 30 s).
+        sock.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_MS)
         auth = None
         try:
             if self.cfg.curve_secret is not None:

@@ -264,6 +264,10 @@ def import_model(
         args = (kind, data, where, None if block is None else block.to_json(), raw_shape, len(class_names))
         if src.contained:
             limits = Limits(src.import_seconds, src.import_memory_mb << 20)
+            log.info(
+                "%s: opening, converting and checking it in a contained child (limits: %.0f s, %d MiB)",
+                where, src.import_seconds, src.import_memory_mb,
+            )  # fmt: skip
             try:
                 run_contained(
                     "trainer.stages.suspect:door_check",
