@@ -855,3 +855,108 @@ def test_a_canary_no_device_has_and_junk_quarantine_start_nothing(tmp_path: Path
     with caplog.at_level(logging.WARNING):
         check_serve(ServeConfig(insecure=True))
     assert "without CURVE" in caplog.text and "rollouts judge unauthenticated stats" in caplog.text
+
+
+# -- 7 and 8: bundle files, downloads, device ids ----------------------------------------------------------------
+
+
+def test_bundle_files_must_be_regular_and_golden_headers_bounded(tmp_path: Path) -> None:
+    import hashlib
+    import zipfile as zf
+
+    from conftest import tiny_bundle, tiny_store
+    from edge_agent.formats.bundle import BundleError, verify_bundle
+    from trainer.service.store import StoreError
+
+    bundle = tiny_bundle(tmp_path / "t", "default", 2) / "bundle"
+    secret = tmp_path / "passwd"
+    secret.write_bytes((bundle / "primary.onnx").read_bytes())  # same bytes: the hashes in the manifest still hold
+    (bundle / "primary.onnx").unlink()
+    (bundle / "primary.onnx").symlink_to(secret)
+    with pytest.raises(BundleError, match="symbolic link"):
+        verify_bundle(bundle)
+    store = tiny_store(tmp_path / "exports")
+    with pytest.raises(StoreError, match="symbolic link"):
+        store.add("default", bundle.parent)
+    assert store.state("default").versions == [1]
+    # A golden pair whose header declares a terabyte: a one-line refusal, nothing allocated.
+    good = tiny_bundle(tmp_path / "g", "default", 3) / "bundle"
+    golden = next(p for p in good.iterdir() if p.suffix == ".npz")
+    header = b"{'descr': '|u1', 'fortran_order': False, 'shape': (1048576, 1048576), }"
+    npy = b"\x93NUMPY\x01\x00" + len(header.ljust(118) + b"\n").to_bytes(2, "little") + header.ljust(118) + b"\n"
+    with zf.ZipFile(golden, "w") as z:
+        z.writestr("picture.npy", npy)
+        z.writestr("expected.npy", npy)
+    m = bundle_pb2.Manifest.FromString((good / "manifest.pb").read_bytes())
+    for art in m.artifacts:
+        if art.name == golden.name:
+            art.size, art.sha256 = golden.stat().st_size, hashlib.sha256(golden.read_bytes()).hexdigest()
+    (good / "manifest.pb").write_bytes(m.SerializeToString())
+    (good / "manifest.json").unlink()
+    with pytest.raises(BundleError, match="declares 1099511627776 bytes"):
+        verify_bundle(good)
+
+
+def test_a_download_longer_than_its_declared_size_is_refused_before_the_surplus_lands(tmp_path: Path) -> None:
+    from concurrent import futures
+
+    import grpc
+
+    from conftest import tiny_bundle
+    from edge_agent.formats.bundle import BundleError, read_manifest
+    from edge_agent.updates import download_bundle
+    from protos.nnoc.v1 import model_service_pb2 as ms
+    from protos.nnoc.v1 import model_service_pb2_grpc as ms_grpc
+
+    bundle = tiny_bundle(tmp_path / "t", "default", 2) / "bundle"
+    manifest = read_manifest(bundle)
+
+    class Endless(ms_grpc.ModelServiceServicer):
+        def Download(self, request: Any, context: Any) -> Any:
+            offset = request.offset
+            for _ in range(64):  # 64 MiB against a file of a few bytes
+                yield ms.Chunk(offset=offset, data=bytes(1 << 20))
+                offset += 1 << 20
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    ms_grpc.add_ModelServiceServicer_to_server(Endless(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            notice = ms.VersionNotice(fleet="default", version=2, manifest=manifest)
+            with pytest.raises(BundleError, match="sends more than"):
+                download_bundle(ms_grpc.ModelServiceStub(ch), notice, tmp_path / "staged", retries=0)
+    finally:
+        server.stop(0)
+    sizes = {a.name: a.size for a in manifest.artifacts}
+    for f in (tmp_path / "staged").iterdir():
+        assert f.stat().st_size <= sizes[f.name]
+
+
+def test_subscribe_refuses_device_ids_that_are_not_names(tmp_path: Path) -> None:
+    import grpc
+
+    from conftest import tiny_store
+    from protos.nnoc.v1 import model_service_pb2 as ms
+    from protos.nnoc.v1 import model_service_pb2_grpc as ms_grpc
+    from trainer.service.model_service import ModelServer, ModelServicer, ServiceConfig
+    from trainer.service.registry import Registry
+
+    store = tiny_store(tmp_path / "exports")
+    registry = Registry(tmp_path / "registry.sqlite")
+    cfg = ServiceConfig(listen="127.0.0.1:0", watch_interval=0.05)
+    server = ModelServer(ModelServicer(store, registry, tmp_path / "q", cfg), cfg).start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+            stub = ms_grpc.ModelServiceStub(ch)
+            for bad in ("x" * 100_000, "cam\x1b[2J", "../../etc/passwd", ""):
+                with pytest.raises(grpc.RpcError) as e:
+                    next(iter(stub.Subscribe(ms.SubscribeRequest(fleet="default", device_id=bad), timeout=10)))
+                assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "not a valid device name" in str(
+                    e.value.details()
+                )
+        assert registry.devices() == []
+    finally:
+        server.stop()
+        registry.close()
