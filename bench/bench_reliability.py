@@ -510,10 +510,9 @@ def hostile_serve(tmp: Path, connections: int = 10_000) -> dict[str, Any]:
     import socket
 
     sys.path.insert(0, str(ROOT / "tests"))
-    from test_hostile_vendor import zmtp_frame, zmtp_null  # a hostile sender's raw ZMTP, shared with the tests
+    from test_hostile_vendor import flood_unfinished  # a hostile sender's raw ZMTP, shared with the tests
 
     from edge_agent.formats.spec import image_shape_of
-    from trainer.service.collector import max_frame_bytes
     from trainer.service.store import ModelStore
 
     store, state, port = _store(tmp / "h"), tmp / "h" / "state", free_port()
@@ -522,17 +521,9 @@ def hostile_serve(tmp: Path, connections: int = 10_000) -> dict[str, Any]:
     info = json.loads((state / "serve.json").read_text())
     out: dict[str, Any] = {"baseline": dict(zip(("serve_rss_mib", "serve_fds"), _proc_usage([serve.pid]), strict=True))}
     try:
-        chunk = bytes(max_frame_bytes(1 << 20) - 16)
         with _Watch(serve.pid, info["model_service"], port) as watch:
-            dropped, t0, senders = 0, time.monotonic(), []
-            for k in range(30):
-                s = zmtp_null(port, f"flood-{k}".encode())
-                senders.append(s)
-                try:
-                    for _ in range(40):
-                        s.sendall(zmtp_frame(chunk, more=True))
-                except OSError:
-                    dropped += 1
+            t0, senders = time.monotonic(), list[Any]()
+            dropped = flood_unfinished(port, 30, 40, senders)
             honest_during = _honest(port, 1, shape, 3000)
             for s in senders:
                 s.close()

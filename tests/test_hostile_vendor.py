@@ -537,6 +537,24 @@ def zmtp_null(port: int, identity: bytes) -> Any:
     return s
 
 
+def flood_unfinished(port: int, senders: int, frames: int, held: list[Any]) -> int:
+    """``senders`` raw ZMTP connections, each sending ``frames`` frames of the largest size the collector takes with
+    MORE set and never the last one; the sockets are appended to ``held`` (kept open). Returns how many senders the
+    other side dropped while they sent."""
+    from trainer.service.collector import max_frame_bytes
+
+    chunk, dropped = bytes(max_frame_bytes(1 << 20) - 16), 0
+    for k in range(senders):
+        s = zmtp_null(port, f"flood-{k}".encode())
+        held.append(s)
+        try:
+            for _ in range(frames):
+                s.sendall(zmtp_frame(chunk, more=True))
+        except OSError:
+            dropped += 1
+    return dropped
+
+
 def zmtp_frame(data: bytes, more: bool) -> bytes:
     """One ZMTP 3.0 message frame (long form), MORE set when ``more``."""
     import struct
@@ -551,7 +569,7 @@ def test_unfinished_frames_and_held_connections_hit_the_collectors_caps_not_serv
     import zmq
 
     from conftest import tiny_store, wait_for
-    from trainer.service.collector import CollectorConfig, max_frame_bytes
+    from trainer.service.collector import CollectorConfig
     from trainer.service.collector_process import CollectorProcess
 
     store = tiny_store(tmp_path / "exports")
@@ -571,16 +589,7 @@ def test_unfinished_frames_and_held_connections_hit_the_collectors_caps_not_serv
         before = child_rss()
         # Frames just under the frame cap, MORE set, never finished: 512 MiB offered to a 256 MiB collector. libzmq
         # cannot allocate past the cap and drops the sender (or the collector dies and starts again).
-        chunk = bytes(max_frame_bytes(1 << 20) - 16)
-        dropped = 0
-        for k in range(4):
-            s = zmtp_null(port, f"flood-{k}".encode())
-            held.append(s)
-            try:
-                for _ in range(64):
-                    s.sendall(zmtp_frame(chunk, more=True))
-            except OSError:
-                dropped += 1
+        dropped = flood_unfinished(port, 4, 64, held)
         assert dropped + collector.restarts >= 4
         if collector.restarts == 0:
             assert child_rss() - before < 300 << 10  # KiB: what the flood holds is gone with its connections
