@@ -505,7 +505,7 @@ def _honest(port: int, seq: int, shape: tuple[int, ...], timeout_ms: int = 5000)
 def hostile_serve(tmp: Path, connections: int = 10_000) -> dict[str, Any]:
     """``nnoc-trainer serve`` under the two floods of issue 36: 30 raw ZMTP senders streaming unfinished frames of
     the largest size the collector takes and holding them (2.5 GB offered, above the collector's 2 GiB cap), then
-    ``connections`` held TCP connections."""
+    ``connections`` TCP connections held from one other address (127.0.0.2)."""
     import resource
     import socket
 
@@ -539,7 +539,10 @@ def hostile_serve(tmp: Path, connections: int = 10_000) -> dict[str, Any]:
         with _Watch(serve.pid, info["model_service"], port) as watch:
             for _ in range(connections):
                 try:
-                    held.append(socket.create_connection(("127.0.0.1", port), timeout=2))
+                    # from another address of the loopback range: a host that is not the agents'
+                    held.append(
+                        socket.create_connection(("127.0.0.1", port), timeout=2, source_address=("127.0.0.2", 0))
+                    )
                 except OSError:
                     break
             time.sleep(2)

@@ -332,8 +332,9 @@ def _hostile(h: dict[str, Any]) -> str:
     sv, ed, up = h["serve"], h["edge"], h["uplink"]
     base = sv["baseline"]
     rows = []
+    held = f"{sv['held_connections']['opened']} TCP connections held from one other host"
     for key, what in (("unfinished_frames", "30 raw ZMTP senders holding unfinished 2 MiB frames (2.5 GB offered)"),
-                      ("held_connections", f"{sv['held_connections']['opened']} TCP connections held")):  # fmt: skip
+                      ("held_connections", held)):  # fmt: skip
         r = sv[key]
         honest, during = r.get("honest_acked_after"), r.get("honest_acked_during")
         rows.append(

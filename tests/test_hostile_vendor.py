@@ -969,3 +969,48 @@ def test_subscribe_refuses_device_ids_that_are_not_names(tmp_path: Path) -> None
     finally:
         server.stop()
         registry.close()
+
+
+def test_one_peer_cannot_hold_more_than_its_share_of_connections(tmp_path: Path) -> None:
+    import socket
+
+    import zmq
+
+    from conftest import wait_for
+    from trainer.service.collector import Collector, CollectorConfig, fixed_spec
+
+    ctx = zmq.Context()
+    cfg = CollectorConfig("tcp://127.0.0.1:0", tmp_path / "q", max_peer_connections=20)
+    collector = Collector(cfg, fixed_spec("default", bundle_pb2.InputSpec(**TINY_SPEC)), None, ctx).start()
+    held: list[socket.socket] = []
+    try:
+        for _ in range(60):  # another host on the loopback range holds connections open and says nothing
+            held.append(socket.create_connection(("127.0.0.1", collector.port), timeout=5,
+                                                 source_address=("127.0.0.2", 0)))  # fmt: skip
+        assert wait_for(lambda: collector.counters.connections_refused == 40, 20), collector.counters
+
+        def shut(s: socket.socket) -> bool:  # the server's greeting may come first; then end of stream, or not
+            s.settimeout(0.3)
+            try:
+                while chunk := s.recv(4096):
+                    del chunk
+                return True
+            except (TimeoutError, OSError):
+                return False
+
+        assert sum(shut(s) for s in held[20:]) == 40  # the 40 over the limit are shut down (the rest fall to the
+        # 5 s handshake limit in their turn: they never said anything)
+        h = quarantine_pb2.QuarantineHeader(device_id="cam-1", fleet="default", bundle_version=1, seq=1,
+                                            dtype="float32", primary_label=0, monitor_label=3)  # fmt: skip
+        h.shape.extend([1, 28, 28])
+        with ctx.socket(zmq.DEALER) as d:  # an agent on another address is served meanwhile
+            d.setsockopt(zmq.IDENTITY, b"cam-1")
+            d.setsockopt(zmq.LINGER, 0)
+            d.connect(f"tcp://127.0.0.1:{collector.port}")
+            d.send_multipart([h.SerializeToString(), np.full((1, 28, 28), 0.5, np.float32).tobytes()])
+            assert d.poll(5000) and Reply.FromString(d.recv_multipart()[-1]).status == Reply.ACK
+    finally:
+        for s in held:
+            s.close()
+        collector.stop()
+        ctx.term()

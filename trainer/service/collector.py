@@ -20,8 +20,11 @@ interval. Nothing a sender does can stop the loop.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
+import socket
 import sqlite3
 import threading
 import time
@@ -94,6 +97,9 @@ class CollectorConfig:
     retry_after: float = 30.0  # seconds an OVER_QUOTA / UNAVAILABLE sender is asked to wait
     # A device known only from its reports (it never subscribed to the model service) leaves the registry after this
     # long without one: a sender cycling through identities cannot grow the registry for good.
+    max_peer_connections: int = flag(
+        256, "TCP connections one peer address may hold; more are closed at once", type=positive
+    )
     device_ttl: float = flag(3600.0, "seconds a device that never subscribed stays listed after its last report",
                              type=positive_float)  # fmt: skip
     log_interval: float = 10.0  # a repeated refusal is logged once per device and reason per interval
@@ -121,6 +127,7 @@ class CollectorCounters:
     malformed_frames: int = 0
     auth_denied: int = 0
     internal_errors: int = 0
+    connections_refused: int = 0  # connections shut down over the per-peer limit
     bytes_used: int = 0  # the quarantine's size on disk, estimated between scans
     budget_full: bool = False
     by_reason: dict[str, int] = field(default_factory=lambda: defaultdict(int))
@@ -182,6 +189,59 @@ def spec_source(store: ModelStore) -> SpecSource:
             raise QuarantineError(f"fleet {fleet!r} has no version {version} in the store", "unknown-version") from e
 
     return spec_for
+
+
+class _PeerLimit:
+    """At most ``limit`` TCP connections from one peer address (a ZeroMQ socket monitor reports each accepted and
+    closed connection with its descriptor): a connection over the limit is shut down at once (``shutdown`` on a
+    duplicate of its descriptor: libzmq sees the peer go and closes it itself), so one host cannot take the
+    collector's descriptors from the others. libzmq itself has no such limit."""
+
+    EVENTS = zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED
+
+    def __init__(self, sock: zmq.Socket, limit: int, warn: _OnceEvery, counters: CollectorCounters) -> None:
+        self.limit, self.warn, self.counters = limit, warn, counters
+        self.monitor = sock.get_monitor_socket(self.EVENTS)
+        self._sock = sock
+        self._peer_of: dict[int, str] = {}  # descriptor -> peer address, for the connections open now
+        self._count: dict[str, int] = defaultdict(int)
+
+    def take_events(self) -> None:
+        from zmq.utils.monitor import recv_monitor_message
+
+        while True:
+            try:
+                event = recv_monitor_message(self.monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            fd = int(event["value"])
+            if event["event"] == zmq.EVENT_ACCEPTED:
+                self._accepted(fd)
+            else:  # disconnected or closed: the descriptor is no longer that connection
+                peer = self._peer_of.pop(fd, None)
+                if peer is not None:
+                    self._count[peer] -= 1
+                    if self._count[peer] <= 0:
+                        del self._count[peer]
+
+    def _accepted(self, fd: int) -> None:
+        try:
+            with socket.socket(fileno=os.dup(fd)) as conn:
+                peer = str(conn.getpeername()[0])
+                if self._count[peer] >= self.limit:
+                    conn.shutdown(socket.SHUT_RDWR)
+                    self.counters.connections_refused += 1
+                    self.warn((peer, "connections"), f"peer {peer} holds {self.limit} connections: closing another")
+                    return
+        except OSError:  # gone already, or not a TCP socket (ipc://): nothing to count
+            return
+        self._peer_of[fd] = peer
+        self._count[peer] += 1
+
+    def close(self) -> None:
+        with contextlib.suppress(zmq.ZMQError):
+            self._sock.disable_monitor()
+        self.monitor.close(0)
 
 
 class _Bucket:
@@ -427,12 +487,20 @@ class Collector:
             return
         self._ready.set()
         log.info("collector listening on port %d, storing under %s", self.port, self.cfg.root)
+        peers = _PeerLimit(sock, self.cfg.max_peer_connections, self._warn, self.counters)
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(peers.monitor, zmq.POLLIN)
         try:
             while not self._stop.is_set():
-                if sock.poll(self.cfg.poll_ms):
+                ready = dict(poller.poll(self.cfg.poll_ms))
+                if peers.monitor in ready:
+                    peers.take_events()
+                if sock in ready:
                     batch, users = self._receive(sock)
                     self._send(sock, self.handle(batch, users))
         finally:
+            peers.close()
             sock.close()
             if auth is not None:
                 auth.stop()
