@@ -137,15 +137,6 @@ def self_contained_onnx(data: bytes, where: str, external_dir: Path | None = Non
     return model.SerializeToString()
 
 
-def refuse_external_data(model: onnx.ModelProto, where: str) -> None:
-    """A bundle's model must be self-contained: external data is a :class:`BundleError`."""
-    tensors = external_tensors(model)
-    if tensors:
-        raise BundleError(
-            f"{where} keeps {len(tensors)} tensor(s) in external data files; a bundle model holds its own"
-        )
-
-
 def regular_file(path: Path, max_bytes: int | None = None) -> int:
     """The size of ``path`` when it is a regular file (not a symlink, device or folder) of at most ``max_bytes``;
     a :class:`BundleError` otherwise. Checked with lstat, before anything reads it."""
