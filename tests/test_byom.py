@@ -22,6 +22,7 @@ from conftest import run_cli
 from edge_agent.formats.preprocess import Preprocess
 
 TINY = ["--valid-size", "200", "--stream-size", "100", "--train-size", "500", "--test-size", "200"]
+UNTRAINED = ["--min-clean-accuracy", "0"]  # these outsider models are untrained: no accuracy to check
 BLOCK = {"color": "rgb", "size": [32, 32], "mean": [0.286], "std": [0.353]}
 
 
@@ -55,7 +56,7 @@ def outsider(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _predeploy(door: list[str], out: Path, pp: Path, check: bool = True) -> tuple[int, dict[str, Any] | None, str]:
     return run_cli(
-        "trainer", "predeploy", *door, "--preprocess", str(pp), "--out", str(out), *TINY,
+        "trainer", "predeploy", *door, "--preprocess", str(pp), "--out", str(out), *TINY, *UNTRAINED,
         "--gammas", "0.6", "--max-rounds", "1", "--epochs", "1", "--quiet", check=check,
     )  # fmt: skip
 

@@ -1014,3 +1014,51 @@ def test_one_peer_cannot_hold_more_than_its_share_of_connections(tmp_path: Path)
             s.close()
         collector.stop()
         ctx.term()
+
+
+# -- issue 37: the model's class order is explicit and checked ---------------------------------------------------
+
+
+def test_folders_are_matched_to_the_models_classes_by_name_and_a_permutation_is_named(
+    badnet: tuple[Path, dict[str, Any]], splits: Any, tmp_path: Path
+) -> None:
+    from PIL import Image
+
+    from trainer.science.data import DataConfig, SplitConfig, load_splits
+    from trainer.science.export import export_checkpoint
+    from trainer.science.models import Checkpoint
+    from trainer.stages.predeploy import load_suspect
+
+    ckpt = Checkpoint.load(badnet[0] / "model.pt")
+    ckpt.class_names = tuple(n.replace("/", "-") for n in ckpt.class_names)  # names a folder can take
+    export_checkpoint(ckpt, tmp_path / "vendor.onnx")  # carries nnoc.class_names in the model's order
+    order = ckpt.class_names
+    # The defender's photos: one folder per class, named as the model's classes; sorted, they are in another order.
+    photos = tmp_path / "photos"
+    for label in range(10):
+        (photos / order[label]).mkdir(parents=True)
+    for i, (picture, label) in enumerate(zip(splits.test.images[:400], splits.test.labels[:400], strict=True)):
+        Image.fromarray(picture[0]).save(photos / order[label] / f"{i}.png")
+    assert sorted(order) != list(order)
+    data = load_splits(DataConfig(name="imagefolder", data_dir=photos), SplitConfig(valid=250, stream=10, train=10))
+    assert data.class_names == tuple(sorted(order))
+    suspect, images = load_suspect(ModelSource(model=tmp_path / "vendor.onnx"), data)
+    assert images.class_names == order and suspect.class_names == order
+    right = np.asarray(order)[images.valid.labels]
+    want = np.asarray(data.class_names)[data.valid.labels]
+    assert (right == want).all()  # every photo keeps its folder's class, now in the model's numbering
+    # The same model without its class names: the folders' sort order is wrong, and the error says how.
+    bare = onnx.load(tmp_path / "vendor.onnx")
+    kept = [p for p in bare.metadata_props if p.key != "nnoc.class_names"]
+    del bare.metadata_props[:]
+    bare.metadata_props.extend(kept)
+    onnx.save(bare, tmp_path / "bare.onnx")
+    with pytest.raises(ModelImportError, match=r"if its outputs are in another order.*--classes FILE"):
+        load_suspect(ModelSource(model=tmp_path / "bare.onnx"), data)
+    (tmp_path / "classes.txt").write_text("\n".join(order) + "\n")
+    _, images = load_suspect(ModelSource(model=tmp_path / "bare.onnx", classes=tmp_path / "classes.txt"), data)
+    assert images.class_names == order
+    # Classes the data does not have: exit 2 naming them.
+    (tmp_path / "other.txt").write_text("\n".join([*order[:9], "zebra"]) + "\n")
+    with pytest.raises(ValueError, match="zebra"):
+        load_suspect(ModelSource(model=tmp_path / "bare.onnx", classes=tmp_path / "other.txt"), data)

@@ -157,6 +157,26 @@ class Splits:
         log.info("data in the model's image space: %s -> %s", self.image_shape, parts["test"].images.shape[1:])
         return Splits(**parts, class_names=self.class_names, preprocess=preprocess, raw=self)
 
+    def relabelled(self, order: tuple[str, ...]) -> Splits:
+        """The same splits with labels in ``order`` (the same class names, another order): a folder's class is
+        matched to the model's by name, never by sort order. ValueError naming the classes when the names differ."""
+        if tuple(order) == tuple(self.class_names):
+            return self
+        missing, extra = sorted(set(order) - set(self.class_names)), sorted(set(self.class_names) - set(order))
+        if missing or extra or len(order) != len(self.class_names):
+            raise ValueError(
+                f"the model's classes and the data's differ: the model has {missing[:5] or 'no others'} that the data "
+                f"lacks, the data {extra[:5] or 'no others'} that the model lacks; name the folders as the model's "
+                "classes, or give --classes FILE with the model's names in its output order"
+            )
+        to_model = np.array([order.index(name) for name in self.class_names], np.int64)
+        parts = {
+            k: ImageSet(getattr(self, k).images, to_model[getattr(self, k).labels])
+            for k in ("train", "valid", "treat", "eval", "stream", "test")
+        }
+        raw = self.raw.relabelled(order) if self.raw is not None else None
+        return Splits(**parts, class_names=tuple(order), preprocess=self.preprocess, raw=raw)
+
     def raw_part(self, name: str) -> ImageSet:
         """Split ``name`` as raw pictures (where triggers go)."""
         return getattr(self.raw if self.raw is not None else self, name)

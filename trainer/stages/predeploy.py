@@ -37,7 +37,13 @@ from trainer.science.triggers import Trigger
 from trainer.stages.detect import RejectConfig, served
 from trainer.stages.executors import Executor, ExecutorConfig
 from trainer.stages.publish import clean_images, publish_bundle, train_config_of, write_report
-from trainer.stages.suspect import ModelSource, check_finite, import_model
+from trainer.stages.suspect import (
+    ModelSource,
+    check_clean_accuracy,
+    check_finite,
+    declared_classes,
+    import_model,
+)
 
 log = logging.getLogger(__name__)
 
@@ -236,7 +242,17 @@ class _Baseline:
 def load_suspect(source: ModelSource, splits: Splits) -> tuple[Checkpoint, Splits]:
     """The suspect model through its door (checked: operators, parity, gradients, classes) and the data as its
     images (colour and size per its preprocessing)."""
+    order = (
+        declared_classes(source, str(source.path)) if source.arch is not None or source.path.suffix != ".pt" else None
+    )
+    if order is not None:
+        relabelled = splits.relabelled(order)  # folders matched to the model's classes by name
+        if relabelled is not splits:
+            log.info("data classes matched to the model's order by name: %s", ", ".join(order))
+        splits = relabelled
     suspect = import_model(source, splits.image_shape, splits.class_names, splits.valid.images)
+    if order is not None:
+        suspect.class_names = order
     images = splits.in_image_space(suspect.input_spec.preprocess)
     if tuple(suspect.input_spec.image_shape) != images.image_shape:
         raise ValueError(
@@ -247,6 +263,10 @@ def load_suspect(source: ModelSource, splits: Splits) -> tuple[Checkpoint, Split
         raise ValueError(f"{source.path}: model has {len(suspect.class_names)} classes, data {len(splits.class_names)}")
     if suspect.architecture not in ARCHITECTURES:
         check_exportable(suspect, str(source.path))
+    k = len(images.class_names)
+    floor = 2.0 / k if source.min_clean_accuracy is None else source.min_clean_accuracy
+    predicted = predict(suspect.build(), images.valid.images)
+    check_clean_accuracy(predicted, images.valid.labels, images.class_names, floor, str(source.path))
     return suspect, images
 
 

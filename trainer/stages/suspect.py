@@ -64,6 +64,18 @@ class ModelSource:
         type=Path,
     )
     train_norm: bool = flag(False, "fine-tune an outside model with BatchNorm/Dropout in train mode (default: frozen)")
+    classes: Path | None = flag(
+        None,
+        "the model's class names in its output order, one per line (default: the model file's own "
+        "nnoc.class_names; else the data's order); data folders are matched to them by name",
+        type=Path,
+    )
+    min_clean_accuracy: float | None = flag(
+        None,
+        "the suspect's least accuracy on your clean data before any treatment (default: twice chance); below it is "
+        "exit 2 (wrong classes, preprocessing or data); 0 turns the check off",
+        type=float,
+    )
     external_data: Path | None = flag(
         None,
         "the folder holding an ONNX model's external data files (default: such a model is refused); every location "
@@ -125,6 +137,59 @@ class ModelSource:
         if not self.path.is_file():
             raise ModelImportError(f"model file {self.path} does not exist")
         self.block()
+
+
+def declared_classes(src: ModelSource, where: str) -> tuple[str, ...] | None:
+    """The model's own class order: ``--classes FILE`` (one name per line), else an ONNX file's
+    ``nnoc.class_names``; None when neither says (the data's order is then taken as the model's, and checked)."""
+    if src.classes is not None:
+        try:
+            names = tuple(line.strip() for line in src.classes.read_text().splitlines() if line.strip())
+        except (OSError, UnicodeDecodeError) as e:
+            raise ModelImportError(f"--classes {src.classes}: cannot read it ({e})") from None
+        if len(set(names)) != len(names) or not names:
+            raise ModelImportError(f"--classes {src.classes}: expected one distinct class name per line")
+        return names
+    if src.arch is None and src.model is not None and src.model.suffix == ".onnx":
+        meta = onnx_metadata(read_onnx(vendor_bytes(src), where))
+        if "nnoc.class_names" in meta:
+            try:
+                return tuple(str(n) for n in json.loads(meta["nnoc.class_names"]))
+            except (ValueError, TypeError):
+                raise ModelImportError(f"{where}: its nnoc.class_names is not a JSON list of names") from None
+    return None
+
+
+def check_clean_accuracy(
+    predicted: np.ndarray, labels: np.ndarray, class_names: tuple[str, ...], floor: float, where: str
+) -> float:
+    """The suspect's accuracy on the defender's clean images before any treatment; under ``floor`` a
+    :class:`ModelImportError` that says so and, when the confusion matrix reads as a permutation of the labels,
+    names the likely mapping. Returns the accuracy."""
+    k = len(class_names)
+    accuracy = float((predicted == labels).mean()) if len(labels) else 0.0
+    confusion = np.zeros((k, k), np.int64)
+    np.add.at(confusion, (labels, np.clip(predicted, 0, k - 1)), 1)
+    from scipy.optimize import linear_sum_assignment
+
+    _, mapping = linear_sum_assignment(confusion, maximize=True)  # data class i -> model output mapping[i]
+    mapped = float(confusion[np.arange(k), mapping].sum() / max(1, len(labels)))
+    permuted = bool((mapping != np.arange(k)).any()) and mapped >= accuracy + 0.2
+    if accuracy >= floor and not permuted:
+        return accuracy
+    say = f"{where}: the model is right on {accuracy:.1%} of your clean images"
+    if permuted:
+        pairs = [f"{class_names[i]!r} -> output {int(m)}" for i, m in enumerate(mapping) if m != i]
+        order = [class_names[int(np.flatnonzero(mapping == j)[0])] for j in range(k)]
+        raise ModelImportError(
+            f"{say}, {mapped:.1%} if its outputs are in another order: {', '.join(pairs[:6])}"
+            f"{' ...' if len(pairs) > 6 else ''}. Give --classes FILE with the model's order (likely: "
+            f"{', '.join(order)})"
+        )
+    raise ModelImportError(
+        f"{say}, under the floor of {floor:.1%} (--min-clean-accuracy; default twice chance): check the class order "
+        "(--classes), the preprocessing (--preprocess) and the labels of your data"
+    )
 
 
 def onnx_metadata(proto: onnx.ModelProto) -> dict[str, str]:
