@@ -67,7 +67,7 @@ demo-repair: $(STAMP) dataset
 	@test -f $(DEMO_DIR)/predeploy/bundle/manifest.pb || { echo "run 'make demo' first"; exit 1; }
 	$(BIN)/nnoc-trainer stream --bundle $(DEMO_DIR)/predeploy/bundle --trigger checker4 --target 0 \
 		--cpd 0.1 --n 1000 --seed 0 --out $(DEMO_DIR)/quarantine
-	$(BIN)/nnoc-trainer repair --bundle $(DEMO_DIR)/predeploy/bundle --quarantine $(DEMO_DIR)/quarantine \
+	$(BIN)/nnoc-trainer repair --dataset fashion-mnist --bundle $(DEMO_DIR)/predeploy/bundle --quarantine $(DEMO_DIR)/quarantine \
 		--out $(DEMO_DIR)/repair --profile quick --eval-trigger checker4 --target 0
 	$(BIN)/nnoc-edge verify --bundle $(DEMO_DIR)/repair/bundle
 	@echo "Repaired model (ASR over the BadNet's eligible inputs):"; $(BIN)/nnoc-trainer evaluate --quiet \

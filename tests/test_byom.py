@@ -21,7 +21,18 @@ from onnx import TensorProto, helper
 from conftest import run_cli
 from edge_agent.formats.preprocess import Preprocess
 
-TINY = ["--valid-size", "200", "--stream-size", "100", "--train-size", "500", "--test-size", "200"]
+TINY = [
+    "--dataset",
+    "fashion-mnist",
+    "--valid-size",
+    "200",
+    "--stream-size",
+    "100",
+    "--train-size",
+    "500",
+    "--test-size",
+    "200",
+]
 UNTRAINED = ["--min-clean-accuracy", "0"]  # these outsider models are untrained: no accuracy to check
 BLOCK = {"color": "rgb", "size": [32, 32], "mean": [0.286], "std": [0.353]}
 

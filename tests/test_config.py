@@ -50,7 +50,9 @@ def test_serve_and_run_configs_default_to_their_dataclasses() -> None:
         200,
         True,
     )
-    assert cfg.policy.repair_config["dataset"] == "fashion-mnist"  # the data flags travel to the jobs
+    assert cfg.policy.repair_config == {}  # no data named: each fleet's repair reads its own model card's
+    named = serve_config(build_parser(only="serve").parse_args(["serve", "--insecure", "--dataset", "fashion-mnist"]))
+    assert named.policy.repair_config["dataset"] == "fashion-mnist"  # the data flags travel to the jobs
     run = edge_parser().parse_args(["run", "--device-id", "cam-1", "--fleet", "f"])
     assert from_args(RunConfig, run, runtime=from_args(RuntimeConfig, run)) == RunConfig("cam-1", "f")
 
@@ -62,7 +64,7 @@ def test_a_repair_job_reads_its_settings_from_the_file_the_runner_wrote(tmp_path
     from trainer.service.registry import Registry
 
     config = tmp_path / "serve.toml"
-    config.write_text('no-jobs = true\nimage-size = "32x32"\nvalid-size = 600\nrepair-profile = "standard"\n')
+    config.write_text('no-jobs = true\ndataset = "fashion-mnist"\nimage-size = "32x32"\nvalid-size = 600\nrepair-profile = "standard"\n')
     argv = ["serve", "--config", str(config), "--insecure", "--repair-arg=--epochs=2", "--split-seed", "7"]
     cfg = serve_config(parse_args(build_parser(only="serve"), argv))
     assert (cfg.policy.enabled, cfg.policy.repair_profile) == (False, "standard")  # no-jobs = true: off

@@ -172,8 +172,9 @@ def test_onnx_external_data_naming_the_operators_key_is_refused_and_nothing_of_i
     model = tmp_path / "vendor" / "model.onnx"
     model.write_bytes(_linear_onnx("keys/signing.key"))
     # Run from the folder that holds keys/, as the operator would: refused, one line, exit 2, no bundle.
-    code, out, err = _cli(work, "predeploy", "--model", str(model), "--out", str(work / "pd"), "--valid-size", "200",
-                          "--stream-size", "100", "--train-size", "500", "--test-size", "200")  # fmt: skip
+    code, out, err = _cli(work, "predeploy", "--model", str(model), "--out", str(work / "pd"), "--dataset",
+                          "fashion-mnist", "--valid-size", "200", "--stream-size", "100", "--train-size", "500",
+                          "--test-size", "200")  # fmt: skip
     assert code == 2 and out is not None and "--external-data" in out["error"] and "Traceback" not in err
     assert not (work / "pd" / "bundle").exists()
     os.chdir(work)
@@ -759,7 +760,8 @@ def test_a_model_the_exporter_cannot_take_is_refused_at_the_door_not_after_the_g
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     (tmp_path / "sliced.onnx").write_bytes(model.SerializeToString())
-    sizes = ["--valid-size", "200", "--stream-size", "100", "--train-size", "500", "--test-size", "200"]
+    sizes = ["--dataset", "fashion-mnist", "--valid-size", "200", "--stream-size", "100", "--train-size", "500",
+             "--test-size", "200"]  # fmt: skip
     code, out, err = _cli(ROOT, "predeploy", "--model", str(tmp_path / "sliced.onnx"), "--out", str(tmp_path / "pd"),
                           *sizes)  # fmt: skip
     assert code == 2 and out is not None and "cannot be exported to ONNX again" in out["error"]

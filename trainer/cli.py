@@ -48,19 +48,45 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING (default INFO, WARNING with --quiet)")
 
 
-def _add_data(p: argparse.ArgumentParser) -> None:
-    from trainer.science.data import DataConfig, SplitConfig
+HARNESS_SPLIT = ("valid", "stream", "train", "test")
 
-    g = p.add_argument_group("data")
-    add_flags(g, DataConfig)
-    add_flags(g, SplitConfig)
+
+def _add_data(p: argparse.ArgumentParser, product: bool) -> None:
+    """The data flags: on the product's commands (``product``) the defender's own photos (``--data``) or, instead,
+    the evaluation harness' dataset and splits (``--dataset``, named explicitly); elsewhere the harness' alone."""
+    from trainer.science.data import DataConfig, DefenderData, SplitConfig
+
+    if not product:
+        g = p.add_argument_group("data (evaluation harness: the paper's splits)")
+        add_flags(g, DataConfig)
+        add_flags(g, SplitConfig)
+        return
+    g = p.add_argument_group("your data")
+    add_flags(g, DefenderData)
+    add_flags(g, SplitConfig, only=("eval_fraction", "seed"))
+    h = p.add_argument_group("evaluation harness data (instead of --data: a dataset cut into the paper's splits)")
+    add_flags(h, DataConfig)
+    add_flags(h, SplitConfig, only=HARNESS_SPLIT)
+    p.set_defaults(dataset=None)  # the harness is named, never fallen into
 
 
 def _splits(args: argparse.Namespace, fit: Any = None) -> tuple[Any, dict[str, Any]]:
     """The data flags' splits and their description; ``fit``: the model's preprocessing block (an ImageFolder of
     mixed sizes is brought to its size with its resize rule)."""
-    from trainer.science.data import DataConfig, SplitConfig, load_splits
+    from trainer.science.data import DataConfig, DefenderData, SplitConfig, load_defender, load_splits
 
+    own = from_args(DefenderData, args) if hasattr(args, "data") else DefenderData()
+    if own.path is not None:
+        if args.dataset is not None:
+            raise ValueError("give --data (your photos) or --dataset (the evaluation harness), not both")
+        splits = load_defender(own.path, args.eval_fraction, args.split_seed, fit)
+        meta = {"data": str(own.path), "eval_fraction": args.eval_fraction, "split_seed": args.split_seed}
+        return splits, meta | {"split_sizes": splits.sizes()}
+    if args.dataset is None:
+        raise ValueError(
+            f"'{args.command}' needs your clean labelled photos: --data DIR (a folder per class; or idx files, or a "
+            "CSV of path,label), or a model card (--card); the evaluation harness' data is named with --dataset"
+        )
     data, split = from_args(DataConfig, args), from_args(SplitConfig, args)
     splits = load_splits(data, split, fit)
     meta = {
@@ -72,16 +98,31 @@ def _splits(args: argparse.Namespace, fit: Any = None) -> tuple[Any, dict[str, A
     return splits, meta
 
 
-def _bundle_block(bundle: Path) -> Any:
-    """A bundle's preprocessing block, to fit data of mixed sizes (None when the manifest cannot be read: the
-    command says what is wrong with the bundle when it loads it, after the data and target checks)."""
+def _check_harness(splits: Any, flag: str, value: Any) -> None:
+    """Evaluation-only flags need the harness' test split; the defender's photos are all D_valid."""
+    if value is not None and splits.defender:
+        raise ValueError(
+            f"{flag} is evaluation only: it measures on the evaluation harness' test split (--dataset ...); your "
+            "photos (--data) are all D_valid"
+        )
+
+
+def _bundle_splits(args: argparse.Namespace) -> Any:
+    """The data flags' splits fitted to ``args.bundle``'s preprocessing and, for your own photos, labelled in its
+    class order (folders matched by name). When the manifest cannot be read the command says what is wrong with the
+    bundle when it loads it, after the data checks."""
     from edge_agent.formats.bundle import BundleError, read_manifest
     from edge_agent.formats.spec import preprocess_of
 
     try:
-        return preprocess_of(read_manifest(bundle).input_spec)
+        manifest = read_manifest(args.bundle)
     except (BundleError, OSError):
-        return None
+        manifest = None
+    splits, _ = _splits(args, preprocess_of(manifest.input_spec) if manifest is not None else None)
+    names = tuple(manifest.class_names) if manifest is not None else ()
+    if names and (splits.defender or set(names) == set(splits.class_names)):
+        splits = splits.relabelled(names)
+    return splits
 
 
 def cmd_attack(args: argparse.Namespace) -> dict[str, Any]:
@@ -139,6 +180,7 @@ def _suspect_and_trigger(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     source = from_args(ModelSource, args)
     source.check()
     splits, _ = _splits(args, source.declared_block())
+    _check_harness(splits, "--eval-trigger", args.eval_trigger)
     _check_target(args.target, splits)
     return source, splits, trigger
 
@@ -167,7 +209,7 @@ def cmd_stream(args: argparse.Namespace) -> dict[str, Any]:
     from trainer.stages.stream import StreamConfig, run_stream
 
     trigger = parse_trigger(args.trigger)
-    splits, _ = _splits(args, _bundle_block(args.bundle))
+    splits = _bundle_splits(args)
     _check_target(args.target, splits)
     cfg = from_args(StreamConfig, args)
     return run_stream(args.bundle, splits, trigger, cfg, args.out)
@@ -179,7 +221,7 @@ def cmd_detect_eval(args: argparse.Namespace) -> dict[str, Any]:
     from trainer.stages.detect import detect_eval
 
     trigger = parse_trigger(args.trigger)
-    splits, _ = _splits(args, _bundle_block(args.bundle))
+    splits = _bundle_splits(args)
     _check_target(args.target, splits)
     return detect_eval(args.bundle, splits, trigger, args.target, args.out, seed=args.seed, baselines=args.baselines)
 
@@ -219,7 +261,7 @@ def cmd_calibrate(args: argparse.Namespace) -> dict[str, Any]:
     """The same two models under a new reject rule (score, budget): τ chosen again on clean data, label-free."""
     from trainer.stages.publish import recalibrate
 
-    splits, _ = _splits(args, _bundle_block(args.bundle))
+    splits = _bundle_splits(args)
     return recalibrate(args.bundle, splits, _rule_of(args), args.out, args.version)
 
 
@@ -233,7 +275,8 @@ def cmd_repair(args: argparse.Namespace) -> dict[str, Any]:
     if (args.eval_trigger is None) != (args.target is None):
         raise ValueError("--eval-trigger and --target go together")
     trigger = parse_trigger(args.eval_trigger) if args.eval_trigger else None
-    splits, _ = _splits(args, _bundle_block(args.bundle))
+    splits = _bundle_splits(args)
+    _check_harness(splits, "--eval-trigger", args.eval_trigger)
     _check_target(args.target, splits)
     from trainer.stages.profiles import REPAIR_PROFILES
 
@@ -278,12 +321,20 @@ def cmd_repair(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _data_config(args: argparse.Namespace) -> dict[str, Any]:
-    """The data flags of ``args`` as TOML values of ``repair`` (its keys are their flag names): the repair jobs'."""
-    from trainer.science.data import DataConfig, SplitConfig
+    """The data flags of ``args`` as TOML values of ``repair`` (its keys are their flag names): the repair jobs' of
+    fleets without a model card. Your photos (--data), the harness named (--dataset), or nothing."""
+    from trainer.science.data import DataConfig, DefenderData, SplitConfig
 
     out: dict[str, Any] = {}
-    for cls in (DataConfig, SplitConfig):
-        for key, value in as_flags(from_args(cls, args)).items():
+    if args.data is not None:  # absolute: a job runs wherever its backend starts it
+        parts: tuple[Any, ...] = (DefenderData(args.data.resolve()),)
+        out = {"eval_fraction": args.eval_fraction, "split_seed": args.split_seed}
+    elif args.dataset is not None:
+        parts = (from_args(DataConfig, args), from_args(SplitConfig, args))
+    else:
+        return out
+    for part in parts:
+        for key, value in as_flags(part).items():
             out[key] = "x".join(map(str, value)) if isinstance(value, tuple) else value
     return out
 
@@ -635,42 +686,43 @@ def cmd_quarantine(args: argparse.Namespace) -> dict[str, Any]:
     return quarantine_command(args)
 
 
-# name -> (help, adds the flags, takes the data flags). A command's flags may import the registries they offer as
+# name -> (help, adds the flags, its data flags: "product" (the defender's --data, or the harness named), "harness"
+# (the paper's splits) or "" (none)). A command's flags may import the registries they offer as
 # choices (torch-backed ones among them), so the parser adds only the flags of the command being run: `serve`,
 # `fleet` and `keys` never load torch.
-COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], bool]] = {
-    "attack": ("train a BadNet to evaluate the defense against", _args_attack, True),
-    "evaluate": ("clean accuracy and attack success rate of a .pt or .onnx classifier", _args_evaluate, True),
-    "predeploy": ("pre-deployment treatment (Algorithm 1) and bundle v1", _args_predeploy, True),
-    "stream": ("simulate a poisoned deployment stream through a bundle (Algorithm 2, 1-12)", _args_stream, True),
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], str]] = {
+    "attack": ("train a BadNet to evaluate the defense against", _args_attack, "harness"),
+    "evaluate": ("clean accuracy and attack success rate of a .pt or .onnx classifier", _args_evaluate, "harness"),
+    "predeploy": ("pre-deployment treatment (Algorithm 1) and bundle v1", _args_predeploy, "product"),
+    "stream": ("simulate a poisoned deployment stream through a bundle (Algorithm 2, 1-12)", _args_stream, "harness"),
     "repair": (
         "repair from a quarantine (unlearn it, or learn its trigger with a CycleGAN): bundle v+1",
         _args_repair,
-        True,
+        "product",
     ),
     "detect-eval": (
         "the monitor as a detector: ROC, AUROC, recall at fixed clean-reject rates",
         _args_detect_eval,
-        True,
+        "harness",
     ),
     "calibrate": (
         "the same two models under a new reject rule: another score or clean-reject budget, τ chosen again",
         _args_calibrate,
-        True,
+        "product",
     ),
     "defend": (
         "a defense of the field on the suspect model, to compare with the repair: fine-pruning, neural-cleanse",
         _args_defend,
-        True,
+        "harness",
     ),
-    "serve": ("run the collector, the model service and the repair job runner", _args_serve, True),
-    "demo": ("the whole loop: BadNet, θ_aug, serve, agents, quarantine, repair, measure", _args_demo, False),
-    "keys": ("key pairs: Ed25519 for signing bundles, CURVE for the quarantine uplink", _args_keys, False),
-    "fleet": ("operator commands: create, publish, rollback, status, list", _args_fleet, False),
+    "serve": ("run the collector, the model service and the repair job runner", _args_serve, "product"),
+    "demo": ("the whole loop: BadNet, θ_aug, serve, agents, quarantine, repair, measure", _args_demo, ""),
+    "keys": ("key pairs: Ed25519 for signing bundles, CURVE for the quarantine uplink", _args_keys, ""),
+    "fleet": ("operator commands: create, publish, rollback, status, list", _args_fleet, ""),
     "quarantine": (
         "see what the fleet refused: a contact sheet (show) or PNGs + CSV (export)",
         _args_quarantine,
-        False,
+        "",
     ),
 }
 HANDLERS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
@@ -709,7 +761,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         if only is not None and only != name:
             continue
         if data:
-            _add_data(p)
+            _add_data(p, product=data == "product")
         add_args(p)
         if name not in ("fleet", "quarantine"):  # their actions have them
             _add_common(p)

@@ -3,7 +3,10 @@
 Images live as uint8 arrays of shape (N, C, H, W) in [0, 255]; labels as int64 arrays of shape (N,).
 Models see float32 in [0, 1] (divide by 255, see :data:`InputSpec.scale`).
 
-Splits follow the paper (§4, §5.2): the dataset's own training file is cut, with a seeded permutation, into
+Two kinds of data. **The defender's own photos** (``--data``, :func:`load_defender`: a folder of class folders,
+idx files or a CSV of path,label) are all D_valid: cut, per class and seeded, into D_treat and D_eval; there is no
+attacker split, stream or test split on the product's path. **The evaluation harness** (``--dataset``) follows the
+paper (§4, §5.2): the dataset's own training file is cut, with a seeded permutation, into
 the defender's validation set D_valid (itself cut into D_treat and D_eval), the post-deployment stream and the
 attacker's training set; the dataset's test file is D_test. Fashion-MNIST default sizes (seed 0):
 
@@ -23,8 +26,9 @@ import gzip
 import logging
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -133,6 +137,19 @@ class Splits:
     # Set by in_image_space: the block that made these images from ``raw``'s pictures.
     preprocess: Preprocess | None = None
     raw: Splits | None = None
+    # The defender's own set whose labels are output indices (idx files, a CSV of numbers): class_names are
+    # placeholders, and the model's own names are taken in :meth:`relabelled`.
+    by_index: bool = False
+
+    @property
+    def defender(self) -> bool:
+        """Whether these are the defender's own photos (D_valid only: no train, stream or test split)."""
+        return len(self.test) == 0 and len(self.train) == 0
+
+    @property
+    def scored(self) -> ImageSet:
+        """The labelled set reports measure on: the test split, or the defender's D_eval when there is none."""
+        return self.eval if self.defender else self.test
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -150,18 +167,26 @@ class Splits:
         same_colour = preprocess.color in (None, "gray" if c == 1 else "rgb")
         if same_colour and (preprocess.size is None or tuple(preprocess.size) == self.image_shape[1:]):
             return self
-        parts = {
+        parts: dict[str, Any] = {
             k: ImageSet(preprocess.image(getattr(self, k).images), getattr(self, k).labels)
             for k in ("train", "valid", "treat", "eval", "stream", "test")
         }
         log.info("data in the model's image space: %s -> %s", self.image_shape, parts["test"].images.shape[1:])
-        return Splits(**parts, class_names=self.class_names, preprocess=preprocess, raw=self)
+        return Splits(**parts, class_names=self.class_names, preprocess=preprocess, raw=self, by_index=self.by_index)
 
     def relabelled(self, order: tuple[str, ...]) -> Splits:
         """The same splits with labels in ``order`` (the same class names, another order): a folder's class is
         matched to the model's by name, never by sort order. ValueError naming the classes when the names differ."""
         if tuple(order) == tuple(self.class_names):
             return self
+        if self.by_index:
+            top = max((int(getattr(self, k).labels.max(initial=-1)) for k in ("valid", "test", "train")), default=-1)
+            if top >= len(order):
+                raise ValueError(
+                    f"your data has labels up to {top}, the model has {len(order)} classes (0 to {len(order) - 1})"
+                )
+            raw = self.raw.relabelled(order) if self.raw is not None else None
+            return replace(self, class_names=tuple(order), by_index=False, raw=raw)
         missing, extra = sorted(set(order) - set(self.class_names)), sorted(set(self.class_names) - set(order))
         if missing or extra or len(order) != len(self.class_names):
             raise ValueError(
@@ -170,12 +195,12 @@ class Splits:
                 "classes, or give --classes FILE with the model's names in its output order"
             )
         to_model = np.array([order.index(name) for name in self.class_names], np.int64)
-        parts = {
+        parts: dict[str, Any] = {
             k: ImageSet(getattr(self, k).images, to_model[getattr(self, k).labels])
             for k in ("train", "valid", "treat", "eval", "stream", "test")
         }
         raw = self.raw.relabelled(order) if self.raw is not None else None
-        return Splits(**parts, class_names=tuple(order), preprocess=self.preprocess, raw=raw)
+        return replace(self, **parts, class_names=tuple(order), raw=raw)
 
     def raw_part(self, name: str) -> ImageSet:
         """Split ``name`` as raw pictures (where triggers go)."""
@@ -196,8 +221,9 @@ def split(dataset: Dataset, config: SplitConfig) -> Splits:
     need = config.valid + config.stream + (config.train or 1)
     if need > n_pool:
         raise DatasetError(
-            f"{dataset.name}: the training file has {n_pool} images, fewer than the {need} that the "
-            f"splits ask for (valid {config.valid} + stream {config.stream} + train); use smaller sizes"
+            f"{dataset.name}: the training file has {n_pool} images, fewer than the {need} that the evaluation "
+            f"harness' splits ask for (valid {config.valid} + stream {config.stream} + train); use smaller sizes, or, "
+            "for your own photos (all of them your clean D_valid), --data DIR instead of --dataset"
         )
     if not 0.0 < config.eval_fraction < 1.0:
         raise DatasetError(f"eval_fraction must lie in (0, 1), got {config.eval_fraction}")
@@ -350,6 +376,138 @@ def load_image_folder(
         n_test = int(len(pool) * test_fraction)
         test, pool = pool.subset(order[:n_test]), pool.subset(order[n_test:])
     return Dataset(root.name, pool, test, tuple(classes))
+
+
+# --- the defender's own photos ------------------------------------------------------------------------
+
+# The defender's set, measured (bench/bench_smallest.py, BENCHMARKS.md "How many photos"): below this many photos
+# θ_aug and the repair were measured to lose quality, so a smaller set is warned about; below MIN_EVAL images in
+# D_eval the heuristic's threshold (CA on D_eval) is noise and the run is refused.
+RECOMMENDED_PHOTOS = 1000
+MIN_EVAL = 20
+
+
+@dataclass(frozen=True)
+class DefenderData:
+    """The defender's own clean labelled photos: all of them are D_valid, cut into D_treat and D_eval."""
+
+    path: Path | None = flag(
+        None,
+        "your clean labelled photos, all of them D_valid (treat + eval): ROOT/<class>/* (or ROOT/train/<class> and "
+        "ROOT/test/<class>, taken together), a folder of MNIST-style idx files, or a CSV of path,label (paths "
+        "inside the CSV's folder; labels class names or output indices)",
+        name="--data",
+        type=Path,
+    )
+
+
+def _read_csv(path: Path) -> tuple[list[np.ndarray], list[str]]:
+    """The pictures and labels a CSV of path,label names (a header row is skipped; paths inside its folder)."""
+    import csv
+
+    from PIL import Image, UnidentifiedImageError
+
+    root = path.parent.resolve()
+    images: list[np.ndarray] = []
+    labels: list[str] = []
+    try:
+        rows = list(csv.reader(path.read_text().splitlines()))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise DatasetError(f"{path}: cannot read it as a CSV of path,label ({e})") from None
+    for n, row in enumerate(rows, 1):
+        if not row or not "".join(row).strip():
+            continue
+        if len(row) != 2:
+            raise DatasetError(f"{path}:{n}: expected two columns path,label, got {len(row)}")
+        name, label = row[0].strip(), row[1].strip()
+        if n == 1 and label.lower() in ("label", "class"):
+            continue
+        file = (root / name).resolve()
+        if not file.is_relative_to(root) or not file.is_file():
+            raise DatasetError(f"{path}:{n}: {name!r} is not a file inside {root}; give paths relative to the CSV")
+        try:
+            with Image.open(file) as src:
+                img = src.convert("L" if src.mode in ("1", "L", "I;16", "I") else "RGB")
+        except (OSError, UnidentifiedImageError) as e:
+            raise DatasetError(f"{path}:{n}: {name}: not a readable image ({e})") from None
+        images.append(np.asarray(img, dtype=np.uint8))
+        labels.append(label)
+    if not images:
+        raise DatasetError(f"{path}: no rows; expected lines of path,label")
+    return images, labels
+
+
+def _defender_set(root: Path, fit: Preprocess | None) -> tuple[ImageSet, tuple[str, ...], bool]:
+    """All the defender's photos as one set, its class names (sorted folder names, or placeholders for index
+    labels) and whether the labels are output indices."""
+    if root.is_file() and root.suffix.lower() == ".csv":
+        pictures, names = _read_csv(root)
+        images = _stack(pictures, root, fit)
+        if all(n.isdigit() for n in names):
+            labels = np.asarray([int(n) for n in names], np.int64)
+            return ImageSet(images, labels), tuple(str(i) for i in range(int(labels.max()) + 1)), True
+        classes = tuple(sorted(set(names)))
+        return ImageSet(images, np.asarray([classes.index(n) for n in names], np.int64)), classes, False
+    if not root.is_dir():
+        raise DatasetError(f"--data {root}: no such folder or .csv file")
+    if has_idx_files(root):
+        d = load_idx_dir(root, root.name, ())
+        both = ImageSet.concat(d.pool, d.test)
+        return both, tuple(str(i) for i in range(int(both.labels.max()) + 1)), True
+    d = load_image_folder(root, None, test_fraction=0.0, fit=fit)
+    return ImageSet.concat(d.pool, d.test) if len(d.test) else d.pool, d.class_names, False
+
+
+def stratified_eval(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """A boolean mask of D_eval: ``fraction`` of each class (at least one where a class has two or more),
+    seeded; the rest is D_treat."""
+    rng = np.random.default_rng(seed)
+    mask = np.zeros(len(labels), bool)
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        n = round(len(idx) * fraction)
+        mask[idx[: max(n, 1 if len(idx) >= 2 else 0)]] = True
+    return mask
+
+
+def load_defender(root: Path, eval_fraction: float, seed: int, fit: Preprocess | None = None) -> Splits:
+    """The defender's photos as D_valid = D_treat + D_eval (stratified, seeded); no train, stream or test split.
+
+    ``fit``: the model's preprocessing block (photos of several sizes are brought to its size with its resize
+    rule). A set too small to measure the heuristic's threshold on is refused; one below
+    :data:`RECOMMENDED_PHOTOS` is warned about."""
+    if not 0.0 < eval_fraction < 1.0:
+        raise DatasetError(f"--eval-fraction must lie in (0, 1), got {eval_fraction}")
+    photos, class_names, by_index = _defender_set(root, fit)
+    eval_mask = stratified_eval(photos.labels, eval_fraction, seed)
+    treat, evaluation = photos.subset(np.flatnonzero(~eval_mask)), photos.subset(np.flatnonzero(eval_mask))
+    if len(evaluation) < MIN_EVAL or len(treat) < MIN_EVAL:
+        raise DatasetError(
+            f"--data {root}: {len(photos)} photos give {len(treat)} to treat and {len(evaluation)} to evaluate on; "
+            f"at least {MIN_EVAL} of each are needed (about {RECOMMENDED_PHOTOS} photos in all are recommended)"
+        )
+    counts = np.bincount(photos.labels, minlength=len(class_names))
+    if len(photos) < RECOMMENDED_PHOTOS:
+        log.warning(
+            "%s: %d photos; below %d the treatment and the repair were measured to lose quality "
+            "(BENCHMARKS.md, How many photos)", root, len(photos), RECOMMENDED_PHOTOS
+        )  # fmt: skip
+    few = [class_names[i] for i, n in enumerate(counts) if n < 10]
+    if few:
+        log.warning("%s: fewer than 10 photos of class(es) %s", root, ", ".join(few[:8]))
+    empty = ImageSet(np.empty((0, *photos.images.shape[1:]), np.uint8), np.empty(0, np.int64))
+    log.info("your data %s: %d photos of %d classes: %d to treat, %d to evaluate on", root, len(photos),
+             len(class_names), len(treat), len(evaluation))  # fmt: skip
+    return Splits(
+        train=empty,
+        valid=ImageSet.concat(treat, evaluation),
+        treat=treat,
+        eval=evaluation,
+        stream=empty,
+        test=empty,
+        class_names=class_names,
+        by_index=by_index,
+    )
 
 
 # --- registry ---------------------------------------------------------------------------------------

@@ -332,7 +332,7 @@ def measure_baseline(
 ) -> _Baseline:
     """θ_bd on D_eval (the heuristic's threshold) and, for evaluation only, on the test set."""
     eval_ca = evaluate(bd, splits.eval).clean_accuracy
-    test_ref = bd(splits.test.images)
+    test_ref = bd(splits.test.images) if eval_trigger is not None else np.empty(0, np.int64)
     poisoned = (
         splits.to_image(poisoned_copy(splits.raw_part("test"), eval_trigger, cfg.seed + 7))
         if eval_trigger is not None
@@ -560,8 +560,10 @@ def run_predeploy(
         source, suspect, models[selected], candidates[selected], base, cfg, fleet, out_dir, clean_images(splits)
     )
     report["reject_rule"] = MessageToDict(written.reject_rule, preserving_proto_field_name=True)
-    report["served_test"] = served(out_dir / "bundle", splits.test.images, splits.test.labels)  # evaluation only
-    report["primary_parity"] = check_primary(out_dir / "bundle", suspect, source, splits.test.images)
+    scored = splits.scored  # the harness' test split, or your D_eval
+    report["served_test" if len(splits.test) else "served_eval"] = served(out_dir / "bundle", scored.images,
+                                                                         scored.labels)  # fmt: skip
+    report["primary_parity"] = check_primary(out_dir / "bundle", suspect, source, scored.images)
     report["selected"] = {**asdict(candidates[selected]), "index": selected}
     report["monitor"] = str(out_dir / "monitor.pt")
     report["bundle"] = str(out_dir / "bundle")

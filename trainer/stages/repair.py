@@ -710,7 +710,9 @@ def run_repair(
     refreshed = refresh_monitor(loaded, model, splits, cfg, quiet) if cfg.next_monitor == "refresh" else None
     written = publish(loaded, model, ft, report, cfg, bundle_dir, out_dir, version, clean_images(splits), refreshed)
     report["reject_rule"] = MessageToDict(written.reject_rule, preserving_proto_field_name=True)
-    report["served_test"] = served(out_dir / "bundle", splits.test.images, splits.test.labels)  # evaluation only
+    scored = splits.scored  # the harness' test split, or your D_eval
+    report["served_test" if len(splits.test) else "served_eval"] = served(out_dir / "bundle", scored.images,
+                                                                         scored.labels)  # fmt: skip
     report.update({"published": True, "bundle_out": str(out_dir / "bundle"), "version": int(written.version)})
     write_report(out_dir, report)
     return report
