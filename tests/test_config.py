@@ -64,7 +64,10 @@ def test_a_repair_job_reads_its_settings_from_the_file_the_runner_wrote(tmp_path
     from trainer.service.registry import Registry
 
     config = tmp_path / "serve.toml"
-    config.write_text('no-jobs = true\ndataset = "fashion-mnist"\nimage-size = "32x32"\nvalid-size = 600\nrepair-profile = "standard"\n')
+    config.write_text(
+        'no-jobs = true\ndataset = "fashion-mnist"\nimage-size = "32x32"\nvalid-size = 600\n'
+        'repair-profile = "standard"\n'
+    )
     argv = ["serve", "--config", str(config), "--insecure", "--repair-arg=--epochs=2", "--split-seed", "7"]
     cfg = serve_config(parse_args(build_parser(only="serve"), argv))
     assert (cfg.policy.enabled, cfg.policy.repair_profile) == (False, "standard")  # no-jobs = true: off

@@ -200,6 +200,11 @@ def cmd_predeploy(args: argparse.Namespace) -> dict[str, Any]:
         source, splits, cfg, args.out, args.fleet, trigger, args.target, quiet=args.quiet, executor_cfg=executor
     )
     result.report["executor"] = executor.executor
+    if args.card is not None:  # beside the bundle: `fleet create --from` keeps it in the fleet's record
+        from trainer.card import CARD_FILE, ModelCard
+
+        ModelCard.load(args.card).write_json(args.out / CARD_FILE)
+        result.report["card"] = str(args.out / CARD_FILE)
     return result.report
 
 
@@ -394,6 +399,84 @@ def cmd_keys(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(str(e)) from e
     kid = key_id(load_private_key(private).public_key())
     return {"private_key": str(private), "public_key": str(public), "key_id": kid, "text": f"{private}\n{public}"}
+
+
+def _relative(path: Path, to: Path) -> str:
+    """``path`` as the card at ``to`` names it: relative to the card's folder."""
+    import os
+
+    return os.path.relpath(path.resolve(), to.resolve().parent)
+
+
+def _photo_counts(root: Path) -> dict[str, int]:
+    """Photos per class folder of ``root`` (ROOT/<class> or ROOT/{train,test}/<class>), counted by name."""
+    from trainer.science.data import IMAGE_SUFFIXES
+
+    bases = [root / "train", root / "test"] if (root / "train").is_dir() and (root / "test").is_dir() else [root]
+    counts: dict[str, int] = {}
+    for base in bases:
+        for d in sorted(x for x in base.iterdir() if x.is_dir()):
+            n = sum(1 for f in d.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+            counts[d.name] = counts.get(d.name, 0) + n
+    return counts
+
+
+def cmd_init(args: argparse.Namespace) -> dict[str, Any]:
+    """A model card for one fleet: the model, its preprocessing and class order, your photos, default policies."""
+    from trainer.card import ModelCard, render
+    from trainer.science.data import RECOMMENDED_PHOTOS
+    from trainer.stages.suspect import ModelSource, declared_classes
+
+    if args.out.exists() and not args.force:
+        raise ValueError(f"{args.out} exists; give another --out, or --force to replace it")
+    source = from_args(ModelSource, args)
+    source.check()
+    if not args.data.is_dir():
+        raise ValueError(f"--data {args.data}: no such folder; give the folder holding a folder per class")
+    counts = _photo_counts(args.data)
+    if not counts or not sum(counts.values()):
+        raise ValueError(f"--data {args.data}: no class folders with photos; expected DIR/<class>/*.jpg")
+    classes = declared_classes(source, str(source.path))
+    said = "the model file's own nnoc.class_names" if classes and not (source.classes or source.class_names) else ""
+    if classes is None and source.arch is None and source.path.suffix == ".pt":
+        from trainer.science.models import Checkpoint
+
+        classes, said = tuple(Checkpoint.load(source.path).class_names), "the checkpoint's"
+    if classes is None:
+        classes = tuple(counts)
+        said = "NOT KNOWN: your folders' sorted order, check it against the vendor's documentation"
+        log.warning("the model does not name its classes: the card lists your folders in sorted order; check it")
+    elif set(classes) != set(counts):
+        missing, extra = sorted(set(classes) - set(counts)), sorted(set(counts) - set(classes))
+        raise ValueError(
+            f"the model's classes and your folders differ: no folder for {missing[:5] or 'none'}, folders "
+            f"{extra[:5] or 'none'} the model lacks; name the folders as the model's classes"
+        )
+    said = said or ("--classes" if source.classes else "--class-names")
+    model = {
+        "file": _relative(source.model, args.out) if source.model else "",
+        "arch": source.arch or "",
+        "weights": _relative(source.weights, args.out) if source.weights else "",
+        "preprocess": _relative(source.preprocess, args.out) if source.preprocess else "",
+    }
+    text = render(args.fleet, model, list(classes), said, _relative(args.data, args.out), counts, RECOMMENDED_PHOTOS)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    ModelCard.load(args.out)  # what was written reads back
+    photos = sum(counts.values())
+    if photos < RECOMMENDED_PHOTOS:
+        log.warning("%d photos: about %d or more are recommended (BENCHMARKS.md, How many photos)", photos,
+                    RECOMMENDED_PHOTOS)  # fmt: skip
+    few = sorted(c for c, n in counts.items() if n < 10)
+    if few:
+        log.warning("fewer than 10 photos of: %s", ", ".join(few[:8]))
+    nxt = f"nnoc-trainer predeploy --card {args.out} --out runs/{args.fleet}-pd"
+    return {
+        "card": str(args.out),
+        "classes": list(classes),
+        "photos": photos,
+        "text": f"wrote {args.out}: {len(classes)} classes ({said}), {photos} photos\nnext: {nxt}",
+    }
 
 
 def cmd_fleet(args: argparse.Namespace) -> dict[str, Any]:
@@ -626,6 +709,12 @@ def _args_fleet(p: argparse.ArgumentParser) -> None:
     fp = fsub.add_parser("create", help="create a fleet, optionally with its first bundle (published)")
     fp.add_argument("fleet", type=safe_name)
     fp.add_argument("--from", dest="source", type=Path, default=None, help="predeploy/repair output folder")
+    fp.add_argument("--card", type=Path, default=None, help="the fleet's model card (default: the one --from holds)")
+    fp = fsub.add_parser(
+        "card", help="set the fleet's model card: its repair jobs read its photos and policies (or --show it)"
+    )
+    fp.add_argument("fleet", type=safe_name)
+    fp.add_argument("--card", type=Path, default=None, help="the model card (nnoc-trainer init) to keep")
     fp = fsub.add_parser(
         "publish",
         help="add a bundle as the next version and/or release a version: through a staged rollout (--rollout, or "
@@ -660,6 +749,17 @@ def _args_fleet(p: argparse.ArgumentParser) -> None:
         _add_common(fp)
 
 
+def _args_init(p: argparse.ArgumentParser) -> None:
+    """Flags of ``init``."""
+    from trainer.stages.suspect import ModelSource
+
+    add_flags(p, ModelSource, only=("model", "arch", "weights", "preprocess", "classes", "class_names"))
+    p.add_argument("--data", type=Path, required=True, help="your clean labelled photos: a folder per class")
+    p.add_argument("--fleet", type=safe_name, default="default", help="the fleet this card is for")
+    p.add_argument("--out", type=Path, default=Path("card.toml"), help="the card to write (default card.toml)")
+    p.add_argument("--force", action="store_true", help="replace --out when it exists")
+
+
 def _args_quarantine(p: argparse.ArgumentParser) -> None:
     """Flags of ``quarantine``."""
     qsub = p.add_subparsers(dest="action", required=True)
@@ -691,6 +791,7 @@ def cmd_quarantine(args: argparse.Namespace) -> dict[str, Any]:
 # choices (torch-backed ones among them), so the parser adds only the flags of the command being run: `serve`,
 # `fleet` and `keys` never load torch.
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], str]] = {
+    "init": ("a model card for a fleet: your model, its classes, your photos, policies", _args_init, ""),
     "attack": ("train a BadNet to evaluate the defense against", _args_attack, "harness"),
     "evaluate": ("clean accuracy and attack success rate of a .pt or .onnx classifier", _args_evaluate, "harness"),
     "predeploy": ("pre-deployment treatment (Algorithm 1) and bundle v1", _args_predeploy, "product"),
@@ -725,7 +826,9 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], str]] 
         "",
     ),
 }
+CARD_COMMANDS = ("predeploy", "repair", "calibrate", "demo", "evaluate")
 HANDLERS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
+    "init": cmd_init,
     "attack": cmd_attack,
     "evaluate": cmd_evaluate,
     "predeploy": cmd_predeploy,
@@ -763,6 +866,13 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         if data:
             _add_data(p, product=data == "product")
         add_args(p)
+        if name in CARD_COMMANDS:
+            p.add_argument(
+                "--card",
+                type=Path,
+                default=None,
+                help="a model card (nnoc-trainer init): the model, its classes, your photos and policies; flags win",
+            )
         if name not in ("fleet", "quarantine"):  # their actions have them
             _add_common(p)
             p.add_argument(
@@ -807,34 +917,53 @@ def config_defaults(parser: argparse.ArgumentParser, path: Path) -> dict[str, An
         data = tomllib.loads(path.read_text())
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
         raise ValueError(f"cannot read config {path}: {e}") from e
+    return flag_defaults(parser, data, str(path))
+
+
+def card_defaults(parser: argparse.ArgumentParser, path: Path) -> dict[str, Any]:
+    """A model card's values (:mod:`trainer.card`) as ``parser``'s defaults: the keys this command has."""
+    from trainer.card import ModelCard
+
+    card = ModelCard.load(path)
+    values = card.flags() | ({"fleet": card.fleet} if card.fleet else {})
+    return flag_defaults(parser, values, str(path), only_known=True)
+
+
+def flag_defaults(
+    parser: argparse.ArgumentParser, data: dict[str, Any], source: str, only_known: bool = False
+) -> dict[str, Any]:
+    """``data`` (flag names without dashes -> values) checked and converted as ``parser``'s flags would be;
+    ``only_known``: keys the parser lacks are left out (else they are an error)."""
     actions = {
         a.option_strings[-1].lstrip("-"): a
         for a in parser._actions
-        if a.option_strings and a.dest not in ("help", "config")
+        if a.option_strings and a.dest not in ("help", "config", "card")
     }
     unknown = sorted(k for k in data if k.replace("_", "-") not in actions)
-    if unknown:
-        raise ValueError(f"{path}: unknown keys {unknown}; keys are the flags of '{parser.prog} --help'")
+    if unknown and not only_known:
+        raise ValueError(f"{source}: unknown keys {unknown}; keys are the flags of '{parser.prog} --help'")
     out: dict[str, Any] = {}
     for key, value in data.items():
+        if key.replace("_", "-") not in actions:
+            continue
         action = actions[key.replace("_", "-")]
         action.required = False  # the file gives it
         flag = action.option_strings[-1]
 
         def convert(v: Any, action: argparse.Action = action, key: str = key, flag: str = flag) -> Any:
             if isinstance(v, bool) or not isinstance(v, str | int | float):
-                raise ValueError(f"{path}: {key} = {v!r}: expected a value as {flag} takes it")
+                raise ValueError(f"{source}: {key} = {v!r}: expected a value as {flag} takes it")
             try:
                 converted = action.type(str(v)) if callable(action.type) else str(v)
             except (argparse.ArgumentTypeError, ValueError, TypeError) as e:
-                raise ValueError(f"{path}: {key} = {v!r}: {e}") from None
+                raise ValueError(f"{source}: {key} = {v!r}: {e}") from None
             if action.choices is not None and converted not in action.choices:
-                raise ValueError(f"{path}: {key} = {v!r}: choose from {sorted(action.choices)}")
+                raise ValueError(f"{source}: {key} = {v!r}: choose from {sorted(action.choices)}")
             return converted
 
         if action.nargs == 0:  # store_true
             if not isinstance(value, bool):
-                raise ValueError(f"{path}: {key} = {value!r}: expected true or false")
+                raise ValueError(f"{source}: {key} = {value!r}: expected true or false")
             out[action.dest] = action.const if value else not action.const  # --no-jobs = true: enabled False
         elif action.nargs in ("+", "*") or isinstance(action, argparse._AppendAction):
             out[action.dest] = [convert(v) for v in (value if isinstance(value, list) else [value])]
@@ -843,18 +972,28 @@ def config_defaults(parser: argparse.ArgumentParser, path: Path) -> dict[str, An
     return out
 
 
-def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
-    """``argv`` parsed; with ``--config FILE``, the file's values are the command's defaults (explicit flags win,
-    and a flag the command requires may come from the file)."""
-    config = None
+def _option(argv: list[str], name: str) -> str | None:
+    """The value of ``--name VALUE`` or ``--name=VALUE`` in ``argv`` (the last one given), else None."""
+    value = None
     for i, arg in enumerate(argv):
-        if arg == "--config" and i + 1 < len(argv):
-            config = argv[i + 1]
-        elif arg.startswith("--config="):
-            config = arg.partition("=")[2]
-    if config is not None and argv and argv[0] in COMMANDS:
+        if arg == name and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith(name + "="):
+            value = arg.partition("=")[2]
+    return value
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """``argv`` parsed; with ``--card FILE`` (a model card) and ``--config FILE`` (flag names), the files' values
+    are the command's defaults, the config's over the card's (explicit flags win over both, and a flag the command
+    requires may come from a file)."""
+    if argv and argv[0] in COMMANDS:
         command = _subparser(parser, argv[0])
-        command.set_defaults(**config_defaults(command, Path(config)))
+        card, config = _option(argv, "--card"), _option(argv, "--config")
+        if card is not None and any(a.dest == "card" for a in command._actions):
+            command.set_defaults(**card_defaults(command, Path(card)))
+        if config is not None:
+            command.set_defaults(**config_defaults(command, Path(config)))
     return parser.parse_args(argv)
 
 

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from trainer.card import CARD_FILE, ModelCard
 from trainer.service.collector import quarantine_size
 from trainer.service.registry import Registry
 from trainer.service.rollout import ACTIVE, RolloutError, RolloutPolicy, abort, note, release
@@ -31,6 +32,7 @@ def status(store: ModelStore, state_dir: Any, fleet: str) -> dict[str, Any]:
         "current": state.current,
         "rollout": record,
         "rollout_policy": state.rollout_policy,
+        "card": state.card,
         "versions": [
             {"version": v, "current": v == state.current, "quarantine": quarantine_size(quarantine_root, fleet, v)}
             for v in state.versions
@@ -53,6 +55,13 @@ def status(store: ModelStore, state_dir: Any, fleet: str) -> dict[str, Any]:
 def render(st: dict[str, Any]) -> str:
     """The status as a short terminal report."""
     lines = [f"fleet {st['fleet']}: current v{st['current']}"]
+    if st.get("card"):
+        card = st["card"]
+        data, repair = card.get("data") or {}, card.get("repair") or {}
+        profile = repair.get("profile", "serve's")
+        lines.append(f"model card: photos {data.get('dir', '-')}, repair profile {profile}")
+    else:
+        lines.append("model card: none (repair jobs read serve's data flags; set one with 'fleet card')")
     if st.get("rollout_policy"):
         lines.append(f"rollout policy: {RolloutPolicy.from_dict(st['rollout_policy']).describe()}")
     if st.get("rollout"):
@@ -156,6 +165,19 @@ def check_source(source: Path) -> None:
         raise StoreError(f"--from {source}: {e}") from None
 
 
+def card_of(path: Path | None, source: Path | None) -> ModelCard | None:
+    """The model card ``--card`` names, else the one a ``--from`` predeploy folder holds (None: neither)."""
+    if path is None and source is not None and (source / CARD_FILE).is_file():
+        path = source / CARD_FILE
+    if path is None:
+        return None
+    card = ModelCard.load(path)
+    rollout = card.get("rollout", "policy")
+    if rollout:
+        RolloutPolicy.parse(rollout)  # checked before the fleet exists
+    return card
+
+
 def fleet_command(args: argparse.Namespace) -> dict[str, Any]:
     """Dispatch ``nnoc-trainer fleet ACTION``; StoreError is a ValueError (exit 2 with its message)."""
     from edge_agent.formats.signing import load_private_key
@@ -169,7 +191,13 @@ def fleet_command(args: argparse.Namespace) -> dict[str, Any]:
     if args.action == "create":
         if args.source is not None:
             check_source(args.source)  # before the fleet exists: a bad --from leaves nothing behind
+        card = card_of(args.card, args.source)
         store.create(fleet)
+        if card is not None:
+            store.set_card(fleet, card.to_dict())
+            rollout = card.get("rollout", "policy")
+            if rollout:
+                store.set_rollout_policy(fleet, RolloutPolicy.parse(rollout).to_dict(), by="card")
         if args.source is not None:
             try:
                 version = store.add(fleet, args.source)
@@ -196,6 +224,11 @@ def fleet_command(args: argparse.Namespace) -> dict[str, Any]:
         if (policy is None) == (not args.clear):
             raise StoreError("policy takes --rollout POLICY or --rollout-file FILE, or --clear")
         store.set_rollout_policy(fleet, policy.to_dict() if policy is not None else None)
+    elif args.action == "card":
+        card = card_of(args.card, None)
+        if card is None:
+            raise StoreError("card needs --card FILE (a model card, as nnoc-trainer init writes it)")
+        store.set_card(fleet, card.to_dict())
     elif args.action == "rollout":
         rollout_command(store, fleet, args.rollout_action, args.reason)
     elif args.action == "cancel":

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent.options import flag, fraction, nonnegative_float, positive, positive_float
+from trainer.card import ModelCard
 from trainer.service.backends import BACKENDS, JobBackend, LocalBackend, RayBackend
 from trainer.service.collector import quarantine_dir, quarantine_size
 from trainer.service.registry import ACTIVE_STATES, Job, Registry
@@ -141,6 +142,16 @@ class JobRunner:
             except Exception:  # one bad fleet or store read must not stop the runner
                 log.exception("job runner pass failed")
 
+    def fleet_policy(self, fleet: str) -> tuple[int, float, str, dict[str, Any]]:
+        """The fleet's own repair settings: quarantine size and reject rate that start a repair, the profile and the
+        data its repair reads, from the fleet's model card where it says, else serve's."""
+        card = ModelCard.from_dict(self.store.state(fleet).card or {}, f"fleet {fleet}'s card")
+        min_quarantine = int(card.get("repair", "min_quarantine", self.policy.min_quarantine))
+        threshold = float(card.get("repair", "reject_threshold", self.policy.reject_threshold))
+        profile = str(card.get("repair", "profile", self.policy.repair_profile))
+        data = card.repair_config()
+        return min_quarantine, threshold, profile, data or self.policy.repair_config
+
     def due(self, fleet: str) -> str:
         """Why a repair of ``fleet`` should start now ("" when it should not)."""
         state = self.store.state(fleet)
@@ -155,21 +166,29 @@ class JobRunner:
         tried = [j for j in jobs if j.from_version == state.current]
         if tried and size < 2 * max(tried[-1].quarantine, 1):  # tried, not published: wait for twice as much
             return ""
-        if size >= self.policy.min_quarantine:
-            return f"quarantine {size} >= {self.policy.min_quarantine}"
+        min_quarantine, threshold, _, _ = self.fleet_policy(fleet)
+        if size >= min_quarantine:
+            return f"quarantine {size} >= {min_quarantine}"
         if size >= self.policy.min_for_rate:
             rates = [
                 d["window_reject_rate"]
                 for d in self.registry.devices(fleet)
                 if d["bundle_version"] == state.current and d["window_size"] > 0
             ]
-            if rates and max(rates) > self.policy.reject_threshold:
-                return f"reject rate {max(rates):.3f} > {self.policy.reject_threshold} with {size} quarantined"
+            if rates and max(rates) > threshold:
+                return f"reject rate {max(rates):.3f} > {threshold} with {size} quarantined"
         return ""
 
     def repair_command(self, fleet: str, version: int, out_dir: Path) -> list[str]:
         """The command line of a repair of ``fleet`` v``version`` into ``out_dir``; its settings go into
-        ``out_dir/repair.toml`` (the shared data settings, the bundle, quarantine and version, the profile)."""
+        ``out_dir/repair.toml`` (the fleet's data: its card's photos, else serve's data flags; the bundle, quarantine
+        and version, the profile). ValueError when neither names any data."""
+        _, _, profile, data = self.fleet_policy(fleet)
+        if not data:
+            raise ValueError(
+                f"fleet {fleet!r} has no model card and serve was given no data: its repair would have no clean "
+                f"photos; give it one ('nnoc-trainer fleet card {fleet} --card CARD') or start serve with --data DIR"
+            )
         config = out_dir / "repair.toml"
         # the repair job that made this version: what it unlearned is unlearned again (and what it kept of earlier
         # rounds), so that this round does not undo that one
@@ -182,12 +201,12 @@ class JobRunner:
         write_toml(
             config,
             {
-                **self.policy.repair_config,
+                **data,
                 "bundle": str(self.store.version_dir(fleet, version) / "bundle"),
                 "quarantine": str(quarantine_dir(self.quarantine_root, fleet, version)),
                 "out": str(out_dir / "run"),
                 "version": self.store.next_version(fleet),
-                "profile": self.policy.repair_profile,
+                "profile": profile,
                 **({"unlearn_earlier": earlier} if earlier else {}),
             },
         )
@@ -202,7 +221,12 @@ class JobRunner:
         job = self.registry.add_job(fleet, state.current, reason, size)
         out_dir = self.jobs_root / job.id
         out_dir.mkdir(parents=True, exist_ok=True)
-        cmd = self.repair_command(fleet, state.current, out_dir)
+        try:
+            cmd = self.repair_command(fleet, state.current, out_dir)
+        except ValueError as e:  # no data to repair with (or a card the record holds that is unusable): said, kept
+            self.registry.update_job(job.id, "failed", str(e), out_dir=str(out_dir))
+            log.error("repair job %s for %s v%d not started: %s", job.id, fleet, state.current, e)
+            return
         log_path = out_dir / "repair.log"
         log.info("repair job %s for %s v%d started (%s)", job.id, fleet, state.current, reason)
         handle = self.backend.start(job.id, cmd, log_path)

@@ -3,7 +3,8 @@
 Layout under the store root (``exports/`` by default)::
 
     <fleet>/fleet.json               {"current": V, "history": [{"action", "version", "at", "by", "note"}],
-                                      "rollout": ID or null, "rollout_policy": {...} or absent}
+                                      "rollout": ID or null, "rollout_policy": {...} or absent,
+                                      "card": the fleet's model card (trainer/card.py) or absent}
     <fleet>/rollouts/<ID>.json       a staged rollout's record (trainer/service/rollout.py)
     <fleet>/<V>/bundle/              what agents download: primary.onnx, monitor.onnx, manifest.pb/.json
     <fleet>/<V>/primary.pt, monitor.pt   trainer-side checkpoints the next repair fine-tunes (never pushed)
@@ -66,6 +67,7 @@ class FleetState:
     history: list[dict[str, Any]]
     rollout: str | None = None  # the rollout that governs the fleet now (active, or aborted and not superseded)
     rollout_policy: dict[str, Any] | None = None  # the fleet's default rollout policy (RolloutPolicy.to_dict)
+    card: dict[str, Any] | None = None  # the fleet's model card (trainer.card.ModelCard.to_dict): its repairs' data
 
 
 class ModelStore:
@@ -107,6 +109,7 @@ class ModelStore:
             list(data.get("history", [])),
             data.get("rollout"),
             data.get("rollout_policy"),
+            data.get("card"),
         )
 
     def version_dir(self, fleet: str, version: int) -> Path:
@@ -389,6 +392,14 @@ class ModelStore:
             state = self.state(fleet)
             entry = {"action": "policy", "version": None, "at": time.time(), "by": by}
             self._write_state(fleet, state.current, [*state.history, entry], rollout_policy=policy)
+        return self.state(fleet)
+
+    def set_card(self, fleet: str, card: dict[str, Any], by: str = "operator") -> FleetState:
+        """Keep the fleet's model card (its repair jobs read that fleet's photos and policies from it)."""
+        with self._locked():
+            state = self.state(fleet)
+            entry = {"action": "card", "version": None, "at": time.time(), "by": by}
+            self._write_state(fleet, state.current, [*state.history, entry], card=card)
         return self.state(fleet)
 
     def publish(self, fleet: str, version: int, by: str = "operator", note: str = "") -> FleetState:

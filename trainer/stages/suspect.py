@@ -70,6 +70,9 @@ class ModelSource:
         "nnoc.class_names; else the data's order); data folders are matched to them by name",
         type=Path,
     )
+    class_names: tuple[str, ...] = flag(
+        (), "instead of --classes FILE: the model's class names in its output order", nargs="+"
+    )
     min_clean_accuracy: float | None = flag(
         None,
         "the suspect's least accuracy on your clean data before any treatment (default: twice chance); below it is "
@@ -142,6 +145,12 @@ class ModelSource:
 def declared_classes(src: ModelSource, where: str) -> tuple[str, ...] | None:
     """The model's own class order: ``--classes FILE`` (one name per line), else an ONNX file's
     ``nnoc.class_names``; None when neither says (the data's order is then taken as the model's, and checked)."""
+    if src.class_names:
+        if src.classes is not None:
+            raise ModelImportError("give the model's classes once: --classes FILE or --class-names (a card's classes)")
+        if len(set(src.class_names)) != len(src.class_names):
+            raise ModelImportError("--class-names: the class names repeat")
+        return tuple(src.class_names)
     if src.classes is not None:
         try:
             names = tuple(line.strip() for line in src.classes.read_text().splitlines() if line.strip())
