@@ -375,9 +375,14 @@ def _write_sources(state_dir: Path, batcher: Batcher | None, stats: dict[str, So
 
 
 def _write_agent_file(state_dir: Path, info: dict[str, Any], agent: Agent) -> None:
-    """Where the running agent listens and what only it can count (rejects the spool could not take, non-finite
-    rejects), for ``nnoc-edge status``; rewritten every second."""
-    counts = {"not_spooled": agent.unspooled, "nonfinite_rejects": agent.nonfinite, "updated": time.time()}
+    """Where the running agent listens, the version it serves and what only it can count (rejects the spool could
+    not take, non-finite rejects), for ``nnoc-edge status``; rewritten every second."""
+    counts = {
+        "bundle_version": agent.ensemble.bundle.version,
+        "not_spooled": agent.unspooled,
+        "nonfinite_rejects": agent.nonfinite,
+        "updated": time.time(),
+    }
     _write_atomically(state_dir / AGENT_FILE, {**info, **counts})
 
 

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from edge_agent.console import write_out
-from edge_agent.options import add_flags, from_args
+from edge_agent.options import add_flags, flag_defaults, from_args, option_value, read_toml, short_help
 
 log = logging.getLogger("edge_agent")
 
@@ -107,6 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="serve the ensemble: inference endpoint, quarantine uplink, model updates")
     add_flags(p, RunConfig)
     add_flags(p, RuntimeConfig)
+    p.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="TOML file of these flags' values (tables group them: [spool] max-items = ... is --spool-max-items); "
+        "a flag given on the command line wins",
+    )
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("status", help="what the agent serves, its spool, and where it listens")
     add_flags(p, RunConfig, only=("state_dir",))
@@ -120,9 +127,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+RUN_FLAGS = (  # what `nnoc-edge run --help` shows; the rest under --help-all
+    "device_id", "fleet", "state_dir", "model_service", "collector", "source", "infer_port", "metrics_port",
+    "trusted_key", "tls_ca", "tls_cert", "tls_key", "curve_key", "curve_server_key", "insecure", "bundle", "config",
+    "json", "quiet", "help",
+)  # fmt: skip
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``nnoc-edge`` and ``python -m edge_agent``."""
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    run = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["run"]
+    short_help(run, RUN_FLAGS, "--help-all" in argv)
+    argv = ["--help" if a == "--help-all" else a for a in argv]
+    try:
+        config = option_value(argv, "--config")
+        if argv[:1] == ["run"] and config is not None:
+            run.set_defaults(**flag_defaults(run, read_toml(Path(config)), config))
+    except ValueError as e:
+        logging.basicConfig(stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        log.error("%s", e)
+        if "--json" in argv:
+            write_out(json.dumps({"error": str(e)}))
+        return 2
+    args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO,
         stream=sys.stderr,

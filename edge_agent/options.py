@@ -82,6 +82,108 @@ def from_args(cls: type, args: argparse.Namespace, **given: Any) -> Any:
     return cls(**values, **given)
 
 
+def short_help(parser: argparse.ArgumentParser, shown: tuple[str, ...], everything: bool) -> None:
+    """Help that fits a screen: only the flags whose dest is in ``shown`` are listed (the others keep working),
+    unless ``everything``; adds ``--help-all``, and says so in the description."""
+    parser.add_argument("--help-all", action="help", help="show every flag")
+    if everything:
+        return
+    hidden = 0
+    for action in parser._actions:
+        if action.option_strings and action.dest not in shown and action.dest != "help_all":
+            action.help = argparse.SUPPRESS
+            hidden += 1
+    note = f"{hidden} more flags: --help-all, or set them in a --config file"
+    parser.description = f"{parser.description}\n\n{note}" if parser.description else note
+
+
+def read_toml(path: PurePath) -> dict[str, Any]:
+    """A TOML file of flag values, its tables flattened: ``[spool] max-items = 5`` is ``spool-max-items``; a key
+    stays as written when the flag has no such prefix (see :func:`flag_defaults`). ValueError naming the file."""
+    import tomllib
+
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise ValueError(f"cannot read config {path}: {e}") from e
+
+    def flat(table: dict[str, Any], prefix: str) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in table.items():
+            name = f"{prefix}{key}".replace("_", "-")
+            if isinstance(value, dict):
+                out.update(flat(value, name + "."))
+            else:
+                out[name] = value
+        return out
+
+    return flat(data, "")
+
+
+def flag_defaults(
+    parser: argparse.ArgumentParser, data: dict[str, Any], source: str, only_known: bool = False
+) -> dict[str, Any]:
+    """``data`` (flag names without dashes -> values; ``table.key`` from a TOML table: the flag ``table-key``, else
+    ``key``) checked and converted as ``parser``'s flags would be; ``only_known``: keys the parser lacks are left
+    out (else they are an error)."""
+    actions = {
+        a.option_strings[-1].lstrip("-"): a
+        for a in parser._actions
+        if a.option_strings and a.dest not in ("help", "config", "card")
+    }
+
+    def name_of(key: str) -> str:
+        name = key.replace("_", "-")
+        if "." not in name:
+            return name
+        joined = name.replace(".", "-")
+        return joined if joined in actions else name.rsplit(".", 1)[1]
+
+    unknown = sorted(k for k in data if name_of(k) not in actions)
+    if unknown and not only_known:
+        raise ValueError(f"{source}: unknown keys {unknown}; keys are the flags of '{parser.prog} --help'")
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if name_of(key) not in actions:
+            continue
+        action = actions[name_of(key)]
+        action.required = False  # the file gives it
+        flag = action.option_strings[-1]
+
+        def convert(v: Any, action: argparse.Action = action, key: str = key, flag: str = flag) -> Any:
+            if isinstance(v, bool) or not isinstance(v, str | int | float):
+                raise ValueError(f"{source}: {key} = {v!r}: expected a value as {flag} takes it")
+            try:
+                converted = action.type(str(v)) if callable(action.type) else str(v)
+            except (argparse.ArgumentTypeError, ValueError, TypeError) as e:
+                raise ValueError(f"{source}: {key} = {v!r}: {e}") from None
+            if action.choices is not None and converted not in action.choices:
+                raise ValueError(f"{source}: {key} = {v!r}: choose from {sorted(action.choices)}")
+            return converted
+
+        if action.nargs == 0:  # store_true
+            if not isinstance(value, bool):
+                raise ValueError(f"{source}: {key} = {value!r}: expected true or false")
+            out[action.dest] = action.const if value else not action.const  # --no-jobs = true: enabled False
+        elif action.nargs in ("+", "*") or isinstance(action, argparse._AppendAction):
+            out[action.dest] = [convert(v) for v in (value if isinstance(value, list) else [value])]
+        else:
+            out[action.dest] = convert(value)
+    return out
+
+
+def option_value(argv: list[str], name: str) -> str | None:
+    """The value of ``--name VALUE`` or ``--name=VALUE`` in ``argv`` (the last one given), else None."""
+    value = None
+    for i, arg in enumerate(argv):
+        if arg == name and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith(name + "="):
+            value = arg.partition("=")[2]
+    return value
+
+
 def as_flags(cfg: Any) -> dict[str, Any]:
     """The flagged fields of dataclass instance ``cfg`` that are set, keyed by flag name without dashes (a config
     file's keys); paths become strings."""

@@ -14,12 +14,16 @@ from edge_agent.console import write_out
 from edge_agent.options import (
     add_flags,
     as_flags,
+    flag_defaults,
     fraction,
     from_args,
     nonnegative,
+    option_value,
     positive,
     positive_float,
+    read_toml,
     safe_name,
+    short_help,
 )
 
 log = logging.getLogger("trainer")
@@ -68,6 +72,9 @@ def _add_data(p: argparse.ArgumentParser, product: bool) -> None:
     add_flags(h, DataConfig)
     add_flags(h, SplitConfig, only=HARNESS_SPLIT)
     p.set_defaults(dataset=None)  # the harness is named, never fallen into
+    for action in h._group_actions:
+        if action.dest == "dataset":
+            action.help = "the evaluation harness' dataset (named; no default here: your photos are --data)"
 
 
 def _splits(args: argparse.Namespace, fit: Any = None) -> tuple[Any, dict[str, Any]]:
@@ -827,6 +834,17 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], str]] 
     ),
 }
 CARD_COMMANDS = ("predeploy", "repair", "calibrate", "demo", "evaluate")
+COMMON = ("card", "config", "json", "quiet", "help", "data", "out")
+# What `--help` shows of the defender's commands (the flags a defender sets); the rest under --help-all.
+SHORT_HELP: dict[str, tuple[str, ...]] = {
+    "predeploy": (*COMMON, "model", "arch", "weights", "preprocess", "classes", "class_names", "fleet", "max_ca_drop",
+                  "clean_reject_budget", "dataset"),
+    "repair": (*COMMON, "bundle", "quarantine", "profile", "version", "dataset"),
+    "calibrate": (*COMMON, "bundle", "reject_score", "clean_reject_budget", "version", "dataset"),
+    "serve": (*COMMON, "store", "state_dir", "listen", "collector", "signing_key", "tls_cert", "tls_key",
+              "tls_client_ca", "curve_secret", "curve_allow", "insecure", "min_quarantine", "max_rounds", "no_jobs",
+              "jobs_backend", "dataset"),
+}  # fmt: skip
 HANDLERS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "init": cmd_init,
     "attack": cmd_attack,
@@ -845,8 +863,9 @@ HANDLERS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
 }
 
 
-def build_parser(only: str | None = None) -> argparse.ArgumentParser:
-    """Every subcommand, with the flags of ``only`` (None: of every command; "": of none, for the top-level help)."""
+def build_parser(only: str | None = None, help_all: bool = True) -> argparse.ArgumentParser:
+    """Every subcommand, with the flags of ``only`` (None: of every command; "": of none, for the top-level help);
+    ``help_all=False``: the defender's commands list only the flags a defender sets (the rest under --help-all)."""
     from trainer.science.triggers import GRAMMAR
 
     parser = argparse.ArgumentParser(
@@ -858,7 +877,10 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (help_text, add_args, data) in COMMANDS.items():
         p = sub.add_parser(
-            name, help=help_text, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=GRAMMAR if data else None
+            name,
+            help=help_text,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+            epilog=GRAMMAR if data == "harness" or (data and help_all) else None,
         )
         p.set_defaults(func=HANDLERS[name])
         if only is not None and only != name:
@@ -879,9 +901,11 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                 "--config",
                 type=Path,
                 default=None,
-                help="TOML file whose keys are this command's flag names; its values become the defaults "
-                "(a flag given on the command line wins)",
+                help="TOML file whose keys are this command's flag names (tables group them: [gan] width = ... is "
+                "--gan-width); its values become the defaults (a flag given on the command line wins)",
             )
+        if name in SHORT_HELP:
+            short_help(p, SHORT_HELP[name], help_all)
     return parser
 
 
@@ -907,17 +931,10 @@ def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.Argume
 
 
 def config_defaults(parser: argparse.ArgumentParser, path: Path) -> dict[str, Any]:
-    """A flat TOML file whose keys are ``parser``'s flag names, checked and converted like the flags themselves.
-
-    The result becomes the parser's defaults before the command line is parsed, so a flag given explicitly wins.
-    """
-    import tomllib
-
-    try:
-        data = tomllib.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
-        raise ValueError(f"cannot read config {path}: {e}") from e
-    return flag_defaults(parser, data, str(path))
+    """A TOML file whose keys are ``parser``'s flag names (tables group them: ``[gan] width`` is ``--gan-width``),
+    checked and converted like the flags themselves. The result becomes the parser's defaults before the command
+    line is parsed, so a flag given explicitly wins."""
+    return flag_defaults(parser, read_toml(path), str(path))
 
 
 def card_defaults(parser: argparse.ArgumentParser, path: Path) -> dict[str, Any]:
@@ -929,67 +946,13 @@ def card_defaults(parser: argparse.ArgumentParser, path: Path) -> dict[str, Any]
     return flag_defaults(parser, values, str(path), only_known=True)
 
 
-def flag_defaults(
-    parser: argparse.ArgumentParser, data: dict[str, Any], source: str, only_known: bool = False
-) -> dict[str, Any]:
-    """``data`` (flag names without dashes -> values) checked and converted as ``parser``'s flags would be;
-    ``only_known``: keys the parser lacks are left out (else they are an error)."""
-    actions = {
-        a.option_strings[-1].lstrip("-"): a
-        for a in parser._actions
-        if a.option_strings and a.dest not in ("help", "config", "card")
-    }
-    unknown = sorted(k for k in data if k.replace("_", "-") not in actions)
-    if unknown and not only_known:
-        raise ValueError(f"{source}: unknown keys {unknown}; keys are the flags of '{parser.prog} --help'")
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        if key.replace("_", "-") not in actions:
-            continue
-        action = actions[key.replace("_", "-")]
-        action.required = False  # the file gives it
-        flag = action.option_strings[-1]
-
-        def convert(v: Any, action: argparse.Action = action, key: str = key, flag: str = flag) -> Any:
-            if isinstance(v, bool) or not isinstance(v, str | int | float):
-                raise ValueError(f"{source}: {key} = {v!r}: expected a value as {flag} takes it")
-            try:
-                converted = action.type(str(v)) if callable(action.type) else str(v)
-            except (argparse.ArgumentTypeError, ValueError, TypeError) as e:
-                raise ValueError(f"{source}: {key} = {v!r}: {e}") from None
-            if action.choices is not None and converted not in action.choices:
-                raise ValueError(f"{source}: {key} = {v!r}: choose from {sorted(action.choices)}")
-            return converted
-
-        if action.nargs == 0:  # store_true
-            if not isinstance(value, bool):
-                raise ValueError(f"{source}: {key} = {value!r}: expected true or false")
-            out[action.dest] = action.const if value else not action.const  # --no-jobs = true: enabled False
-        elif action.nargs in ("+", "*") or isinstance(action, argparse._AppendAction):
-            out[action.dest] = [convert(v) for v in (value if isinstance(value, list) else [value])]
-        else:
-            out[action.dest] = convert(value)
-    return out
-
-
-def _option(argv: list[str], name: str) -> str | None:
-    """The value of ``--name VALUE`` or ``--name=VALUE`` in ``argv`` (the last one given), else None."""
-    value = None
-    for i, arg in enumerate(argv):
-        if arg == name and i + 1 < len(argv):
-            value = argv[i + 1]
-        elif arg.startswith(name + "="):
-            value = arg.partition("=")[2]
-    return value
-
-
 def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
     """``argv`` parsed; with ``--card FILE`` (a model card) and ``--config FILE`` (flag names), the files' values
     are the command's defaults, the config's over the card's (explicit flags win over both, and a flag the command
     requires may come from a file)."""
     if argv and argv[0] in COMMANDS:
         command = _subparser(parser, argv[0])
-        card, config = _option(argv, "--card"), _option(argv, "--config")
+        card, config = option_value(argv, "--card"), option_value(argv, "--config")
         if card is not None and any(a.dest == "card" for a in command._actions):
             command.set_defaults(**card_defaults(command, Path(card)))
         if config is not None:
@@ -1000,7 +963,8 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Nam
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``nnoc-trainer`` and ``python -m trainer``."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser(only=argv[0] if argv and argv[0] in COMMANDS else "")
+    parser = build_parser(only=argv[0] if argv and argv[0] in COMMANDS else "", help_all="--help-all" in argv)
+    argv = ["--help" if a == "--help-all" else a for a in argv]
     try:
         args = parse_args(parser, argv)
     except ValueError as e:  # the --config file

@@ -1,0 +1,205 @@
+"""The defender's path, walked as a new user would: a vendor's model, their own photos, a model card, a fleet, the
+service and its own repair job, an agent fed the photos. Two fleets with different models and data share one
+``serve``; each fleet's repair reads its own card's photos."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+import tomllib
+
+from conftest import ROOT, SMALL_SPLIT, run_cli
+
+BLOCK = {"color": "rgb", "size": [32, 32], "mean": [0.286, 0.286, 0.286], "std": [0.353, 0.353, 0.353]}
+GRID = ["--gammas", "0.3", "0.6", "--epochs", "1", "--max-rounds", "2"]
+
+
+def _strip_nnoc(src: Path, dst: Path) -> None:
+    """The model as a vendor would send it: no nnoc metadata (no class names, no preprocessing block)."""
+    model = onnx.load(src)
+    kept = [p for p in model.metadata_props if not p.key.startswith("nnoc.")]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    onnx.save(model, dst)
+
+
+def _photo(picture: np.ndarray, path: Path, size: int) -> None:
+    from PIL import Image
+
+    img = Image.fromarray(picture[0]).convert("RGB" if path.suffix == ".jpg" else "L")
+    img.resize((size, size), Image.Resampling.BILINEAR).save(path)
+
+
+def _cli(*args: str) -> tuple[int, dict[str, Any] | None, str]:
+    return run_cli("trainer", *args, check=False)
+
+
+def _wait(cond: Any, timeout: float, procs: list[subprocess.Popen[bytes]], logs: Path) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = cond()
+        if got:
+            return got
+        for p in procs:
+            if p.poll() is not None:
+                tails = {f.name: f.read_text(errors="replace")[-1500:] for f in logs.glob("*.log")}
+                raise AssertionError(f"{p.args[3]} exited {p.returncode}: {tails}")
+        time.sleep(0.5)
+    tails = {f.name: f.read_text(errors="replace")[-1500:] for f in logs.glob("*.log")}
+    raise AssertionError(f"timed out; logs: {tails}")
+
+
+def test_a_defender_walks_from_vendor_model_and_photos_to_a_repaired_fleet(
+    badnet: tuple[Path, dict[str, Any]], splits: Any, tmp_path: Path
+) -> None:
+    from trainer.science.data import FASHION_MNIST_CLASSES
+    from trainer.science.triggers import parse_trigger
+    from trainer.service.store import ModelStore
+
+    work = tmp_path
+    logs = work / "logs"
+    logs.mkdir()
+    # The vendor's model: 3x32x32 normalised RGB, sent without its class names or preprocessing.
+    (work / "vendor.json").write_text(json.dumps(BLOCK))
+    run_cli("trainer", "attack", *SMALL_SPLIT, "--trigger", "square:4", "--target", "0", "--epochs", "4",
+            "--clean-epochs", "1", "--preprocess", str(work / "vendor.json"), "--out", str(work / "bd"),
+            "--quiet")  # fmt: skip
+    _strip_nnoc(work / "bd" / "model.onnx", work / "vendor.onnx")
+    names = [n.replace("/", "-") for n in FASHION_MNIST_CLASSES]  # names a folder can take, in the model's order
+    (work / "classes.txt").write_text("\n".join(names) + "\n")
+    # Their photos: 64x64 JPEGs in a folder per class, which sort in another order than the model's.
+    photos = work / "myphotos"
+    pictures, labels = splits.test.images, splits.test.labels
+    for i in range(1000):
+        (photos / names[labels[i]]).mkdir(parents=True, exist_ok=True)
+        _photo(pictures[i], photos / names[labels[i]] / f"{i}.jpg", 64)
+    assert sorted(names) != names
+    model = ["--model", str(work / "vendor.onnx"), "--preprocess", str(work / "vendor.json")]
+
+    # Point 3: no data named is not Fashion-MNIST by default.
+    code, out, err = _cli("predeploy", *model, "--out", str(work / "x"))
+    assert code == 2 and out is not None and "--data DIR" in out["error"] and "Traceback" not in err
+    # Point 1: the harness' splits on one's own photos say to give them as --data.
+    code, out, _ = _cli("predeploy", *model, "--dataset", "imagefolder", "--data-dir", str(photos), "--out",
+                        str(work / "x"))  # fmt: skip
+    assert code == 2 and out is not None and "--data DIR instead of --dataset" in out["error"]
+    # Point 2: the folders' sorted order is not the model's: refused before any treatment, the order named.
+    code, out, _ = _cli("predeploy", *model, "--data", str(photos), "--out", str(work / "x"))
+    assert code == 2 and out is not None and "Give --classes FILE" in out["error"]
+    assert ", ".join(names) in out["error"] and not (work / "x" / "candidates.csv").exists()
+
+    # The product's path: a card, the treatment, a fleet.
+    card = work / "cams.toml"
+    _, made, _ = run_cli("trainer", "init", *model, "--classes", str(work / "classes.txt"), "--data", str(photos),
+                         "--fleet", "cams", "--out", str(card))  # fmt: skip
+    assert made is not None and made["classes"] == names and made["photos"] == 1000
+    text = card.read_text().replace("min_quarantine = 200", "min_quarantine = 40")
+    card.write_text(text)
+    assert tomllib.loads(text)["model"]["classes"] == names
+    _, pd, _ = run_cli("trainer", "predeploy", "--card", str(card), *GRID, "--out", str(work / "pd-cams"), "--quiet")
+    assert pd is not None and pd["served_eval"]["served_clean_accuracy"] > 0.7  # right labels: the vendor's CA
+    assert "served_test" not in pd and pd["selected"]["test_asr"] is None  # no harness split on this path
+
+    # A second fleet: another model (gray 28x28, its own names and block) and other photos, as a CSV of index labels.
+    doors = work / "door-photos"
+    doors.mkdir()
+    with (doors / "labels.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label"])
+        for i, (picture, label) in enumerate(zip(splits.valid.images, splits.valid.labels, strict=True)):
+            _photo(picture, doors / f"{i}.png", 28)
+            w.writerow([f"{i}.png", int(label)])
+    door_card = work / "doors.toml"
+    door_card.write_text(
+        f'fleet = "doors"\n[model]\nfile = "{badnet[0] / "model.onnx"}"\n[data]\ndir = "door-photos/labels.csv"\n'
+        '[repair]\nmin_quarantine = 40\nprofile = "quick"\n'
+    )
+    _, pd2, _ = run_cli("trainer", "predeploy", "--card", str(door_card), *GRID, "--out", str(work / "pd-doors"),
+                        "--quiet")  # fmt: skip
+    assert pd2 is not None and pd2["served_eval"]["served_clean_accuracy"] > 0.7
+    store = work / "exports"
+    for fleet in ("cams", "doors"):
+        run_cli("trainer", "fleet", "create", fleet, "--from", str(work / f"pd-{fleet}"), "--store", str(store))
+    assert ModelStore(store).state("doors").card["data"]["dir"] == str((doors / "labels.csv").resolve())
+
+    # The service (no data flags of its own), an agent per fleet fed photos with some triggered.
+    streams = {"cams": (work / "cam-stream", "square:4", ".jpg", 64), "doors": (work / "door-stream", "checker4",
+                                                                                 ".png", 28)}  # fmt: skip
+    rng = np.random.default_rng(0)
+    for i, (folder, trig, suffix, size) in enumerate(streams.values()):
+        folder.mkdir()
+        raw = pictures[1000 + 400 * i : 1400 + 400 * i]
+        poisoned = parse_trigger(trig).apply(raw, rng)
+        for k in range(len(raw)):
+            _photo(poisoned[k] if k % 3 == 0 else raw[k], folder / f"{k:04d}{suffix}", size)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        with (logs / "serve.log").open("wb") as f:
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "trainer", "serve", "--insecure", "--store", str(store), "--state-dir",
+                 str(work / "state"), "--collector", "tcp://127.0.0.1:0", "--listen", "127.0.0.1:0", "--max-rounds",
+                 "1"], cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT))  # fmt: skip
+        info = _wait(lambda: _json(work / "state" / "serve.json"), 60, procs, logs)
+        for fleet, (folder, *_) in streams.items():
+            with (logs / f"{fleet}.log").open("wb") as f:
+                procs.append(subprocess.Popen(
+                    [sys.executable, "-m", "edge_agent", "run", "--insecure", "--device-id", f"{fleet}-1", "--fleet",
+                     fleet, "--model-service", info["model_service"], "--collector", info["collector"], "--infer-port",
+                     "0", "--state-dir", str(work / f"agent-{fleet}"), "--source", f"dir:{folder}", "--stats-interval",
+                     "1"], cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT))  # fmt: skip
+
+        def both_repaired() -> bool:
+            return all(ModelStore(store).state(f).current == 2 for f in streams)
+
+        _wait(both_repaired, 600, procs, logs)
+
+        def both_serve_v2() -> bool:
+            return all((_json(work / f"agent-{f}" / "agent.json") or {}).get("bundle_version") == 2 for f in streams)
+
+        _wait(both_serve_v2, 60, procs, logs)
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+    # Each fleet's job read its own card's photos, not the other's, and scored on them.
+    for fleet, data in (("cams", photos), ("doors", doors / "labels.csv")):
+        (job,) = [d for d in (work / "state" / "jobs").iterdir() if (d / "repair.toml").is_file()
+                  and f"/{fleet}/" in tomllib.loads((d / "repair.toml").read_text())["bundle"]]  # fmt: skip
+        settings = tomllib.loads((job / "repair.toml").read_text())
+        assert settings["data"] == str(data.resolve()) and settings["profile"] == "quick"
+        report = json.loads((job / "run" / "report.json").read_text())
+        assert report["published"] and report["served_eval"]["served_clean_accuracy"] > 0.6
+        assert report["quarantine_size"] >= 40
+
+
+def _json(path: Path) -> dict[str, Any] | None:
+    try:
+        return dict(json.loads(path.read_text()))
+    except (OSError, ValueError):
+        return None
+
+
+@pytest.mark.parametrize("rows", [["a.png,3", "../x.png,1"], ["a.png"]])
+def test_a_csv_of_photos_keeps_its_paths_inside_its_folder(tmp_path: Path, rows: list[str]) -> None:
+    from trainer.science.data import DatasetError, load_defender
+
+    _photo(np.zeros((1, 8, 8), np.uint8), tmp_path / "a.png", 8)
+    (tmp_path / "x.csv").write_text("\n".join(rows) + "\n")
+    with pytest.raises(DatasetError, match=r"x.csv:\d: "):
+        load_defender(tmp_path / "x.csv", 0.2, 0)
