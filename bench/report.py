@@ -494,6 +494,45 @@ def foreign_section(data: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def smallest_section(data: dict[str, Any]) -> str:
+    bd = data["badnet"]
+    lines = [
+        "## How many photos (bench/bench_smallest.py)",
+        "",
+        _machine(data["machine"]),
+        "",
+        "The defender's own set against θ_aug and the repair, through the product's path: a foreign residual net "
+        "(`bench/outsider_badnet.py`, resnet-small, 3×32×32 normalised RGB, glyph trigger, target 7), the first N "
+        "pictures of Fashion-MNIST's training file as 28×28 PNGs in a folder per class (`--data`, `--class-names`; "
+        "cut per class 80/20 into D_treat/D_eval); predeploy on the same grid at every N "
+        f"(`{data['grid']}`, the six γ), stream at CPD 0.1, N = 1,000 (harness), repair (`{data['repair_profile']}` "
+        "profile) on the same N photos. CA/ASR: 5,000 test images, the BadNet's eligible set (evaluation only). "
+        f"BadNet: CA {_fmt(bd['clean_accuracy'])}, ASR {_fmt(bd['attack_success_rate'])}.",
+        "",
+        "| photos | D_treat / D_eval | θ_aug CA / ASR (α, γ) | stream recall / clean rejects | θ_repair CA / ASR "
+        "| predeploy / repair s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in data["rows"]:
+        if "theta_aug" not in r:
+            lines.append(f"| {r['photos']:,} | – | {r.get('error')} | | | |")
+            continue
+        aug, st, rep = r["theta_aug"], r.get("stream") or {}, r.get("theta_repair") or {}
+        split = r.get("split") or {}
+        repaired = (
+            f"{_fmt(rep.get('clean_accuracy'))} / {_fmt(rep.get('attack_success_rate'))}"
+            if r.get("repair_published")
+            else f"not published: {r.get('repair_error')}"
+        )
+        lines.append(
+            f"| {r['photos']:,} | {split.get('treat', '–')} / {split.get('eval', '–')} "
+            f"| {_fmt(aug['clean_accuracy'])} / {_fmt(aug['attack_success_rate'])} ({aug['alpha']:.3g}, "
+            f"{aug['gamma']}) | {_fmt(st.get('recall'))} / {_fmt(st.get('clean_reject_rate'))} | {repaired} "
+            f"| {r.get('predeploy_seconds')} / {r.get('repair_seconds')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def cyclegan_sizes_section(data: dict[str, Any]) -> str:
     lines = [
         "## CycleGAN cost per image size",
@@ -822,6 +861,7 @@ def main() -> None:
     section("attacks", attacks_section)
     section("demo", demo_section)
     section("foreign", foreign_section)
+    section("smallest", smallest_section)
     section("cyclegan-sizes", cyclegan_sizes_section)
     section("detect", detect_section)
     section("scores", scores_section)

@@ -107,3 +107,40 @@ def test_a_config_file_error_is_one_line_and_exit_2(tmp_path: Path, capsys: pyte
     logging.getLogger().handlers.clear()
     assert main(["repair", "--config", str(tmp_path / "r.toml"), "--json"]) == 2
     assert "unknown keys ['shape']" in capsys.readouterr().out
+
+
+def test_help_fits_a_screen_and_help_all_shows_every_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    from edge_agent.cli import main as edge_main
+    from trainer.cli import main
+
+    for argv, tool in ((["predeploy"], main), (["serve"], main), (["run"], edge_main)):
+        with pytest.raises(SystemExit):
+            tool([*argv, "--help"])
+        short = capsys.readouterr().out
+        with pytest.raises(SystemExit):
+            tool([*argv, "--help-all"])
+        full = capsys.readouterr().out
+        assert "--help-all" in short and "more flags" in short and "more flags" not in full
+        assert short.count("\n  --") < full.count("\n  --") / 2, argv
+
+
+def test_edge_run_reads_a_config_with_tables_and_a_flag_wins(tmp_path: Path) -> None:
+    from edge_agent.app import RunConfig
+    from edge_agent.cli import build_parser
+    from edge_agent.options import flag_defaults, read_toml
+
+    (tmp_path / "agent.toml").write_text(
+        'device-id = "cam-7"\nfleet = "doors"\n[spool]\nmax-items = 50\ndurability = "process"\n'
+        "[uplink]\nstats-interval = 2.5\n"
+    )
+    parser = build_parser()
+    run = parser._subparsers._group_actions[0].choices["run"]  # type: ignore[union-attr]
+    run.set_defaults(**flag_defaults(run, read_toml(tmp_path / "agent.toml"), "agent.toml"))
+    args = parser.parse_args(["run", "--spool-max-items", "70"])
+    cfg = from_args(RunConfig, args, runtime=None)
+    assert (cfg.device_id, cfg.fleet, cfg.spool_max_items, cfg.spool_durability, cfg.stats_interval) == (
+        "cam-7", "doors", 70, "process", 2.5,
+    )  # fmt: skip
+    (tmp_path / "bad.toml").write_text("[spool]\nmax-itemz = 5\n")
+    with pytest.raises(ValueError, match=r"unknown keys \['spool.max-itemz'\]"):
+        flag_defaults(run, read_toml(tmp_path / "bad.toml"), "bad.toml")

@@ -25,11 +25,9 @@ from edge_agent.options import (
     safe_name,
     short_help,
 )
+from trainer.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_GATE
 
 log = logging.getLogger("trainer")
-
-EXIT_BAD_INPUT = 2
-EXIT_GATE = 3
 
 
 def _out_dir(text: str) -> Path:
@@ -981,8 +979,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DemoError as e:
         log.error("%s", e)
         if args.json:
-            write_out(json.dumps({"error": str(e), "exit_code": 1}))
-        return 1
+            write_out(json.dumps({"error": str(e), "exit_code": EXIT_FAILED}))
+        return EXIT_FAILED
     except (NoCandidateError, GateError) as e:
         log.error("%s", e)
         if args.json:

@@ -21,6 +21,7 @@ from typing import Any
 
 from edge_agent.options import flag, fraction, nonnegative_float, positive, positive_float
 from trainer.card import ModelCard
+from trainer.errors import EXIT_GATE
 from trainer.service.backends import BACKENDS, JobBackend, LocalBackend, RayBackend
 from trainer.service.collector import quarantine_dir, quarantine_size
 from trainer.service.registry import ACTIVE_STATES, Job, Registry
@@ -29,8 +30,6 @@ from trainer.service.store import ModelStore, StoreError
 from trainer.stages.profiles import REPAIR_PROFILES
 
 log = logging.getLogger(__name__)
-
-GATE_EXIT = 3
 
 
 @dataclass(frozen=True)
@@ -285,7 +284,7 @@ class JobRunner:
             self.registry.update_job(run.job.id, "published", json.dumps(gate)[:1000], version=version)
             how = f"through rollout {rollout['id']}" if rollout is not None else "to the whole fleet"
             log.info("repair job %s published %s v%d %s", run.job.id, run.job.fleet, version, how)
-        elif code == GATE_EXIT:
+        elif code == EXIT_GATE:
             detail = json.dumps(report.get("gate", {}))[:1000] or tail[-500:]
             self.registry.update_job(run.job.id, "gate-rejected", detail)
             log.warning("repair job %s: the gate refused the repaired model: %s", run.job.id, detail)
