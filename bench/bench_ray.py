@@ -25,18 +25,8 @@ from typing import Any
 
 from bench.common import run_cli, save
 
-SPLIT = [
-    "--dataset",
-    "fashion-mnist",
-    "--valid-size",
-    "1000",
-    "--stream-size",
-    "500",
-    "--train-size",
-    "8000",
-    "--test-size",
-    "2000",
-]
+SPLIT = ["--dataset", "fashion-mnist", "--valid-size", "1000", "--stream-size", "500"]
+SPLIT += ["--train-size", "8000", "--test-size", "2000"]
 REPAIRS = {  # the tests' tiny repair, and the job runner's default profile (both on the small split)
     "tiny": ["--gan-epochs", "2", "--gan-epochs-decay", "1", "--gan-width", "8", "--gan-blocks", "2",
              "--clean-domain", "100", "--epochs", "1", "--max-ca-drop", "0.3", "--min-quarantine", "5"],

@@ -20,18 +20,8 @@ from protos.nnoc.v1 import quarantine_pb2
 
 ROOT = Path(__file__).resolve().parent.parent
 # Small slices of the real data keep the suite fast on 2 cores.
-SMALL_SPLIT = [
-    "--dataset",
-    "fashion-mnist",
-    "--valid-size",
-    "1000",
-    "--stream-size",
-    "500",
-    "--train-size",
-    "8000",
-    "--test-size",
-    "2000",
-]
+SMALL_SPLIT = ["--dataset", "fashion-mnist", "--valid-size", "1000", "--stream-size", "500"]
+SMALL_SPLIT += ["--train-size", "8000", "--test-size", "2000"]
 
 
 # Fixtures that train through the CLI (about a minute for the first test that asks for one). Every test that uses
