@@ -114,7 +114,8 @@ def test_repair_checks_its_version_before_training(tmp_path: Path) -> None:
     bundle = tiny_bundle(tmp_path / "v3", "default", 3) / "bundle"
     t0 = time.monotonic()
     code, _, err = run_cli("trainer", "repair", "--bundle", str(bundle), "--quarantine", str(tmp_path / "q"),
-                           "--out", str(tmp_path / "r"), "--version", "2", check=False)  # fmt: skip
+                           "--dataset", "fashion-mnist", "--out", str(tmp_path / "r"), "--version", "2",
+                           check=False)  # fmt: skip
     assert code == 2 and "--version 2 must be above the deployed bundle's v3" in err, err[-1500:]
     assert time.monotonic() - t0 < 60 and not (tmp_path / "r").exists()
 
