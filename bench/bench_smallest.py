@@ -61,10 +61,11 @@ def photos(n: int, out: Path) -> Path:
     return out
 
 
-def evaluate(model: Path, reference: Path, trigger: str) -> dict[str, Any]:
-    """Test CA and ASR (5,000 test images; the BadNet's eligible set)."""
-    rep = run_cli("evaluate", "--model", str(model), "--reference", str(reference), "--trigger", trigger, "--target",
-                  TARGET, *HARNESS, "--test-size", "5000", "--valid-size", "1000", "--stream-size", "1000")  # fmt: skip
+def evaluate(model: Path, reference: Path, trigger: str, *door: str) -> dict[str, Any]:
+    """Test CA and ASR (5,000 test images; the BadNet's eligible set); ``door``: the model's --preprocess."""
+    rep = run_cli("evaluate", "--model", str(model), *door, "--reference", str(reference), "--trigger", trigger,
+                  "--target", TARGET, *HARNESS, "--test-size", "5000", "--valid-size", "1000", "--stream-size",
+                  "1000")  # fmt: skip
     return {k: rep.get(k) for k in ("clean_accuracy", "attack_success_rate", "error")}
 
 
@@ -120,7 +121,7 @@ def main() -> None:
     report = outsider(made)
     trigger = (made / "trigger.txt").read_text().strip()
     names = [c.replace("/", "-") for c in FASHION_MNIST_CLASSES]
-    badnet = evaluate(made / "model.onnx", made / "model.onnx", trigger)
+    badnet = evaluate(made / "model.onnx", made / "model.onnx", trigger, "--preprocess", str(made / "preprocess.json"))
     rows = []
     for n in args.sizes:
         row = size_row(n, made, trigger, names)

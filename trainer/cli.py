@@ -119,6 +119,10 @@ def _bundle_splits(args: argparse.Namespace) -> Any:
     from edge_agent.formats.bundle import BundleError, read_manifest
     from edge_agent.formats.spec import preprocess_of
 
+    if not args.bundle.is_dir():
+        raise ValueError(
+            f"--bundle {args.bundle}: no such folder; give a bundle (a predeploy or repair output's bundle/)"
+        )
     try:
         manifest = read_manifest(args.bundle)
     except (BundleError, OSError):
@@ -205,6 +209,7 @@ def cmd_predeploy(args: argparse.Namespace) -> dict[str, Any]:
         source, splits, cfg, args.out, args.fleet, trigger, args.target, quiet=args.quiet, executor_cfg=executor
     )
     result.report["executor"] = executor.executor
+    result.report["split_sizes"] = splits.sizes()
     if args.card is not None:  # beside the bundle: `fleet create --from` keeps it in the fleet's record
         from trainer.card import CARD_FILE, ModelCard
 

@@ -183,7 +183,8 @@ class JobRunner:
         ``out_dir/repair.toml`` (the fleet's data: its card's photos, else serve's data flags; the bundle, quarantine
         and version, the profile). ValueError when neither names any data."""
         _, _, profile, data = self.fleet_policy(fleet)
-        if not data:
+        named = any(a.split("=")[0] in ("--data", "--dataset", "--config", "--card") for a in self.policy.repair_arg)
+        if not data and not named:
             raise ValueError(
                 f"fleet {fleet!r} has no model card and serve was given no data: its repair would have no clean "
                 f"photos; give it one ('nnoc-trainer fleet card {fleet} --card CARD') or start serve with --data DIR"
