@@ -203,3 +203,41 @@ def test_a_csv_of_photos_keeps_its_paths_inside_its_folder(tmp_path: Path, rows:
     (tmp_path / "x.csv").write_text("\n".join(rows) + "\n")
     with pytest.raises(DatasetError, match=r"x.csv:\d: "):
         load_defender(tmp_path / "x.csv", 0.2, 0)
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        ("[model]\nfile = 3\n", r"\[model\] file = 3: expected a path"),
+        ('[model]\nclasses = "a,b"\n', "expected a list of class names"),
+        ('[model]\nclasses = ["a", "a"]\n', "the class names repeat"),
+        ('[data]\ndir = "x"\nshell = "rm -rf /"\n', r"\[data\] has unknown key\(s\) \['shell'\]"),
+        ('[hooks]\nrun = "x"\n', r"unknown section\(s\) \['hooks'\]"),
+        ("[reject]\nclean_reject_budget = [1]\n", "expected a string or a number"),
+        ("fleet = \n", "cannot read the model card"),
+    ],
+)
+def test_a_model_card_is_data_checked_key_by_key(tmp_path: Path, text: str, error: str) -> None:
+    from trainer.card import CardError, ModelCard
+
+    (tmp_path / "card.toml").write_text(text)
+    with pytest.raises(CardError, match=error):
+        ModelCard.load(tmp_path / "card.toml")
+
+
+def test_a_card_names_paths_beside_it_and_its_values_are_checked_as_flags(tmp_path: Path) -> None:
+    from trainer.cli import build_parser, parse_args
+
+    (tmp_path / "card.toml").write_text(
+        'fleet = "cams"\n[model]\nfile = "m.onnx"\nclasses = ["b", "a"]\n[data]\ndir = "photos"\neval_fraction = 0.3\n'
+        "[reject]\nclean_reject_budget = 0.02\n"
+    )
+    args = parse_args(build_parser(only="predeploy"), ["predeploy", "--card", str(tmp_path / "card.toml"), "--out",
+                                                       str(tmp_path / "o"), "--eval-fraction", "0.25"])  # fmt: skip
+    assert (args.model, args.data, args.class_names, args.fleet) == (
+        tmp_path / "m.onnx", tmp_path / "photos", ["b", "a"], "cams",
+    )  # fmt: skip
+    assert (args.eval_fraction, args.clean_reject_budget) == (0.25, 0.02)  # the flag given wins over the card
+    (tmp_path / "bad.toml").write_text("[reject]\nclean_reject_budget = 7\n")
+    with pytest.raises(ValueError, match=r"bad.toml: clean-reject-budget = 7: expected a number in \[0, 1\]"):
+        parse_args(build_parser(only="predeploy"), ["predeploy", "--card", str(tmp_path / "bad.toml"), "--out", "o"])
