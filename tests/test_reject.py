@@ -309,6 +309,6 @@ def test_calibrate_puts_the_same_models_under_a_new_rule(predeployed: tuple[Path
                         "--clean-reject-budget", "0.05", "--out", str(tmp_path / "d"), "--quiet")  # fmt: skip
     assert rep is not None and rep["reject_rule"]["score"] == "gap_or_kl" and rep["bundle_version"] == 3
     assert rep["reject_rule"]["threshold"] < rule.threshold  # a larger budget: a lower τ
-    code, _, err = run_cli("trainer", "calibrate", "--bundle", str(tmp_path / "nowhere"), "--out",
-                           str(tmp_path / "e"), check=False)  # fmt: skip
+    code, _, err = run_cli("trainer", "calibrate", "--dataset", "fashion-mnist", "--bundle", str(tmp_path / "nowhere"),
+                           "--out", str(tmp_path / "e"), check=False)  # fmt: skip
     assert code == 2 and "Traceback" not in err and "nowhere" in err

@@ -119,10 +119,6 @@ def _bundle_splits(args: argparse.Namespace) -> Any:
     from edge_agent.formats.bundle import BundleError, read_manifest
     from edge_agent.formats.spec import preprocess_of
 
-    if not args.bundle.is_dir():
-        raise ValueError(
-            f"--bundle {args.bundle}: no such folder; give a bundle (a predeploy or repair output's bundle/)"
-        )
     try:
         manifest = read_manifest(args.bundle)
     except (BundleError, OSError):
