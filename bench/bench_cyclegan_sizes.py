@@ -1,5 +1,5 @@
 """What the CycleGAN costs per image size: training pairs per second of the repair's trigger learner (quick
-profile's widths: ngf = ndf = 16, 6 residual blocks, batch 16) on the model's image, gray 28x28 up to RGB 128x128.
+profile's sizes: width 16, 6 residual blocks, batch 16) on the model's image, gray 28x28 up to RGB 128x128.
 Random images: the cost does not depend on what they show.
 
     python -m bench.bench_cyclegan_sizes

@@ -160,7 +160,7 @@ def bench_swaps(v1: Path, v2: Path, tmp: Path, swaps: int = 100) -> dict[str, An
     x = _stream(64, spec.scale)
     expected = {v: Ensemble(b).classify(x).labels for v, b in bundles.items()}
     differ = int((expected[min(bundles)] != expected[max(bundles)]).sum())
-    spool = Spool(SpoolConfig(tmp / "swap-spool.sqlite"))
+    spool = Spool(SpoolConfig(tmp / "swap-spool.sqlite", durability="power"))
     agent = Agent(Ensemble(bundles[min(bundles)]), spool, RejectMonitor(), "swap-0")
     server, port = serve(agent, bundles[min(bundles)].manifest.fleet, "127.0.0.1:0")
     stop = threading.Event()

@@ -104,7 +104,7 @@ def fault_collector_kill(tmp: Path, n: int = 10000) -> dict[str, Any]:
     store, state, port = _store(tmp / "a"), tmp / "a" / "state", free_port()
     header = quarantine_pb2.QuarantineHeader(fleet="default", bundle_version=1, shape=[1, 28, 28], dtype="float32")
     tensor = np.full((1, 28, 28), 0.25, np.float32).tobytes()
-    spool = Spool(SpoolConfig(tmp / "a" / "spool.sqlite"))
+    spool = Spool(SpoolConfig(tmp / "a" / "spool.sqlite", durability="power"))
     spool.put_many([(header.SerializeToString(), tensor)] * n)
     serve = _serve(store, state, port)
     up = Uplink(spool, UplinkConfig(f"tcp://127.0.0.1:{port}", "cam-1", resend_after=1.0)).start()
@@ -152,7 +152,7 @@ def fault_agent_kill(tmp: Path) -> dict[str, Any]:
         p = agent_state / "spool.sqlite"
         if not p.is_file():
             return 0
-        with Spool(SpoolConfig(p)) as s:
+        with Spool(SpoolConfig(p, durability="power")) as s:
             return s.depth()
 
     wait(lambda: depth() > 200, 120)
@@ -335,7 +335,9 @@ def transport_infer(tmp: Path, seconds: float = 4.0) -> dict[str, float]:
 
     tls = make_local_ca(tmp / "tls", ["agent", "client"])
     bundle = verify_bundle(_bundle_dir(tmp / "t") / "bundle")
-    agent = Agent(Ensemble(bundle), Spool(SpoolConfig(tmp / "t-spool.sqlite")), RejectMonitor(), "t")
+    agent = Agent(
+        Ensemble(bundle), Spool(SpoolConfig(tmp / "t-spool.sqlite", durability="power")), RejectMonitor(), "t"
+    )
     x = np.zeros((1, 1, 28, 28), np.float32)
     req = pb.ModelInferRequest(model_name=bundle.manifest.fleet)
     req.inputs.add(name=bundle.manifest.input_spec.input_name, datatype="FP32", shape=[1, 1, 28, 28])
@@ -641,7 +643,7 @@ def hostile_uplink(tmp: Path, n: int = 1000) -> dict[str, Any]:
 
     spec = bundle_pb2.InputSpec(shape=[1, 28, 28], dtype="float32", min_value=0.0, max_value=1.0, scale=1 / 255)
     collector = Collector(CollectorConfig("tcp://127.0.0.1:0", tmp / "u" / "q"), fixed_spec("default", spec)).start()
-    spool = Spool(SpoolConfig(tmp / "u" / "spool.sqlite"))
+    spool = Spool(SpoolConfig(tmp / "u" / "spool.sqlite", durability="power"))
     h = quarantine_pb2.QuarantineHeader(device_id="cam-u", fleet="default", bundle_version=1, dtype="uint8",
                                         primary_label=0, monitor_label=1)  # fmt: skip
     h.shape.extend([1, 28, 28])

@@ -539,7 +539,7 @@ def cyclegan_sizes_section(data: dict[str, Any]) -> str:
         "",
         _machine(data["machine"]),
         "",
-        "The repair's trigger learner on the model's image (quick profile: ngf = ndf = 16, 6 residual blocks, "
+        "The repair's trigger learner on the model's image (quick profile: width 16, 6 residual blocks, "
         f"batch 16, {data['threads']} torch threads), one epoch over random images; the generator downsamples "
         "twice whatever the size, the PatchGAN gets a third layer from 64 px up. "
         + (f"Measured with {data['note']}." if data.get("note") else ""),

@@ -13,7 +13,7 @@ import shutil
 import signal
 import threading
 import time
-from dataclasses import MISSING, asdict, dataclass, field, replace
+from dataclasses import MISSING, asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +30,11 @@ from edge_agent.formats.tls import server_credentials
 from edge_agent.inference import DEFAULT_MAX_BATCH, serve
 from edge_agent.metrics import AgentMetrics
 from edge_agent.monitor import RejectMonitor
-from edge_agent.options import flag, fraction, nonnegative_float, positive, positive_float
+from edge_agent.options import flag, fraction, nonnegative_float, part, positive, positive_float
 from edge_agent.ports import StateLock, check_port
 from edge_agent.runtime import RuntimeConfig
 from edge_agent.sources import Source, SourceError, SourceSpec, SourceStats, parse_source
-from edge_agent.spool import DURABILITY, Spool, SpoolConfig
+from edge_agent.spool import Spool, SpoolConfig
 from edge_agent.updates import BundleCache, UpdateConfig, Updater, bootstrap
 from edge_agent.uplink import Uplink, UplinkConfig
 
@@ -80,19 +80,7 @@ class RunConfig:
     reject_threshold: float = flag(
         0.05, "windowed reject rate that raises the alarm (logged, nnoc_reject_alarm, status)", type=fraction
     )
-    spool_max_items: int = flag(100_000, "quarantined inputs the spool keeps at most", type=positive)
-    spool_policy: str = flag("drop-oldest", "at the spool bound", choices=("drop-oldest", "reject-new"))
-    spool_durability: str = flag(
-        "deferred",
-        "what a reject survives once answered: deferred (default: committed within --spool-flush-interval, "
-        "the reply does not wait), process (the reply waits for the commit: survives kill -9), power (the reply "
-        "waits for the fsync: survives power loss)",
-        choices=tuple(DURABILITY),
-    )
-    spool_flush_interval: float = flag(
-        0.05, "durability deferred: seconds a reject waits at most before its commit", type=positive_float
-    )
-    spool_max_bytes: int = flag(512 << 20, "spool bound in bytes", type=positive)
+    spool: SpoolConfig = part(SpoolConfig, "the spool (quarantined inputs waiting for the uplink)", prefix="spool")
     stats_interval: float = flag(10.0, "seconds between stats messages", type=positive_float)
     max_batch: int = flag(
         DEFAULT_MAX_BATCH, "inputs per inference request at most; more get RESOURCE_EXHAUSTED", type=positive
@@ -113,7 +101,7 @@ class RunConfig:
         type=Path,
         action="append",
     )
-    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    runtime: RuntimeConfig = part(RuntimeConfig, "inference runtime (onnxruntime)")
 
 
 def seed_cache(cache: BundleCache, bundle_dir: Path | None, fleet: str) -> None:
@@ -185,9 +173,15 @@ def check_run(cfg: RunConfig) -> None:
     check_port(cfg.infer_port, "--infer-port")
     if cfg.metrics_port is not None:
         check_port(cfg.metrics_port, "--metrics-port", allow_any=False)
-    for name in ("max_batch", "source_batch", "window", "spool_max_items", "spool_max_bytes"):
-        if int(getattr(cfg, name)) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+    for name, value in (
+        ("max-batch", cfg.max_batch),
+        ("source-batch", cfg.source_batch),
+        ("window", cfg.window),
+        ("spool-max-items", cfg.spool.max_items),
+        ("spool-max-bytes", cfg.spool.max_bytes),
+    ):
+        if int(value) < 1:
+            raise ValueError(f"--{name} must be at least 1")  # fmt: skip
     if not cfg.stats_interval > 0:
         raise ValueError("--stats-interval must be above 0 seconds")
     check_sources(cfg.sources)
@@ -251,16 +245,7 @@ def _run(cfg: RunConfig, stop: threading.Event) -> dict[str, Any]:
     if cfg.sources and cfg.runtime.spin == "auto":  # decoders share the cores: onnxruntime must not spin on them
         cfg = replace(cfg, runtime=replace(cfg.runtime, spin="off"))
     cache, bundle = load_bundle(cfg)
-    spool = Spool(
-        SpoolConfig(
-            cfg.state_dir / "spool.sqlite",
-            max_items=cfg.spool_max_items,
-            max_bytes=cfg.spool_max_bytes,
-            policy=cfg.spool_policy,
-            durability=cfg.spool_durability,
-            flush_interval=cfg.spool_flush_interval,
-        )
-    )
+    spool = Spool(replace(cfg.spool, path=cfg.state_dir / "spool.sqlite"))
     agent = Agent(Ensemble(bundle, cfg.runtime), spool, RejectMonitor(cfg.window, cfg.reject_threshold), cfg.device_id)
     uplink = agent.uplink = start_uplink(cfg, spool, agent)
     updater = None

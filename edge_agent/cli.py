@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from edge_agent.console import write_out
-from edge_agent.options import add_flags, flag_defaults, from_args, option_value, read_toml, short_help
+from edge_agent.options import add_flags, config_values, flag_defaults, from_args, option_value, short_help
 
 log = logging.getLogger("edge_agent")
 
@@ -67,9 +67,8 @@ def cmd_classify(args: argparse.Namespace) -> dict:
 def cmd_run(args: argparse.Namespace) -> dict:
     """Serve until SIGTERM."""
     from edge_agent.app import RunConfig, run
-    from edge_agent.runtime import RuntimeConfig
 
-    cfg = from_args(RunConfig, args, runtime=from_args(RuntimeConfig, args))
+    cfg = from_args(RunConfig, args)
     return run(cfg)
 
 
@@ -105,14 +104,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(p, RuntimeConfig)
     p.set_defaults(func=cmd_classify)
     p = sub.add_parser("run", help="serve the ensemble: inference endpoint, quarantine uplink, model updates")
-    add_flags(p, RunConfig)
-    add_flags(p, RuntimeConfig)
+    add_flags(p, RunConfig)  # its parts too: the spool's and the runtime's
     p.add_argument(
+        "--spec",
         "--config",
+        dest="config",
         type=Path,
         default=None,
-        help="TOML file of these flags' values (tables group them: [spool] max-items = ... is --spool-max-items); "
-        "a flag given on the command line wins",
+        help="the agent's spec as TOML: a table per part, keys the fields' names ([spool] max_items = ... is "
+        "--spool-max-items); flag names work as keys too; a flag given on the command line wins",
     )
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("status", help="what the agent serves, its spool, and where it listens")
@@ -142,9 +142,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     short_help(run, RUN_FLAGS, "--help-all" in argv)
     argv = ["--help" if a == "--help-all" else a for a in argv]
     try:
-        config = option_value(argv, "--config")
+        config = option_value(argv, "--spec") or option_value(argv, "--config")
         if argv[:1] == ["run"] and config is not None:
-            run.set_defaults(**flag_defaults(run, read_toml(Path(config)), config))
+            from edge_agent.app import RunConfig
+
+            run.set_defaults(**flag_defaults(run, config_values(Path(config), RunConfig), config))
     except ValueError as e:
         logging.basicConfig(stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         log.error("%s", e)

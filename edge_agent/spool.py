@@ -22,6 +22,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from edge_agent.options import flag, positive, positive_float
+
 log = logging.getLogger(__name__)
 
 POLICIES = ("drop-oldest", "reject-new")
@@ -46,14 +48,23 @@ CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NU
 
 @dataclass(frozen=True)
 class SpoolConfig:
-    """Where the spool lives and how big it may grow."""
+    """Where the spool lives and how big it may grow. The agent's spec holds it as its ``[spool]`` part (flags
+    ``--spool-FIELD``); its path is the agent's state folder's."""
 
-    path: Path
-    max_items: int = 100_000
-    max_bytes: int = 512 << 20
-    policy: str = "drop-oldest"
-    durability: str = "power"
-    flush_interval: float = 0.05  # durability "deferred": seconds a reject may wait before its commit
+    path: Path | None = None
+    max_items: int = flag(100_000, "quarantined inputs the spool keeps at most", type=positive)
+    max_bytes: int = flag(512 << 20, "spool bound in bytes", type=positive)
+    policy: str = flag("drop-oldest", "at the spool bound", choices=POLICIES)
+    durability: str = flag(
+        "deferred",
+        "what a reject survives once answered: deferred (default: committed within --spool-flush-interval, "
+        "the reply does not wait), process (the reply waits for the commit: survives kill -9), power (the reply "
+        "waits for the fsync: survives power loss)",
+        choices=tuple(DURABILITY),
+    )  # fmt: skip
+    flush_interval: float = flag(
+        0.05, "durability deferred: seconds a reject waits at most before its commit", type=positive_float
+    )
 
     def __post_init__(self) -> None:
         if self.durability not in DURABILITY:
@@ -89,6 +100,8 @@ class Spool:
     """Thread-safe durable FIFO of quarantined inputs."""
 
     def __init__(self, cfg: SpoolConfig) -> None:
+        if cfg.path is None:
+            raise ValueError("the spool needs a path (SpoolConfig.path)")
         self.cfg = cfg
         cfg.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()

@@ -102,7 +102,7 @@ def test_uplink_keeps_what_the_collector_defers(tmp_path: Path) -> None:
     ctx = zmq.Context()
     cfg = CollectorConfig("tcp://127.0.0.1:0", tmp_path / "q", device_quota=10, retry_after=60.0)
     collector = Collector(cfg, fixed_spec("default", SPEC), None, ctx).start()
-    spool = Spool(SpoolConfig(tmp_path / "spool.sqlite"))
+    spool = Spool(SpoolConfig(tmp_path / "spool.sqlite", durability="power"))
     for _ in range(30):
         spool.put(header(0).SerializeToString(), GOOD_TENSOR)
     up = Uplink(spool, UplinkConfig(f"tcp://127.0.0.1:{collector.port}", "cam-1", resend_after=0.3), context=ctx)
@@ -180,7 +180,7 @@ def test_valid_messages_are_all_acked_while_an_attacker_sends_malformed_ones(tmp
             time.sleep(0.005)
         s.close()
 
-    spool = Spool(SpoolConfig(tmp_path / "victim.sqlite"))
+    spool = Spool(SpoolConfig(tmp_path / "victim.sqlite", durability="power"))
     for _ in range(300):
         spool.put(header(0, device="cam-1").SerializeToString(), GOOD_TENSOR)
     attacker = threading.Thread(target=attack)
@@ -461,7 +461,7 @@ def test_endpoint_refuses_oversized_batches_and_counts_requests(
         req.raw_input_contents.append(np.full((n, 1, 28, 28), value, np.float32).tobytes())
         return req
 
-    with Spool(SpoolConfig(tmp_path / "spool.sqlite")) as spool:
+    with Spool(SpoolConfig(tmp_path / "spool.sqlite", durability="power")) as spool:
         agent = Agent(Ensemble(bundle), spool, RejectMonitor(), "cam-1")
         metrics = AgentMetrics(agent)
         server, port = serve(agent, "fleet", "127.0.0.1:0", max_batch=64, metrics=metrics)

@@ -214,7 +214,7 @@ def inference(predeployed: tuple[Path, dict[str, Any]], tmp_path_factory: pytest
     from protos.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 
     tmp = tmp_path_factory.mktemp("fuzzinf")
-    spool = Spool(SpoolConfig(tmp / "spool.sqlite"))
+    spool = Spool(SpoolConfig(tmp / "spool.sqlite", durability="power"))
     agent = Agent(Ensemble(verify_bundle(predeployed[0] / "bundle")), spool, RejectMonitor(), "fuzz")
     server, port = serve(agent, "default", "127.0.0.1:0")
     channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.max_send_message_length", 256 << 20)])

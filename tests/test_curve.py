@@ -44,7 +44,7 @@ def test_curve_uplink_accepts_listed_agents_only(tmp_path: Path, caplog: pytest.
     spools: dict[str, Spool] = {}
 
     def agent(device: str, **curve: Any) -> Spool:
-        spool = spools[device] = Spool(SpoolConfig(tmp_path / f"{device}.sqlite"))
+        spool = spools[device] = Spool(SpoolConfig(tmp_path / f"{device}.sqlite", durability="power"))
         _fill(spool, 50)
         uplinks.append(Uplink(spool, UplinkConfig(endpoint, device, resend_after=0.5, **curve), context=ctx).start())
         return spool

@@ -179,10 +179,10 @@ def test_a_defender_walks_from_vendor_model_and_photos_to_a_repaired_fleet(
                 p.kill()
     # Each fleet's job read its own card's photos, not the other's, and scored on them.
     for fleet, data in (("cams", photos), ("doors", doors / "labels.csv")):
-        (job,) = [d for d in (work / "state" / "jobs").iterdir() if (d / "repair.toml").is_file()
-                  and f"/{fleet}/" in tomllib.loads((d / "repair.toml").read_text())["bundle"]]  # fmt: skip
-        settings = tomllib.loads((job / "repair.toml").read_text())
-        assert settings["data"] == str(data.resolve()) and settings["profile"] == "quick"
+        (job,) = [d for d in (work / "state" / "jobs").iterdir() if (d / "job.toml").is_file()
+                  and f"/{fleet}/" in tomllib.loads((d / "job.toml").read_text())["bundle"]]  # fmt: skip
+        spec = tomllib.loads((job / "job.toml").read_text())  # the job's repair spec, tables by part
+        assert spec["data"]["path"] == str(data.resolve()) and spec["profile"] == "quick"
         report = json.loads((job / "run" / "report.json").read_text())
         assert report["published"] and report["served_eval"]["served_clean_accuracy"] > 0.6
         assert report["quarantine_size"] >= 40

@@ -45,7 +45,7 @@ def test_kill_9_collector_mid_stream_stores_every_message_once(
     port, state = free_port(), tmp_path / "state"
     header = quarantine_pb2.QuarantineHeader(fleet="default", bundle_version=1, shape=[1, 28, 28], dtype="float32")
     tensor = np.full((1, 28, 28), 0.25, np.float32).tobytes()
-    spool = Spool(SpoolConfig(tmp_path / "spool.sqlite"))
+    spool = Spool(SpoolConfig(tmp_path / "spool.sqlite", durability="power"))
     for _ in range(10):
         spool.put_many([(header.SerializeToString(), tensor)] * 1000)
     serve = _serve(tmp_path / "exports", state, port)
@@ -90,7 +90,7 @@ def test_agent_starts_while_the_trainer_is_down_then_catches_up_without_failed_r
     cache.set_current(1)
     bundle = cache.load()
     assert bundle is not None
-    spool = Spool(SpoolConfig(tmp_path / "spool.sqlite"))
+    spool = Spool(SpoolConfig(tmp_path / "spool.sqlite", durability="power"))
     agent = Agent(Ensemble(bundle), spool, RejectMonitor(), "cam-1")
     port = free_port()
     updater = Updater(agent, cache, UpdateConfig(f"127.0.0.1:{port}", "default", "cam-1", backoff_max=0.5)).start()
@@ -147,7 +147,7 @@ from edge_agent.spool import Spool, SpoolConfig
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead of killing us
 ens = Ensemble(verify_bundle(Path(sys.argv[1])))
 resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))  # a 1 MiB "disk" for every file from now on
-agent = Agent(ens, Spool(SpoolConfig(Path(sys.argv[2]))), RejectMonitor(), "cam-full")
+agent = Agent(ens, Spool(SpoolConfig(Path(sys.argv[2]), durability="power")), RejectMonitor(), "cam-full")
 x = np.load(sys.argv[3])
 answered = 0
 for i in range(0, len(x), 16):

@@ -390,7 +390,7 @@ def test_the_uplink_survives_spool_errors_and_resumes_losing_nothing(tmp_path: P
         CollectorConfig("tcp://127.0.0.1:0", tmp_path / "q"), fixed_spec("default", bundle_pb2.InputSpec(**TINY_SPEC)),
         None, ctx,
     ).start()  # fmt: skip
-    spool = Spool(SpoolConfig(tmp_path / "spool.sqlite"))
+    spool = Spool(SpoolConfig(tmp_path / "spool.sqlite", durability="power"))
     h = quarantine_pb2.QuarantineHeader(device_id="cam-1", fleet="default", bundle_version=1, dtype="float32",
                                         primary_label=0, monitor_label=3)  # fmt: skip
     h.shape.extend([1, 28, 28])
@@ -477,7 +477,7 @@ def test_the_endpoint_refuses_image_bombs_before_decoding_and_keeps_answering(tm
         req.inputs.add(name=ENCODED_IMAGE, datatype="BYTES", shape=[len(files)]).contents.bytes_contents.extend(files)
         return req
 
-    with Spool(SpoolConfig(tmp_path / "spool.sqlite")) as spool:
+    with Spool(SpoolConfig(tmp_path / "spool.sqlite", durability="power")) as spool:
         agent = Agent(Ensemble(verified), spool, RejectMonitor(), "cam-1")
         server, port = serve(agent, "cams", "127.0.0.1:0")
         try:
@@ -667,7 +667,7 @@ def test_an_older_version_needs_a_fresh_signed_rollback_order_for_this_agent(tmp
         cache.set_current(v)
     bundle = cache.load()
     assert bundle is not None and bundle.version == 2
-    with Spool(SpoolConfig(tmp_path / "spool.sqlite")) as spool:
+    with Spool(SpoolConfig(tmp_path / "spool.sqlite", durability="power")) as spool:
         agent = Agent(Ensemble(bundle), spool, RejectMonitor(), "cam-1")
         updater = Updater(agent, cache, UpdateConfig("127.0.0.1:1", "cams", "cam-1"))
         v1 = store.manifest("cams", 1)

@@ -68,7 +68,7 @@ def test_triton_client_calls_the_agent(predeployed: tuple[Path, dict[str, Any]],
     poisoned = parse_trigger("checker4").apply(images, np.random.default_rng(0))
     x = to_model_input(np.concatenate([images, poisoned]), bundle.manifest.input_spec)
     np.save(tmp_path / "x.npy", x)
-    with Spool(SpoolConfig(tmp_path / "spool.sqlite")) as spool:
+    with Spool(SpoolConfig(tmp_path / "spool.sqlite", durability="power")) as spool:
         agent = Agent(Ensemble(bundle), spool, RejectMonitor(), "cam-1")
         expected = Ensemble(bundle).classify(x)
         server, port = serve(agent, "fmnist-fleet", "127.0.0.1:0")

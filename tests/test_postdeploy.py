@@ -158,7 +158,7 @@ def test_cyclegan_learns_a_patch_and_resumes(tmp_path: Path) -> None:
     def score(gen: np.ndarray) -> float:
         return float(np.mean(gen[:, :, 8:, 8:].mean(axis=(1, 2, 3)) > 150))
 
-    cfg = CycleGANConfig(ngf=8, ndf=8, n_res_blocks=2, epochs=20, epochs_decay=2, batch_size=8, patience=0)
+    cfg = CycleGANConfig(width=8, blocks=2, epochs=20, epochs_decay=2, batch_size=8, patience=0)
     ckpt = tmp_path / "gan.pt"
     res = train_cyclegan(u, v, cfg, score, u, checkpoint=ckpt, quiet=True, device=torch.device("cpu"))
     assert res.best_score is not None and res.best_score > 0.3
@@ -178,7 +178,7 @@ def test_a_cyclegan_that_stopped_early_is_not_trained_on_when_resumed(tmp_path: 
     rng = np.random.default_rng(0)
     u = rng.integers(0, 60, (16, 1, 12, 12), dtype=np.uint8)
     v = rng.integers(0, 60, (16, 1, 12, 12), dtype=np.uint8)
-    cfg = CycleGANConfig(ngf=4, ndf=4, n_res_blocks=1, epochs=10, epochs_decay=0, batch_size=8, patience=2,
+    cfg = CycleGANConfig(width=4, blocks=1, epochs=10, epochs_decay=0, batch_size=8, patience=2,
                          min_epochs=3)  # fmt: skip
     ckpt = tmp_path / "gan.pt"
     cpu = torch.device("cpu")

@@ -54,7 +54,7 @@ def test_raw_and_encoded_pictures_answer_like_the_preprocessed_tensor(bundle: Pa
         buf = io.BytesIO()
         Image.fromarray(g[0]).save(buf, "PNG")
         pngs.append(buf.getvalue())
-    with Spool(SpoolConfig(tmp_path / "spool.sqlite")) as spool:
+    with Spool(SpoolConfig(tmp_path / "spool.sqlite", durability="power")) as spool:
         agent = Agent(Ensemble(verified), spool, RejectMonitor(), "cam-1")
         server, port = serve(agent, "cams", "127.0.0.1:0")
         try:

@@ -74,7 +74,10 @@ def test_ray_backend_runs_fails_and_cancels(cluster: None, tmp_path: Path) -> No
 def test_repair_jobs_on_ray_publish_fail_with_their_reason_and_cancel_cleanly(
     cluster: None, predeployed: tuple[Path, dict[str, Any]], tmp_path: Path
 ) -> None:
+    import tomli_w
+
     from conftest import SMALL_SPLIT
+    from edge_agent.options import merge_tables
     from trainer.service.jobs import JobPolicy, JobRunner
     from trainer.service.registry import Registry
     from trainer.service.store import ModelStore
@@ -86,20 +89,28 @@ def test_repair_jobs_on_ray_publish_fail_with_their_reason_and_cancel_cleanly(
     bundle = str(predeployed[0] / "bundle")
     run_cli("trainer", "stream", *SMALL_SPLIT, "--bundle", bundle, "--trigger", "checker4", "--target", "0",
             "--cpd", "0.2", "--n", "300", "--out", str(qroot / "default" / "1"), "--quiet")  # fmt: skip
-    tiny = ("--gan-epochs", "2", "--gan-epochs-decay", "1", "--gan-width", "8", "--gan-blocks", "2",
-            "--clean-domain", "100", "--epochs", "1", "--max-ca-drop", "0.3", "--min-quarantine", "5")  # fmt: skip
+    # the jobs' shared repair spec: the small split and tiny sizes
+    tiny = {
+        "harness": {"name": "fashion-mnist"},
+        "split": {"valid": 1000, "stream": 500, "train": 8000, "test": 2000},
+        "repair": {"clean_domain": 100, "epochs": 1, "max_ca_drop": 0.3, "min_quarantine": 5,
+                   "gan": {"epochs": 2, "epochs_decay": 1, "width": 8, "blocks": 2}},
+    }  # fmt: skip
     registry: Registry
     scenarios = itertools.count()
 
-    def runner(*extra: str, **settings: Any) -> JobRunner:
+    def runner(gan: dict[str, int] | None = None, **settings: Any) -> JobRunner:
         """A runner with a registry of its own (a version whose job did not publish waits for twice the quarantine
         before it is tried again: each scenario starts afresh)."""
         nonlocal registry
-        registry = Registry(tmp_path / f"registry-{next(scenarios)}.sqlite")
+        n = next(scenarios)
+        registry = Registry(tmp_path / f"registry-{n}.sqlite")
+        spec = tmp_path / f"repair-{n}.toml"
+        spec.write_text(tomli_w.dumps(merge_tables(tiny, {"repair": {"gan": gan or {}}})))
         policy = JobPolicy(
             min_quarantine=5,
             jobs_backend="ray",
-            repair_arg=(*SMALL_SPLIT, *tiny, *extra),
+            repair_spec=spec,
             poll_interval=0.2,
             **settings,
         )
@@ -114,7 +125,7 @@ def test_repair_jobs_on_ray_publish_fail_with_their_reason_and_cancel_cleanly(
         return registry.jobs("default")[-1]
 
     # a job whose repair cannot run: failed, with the repair's own one-line reason
-    r = runner("--gan-width", "0")
+    r = runner({"width": 0})
     job = last_job(("failed",), 120)
     r.stop()
     assert job.detail.startswith("exit 2") and "gan-width" in job.detail and store.state("default").versions == [1]
@@ -127,7 +138,7 @@ def test_repair_jobs_on_ray_publish_fail_with_their_reason_and_cancel_cleanly(
     assert "not started within 3 s" in job.detail and "1 GPUs" in job.detail
 
     # a cancelled job: stopped while it runs, no version added
-    r = runner("--gan-epochs", "200")
+    r = runner({"epochs": 200})
     running = last_job(("running",), 120)
     registry.request_cancel(running.id)
     job = last_job(("failed",), 60)

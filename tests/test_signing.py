@@ -72,7 +72,7 @@ def test_agent_refuses_a_bundle_signed_by_an_untrusted_key(
     cache.set_current(1)
     bundle = cache.load()
     assert bundle is not None
-    spool = Spool(SpoolConfig(tmp_path / "spool.sqlite"))
+    spool = Spool(SpoolConfig(tmp_path / "spool.sqlite", durability="power"))
     agent = Agent(Ensemble(bundle), spool, RejectMonitor(), "cam-1")
     updater = Updater(agent, cache, UpdateConfig(f"127.0.0.1:{server.port}", "default", "cam-1")).start()
     x = np.zeros((2, 1, 28, 28), np.float32)

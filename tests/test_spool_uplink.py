@@ -25,7 +25,7 @@ def test_writer_group_commits_and_waits_for_the_disk(tmp_path: Path) -> None:
     """Durability power: every submit returns with its rows committed; concurrent callers share transactions."""
     import threading
 
-    with Spool(SpoolConfig(tmp_path / "g.sqlite")) as spool:
+    with Spool(SpoolConfig(tmp_path / "g.sqlite", durability="power")) as spool:
         writer = SpoolWriter(spool)
         depths: list[bool] = []
 
@@ -57,11 +57,11 @@ def test_deferred_writer_answers_first_and_commits_within_its_interval(tmp_path:
         writer.close()  # commits what is pending
         assert spool.depth() == 11
     with pytest.raises(ValueError, match="flush interval"):
-        SpoolConfig(tmp_path / "x.sqlite", flush_interval=0)
+        SpoolConfig(tmp_path / "x.sqlite", flush_interval=0, durability="power")
 
 
 def test_spool_is_durable_bounded_and_counted(tmp_path: Path) -> None:
-    cfg = SpoolConfig(tmp_path / "spool.sqlite", max_items=5)
+    cfg = SpoolConfig(tmp_path / "spool.sqlite", max_items=5, durability="power")
     with Spool(cfg) as spool:
         seqs = [spool.put(header(i), TENSOR) for i in range(8)]
         assert seqs == sorted(seqs) and seqs[0] > 10**15  # time-based start: a reset spool never reuses numbers
@@ -73,19 +73,19 @@ def test_spool_is_durable_bounded_and_counted(tmp_path: Path) -> None:
         assert [i.seq for i in spool.get([seqs[7], seqs[0], seqs[4]])] == [seqs[4], seqs[7]]  # seqs[0] was dropped
         assert spool.ack(seqs[3:5]) == 2 and spool.depth() == 3
         assert [i.seq for i in spool.after(0, 10)] == seqs[5:] and spool.get(seqs[3:5]) == []
-    with Spool(SpoolConfig(tmp_path / "r.sqlite", max_items=2, policy="reject-new")) as spool:
+    with Spool(SpoolConfig(tmp_path / "r.sqlite", max_items=2, policy="reject-new", durability="power")) as spool:
         spool.put(header(), TENSOR)
         spool.put(header(), TENSOR)
         with pytest.raises(SpoolFull, match="reject-new"):
             spool.put(header(), TENSOR)
         assert spool.counter("rejected_full") == 1 and spool.depth() == 2
     with pytest.raises(ValueError, match="policy"):
-        SpoolConfig(tmp_path / "x", policy="keep-all")
+        SpoolConfig(tmp_path / "x", policy="keep-all", durability="power")
 
 
 def test_uplink_drains_spool_exactly_once(tmp_path: Path) -> None:
     collector = Collector(tmp_path / "q")
-    with Spool(SpoolConfig(tmp_path / "spool.sqlite")) as spool:
+    with Spool(SpoolConfig(tmp_path / "spool.sqlite", durability="power")) as spool:
         for i in range(200):
             spool.put(header(i % 10), TENSOR)
         up = Uplink(spool, UplinkConfig(f"tcp://127.0.0.1:{collector.port}", "cam-1", window=32)).start()
@@ -104,7 +104,7 @@ def test_unacked_messages_are_resent_and_stored_once(tmp_path: Path) -> None:
     # a restarted, answering collector on the same port acknowledges; the store holds each message once.
     silent = Collector(tmp_path / "q", ack=False)
     port = silent.port
-    with Spool(SpoolConfig(tmp_path / "spool.sqlite")) as spool:
+    with Spool(SpoolConfig(tmp_path / "spool.sqlite", durability="power")) as spool:
         for _ in range(20):
             spool.put(header(), TENSOR)
         reader = sqlite3.connect(tmp_path / "spool.sqlite")  # data_version moves when another connection commits
@@ -158,7 +158,7 @@ def test_agent_spools_rejects_before_answering_and_uplinks_them(
     images = splits.test.images[:200]  # type: ignore[attr-defined]
     poisoned = parse_trigger("checker4").apply(images, np.random.default_rng(0))
     x = to_model_input(np.concatenate([images, poisoned]), bundle.manifest.input_spec)
-    with Spool(SpoolConfig(tmp_path / "spool.sqlite")) as spool:
+    with Spool(SpoolConfig(tmp_path / "spool.sqlite", durability="power")) as spool:
         agent = Agent(Ensemble(bundle), spool, RejectMonitor(window=100), "cam-9")
         decision, version = agent.classify(x)
         assert version == 1

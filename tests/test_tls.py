@@ -94,7 +94,7 @@ def test_agent_endpoint_and_updates_over_mutual_tls(
         assert bundle.version == 1
     finally:
         server.stop()
-    spool = Spool(SpoolConfig(tmp_path / "spool.sqlite"))
+    spool = Spool(SpoolConfig(tmp_path / "spool.sqlite", durability="power"))
     agent = Agent(Ensemble(verify_bundle(bundle.path)), spool, RejectMonitor(), "cam-1")
     endpoint, port = serve(
         agent, "default", "127.0.0.1:0", credentials=server_credentials(pki["cam-1"], cam_key, pki["ca"])

@@ -217,7 +217,7 @@ def test_collector_restart_keeps_unacknowledged_messages(store: ModelStore, tmp_
     first = Collector(cfg, spec_source(store), None, ctx).start()
     port = first.port
     first.stop()  # down before the agent sends anything
-    spool = Spool(SpoolConfig(tmp_path / "spool.sqlite"))
+    spool = Spool(SpoolConfig(tmp_path / "spool.sqlite", durability="power"))
     frames = _message(0)  # the spool gives each row its own seq
     for _ in range(300):
         spool.put(frames[0], frames[1])

@@ -82,7 +82,7 @@ def fleet(predeployed: tuple[Path, dict[str, Any]], tmp_path: Path) -> dict[str,
     cache.set_current(1)
     bundle = cache.load()
     assert bundle is not None and bundle.version == 1
-    spool = Spool(SpoolConfig(tmp_path / "spool.sqlite"))
+    spool = Spool(SpoolConfig(tmp_path / "spool.sqlite", durability="power"))
     agent = Agent(Ensemble(bundle), spool, RejectMonitor(), "cam-1")
     yield {"bundles": bundles, "cache": cache, "agent": agent}
     spool.close()

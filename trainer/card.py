@@ -84,15 +84,12 @@ class ModelCard:
         return out
 
     def repair_config(self) -> dict[str, Any]:
-        """What a repair job of this card's fleet reads: its photos and their split (``repair``'s flag names)."""
+        """What a repair job of this card's fleet reads: its photos and their split (a repair spec's tables)."""
         data = self.data_dir
         if data is None:
             return {}
-        out: dict[str, Any] = {"data": str(data)}
-        for key, name in (("eval_fraction", "eval_fraction"), ("seed", "split_seed")):
-            if self.get("data", key) is not None:
-                out[name] = self.get("data", key)
-        return out
+        split = {key: self.get("data", key) for key in ("eval_fraction", "seed") if self.get("data", key) is not None}
+        return {"data": {"path": str(data)}, **({"split": split} if split else {})}
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form, as the fleet's record keeps it."""

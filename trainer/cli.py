@@ -7,34 +7,29 @@ import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from edge_agent.console import write_out
 from edge_agent.options import (
     add_flags,
-    as_flags,
+    config_values,
     flag_defaults,
     fraction,
     from_args,
-    nonnegative,
     option_value,
+    out_folder,
     positive,
     positive_float,
-    read_toml,
     safe_name,
     short_help,
+    spec_dict,
+    spec_flags,
 )
 from trainer.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_GATE
 
 log = logging.getLogger("trainer")
-
-
-def _out_dir(text: str) -> Path:
-    path = Path(text)
-    if path.exists() and not path.is_dir():
-        raise argparse.ArgumentTypeError(f"{text} is a file; give a folder (it is created when missing)")
-    return path
 
 
 def _check_target(target: int | None, splits: Any) -> None:
@@ -51,6 +46,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 HARNESS_SPLIT = ("valid", "stream", "train", "test")
+DATA_PARTS = ("data", "split", "harness")  # a spec's data parts: their flags are added by _add_data
 
 
 def _add_data(p: argparse.ArgumentParser, product: bool) -> None:
@@ -192,25 +188,22 @@ def _suspect_and_trigger(args: argparse.Namespace) -> tuple[Any, Any, Any]:
 
 def cmd_predeploy(args: argparse.Namespace) -> dict[str, Any]:
     """Algorithm 1 and bundle v1."""
-    from trainer.science.noise import NoiseConfig
-    from trainer.stages.detect import RejectConfig
-    from trainer.stages.predeploy import PredeployConfig, run_predeploy
+    from trainer.stages.predeploy import PredeploySpec, run_predeploy
 
-    source, splits, trigger = _suspect_and_trigger(args)
-    from trainer.stages.executors import ExecutorConfig
-
-    cfg = from_args(PredeployConfig, args, noise=from_args(NoiseConfig, args), reject=from_args(RejectConfig, args))
-    executor = from_args(ExecutorConfig, args)
-    result = run_predeploy(
-        source, splits, cfg, args.out, args.fleet, trigger, args.target, quiet=args.quiet, executor_cfg=executor
-    )
-    result.report["executor"] = executor.executor
+    spec = from_args(PredeploySpec, args)
+    spec.eval.parsed()  # --eval-trigger and --target together
+    spec.model.check()  # before the data loads
+    splits, _ = _splits(args, spec.model.declared_block())
+    _check_harness(splits, "--eval-trigger", spec.eval.trigger)
+    _check_target(spec.eval.target, splits)
+    result = run_predeploy(spec, splits, quiet=args.quiet)
+    result.report["executor"] = spec.executor.executor
     result.report["split_sizes"] = splits.sizes()
     if args.card is not None:  # beside the bundle: `fleet create --from` keeps it in the fleet's record
         from trainer.card import CARD_FILE, ModelCard
 
-        ModelCard.load(args.card).write_json(args.out / CARD_FILE)
-        result.report["card"] = str(args.out / CARD_FILE)
+        ModelCard.load(args.card).write_json(spec.out / CARD_FILE)
+        result.report["card"] = str(spec.out / CARD_FILE)
     return result.report
 
 
@@ -248,17 +241,14 @@ def cmd_defend(args: argparse.Namespace) -> dict[str, Any]:
     return run_defense(suspect, splits, cfg, args.out, trigger, args.target, quiet=args.quiet)
 
 
-RULE_FLAGS = ("reject_score", "clean_reject_budget", "calibration_confidence", "calibration_set")
-
-
 def _rule_of(args: argparse.Namespace, **defaults: Any) -> Any:
     """The RejectConfig of ``_args_rule``'s flags, each one not given taken from ``defaults`` or else from
     ``args.bundle``'s rule (a repaired bundle's pair is calibrated as a repair calibrates it)."""
     from edge_agent.formats.bundle import BundleError, read_manifest
-    from trainer.stages.detect import REPAIRED_CALIBRATION, RejectConfig
+    from trainer.stages.detect import REPAIRED_CALIBRATION, RejectConfig, RuleSpec
     from trainer.stages.publish import inherited_reject
 
-    given = defaults | {k: getattr(args, k) for k in RULE_FLAGS if getattr(args, k) is not None}
+    given = defaults | from_args(RuleSpec, args).given()
     try:
         manifest = read_manifest(args.bundle)
     except (BundleError, OSError):  # the command says what is wrong with the bundle when it loads it
@@ -278,92 +268,40 @@ def cmd_calibrate(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_repair(args: argparse.Namespace) -> dict[str, Any]:
     """Repair from a quarantine (unlearned; the CycleGAN on request); bundle v+1 behind a gate."""
-    from trainer.science.cyclegan import CycleGANConfig
-    from trainer.science.triggers import parse_trigger
-    from trainer.stages.detect import REPAIRED_CALIBRATION
-    from trainer.stages.repair import RepairConfig, run_repair
+    from trainer.stages.repair import RepairSpec, run_repair
 
-    if (args.eval_trigger is None) != (args.target is None):
-        raise ValueError("--eval-trigger and --target go together")
-    trigger = parse_trigger(args.eval_trigger) if args.eval_trigger else None
+    spec = from_args(RepairSpec, args)
+    spec.eval.parsed()  # --eval-trigger and --target together, before the data loads
     splits = _bundle_splits(args)
-    _check_harness(splits, "--eval-trigger", args.eval_trigger)
-    _check_target(args.target, splits)
-    from trainer.stages.profiles import REPAIR_PROFILES
-
-    prof = REPAIR_PROFILES[args.profile]
-
-    def knob(name: str) -> Any:
-        value = getattr(args, name)
-        return prof[name] if value is None else value
-
-    gan = CycleGANConfig(
-        ngf=knob("gan_width"),
-        ndf=knob("gan_width"),
-        n_res_blocks=knob("gan_blocks"),
-        epochs=knob("gan_epochs"),
-        epochs_decay=knob("gan_epochs_decay"),
-        batch_size=knob("gan_batch_size"),
-        patience=knob("gan_patience"),
-        lambda_identity=args.gan_identity,
-        seed=args.seed,
-    )
-    # None: the deployed version's rule (its score, budget and calibration) is made again
-    reject = (
-        _rule_of(args, calibration_set=REPAIRED_CALIBRATION)
-        if any(getattr(args, k) is not None for k in RULE_FLAGS)
-        else None
-    )
-    cfg = from_args(RepairConfig, args, cyclegan=gan, epochs=knob("epochs"), reject=reject)
-    return run_repair(
-        args.bundle,
-        args.quarantine,
-        splits,
-        cfg,
-        args.out,
-        trigger,
-        args.target,
-        args.primary_checkpoint,
-        args.monitor_checkpoint,
-        quiet=args.quiet,
-        version=args.version,
-        unlearn_earlier=args.unlearn_earlier,
-    )
+    _check_harness(splits, "--eval-trigger", spec.eval.trigger)
+    _check_target(spec.eval.target, splits)
+    return run_repair(spec, splits, quiet=args.quiet).report
 
 
 def _data_config(args: argparse.Namespace) -> dict[str, Any]:
-    """The data flags of ``args`` as TOML values of ``repair`` (its keys are their flag names): the repair jobs' of
-    fleets without a model card. Your photos (--data), the harness named (--dataset), or nothing."""
-    from trainer.science.data import DataConfig, DefenderData, SplitConfig
+    """The data flags of ``args`` as a repair spec's tables: what the repair jobs of fleets without a model card
+    read. Your photos (--data), the harness named (--dataset), or nothing. Paths absolute: a job runs wherever its
+    backend starts it."""
+    from trainer.science.data import DataConfig, SplitConfig
 
-    out: dict[str, Any] = {}
-    if args.data is not None:  # absolute: a job runs wherever its backend starts it
-        parts: tuple[Any, ...] = (DefenderData(args.data.resolve()),)
-        out = {"eval_fraction": args.eval_fraction, "split_seed": args.split_seed}
-    elif args.dataset is not None:
-        parts = (from_args(DataConfig, args), from_args(SplitConfig, args))
-    else:
-        return out
-    for part in parts:
-        for key, value in as_flags(part).items():
-            out[key] = "x".join(map(str, value)) if isinstance(value, tuple) else value
-    return out
+    split = from_args(SplitConfig, args)
+    if args.data is not None:
+        return {"data": {"path": str(args.data.resolve())}, "split": {"eval_fraction": split.eval_fraction,
+                                                                      "seed": split.seed}}  # fmt: skip
+    if args.dataset is not None:
+        harness = from_args(DataConfig, args)
+        if harness.data_dir is not None:
+            harness = replace(harness, data_dir=harness.data_dir.resolve())
+        return {"harness": spec_dict(harness), "split": spec_dict(split)}
+    return {}
 
 
 def serve_config(args: argparse.Namespace) -> Any:
-    """Flags (a ``--config`` TOML file supplies their defaults, see :func:`main`) -> a checked ``ServeConfig``."""
-    from trainer.service.collector import CollectorConfig
+    """Flags (a ``--spec`` TOML file supplies their defaults, see :func:`main`) -> a checked ``ServeConfig``."""
     from trainer.service.jobs import JobPolicy
-    from trainer.service.model_service import ServiceConfig
     from trainer.service.serve import ServeConfig, check_serve
 
-    cfg = from_args(
-        ServeConfig,
-        args,
-        collector=from_args(CollectorConfig, args),
-        service=from_args(ServiceConfig, args),
-        policy=from_args(JobPolicy, args, repair_config=_data_config(args)),
-    )
+    cfg = from_args(ServeConfig, args, policy=from_args(JobPolicy, args, repair_config=_data_config(args)))
     check_serve(cfg)
     return cfg
 
@@ -502,7 +440,7 @@ def _args_attack(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--preprocess", type=Path, default=None, help="JSON preprocessing block of the BadNet (colour, size, mean/std)"
     )
-    p.add_argument("--out", type=_out_dir, required=True, help="output folder (model.pt, model.onnx, metrics.json)")
+    p.add_argument("--out", type=out_folder, required=True, help="output folder (model.pt, model.onnx, metrics.json)")
 
 
 def _args_evaluate(p: argparse.ArgumentParser) -> None:
@@ -522,23 +460,10 @@ def _args_evaluate(p: argparse.ArgumentParser) -> None:
 
 
 def _args_predeploy(p: argparse.ArgumentParser) -> None:
-    """Flags of ``predeploy``."""
-    from trainer.science.noise import NoiseConfig
-    from trainer.stages.detect import RejectConfig
-    from trainer.stages.predeploy import PredeployConfig
-    from trainer.stages.suspect import ModelSource
+    """Flags of ``predeploy``: the fields of its spec (the data's are added with the product's data flags)."""
+    from trainer.stages.predeploy import PredeploySpec
 
-    add_flags(p, ModelSource)
-    p.add_argument("--out", type=_out_dir, required=True, help="output folder")
-    p.add_argument("--fleet", type=safe_name, default="default", help="fleet name written into the manifest")
-    add_flags(p, PredeployConfig)
-    add_flags(p, NoiseConfig)
-    add_flags(p, RejectConfig)
-    from trainer.stages.executors import ExecutorConfig
-
-    add_flags(p, ExecutorConfig)
-    p.add_argument("--eval-trigger", default=None, help="evaluation only: also measure test CA/ASR per candidate")
-    p.add_argument("--target", type=int, default=None, help="evaluation only: target class of --eval-trigger")
+    add_flags(p, PredeploySpec, skip=DATA_PARTS)
 
 
 def _args_stream(p: argparse.ArgumentParser) -> None:
@@ -548,7 +473,7 @@ def _args_stream(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bundle", type=Path, required=True, help="bundle folder (primary.onnx, monitor.onnx, manifest)")
     p.add_argument("--trigger", required=True, help="the attacker's trigger spec for the poisoned inputs")
     add_flags(p, StreamConfig)
-    p.add_argument("--out", type=_out_dir, required=True, help="quarantine folder (quarantine.sqlite, report.json)")
+    p.add_argument("--out", type=out_folder, required=True, help="quarantine folder (quarantine.sqlite, report.json)")
 
 
 def _args_detect_eval(p: argparse.ArgumentParser) -> None:
@@ -556,7 +481,7 @@ def _args_detect_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bundle", type=Path, required=True, help="the bundle whose two models and rule are measured")
     p.add_argument("--trigger", required=True, help="trigger spec (evaluation only)")
     p.add_argument("--target", type=int, required=True, help="the attacker's target class")
-    p.add_argument("--out", type=_out_dir, required=True, help="folder for report.json and roc.png")
+    p.add_argument("--out", type=out_folder, required=True, help="folder for report.json and roc.png")
     p.add_argument("--seed", type=int, default=0, help="seed of the trigger's placement")
     p.add_argument(
         "--baselines", type=int, default=0, metavar="N",
@@ -570,87 +495,39 @@ def _args_defend(p: argparse.ArgumentParser) -> None:
     from trainer.stages.suspect import ModelSource
 
     add_flags(p, ModelSource)
-    p.add_argument("--out", type=_out_dir, required=True, help="output folder (model.pt, report.json, a PNG)")
+    p.add_argument("--out", type=out_folder, required=True, help="output folder (model.pt, report.json, a PNG)")
     add_flags(p, DefenseConfig)
     p.add_argument("--eval-trigger", default=None, help="evaluation only: report test CA/ASR for this trigger")
     p.add_argument("--target", type=int, default=None, help="evaluation only: target class of --eval-trigger")
 
 
 def _args_repair(p: argparse.ArgumentParser) -> None:
-    """Flags of ``repair``."""
-    from trainer.stages.profiles import REPAIR_PROFILES
-    from trainer.stages.repair import RepairConfig
+    """Flags of ``repair``: the fields of its spec (the data's are added with the product's data flags)."""
+    from trainer.stages.repair import RepairSpec
 
-    p.add_argument("--bundle", type=Path, required=True, help="the deployed bundle (its checkpoints lie beside it)")
-    p.add_argument("--quarantine", type=Path, required=True, help="quarantine folder or .sqlite file")
-    p.add_argument("--out", type=_out_dir, required=True, help="output folder (bundle/, report.json, samples.png)")
-    p.add_argument("--primary-checkpoint", type=Path, default=None, help="θ_bd weights (default: BUNDLE/../primary.pt)")
-    p.add_argument("--unlearn-earlier", type=Path, action="append", default=[], metavar="DIR",
-                   help="an earlier repair's output folder: the inputs it unlearned (its purified quarantine, against "
-                        "the labels its deployed primary gave them) are unlearned again, so that this round keeps that "
-                        "one's repair; repeatable, and the repairs it named itself are included")  # fmt: skip
-    p.add_argument(
-        "--monitor-checkpoint", type=Path, default=None, help="θ_aug weights (default: BUNDLE/../monitor.pt)"
-    )
-    add_flags(p, RepairConfig)
-    p.add_argument(
-        "--profile",
-        choices=sorted(REPAIR_PROFILES),
-        default="standard",
-        help="sizes of the CycleGAN and fine-tuning runs; the flags below override single knobs",
-    )
-    p.add_argument("--gan-epochs", type=positive, default=None, help="CycleGAN epochs at constant lr")
-    p.add_argument("--gan-epochs-decay", type=nonnegative, default=None, help="CycleGAN epochs of linear lr decay")
-    p.add_argument("--gan-batch-size", type=positive, default=None)
-    p.add_argument("--gan-width", type=positive, default=None, help="generator/discriminator base width")
-    p.add_argument("--gan-blocks", type=positive, default=None, help="generator residual blocks")
-    p.add_argument("--gan-identity", type=float, default=0.5, help="identity loss weight (x cycle weight); 0: off")
-    p.add_argument("--gan-patience", type=int, default=None, help="early stop after this many epochs w/o better score")
-    p.add_argument("--epochs", type=positive, default=None, help="fine-tuning epochs (default: the profile's)")
-    p.add_argument("--version", type=positive, default=None, help="version of the new bundle (default: deployed + 1)")
-    p.add_argument("--eval-trigger", default=None, help="evaluation only: report test CA/ASR for this trigger")
-    p.add_argument("--target", type=int, default=None, help="evaluation only: target class of --eval-trigger")
-    _args_rule(p)
-
-
-def _args_rule(p: argparse.ArgumentParser) -> None:
-    """The new version's reject rule, each part defaulting to the given bundle's (``repair``, ``calibrate``)."""
-    from edge_agent.formats.reject import SCORES
-    from trainer.stages.detect import CALIBRATION_SETS
-
-    p.add_argument("--reject-score", choices=SCORES, default=None, help="the new version's reject score "
-                   "(default: the deployed version's)")  # fmt: skip
-    p.add_argument("--clean-reject-budget", type=fraction, default=None, help="share of clean inputs its rule may "
-                   "reject (default: the deployed version's)")  # fmt: skip
-    p.add_argument("--calibration-confidence", type=fraction, default=None, help="probability that the new rule's "
-                   "clean reject rate stays within the budget (default: the deployed version's)")  # fmt: skip
-    p.add_argument("--calibration-set", choices=CALIBRATION_SETS, default=None, help="clean inputs τ is chosen "
-                   "on: D_treat and D_eval (valid), D_eval alone (eval), or the set of the two that gives the higher "
-                   "τ (higher; a repair's default: both of its models were fine-tuned on D_treat)")  # fmt: skip
+    add_flags(p, RepairSpec, skip=DATA_PARTS)
 
 
 def _args_calibrate(p: argparse.ArgumentParser) -> None:
     """Flags of ``calibrate``."""
     p.add_argument("--bundle", type=Path, required=True, help="the bundle whose two models get a new rule")
-    p.add_argument("--out", type=_out_dir, required=True, help="output folder (bundle/, report.json)")
+    p.add_argument("--out", type=out_folder, required=True, help="output folder (bundle/, report.json)")
     p.add_argument("--version", type=positive, default=None, help="version of the new bundle (default: given + 1)")
-    _args_rule(p)
+    from trainer.stages.detect import RuleSpec
+
+    add_flags(p, RuleSpec)
 
 
 def _args_serve(p: argparse.ArgumentParser) -> None:
-    """Flags of ``serve``: the fields of its config dataclasses."""
-    from trainer.service.collector import CollectorConfig
-    from trainer.service.jobs import JobPolicy
-    from trainer.service.model_service import ServiceConfig
+    """Flags of ``serve``: the fields of its spec."""
     from trainer.service.serve import ServeConfig
 
-    for cls in (ServeConfig, CollectorConfig, ServiceConfig, JobPolicy):
-        add_flags(p, cls)
+    add_flags(p, ServeConfig)
 
 
 def _args_demo(p: argparse.ArgumentParser) -> None:
     """Flags of ``demo``."""
-    p.add_argument("--out", type=_out_dir, default=Path("runs/demo"), help="output folder (default runs/demo)")
+    p.add_argument("--out", type=out_folder, default=Path("runs/demo"), help="output folder (default runs/demo)")
     p.add_argument("--profile", choices=("tiny", "quick", "paper"), default="quick")
     p.add_argument(
         "--wait",
@@ -693,7 +570,7 @@ def _args_keys(p: argparse.ArgumentParser) -> None:
         "--names", type=safe_name, nargs="+", default=["server", "client"], help="tls: certificates to issue"
     )
     p.add_argument("--hosts", nargs="+", default=["127.0.0.1", "localhost"], help="tls: names the certs serve")
-    p.add_argument("--out", type=_out_dir, required=True, help="folder for the key files (secrets written 0600)")
+    p.add_argument("--out", type=out_folder, required=True, help="folder for the key files (secrets written 0600)")
     p.add_argument("--name", type=safe_name, default="signing", help="key file name (curve: the device id it is for)")
 
 
@@ -833,6 +710,12 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], str]] 
     ),
 }
 CARD_COMMANDS = ("predeploy", "repair", "calibrate", "demo", "evaluate")
+# command -> "module:class" of its spec (the dataclass its flags are the fields of, nested by part; --spec FILE)
+SPECS = {
+    "repair": "trainer.stages.repair:RepairSpec",
+    "predeploy": "trainer.stages.predeploy:PredeploySpec",
+    "serve": "trainer.service.serve:ServeConfig",
+}
 COMMON = ("card", "config", "json", "quiet", "help", "data", "out")
 # What `--help` shows of the defender's commands (the flags a defender sets); the rest under --help-all.
 SHORT_HELP: dict[str, tuple[str, ...]] = {
@@ -897,11 +780,19 @@ def build_parser(only: str | None = None, help_all: bool = True) -> argparse.Arg
         if name not in ("fleet", "quarantine"):  # their actions have them
             _add_common(p)
             p.add_argument(
+                "--spec",
                 "--config",
+                dest="config",
                 type=Path,
                 default=None,
-                help="TOML file whose keys are this command's flag names (tables group them: [gan] width = ... is "
-                "--gan-width); its values become the defaults (a flag given on the command line wins)",
+                help=(
+                    "the command's spec as TOML: a table per part, keys the fields' names ([repair.gan] width = 8 is "
+                    "--gan-width 8); flag names work as keys too. Its values become the defaults (a flag given on "
+                    "the command line wins)"
+                    if name in SPECS
+                    else "TOML file whose keys are this command's flag names (tables group them); its values become "
+                    "the defaults (a flag given on the command line wins)"
+                ),
             )
         if name in SHORT_HELP:
             short_help(p, SHORT_HELP[name], help_all)
@@ -929,11 +820,29 @@ def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.Argume
     return sub.choices[command]
 
 
-def config_defaults(parser: argparse.ArgumentParser, path: Path) -> dict[str, Any]:
-    """A TOML file whose keys are ``parser``'s flag names (tables group them: ``[gan] width`` is ``--gan-width``),
-    checked and converted like the flags themselves. The result becomes the parser's defaults before the command
-    line is parsed, so a flag given explicitly wins."""
-    return flag_defaults(parser, read_toml(path), str(path))
+def spec_class(command: str) -> type | None:
+    """The spec dataclass of ``command`` (None when its flags are not one yet)."""
+    if command not in SPECS:
+        return None
+    import importlib
+
+    module, _, name = SPECS[command].partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def config_defaults(parser: argparse.ArgumentParser, path: Path, spec: type | None = None) -> dict[str, Any]:
+    """A ``--spec`` file (``spec``'s TOML form; flag names as keys work too), checked and converted like the flags
+    themselves. The result becomes the parser's defaults before the command line is parsed, so a flag given
+    explicitly wins."""
+    return flag_defaults(parser, config_values(path, spec), str(path))
+
+
+def profile_defaults(parser: argparse.ArgumentParser, name: str) -> dict[str, Any]:
+    """The repair profile ``name``'s sizes (a ``[repair]`` table) as ``parser``'s defaults."""
+    from trainer.stages.profiles import REPAIR_PROFILES
+    from trainer.stages.repair import RepairSpec
+
+    return flag_defaults(parser, spec_flags(RepairSpec, {"repair": REPAIR_PROFILES[name]}, f"profile {name}"), name)
 
 
 def card_defaults(parser: argparse.ArgumentParser, path: Path) -> dict[str, Any]:
@@ -946,16 +855,26 @@ def card_defaults(parser: argparse.ArgumentParser, path: Path) -> dict[str, Any]
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
-    """``argv`` parsed; with ``--card FILE`` (a model card) and ``--config FILE`` (flag names), the files' values
-    are the command's defaults, the config's over the card's (explicit flags win over both, and a flag the command
-    requires may come from a file)."""
+    """``argv`` parsed; with ``--card FILE`` (a model card) and ``--spec FILE`` (the command's spec), the files'
+    values are the command's defaults, the spec's over the card's, and both over a repair profile's sizes (explicit
+    flags win over all; a flag the command requires may come from a file)."""
     if argv and argv[0] in COMMANDS:
         command = _subparser(parser, argv[0])
-        card, config = option_value(argv, "--card"), option_value(argv, "--config")
-        if card is not None and any(a.dest == "card" for a in command._actions):
-            command.set_defaults(**card_defaults(command, Path(card)))
-        if config is not None:
-            command.set_defaults(**config_defaults(command, Path(config)))
+        card, config = option_value(argv, "--card"), option_value(argv, "--spec") or option_value(argv, "--config")
+        from_card = (
+            card_defaults(command, Path(card)) if card is not None and any(a.dest == "card" for a in command._actions)
+            else {}
+        )  # fmt: skip
+        from_spec = config_defaults(command, Path(config), spec_class(argv[0])) if config is not None else {}
+        if argv[0] == "repair":
+            from trainer.stages.profiles import DEFAULT_PROFILE, REPAIR_PROFILES
+
+            profile = option_value(argv, "--profile") or from_spec.get("profile") or from_card.get("profile")
+            if profile is not None and profile not in REPAIR_PROFILES:
+                raise ValueError(f"profile {profile!r}: choose from {sorted(REPAIR_PROFILES)}")
+            command.set_defaults(**profile_defaults(command, profile or DEFAULT_PROFILE))
+        command.set_defaults(**from_card)
+        command.set_defaults(**from_spec)
     return parser.parse_args(argv)
 
 

@@ -52,8 +52,8 @@ class DemoProfile:
     """Sizes of one demo run."""
 
     attack: tuple[str, ...]
-    predeploy: tuple[str, ...]
-    repair: tuple[str, ...]
+    predeploy: dict[str, Any]  # a predeploy spec's tables (`predeploy --spec`)
+    repair: dict[str, Any]  # a repair spec's tables: serve's --repair-spec, every repair job starts from it
     data: tuple[str, ...]
     stream_per_agent: int
     min_quarantine: int
@@ -67,35 +67,24 @@ PROFILES = {
         attack=("--epochs", "1", "--clean-epochs", "1"),
         # The plain D_eval quantile for τ: these 1-epoch models make a thin quarantine (~25 inputs), and the
         # default's 0.9-confidence bound (a higher τ) left 3 usable of 25 (measured): too few to learn from.
-        predeploy=(
-            "--epochs",
-            "1",
-            "--max-rounds",
-            "1",
-            "--gammas",
-            "0.2",
-            "0.4",
-            "--calibration-confidence",
-            "0",
-            "--calibration-set",
-            "eval",
-        ),
-        repair=(
-            "--profile",
-            "quick",
-            "--gan-epochs",
-            "4",
-            "--gan-epochs-decay",
-            "2",
-            "--epochs",
-            "1",
-            "--clean-domain",
-            "200",
-            "--max-ca-drop",
-            "0.10",
-            "--min-quarantine",
-            "10",
-        ),
+        predeploy={
+            "treat": {
+                "epochs": 1,
+                "max_rounds": 1,
+                "gammas": [0.2, 0.4],
+                "reject": {"calibration_confidence": 0, "calibration_set": "eval"},
+            }
+        },
+        repair={
+            "profile": "quick",
+            "repair": {
+                "epochs": 1,
+                "clean_domain": 200,
+                "max_ca_drop": 0.10,
+                "min_quarantine": 10,
+                "gan": {"epochs": 4, "epochs_decay": 2},
+            },
+        },
         data=("--train-size", "12000", "--test-size", "2000"),  # the replay plays the default stream split
         stream_per_agent=500,
         # ~10% triggered inputs, only about half of them attacks of the tiny 1-epoch BadNet (ASR ~0.33). Measured on
@@ -109,8 +98,8 @@ PROFILES = {
     # `make demo`: the targets of the issues, within 15 minutes on 2 cores.
     "quick": DemoProfile(
         attack=("--epochs", "2", "--clean-epochs", "1"),
-        predeploy=("--epochs", "3", "--max-rounds", "3"),
-        repair=("--profile", "quick"),
+        predeploy={"treat": {"epochs": 3, "max_rounds": 3}},
+        repair={"profile": "quick"},
         data=(),
         stream_per_agent=1000,
         min_quarantine=150,
@@ -120,8 +109,8 @@ PROFILES = {
     # The paper's sizes (N = 1000 per agent, paper repair profile); hours on a CPU.
     "paper": DemoProfile(
         attack=("--epochs", "3"),
-        predeploy=(),
-        repair=("--profile", "paper"),
+        predeploy={},
+        repair={"profile": "paper"},
         data=(),
         stream_per_agent=1000,
         min_quarantine=150,
@@ -139,6 +128,22 @@ def _describe(proc: subprocess.Popen[bytes]) -> str:
 def _last_line(text: str) -> str:
     lines = [ln.strip() for ln in text.replace("\r", "\n").splitlines() if ln.strip()]
     return lines[-1][-300:] if lines else "(no output)"
+
+
+def _spec_file(path: Path, *tables: dict[str, Any]) -> list[str]:
+    """``--spec PATH`` of a spec file written from ``tables`` (merged in order); nothing when they are empty."""
+    import tomli_w
+
+    from edge_agent.options import merge_tables
+
+    spec: dict[str, Any] = {}
+    for table in tables:
+        spec = merge_tables(spec, table)
+    if not spec:
+        return []
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(tomli_w.dumps(spec))
+    return ["--spec", str(path)]
 
 
 def _python(*args: str, log_path: Path | None = None) -> dict[str, Any]:
@@ -308,7 +313,8 @@ def _prepare_models(
     t = time.monotonic()
     predeploy = _python(
         "trainer", "predeploy", *door, "--out", str(out / "predeploy"), "--fleet", FLEET,
-        "--eval-trigger", args.trigger, "--target", str(args.target), *profile.predeploy, *data,
+        "--eval-trigger", args.trigger, "--target", str(args.target), *_spec_file(out / "predeploy.toml",
+        profile.predeploy), *data,
         *(args.predeploy_arg or ()),
         log_path=out / "predeploy.log",
     )  # fmt: skip
@@ -407,9 +413,10 @@ def run_demo(args: Any) -> dict[str, Any]:
             "--tls-cert", str(tls["model-service"]), "--tls-key", str(tls["model-service"].with_suffix(".key")),
             "--tls-client-ca", str(tls["ca"]), "--curve-secret", str(curve["collector"][1]),
             "--curve-allow", str(allow), "--operators", "operator", "--agent-fleet", f"cam-*={FLEET}",
-            "--repair-profile", profile.repair[1], *data, "--jobs-backend", args.jobs_backend, "--ray-address", "local",
-            *[f"--repair-arg={a}" for a in (*profile.repair[2:], "--eval-trigger", args.trigger, "--target",
-                                            str(args.target))],
+            "--repair-profile", profile.repair["profile"], *data, "--jobs-backend", args.jobs_backend,
+            "--ray-address", "local", "--repair-spec",
+            str(_spec_file(out / "repair.toml", profile.repair, {"eval": {"trigger": args.trigger,
+                                                                          "target": args.target}})[1]),
         ]  # fmt: skip
         with (logs / "serve.log").open("wb") as f:
             procs.append(subprocess.Popen(serve_cmd, stdout=f, stderr=subprocess.STDOUT))

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from edge_agent.options import flag, nonnegative, nonnegative_float, positive
 from trainer.science.training import default_device
 
 log = logging.getLogger(__name__)
@@ -38,23 +39,28 @@ Score = Callable[[np.ndarray], float]
 
 @dataclass(frozen=True)
 class CycleGANConfig:
-    """Architecture and optimisation of the trigger learner."""
+    """Architecture and optimisation of the trigger learner. Its flags are ``--gan-FIELD`` (the repair spec's
+    ``[repair.gan]`` table, the profiles' ``gan`` table): one name per knob."""
 
-    ngf: int = 16  # generator width (Zhu et al.: 64 for 256x256; 16 learns 28x28 triggers at ~95 pairs/s on 2 cores)
-    ndf: int = 16
-    n_res_blocks: int = 6
-    epochs: int = 60  # at the constant learning rate
-    epochs_decay: int = 20  # then linearly down to zero
-    batch_size: int = 16
+    # base width of the generators and discriminators (Zhu et al.: 64 for 256x256; 16 learns 28x28 triggers at ~95
+    # pairs/s on 2 cores)
+    width: int = flag(16, "generator and discriminator base width (default: the --profile's)", type=positive)
+    blocks: int = flag(6, "generator residual blocks (default: the --profile's)", type=positive)
+    epochs: int = flag(60, "epochs at the constant lr (default: the --profile's)", type=positive)
+    epochs_decay: int = flag(20, "epochs of linear lr decay (default: the --profile's)", type=nonnegative)
+    batch_size: int = flag(16, "batch size (default: the --profile's)", type=positive)
     lr: float = 2e-4
     beta1: float = 0.5
     beta2: float = 0.999
     lambda_cycle: float = 10.0
-    lambda_identity: float = 0.5  # times lambda_cycle, as in the reference; 0 disables
+    # times lambda_cycle, as in the reference; 0 disables
+    identity: float = flag(0.5, "identity loss weight (x the cycle weight); 0: off", type=nonnegative_float)
     pool_size: int = 50
-    patience: int = 20  # early stop after this many epochs without a better score (0: never)
+    # early stop after this many epochs without a better score (0: never)
+    patience: int = flag(20, "early stop after this many epochs without a better score; 0: never (default: the "
+                         "--profile's)", type=nonnegative)  # fmt: skip
     min_epochs: int = 10
-    seed: int = 0
+    seed: int = 0  # the repair's --seed
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form for checkpoints and reports."""
@@ -231,9 +237,9 @@ def _step(
     loss_gan = mse(pred_fv, torch.ones_like(pred_fv)) + mse(pred_fu, torch.ones_like(pred_fu))
     loss_cyc = l1(g_vu(fake_v), real_u) + l1(g_uv(fake_u), real_v)
     loss_g = loss_gan + cfg.lambda_cycle * loss_cyc
-    if cfg.lambda_identity > 0:
+    if cfg.identity > 0:
         loss_id = l1(g_uv(real_v), real_v) + l1(g_vu(real_u), real_u)
-        loss_g = loss_g + cfg.lambda_cycle * cfg.lambda_identity * loss_id
+        loss_g = loss_g + cfg.lambda_cycle * cfg.identity * loss_id
     opt_g.zero_grad(set_to_none=True)
     loss_g.backward()
     opt_g.step()
@@ -290,11 +296,11 @@ def train_cyclegan(
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     c, h, w = clean.shape[1:]
-    g_uv = ResnetGenerator(c, cfg.ngf, cfg.n_res_blocks).to(device)
-    g_vu = ResnetGenerator(c, cfg.ngf, cfg.n_res_blocks).to(device)
+    g_uv = ResnetGenerator(c, cfg.width, cfg.blocks).to(device)
+    g_vu = ResnetGenerator(c, cfg.width, cfg.blocks).to(device)
     n_layers = discriminator_layers(h, w)
-    d_u = PatchDiscriminator(c, cfg.ndf, n_layers).to(device)
-    d_v = PatchDiscriminator(c, cfg.ndf, n_layers).to(device)
+    d_u = PatchDiscriminator(c, cfg.width, n_layers).to(device)
+    d_v = PatchDiscriminator(c, cfg.width, n_layers).to(device)
     opt_g = torch.optim.Adam(list(g_uv.parameters()) + list(g_vu.parameters()), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
     opt_d = torch.optim.Adam(list(d_u.parameters()) + list(d_v.parameters()), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
     total_epochs = cfg.epochs + cfg.epochs_decay

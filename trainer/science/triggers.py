@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edge_agent.options import flag
+
 GRAMMAR = """trigger spec grammar:
   checker4               4x4 black/white checkerboard at a random location per image
   square:S               white SxS square at the bottom-right corner (e.g. square:4)
@@ -236,3 +238,20 @@ def poison_fraction(
     poisoned[rng.choice(eligible, n_poison, replace=False)] = True
     images[poisoned] = trigger.apply(images[poisoned], rng)
     return images, poisoned
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """Evaluation only: the attacker's trigger and target, measured beside a stage (test CA/ASR); nothing the stage
+    chooses reads them."""
+
+    trigger: str | None = flag(
+        None, "evaluation only: also measure test CA/ASR for this trigger", name="--eval-trigger"
+    )
+    target: int | None = flag(None, "evaluation only: target class of --eval-trigger", name="--target", type=int)
+
+    def parsed(self) -> Trigger | None:
+        """The trigger (None when not given); ValueError when only one of the two is given."""
+        if (self.trigger is None) != (self.target is None):
+            raise ValueError("--eval-trigger and --target go together")
+        return parse_trigger(self.trigger) if self.trigger else None

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edge_agent.options import flag, fraction, nonnegative_float, positive, positive_float
+from edge_agent.options import flag, fraction, load_toml, merge_tables, nonnegative_float, positive, positive_float
 from trainer.card import ModelCard
 from trainer.errors import EXIT_GATE
 from trainer.service.backends import BACKENDS, JobBackend, LocalBackend, RayBackend
@@ -44,10 +44,13 @@ class JobPolicy:
     max_rounds: int | None = flag(5, "repairs published per fleet at most; raise it on purpose", type=positive)
     enabled: bool = flag(True, "collect and serve, never start a repair", name="--no-jobs")
     repair_profile: str = flag("quick", "repair profile of the jobs", choices=sorted(REPAIR_PROFILES))
-    repair_arg: tuple[str, ...] = flag((), "extra flag for the repair jobs (repeat)", action="append")
-    # Settings of `nnoc-trainer repair` the jobs share (the data flags; keys are its flag names), written into
-    # each job's repair.toml beside the job's own (bundle, quarantine, out, version, profile).
-    repair_config: dict[str, str | int | float | bool] = field(default_factory=dict)
+    repair_spec: Path | None = flag(
+        None, "a repair spec (TOML, as 'nnoc-trainer repair --spec' reads) that every repair job starts from; the "
+        "fleet's card and the job's own values (bundle, quarantine, version) go over it", type=Path,
+    )  # fmt: skip
+    # The data the jobs of fleets without a model card read (serve's --data or --dataset), as a repair spec's
+    # tables ([data], [split], [harness]); written into each job's job.toml.
+    repair_config: dict[str, Any] = field(default_factory=dict)
     poll_interval: float = 1.0
     jobs_backend: str = flag("local", "where repair jobs run: a child process (local) or a Ray task", choices=BACKENDS)
     ray_address: str = flag(
@@ -77,12 +80,6 @@ def make_backend(policy: JobPolicy) -> JobBackend:
     if policy.jobs_backend == "ray":
         return RayBackend(policy.ray_address, policy.job_cpus, policy.job_gpus)
     return LocalBackend()
-
-
-def write_toml(path: Path, values: dict[str, str | int | float | bool | list[str]]) -> None:
-    """A flat TOML file of ``values`` (JSON's strings, numbers, booleans and arrays of strings are TOML's too)."""
-    lines = [f"{key} = {json.dumps(value)}" for key, value in values.items() if value is not None]
-    path.write_text("\n".join(lines) + "\n")
 
 
 class JobRunner:
@@ -178,18 +175,17 @@ class JobRunner:
                 return f"reject rate {max(rates):.3f} > {threshold} with {size} quarantined"
         return ""
 
-    def repair_command(self, fleet: str, version: int, out_dir: Path) -> list[str]:
-        """The command line of a repair of ``fleet`` v``version`` into ``out_dir``; its settings go into
-        ``out_dir/repair.toml`` (the fleet's data: its card's photos, else serve's data flags; the bundle, quarantine
-        and version, the profile). ValueError when neither names any data."""
+    def repair_spec(self, fleet: str, version: int, out_dir: Path) -> dict[str, Any]:
+        """The spec of a repair of ``fleet`` v``version`` into ``out_dir`` (a ``RepairSpec``'s TOML form): serve's
+        ``--repair-spec`` file, under the fleet's data (its card's photos, else serve's data flags), under the job's
+        own (the bundle, quarantine and version, the profile). ValueError when none of them names any data."""
         _, _, profile, data = self.fleet_policy(fleet)
-        named = any(a.split("=")[0] in ("--data", "--dataset", "--config", "--card") for a in self.policy.repair_arg)
-        if not data and not named:
+        base = load_toml(self.policy.repair_spec) if self.policy.repair_spec is not None else {}
+        if not data and not any(key in base for key in ("data", "harness")):
             raise ValueError(
                 f"fleet {fleet!r} has no model card and serve was given no data: its repair would have no clean "
                 f"photos; give it one ('nnoc-trainer fleet card {fleet} --card CARD') or start serve with --data DIR"
             )
-        config = out_dir / "repair.toml"
         # the repair job that made this version: what it unlearned is unlearned again (and what it kept of earlier
         # rounds), so that this round does not undo that one
         made = [
@@ -198,21 +194,27 @@ class JobRunner:
             if j.state == "published" and j.version == version and j.out_dir
         ]
         earlier = [str(d) for d in made[-1:] if (d / "report.json").is_file()]
-        write_toml(
-            config,
-            {
-                **data,
-                "bundle": str(self.store.version_dir(fleet, version) / "bundle"),
-                "quarantine": str(quarantine_dir(self.quarantine_root, fleet, version)),
-                "out": str(out_dir / "run"),
-                "version": self.store.next_version(fleet),
-                "profile": profile,
-                **({"unlearn_earlier": earlier} if earlier else {}),
-            },
-        )
+        own = {
+            "bundle": str(self.store.version_dir(fleet, version) / "bundle"),
+            "quarantine": str(quarantine_dir(self.quarantine_root, fleet, version)),
+            "out": str(out_dir / "run"),
+            "version": self.store.next_version(fleet),
+            "profile": profile,
+            **({"unlearn_earlier": earlier} if earlier else {}),
+        }
+        return merge_tables(merge_tables(base, data), own)
+
+    def repair_command(self, fleet: str, version: int, out_dir: Path) -> list[str]:
+        """The command line of a repair of ``fleet`` v``version`` into ``out_dir``: ``repair --spec`` of the job's
+        spec, written to ``out_dir/job.toml`` (:meth:`repair_spec`)."""
+        import tomli_w
+
+        spec = out_dir / "job.toml"
+        header = f"# repair of {fleet} v{version}, written by the service's job runner (nnoc-trainer repair --spec)\n"
+        spec.write_text(header + tomli_w.dumps(self.repair_spec(fleet, version, out_dir)))
         # --quiet: no bars in a log file; INFO lines (an epoch each) show the job's progress.
-        flags = ["--config", str(config), "--quiet", "--log-level", "INFO", "--json", *self.policy.repair_arg]
-        return [sys.executable, "-m", "trainer", "repair", *flags]
+        return [sys.executable, "-m", "trainer", "repair", "--spec", str(spec), "--quiet", "--log-level", "INFO",
+                "--json"]  # fmt: skip
 
     def _launch(self, fleet: str, reason: str) -> None:
         state = self.store.state(fleet)

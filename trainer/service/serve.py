@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from edge_agent.formats.signing import load_private_key
-from edge_agent.options import flag, positive, positive_float
+from edge_agent.options import flag, part, positive, positive_float
 from edge_agent.ports import StateLock, check_address
 from trainer.service.collector import Collector, CollectorConfig
 from trainer.service.collector_process import CollectorProcess
@@ -43,15 +43,15 @@ SERVE_FILE = "serve.json"
 
 @dataclass(frozen=True)
 class ServeConfig:
-    """Everything ``serve`` needs."""
+    """Everything ``serve`` needs: its spec, nested by part ([collector], [service], [policy] in a --spec file)."""
 
     store: Path = flag(Path("exports"), "model store (default ./exports)", type=Path)
     state_dir: Path = flag(
         Path("nnoc-trainer-state"), "registry, quarantine, jobs, serve.json (default ./nnoc-trainer-state)", type=Path
     )
-    collector: CollectorConfig = field(default_factory=CollectorConfig)
-    service: ServiceConfig = field(default_factory=ServiceConfig)
-    policy: JobPolicy = field(default_factory=JobPolicy)
+    collector: CollectorConfig = part(CollectorConfig, "quarantine collector (ZeroMQ)")
+    service: ServiceConfig = part(ServiceConfig, "model service (gRPC)")
+    policy: JobPolicy = part(JobPolicy, "repair jobs")
     # Ed25519 private key (PEM): every version the store takes in is signed
     signing_key: Path | None = flag(None, "Ed25519 private key (PEM) signing new versions", type=Path)
     # Prometheus /metrics (collector and service counters); None: off

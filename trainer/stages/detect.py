@@ -66,6 +66,30 @@ class RejectConfig:
     calibration_set: str = flag("valid", "clean inputs τ is chosen on", choices=CALIBRATION_SETS)
 
 
+@dataclass(frozen=True)
+class RuleSpec:
+    """A new version's reject rule (``repair``, ``calibrate``): each part not given is the given bundle's."""
+
+    reject_score: str | None = flag(None, "the new version's reject score (default: the deployed version's)",
+                                    choices=SCORES)  # fmt: skip
+    clean_reject_budget: float | None = flag(
+        None, "share of clean inputs its rule may reject (default: the deployed version's)", type=fraction
+    )
+    calibration_confidence: float | None = flag(
+        None, "probability that the new rule's clean reject rate stays within the budget (default: the deployed "
+        "version's)", type=fraction,
+    )  # fmt: skip
+    calibration_set: str | None = flag(
+        None, "clean inputs τ is chosen on: D_treat and D_eval (valid), D_eval alone (eval), or the set of the two "
+        "that gives the higher τ (higher; a repair's default: both of its models were fine-tuned on D_treat)",
+        choices=CALIBRATION_SETS,
+    )  # fmt: skip
+
+    def given(self) -> dict[str, Any]:
+        """The parts given, as RejectConfig's fields."""
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+
 # One-sided z above which D_treat's scores count as lower than D_eval's (p < 0.01): the models were fine-tuned on
 # D_treat and may agree more there than on new inputs, which would set τ too low.
 SHIFT_Z = 2.33

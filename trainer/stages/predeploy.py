@@ -13,7 +13,7 @@ import math
 import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import MISSING, asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,17 +23,17 @@ from google.protobuf.json_format import MessageToDict
 from tqdm import tqdm
 
 from edge_agent.formats.bundle import sha256_file
-from edge_agent.options import flag, fraction, positive, positive_float
+from edge_agent.options import flag, fraction, out_folder, part, positive, positive_float, safe_name
 from protos.nnoc.v1 import bundle_pb2
 from trainer.errors import NoCandidateError
-from trainer.science.data import ImageSet, Splits
+from trainer.science.data import DataConfig, DefenderData, ImageSet, SplitConfig, Splits
 from trainer.science.export import export_onnx
 from trainer.science.importers import PARITY_TOLERANCE, ModelImportError, onnxruntime_logits
 from trainer.science.metrics import Evaluation, evaluate, poisoned_copy
 from trainer.science.models import ARCHITECTURES, Checkpoint
 from trainer.science.noise import NoiseConfig, augment
 from trainer.science.training import TrainConfig, default_device, predict, to_input, train
-from trainer.science.triggers import Trigger
+from trainer.science.triggers import EvalSpec, Trigger
 from trainer.stages.detect import RejectConfig, served
 from trainer.stages.executors import Executor, ExecutorConfig
 from trainer.stages.publish import clean_images, publish_bundle, train_config_of, write_report
@@ -65,13 +65,30 @@ class PredeployConfig:
     epochs: int = flag(5, "fine-tuning epochs per candidate", type=positive)
     batch_size: int | None = flag(None, "fine-tuning batch size (default: the model's)", type=positive)
     optimizer: str | None = None  # None: the BadNet's optimizer
-    noise: NoiseConfig = field(default_factory=NoiseConfig)
+    noise: NoiseConfig = part(NoiseConfig, "noise (Algorithm 1's augmentation)")
     seed: int = flag(0, "seed of the noise and the fine-tuning", type=int)
-    reject: RejectConfig = field(default_factory=RejectConfig)  # the bundle's reject rule (τ chosen on D_eval)
+    reject: RejectConfig = part(RejectConfig, "the bundle's reject rule (τ chosen on clean data, label-free)")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form for reports."""
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class PredeploySpec:
+    """Everything one pre-deployment treatment reads, nested by part: the suspect model, the clean data,
+    Algorithm 1's knobs (its noise and the bundle's reject rule among them), where candidates train and what is
+    measured beside it. The CLI builds it from flags; ``--spec FILE`` reads its TOML form (a table per part)."""
+
+    out: Path = flag(MISSING, "output folder", type=out_folder)
+    fleet: str = flag("default", "fleet name written into the manifest", type=safe_name)
+    model: ModelSource = part(ModelSource, "the suspect model")
+    data: DefenderData = part(DefenderData, "your data")
+    split: SplitConfig = part(SplitConfig, "how the data is cut")
+    harness: DataConfig = part(DataConfig, "evaluation harness data")
+    treat: PredeployConfig = part(PredeployConfig, "Algorithm 1")
+    executor: ExecutorConfig = part(ExecutorConfig, "where the candidates train")
+    eval: EvalSpec = part(EvalSpec, "evaluation only")
 
 
 @dataclass(frozen=True)
@@ -491,22 +508,15 @@ def publish_v1(
     )
 
 
-def run_predeploy(
-    source: ModelSource,
-    splits: Splits,
-    cfg: PredeployConfig,
-    out_dir: Path,
-    fleet: str = "default",
-    eval_trigger: Trigger | None = None,
-    target: int | None = None,
-    quiet: bool = False,
-    executor_cfg: ExecutorConfig | None = None,
-) -> PredeployResult:
+def run_predeploy(spec: PredeploySpec, splits: Splits, quiet: bool = False) -> PredeployResult:
     """Algorithm 1: load -> baseline -> search the (α, γ) grid -> pick -> publish v1; writes candidates.csv,
-    heatmap.png, monitor.pt, primary.pt, bundle/ and report.json in ``out_dir``.
+    heatmap.png, monitor.pt, primary.pt, bundle/ and report.json in ``spec.out``. ``splits``: the clean data
+    ``spec`` names, loaded.
 
     Raises :class:`NoCandidateError` (after writing the table) when no candidate meets the threshold.
     """
+    source, cfg, out_dir, fleet = spec.model, spec.treat, spec.out, spec.fleet
+    eval_trigger, target = spec.eval.parsed(), spec.eval.target
     suspect, splits = load_suspect(source, splits)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = default_device()
@@ -524,7 +534,7 @@ def run_predeploy(
         "BadNet D_eval CA %.4f -> threshold %.4f; α0 %.3g (%s)", base.eval_ca, base.threshold, alpha0, ft_base.optimizer
     )
     start = time.monotonic()
-    executor = Executor(executor_cfg or ExecutorConfig())
+    executor = Executor(spec.executor)
     try:
         candidates, models, rounds = search(
             suspect, splits, cfg, base, ft_base, alpha0, eval_trigger, target, quiet, executor

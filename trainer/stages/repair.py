@@ -19,7 +19,7 @@ import logging
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import MISSING, asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,18 +30,19 @@ from edge_agent.formats.bundle import read_manifest, sha256_file, verify_bundle
 from edge_agent.formats.preprocess import Preprocess
 from edge_agent.formats.reject import RejectRule
 from edge_agent.formats.spec import preprocess_of
-from edge_agent.options import flag, nonnegative, nonnegative_float, positive, positive_float
+from edge_agent.options import flag, nonnegative, nonnegative_float, out_folder, part, positive, positive_float
 from protos.nnoc.v1 import bundle_pb2
 from trainer.errors import GateError
 from trainer.science.cyclegan import CycleGANConfig, save_sample_grid, train_cyclegan, translate
-from trainer.science.data import ImageSet, Splits
+from trainer.science.data import DataConfig, DefenderData, ImageSet, SplitConfig, Splits
 from trainer.science.metrics import evaluate, evaluate_models
 from trainer.science.models import Checkpoint
 from trainer.science.noise import NoiseConfig, augment
 from trainer.science.training import SCHEDULES, TrainConfig, Unlearn, default_device, predict, train
-from trainer.science.triggers import Trigger
+from trainer.science.triggers import EvalSpec, Trigger
 from trainer.service.quarantine import Quarantine, QuarantineStore
-from trainer.stages.detect import REPAIRED_CALIBRATION, RejectConfig, pair_logits, served
+from trainer.stages.detect import REPAIRED_CALIBRATION, RejectConfig, RuleSpec, pair_logits, served
+from trainer.stages.profiles import DEFAULT_PROFILE, REPAIR_PROFILES
 from trainer.stages.publish import (
     clean_images,
     inherited_reject,
@@ -101,8 +102,8 @@ class RepairConfig:
     min_quarantine: int = flag(20, "fewer usable quarantined inputs is an error", type=positive)
     # CycleGAN domain U: this many clean D_valid images (paper: 500)
     clean_domain: int = flag(500, "clean images for the CycleGAN (paper 500)", type=positive)
-    cyclegan: CycleGANConfig = field(default_factory=CycleGANConfig)
-    epochs: int = 5  # fine-tuning epochs (the CLI's --epochs, default from the profile)
+    gan: CycleGANConfig = part(CycleGANConfig, "the CycleGAN (--learner cyclegan)", prefix="gan")
+    epochs: int = flag(5, "fine-tuning epochs (default: the --profile's)", type=positive)
     # None: the BadNet's own learning rate (paper)
     lr: float | None = flag(None, "fine-tuning lr (default: the BadNet's)", type=positive_float)
     # lr over the fine-tuning: annealed to 0 keeps more of the base's clean accuracy (bench/NOTES.md, session 15)
@@ -154,6 +155,51 @@ class RepairConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form for reports."""
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class RepairSpec:
+    """Everything one repair reads, nested by part: the deployed bundle and its quarantine, the clean data, the
+    repair's knobs (its CycleGAN's among them), the new version's rule and what is measured beside it. The CLI
+    builds it from flags, ``--spec FILE`` reads its TOML form (a table per part), and the service's job runner
+    writes one per job (:func:`edge_agent.options.spec_toml`)."""
+
+    bundle: Path = flag(MISSING, "the deployed bundle (its checkpoints lie beside it)", type=Path)
+    quarantine: Path = flag(MISSING, "quarantine folder or .sqlite file", type=Path)
+    out: Path = flag(MISSING, "output folder (bundle/, report.json, samples.png)", type=out_folder)
+    version: int | None = flag(None, "version of the new bundle (default: deployed + 1)", type=positive)
+    profile: str = flag(
+        DEFAULT_PROFILE, "sizes of the CycleGAN and fine-tuning runs (their flags override single knobs)",
+        choices=sorted(REPAIR_PROFILES),
+    )  # fmt: skip
+    primary_checkpoint: Path | None = flag(None, "θ_bd weights (default: BUNDLE/../primary.pt)", type=Path)
+    monitor_checkpoint: Path | None = flag(None, "θ_aug weights (default: BUNDLE/../monitor.pt)", type=Path)
+    unlearn_earlier: tuple[Path, ...] = flag(
+        (), "an earlier repair's output folder: the inputs it unlearned (its purified quarantine, against the labels "
+        "its deployed primary gave them) are unlearned again, so that this round keeps that one's repair; "
+        "repeatable, and the repairs it named itself are included", type=Path, action="append", metavar="DIR",
+    )  # fmt: skip
+    data: DefenderData = part(DefenderData, "your data")
+    split: SplitConfig = part(SplitConfig, "how the data is cut")
+    harness: DataConfig = part(DataConfig, "evaluation harness data")
+    repair: RepairConfig = part(RepairConfig, "repair")
+    rule: RuleSpec = part(RuleSpec, "the new version's reject rule")
+    eval: EvalSpec = part(EvalSpec, "evaluation only")
+
+
+@dataclass(frozen=True)
+class RepairResult:
+    """What a repair published (the full record is ``report``, written as report.json)."""
+
+    bundle: Path  # the new version's bundle folder
+    version: int
+    parent_version: int
+    quarantine_size: int
+    purified_size: int
+    eval_ca_repaired: float  # θ_repair's D_eval clean accuracy (the gate's number)
+    eval_ca_floor: float
+    seconds: float
+    report: dict[str, Any]
 
 
 def _locate_checkpoint(bundle_dir: Path, role: str, override: Path | None, manifest: bundle_pb2.Manifest) -> Path:
@@ -357,8 +403,8 @@ def learn_trigger(
     else:
         v_images = loaded.quarantine.images[pur.keep]
         gan = train_cyclegan(
-            splits.valid.images[u_idx], v_images, cfg.cyclegan, score, probe, out_dir / "cyclegan.pt", quiet,
-            loaded.device,
+            splits.valid.images[u_idx], v_images, replace(cfg.gan, seed=cfg.seed), score, probe,
+            out_dir / "cyclegan.pt", quiet, loaded.device,
         )  # fmt: skip
         generator = gan.generator
         info = {
@@ -650,36 +696,34 @@ def publish(
     return publish_bundle(out_dir, models, new, metrics, calibration=(clean, reject))
 
 
-def run_repair(
-    bundle_dir: Path,
-    quarantine_path: Path,
-    splits: Splits,
-    cfg: RepairConfig,
-    out_dir: Path,
-    eval_trigger: Trigger | None = None,
-    target: int | None = None,
-    primary_checkpoint: Path | None = None,
-    monitor_checkpoint: Path | None = None,
-    quiet: bool = False,
-    version: int | None = None,
-    unlearn_earlier: Sequence[Path] = (),
-) -> dict[str, Any]:
-    """load -> purify -> learn the trigger (or not) -> fine-tune -> gate -> publish; writes ``out_dir/{bundle/,
+def run_repair(spec: RepairSpec, splits: Splits, quiet: bool = False) -> RepairResult:
+    """load -> purify -> learn the trigger (or not) -> fine-tune -> gate -> publish; writes ``spec.out/{bundle/,
     primary.pt, monitor.pt, report.json, samples.png, cyclegan.png}`` (samples.png: clean and G(clean) rows, or
-    with no learner the purified quarantined inputs; cyclegan.png only with the CycleGAN).
+    with no learner the purified quarantined inputs; cyclegan.png only with the CycleGAN). ``splits``: the clean
+    data ``spec`` names, loaded.
 
-    Raises :class:`GateError` (after writing the report) when θ_repair misses the D_eval floor. ``version``:
+    Raises :class:`GateError` (after writing the report) when θ_repair misses the D_eval floor. ``spec.version``:
     the new bundle's version (default: the deployed one + 1; a model store passes its next free number), checked
-    before any training. ``unlearn_earlier``: earlier repairs' output folders whose unlearned inputs are unlearned
-    again (:func:`earlier_unlearned`), so that a second round keeps the first one's repair.
+    before any training. ``spec.unlearn_earlier``: earlier repairs' output folders whose unlearned inputs are
+    unlearned again (:func:`earlier_unlearned`), so that a second round keeps the first one's repair.
     """
+    bundle_dir, quarantine_path, out_dir = spec.bundle, spec.quarantine, spec.out
+    eval_trigger, target = spec.eval.parsed(), spec.eval.target
+    rule = spec.rule.given()
+    # the deployed version's rule (its score, budget and calibration) is made again, each part given replaced
+    cfg = replace(
+        spec.repair,
+        reject=inherited_reject(read_manifest(bundle_dir), **({"calibration_set": REPAIRED_CALIBRATION} | rule))
+        if rule
+        else None,
+    )
     t_start = time.monotonic()
-    version = check_version(read_manifest(bundle_dir), version)
+    version = check_version(read_manifest(bundle_dir), spec.version)
     splits = splits.in_image_space(preprocess_of(read_manifest(bundle_dir).input_spec))
-    loaded = load(bundle_dir, quarantine_path, splits, primary_checkpoint, monitor_checkpoint)
+    loaded = load(bundle_dir, quarantine_path, splits, spec.primary_checkpoint, spec.monitor_checkpoint)
     cfg = resolve_next_monitor(loaded, cfg)  # before any training
-    spec = loaded.bd_ckpt.input_spec
-    earlier = earlier_unlearned(unlearn_earlier, spec.preprocess, tuple(spec.image_shape))
+    model_input = loaded.bd_ckpt.input_spec
+    earlier = earlier_unlearned(spec.unlearn_earlier, model_input.preprocess, tuple(model_input.image_shape))
     pur = purify_quarantine(loaded, splits, cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     trigger = learn_trigger(loaded, pur, splits, cfg, out_dir, quiet)
@@ -715,4 +759,14 @@ def run_repair(
                                                                          scored.labels)  # fmt: skip
     report.update({"published": True, "bundle_out": str(out_dir / "bundle"), "version": int(written.version)})
     write_report(out_dir, report)
-    return report
+    return RepairResult(
+        bundle=out_dir / "bundle",
+        version=int(written.version),
+        parent_version=int(loaded.manifest.version),
+        quarantine_size=len(q),
+        purified_size=int(pur.keep.sum()),
+        eval_ca_repaired=float(report["gate"]["eval_ca_repaired"]),
+        eval_ca_floor=float(report["gate"]["floor"]),
+        seconds=float(report["seconds"]),
+        report=report,
+    )
