@@ -254,10 +254,16 @@ def config_values(path: PurePath, spec: type | None = None) -> dict[str, Any]:
     data = load_toml(path)
     if spec is None:
         return flat_keys(data)
-    known = {f.name for f in fields(spec)} | {_flag_name(f).lstrip("-").replace("-", "_") for f in _flagged(spec)}
-    ours = {k: v for k, v in data.items() if k.replace("-", "_") in known}
-    rest = {k: v for k, v in data.items() if k.replace("-", "_") not in known}
-    return spec_flags(spec, ours, str(path)) | flat_keys(rest)
+    parts = {f.name for f in _parts(spec)}
+    named = {f.name for f in _flagged(spec)} | {_flag_name(f).lstrip("-").replace("-", "_") for f in _flagged(spec)}
+
+    def ours(key: str, value: Any) -> bool:  # a part's table, or a field of the spec's own
+        name = key.replace("-", "_")
+        return (name in parts and isinstance(value, dict)) or (name in named and not isinstance(value, dict))
+
+    mine = {k: v for k, v in data.items() if ours(k, v)}
+    rest = {k: v for k, v in data.items() if not ours(k, v)}
+    return spec_flags(spec, mine, str(path)) | flat_keys(rest)
 
 
 def flag_defaults(

@@ -181,15 +181,16 @@ def test_higher_calibration_takes_whichever_set_gives_the_higher_threshold() -> 
 
 def test_a_repaired_bundles_rule_is_calibrated_on_the_higher_set_unless_told(tmp_path: Path) -> None:
     import argparse
+    from dataclasses import fields
 
     from protos.nnoc.v1 import bundle_pb2
-    from trainer.cli import RULE_FLAGS, _rule_of
-    from trainer.stages.detect import RejectConfig
+    from trainer.cli import _rule_of
+    from trainer.stages.detect import RejectConfig, RuleSpec
 
     def rule(provenance: dict[str, str], **flags: object) -> RejectConfig:
         manifest = bundle_pb2.Manifest(version=2, provenance=provenance)
         (tmp_path / "manifest.pb").write_bytes(manifest.SerializeToString())
-        args = argparse.Namespace(bundle=tmp_path, **{k: flags.get(k) for k in RULE_FLAGS})
+        args = argparse.Namespace(bundle=tmp_path, **{f.name: flags.get(f.name) for f in fields(RuleSpec)})
         cfg: RejectConfig = _rule_of(args)
         return cfg
 

@@ -172,12 +172,10 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
 
 def _suspect_and_trigger(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     """The suspect's source (checked before the data loads), the data fitted to it and the evaluation trigger."""
-    from trainer.science.triggers import parse_trigger
+    from trainer.science.triggers import EvalSpec
     from trainer.stages.suspect import ModelSource
 
-    if (args.eval_trigger is None) != (args.target is None):
-        raise ValueError("--eval-trigger and --target go together")
-    trigger = parse_trigger(args.eval_trigger) if args.eval_trigger else None
+    trigger = from_args(EvalSpec, args).parsed()
     source = from_args(ModelSource, args)
     source.check()
     splits, _ = _splits(args, source.declared_block())
@@ -497,8 +495,9 @@ def _args_defend(p: argparse.ArgumentParser) -> None:
     add_flags(p, ModelSource)
     p.add_argument("--out", type=out_folder, required=True, help="output folder (model.pt, report.json, a PNG)")
     add_flags(p, DefenseConfig)
-    p.add_argument("--eval-trigger", default=None, help="evaluation only: report test CA/ASR for this trigger")
-    p.add_argument("--target", type=int, default=None, help="evaluation only: target class of --eval-trigger")
+    from trainer.science.triggers import EvalSpec
+
+    add_flags(p, EvalSpec)
 
 
 def _args_repair(p: argparse.ArgumentParser) -> None:

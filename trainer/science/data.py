@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from edge_agent.formats.preprocess import Preprocess, resize
-from edge_agent.options import flag, fraction, image_size, positive
+from edge_agent.options import flag, fraction, image_size, part, positive
 
 log = logging.getLogger(__name__)
 
@@ -600,3 +600,13 @@ def load_dataset(cfg: DataConfig, fit: Preprocess | None = None) -> Dataset:
 def load_splits(data: DataConfig, splits: SplitConfig, fit: Preprocess | None = None) -> Splits:
     """Load a dataset and cut it into the paper's splits (``fit``: see :func:`load_dataset`)."""
     return split(load_dataset(data, fit), splits)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataParts:
+    """A product stage's clean data as parts of its spec: your photos (``[data]``) and how they are cut
+    (``[split]``), or instead the evaluation harness named (``[harness]``)."""
+
+    data: DefenderData = part(DefenderData, "your data")
+    split: SplitConfig = part(SplitConfig, "how the data is cut")
+    harness: DataConfig = part(DataConfig, "evaluation harness data")

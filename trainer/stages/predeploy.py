@@ -26,7 +26,7 @@ from edge_agent.formats.bundle import sha256_file
 from edge_agent.options import flag, fraction, out_folder, part, positive, positive_float, safe_name
 from protos.nnoc.v1 import bundle_pb2
 from trainer.errors import NoCandidateError
-from trainer.science.data import DataConfig, DefenderData, ImageSet, SplitConfig, Splits
+from trainer.science.data import DataParts, ImageSet, Splits
 from trainer.science.export import export_onnx
 from trainer.science.importers import PARITY_TOLERANCE, ModelImportError, onnxruntime_logits
 from trainer.science.metrics import Evaluation, evaluate, poisoned_copy
@@ -74,8 +74,8 @@ class PredeployConfig:
         return asdict(self)
 
 
-@dataclass(frozen=True)
-class PredeploySpec:
+@dataclass(frozen=True, kw_only=True)
+class PredeploySpec(DataParts):
     """Everything one pre-deployment treatment reads, nested by part: the suspect model, the clean data,
     Algorithm 1's knobs (its noise and the bundle's reject rule among them), where candidates train and what is
     measured beside it. The CLI builds it from flags; ``--spec FILE`` reads its TOML form (a table per part)."""
@@ -83,9 +83,6 @@ class PredeploySpec:
     out: Path = flag(MISSING, "output folder", type=out_folder)
     fleet: str = flag("default", "fleet name written into the manifest", type=safe_name)
     model: ModelSource = part(ModelSource, "the suspect model")
-    data: DefenderData = part(DefenderData, "your data")
-    split: SplitConfig = part(SplitConfig, "how the data is cut")
-    harness: DataConfig = part(DataConfig, "evaluation harness data")
     treat: PredeployConfig = part(PredeployConfig, "Algorithm 1")
     executor: ExecutorConfig = part(ExecutorConfig, "where the candidates train")
     eval: EvalSpec = part(EvalSpec, "evaluation only")

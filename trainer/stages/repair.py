@@ -34,7 +34,7 @@ from edge_agent.options import flag, nonnegative, nonnegative_float, out_folder,
 from protos.nnoc.v1 import bundle_pb2
 from trainer.errors import GateError
 from trainer.science.cyclegan import CycleGANConfig, save_sample_grid, train_cyclegan, translate
-from trainer.science.data import DataConfig, DefenderData, ImageSet, SplitConfig, Splits
+from trainer.science.data import DataParts, ImageSet, Splits
 from trainer.science.metrics import evaluate, evaluate_models
 from trainer.science.models import Checkpoint
 from trainer.science.noise import NoiseConfig, augment
@@ -157,8 +157,8 @@ class RepairConfig:
         return asdict(self)
 
 
-@dataclass(frozen=True)
-class RepairSpec:
+@dataclass(frozen=True, kw_only=True)
+class RepairSpec(DataParts):
     """Everything one repair reads, nested by part: the deployed bundle and its quarantine, the clean data, the
     repair's knobs (its CycleGAN's among them), the new version's rule and what is measured beside it. The CLI
     builds it from flags, ``--spec FILE`` reads its TOML form (a table per part), and the service's job runner
@@ -179,9 +179,6 @@ class RepairSpec:
         "its deployed primary gave them) are unlearned again, so that this round keeps that one's repair; "
         "repeatable, and the repairs it named itself are included", type=Path, action="append", metavar="DIR",
     )  # fmt: skip
-    data: DefenderData = part(DefenderData, "your data")
-    split: SplitConfig = part(SplitConfig, "how the data is cut")
-    harness: DataConfig = part(DataConfig, "evaluation harness data")
     repair: RepairConfig = part(RepairConfig, "repair")
     rule: RuleSpec = part(RuleSpec, "the new version's reject rule")
     eval: EvalSpec = part(EvalSpec, "evaluation only")
