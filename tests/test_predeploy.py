@@ -113,3 +113,14 @@ def test_no_candidate_keeps_table_and_exits_3(badnet: tuple[Path, dict[str, Any]
     assert payload is not None and "no candidate" in payload["error"]
     assert (tmp_path / "candidates.csv").is_file() and not (tmp_path / "bundle").exists()
     assert "no candidate" in stderr
+
+
+def test_the_grid_says_what_is_left_and_about_how_long() -> None:
+    from trainer.stages.predeploy import grid_progress
+
+    assert grid_progress(0, 24, 0.0) == "0 of at most 24 candidates done"
+    assert grid_progress(2, 24, 60.0) == "2 done, at most 22 left (about 11 min)"  # 30 s a candidate
+    assert grid_progress(6, 24, 60.0) == "6 done, at most 18 left (about 3 min)"
+    assert grid_progress(3, 6, 30.0) == "3 done, at most 3 left (about 30 s)"
+    assert grid_progress(6, 6, 30.0) == "6 done, at most 0 left"
+    assert grid_progress(1, 100, 300.0).endswith("(about 8.2 h)")

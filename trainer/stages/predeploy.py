@@ -392,6 +392,23 @@ def fit_candidate(
     return eval_ca, test_ca, test_asr, suspect.derive(model, ft.to_dict(), {}), time.monotonic() - t0
 
 
+def grid_progress(done: int, at_most: int, elapsed: float) -> str:
+    """The grid's progress for a log line: candidates done, how many remain at most (the α schedule may stop
+    sooner) and about how long they take at the mean time per candidate so far."""
+    left = max(at_most - done, 0)
+    if done == 0:
+        return f"0 of at most {at_most} candidates done"
+    seconds = elapsed / done * left
+    about = (
+        f"{seconds:.0f} s"
+        if seconds < 120
+        else f"{seconds / 60:.0f} min"
+        if seconds < 7200
+        else f"{seconds / 3600:.1f} h"
+    )
+    return f"{done} done, at most {left} left" + (f" (about {about})" if left else "")
+
+
 def search(
     suspect: Checkpoint,
     splits: Splits,
@@ -415,7 +432,10 @@ def search(
     next_alpha = alpha_schedule(alpha0, cfg)
     alpha: float | None = alpha0
     round_index = 0
-    outer = tqdm(desc="predeploy", total=cfg.max_rounds * len(cfg.gammas), disable=quiet, unit="cand")
+    at_most = cfg.max_rounds * len(cfg.gammas)
+    outer = tqdm(desc="predeploy", total=at_most, disable=quiet, unit="cand")
+    log.info("grid: at most %d candidates (%d rounds of α x %d γ)", at_most, cfg.max_rounds, len(cfg.gammas))
+    started = time.monotonic()
     while alpha is not None:
         any_above = False
         gammas = sorted(cfg.gammas, reverse=True)
@@ -436,7 +456,8 @@ def search(
             shown = (
                 f", test CA {test_ca:.4f} ASR {test_asr:.4f}" if test_asr is not None and test_ca is not None else ""
             )
-            log.info("candidate α=%.3g γ=%.1f: D_eval CA %.4f%s", alpha, gamma, eval_ca, shown)
+            progress = grid_progress(len(candidates), at_most, time.monotonic() - started)
+            log.info("candidate α=%.3g γ=%.1f: D_eval CA %.4f%s; %s", alpha, gamma, eval_ca, shown, progress)
         alpha = next_alpha(round_index, any_above)
         round_index += 1
     outer.close()
