@@ -10,7 +10,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from edge_agent.console import write_out
-from edge_agent.options import add_flags, config_values, flag_defaults, from_args, option_value, short_help
+from edge_agent.options import (
+    add_flags,
+    add_spec_flag,
+    config_values,
+    flag_defaults,
+    from_args,
+    option_value,
+    short_help,
+)
 
 log = logging.getLogger("edge_agent")
 
@@ -105,15 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_classify)
     p = sub.add_parser("run", help="serve the ensemble: inference endpoint, quarantine uplink, model updates")
     add_flags(p, RunConfig)  # its parts too: the spool's and the runtime's
-    p.add_argument(
-        "--spec",
-        "--config",
-        dest="config",
-        type=Path,
-        default=None,
-        help="the agent's spec as TOML: a table per part, keys the fields' names ([spool] max_items = ... is "
-        "--spool-max-items); flag names work as keys too; a flag given on the command line wins",
-    )
+    add_spec_flag(p, "[spool] max_items = 5000 is --spool-max-items 5000")
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("status", help="what the agent serves, its spool, and where it listens")
     add_flags(p, RunConfig, only=("state_dir",))

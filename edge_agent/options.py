@@ -203,6 +203,27 @@ def merge_tables(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def add_spec_flag(parser: argparse.ArgumentParser, example: str | None) -> None:
+    """``--spec FILE`` (alias ``--config``, dest ``config``): the command's spec as TOML, its values the defaults
+    (read before parsing: :func:`config_values`). ``example``: how a part's key stands for a flag; None for a
+    command whose flags are not a spec yet (its keys are flag names)."""
+    parser.add_argument(
+        "--spec",
+        "--config",
+        dest="config",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help=(
+            f"the command's spec as TOML: a table per part, keys the fields' names ({example}); flag names work as "
+            "keys too; a flag given on the command line wins"
+            if example is not None
+            else "TOML file whose keys are this command's flag names (tables group them); a flag given on the "
+            "command line wins"
+        ),
+    )
+
+
 def short_help(parser: argparse.ArgumentParser, shown: tuple[str, ...], everything: bool) -> None:
     """Help that fits a screen: only the flags whose dest is in ``shown`` are listed (the others keep working),
     unless ``everything``; adds ``--help-all``, and says so in the description."""
@@ -214,7 +235,7 @@ def short_help(parser: argparse.ArgumentParser, shown: tuple[str, ...], everythi
         if action.option_strings and action.dest not in shown and action.dest != "help_all":
             action.help = argparse.SUPPRESS
             hidden += 1
-    note = f"{hidden} more flags: --help-all, or set them in a --config file"
+    note = f"{hidden} more flags: --help-all, or set them in a --spec file"
     parser.description = f"{parser.description}\n\n{note}" if parser.description else note
 
 

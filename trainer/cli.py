@@ -14,6 +14,7 @@ from typing import Any
 from edge_agent.console import write_out
 from edge_agent.options import (
     add_flags,
+    add_spec_flag,
     config_values,
     flag_defaults,
     fraction,
@@ -778,21 +779,7 @@ def build_parser(only: str | None = None, help_all: bool = True) -> argparse.Arg
             )
         if name not in ("fleet", "quarantine"):  # their actions have them
             _add_common(p)
-            p.add_argument(
-                "--spec",
-                "--config",
-                dest="config",
-                type=Path,
-                default=None,
-                help=(
-                    "the command's spec as TOML: a table per part, keys the fields' names ([repair.gan] width = 8 is "
-                    "--gan-width 8); flag names work as keys too. Its values become the defaults (a flag given on "
-                    "the command line wins)"
-                    if name in SPECS
-                    else "TOML file whose keys are this command's flag names (tables group them); its values become "
-                    "the defaults (a flag given on the command line wins)"
-                ),
-            )
+            add_spec_flag(p, "[repair.gan] width = 8 is --gan-width 8" if name in SPECS else None)
         if name in SHORT_HELP:
             short_help(p, SHORT_HELP[name], help_all)
     return parser
