@@ -124,3 +124,41 @@ def test_the_grid_says_what_is_left_and_about_how_long() -> None:
     assert grid_progress(3, 6, 30.0) == "3 done, at most 3 left (about 30 s)"
     assert grid_progress(6, 6, 30.0) == "6 done, at most 0 left"
     assert grid_progress(1, 100, 300.0).endswith("(about 8.2 h)")
+
+
+def test_halving_rungs_spend_a_third_then_the_rest_on_the_closest() -> None:
+    from trainer.stages.predeploy import halving_key, rungs
+
+    assert rungs(6, 90, 3) == [(10, 2), (30, 1), (90, 1)]  # 6 x 1/9, 2 x 1/3, 1 to the end: 3.4x fewer steps
+    assert rungs(2, 30, 3) == [(10, 1), (30, 1)]
+    assert rungs(6, 90, 2) == [(12, 3), (23, 2), (45, 1), (90, 1)]
+    assert rungs(1, 90, 3) == [(90, 1)] and rungs(6, 1, 3) == [(1, 6)]
+    assert rungs(6, 4, 3) == [(1, 2), (2, 1), (4, 1)]  # each rung at least a step further
+    threshold = 0.80
+    cas = {"far above": 0.90, "just above": 0.805, "just below": 0.799, "far below": 0.5}
+    ranked = sorted(cas, key=lambda k: halving_key(cas[k], threshold))
+    assert ranked == ["just above", "far above", "just below", "far below"]  # the pick's own preference
+
+
+def test_halving_finishes_its_candidate_where_the_grid_does(
+    badnet: tuple[Path, dict[str, Any]], tmp_path: Path
+) -> None:
+    common = [*SMALL_SPLIT, "--model", str(badnet[0] / "model.pt"), "--gammas", "0.2", "0.6", "--epochs", "2",
+              "--max-rounds", "1", "--precision", "fp32", "--quiet"]  # fmt: skip
+    runs = {}
+    for strategy in ("grid", "halving"):
+        _, report, err = run_cli(
+            "trainer", "predeploy", *common, "--strategy", strategy, "--out", str(tmp_path / strategy)
+        )
+        assert report is not None, err[-2000:]
+        runs[strategy] = {c["gamma"]: c for c in report["candidates"]}
+    grid, halving = runs["grid"], runs["halving"]
+    assert all(c["finished"] and c["epochs"] == 2 for c in grid.values())
+    finished = [g for g, c in halving.items() if c["finished"]]
+    stopped = [g for g, c in halving.items() if not c["finished"]]
+    assert len(finished) == 1 and len(stopped) == 1 and halving[stopped[0]]["epochs"] < 1
+    # the one halving grew to the end is the grid's candidate, weight for weight: the same D_eval CA
+    assert halving[finished[0]]["eval_ca"] == grid[finished[0]]["eval_ca"]
+    rows = list(csv.DictReader((tmp_path / "halving" / "candidates.csv").open()))
+    assert {r["finished"] for r in rows} == {"0", "1"}
+    assert all(r["selected"] == "0" for r in rows if r["finished"] == "0")  # a stopped candidate is never picked

@@ -13,7 +13,7 @@ from conftest import SMALL_SPLIT, run_cli
 
 def test_the_ray_grid_picks_what_the_serial_grid_picks(badnet: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
     common = [*SMALL_SPLIT, "--model", str(badnet[0] / "model.pt"), "--gammas", "0.3", "0.6", "--epochs", "1",
-              "--max-rounds", "2", "--quiet"]  # fmt: skip
+              "--max-rounds", "2", "--precision", "fp32", "--quiet"]  # fmt: skip
     _, serial, _ = run_cli("trainer", "predeploy", *common, "--threads", "1", "--out", str(tmp_path / "serial"))
     _, parallel, err = run_cli("trainer", "predeploy", *common, "--executor", "ray", "--ray-address", "local",
                                "--task-cpus", "1", "--out", str(tmp_path / "ray"))  # fmt: skip

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -25,6 +26,10 @@ OPTIMIZERS: dict[str, Callable[[Any, TrainConfig], torch.optim.Optimizer]] = {
 # the learning rate over a run: held, or annealed from ``lr`` to 0 along half a cosine, step by step (Loshchilov
 # & Hutter's SGDR without restarts); the repair's fine-tuning anneals (measured in bench/NOTES.md, session 15)
 SCHEDULES = ("constant", "cosine")
+# the arithmetic of the steps: fp32, or bf16 autocast (weights, optimizer state and the losses stay fp32); auto:
+# bf16 where a timed probe finds it at least BF16_SPEEDUP times faster here (:func:`pick_precision`)
+PRECISIONS = ("fp32", "bf16", "auto")
+BF16_SPEEDUP = 1.3
 
 
 @dataclass(frozen=True)
@@ -37,10 +42,13 @@ class TrainConfig:
     optimizer: str = flag("adam", "optimizer", choices=tuple(OPTIMIZERS))
     weight_decay: float = 0.0
     schedule: str = "constant"  # one of SCHEDULES
+    precision: str = flag("fp32", "arithmetic of the steps (auto: bf16 where it is faster here)", choices=PRECISIONS)
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown learning-rate schedule {self.schedule!r}; choose one of: {', '.join(SCHEDULES)}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {self.precision!r}; choose one of: {', '.join(PRECISIONS)}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form for checkpoints and reports."""
@@ -108,59 +116,227 @@ def train(
 
     ``smoothing`` (N,) in [0, 1]: label smoothing per input (its target keeps 1 − ε of the mass plus ε spread
     evenly over the classes); None: hard labels. ``unlearn``: a term that moves other inputs off a label
-    (:class:`Unlearn`), or several, each on a batch of its own every step."""
+    (:class:`Unlearn`), or several, each on a batch of its own every step. One uninterrupted :class:`Run`."""
+    run = Run(model, images, labels, cfg, seed, smoothing=smoothing, unlearn=unlearn)
+    run.advance(None, device, desc, quiet)
+    return run.losses
+
+
+def _autocast(device: torch.device, precision: str) -> Any:
+    """The autocast context of ``precision`` on ``device`` (fp32: none)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def _batch(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    """uint8 (B, C, H, W) on the host -> float32 in [0, 1] on ``device``, in the run's memory layout."""
+    out = x.to(device, non_blocking=True).float().mul_(1.0 / 255.0)
+    return out.contiguous(memory_format=torch.channels_last) if channels_last else out
+
+
+def takes_channels_last(model: nn.Module, sample: torch.Tensor) -> bool:
+    """Whether ``model`` runs on channels-last input and weights (a network from outside may ``view`` a tensor
+    that only the contiguous layout allows): one forward pass in eval mode (no running statistics move, no
+    dropout draws), the model left contiguous and in the mode it was in."""
+    was_training = model.training
+    try:
+        model.to(memory_format=torch.channels_last).eval()
+        with torch.no_grad():
+            model(sample.contiguous(memory_format=torch.channels_last))
+        return True
+    except (RuntimeError, ValueError, TypeError, NotImplementedError):
+        return False
+    finally:
+        model.to(memory_format=torch.contiguous_format).train(was_training)
+
+
+def pick_precision(
+    model: nn.Module,
+    images: np.ndarray,
+    labels: np.ndarray,
+    cfg: TrainConfig,
+    device: torch.device | None = None,
+    speedup: float = BF16_SPEEDUP,
+) -> str:
+    """``cfg.precision`` with ``auto`` resolved on this machine: time a few training steps of a copy of ``model``
+    in fp32 and in bf16 autocast and take bf16 only where it is at least ``speedup`` times faster (it is on
+    CPUs with AVX-512 BF16 for small convnets, and slower for a resnet18 at 32 px: bench/BENCHMARKS "Algorithm 1's
+    cost"). The model itself is untouched; weights stay fp32 either way."""
+    if cfg.precision != "auto":
+        return cfg.precision
     device = device or default_device()
-    model.to(device).train()
-    opt = make_optimizer(model.parameters(), cfg)
-    loss_fn = nn.CrossEntropyLoss()
-    eps_all = None if smoothing is None else torch.from_numpy(np.asarray(smoothing, dtype=np.float32))
-    gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)  # dropout masks
-    n = len(labels)
-    x_all = torch.from_numpy(images)
-    y_all = torch.from_numpy(labels.astype(np.int64))
-    terms = [unlearn] if isinstance(unlearn, Unlearn) else list(unlearn or [])
-    unlearning = [
-        (torch.from_numpy(u.images), torch.from_numpy(np.asarray(u.labels, dtype=np.int64)), u)
-        for u in terms
-        if len(u.images) and u.weight > 0
-    ]
-    losses: list[float] = []
-    steps = (n + cfg.batch_size - 1) // cfg.batch_size
-    anneal = (
-        torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps) if cfg.schedule == "cosine" else None
-    )
-    with tqdm(total=cfg.epochs * steps, desc=desc, disable=quiet, leave=False, unit="batch") as bar:
-        for epoch in range(cfg.epochs):
-            order = torch.randperm(n, generator=gen)
-            total, count = 0.0, 0
-            for start in range(0, n, cfg.batch_size):
-                idx = order[start : start + cfg.batch_size]
-                x = x_all[idx].to(device).float().mul_(1.0 / 255.0)
-                y = y_all[idx].to(device)
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return "fp32"
+    import copy
+
+    n = min(len(labels), cfg.batch_size)
+    x = torch.from_numpy(images[:n])
+    y = torch.from_numpy(labels[:n].astype(np.int64)).to(device)
+    probe = copy.deepcopy(model).to(device).train()
+    channels_last = takes_channels_last(probe, _batch(x[:2], device, False))
+    if channels_last:
+        probe.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(probe.parameters(), lr=0.0)
+    xb = _batch(x, device, channels_last)
+    rng_state = torch.get_rng_state()  # dropout draws of the probe do not shift the run's
+
+    def seconds(precision: str, steps: int = 3) -> float:
+        for i in range(steps + 1):  # the first step warms the kernels up
+            if i == 1:
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+            with _autocast(device, precision):
+                loss = nn.functional.cross_entropy(probe(xb), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    try:
+        fp32, bf16 = seconds("fp32"), seconds("bf16")
+    except RuntimeError as e:  # an operator without a bf16 kernel here
+        log.info("bf16 autocast does not run here (%s): fp32", str(e).splitlines()[0][:200])
+        return "fp32"
+    finally:
+        torch.set_rng_state(rng_state)
+    chosen = "bf16" if fp32 >= speedup * bf16 else "fp32"
+    log.info("precision: %s (a step takes %.0f ms in fp32, %.0f ms in bf16 autocast)", chosen,
+             fp32 / 3 * 1000, bf16 / 3 * 1000)  # fmt: skip
+    return chosen
+
+
+class Run:
+    """A training run that can stop after any step and go on later: :meth:`advance` to step k, then to step m,
+    computes what one uninterrupted run to step m computes (the batch order, the optimizer's and the schedule's
+    state, the dropout draws all carry over). Successive halving grows candidates this way; the run pickles, so a
+    Ray task can take one and hand it back.
+
+    Steps run in channels-last layout where the model takes it (:func:`takes_channels_last`), in ``cfg.precision``
+    (``auto``: :func:`pick_precision` on the first advance); between advances the model is contiguous fp32."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        images: np.ndarray,
+        labels: np.ndarray,
+        cfg: TrainConfig,
+        seed: int,
+        smoothing: np.ndarray | None = None,
+        unlearn: Unlearn | Sequence[Unlearn] | None = None,
+    ) -> None:
+        self.model, self.images, self.labels, self.cfg, self.seed = model, images, labels, cfg, seed
+        self.smoothing = None if smoothing is None else np.asarray(smoothing, dtype=np.float32)
+        terms = [unlearn] if isinstance(unlearn, Unlearn) else list(unlearn or [])
+        self.unlearn = [u for u in terms if len(u.images) and u.weight > 0]
+        self.steps_per_epoch = (len(labels) + cfg.batch_size - 1) // cfg.batch_size
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+        self.step = 0
+        self.losses: list[float] = []
+        self.channels_last: bool | None = None  # decided on the first advance
+        self._order: torch.Tensor | None = None  # this epoch's batch order; None: the next step starts an epoch
+        self._pos = 0
+        self._sum, self._count = 0.0, 0
+        self._states: dict[str, Any] = {}  # optimizer, schedule, generator and torch RNG between advances
+
+    @property
+    def epochs_done(self) -> float:
+        """Epochs trained so far (fractional mid-epoch)."""
+        return self.step / max(self.steps_per_epoch, 1)
+
+    @property
+    def finished(self) -> bool:
+        return self.step >= self.total_steps
+
+    def advance(
+        self, until: int | None = None, device: torch.device | None = None, desc: str = "train", quiet: bool = False
+    ) -> nn.Module:
+        """Train to step ``until`` (None: the end of the run); returns the model, in eval mode."""
+        cfg = self.cfg
+        until = self.total_steps if until is None else min(until, self.total_steps)
+        device = device or default_device()
+        model = self.model.to(device).train()
+        n = len(self.labels)
+        x_all = torch.from_numpy(self.images)
+        y_all = torch.from_numpy(self.labels.astype(np.int64))
+        if device.type == "cuda":  # once on the device: no host-to-device copy per batch
+            x_all, y_all = x_all.to(device), y_all.to(device)
+        if cfg.precision == "auto":
+            self.cfg = cfg = replace(cfg, precision=pick_precision(model, self.images, self.labels, cfg, device))
+        if self.channels_last is None:
+            self.channels_last = takes_channels_last(model, _batch(x_all[:2], device, False))
+            model.train()
+        if self.channels_last:
+            model.to(memory_format=torch.channels_last)
+        opt = make_optimizer(model.parameters(), cfg)
+        anneal = (
+            torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(self.total_steps, 1))
+            if cfg.schedule == "cosine"
+            else None
+        )
+        gen = torch.Generator()
+        if self._states:
+            opt.load_state_dict(self._states["optimizer"])
+            if anneal is not None:
+                anneal.load_state_dict(self._states["schedule"])
+            gen.set_state(self._states["generator"])
+            torch.set_rng_state(self._states["rng"])
+            if device.type == "cuda" and "cuda_rng" in self._states:
+                torch.cuda.set_rng_state(self._states["cuda_rng"])
+        else:
+            gen.manual_seed(self.seed)
+            torch.manual_seed(self.seed)  # dropout masks
+        loss_fn = nn.CrossEntropyLoss()
+        eps_all = None if self.smoothing is None else torch.from_numpy(self.smoothing)
+        unlearning = [
+            (torch.from_numpy(u.images), torch.from_numpy(np.asarray(u.labels, dtype=np.int64)), u)
+            for u in self.unlearn
+        ]
+        with tqdm(
+            total=self.total_steps, initial=self.step, desc=desc, disable=quiet, leave=False, unit="batch"
+        ) as bar:
+            while self.step < until:
+                if self._order is None:
+                    self._order, self._pos, self._sum, self._count = torch.randperm(n, generator=gen), 0, 0.0, 0
+                idx = self._order[self._pos : self._pos + cfg.batch_size]
+                x = _batch(x_all[idx.to(x_all.device)], device, self.channels_last)
+                y = y_all[idx.to(y_all.device)].to(device)
                 opt.zero_grad(set_to_none=True)
-                logits = model(x)
-                if eps_all is None:
-                    loss = loss_fn(logits, y)
-                else:
-                    loss = smoothed_cross_entropy(logits, y, eps_all[idx].to(device))
-                for u_all, u_labels, term in unlearning:
-                    pick = torch.randint(len(u_all), (min(term.batch_size, len(u_all)),), generator=gen)
-                    u = u_all[pick].to(device).float().mul_(1.0 / 255.0)
-                    loss = loss + term.weight * leave_label_loss(model(u), u_labels[pick].to(device))
+                with _autocast(device, cfg.precision):
+                    logits = model(x)
+                    if eps_all is None:
+                        loss = loss_fn(logits, y)
+                    else:
+                        loss = smoothed_cross_entropy(logits.float(), y, eps_all[idx].to(device))
+                    for u_all, u_labels, term in unlearning:
+                        pick = torch.randint(len(u_all), (min(term.batch_size, len(u_all)),), generator=gen)
+                        u = _batch(u_all[pick], device, self.channels_last)
+                        loss = loss + term.weight * leave_label_loss(model(u).float(), u_labels[pick].to(device))
                 loss.backward()
                 opt.step()
                 if anneal is not None:
                     anneal.step()
-                total += loss.item() * len(idx)
-                count += len(idx)
+                self._sum += loss.item() * len(idx)
+                self._count += len(idx)
+                self._pos += len(idx)
+                self.step += 1
                 bar.update(1)
-            losses.append(total / max(count, 1))
-            bar.set_postfix(epoch=epoch + 1, loss=f"{losses[-1]:.4f}")
-            level = logging.INFO if quiet else logging.DEBUG  # quiet: no bar, so a log line shows progress
-            log.log(level, "%s epoch %d/%d loss %.4f", desc, epoch + 1, cfg.epochs, losses[-1])
-    model.eval()
-    return losses
+                if self._pos >= n:  # the epoch is done
+                    self.losses.append(self._sum / max(self._count, 1))
+                    self._order = None
+                    bar.set_postfix(epoch=len(self.losses), loss=f"{self.losses[-1]:.4f}")
+                    level = logging.INFO if quiet else logging.DEBUG  # quiet: no bar, so a log line shows progress
+                    log.log(level, "%s epoch %d/%d loss %.4f", desc, len(self.losses), cfg.epochs, self.losses[-1])
+        self._states = {
+            "optimizer": opt.state_dict(),
+            "generator": gen.get_state(),
+            "rng": torch.get_rng_state(),
+            **({"schedule": anneal.state_dict()} if anneal is not None else {}),
+            **({"cuda_rng": torch.cuda.get_rng_state()} if device.type == "cuda" else {}),
+        }
+        model.to(memory_format=torch.contiguous_format).eval()
+        return model
 
 
 @torch.no_grad()

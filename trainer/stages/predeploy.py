@@ -32,7 +32,7 @@ from trainer.science.importers import PARITY_TOLERANCE, ModelImportError, onnxru
 from trainer.science.metrics import Evaluation, evaluate, poisoned_copy
 from trainer.science.models import ARCHITECTURES, Checkpoint
 from trainer.science.noise import NoiseConfig, augment
-from trainer.science.training import TrainConfig, default_device, predict, to_input, train
+from trainer.science.training import PRECISIONS, Run, TrainConfig, default_device, pick_precision, predict, to_input
 from trainer.science.triggers import EvalSpec, Trigger
 from trainer.stages.detect import RejectConfig, served
 from trainer.stages.executors import Executor, ExecutorConfig
@@ -48,6 +48,20 @@ from trainer.stages.suspect import (
 log = logging.getLogger(__name__)
 
 PAPER_GAMMAS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
+# how a round's candidates spend their epochs: ``grid`` trains each to the end (Algorithm 1 as written); ``halving``
+# is successive halving (Jamieson & Talwalkar, AISTATS 2016; the rung of Hyperband, Li et al., JMLR 2018) on the
+# heuristic's own key: all candidates train 1/η² of the epochs, the 1/η closest to the threshold from above go on to
+# 1/η of them, and so on; the last one standing ends where the grid's candidate would (the run continues, it does
+# not restart: the same weights as the grid's for that candidate)
+STRATEGIES = ("halving", "grid")
+
+
+def at_least_two(text: str) -> int:
+    """argparse type: an integer ≥ 2."""
+    value = int(text)
+    if value < 2:
+        raise ValueError(f"must be at least 2, got {value}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -63,6 +77,14 @@ class PredeployConfig:
     max_rounds: int = flag(4, "budget: rounds of α", type=positive)
     max_ca_drop: float = flag(0.05, "threshold = BadNet D_eval CA - this (paper 0.05)", type=float)
     epochs: int = flag(5, "fine-tuning epochs per candidate", type=positive)
+    strategy: str = flag(
+        "halving",
+        "halving: each round's candidates grow by successive halving on D_eval CA; grid: all of them to the end",
+        choices=STRATEGIES,
+    )
+    eta: int = flag(3, "halving: keep 1 in η candidates per rung", type=at_least_two)
+    precision: str = flag("auto", "arithmetic of the fine-tuning (auto: bf16 where it is faster here)",
+                          choices=PRECISIONS)  # fmt: skip
     batch_size: int | None = flag(None, "fine-tuning batch size (default: the model's)", type=positive)
     optimizer: str | None = None  # None: the BadNet's optimizer
     noise: NoiseConfig = part(NoiseConfig, "noise (Algorithm 1's augmentation)")
@@ -99,6 +121,8 @@ class Candidate:
     test_ca: float | None = None
     test_asr: float | None = None
     seconds: float = 0.0
+    epochs: float = 0.0  # fine-tuning epochs it got: fewer than the recipe's where halving stopped it
+    finished: bool = True  # False: stopped at a rung; its D_eval CA is that rung's and the pick passes it over
 
 
 def pick(candidates: Sequence[tuple[float, float, float]], threshold: float) -> int | None:
@@ -118,8 +142,36 @@ def pick(candidates: Sequence[tuple[float, float, float]], threshold: float) -> 
 
 
 def pick_candidate(candidates: Sequence[Candidate], threshold: float) -> int | None:
-    """:func:`pick` over the grid's records: only α, γ and the D_eval CA reach it (never ``test_*``)."""
-    return pick([(c.alpha, c.gamma, c.eval_ca) for c in candidates], threshold)
+    """:func:`pick` over the grid's finished candidates: only α, γ and the D_eval CA reach it (never ``test_*``)."""
+    done = [i for i, c in enumerate(candidates) if c.finished]
+    chosen = pick([(candidates[i].alpha, candidates[i].gamma, candidates[i].eval_ca) for i in done], threshold)
+    return None if chosen is None else done[chosen]
+
+
+def rungs(n: int, total_steps: int, eta: int) -> list[tuple[int, int]]:
+    """Successive halving's rungs for ``n`` candidates of ``total_steps`` each: (train to step, then keep) pairs.
+    The last rung is the full run with one candidate; each earlier rung has η times fewer steps and keeps η times
+    fewer candidates (rounded up), e.g. 6 candidates, η = 3: 1/9 of the steps for 6, keep 2; 1/3 for 2, keep 1;
+    all for 1. Each rung trains at least one step more than the one before."""
+    if n <= 1 or total_steps <= 1:
+        return [(total_steps, n)]
+    levels = 1
+    while eta**levels < n:
+        levels += 1
+    out: list[tuple[int, int]] = []
+    alive = n
+    for k in range(levels, -1, -1):
+        until = max(math.ceil(total_steps / eta**k), (out[-1][0] + 1) if out else 1)
+        keep = max(math.ceil(alive / eta), 1) if k else alive
+        out.append((min(until, total_steps), keep))
+        alive = keep
+    return out
+
+
+def halving_key(eval_ca: float, threshold: float) -> tuple[bool, float]:
+    """Who goes on at a rung: the candidates above the threshold first, closest to it first (the pick's own
+    order), then those below, closest first. Reads the D_eval CA only."""
+    return eval_ca < threshold, abs(eval_ca - threshold)
 
 
 def alpha_schedule(alpha0: float, cfg: PredeployConfig) -> Callable[[int, bool], float | None]:
@@ -168,7 +220,7 @@ def write_candidates_csv(path: Path, candidates: Sequence[Candidate], selected: 
     cols = (
         ["round", "alpha", "gamma", "eval_ca"]
         + (["test_ca", "test_asr"] if with_test else [])
-        + ["seconds", "selected"]
+        + ["seconds", "epochs", "finished", "selected"]
     )
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
@@ -180,12 +232,13 @@ def write_candidates_csv(path: Path, candidates: Sequence[Candidate], selected: 
                     f"{c.test_ca:.4f}" if c.test_ca is not None else "",
                     f"{c.test_asr:.4f}" if c.test_asr is not None else "",
                 ]
-            row += [f"{c.seconds:.1f}", int(i == selected)]
+            row += [f"{c.seconds:.1f}", f"{c.epochs:.3g}", int(c.finished), int(i == selected)]
             writer.writerow(row)
 
 
 def plot_heatmap(path: Path, candidates: Sequence[Candidate], threshold: float, selected: int | None) -> None:
-    """Heat maps of D_eval CA (and test ASR when measured) over α (rows) and γ (columns)."""
+    """Heat maps of D_eval CA (and test ASR when measured) over α (rows) and γ (columns); a candidate halving
+    stopped shows its last rung's CA, marked *."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -201,6 +254,7 @@ def plot_heatmap(path: Path, candidates: Sequence[Candidate], threshold: float, 
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 0.6 * len(alphas) + 2.2), squeeze=False)
     for ax, (title, value, cmap) in zip(axes[0], panels, strict=True):
         grid = np.full((len(alphas), len(gammas)), np.nan)
+        stopped = {(alphas.index(c.alpha), gammas.index(c.gamma)) for c in candidates if not c.finished}
         for c in candidates:
             v = value(c)
             if v is not None:
@@ -212,7 +266,7 @@ def plot_heatmap(path: Path, candidates: Sequence[Candidate], threshold: float, 
                 ax.text(
                     k,
                     r,
-                    f"{v:.3f}",
+                    f"{v:.3f}" + ("*" if (r, k) in stopped else ""),
                     ha="center",
                     va="center",
                     fontsize=8,
@@ -236,7 +290,8 @@ def plot_heatmap(path: Path, candidates: Sequence[Candidate], threshold: float, 
         ax.set_ylabel("learning rate α")
         ax.set_title(title, fontsize=10)
         fig.colorbar(im, ax=ax, fraction=0.046)
-    fig.suptitle(f"Pre-deployment candidates (threshold {threshold:.3f}; red: heuristic pick)", fontsize=10)
+    note = "; *: stopped early by halving" if any(not c.finished for c in candidates) else ""
+    fig.suptitle(f"Pre-deployment candidates (threshold {threshold:.3f}; red: heuristic pick{note})", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -360,11 +415,9 @@ def measure_baseline(
     return _Baseline(eval_ca, eval_ca - cfg.max_ca_drop, test_ref, poisoned, test)
 
 
-def fit_candidate(
-    suspect: Checkpoint,
-    data: ImageSet,
-    ft: TrainConfig,
-    seed: int,
+def grow_candidate(
+    run: Run,
+    until: int,
     label: str,
     eval_split: ImageSet,
     test_split: ImageSet,
@@ -372,32 +425,33 @@ def fit_candidate(
     target: int | None,
     base: _Baseline,
     quiet: bool,
-) -> tuple[float, float | None, float | None, Checkpoint, float]:
-    """One candidate of the grid: fine-tune the suspect on ``data`` with ``ft``, measure it. Returns D_eval CA,
-    test CA and ASR (evaluation only, with ``eval_trigger``), the model and the seconds it took. Runs here or as
-    a Ray task (its inputs and result travel through Ray's object store)."""
+) -> tuple[Run, float, float | None, float | None, float]:
+    """Train one candidate of the grid on to step ``until`` and measure it: D_eval CA and, once it has finished and
+    only with ``eval_trigger`` (evaluation only), test CA and ASR. Returns the run (to go on with), those and the
+    seconds it took. Runs here or as a Ray task (the run travels through Ray's object store)."""
     t0 = time.monotonic()
     device = default_device()
-    model = suspect.build()
-    train(model, data.images, data.labels, ft, seed, device, label, quiet)
+    model = run.advance(until, device, label, quiet)
 
     def classify(x: np.ndarray) -> np.ndarray:
         return predict(model, x, device=device)
 
     eval_ca = evaluate(classify, eval_split).clean_accuracy
     test_ca = test_asr = None
-    if eval_trigger is not None:
+    if eval_trigger is not None and run.finished:
         ev = evaluate(classify, test_split, eval_trigger, target, base.test_ref, poisoned=base.poisoned)
         test_ca, test_asr = ev.clean_accuracy, ev.attack_success_rate
-    return eval_ca, test_ca, test_asr, suspect.derive(model, ft.to_dict(), {}), time.monotonic() - t0
+    model.cpu()  # a Ray task hands the run back through the object store
+    return run, eval_ca, test_ca, test_asr, time.monotonic() - t0
 
 
-def grid_progress(done: int, at_most: int, elapsed: float) -> str:
+def grid_progress(done: float, at_most: float, elapsed: float) -> str:
     """The grid's progress for a log line: candidates done, how many remain at most (the α schedule may stop
-    sooner) and about how long they take at the mean time per candidate so far."""
+    sooner) and about how long they take at the mean time per candidate so far. Counts are full candidates'
+    worth of training (a candidate halving stopped at a third of its epochs counts a third)."""
     left = max(at_most - done, 0)
     if done == 0:
-        return f"0 of at most {at_most} candidates done"
+        return f"0 of at most {at_most:.3g} candidates done"
     seconds = elapsed / done * left
     about = (
         f"{seconds:.0f} s"
@@ -406,7 +460,7 @@ def grid_progress(done: int, at_most: int, elapsed: float) -> str:
         if seconds < 7200
         else f"{seconds / 3600:.1f} h"
     )
-    return f"{done} done, at most {left} left" + (f" (about {about})" if left else "")
+    return f"{done:.3g} done, at most {left:.3g} left" + (f" (about {about})" if left else "")
 
 
 def search(
@@ -420,44 +474,68 @@ def search(
     target: int | None,
     quiet: bool,
     executor: Executor | None = None,
-) -> tuple[list[Candidate], list[Checkpoint], int]:
-    """Algorithm 1's grid: every γ (highest first) per round of α while the schedule goes on; all candidates.
-    A round's candidates are independent: ``executor`` may train them in parallel (the next α needs them all)."""
+) -> tuple[list[Candidate], list[Checkpoint | None], int]:
+    """Algorithm 1's grid: every γ (highest first) per round of α while the schedule goes on. ``cfg.strategy``
+    ``grid`` trains every candidate to the end; ``halving`` grows them rung by rung (:func:`rungs`) and stops the
+    ones :func:`halving_key` ranks last, so the round's full epochs go to the candidate the pick can land on. A
+    round's candidates at a rung are independent: ``executor`` may train them in parallel. Returns every candidate
+    (stopped ones too), the finished ones' models (None for a stopped one) and the rounds run."""
     executor = executor or Executor(ExecutorConfig())
     treat_sets = {
         g: augment(splits.treat, g, np.random.default_rng([cfg.seed, round(g * 1000)]), cfg.noise) for g in cfg.gammas
     }
+    gammas = sorted(cfg.gammas, reverse=True)
+    steps = cfg.epochs * math.ceil(len(treat_sets[gammas[0]]) / ft_base.batch_size)  # a candidate's whole run
+    ladder = rungs(len(gammas), steps, cfg.eta) if cfg.strategy == "halving" else [(steps, len(gammas))]
+    per_round = sum(until * len(gammas) if i == 0 else (until - ladder[i - 1][0]) * ladder[i - 1][1]
+                    for i, (until, _) in enumerate(ladder)) / steps  # fmt: skip  # full candidates' worth
     candidates: list[Candidate] = []
-    models: list[Checkpoint] = []
+    models: list[Checkpoint | None] = []
     next_alpha = alpha_schedule(alpha0, cfg)
     alpha: float | None = alpha0
     round_index = 0
-    at_most = cfg.max_rounds * len(cfg.gammas)
-    outer = tqdm(desc="predeploy", total=at_most, disable=quiet, unit="cand")
-    log.info("grid: at most %d candidates (%d rounds of α x %d γ)", at_most, cfg.max_rounds, len(cfg.gammas))
+    at_most = cfg.max_rounds * per_round
+    outer = tqdm(desc="predeploy", total=round(at_most, 2), disable=quiet, unit="cand")
+    log.info(
+        "grid (%s): at most %d rounds of α x %d γ, %s", cfg.strategy, cfg.max_rounds, len(gammas),
+        " -> ".join(f"{keep_before} to {until / steps:.2g} of the epochs" for (until, _), keep_before in
+                    zip(ladder, [len(gammas)] + [k for _, k in ladder[:-1]], strict=True)),
+    )  # fmt: skip
     started = time.monotonic()
+    spent = 0.0  # full candidates' worth of training so far
     while alpha is not None:
-        any_above = False
-        gammas = sorted(cfg.gammas, reverse=True)
         ft = replace(ft_base, lr=alpha)
-        calls = [
-            (suspect, treat_sets[g], ft, cfg.seed, f"α={alpha:.3g} γ={g:.1f}", splits.eval, splits.test, eval_trigger,
-             target, base, quiet or executor.cfg.executor != "serial")
-            for g in gammas
-        ]  # fmt: skip
-        for gamma, (eval_ca, test_ca, test_asr, model, seconds) in zip(
-            gammas, executor.map(fit_candidate, calls), strict=True
-        ):
-            candidates.append(Candidate(round_index, alpha, gamma, eval_ca, test_ca, test_asr, seconds))
-            models.append(model)
+        runs = {g: Run(suspect.build(), treat_sets[g].images, treat_sets[g].labels, ft, cfg.seed) for g in gammas}
+        seconds = dict.fromkeys(gammas, 0.0)
+        alive, measured = list(gammas), {}
+        for until, keep in ladder:
+            calls = [
+                (runs[g], until, f"α={alpha:.3g} γ={g:.1f}", splits.eval, splits.test, eval_trigger, target, base,
+                 quiet or executor.cfg.executor != "serial")
+                for g in alive
+            ]  # fmt: skip
+            done_before = runs[alive[0]].step
+            for g, (run, eval_ca, test_ca, test_asr, secs) in zip(alive, executor.map(grow_candidate, calls),
+                                                                   strict=True):  # fmt: skip
+                runs[g], seconds[g] = run, seconds[g] + secs
+                measured[g] = (eval_ca, test_ca, test_asr)
+                spent += (run.step - done_before) / steps
+                outer.update(round((run.step - done_before) / steps, 2))
+                outer.set_postfix(alpha=f"{alpha:.3g}", gamma=g, ca=f"{eval_ca:.3f}")
+                log.info("candidate α=%.3g γ=%.1f, %.2g epochs: D_eval CA %.4f%s", alpha, g, run.epochs_done, eval_ca,
+                         f", test CA {test_ca:.4f} ASR {test_asr:.4f}" if test_asr is not None and test_ca is not None
+                         else "")  # fmt: skip
+            ranked = sorted(alive, key=lambda g: halving_key(measured[g][0], base.threshold))
+            alive = ranked[:keep] if until < steps else alive
+            log.info("%s", grid_progress(spent, at_most, time.monotonic() - started))
+        any_above = False
+        for g in gammas:
+            eval_ca, test_ca, test_asr = measured[g]
+            run = runs[g]
             any_above |= eval_ca >= base.threshold
-            outer.update(1)
-            outer.set_postfix(alpha=f"{alpha:.3g}", gamma=gamma, ca=f"{eval_ca:.3f}")
-            shown = (
-                f", test CA {test_ca:.4f} ASR {test_asr:.4f}" if test_asr is not None and test_ca is not None else ""
-            )
-            progress = grid_progress(len(candidates), at_most, time.monotonic() - started)
-            log.info("candidate α=%.3g γ=%.1f: D_eval CA %.4f%s; %s", alpha, gamma, eval_ca, shown, progress)
+            candidates.append(Candidate(round_index, alpha, g, eval_ca, test_ca, test_asr, seconds[g],
+                                        run.epochs_done, run.finished))  # fmt: skip
+            models.append(suspect.derive(run.model, run.cfg.to_dict(), {}) if run.finished else None)
         alpha = next_alpha(round_index, any_above)
         round_index += 1
     outer.close()
@@ -547,10 +625,12 @@ def run_predeploy(spec: PredeploySpec, splits: Splits, quiet: bool = False) -> P
         epochs=cfg.epochs,
         batch_size=cfg.batch_size or base_train.batch_size,
         optimizer=cfg.optimizer or base_train.optimizer,
+        precision=cfg.precision,
     )
-    log.info(
-        "BadNet D_eval CA %.4f -> threshold %.4f; α0 %.3g (%s)", base.eval_ca, base.threshold, alpha0, ft_base.optimizer
-    )
+    precision = pick_precision(suspect.build(), splits.treat.images, splits.treat.labels, ft_base, device)
+    ft_base = replace(ft_base, precision=precision)  # resolved once: every candidate trains alike
+    log.info("BadNet D_eval CA %.4f -> threshold %.4f; α0 %.3g (%s, %s)", base.eval_ca, base.threshold, alpha0,
+             ft_base.optimizer, precision)  # fmt: skip
     start = time.monotonic()
     executor = Executor(spec.executor)
     try:
@@ -571,6 +651,7 @@ def run_predeploy(spec: PredeploySpec, splits: Splits, quiet: bool = False) -> P
         "baseline": {"eval_clean_accuracy": base.eval_ca, **tested},
         "alpha0": alpha0,
         "config": cfg.to_dict(),
+        "precision": precision,
         "candidates": [asdict(c) for c in candidates],
         "seconds": round(time.monotonic() - start, 1),
         "candidates_csv": str(out_dir / "candidates.csv"),
@@ -584,9 +665,9 @@ def run_predeploy(spec: PredeploySpec, splits: Splits, quiet: bool = False) -> P
         )
         write_report(out_dir, report)
         raise NoCandidateError(report["error"])
-    written = publish_v1(
-        source, suspect, models[selected], candidates[selected], base, cfg, fleet, out_dir, clean_images(splits)
-    )
+    aug = models[selected]
+    assert aug is not None  # the pick takes finished candidates only
+    written = publish_v1(source, suspect, aug, candidates[selected], base, cfg, fleet, out_dir, clean_images(splits))
     report["reject_rule"] = MessageToDict(written.reject_rule, preserving_proto_field_name=True)
     scored = splits.scored  # the harness' test split, or your D_eval
     report["served_test" if len(splits.test) else "served_eval"] = served(out_dir / "bundle", scored.images,

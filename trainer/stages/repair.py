@@ -38,7 +38,16 @@ from trainer.science.data import DataParts, ImageSet, Splits
 from trainer.science.metrics import evaluate, evaluate_models
 from trainer.science.models import Checkpoint
 from trainer.science.noise import NoiseConfig, augment
-from trainer.science.training import SCHEDULES, TrainConfig, Unlearn, default_device, predict, train
+from trainer.science.training import (
+    PRECISIONS,
+    SCHEDULES,
+    TrainConfig,
+    Unlearn,
+    default_device,
+    pick_precision,
+    predict,
+    train,
+)
 from trainer.science.triggers import EvalSpec, Trigger
 from trainer.service.quarantine import Quarantine, QuarantineStore
 from trainer.stages.detect import REPAIRED_CALIBRATION, RejectConfig, RuleSpec, pair_logits, served
@@ -108,6 +117,8 @@ class RepairConfig:
     lr: float | None = flag(None, "fine-tuning lr (default: the BadNet's)", type=positive_float)
     # lr over the fine-tuning: annealed to 0 keeps more of the base's clean accuracy (bench/NOTES.md, session 15)
     schedule: str = flag("cosine", "fine-tuning lr schedule", name="--lr-schedule", choices=SCHEDULES)
+    precision: str = flag("auto", "arithmetic of the fine-tuning (auto: bf16 where it is faster here)",
+                          choices=PRECISIONS)  # fmt: skip
     # the learned trigger's change to an image, G(x) - x, is scaled by this on the fine-tuning images (1: G(x) as
     # it is). None: the smallest of GAINS at which θ_bd answers the quarantine's dominant label on FOLLOWED of them
     # (label-free: it reads θ_bd's answers, as --emphasis does). A CycleGAN fitted to a hundred quarantined inputs
@@ -484,7 +495,10 @@ def fine_tune(
         if earlier is not None and len(earlier.labels):  # a term of their own: this round's keeps its full weight
             unlearn.append(Unlearn(earlier.images, earlier.labels, cfg.unlearn_quarantine))
     base_train = train_config_of(loaded.bd_ckpt)
-    ft = replace(base_train, epochs=cfg.epochs, lr=cfg.lr or base_train.lr, schedule=cfg.schedule)
+    ft = replace(base_train, epochs=cfg.epochs, lr=cfg.lr or base_train.lr, schedule=cfg.schedule,
+                 precision=cfg.precision)  # fmt: skip
+    ft = replace(ft, precision=pick_precision(loaded.bd_ckpt.build(), repair_set.images, repair_set.labels, ft,
+                                              loaded.device))  # fmt: skip  # once, for every base tried
     tried: dict[str, dict[str, Any]] = {}
     models: dict[str, Any] = {}
     for base in ("bd", "aug") if cfg.base == "auto" else (cfg.base,):
