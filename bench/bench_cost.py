@@ -72,7 +72,8 @@ def badnets(models: list[str], checkouts: dict[str, Path]) -> list[dict[str, Any
                 subprocess.run([sys.executable, "-m", "bench.outsider_badnet", "--arch", model, "--out", str(out)],
                                check=True, cwd=ROOT)  # fmt: skip
             door = ["--model", str(out / "model.onnx"), "--preprocess", str(out / "preprocess.json")]
-            trigger = (out / "trigger.txt").read_text().strip()
+            kind, _, where = (out / "trigger.txt").read_text().strip().partition(":")  # image:PATH@R,C
+            trigger = f"{kind}:{(ROOT / where).resolve()}"  # absolute: the commands run in the worktrees
             cases.append({"model": model, "trigger": "glyph", "spec": trigger, "target": "7", "door": door,
                           "work": out})  # fmt: skip
             continue

@@ -61,6 +61,81 @@ def predeploy_section(data: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _spread(values: list[float]) -> tuple[float, float]:
+    """(mean, max - min) of ``values``."""
+    return sum(values) / len(values), max(values) - min(values)
+
+
+def cost_section(data: dict[str, Any]) -> str:
+    """Algorithm 1's cost (bench/bench_cost.py): this commit's predeploy defaults against an earlier commit's."""
+    lines = [
+        "## Algorithm 1's cost: predeploy's defaults against the full grid (bench/bench_cost.py)",
+        "",
+        _machine(data["machine"]),
+        "",
+        f"`predeploy` with its defaults only, at {data['after']} (successive halving over each round's γ, η = 3; "
+        f"channels-last; `--precision auto`) against {data['before']} (every candidate to the end, fp32), one "
+        "command at a time on the same machine, nothing beside it. Wall time is the whole command. θ_aug CA/ASR: "
+        "the harness' test split, the BadNet's eligible set (evaluation only: the pick reads D_eval CA). Foreign "
+        "models: `bench/outsider_badnet.py` (ONNX, 3x32x32, X glyph, target 7); cnn3: `attack`, target 0. Epochs: "
+        "fine-tuning epochs trained over the whole grid. Goals (issue 38): ≥ 3× less wall time per model, ≤ 10 "
+        "min for resnet-small, θ_aug within the before's seed-to-seed spread.",
+        "",
+        "| model | trigger | seed | wall s before → after | × | epochs before → after | precision | "
+        "θ_aug CA before → after | θ_aug ASR before → after | pick (α, γ) before → after |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    by_case: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    repairs = []
+    for r in data["rows"]:
+        if "repair" in r:
+            repairs.append(r)
+            continue
+        b, a = r["before"], r["after"]
+        by_case.setdefault((r["model"], r["trigger"]), []).append(r)
+        ratio = b["wall_seconds"] / a["wall_seconds"] if a.get("wall_seconds") and b.get("wall_seconds") else None
+
+        def pick(x: dict[str, Any]) -> str:
+            return f"{x['alpha']:.3g}, {x['gamma']:.1f}" if x.get("alpha") is not None else "none"
+
+        lines.append(
+            f"| {r['model']} | {r['trigger']} | {r['seed']} | {_fmt(b.get('wall_seconds'), 0)} → "
+            f"{_fmt(a.get('wall_seconds'), 0)} | {_fmt(ratio, 2)} | {b.get('epochs_trained')} → "
+            f"{a.get('epochs_trained')} | {a.get('precision')} | {_fmt(b.get('test_ca'))} → {_fmt(a.get('test_ca'))} "
+            f"| {_fmt(b.get('test_asr'))} → {_fmt(a.get('test_asr'))} | {pick(b)} → {pick(a)} |"
+        )
+    lines += ["", "Per case over its seeds: mean wall-time ratio; θ_aug mean (spread = max − min over seeds).", "",
+              "| model | trigger | seeds | × | CA before (spread) | CA after (spread) | ASR before (spread) "
+              "| ASR after (spread) |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for (model, trigger), rows in by_case.items():
+        done = [r for r in rows if r["before"].get("test_ca") is not None and r["after"].get("test_ca") is not None]
+        if not done:
+            continue
+        ratio = sum(r["before"]["wall_seconds"] for r in done) / sum(r["after"]["wall_seconds"] for r in done)
+        cells = []
+        for key in ("test_ca", "test_asr"):
+            for side in ("before", "after"):
+                mean, spread = _spread([r[side][key] for r in done])
+                cells.append(f"{mean:.4f} ({spread:.4f})")
+        lines.append(f"| {model} | {trigger} | {len(done)} | {ratio:.2f} | " + " | ".join(cells) + " |")
+    if repairs:
+        lines += ["", "The repair (quick profile) on the same quarantine (stream at CPD 0.1, N 1,000 into the after "
+                  "bundle of seed 0), each commit's defaults:", "",
+                  "| model | trigger | rejected (recall) | wall s before → after | × | precision | θ_repair CA "
+                  "before → after | θ_repair ASR before → after |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for r in repairs:
+            rp = r["repair"]
+            b, a = rp.get("before") or {}, rp.get("after") or {}
+            ratio = b["wall_seconds"] / a["wall_seconds"] if a.get("wall_seconds") and b.get("wall_seconds") else None
+            lines.append(
+                f"| {r['model']} | {r['trigger']} | {rp.get('rejected')} ({_fmt(rp.get('recall'), 3)}) | "
+                f"{_fmt(b.get('wall_seconds'), 0)} → {_fmt(a.get('wall_seconds'), 0)} | {_fmt(ratio, 2)} | "
+                f"{a.get('precision')} | {_fmt(b.get('test_ca'))} → {_fmt(a.get('test_ca'))} | "
+                f"{_fmt(b.get('test_asr'))} → {_fmt(a.get('test_asr'))} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
 def plot_cpd(data: dict[str, Any], path: Path) -> bool:
     """CA and ASR of the repaired model against CPD (the paper's Fig. 8); False when there is no sweep."""
     rows = sorted(
@@ -853,6 +928,7 @@ def main() -> None:
             parts.append(render(json.loads(path.read_text())))
 
     section("predeploy", predeploy_section)
+    section("cost", cost_section)
     for path in sorted(RESULTS.glob("repair-*.json")):
         parts.append(repair_section(json.loads(path.read_text()), path.stem))
     section("edge", edge_section)
