@@ -162,3 +162,13 @@ def test_halving_finishes_its_candidate_where_the_grid_does(
     rows = list(csv.DictReader((tmp_path / "halving" / "candidates.csv").open()))
     assert {r["finished"] for r in rows} == {"0", "1"}
     assert all(r["selected"] == "0" for r in rows if r["finished"] == "0")  # a stopped candidate is never picked
+
+
+def test_a_round_whose_finished_candidate_fell_below_finishes_a_stopped_one_above() -> None:
+    from trainer.stages.predeploy import second_chance
+
+    threshold = 0.80
+    assert second_chance({0.6: (0.82, True), 0.3: (0.85, False)}, threshold) is None  # one finished above: done
+    assert second_chance({0.6: (0.78, True), 0.3: (0.85, False), 0.1: (0.81, False)}, threshold) == 0.1  # closest
+    assert second_chance({0.6: (0.78, True), 0.3: (0.79, False)}, threshold) is None  # nothing stopped above
+    assert second_chance({0.6: (0.78, True), 0.3: (0.83, True), 0.1: (0.9, False)}, threshold) is None

@@ -463,6 +463,90 @@ def grid_progress(done: float, at_most: float, elapsed: float) -> str:
     return f"{done:.3g} done, at most {left:.3g} left" + (f" (about {about})" if left else "")
 
 
+@dataclass
+class _Round:
+    """One α round's candidates while they grow: their runs, seconds so far and last measurement (D_eval CA, and
+    test CA/ASR once finished)."""
+
+    alpha: float
+    runs: dict[float, Run]
+    seconds: dict[float, float]
+    measured: dict[float, tuple[float, float | None, float | None]] = field(default_factory=dict)
+
+    def eval_ca(self, gamma: float) -> float:
+        return self.measured[gamma][0]
+
+
+def second_chance(last: dict[float, tuple[float, bool]], threshold: float) -> float | None:
+    """The stopped candidate to finish next, from each γ's (last D_eval CA, finished): None while a finished one
+    stands at or above ``threshold``, else the stopped one above it that :func:`halving_key` ranks first (None if
+    there is none)."""
+    if any(done and ca >= threshold for ca, done in last.values()):
+        return None
+    waiting = [g for g, (ca, done) in last.items() if not done and ca >= threshold]
+    return min(waiting, key=lambda g: halving_key(last[g][0], threshold)) if waiting else None
+
+
+class _Grid:
+    """What every rung of every round shares: the data, the baseline, the executor and the progress."""
+
+    def __init__(
+        self,
+        splits: Splits,
+        base: _Baseline,
+        eval_trigger: Trigger | None,
+        target: int | None,
+        quiet: bool,
+        executor: Executor,
+        steps: int,
+        at_most: float,
+    ) -> None:
+        self.splits, self.base, self.eval_trigger, self.target = splits, base, eval_trigger, target
+        self.quiet, self.executor, self.steps, self.at_most = quiet, executor, steps, at_most
+        self.bar = tqdm(desc="predeploy", total=round(at_most, 2), disable=quiet, unit="cand")
+        self.started = time.monotonic()
+        self.spent = 0.0  # full candidates' worth of training so far
+
+    def grow(self, rnd: _Round, names: Sequence[float], until: int) -> None:
+        """Train ``names`` of ``rnd`` on to step ``until`` (in parallel where the executor is Ray) and measure them."""
+        quiet = self.quiet or self.executor.cfg.executor != "serial"
+        calls = [
+            (rnd.runs[g], until, f"α={rnd.alpha:.3g} γ={g:.1f}", self.splits.eval, self.splits.test, self.eval_trigger,
+             self.target, self.base, quiet)
+            for g in names
+        ]  # fmt: skip
+        before = {g: rnd.runs[g].step for g in names}
+        for g, (run, eval_ca, test_ca, test_asr, secs) in zip(
+            names, self.executor.map(grow_candidate, calls), strict=True
+        ):
+            rnd.runs[g], rnd.seconds[g] = run, rnd.seconds[g] + secs
+            rnd.measured[g] = (eval_ca, test_ca, test_asr)
+            share = (run.step - before[g]) / self.steps
+            self.spent += share
+            self.bar.update(round(share, 2))
+            self.bar.set_postfix(alpha=f"{rnd.alpha:.3g}", gamma=g, ca=f"{eval_ca:.3f}")
+            shown = "" if test_asr is None or test_ca is None else f", test CA {test_ca:.4f} ASR {test_asr:.4f}"
+            log.info("candidate α=%.3g γ=%.1f, %.2g epochs: D_eval CA %.4f%s", rnd.alpha, g, run.epochs_done, eval_ca,
+                     shown)  # fmt: skip
+        log.info("%s", grid_progress(self.spent, self.at_most, time.monotonic() - self.started))
+
+    def key(self, rnd: _Round) -> Callable[[float], tuple[bool, float]]:
+        return lambda g: halving_key(rnd.eval_ca(g), self.base.threshold)
+
+    def run_round(self, rnd: _Round, ladder: Sequence[tuple[int, int]]) -> None:
+        """Grow ``rnd`` up ``ladder``: after each rung short of the end only the best ``keep`` go on. If the one
+        that ended fell below the threshold while one stopped earlier stood above it, that one goes on to the end as
+        well (the closest first): a round the grid would pick from keeps a pickable candidate."""
+        alive = list(rnd.runs)
+        for until, keep in ladder:
+            self.grow(rnd, alive, until)
+            if until < self.steps:
+                alive = sorted(alive, key=self.key(rnd))[:keep]
+        while (g := second_chance({g: (rnd.eval_ca(g), r.finished) for g, r in rnd.runs.items()},
+                                  self.base.threshold)) is not None:  # fmt: skip
+            self.grow(rnd, [g], self.steps)
+
+
 def search(
     suspect: Checkpoint,
     splits: Splits,
@@ -487,58 +571,31 @@ def search(
     gammas = sorted(cfg.gammas, reverse=True)
     steps = cfg.epochs * math.ceil(len(treat_sets[gammas[0]]) / ft_base.batch_size)  # a candidate's whole run
     ladder = rungs(len(gammas), steps, cfg.eta) if cfg.strategy == "halving" else [(steps, len(gammas))]
-    per_round = sum(until * len(gammas) if i == 0 else (until - ladder[i - 1][0]) * ladder[i - 1][1]
-                    for i, (until, _) in enumerate(ladder)) / steps  # fmt: skip  # full candidates' worth
+    alive = [len(gammas)] + [keep for _, keep in ladder[:-1]]
+    reached = [0] + [until for until, _ in ladder[:-1]]
+    per_round = sum(n * (until - r) for n, (until, _), r in zip(alive, ladder, reached, strict=True)) / steps
+    grid = _Grid(splits, base, eval_trigger, target, quiet, executor, steps, cfg.max_rounds * per_round)
+    log.info("grid (%s): at most %d rounds of α x %d γ, each %s", cfg.strategy, cfg.max_rounds, len(gammas),
+             "; ".join(f"{n} to {until / steps:.2g} of the epochs" for n, (until, _) in zip(alive, ladder,
+                                                                                            strict=True)))  # fmt: skip
     candidates: list[Candidate] = []
     models: list[Checkpoint | None] = []
     next_alpha = alpha_schedule(alpha0, cfg)
     alpha: float | None = alpha0
     round_index = 0
-    at_most = cfg.max_rounds * per_round
-    outer = tqdm(desc="predeploy", total=round(at_most, 2), disable=quiet, unit="cand")
-    log.info(
-        "grid (%s): at most %d rounds of α x %d γ, %s", cfg.strategy, cfg.max_rounds, len(gammas),
-        " -> ".join(f"{keep_before} to {until / steps:.2g} of the epochs" for (until, _), keep_before in
-                    zip(ladder, [len(gammas)] + [k for _, k in ladder[:-1]], strict=True)),
-    )  # fmt: skip
-    started = time.monotonic()
-    spent = 0.0  # full candidates' worth of training so far
     while alpha is not None:
         ft = replace(ft_base, lr=alpha)
         runs = {g: Run(suspect.build(), treat_sets[g].images, treat_sets[g].labels, ft, cfg.seed) for g in gammas}
-        seconds = dict.fromkeys(gammas, 0.0)
-        alive, measured = list(gammas), {}
-        for until, keep in ladder:
-            calls = [
-                (runs[g], until, f"α={alpha:.3g} γ={g:.1f}", splits.eval, splits.test, eval_trigger, target, base,
-                 quiet or executor.cfg.executor != "serial")
-                for g in alive
-            ]  # fmt: skip
-            done_before = runs[alive[0]].step
-            for g, (run, eval_ca, test_ca, test_asr, secs) in zip(alive, executor.map(grow_candidate, calls),
-                                                                   strict=True):  # fmt: skip
-                runs[g], seconds[g] = run, seconds[g] + secs
-                measured[g] = (eval_ca, test_ca, test_asr)
-                spent += (run.step - done_before) / steps
-                outer.update(round((run.step - done_before) / steps, 2))
-                outer.set_postfix(alpha=f"{alpha:.3g}", gamma=g, ca=f"{eval_ca:.3f}")
-                log.info("candidate α=%.3g γ=%.1f, %.2g epochs: D_eval CA %.4f%s", alpha, g, run.epochs_done, eval_ca,
-                         f", test CA {test_ca:.4f} ASR {test_asr:.4f}" if test_asr is not None and test_ca is not None
-                         else "")  # fmt: skip
-            ranked = sorted(alive, key=lambda g: halving_key(measured[g][0], base.threshold))
-            alive = ranked[:keep] if until < steps else alive
-            log.info("%s", grid_progress(spent, at_most, time.monotonic() - started))
-        any_above = False
-        for g in gammas:
-            eval_ca, test_ca, test_asr = measured[g]
-            run = runs[g]
-            any_above |= eval_ca >= base.threshold
-            candidates.append(Candidate(round_index, alpha, g, eval_ca, test_ca, test_asr, seconds[g],
+        rnd = _Round(alpha, runs, dict.fromkeys(gammas, 0.0))
+        grid.run_round(rnd, ladder)
+        for g, run in runs.items():
+            eval_ca, test_ca, test_asr = rnd.measured[g]
+            candidates.append(Candidate(round_index, alpha, g, eval_ca, test_ca, test_asr, rnd.seconds[g],
                                         run.epochs_done, run.finished))  # fmt: skip
             models.append(suspect.derive(run.model, run.cfg.to_dict(), {}) if run.finished else None)
-        alpha = next_alpha(round_index, any_above)
+        alpha = next_alpha(round_index, any(rnd.eval_ca(g) >= base.threshold for g in gammas))
         round_index += 1
-    outer.close()
+    grid.bar.close()
     return candidates, models, round_index
 
 
