@@ -88,7 +88,9 @@ def main() -> None:
                 "eval_ca": sel.get("eval_ca"),
                 "threshold": out.get("threshold"),
                 "candidates": len(out.get("candidates", [])),
-                "best_asr_any_candidate": min((c["test_asr"] for c in out.get("candidates", [])), default=None),
+                "best_asr_any_candidate": min(
+                    (c["test_asr"] for c in out.get("candidates", []) if c.get("test_asr") is not None), default=None
+                ),
                 "seconds": round(secs, 1),
                 "attack_seconds": round(attack_s, 1),
                 "exit_code": out["exit_code"],

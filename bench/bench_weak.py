@@ -28,11 +28,12 @@ from bench.common import RESULTS, machine, run_cli, save
 
 
 def pick(candidates: Path, asr: float) -> dict[str, float]:
-    """The grid's candidate whose test ASR is nearest ``asr`` (evaluation only)."""
+    """The grid's finished candidate whose test ASR is nearest ``asr`` (evaluation only)."""
     with candidates.open() as f:
         rows = [
             {k: float(v) for k, v in r.items() if k in ("alpha", "gamma", "test_asr", "eval_ca")}
             for r in csv.DictReader(f)
+            if r.get("test_asr")  # a candidate halving stopped was not measured on the test split
         ]
     return min(rows, key=lambda r: abs(r["test_asr"] - asr))
 
