@@ -11,7 +11,7 @@ trigger, which the heuristic never reads): wall time of the whole command, θ_au
 pick. Then a stream (CPD 0.1, N 1,000) into the new bundle and the repair (quick profile) with both commits on
 that same quarantine: the repair's wall time beside it.
 
-    python -m bench.bench_cost [--models resnet-small cnn3 resnet18] [--seeds 0 1] [--before REV]
+    python -m bench.bench_cost [--models resnet-small cnn3 resnet18] [--seeds 0 1] [--before REV] [--repair-for ...]
 
 Each stage's result is kept under ``runs/bench-cost`` and reused when the bench runs again (delete it to measure
 afresh); ``bench/results/cost.json`` is written after every stage, so a long run stopped early keeps its rows.
@@ -139,7 +139,13 @@ def main() -> None:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     ap.add_argument("--before", default=BEFORE, help="the commit whose defaults are the baseline")
     ap.add_argument("--after", default="HEAD", help="the commit measured (a worktree: edits meanwhile stay out)")
-    ap.add_argument("--no-repair", action="store_true", help="predeploy only")
+    ap.add_argument(
+        "--repair-for",
+        nargs="*",
+        default=["resnet-small:glyph", "cnn3:blend", "resnet18:glyph"],
+        metavar="MODEL:TRIGGER",
+        help="the cases whose repair is timed too (none: predeploy only)",
+    )
     args = ap.parse_args()
     after = subprocess.run(["git", "rev-parse", "--short", args.after], cwd=ROOT, capture_output=True, text=True,
                            check=True).stdout.strip()  # fmt: skip
@@ -161,16 +167,18 @@ def main() -> None:
             rows.append(row)
             write()
 
-    # every case once first, then the repairs, then the other seeds, cheap models first: a run stopped early keeps
-    # the most of the comparison
+    # every case once first, then the cheap model's other seeds, the repairs, the foreign models' other seeds: a
+    # run stopped early keeps the most of the comparison
     predeploys(args.seeds[0], cases)
-    if not args.no_repair:
-        for case in cases:
+    for seed in args.seeds[1:]:
+        predeploys(seed, [c for c in cases if c["model"] == "cnn3"])
+    for case in cases:
+        if f"{case['model']}:{case['trigger']}" in args.repair_for:
             rows.append({"model": case["model"], "trigger": case["trigger"], "repair": repair(case, checkouts)})
             print(json.dumps(rows[-1]), flush=True)
             write()
     for seed in args.seeds[1:]:
-        predeploys(seed, sorted(cases, key=lambda c: c["model"] != "cnn3"))
+        predeploys(seed, [c for c in cases if c["model"] != "cnn3"])
 
 
 if __name__ == "__main__":
