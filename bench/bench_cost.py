@@ -8,7 +8,7 @@ BatchNorm and global pooling and torchvision's resnet18, both 3x32x32 normalised
 checker4, square:4 and a noise blend (α 0.15). Each predeploy runs with its defaults only (plus the evaluation
 trigger, which the heuristic never reads): wall time of the whole command, θ_aug's test CA and ASR, the pick (α,
 γ), candidates trained. Seeds (``--seed`` of Algorithm 1: its noise and fine-tuning order) give the spread of the
-pick. Then a stream (CPD 0.1, N 1,000) into the new bundle and the repair (quick profile) with both commits on
+pick. Then a stream (CPD 0.1, N 1,000) into the before's bundle and the repair (quick profile) with both commits on
 that same quarantine: the repair's wall time beside it.
 
     python -m bench.bench_cost [--models resnet-small cnn3 resnet18] [--seeds 0 1] [--before REV] [--repair-for ...]
@@ -113,8 +113,9 @@ def predeploy(case: dict[str, Any], side: str, checkout: Path, seed: int) -> dic
 
 
 def repair(case: dict[str, Any], checkouts: dict[str, Path]) -> dict[str, Any]:
-    """A stream into the new seed-0 bundle, then the quick repair with each checkout on that same quarantine."""
-    bundle = case["work"] / "after-seed0" / "bundle"
+    """A stream into the before's seed-0 bundle (a format both commits read), then the quick repair with each
+    checkout on that same quarantine."""
+    bundle = case["work"] / "before-seed0" / "bundle"
     q = case["work"] / "quarantine"
     st = stage(case["work"] / "stream.json", lambda: cli(
         checkouts["after"], "stream", "--bundle", str(bundle), "--trigger", case["spec"], "--target", case["target"],

@@ -119,7 +119,7 @@ def cost_section(data: dict[str, Any]) -> str:
                 cells.append(f"{mean:.4f} ({spread:.4f})")
         lines.append(f"| {model} | {trigger} | {len(done)} | {ratio:.2f} | " + " | ".join(cells) + " |")
     if repairs:
-        lines += ["", "The repair (quick profile) on the same quarantine (stream at CPD 0.1, N 1,000 into the after "
+        lines += ["", "The repair (quick profile) on the same quarantine (stream at CPD 0.1, N 1,000 into the before "
                   "bundle of seed 0), each commit's defaults:", "",
                   "| model | trigger | rejected (recall) | wall s before → after | × | precision | θ_repair CA "
                   "before → after | θ_repair ASR before → after |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip

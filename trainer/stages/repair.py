@@ -570,10 +570,11 @@ def refresh_monitor(loaded: _Loaded, model: Any, splits: Splits, cfg: RepairConf
     """θ_repair treated as the deployed monitor was (Algorithm 1's pick: its α, γ, noise and fine-tuning recipe
     from the monitor's checkpoint), without a new grid search."""
     check_refreshable(loaded)
-    meta, recipe = loaded.aug_ckpt.meta, loaded.aug_ckpt.train
+    meta = loaded.aug_ckpt.meta
     noise = NoiseConfig(**meta["noise"]) if meta.get("noise") else NoiseConfig()
     data = augment(splits.treat, float(meta["gamma"]), np.random.default_rng([cfg.seed, 17]), noise)
-    ft = TrainConfig(**recipe)
+    # the recipe as recorded (keys this version does not know are left out), in this repair's own arithmetic
+    ft = replace(train_config_of(loaded.aug_ckpt), precision=cfg.precision)
     monitor = loaded.bd_ckpt.derive(model, {}, {}).build()
     train(monitor, data.images, data.labels, ft, cfg.seed + 17, loaded.device, "repair: refresh monitor", quiet)
     eval_ca = evaluate(lambda x: predict(monitor, x, device=loaded.device), splits.eval).clean_accuracy
