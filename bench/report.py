@@ -66,6 +66,13 @@ def _spread(values: list[float]) -> tuple[float, float]:
     return sum(values) / len(values), max(values) - min(values)
 
 
+def _ratio(before: dict[str, Any], after: dict[str, Any]) -> float | None:
+    """Wall time before over after (None where either is missing)."""
+    if not before.get("wall_seconds") or not after.get("wall_seconds"):
+        return None
+    return float(before["wall_seconds"]) / float(after["wall_seconds"])
+
+
 def cost_section(data: dict[str, Any]) -> str:
     """Algorithm 1's cost (bench/bench_cost.py): this commit's predeploy defaults against an earlier commit's."""
     lines = [
@@ -93,7 +100,7 @@ def cost_section(data: dict[str, Any]) -> str:
             continue
         b, a = r["before"], r["after"]
         by_case.setdefault((r["model"], r["trigger"]), []).append(r)
-        ratio = b["wall_seconds"] / a["wall_seconds"] if a.get("wall_seconds") and b.get("wall_seconds") else None
+        ratio = _ratio(b, a)
 
         def pick(x: dict[str, Any]) -> str:
             return f"{x['alpha']:.3g}, {x['gamma']:.1f}" if x.get("alpha") is not None else "none"
@@ -116,7 +123,7 @@ def cost_section(data: dict[str, Any]) -> str:
         for key in ("test_ca", "test_asr"):
             for side in ("before", "after"):
                 mean, spread = _spread([r[side][key] for r in done])
-                cells.append(f"{mean:.4f} ({spread:.4f})")
+                cells.append(f"{mean:.4f} ({spread:.4f})" if len(done) > 1 else f"{mean:.4f} (one seed)")
         lines.append(f"| {model} | {trigger} | {len(done)} | {ratio:.2f} | " + " | ".join(cells) + " |")
     if repairs:
         lines += ["", "The repair (quick profile) on the same quarantine (stream at CPD 0.1, N 1,000 into the before "
@@ -126,7 +133,7 @@ def cost_section(data: dict[str, Any]) -> str:
         for r in repairs:
             rp = r["repair"]
             b, a = rp.get("before") or {}, rp.get("after") or {}
-            ratio = b["wall_seconds"] / a["wall_seconds"] if a.get("wall_seconds") and b.get("wall_seconds") else None
+            ratio = _ratio(b, a)
             lines.append(
                 f"| {r['model']} | {r['trigger']} | {rp.get('rejected')} ({_fmt(rp.get('recall'), 3)}) | "
                 f"{_fmt(b.get('wall_seconds'), 0)} → {_fmt(a.get('wall_seconds'), 0)} | {_fmt(ratio, 2)} | "

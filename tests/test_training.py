@@ -72,6 +72,10 @@ def test_channels_last_is_used_where_the_model_takes_it_and_left_where_it_does_n
     run = Run(viewing, images, labels, TrainConfig(epochs=1, batch_size=50), seed=0)
     run.advance(None, torch.device("cpu"), quiet=True)  # trains, in the contiguous layout
     assert run.finished and run.channels_last is False
+    asked = Run(build_model("cnn3", (1, 28, 28), 10), images, labels, TrainConfig(epochs=1, batch_size=50), seed=0,
+                channels_last=False)  # fmt: skip
+    asked.advance(None, torch.device("cpu"), quiet=True)  # the attack's BadNets: contiguous although cnn3 takes it
+    assert asked.channels_last is False and asked.finished
 
 
 def test_precision_auto_resolves_to_one_the_run_records_and_an_explicit_one_is_kept() -> None:

@@ -111,13 +111,16 @@ def train(
     quiet: bool = False,
     smoothing: np.ndarray | None = None,
     unlearn: Unlearn | Sequence[Unlearn] | None = None,
+    channels_last: bool = True,
 ) -> list[float]:
     """Train ``model`` in place on uint8 ``images`` (N, C, H, W) and ``labels`` (N,); returns epoch losses.
 
     ``smoothing`` (N,) in [0, 1]: label smoothing per input (its target keeps 1 − ε of the mass plus ε spread
     evenly over the classes); None: hard labels. ``unlearn``: a term that moves other inputs off a label
-    (:class:`Unlearn`), or several, each on a batch of its own every step. One uninterrupted :class:`Run`."""
-    run = Run(model, images, labels, cfg, seed, smoothing=smoothing, unlearn=unlearn)
+    (:class:`Unlearn`), or several, each on a batch of its own every step. ``channels_last`` False: the contiguous
+    layout even where the model takes channels-last (the harness' BadNets stay the ones they were). One
+    uninterrupted :class:`Run`."""
+    run = Run(model, images, labels, cfg, seed, smoothing=smoothing, unlearn=unlearn, channels_last=channels_last)
     run.advance(None, device, desc, quiet)
     return run.losses
 
@@ -213,7 +216,8 @@ class Run:
     state, the dropout draws all carry over). Successive halving grows candidates this way; the run pickles, so a
     Ray task can take one and hand it back.
 
-    Steps run in channels-last layout where the model takes it (:func:`takes_channels_last`), in ``cfg.precision``
+    Steps run in channels-last layout where the model takes it (:func:`takes_channels_last`; ``channels_last``
+    False: never), in ``cfg.precision``
     (``auto``: :func:`pick_precision` on the first advance); between advances the model is contiguous fp32."""
 
     def __init__(
@@ -225,6 +229,7 @@ class Run:
         seed: int,
         smoothing: np.ndarray | None = None,
         unlearn: Unlearn | Sequence[Unlearn] | None = None,
+        channels_last: bool = True,
     ) -> None:
         self.model, self.images, self.labels, self.cfg, self.seed = model, images, labels, cfg, seed
         self.smoothing = None if smoothing is None else np.asarray(smoothing, dtype=np.float32)
@@ -234,7 +239,7 @@ class Run:
         self.total_steps = cfg.epochs * self.steps_per_epoch
         self.step = 0
         self.losses: list[float] = []
-        self.channels_last: bool | None = None  # decided on the first advance
+        self.channels_last: bool | None = None if channels_last else False  # None: decided on the first advance
         self._order: torch.Tensor | None = None  # this epoch's batch order; None: the next step starts an epoch
         self._pos = 0
         self._sum, self._count = 0.0, 0

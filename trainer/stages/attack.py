@@ -169,11 +169,13 @@ def run_attack(
             if cfg.clean_epochs is None
             else TrainConfig(**{**cfg.train.to_dict(), "epochs": cfg.clean_epochs})
         )
-        train(model, splits.train.images, splits.train.labels, clean_cfg, cfg.seed, device, "attack: clean", quiet)
+        train(model, splits.train.images, splits.train.labels, clean_cfg, cfg.seed, device, "attack: clean", quiet,
+              channels_last=False)  # fmt: skip
     smoothing = np.where(poisoned.poisoned, cfg.adaptive_smoothing, 0.0) if cfg.adaptive_smoothing else None
+    # the attacker's BadNet in the contiguous layout, as the harness always made it (its results stay comparable)
     train(
         model, poisoned.data.images, poisoned.data.labels, cfg.train, cfg.seed + 1, device, "attack: poisoned", quiet,
-        smoothing,
+        smoothing, channels_last=False,
     )  # fmt: skip
     train_seconds = time.monotonic() - start
 
