@@ -9,7 +9,7 @@ FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 DEMO_DIR ?= runs/demo
 PYTEST_ARGS ?=
 
-.PHONY: all install dataset camera-deps lint protos test test-fast demo demo-repair bench clean
+.PHONY: all install dataset camera-deps ops-deps docs lint protos test test-fast demo demo-repair bench clean
 
 all: test
 
@@ -34,6 +34,12 @@ camera-deps:
 	elif [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(CAMERA_DEBS); \
 	else echo "Camera test packages are missing. Run: sudo apt-get update && sudo apt-get install -y $(CAMERA_DEBS)"; exit 1; fi
 
+# The operator's kit: promtool (Debian's prometheus package) checks the alert rules and runs their unit tests.
+ops-deps:
+	@if command -v promtool >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; \
+	else echo "promtool is missing. Run: sudo apt-get update && sudo apt-get install -y prometheus"; exit 1; fi
+
 dataset:
 	@if [ -f $(FMNIST) ]; then :; \
 	elif [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; \
@@ -42,11 +48,20 @@ dataset:
 protos: $(STAMP)
 	PYTHON=$(BIN)/python protos/generate.sh
 
-lint: $(STAMP)
+lint: $(STAMP) ops-deps
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/mypy --strict --follow-imports=silent docs/generate.py ops/grafana/dashboard.py
 	PYTHON=$(BIN)/python protos/generate.sh --check
+	$(BIN)/python docs/generate.py --check
+	@mkdir -p runs && NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir runs/site 2> runs/mkdocs.log \
+		|| { grep -v '^INFO' runs/mkdocs.log; echo 'docs: mkdocs build --strict failed (a broken link or anchor above)'; exit 1; }
+	cd ops/prometheus && promtool check config prometheus.yml && promtool test rules alerts_test.yml
+
+# docs/reference/cli.md and the Grafana dashboard, generated again (after changing a flag or a panel)
+docs: $(STAMP)
+	$(BIN)/python docs/generate.py
 
 test: $(STAMP) dataset camera-deps lint
 	$(BIN)/pytest $(PYTEST_ARGS)

@@ -26,6 +26,7 @@ import grpc
 import numpy as np
 
 from edge_agent.agent import Agent
+from edge_agent.backoff import Backoff
 from edge_agent.ensemble import Ensemble
 from edge_agent.formats.bundle import BundleError, VerifiedBundle, verify_bundle
 from edge_agent.formats.signing import check_rollback_order
@@ -142,7 +143,10 @@ class UpdateConfig:
     fleet: str
     device_id: str
     retries: int = 5  # per artifact, for broken downloads (each retry resumes at the bytes already there)
-    backoff_max: float = 10.0  # seconds between reconnection attempts, at most
+    # seconds between reconnection attempts: drawn with full jitter under a ceiling that doubles from backoff_start
+    # up to backoff_max (edge_agent/backoff.py), so that a fleet cut off together does not come back together
+    backoff_start: float = 0.5
+    backoff_max: float = 10.0
     tls_ca: Path | None = None  # verify the model service with this CA (None: plaintext)
     tls_cert: Path | None = None  # this agent's certificate, for mutual TLS
     tls_key: Path | None = None
@@ -198,7 +202,7 @@ class Updater:
         self._thread.join(timeout)
 
     def _run(self) -> None:
-        delay = 0.2
+        backoff = Backoff(self.cfg.backoff_start, self.cfg.backoff_max)
         while not self._stop.is_set():
             self._channel = self.cfg.channel()
             stub = model_service_pb2_grpc.ModelServiceStub(self._channel)
@@ -209,7 +213,7 @@ class Updater:
                     current_version=self.agent.ensemble.bundle.version,
                 )
                 for notice in stub.Subscribe(request, wait_for_ready=True):
-                    delay = 0.2
+                    backoff.reset()
                     self.handle(stub, notice)
                     if self._stop.is_set():
                         break
@@ -217,11 +221,13 @@ class Updater:
                 if self._stop.is_set():
                     break
                 self.counters.reconnects += 1
+                delay = backoff.next()
                 log.info("model service %s unreachable (%s); retrying in %.1f s", self.cfg.target, e.code(), delay)
+            else:
+                delay = backoff.next()  # the stream ended (the service stopped it): come back, spread out as well
             finally:
                 self._channel.close()
             self._stop.wait(delay)
-            delay = min(delay * 2, self.cfg.backoff_max)
 
     def _refuse(self, version: int, why: str) -> None:
         self.counters.refused += 1

@@ -4,8 +4,8 @@ Each spooled input goes out as the multipart message ``[QuarantineHeader, tensor
 sequence number in the header; the collector answers a ``QuarantineReply`` after its durable write (one reply
 for all of this device's messages one write stored: the header asks for ``batched_acks``), and only then is the
 row deleted from the spool. Unacknowledged rows are resent after ``resend_after`` seconds;
-ZeroMQ reconnects by itself. The uplink runs in its own thread and never blocks inference: it reads the spool,
-the request path only writes it.
+ZeroMQ reconnects by itself, with libzmq's jitter; a socket monitor counts the connections. The uplink runs in its
+own thread and never blocks inference: it reads the spool, the request path only writes it.
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
+from edge_agent.backoff import stretch
 from edge_agent.formats.curve import configure_client
 from edge_agent.spool import Spool
 from protos.nnoc.v1 import quarantine_pb2
@@ -44,6 +46,11 @@ class UplinkConfig:
     stats_interval: float = 10.0  # seconds between AgentStats messages (when a stats source is given)
     curve_key: Path | None = None  # this agent's CURVE .key_secret file (with curve_server_key: encrypted link)
     curve_server_key: Path | None = None  # the collector's CURVE public .key file
+    # libzmq reconnects by itself: the first try after reconnect_ms, each later one after an interval that doubles
+    # up to reconnect_max_ms, and every interval gets a random extra of up to reconnect_ms (libzmq's own jitter), so
+    # a fleet cut off by a collector restart comes back spread over that much
+    reconnect_ms: int = 500
+    reconnect_max_ms: int = 10_000
 
 
 @dataclass
@@ -59,6 +66,13 @@ class UplinkCounters:
     bad_replies: int = 0
     stats_sent: int = 0
     spool_errors: int = 0  # rounds the spool failed (disk full, I/O): the uplink waits and tries again
+    connects: int = 0  # connections made to the collector (the first one included)
+    connected: bool = False
+
+    @property
+    def reconnects(self) -> int:
+        """Connections made again after the first one."""
+        return max(self.connects - 1, 0)
 
 
 SPOOL_RETRY = 1.0  # seconds between tries while the spool fails
@@ -103,13 +117,15 @@ class Uplink:
         sock.setsockopt(zmq.LINGER, self.cfg.linger_ms)
         sock.setsockopt(zmq.IDENTITY, self.cfg.device_id.encode())
         sock.setsockopt(zmq.SNDHWM, self.cfg.window * 2)
-        sock.setsockopt(zmq.RECONNECT_IVL, 100)
-        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        sock.setsockopt(zmq.RECONNECT_IVL, self.cfg.reconnect_ms)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, self.cfg.reconnect_max_ms)
         if self.cfg.curve_key is not None and self.cfg.curve_server_key is not None:
             configure_client(sock, self.cfg.curve_key, self.cfg.curve_server_key)
+        events_of_link = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
         sock.connect(self.cfg.endpoint)
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
+        poller.register(events_of_link, zmq.POLLIN)
         # What was sent and when lives here, not in the spool: sending costs the spool no writes. A restart
         # forgets it and sends every row again; the collector keys on (device, seq) and stores each once.
         in_flight: dict[int, float] = {}  # seq -> when it was last sent; stays until ACKed, REJECTED or gone
@@ -162,6 +178,8 @@ class Uplink:
                             if k < resends:
                                 self.counters.resent += 1
                     events = dict(poller.poll(self.cfg.poll_ms))
+                    if events_of_link in events:
+                        self._link_events(events_of_link)
                     acks = to_delete  # every seq the collector answered for good, deleted below
                     while sock in events:
                         try:
@@ -191,7 +209,9 @@ class Uplink:
                         ):
                             # Stays spooled (the spool's own bound applies) and in flight; nothing goes out for a while.
                             self.counters.deferred += 1
-                            wait = min(max(reply.retry_after, self.cfg.resend_after), 600.0)
+                            # stretched at random: the agents the collector deferred together do not all come
+                            # back in the same second
+                            wait = stretch(min(max(reply.retry_after, self.cfg.resend_after), 600.0))
                             if time.monotonic() + wait > paused_until:
                                 log.warning("collector defers quarantine for %.0f s: %s", wait, reply.error)
                                 paused_until = time.monotonic() + wait
@@ -210,7 +230,22 @@ class Uplink:
                         next_error_log = time.monotonic() + 60.0
                     self._stop.wait(SPOOL_RETRY)
         finally:
+            sock.disable_monitor()
+            events_of_link.close()
             sock.close()
+
+    def _link_events(self, monitor: zmq.Socket) -> None:
+        """Count the connections the socket monitor reports (a handshake done: connected; gone: disconnected)."""
+        while True:
+            try:
+                event = recv_monitor_message(monitor, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self.counters.connects += 1
+                self.counters.connected = True
+            elif event["event"] == zmq.EVENT_DISCONNECTED:
+                self.counters.connected = False
 
     def _parse_reply(self, frames: list[bytes]) -> quarantine_pb2.QuarantineReply | None:
         try:

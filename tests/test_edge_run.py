@@ -80,16 +80,17 @@ def test_nnoc_edge_run_serves_quarantines_reports_and_stops(
             body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
             return {ln.split()[0]: float(ln.split()[1]) for ln in body.splitlines() if ln.startswith("nnoc_")}
 
-        assert wait_for(lambda: scrape().get("nnoc_requests") == 200, 60)
+        assert wait_for(lambda: scrape().get("nnoc_inputs_total") == 200, 60)
         m = scrape()
-        assert m["nnoc_bundle_version"] == 1 and m["nnoc_rejects"] > 0
+        assert m["nnoc_bundle_version"] == 1 and m["nnoc_rejects_total"] > 0
+        assert m["nnoc_uplink_connected"] == 1 and m["nnoc_uplink_reconnects_total"] == 0
         truth = json.loads(frames.with_suffix(".truth.json").read_text())
         assert len(truth["labels"]) == 200 and len(truth["poisoned"]) == 100  # test split: target 0 never poisoned
-        assert wait_for(lambda: collector.received >= m["nnoc_rejects"] and scrape()["nnoc_spool_depth"] == 0, 30)
+        assert wait_for(lambda: collector.received >= m["nnoc_rejects_total"] and scrape()["nnoc_spool_depth"] == 0, 30)
         assert wait_for(lambda: bool(collector.stats) and collector.stats[-1].requests == 200, 30)
         last = collector.stats[-1]
         assert (last.device_id, last.fleet, last.bundle_version) == ("cam-7", "default", 1)
-        assert last.rejects == m["nnoc_rejects"] and last.provider
+        assert last.rejects == m["nnoc_rejects_total"] and last.provider
         code, st, _ = edge("status", "--state-dir", str(state))
         assert code == 0 and st is not None and st["current"] == 1 and st["running"]["device_id"] == "cam-7"
         assert st["spool_depth"] == 0

@@ -16,14 +16,15 @@ import os
 import signal
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import CollectorRegistry, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, disable_created_metrics, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, StateSetMetricFamily
 
 from edge_agent.formats.signing import load_private_key
 from edge_agent.options import flag, part, positive, positive_float
@@ -32,9 +33,10 @@ from trainer.service.collector import Collector, CollectorConfig
 from trainer.service.collector_process import CollectorProcess
 from trainer.service.jobs import JobPolicy, JobRunner, make_backend
 from trainer.service.model_service import ModelServer, ModelServicer, ServiceConfig
-from trainer.service.registry import Registry
+from trainer.service.registry import JOB_STATES, Registry
+from trainer.service.rollout import STATES as ROLLOUT_STATES
 from trainer.service.rollout import RolloutController
-from trainer.service.store import ModelStore
+from trainer.service.store import ModelStore, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -107,10 +109,17 @@ def check_serve(cfg: ServeConfig) -> None:
 
 
 class ServeMetrics:
-    """Prometheus metrics of ``serve``, read from the collector's and the model service's counters when scraped."""
+    """Prometheus metrics of ``serve``, read when scraped: the collector's and the model service's counters, and
+    per fleet its version, its rollouts, its repair jobs and when each of its devices last reported."""
 
-    def __init__(self, collector: Collector | CollectorProcess, servicer: ModelServicer) -> None:
-        self.collector, self.servicer = collector, servicer
+    def __init__(
+        self,
+        collector: Collector | CollectorProcess,
+        servicer: ModelServicer,
+        store: ModelStore | None = None,
+        registry: Registry | None = None,
+    ) -> None:
+        self.collector, self.servicer, self.store, self.registry = collector, servicer, store, registry
 
     def collect(self) -> Iterator[Metric]:
         """Called by prometheus-client on each scrape."""
@@ -142,6 +151,39 @@ class ServeMetrics:
         for rpc, n in sorted(self.servicer.denied.items()):
             denied.add_metric([rpc], n)
         yield denied
+        if self.store is not None and self.registry is not None:
+            yield from fleet_metrics(self.store, self.registry)
+
+
+def fleet_metrics(store: ModelStore, registry: Registry) -> Iterator[Metric]:
+    """Per fleet: current version, rollouts by state (the one in force as a state set), repair jobs by state; per
+    device: when it last reported (stats or a subscription), for the "agent silent" alert."""
+    version = GaugeMetricFamily("nnoc_fleet_version", "The fleet's current version (0: none)", labels=["fleet"])
+    rollouts = GaugeMetricFamily("nnoc_fleet_rollouts", "Rollouts started, by how they stand now",
+                                 labels=["fleet", "state"])  # fmt: skip
+    in_force = StateSetMetricFamily("nnoc_fleet_rollout_state", "The state of the rollout in force", labels=["fleet"])
+    jobs = GaugeMetricFamily("nnoc_fleet_jobs", "Repair jobs, by state", labels=["fleet", "state"])
+    seen = GaugeMetricFamily("nnoc_device_last_seen_timestamp_seconds", "When the device last reported (Unix time)",
+                             labels=["fleet", "device"])  # fmt: skip
+    for fleet in store.fleets():
+        try:
+            state = store.state(fleet)
+            records = store.rollouts(fleet)
+        except (StoreError, OSError, ValueError) as e:  # a fleet being written or damaged: the rest still reports
+            log.warning("metrics: fleet %s unreadable: %s", fleet, e)
+            continue
+        version.add_metric([fleet], float(state.current or 0))
+        for name in ROLLOUT_STATES:
+            rollouts.add_metric([fleet, name], float(sum(r.get("state") == name for r in records)))
+        current = next((r for r in records if r.get("id") == state.rollout), None)
+        if current is not None:
+            in_force.add_metric([fleet], {name: current.get("state") == name for name in ROLLOUT_STATES})
+        by_state = Counter(j.state for j in registry.jobs(fleet))
+        for name in JOB_STATES:
+            jobs.add_metric([fleet, name], float(by_state[name]))
+    for device in registry.devices():
+        seen.add_metric([device["fleet"], device["device_id"]], float(device["last_seen"]))
+    yield from (version, rollouts, in_force, jobs, seen)
 
 
 def serve(cfg: ServeConfig, stop: threading.Event | None = None) -> dict[str, Any]:
@@ -178,8 +220,9 @@ def serve(cfg: ServeConfig, stop: threading.Event | None = None) -> dict[str, An
         started.callback(server.stop)
         if cfg.metrics_port is not None:
             metrics = CollectorRegistry()
-            metrics.register(ServeMetrics(collector, servicer))
+            metrics.register(ServeMetrics(collector, servicer, store, registry))
             try:
+                disable_created_metrics()  # the *_created series: noise for Prometheus 2, off
                 http, _ = start_http_server(cfg.metrics_port, addr=cfg.metrics_host, registry=metrics)
             except OSError as e:
                 raise OSError(f"--metrics-port {cfg.metrics_port}: cannot listen: {e.strerror or e}") from None
