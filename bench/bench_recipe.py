@@ -24,7 +24,8 @@ from bench.bench_field import QUICK, WORK, cell, stage, trigger_pictures
 from bench.common import RESULTS, machine, run_cli, save
 
 # name -> the repair's flags; the last two are the controls (clean D_treat alone, no trigger learner, nothing
-# unlearned). The CycleGAN rows were the default until session 16; the quarantine unlearned without it since 17
+# unlearned). The CycleGAN rows were the default until 6ab4909 (2026-11-27); the quarantine unlearned without it
+# since then
 CYCLEGAN = ["--learner", "cyclegan"]
 NO_UNLEARN = ["--unlearn-quarantine", "0"]
 VARIANTS: dict[str, list[str]] = {

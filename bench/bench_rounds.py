@@ -8,7 +8,7 @@ catches each trigger (``detect-eval``: AUROC, recall at the label-free operating
 
 v2's monitor, three ways from the same θ_repair (same seed; under ``--learner cyclegan`` the ``keep`` run's
 generator is reused): ``keep`` (θ_aug), ``refresh`` (θ_repair treated with θ_aug's α, γ and noise) and ``none``.
-Every repair runs under the repair's defaults (since session 17: θ_bd fine-tuned while unlearning the purified
+Every repair runs under the repair's defaults (since 1a81fc1 (2026-11-28): θ_bd fine-tuned while unlearning the purified
 quarantine, no trigger learner); v3 repairs v2-keep's primary with v2-keep's monitor deployed, unlearning round 1's
 purified quarantine again (``--unlearn-earlier``, as the service's repair jobs do) so that it keeps v2's repair.
 

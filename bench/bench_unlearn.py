@@ -9,10 +9,10 @@ question here is whether it holds where there is little to unlearn from or the q
 - a weak θ_aug (bench_weak's high- and mid-ASR monitors, ``gap_or_kl``) at CPD 0.5 and 0.2: the quarantine holds
   only the triggered inputs that monitor happens to catch.
 
-Each is repaired three ways on the same quarantine: the CycleGAN (the default until session 16), the CycleGAN with
-the term, and the term with no trigger learner (θ_bd fine-tuned on clean D_treat with the term: the default since
-session 17). The CycleGAN a case fitted before
-(session 15's runs) is resumed, so the learned trigger is the same across variants. ``--next-monitor keep``.
+Each is repaired three ways on the same quarantine: the CycleGAN (the default until 6ab4909, 2026-11-27), the
+CycleGAN with the term, and the term with no trigger learner (θ_bd fine-tuned on clean D_treat with the term: the
+default since 1a81fc1, 2026-11-28). The CycleGAN a case fitted before (1803bf9's runs) is resumed, so the learned
+trigger is the same across variants. ``--next-monitor keep``.
 
     python -m bench.bench_unlearn [--only NAME ...]
 """

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -10,9 +11,54 @@ from bench.common import RESULTS, ROOT
 
 HEADER = """# Benchmarks
 
-Measured by the scripts in `bench/` (`make bench`); each section names the machine and date it ran on.
-Targets come from the issues; misses are reported as measured, with the reason where known.
+The current result of each benchmark: the machine and date it ran on, the commit it measured, its result file and
+the command that measures it again (`make bench` runs them all). Targets come from the issues; misses are reported
+as measured, with their cause where known. What was tried on the way, and why, is in `bench/NOTES.md`.
 """
+
+# result name -> the command that writes it (as `make bench` runs it)
+REPRODUCE = {
+    "predeploy": "python -m bench.bench_predeploy",
+    "cost": "python -m bench.bench_cost --seeds 0 1",
+    "steps": "python -m bench.bench_steps",
+    "repair-checker4": "python -m bench.bench_repair --trigger checker4 --variants purified raw clean-ft bd-base "
+    "clean-ft-bd --extra --profile quick",
+    "repair-square-4": "python -m bench.bench_repair --trigger square:4 --cpds 0.1 --extra --profile quick",
+    "edge": "python -m bench.bench_edge",
+    "service": "python -m bench.bench_service",
+    "reliability": "python -m bench.bench_reliability",
+    "attacks": "python -m bench.bench_attacks --before 540fa5f",
+    "demo": "python -m bench.bench_demo",
+    "foreign": "python -m bench.bench_foreign",
+    "smallest": "python -m bench.bench_smallest",
+    "cyclegan-sizes": "python -m bench.bench_cyclegan_sizes",
+    "detect": "python -m bench.bench_detect",
+    "scores": "python -m bench.bench_scores",
+    "purity": "python -m bench.bench_purity",
+    "cameras": "python -m bench.bench_cameras",
+    "fleet": "python -m bench.bench_fleet",
+    "ray": "python -m bench.bench_ray",
+    "field": "python -m bench.bench_field --seeds 0 1",
+    "rounds": "python -m bench.bench_rounds",
+    "weak": "python -m bench.bench_weak --trigger checker4",
+    "recipe": "python -m bench.bench_recipe",
+    "unlearn": "python -m bench.bench_unlearn",
+    "gpu": "python -m bench.bench_gpu (by hand, where a GPU is lent)",
+}
+
+
+def provenance(name: str, data: dict[str, Any]) -> str:
+    """A section's last line: the commit it measured, its result file, the command that measures it again."""
+    after, before = data.get("after"), data.get("before")
+    if isinstance(after, str) and isinstance(before, str):  # a comparison of two commits, in worktrees
+        commit = f"{after} against {before}"
+    else:
+        commit = (data.get("machine") or {}).get("commit") or ""
+    if not commit:  # results written before the machine block named its commit: the commit that wrote the file
+        commit = subprocess.run(["git", "log", "-1", "--format=%h", "--", f"bench/results/{name}.json"], cwd=ROOT,
+                                capture_output=True, text=True).stdout.strip()  # fmt: skip
+        commit = f"written at {commit}" if commit else "not committed"
+    return f"_Commit {commit}; result `bench/results/{name}.json`; again: `{REPRODUCE.get(name, '?')}`._\n"
 
 
 def _fmt(v: Any, digits: int = 4) -> str:
@@ -335,7 +381,7 @@ def service_section(data: dict[str, Any]) -> str:
                 "(parse, check against the fleet's input spec, one SQLite WAL transaction per batch with "
                 "synchronous=FULL, then the ACKs; senders keep ≤ 1000 unacknowledged). ACKs as agents ask for them "
                 "(`batched_acks`: one reply per sender and write, naming every message it stored) and, where measured, "
-                "one reply per message (agents before session 18). Target ≥ 0.3×.",
+                "one reply per message (agents before a501ae4 (2026-11-28)). Target ≥ 0.3×.",
                 "",
                 "| path | messages/s | ratio | sent | acked | stored | lost | duplicates stored |",
                 "|---|---|---|---|---|---|---|---|",
@@ -591,7 +637,7 @@ def foreign_section(data: dict[str, Any]) -> str:
             f"| {_fmt(aug['clean_accuracy'])} / {_fmt(aug['attack_success_rate'])} ({aug['alpha']:.3g}, "
             f"{aug['gamma']}) | {_fmt(st.get('recall'))} / {_fmt(st.get('clean_reject_rate'))} "
             f"| {_fmt(rep.get('clean_accuracy'))} / {_fmt(rep.get('attack_success_rate'))}"
-            f"{_base(r.get('repair') or {}) or ' (CycleGAN, before session 17)'}; {r['repair_seconds'] / 60:.0f} "
+            f"{_base(r.get('repair') or {}) or ' (CycleGAN, before 1a81fc1)'}; {r['repair_seconds'] / 60:.0f} "
             f"| {r['primary_parity']:.1e} | {met}{'; missed: ' + ', '.join(missed) if missed else ''} |"
         )
     return "\n".join(lines) + "\n"
@@ -668,7 +714,7 @@ def detect_section(data: dict[str, Any]) -> str:
         "attacks the triggered inputs the BadNet sends to the target. Recall at a clean-reject rate uses the "
         "threshold set on these clean test inputs (the curve); the label-free point uses τ chosen as a published "
         "bundle chooses it at a 1% budget (clean D_treat ∪ D_eval with a 0.9-confidence bound). Paper rule: reject "
-        "when the argmaxes differ. `logit_gap` is the default score since session 11 (`kl` before).",
+        "when the argmaxes differ. `logit_gap` is the default score since f5e1388 (2026-11-27) (`kl` before).",
         "",
         "| case | attacks | paper rule recall / clean rejects | score | AUROC | recall at 0.5% / 1% / 2% / 5% "
         "| label-free 1%: recall / clean rejects |",
@@ -953,13 +999,15 @@ def main() -> None:
     def section(name: str, render: Any) -> None:
         path = RESULTS / f"{name}.json"
         if path.is_file():
-            parts.append(render(json.loads(path.read_text())))
+            data = json.loads(path.read_text())
+            parts.append(render(data).rstrip("\n") + "\n\n" + provenance(name, data))
 
     section("predeploy", predeploy_section)
     section("cost", cost_section)
     section("steps", steps_section)
     for path in sorted(RESULTS.glob("repair-*.json")):
-        parts.append(repair_section(json.loads(path.read_text()), path.stem))
+        data = json.loads(path.read_text())
+        parts.append(repair_section(data, path.stem).rstrip("\n") + "\n\n" + provenance(path.stem, data))
     section("edge", edge_section)
     section("service", service_section)
     section("reliability", reliability_section)
@@ -980,9 +1028,6 @@ def main() -> None:
     section("recipe", recipe_section)
     section("unlearn", unlearn_section)
     section("gpu", gpu_section)
-    notes = ROOT / "bench" / "NOTES.md"
-    if notes.is_file():
-        parts.append(notes.read_text())
     (ROOT / "BENCHMARKS.md").write_text("\n".join(parts))
     print(f"wrote {ROOT / 'BENCHMARKS.md'}")
 
@@ -1104,7 +1149,7 @@ def weak_section(data: dict[str, Any]) -> str:
             rows,
             "`python -m bench.bench_weak`: a candidate of the field cell's Algorithm 1 grid chosen by its test ASR "
             "(evaluation only), trained again as a one-point grid and deployed as the monitor; streams of N = 1000 at "
-            "the paper's CPDs; the CycleGAN repair (the model it fine-tuned in brackets: θ_aug before session 15's "
+            "the paper's CPDs; the CycleGAN repair (the model it fine-tuned in brackets: θ_aug before 1803bf9's "
             "defaults, θ_bd since) and clean fine-tuning of θ_aug from the same quarantine. Goal: repaired ASR ≤ 0.05 "
             "at a CA drop ≤ 0.03 where clean fine-tuning stays above 0.2. CA / ASR on the test set. "
             "Rule: the one the quarantine came from (v1's own, or v1's two models put under another "
@@ -1152,7 +1197,7 @@ def recipe_section(data: dict[str, Any]) -> str:
             "purified quarantined inputs it still answers with the attacked label and the D_eval CA it gives up "
             "(label-free). Unlearn quarantine W: `--unlearn-quarantine W`, each purified quarantined input moved off "
             "the BadNet's answer to it while fine-tuning (−log(1 − p), no label taught), with the CycleGAN's images "
-            "or without them (the default since session 17). "
+            "or without them (the default since 1a81fc1 (2026-11-28)). "
             "Test CA / ASR; **bold**: both goals met (ASR ≤ 0.01 at a CA drop ≤ 0.01 "
             "against the BadNet). Gain: the one the CycleGAN recipe took, and the share of G(D_treat) θ_bd "
             "followed at each gain tried.",
@@ -1189,9 +1234,10 @@ def unlearn_section(data: dict[str, Any]) -> str:
             "## The quarantine unlearned: small quarantines, weak monitors, an adaptive attacker (issue 15)",
             rows,
             "`python -m bench.bench_unlearn`: the same quarantine repaired three ways (quick profile, "
-            "`--next-monitor keep`): the CycleGAN (the default until session 16), the CycleGAN with "
+            "`--next-monitor keep`): the CycleGAN (the default until 6ab4909 (2026-11-27)), the CycleGAN with "
             "`--unlearn-quarantine 1`, and the quarantine unlearned with no trigger learner (the default since "
-            "session 17). Cases: seed-0 field cells streamed at CPD 0.02 under `gap_or_kl` (about 20 triggered "
+            "1a81fc1, 2026-11-28). Cases: seed-0 field cells streamed at CPD 0.02 under `gap_or_kl` (about 20 "
+            "triggered "
             "inputs in N = 1000), the adaptive attacker's cell, and checker4's weak monitors (Table 15: θ_aug "
             "test ASR 0.78 and 0.33) at CPD 0.5 and 0.2. Test CA / ASR (ASR to 4 places); quarantined → kept "
             "after purification.",
@@ -1283,10 +1329,12 @@ def field_section(data: dict[str, Any]) -> str:
         "**Repair against the field**, test CA / ASR (the paper's Table 3 in shape; goal: θ_repair ASR ≤ 0.01 at a "
         "CA drop ≤ 0.01 against the BadNet, and not worse than clean fine-tuning). Stream: rejects, recall, and "
         "the purity of what the repair learned from (evaluation only); v2 served: what the fleet serves "
-        "with θ_repair and its monitor (refreshed; answered and right / all, and clean rejects; τ since session 18 "
+        "with θ_repair and its monitor (refreshed; answered and right / all, and clean rejects; τ since a501ae4 "
+        "(2026-11-28) "
         "the higher of D_treat ∪ D_eval's and D_eval's alone, `--calibration-set higher`). θ_repair: the "
-        "repair's defaults when the cell was repaired (the CycleGAN until session 16, the quarantine unlearned "
-        "since 17).",
+        "repair's defaults when the cell was repaired (the CycleGAN until 6ab4909, 2026-11-27, the quarantine "
+        "unlearned "
+        "since then).",
         "",
         "| trigger | seed | " + " | ".join(FIELD_METHODS) + " | stream rejects / recall / kept purity "
         "| v2 served CA / clean rejects | v2 under logit_gap: served CA / clean rejects / θ_repair CA "
@@ -1330,7 +1378,8 @@ def rounds_section(data: dict[str, Any]) -> str:
         "each). Round 1 streams checker4 only (CPD 0.1, N = 1000) and "
         "repairs into v2; v2's monitor is chosen three ways from the same θ_repair. Round 2 streams the second "
         "trigger through v2 (keep) and repairs v2's primary into v3. The repair's recipe is named after each "
-        "version (runs without one predate session 17 and were CycleGAN repairs of θ_aug). Detection: the bundle's "
+        "version (runs without one predate 1a81fc1, 2026-11-28, and were CycleGAN repairs of θ_aug). Detection: "
+        "the bundle's "
         "own rule (label-free τ) on 5,000 clean test inputs against the triggered inputs its primary sends to the "
         "target.",
         "",

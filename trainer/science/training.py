@@ -24,7 +24,8 @@ OPTIMIZERS: dict[str, Callable[[Any, TrainConfig], torch.optim.Optimizer]] = {
     "adadelta": lambda p, c: torch.optim.Adadelta(p, lr=c.lr, weight_decay=c.weight_decay),
 }
 # the learning rate over a run: held, or annealed from ``lr`` to 0 along half a cosine, step by step (Loshchilov
-# & Hutter's SGDR without restarts); the repair's fine-tuning anneals (measured in bench/NOTES.md, session 15)
+# & Hutter's SGDR without restarts); the repair's fine-tuning anneals (measured in bench/NOTES.md, "The repair's
+# fine-tuning recipe")
 SCHEDULES = ("constant", "cosine")
 # the arithmetic of the steps: fp32, or bf16 autocast (weights, optimizer state and the losses stay fp32); auto:
 # bf16 where a timed probe finds it at least BF16_SPEEDUP times faster here (:func:`pick_precision`)

@@ -6,7 +6,8 @@ monitor is refreshed from it (or kept, or none).
 
 The paper's path (``--learner cyclegan``): a CycleGAN (clean D_valid <-> quarantine) learns the trigger, and the
 fine-tuning set is D_treat^rt = G(D_treat) with the clean labels ∪ D_treat. Measured on every case tried, the
-quarantine unlearned without it kept more clean accuracy and left less of the backdoor (bench/NOTES.md, session 17).
+quarantine unlearned without it kept more clean accuracy and left less of the backdoor (bench/NOTES.md, "The
+quarantine unlearned directly").
 
 The fine-tuning set is D_treat (not all of D_valid) so that the gate's D_eval stays held out. Nothing here
 reads ASR or which inputs were poisoned: ``eval_trigger`` only adds test CA/ASR to the report.
@@ -84,7 +85,8 @@ class RepairConfig:
 
     # Which model is fine-tuned: θ_bd (the paper's Algorithm 2) or θ_aug (the authors' code). With a constant lr
     # θ_aug measured better (lower ASR at a similar CA); with the lr annealed and the learned trigger strengthened,
-    # θ_bd keeps 1-1.5 points more clean accuracy at a similar ASR on four triggers (bench/NOTES.md, session 15):
+    # θ_bd keeps 1-1.5 points more clean accuracy at a similar ASR on four triggers (bench/NOTES.md, "The repair's
+    # fine-tuning recipe"):
     # θ_aug starts 3-5 points under the BadNet by design, and 4,000 clean images do not buy that back. auto:
     # both, and the one with the smaller sum of the share of purified quarantined inputs (the attacker's own
     # triggered inputs, never trained on) it still answers with the dominant label and the D_eval CA it gives up
@@ -98,7 +100,8 @@ class RepairConfig:
     # "cyclegan": the paper's trigger learner, fine-tuning on G(D_treat) with the clean labels as well; "none": on
     # D_treat alone. With the quarantine unlearned (--unlearn-quarantine, default on), no learner measured better
     # than the CycleGAN on every case tried (8 field cells at CPD 0.1: test ASR ≤ 0.006 at a CA drop ≤ 0.007, where
-    # the CycleGAN left up to 0.043 at drops up to 0.013; CPD 0.02; weak monitors; bench/NOTES.md, session 17). The
+    # the CycleGAN left up to 0.043 at drops up to 0.013; CPD 0.02; weak monitors; bench/NOTES.md, "The quarantine
+    # unlearned directly"). The
     # CycleGAN's images cost clean accuracy (0.5-1 point even unstrengthened) and can miss the trigger as it
     # arrived; without --unlearn-quarantine, "none" is the clean fine-tuning baseline
     learner: str = flag(
@@ -115,7 +118,8 @@ class RepairConfig:
     epochs: int = flag(5, "fine-tuning epochs (default: the --profile's)", type=positive)
     # None: the BadNet's own learning rate (paper)
     lr: float | None = flag(None, "fine-tuning lr (default: the BadNet's)", type=positive_float)
-    # lr over the fine-tuning: annealed to 0 keeps more of the base's clean accuracy (bench/NOTES.md, session 15)
+    # lr over the fine-tuning: annealed to 0 keeps more of the base's clean accuracy (bench/NOTES.md, "The repair's
+    # fine-tuning recipe")
     schedule: str = flag("cosine", "fine-tuning lr schedule", name="--lr-schedule", choices=SCHEDULES)
     precision: str = flag("auto", "arithmetic of the fine-tuning (auto: bf16 where it is faster here)",
                           choices=PRECISIONS)  # fmt: skip
@@ -123,7 +127,7 @@ class RepairConfig:
     # it is). None: the smallest of GAINS at which θ_bd answers the quarantine's dominant label on FOLLOWED of them
     # (label-free: it reads θ_bd's answers, as --emphasis does). A CycleGAN fitted to a hundred quarantined inputs
     # can draw a faint trigger (θ_bd followed a third of checker4's); made stronger, it unlearns more of the
-    # backdoor, while a trigger θ_bd already follows loses by it (bench/NOTES.md, session 15)
+    # backdoor, while a trigger θ_bd already follows loses by it (bench/NOTES.md, "The repair's fine-tuning recipe")
     trigger_gain: float | None = flag(
         None, "scale of the learned trigger's change G(x) - x on the fine-tuning images (default: the smallest of "
         "1, 1.5, 2, 3 that the BadNet follows on 90%% of them)", type=positive_float,
@@ -131,9 +135,10 @@ class RepairConfig:
     # weight of a fine-tuning term that moves each purified quarantined input (the attacker's trigger as it arrived)
     # off the BadNet's answer to it, the dominant label where one stands out: −log(1 − p). It teaches no answer, so
     # the clean inputs among them and a monitor's wrong answers teach nothing wrong (labelling them with the
-    # monitor's answers quadrupled blend's ASR, session 16); about 20 quarantined inputs (CPD 0.02) were enough.
+    # monitor's answers quadrupled blend's ASR, 6ab4909, 2026-11-27); about 20 quarantined inputs (CPD 0.02) were
+    # enough.
     # Weights 0.5, 1 and 2 on 8 field cells: ASR alike (≤ 0.006), clean accuracy lower with each step up (mean
-    # 0.908, 0.906, 0.903); 0: off (bench/NOTES.md, session 17)
+    # 0.908, 0.906, 0.903); 0: off (bench/NOTES.md, "The quarantine unlearned directly")
     unlearn_quarantine: float = flag(
         0.5, "weight of a fine-tuning term that moves the purified quarantined inputs off the BadNet's answers "
         "(0: off)", type=nonnegative_float,
@@ -531,7 +536,7 @@ def choose_base(tried: dict[str, dict[str, Any]]) -> str:
     still answers with the dominant label (an estimate of the attack's success) and the D_eval CA it gives up
     against the best candidate; a tie goes to the higher D_eval CA. Either alone chose badly: the CA alone keeps
     θ_bd where it unlearned little of the trigger, a difference of one quarantined input alone gave up a point of
-    CA (bench/NOTES.md, session 16)."""
+    CA (bench/NOTES.md, "The purified quarantine in the fine-tuning set, and the repair's base, tried")."""
     best_ca = max(t["eval_clean_accuracy"] for t in tried.values())
 
     def harm(t: dict[str, Any]) -> tuple[float, float]:
