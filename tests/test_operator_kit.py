@@ -202,3 +202,20 @@ def test_the_operator_guides_spec_files_are_valid_specs(tmp_path: Path) -> None:
     run.set_defaults(**flag_defaults(run, config_values(tmp_path / "agent.toml", RunConfig), "agent.toml"))
     agent = from_args(RunConfig, run.parse_args([]))
     assert agent.device_id == "cam-1" and agent.fleet == "cams" and agent.metrics_port == 9109
+
+
+def test_the_dashboard_is_what_grafanas_schema_models_read_back() -> None:
+    """The committed dashboard, read by the schema-generated models of grafana-foundation-sdk and written again,
+    is unchanged: no field Grafana's dashboard schema does not know, none missing. A field the schema lacks does not
+    survive the round trip (the check can fail)."""
+    from grafana_foundation_sdk.cog.encoder import JSONEncoder
+    from grafana_foundation_sdk.models.dashboard import Dashboard
+
+    board = json.loads((ROOT / "ops" / "grafana" / "dashboards" / "nnoculation-edge.json").read_text())
+
+    def again(data: dict[str, Any]) -> Any:
+        return json.loads(json.dumps(Dashboard.from_json(data), cls=JSONEncoder))
+
+    assert again(board) == board
+    assert board["uid"] == "nnoculation-edge" and len(board["panels"]) >= 15
+    assert again({**board, "colour": "red"}) != {**board, "colour": "red"}
