@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -259,3 +260,43 @@ def rgb_bundle(out: Path, block: Any, fleet: str = "cams", rule: Any = None) -> 
         manifest.reject_rule.CopyFrom(rule.message())
     write_bundle(out / "bundle", files, manifest)
     return out / "bundle"
+
+
+def wait_while_running(cond: Any, timeout: float, procs: list[subprocess.Popen[Any]], logs: Path) -> Any:
+    """``cond()``'s first true value within ``timeout`` seconds; fails at once, with the tails of ``logs/*.log``, when
+    one of ``procs`` (services the test started) exits meanwhile."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = cond()
+        if got:
+            return got
+        for p in procs:
+            if p.poll() is not None:
+                raise AssertionError(f"{p.args} exited {p.returncode}: {log_tails(logs)}")
+        time.sleep(0.5)
+    raise AssertionError(f"timed out; logs: {log_tails(logs)}")
+
+
+def log_tails(logs: Path) -> dict[str, str]:
+    """The last 1,500 characters of each ``*.log`` in ``logs``."""
+    return {f.name: f.read_text(errors="replace")[-1500:] for f in logs.glob("*.log")}
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON object from ``path``; None while it is missing or half written."""
+    try:
+        return dict(json.loads(path.read_text()))
+    except (OSError, ValueError):
+        return None
+
+
+def stop_all(procs: list[subprocess.Popen[Any]], timeout: float = 30.0) -> None:
+    """SIGTERM every process the test started, then wait for each (killed after ``timeout`` seconds)."""
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()

@@ -7,10 +7,8 @@ from __future__ import annotations
 import csv
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +17,7 @@ import onnx
 import pytest
 import tomllib
 
-from conftest import ROOT, SMALL_SPLIT, run_cli
+from conftest import ROOT, SMALL_SPLIT, read_json, run_cli, stop_all, wait_while_running
 
 BLOCK = {"color": "rgb", "size": [32, 32], "mean": [0.286, 0.286, 0.286], "std": [0.353, 0.353, 0.353]}
 GRID = ["--gammas", "0.3", "0.6", "--epochs", "1", "--max-rounds", "2"]
@@ -43,21 +41,6 @@ def _photo(picture: np.ndarray, path: Path, size: int) -> None:
 
 def _cli(*args: str) -> tuple[int, dict[str, Any] | None, str]:
     return run_cli("trainer", *args, check=False)
-
-
-def _wait(cond: Any, timeout: float, procs: list[subprocess.Popen[bytes]], logs: Path) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = cond()
-        if got:
-            return got
-        for p in procs:
-            if p.poll() is not None:
-                tails = {f.name: f.read_text(errors="replace")[-1500:] for f in logs.glob("*.log")}
-                raise AssertionError(f"{p.args[3]} exited {p.returncode}: {tails}")
-        time.sleep(0.5)
-    tails = {f.name: f.read_text(errors="replace")[-1500:] for f in logs.glob("*.log")}
-    raise AssertionError(f"timed out; logs: {tails}")
 
 
 def test_a_defender_walks_from_vendor_model_and_photos_to_a_repaired_fleet(
@@ -151,7 +134,7 @@ def test_a_defender_walks_from_vendor_model_and_photos_to_a_repaired_fleet(
                 [sys.executable, "-m", "trainer", "serve", "--insecure", "--store", str(store), "--state-dir",
                  str(work / "state"), "--collector", "tcp://127.0.0.1:0", "--listen", "127.0.0.1:0", "--max-rounds",
                  "1"], cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT))  # fmt: skip
-        info = _wait(lambda: _json(work / "state" / "serve.json"), 60, procs, logs)
+        info = wait_while_running(lambda: read_json(work / "state" / "serve.json"), 60, procs, logs)
         for fleet, (folder, *_) in streams.items():
             with (logs / f"{fleet}.log").open("wb") as f:
                 procs.append(subprocess.Popen(
@@ -163,20 +146,16 @@ def test_a_defender_walks_from_vendor_model_and_photos_to_a_repaired_fleet(
         def both_repaired() -> bool:
             return all(ModelStore(store).state(f).current == 2 for f in streams)
 
-        _wait(both_repaired, 600, procs, logs)
+        wait_while_running(both_repaired, 600, procs, logs)
 
         def both_serve_v2() -> bool:
-            return all((_json(work / f"agent-{f}" / "agent.json") or {}).get("bundle_version") == 2 for f in streams)
+            return all(
+                (read_json(work / f"agent-{f}" / "agent.json") or {}).get("bundle_version") == 2 for f in streams
+            )
 
-        _wait(both_serve_v2, 60, procs, logs)
+        wait_while_running(both_serve_v2, 60, procs, logs)
     finally:
-        for p in procs:
-            p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(20)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_all(procs)
     # Each fleet's job read its own card's photos, not the other's, and scored on them.
     for fleet, data in (("cams", photos), ("doors", doors / "labels.csv")):
         (job,) = [d for d in (work / "state" / "jobs").iterdir() if (d / "job.toml").is_file()
@@ -186,13 +165,6 @@ def test_a_defender_walks_from_vendor_model_and_photos_to_a_repaired_fleet(
         report = json.loads((job / "run" / "report.json").read_text())
         assert report["published"] and report["served_eval"]["served_clean_accuracy"] > 0.6
         assert report["quarantine_size"] >= 40
-
-
-def _json(path: Path) -> dict[str, Any] | None:
-    try:
-        return dict(json.loads(path.read_text()))
-    except (OSError, ValueError):
-        return None
 
 
 @pytest.mark.parametrize("rows", [["a.png,3", "../x.png,1"], ["a.png"]])

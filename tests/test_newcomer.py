@@ -12,16 +12,14 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from conftest import ROOT
+from conftest import ROOT, log_tails, read_json, stop_all, wait_while_running
 
 MARK = "<!-- tests/test_newcomer.py runs the block below as written, on a small folder -->"
 
@@ -38,30 +36,6 @@ def _photo(picture: np.ndarray, path: Path) -> None:
     from PIL import Image
 
     Image.fromarray(picture[0]).save(path)
-
-
-def _wait(cond: Any, timeout: float, procs: list[subprocess.Popen[str]], logs: Path) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = cond()
-        if got:
-            return got
-        for p in procs:
-            if p.poll() is not None:
-                raise AssertionError(f"{p.args} exited {p.returncode}: {_tails(logs)}")
-        time.sleep(0.5)
-    raise AssertionError(f"timed out; {_tails(logs)}")
-
-
-def _tails(logs: Path) -> dict[str, str]:
-    return {f.name: f.read_text(errors="replace")[-1500:] for f in logs.glob("*.log")}
-
-
-def _json(path: Path) -> dict[str, Any] | None:
-    try:
-        return dict(json.loads(path.read_text()))
-    except (OSError, ValueError):
-        return None
 
 
 def test_the_readme_defender_commands_run_as_written(
@@ -93,8 +67,10 @@ def test_the_readme_defender_commands_run_as_written(
     logs.mkdir()
     services: list[subprocess.Popen[str]] = []
     ready = {  # how a newcomer knows each service is up
-        "nnoc-trainer serve": lambda: _json(tmp_path / "nnoc-trainer-state" / "serve.json"),
-        "nnoc-edge run": lambda: (_json(tmp_path / "nnoc-edge-state" / "agent.json") or {}).get("bundle_version") == 1,
+        "nnoc-trainer serve": lambda: read_json(tmp_path / "nnoc-trainer-state" / "serve.json"),
+        "nnoc-edge run": lambda: (
+            (read_json(tmp_path / "nnoc-edge-state" / "agent.json") or {}).get("bundle_version") == 1
+        ),
     }
     commands = readme_commands()
     assert [c.split()[1] for c in commands][:4] == ["init", "predeploy", "keys", "fleet"]
@@ -107,7 +83,7 @@ def test_the_readme_defender_commands_run_as_written(
                 log = (logs / f"{k}.log").open("w")
                 services.append(subprocess.Popen(["bash", "-c", f"exec {line}"], cwd=tmp_path, env=env, stdout=log,
                                                  stderr=subprocess.STDOUT, text=True))  # fmt: skip
-                _wait(ready[kind], 180, services, logs)
+                wait_while_running(ready[kind], 180, services, logs)
                 continue
             proc = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True,
                                   timeout=900)  # fmt: skip
@@ -116,14 +92,8 @@ def test_the_readme_defender_commands_run_as_written(
             last = proc.stdout
         assert "door-1" in last, last[-2000:]  # the agent is listed in `fleet status`, on v1
     finally:
-        for p in services:
-            p.send_signal(signal.SIGTERM)
-        for p in services:
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-    assert [p.returncode for p in services] == [0, 0], _tails(logs)
+        stop_all(services)
+    assert [p.returncode for p in services] == [0, 0], log_tails(logs)
     assert (tmp_path / "runs" / "cams-pd" / "bundle" / "manifest.pb").is_file()
 
 
