@@ -112,7 +112,8 @@ class Uplink:
         self._wake.set()
         self._thread.join(timeout)
 
-    def _run(self) -> None:
+    def _connect(self) -> tuple[zmq.Socket, zmq.Socket, zmq.Poller]:
+        """The DEALER to the collector, the monitor socket that reports its connections, and a poller on both."""
         sock = self.context.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, self.cfg.linger_ms)
         sock.setsockopt(zmq.IDENTITY, self.cfg.device_id.encode())
@@ -126,6 +127,10 @@ class Uplink:
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(events_of_link, zmq.POLLIN)
+        return sock, events_of_link, poller
+
+    def _run(self) -> None:
+        sock, events_of_link, poller = self._connect()
         # What was sent and when lives here, not in the spool: sending costs the spool no writes. A restart
         # forgets it and sends every row again; the collector keys on (device, seq) and stores each once.
         in_flight: dict[int, float] = {}  # seq -> when it was last sent; stays until ACKed, REJECTED or gone
