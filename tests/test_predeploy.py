@@ -140,6 +140,16 @@ def test_halving_rungs_spend_a_third_then_the_rest_on_the_closest() -> None:
     assert ranked == ["just above", "far above", "just below", "far below"]  # the pick's own preference
 
 
+def test_a_floor_lengthens_the_early_rungs_and_merges_those_it_reaches() -> None:
+    from trainer.stages.predeploy import floored, rungs
+
+    ladder = rungs(6, 90, 3)  # [(10, 2), (30, 1), (90, 1)]
+    assert floored(ladder, 5) == ladder  # under every rung already: unchanged
+    assert floored(ladder, 18) == [(18, 2), (30, 1), (90, 1)]  # one epoch of five
+    assert floored(ladder, 30) == [(30, 2), (90, 1)]  # the second rung merges: its two survivors both finish
+    assert floored(ladder, 200) == [(90, 2)]  # a floor at the whole run is the grid: all six finish
+
+
 def test_halving_finishes_its_candidate_where_the_grid_does(
     badnet: tuple[Path, dict[str, Any]], tmp_path: Path
 ) -> None:

@@ -83,6 +83,9 @@ class PredeployConfig:
         choices=STRATEGIES,
     )
     eta: int = flag(3, "halving: keep 1 in η candidates per rung", type=at_least_two)
+    # the first rung's length at least this many epochs (0: 1/η² of them): a candidate's D_eval CA early in a
+    # high-α run has dropped and not yet recovered, so a longer first look ranks it closer to where it ends
+    first_rung_epochs: float = flag(0.0, "halving: the first rung trains at least this many epochs", type=float)
     precision: str = flag("auto", "arithmetic of the fine-tuning (auto: bf16 where it is faster here)",
                           choices=PRECISIONS)  # fmt: skip
     batch_size: int | None = flag(None, "fine-tuning batch size (default: the model's)", type=positive)
@@ -165,6 +168,19 @@ def rungs(n: int, total_steps: int, eta: int) -> list[tuple[int, int]]:
         keep = max(math.ceil(alive / eta), 1) if k else alive
         out.append((min(until, total_steps), keep))
         alive = keep
+    return out
+
+
+def floored(ladder: list[tuple[int, int]], floor: int) -> list[tuple[int, int]]:
+    """``ladder`` (:func:`rungs`) with no rung short of the full run shorter than ``floor`` steps; a rung that the
+    floor makes as long as the one before merges into it (the earlier rung's survivors go on)."""
+    total = ladder[-1][0]
+    out: list[tuple[int, int]] = []
+    for until, keep in ladder:
+        until = until if until >= total else min(max(until, floor), total)
+        if out and until <= out[-1][0]:
+            continue
+        out.append((until, keep))
     return out
 
 
@@ -571,6 +587,8 @@ def search(
     gammas = sorted(cfg.gammas, reverse=True)
     steps = cfg.epochs * math.ceil(len(treat_sets[gammas[0]]) / ft_base.batch_size)  # a candidate's whole run
     ladder = rungs(len(gammas), steps, cfg.eta) if cfg.strategy == "halving" else [(steps, len(gammas))]
+    if cfg.first_rung_epochs > 0:
+        ladder = floored(ladder, math.ceil(cfg.first_rung_epochs * steps / cfg.epochs))
     alive = [len(gammas)] + [keep for _, keep in ladder[:-1]]
     reached = [0] + [until for until, _ in ladder[:-1]]
     per_round = sum(n * (until - r) for n, (until, _), r in zip(alive, ladder, reached, strict=True)) / steps
