@@ -34,11 +34,12 @@ camera-deps:
 	elif [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(CAMERA_DEBS); \
 	else echo "Camera test packages are missing. Run: sudo apt-get update && sudo apt-get install -y $(CAMERA_DEBS)"; exit 1; fi
 
-# The operator's kit: promtool (Debian's prometheus package) checks the alert rules and runs their unit tests.
+# The operator's kit: promtool (Debian's prometheus package) checks the alert rules and runs their unit tests;
+# systemd-analyze (Debian's systemd) verifies the units in ops/systemd.
 ops-deps:
-	@if command -v promtool >/dev/null 2>&1; then :; \
-	elif [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; \
-	else echo "promtool is missing. Run: sudo apt-get update && sudo apt-get install -y prometheus"; exit 1; fi
+	@if command -v promtool >/dev/null 2>&1 && command -v systemd-analyze >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus systemd; \
+	else echo "promtool or systemd-analyze is missing. Run: sudo apt-get update && sudo apt-get install -y prometheus systemd"; exit 1; fi
 
 dataset:
 	@if [ -f $(FMNIST) ]; then :; \
@@ -66,7 +67,7 @@ docs: $(STAMP)
 test: $(STAMP) dataset camera-deps lint
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-test-fast: $(STAMP) dataset camera-deps
+test-fast: $(STAMP) dataset camera-deps ops-deps
 	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
 
 # The whole loop of DESIGN.md, quick profile (about 10-15 minutes on 2 cores): a checker4 BadNet, the
