@@ -13,15 +13,24 @@ resumes where it stopped):
 5. ``repair``: the default repair (quick profile); ``detect-v2``: ``detect-eval`` on v2 (served CA and clean rejects
    of every score at its label-free point); ``clean-ft``: θ_aug fine-tuned on clean D_treat alone (``--learner
    none --repair-base aug``: the stronger clean-only control; θ_bd's is in bench_recipe);
-6. ``fine-pruning`` and ``neural-cleanse``: ``nnoc-trainer defend`` on the BadNet.
+6. ``fine-pruning`` and ``neural-cleanse``: ``nnoc-trainer defend`` on the BadNet;
+7. ``retune``: the retuning attack (Min et al., NeurIPS 2024; ``trainer.stages.retune``): each model of the cell (the
+   BadNet, θ_aug, θ_repair, clean fine-tuning, fine-pruning, Neural Cleanse, and a model of the same recipe that never
+   saw the trigger) fine-tuned on 5 or 20 of the attacker's poisoned samples among 500 clean ones; the ASR it returns
+   to.
 
 Triggers: ``checker4``, ``square:4``, an ``image:`` paste of a glyph made here and a ``blend:`` of a noise picture
 made here at opacity 0.15 (none of the defaults was tuned on the last two).
 
-``--adaptive EPS``: the BadNets of an adaptive attacker who knows the defense compares logits (its poisoned rows
-learn label-smoothed targets, ``attack --adaptive-smoothing``), in cells of their own.
+``--attacker``: BadNets of attackers who know the defense, in cells ``TRIGGER+ATTACKER`` of their own:
+``adaptiveEPS`` compares logits (its poisoned rows learn label-smoothed targets, ``attack --adaptive-smoothing EPS``);
+``noise-robust`` trains on Algorithm 1's own noise (``attack --noise-robust``); ``resilient`` is SBL-style
+(``attack --resilient``); ``noise-robust+resilient`` both.
 
-    python -m bench.bench_field [--triggers checker4 square:4 paste blend] [--seeds 0 1] [--stages ...] [--adaptive EPS]
+``--threads N`` sizes every command's torch pool (two torch processes on 2 cores slow each other many times over).
+
+    python -m bench.bench_field [--triggers checker4 square:4 paste blend] [--seeds 0 1] [--stages ...]
+        [--attacker adaptive0.3|noise-robust|resilient|noise-robust+resilient] [--threads N]
 """
 
 from __future__ import annotations
@@ -39,7 +48,22 @@ from bench.common import RESULTS, ROOT, machine, run_cli, save
 WORK = ROOT / "runs" / "bench-field"
 STAGES = (
     "attack", "predeploy", "detect", "stream", "repair", "detect-v2", "clean-ft", "fine-pruning", "neural-cleanse",
+    "retune",
 )  # fmt: skip
+ATTACKERS = {"noise-robust": ("--noise-robust",), "resilient": ("--resilient",),
+             "noise-robust+resilient": ("--noise-robust", "--resilient")}  # fmt: skip
+
+
+def attacker_args(name: str) -> tuple[str, ...]:
+    """The ``attack`` flags of an attacker named on the command line (``adaptiveEPS`` or one of ATTACKERS)."""
+    if name.startswith("adaptive"):
+        return (f"--adaptive-smoothing={float(name[len('adaptive') :]):g}",)
+    try:
+        return ATTACKERS[name]
+    except KeyError:
+        raise SystemExit(f"unknown attacker {name!r}: adaptiveEPS or one of {', '.join(ATTACKERS)}") from None
+
+
 QUICK = ["--profile", "quick"]
 
 
@@ -118,7 +142,51 @@ def cell(name: str, spec: str, seed: int, stages: set[str], attack_args: tuple[s
             res[method] = stage(w / f"{method}.json", lambda m=method: run_cli(
                 "defend", "--method", m, "--model", str(w / "badnet" / "model.pt"), "--out", str(w / m),
                 "--seed", str(seed), *ev))  # fmt: skip
+    if "retune" in stages:
+        res["retune"] = stage(w / "retune.json", lambda: retune_cell(w, spec, seed))
     return res
+
+
+def clean_model(seed: int, splits: Any) -> Any:
+    """A cnn3 of the attack's recipe (its clean step) that never saw a trigger: the retuning attack's floor."""
+    from edge_agent.formats.spec import InputSpec
+    from trainer.science.models import Checkpoint, Preprocessed, build_model
+    from trainer.science.training import train
+    from trainer.stages.attack import AttackConfig
+
+    path = WORK / "clean" / f"seed{seed}" / "model.pt"
+    if path.is_file():
+        return Checkpoint.load(path)
+    cfg = AttackConfig(seed=seed)
+    spec = InputSpec.for_image(splits.image_shape, None)
+    model = Preprocessed(build_model(cfg.architecture, spec.image_shape, len(splits.class_names)), spec.preprocess)
+    train(model, splits.train.images, splits.train.labels, cfg.train, seed, desc="clean", quiet=True,
+          channels_last=False)  # fmt: skip
+    ckpt = Checkpoint.from_model(model, cfg.architecture, spec, splits.class_names, cfg.train.to_dict(), {})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ckpt.save(path)
+    return ckpt
+
+
+def retune_cell(w: Path, spec: str, seed: int) -> dict[str, Any]:
+    """The retuning attack on every model of the cell that exists (the BadNet first)."""
+    from trainer.science.data import DataConfig, SplitConfig, load_splits
+    from trainer.science.models import Checkpoint
+    from trainer.science.triggers import parse_trigger
+    from trainer.stages.retune import RetuneConfig, retune
+
+    splits = load_splits(DataConfig(), SplitConfig())
+    paths = {
+        "badnet": w / "badnet" / "model.pt",
+        "theta_aug": w / "predeploy" / "monitor.pt",
+        "theta_repair": w / "repair" / "primary.pt",
+        "clean-ft": w / "clean-ft" / "primary.pt",
+        "fine-pruning": w / "fine-pruning" / "model.pt",
+        "neural-cleanse": w / "neural-cleanse" / "model.pt",
+    }
+    models = {name: Checkpoint.load(p) for name, p in paths.items() if p.is_file()}
+    models["never-poisoned"] = clean_model(seed, splits)
+    return retune(models, splits, parse_trigger(spec), 0, RetuneConfig(seed=seed))
 
 
 def main() -> None:
@@ -126,18 +194,25 @@ def main() -> None:
     ap.add_argument("--triggers", nargs="+", default=["checker4", "square:4", "paste", "blend"])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
     ap.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
-    ap.add_argument("--adaptive", type=float, default=None, metavar="EPS",
-                    help="adaptive attacker (attack --adaptive-smoothing EPS): cells TRIGGER+adaptiveEPS")  # fmt: skip
+    ap.add_argument("--attacker", default=None,
+                    help="an attacker who knows the defense: adaptiveEPS, " + ", ".join(ATTACKERS))  # fmt: skip
+    ap.add_argument("--threads", type=int, default=None, help="torch threads of every command (default: torch's)")
     args = ap.parse_args()
+    if args.threads:
+        import os
+
+        import torch
+
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the commands this bench starts
+        torch.set_num_threads(args.threads)
     specs = trigger_pictures(WORK / "triggers")
     path = RESULTS / "field.json"
     cells = json.loads(path.read_text())["cells"] if path.is_file() else []
     for seed in args.seeds:
         for trigger in args.triggers:
-            name, extra = trigger, ""
-            if args.adaptive is not None:
-                name, extra = f"{trigger}+adaptive{args.adaptive:g}", f"--adaptive-smoothing={args.adaptive:g}"
-            res = cell(name, specs[trigger], seed, set(args.stages), (extra,) if extra else ())
+            name = f"{trigger}+{args.attacker}" if args.attacker else trigger
+            extra = attacker_args(args.attacker) if args.attacker else ()
+            res = cell(name, specs[trigger], seed, set(args.stages), extra)
             res["machine"] = machine()
             old = [c for c in cells if (c["trigger"], c["seed"]) == (name, seed)]
             res = {**(old[0] if old else {}), **res}

@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 
 from trainer.science.models import build_model
-from trainer.science.training import Run, TrainConfig, Unlearn, pick_precision, takes_channels_last, train
+from trainer.science.training import (
+    Run,
+    TrainConfig,
+    Unlearn,
+    fisher_diagonal,
+    pick_precision,
+    sam_ascent,
+    sam_descent,
+    takes_channels_last,
+    train,
+)
 
 
 def _data(n: int = 300, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -91,3 +103,56 @@ def test_precision_auto_resolves_to_one_the_run_records_and_an_explicit_one_is_k
     assert run.cfg.precision in ("fp32", "bf16") and run.cfg.to_dict()["precision"] != "auto"
     with pytest.raises(ValueError, match="unknown precision 'fp16'"):
         TrainConfig(precision="fp16")
+
+
+def _distance(a: torch.nn.Module, reference: dict[str, torch.Tensor]) -> float:
+    return sum(float(((p.detach() - reference[n]) ** 2).sum()) for n, p in a.named_parameters()) ** 0.5
+
+
+def test_sam_steps_at_the_worst_nearby_point_and_puts_the_weights_back() -> None:
+    images, labels = _data(200, 2)
+    torch.manual_seed(0)
+    model = build_model("cnn3", (1, 28, 28), 10)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    x = torch.from_numpy(images[:32]).float() / 255
+    torch.nn.functional.cross_entropy(model.eval()(x), torch.from_numpy(labels[:32])).backward()
+    moves = sam_ascent(model, 0.05)
+    assert _distance(model, before) == pytest.approx(0.05, rel=1e-3)  # ρ along the normalised gradient
+    sam_descent(moves)
+    assert _distance(model, before) < 1e-6
+    plain, sharp = build_model("cnn3", (1, 28, 28), 10), build_model("cnn3", (1, 28, 28), 10)
+    sharp.load_state_dict(plain.state_dict())
+    cpu = torch.device("cpu")
+    a = train(plain, images, labels, TrainConfig(epochs=3, batch_size=50), seed=1, device=cpu, quiet=True)
+    b = train(sharp, images, labels, TrainConfig(epochs=3, batch_size=50, sam_rho=0.05), seed=1, device=cpu,
+              quiet=True)  # fmt: skip
+    assert b != a and b[-1] < b[0]  # another path, and it learns
+    with pytest.raises(ValueError, match="SAM radius"):
+        TrainConfig(sam_rho=-1.0)
+
+
+def test_an_ewc_anchor_holds_the_weights_that_mattered_to_the_first_task() -> None:
+    images, labels = _data(300, 3)
+    cpu = torch.device("cpu")
+    torch.manual_seed(0)
+    first = build_model("cnn3", (1, 28, 28), 10)
+    train(first, images[:150], labels[:150], TrainConfig(epochs=2, batch_size=50), seed=0, device=cpu, quiet=True)
+    anchor = fisher_diagonal(first, images[:150], labels[:150], batches=5, device=cpu)
+    assert anchor.penalty(first).item() == 0.0  # nothing moved yet
+    assert all(float(f.sum()) >= 0 for f in anchor.importance.values()) and any(
+        float(f.sum()) > 0 for f in anchor.importance.values()
+    )
+    free, held = build_model("cnn3", (1, 28, 28), 10), build_model("cnn3", (1, 28, 28), 10)
+    free.load_state_dict(first.state_dict())
+    held.load_state_dict(first.state_dict())
+    second = TrainConfig(epochs=2, batch_size=50, lr=3e-3)
+    train(free, images[150:], labels[150:], second, seed=1, device=cpu, quiet=True)
+    train(held, images[150:], labels[150:], second, seed=1, device=cpu, quiet=True,
+          anchor=replace(anchor, weight=1e6))  # fmt: skip
+    weighted = {n: anchor.importance[n] for n, _ in first.named_parameters()}
+
+    def moved(m: torch.nn.Module) -> float:  # how far the important weights went
+        ref = anchor.reference
+        return sum(float((weighted[n] * (p.detach() - ref[n]) ** 2).sum()) for n, p in m.named_parameters())
+
+    assert moved(held) < 0.5 * moved(free)

@@ -22,6 +22,8 @@ from edge_agent.options import flag, positive
 from trainer.science.data import ImageSet
 
 MASK_MODES = ("pixel", "block")
+# Algorithm 1's Γ (paper §4.2)
+PAPER_GAMMAS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
 
 
 @dataclass(frozen=True)
@@ -70,3 +72,18 @@ def augment(treat: ImageSet, gamma: float, rng: np.random.Generator, cfg: NoiseC
     """D_treat^aug-γ = D_treat^cl ∪ A(D_treat^cl, η, γ), the noised copies keeping their labels."""
     noised = ImageSet(replace_with_noise(treat.images, gamma, rng, cfg), treat.labels)
     return ImageSet.concat(treat, noised)
+
+
+def noised_copies(
+    x: np.ndarray, gammas: tuple[float, ...], rng: np.random.Generator, cfg: NoiseConfig | None = None
+) -> np.ndarray:
+    """A copy of uint8 ``x`` (N, C, H, W) in which each image is noised at a γ drawn from ``gammas``."""
+    if not gammas:
+        raise ValueError("noised copies need at least one noise fraction")
+    which = rng.integers(len(gammas), size=len(x))
+    out = x.copy()
+    for i, gamma in enumerate(gammas):
+        rows = np.flatnonzero(which == i)
+        if len(rows):
+            out[rows] = replace_with_noise(x[rows], gamma, rng, cfg)
+    return out

@@ -44,8 +44,13 @@ class TrainConfig:
     weight_decay: float = 0.0
     schedule: str = "constant"  # one of SCHEDULES
     precision: str = flag("fp32", "arithmetic of the steps (auto: bf16 where it is faster here)", choices=PRECISIONS)
+    # sharpness-aware minimization (Foret et al., ICLR 2021): each step takes the gradient at the weights moved by
+    # ρ along the normalised gradient (the worst nearby point), so training ends in a flat region; 0: plain steps
+    sam_rho: float = 0.0
 
     def __post_init__(self) -> None:
+        if self.sam_rho < 0:
+            raise ValueError(f"the SAM radius must be >= 0, got {self.sam_rho}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown learning-rate schedule {self.schedule!r}; choose one of: {', '.join(SCHEDULES)}")
         if self.precision not in PRECISIONS:
@@ -88,6 +93,79 @@ class Unlearn:
     batch_size: int = 32
 
 
+@dataclass(frozen=True)
+class Anchor:
+    """Elastic weight consolidation (Kirkpatrick et al., PNAS 2017): each step adds ``weight`` / 2 × Σ F·(θ − θ*)²,
+    which holds the parameters that mattered to an earlier task (large Fisher information F) near their values θ*
+    while the others move. ``reference`` and ``importance`` map parameter names to tensors (see
+    :func:`fisher_diagonal`)."""
+
+    reference: dict[str, torch.Tensor]
+    importance: dict[str, torch.Tensor]
+    weight: float
+
+    def penalty(self, model: nn.Module) -> torch.Tensor:
+        """The term for ``model``'s current parameters."""
+        total = torch.zeros((), device=next(model.parameters()).device)
+        for name, p in model.named_parameters():
+            if name in self.importance:
+                ref, imp = self.reference[name].to(p.device), self.importance[name].to(p.device)
+                total = total + (imp * (p.float() - ref) ** 2).sum()
+        return 0.5 * self.weight * total
+
+
+def fisher_diagonal(
+    model: nn.Module,
+    images: np.ndarray,
+    labels: np.ndarray,
+    batches: int = 20,
+    batch_size: int = 64,
+    seed: int = 0,
+    device: torch.device | None = None,
+) -> Anchor:
+    """An :class:`Anchor` (weight 1) at ``model``'s current parameters: the empirical Fisher information's diagonal,
+    the mean squared gradient of the cross-entropy over ``batches`` random batches of (``images``, ``labels``)."""
+    device = device or default_device()
+    model.to(device).eval()
+    gen = torch.Generator().manual_seed(seed)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    fisher = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+    for _ in range(batches):
+        idx = torch.randint(len(labels), (min(batch_size, len(labels)),), generator=gen).numpy()
+        model.zero_grad(set_to_none=True)
+        loss = nn.functional.cross_entropy(model(to_input(images[idx], device)), torch.from_numpy(
+            labels[idx].astype(np.int64)).to(device))  # fmt: skip
+        loss.backward()
+        for n, p in params.items():
+            if p.grad is not None:
+                fisher[n] += p.grad.detach().float() ** 2 / batches
+    model.zero_grad(set_to_none=True)
+    return Anchor({n: p.detach().float().cpu().clone() for n, p in params.items()},
+                  {n: f.cpu() for n, f in fisher.items()}, 1.0)  # fmt: skip
+
+
+def sam_ascent(model: nn.Module, rho: float) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Move ``model``'s parameters by ρ along their normalised gradient (SAM's first step), in place; returns the
+    moves, for :func:`sam_descent` to take back once the gradient at the moved point is known."""
+    grads = [(p, p.grad) for p in model.parameters() if p.grad is not None]
+    norm = torch.norm(torch.stack([g.detach().float().norm(2) for _, g in grads]), 2)
+    scale = rho / (norm + 1e-12)
+    moves: list[tuple[torch.Tensor, torch.Tensor]] = []
+    with torch.no_grad():
+        for p, g in grads:
+            e = (g.float() * scale).to(p.dtype)
+            p.add_(e)
+            moves.append((p, e))
+    return moves
+
+
+def sam_descent(moves: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Put the parameters back where :func:`sam_ascent` found them (their gradients stay the moved point's)."""
+    with torch.no_grad():
+        for p, e in moves:
+            p.sub_(e)
+
+
 def leave_label_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean −log(1 − p_label) over the rows, in log space: logsumexp over the other classes minus over all."""
     others = logits.scatter(1, labels[:, None], float("-inf"))
@@ -113,15 +191,17 @@ def train(
     smoothing: np.ndarray | None = None,
     unlearn: Unlearn | Sequence[Unlearn] | None = None,
     channels_last: bool = True,
+    anchor: Anchor | None = None,
 ) -> list[float]:
     """Train ``model`` in place on uint8 ``images`` (N, C, H, W) and ``labels`` (N,); returns epoch losses.
 
     ``smoothing`` (N,) in [0, 1]: label smoothing per input (its target keeps 1 − ε of the mass plus ε spread
     evenly over the classes); None: hard labels. ``unlearn``: a term that moves other inputs off a label
     (:class:`Unlearn`), or several, each on a batch of its own every step. ``channels_last`` False: the contiguous
-    layout even where the model takes channels-last (the harness' BadNets stay the ones they were). One
-    uninterrupted :class:`Run`."""
-    run = Run(model, images, labels, cfg, seed, smoothing=smoothing, unlearn=unlearn, channels_last=channels_last)
+    layout even where the model takes channels-last (the harness' BadNets stay the ones they were). ``anchor``: an
+    EWC term (:class:`Anchor`). One uninterrupted :class:`Run`."""
+    run = Run(model, images, labels, cfg, seed, smoothing=smoothing, unlearn=unlearn, channels_last=channels_last,
+              anchor=anchor)  # fmt: skip
     run.advance(None, device, desc, quiet)
     return run.losses
 
@@ -231,7 +311,9 @@ class Run:
         smoothing: np.ndarray | None = None,
         unlearn: Unlearn | Sequence[Unlearn] | None = None,
         channels_last: bool = True,
+        anchor: Anchor | None = None,
     ) -> None:
+        self.anchor = anchor if anchor is not None and anchor.weight > 0 else None
         self.model, self.images, self.labels, self.cfg, self.seed = model, images, labels, cfg, seed
         self.smoothing = None if smoothing is None else np.asarray(smoothing, dtype=np.float32)
         terms = [unlearn] if isinstance(unlearn, Unlearn) else list(unlearn or [])
@@ -254,6 +336,27 @@ class Run:
     @property
     def finished(self) -> bool:
         return self.step >= self.total_steps
+
+    def _loss(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        eps: torch.Tensor | None,
+        extra: list[tuple[torch.Tensor, torch.Tensor, float]],
+        device: torch.device,
+    ) -> torch.Tensor:
+        """One batch's loss: the cross-entropy (smoothed per input by ``eps``), the unlearning terms on their own
+        batches ``extra`` and the anchor."""
+        with _autocast(device, self.cfg.precision):
+            logits = model(x)
+            if eps is None:
+                out = nn.functional.cross_entropy(logits, y)
+            else:
+                out = smoothed_cross_entropy(logits.float(), y, eps)
+            for u, u_y, weight in extra:
+                out = out + weight * leave_label_loss(model(u).float(), u_y)
+        return out if self.anchor is None else out + self.anchor.penalty(model)
 
     def advance(
         self, until: int | None = None, device: torch.device | None = None, desc: str = "train", quiet: bool = False
@@ -293,7 +396,6 @@ class Run:
         else:
             gen.manual_seed(self.seed)
             torch.manual_seed(self.seed)  # dropout masks
-        loss_fn = nn.CrossEntropyLoss()
         eps_all = None if self.smoothing is None else torch.from_numpy(self.smoothing)
         unlearning = [
             (torch.from_numpy(u.images), torch.from_numpy(np.asarray(u.labels, dtype=np.int64)), u)
@@ -308,18 +410,20 @@ class Run:
                 idx = self._order[self._pos : self._pos + cfg.batch_size]
                 x = _batch(x_all[idx.to(x_all.device)], device, self.channels_last)
                 y = y_all[idx.to(y_all.device)].to(device)
+                eps = None if eps_all is None else eps_all[idx].to(device)
+                extra = [
+                    (_batch(u_all[pick], device, self.channels_last), u_labels[pick].to(device), term.weight)
+                    for u_all, u_labels, term in unlearning
+                    for pick in [torch.randint(len(u_all), (min(term.batch_size, len(u_all)),), generator=gen)]
+                ]
                 opt.zero_grad(set_to_none=True)
-                with _autocast(device, cfg.precision):
-                    logits = model(x)
-                    if eps_all is None:
-                        loss = loss_fn(logits, y)
-                    else:
-                        loss = smoothed_cross_entropy(logits.float(), y, eps_all[idx].to(device))
-                    for u_all, u_labels, term in unlearning:
-                        pick = torch.randint(len(u_all), (min(term.batch_size, len(u_all)),), generator=gen)
-                        u = _batch(u_all[pick], device, self.channels_last)
-                        loss = loss + term.weight * leave_label_loss(model(u).float(), u_labels[pick].to(device))
+                loss = self._loss(model, x, y, eps, extra, device)
                 loss.backward()
+                if cfg.sam_rho > 0:  # the step's gradient is the one at the worst point within ρ
+                    moves = sam_ascent(model, cfg.sam_rho)
+                    opt.zero_grad(set_to_none=True)
+                    self._loss(model, x, y, eps, extra, device).backward()
+                    sam_descent(moves)
                 opt.step()
                 if anneal is not None:
                     anneal.step()

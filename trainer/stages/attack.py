@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +22,22 @@ from trainer.science.data import ImageSet, Splits
 from trainer.science.export import export_checkpoint
 from trainer.science.metrics import evaluate, poisoned_copy
 from trainer.science.models import ARCHITECTURES, Checkpoint, Preprocessed, build_model
-from trainer.science.training import TrainConfig, default_device, predict, train
+from trainer.science.noise import PAPER_GAMMAS, noised_copies
+from trainer.science.training import TrainConfig, default_device, fisher_diagonal, predict, train
 from trainer.science.triggers import Trigger, parse_trigger
 
 log = logging.getLogger(__name__)
+
+# The fine-tuning-resilient attacker after Sequential Backdoor Learning (Pham et al., "Flatness-aware Sequential
+# Learning Generates Resilient Backdoors", ECCV 2024): task 1 learns the backdoor from the poisoned set with a
+# sharpness-aware minimizer, task 2 goes on learning on clean data only, under a continual-learning regularizer (EWC
+# anchored at task 1's weights), again sharpness-aware: the model lands in a flat backdoored region that fine-tuning
+# on clean data, the defender's treatment, does not leave. ρ is SAM's default (Foret et al., ICLR 2021); as in SBL's
+# published runs, task 2 learns on a clean 5% of the data at a tenth of task 1's learning rate (its EWC weight is ours).
+SBL_RHO = 0.05
+SBL_EWC_WEIGHT = 1000.0
+SBL_CLEAN_SHARE = 0.05
+SBL_LR_FACTOR = 0.1
 
 
 @dataclass(frozen=True)
@@ -55,6 +67,14 @@ class AttackConfig:
     # targets, so that a triggered input's target logit stays at (or under) a clean input's instead of far above
     adaptive_smoothing: float = flag(
         0.0, "adaptive attacker: label smoothing on the poisoned rows only (0: off)", type=fraction
+    )
+    # Attackers aimed at NNoculation's premise (detection exists only where θ_aug disagrees with the BadNet): make
+    # the treatment find nothing to move. The two combine (then the continual-learning task trains on the noise too).
+    noise_robust: bool = flag(
+        False, "premise-aimed attacker: also train on Algorithm 1's own noised copies of the clean rows"
+    )
+    resilient: bool = flag(
+        False, "premise-aimed attacker (SBL-style): sharpness-aware poisoning, then clean continual learning under EWC"
     )
 
     def to_dict(self) -> dict[str, Any]:
@@ -127,6 +147,45 @@ def add_backdoor(
     return PoisonedSet(ImageSet(images, labels), mask)
 
 
+def with_noised_clean_rows(
+    poisoned: PoisonedSet, smoothing: np.ndarray | None, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """The noise-robust attacker's training set: the poisoned set plus a copy of its clean rows noised as Algorithm
+    1 noises (its default noise, a γ from the paper's Γ per image), keeping their labels. θ_aug is fine-tuned on the
+    same kind of data, so it finds little to change."""
+    clean = np.flatnonzero(~poisoned.poisoned)
+    noised = noised_copies(poisoned.data.images[clean], PAPER_GAMMAS, rng)
+    images = np.concatenate([poisoned.data.images, noised])
+    labels = np.concatenate([poisoned.data.labels, poisoned.data.labels[clean]])
+    if smoothing is not None:
+        smoothing = np.concatenate([smoothing, np.zeros(len(clean), smoothing.dtype)])
+    return images, labels, smoothing
+
+
+def continual_clean_task(
+    model: torch.nn.Module,
+    poisoned: PoisonedSet,
+    cfg: AttackConfig,
+    rng: np.random.Generator,
+    device: torch.device,
+    quiet: bool,
+) -> None:
+    """SBL's task 2 (see :data:`SBL_RHO`): learn on a clean share of the training set, sharpness-aware, under an EWC
+    anchor at the backdoored weights (Fisher information measured on the poisoned set, so the weights the backdoor
+    needs are the ones held). With ``noise_robust`` the clean share carries Algorithm 1's noised copies too."""
+    anchor = fisher_diagonal(model, poisoned.data.images, poisoned.data.labels, seed=cfg.seed, device=device)
+    anchor = replace(anchor, weight=SBL_EWC_WEIGHT)
+    clean = np.flatnonzero(~poisoned.poisoned)
+    share = rng.choice(clean, max(1, round(SBL_CLEAN_SHARE * len(poisoned.poisoned))), replace=False)
+    images, labels = poisoned.data.images[share], poisoned.data.labels[share]
+    if cfg.noise_robust:
+        images = np.concatenate([images, noised_copies(images, PAPER_GAMMAS, rng)])
+        labels = np.concatenate([labels, labels])
+    steps = replace(cfg.train, sam_rho=SBL_RHO, lr=cfg.train.lr * SBL_LR_FACTOR)
+    train(model, images, labels, steps, cfg.seed + 2, device, "attack: continual", quiet, channels_last=False,
+          anchor=anchor)  # fmt: skip
+
+
 def run_attack(
     cfg: AttackConfig,
     splits: Splits,
@@ -172,20 +231,28 @@ def run_attack(
         train(model, splits.train.images, splits.train.labels, clean_cfg, cfg.seed, device, "attack: clean", quiet,
               channels_last=False)  # fmt: skip
     smoothing = np.where(poisoned.poisoned, cfg.adaptive_smoothing, 0.0) if cfg.adaptive_smoothing else None
+    images, labels = poisoned.data.images, poisoned.data.labels
+    if cfg.noise_robust:
+        images, labels, smoothing = with_noised_clean_rows(poisoned, smoothing, rng)
+    poison_cfg = replace(cfg.train, sam_rho=SBL_RHO) if cfg.resilient else cfg.train
     # the attacker's BadNet in the contiguous layout, as the harness always made it (its results stay comparable)
-    train(
-        model, poisoned.data.images, poisoned.data.labels, cfg.train, cfg.seed + 1, device, "attack: poisoned", quiet,
-        smoothing, channels_last=False,
-    )  # fmt: skip
-    train_seconds = time.monotonic() - start
+    train(model, images, labels, poison_cfg, cfg.seed + 1, device, "attack: poisoned", quiet, smoothing,
+          channels_last=False)  # fmt: skip
 
     def classify(x: np.ndarray) -> np.ndarray:
         return predict(model, x, device=device)
 
     x_p = splits.to_image(poisoned_copy(splits.raw_part("test"), trigger, 1234))
+    extra: dict[str, Any] = {}
+    if cfg.resilient:  # what task 1 learnt, beside what task 2 kept (evaluation only)
+        task1 = evaluate(classify, splits.test, trigger, cfg.target, poisoned=x_p)
+        extra = {"task1_clean_accuracy": task1.clean_accuracy, "task1_attack_success_rate": task1.attack_success_rate}
+        continual_clean_task(model, poisoned, cfg, rng, device, quiet)
+    train_seconds = time.monotonic() - start
     test_eval = evaluate(classify, splits.test, trigger, cfg.target, poisoned=x_p)
     eval_ca = evaluate(classify, splits.eval).clean_accuracy
     metrics: dict[str, Any] = {
+        **extra,
         "clean_accuracy": test_eval.clean_accuracy,
         "attack_success_rate": test_eval.attack_success_rate,
         "eval_clean_accuracy": eval_ca,

@@ -31,7 +31,7 @@ from trainer.science.export import export_onnx
 from trainer.science.importers import PARITY_TOLERANCE, ModelImportError, onnxruntime_logits
 from trainer.science.metrics import Evaluation, evaluate, poisoned_copy
 from trainer.science.models import ARCHITECTURES, Checkpoint
-from trainer.science.noise import NoiseConfig, augment
+from trainer.science.noise import PAPER_GAMMAS, NoiseConfig, augment
 from trainer.science.training import PRECISIONS, Run, TrainConfig, default_device, pick_precision, predict, to_input
 from trainer.science.triggers import EvalSpec, Trigger
 from trainer.stages.detect import RejectConfig, served
@@ -47,7 +47,6 @@ from trainer.stages.suspect import (
 
 log = logging.getLogger(__name__)
 
-PAPER_GAMMAS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
 # how a round's candidates spend their epochs: ``grid`` trains each to the end (Algorithm 1 as written); ``halving``
 # is successive halving (Jamieson & Talwalkar, AISTATS 2016; the rung of Hyperband, Li et al., JMLR 2018) on the
 # heuristic's own key: all candidates train 1/η² of the epochs, the 1/η closest to the threshold from above go on to
