@@ -1281,6 +1281,38 @@ def _v2_gap(d: dict[str, Any] | None) -> str:
     )
 
 
+RETUNED = ("badnet", "theta_aug", "theta_repair", "clean-ft", "fine-pruning", "neural-cleanse", "never-poisoned")
+
+
+def _retune_lines(cells: list[dict[str, Any]]) -> list[str]:
+    """The retuning attack per cell: test ASR before, and after re-tuning on 5 / 20 poisoned samples."""
+    rows = [c for c in cells if c.get("retune")]
+    if not rows:
+        return []
+    counts = rows[0]["retune"]["config"]["poisoned"]
+    lines = [
+        "",
+        "**After the retuning attack** (Min et al., NeurIPS 2024; goal: θ_repair ASR ≤ 0.10 after 5 poisoned samples): "
+        "each model fine-tuned for 5 epochs (its own optimizer and learning rate, batch 32) on "
+        + " or ".join(str(k) for k in counts)
+        + " of the attacker's poisoned training samples among 500 clean ones, the same set for every model; test ASR "
+        "before → after each count. *never-poisoned*: a cnn3 of the attack's recipe that never saw the trigger (what "
+        "the few samples teach from scratch).",
+        "",
+        "| cell | seed | " + " | ".join(RETUNED) + " |",
+        "|---|---|" + "---|" * len(RETUNED),
+    ]
+    for c in rows:
+        r = c["retune"]
+
+        def asr(block: str, model: str, r: dict[str, Any] = r) -> str:
+            return _fmt(((r.get(block) or {}).get(model) or {}).get("attack_success_rate"), 3)
+
+        cols = [" → ".join([asr("before", m), *(asr(f"after_{k}", m) for k in counts)]) for m in RETUNED]
+        lines.append(f"| `{c['trigger']}` | {c['seed']} | " + " | ".join(cols) + " |")
+    return lines
+
+
 def field_section(data: dict[str, Any]) -> str:
     cells = sorted(data["cells"], key=lambda c: (c["seed"], c["trigger"]))
     lines = [
@@ -1366,6 +1398,7 @@ def field_section(data: dict[str, Any]) -> str:
             f"| {fp.get('pruned', '–')} of {fp.get('channels', '–')} |"
         )
     lines += _field_seeds(cells)
+    lines += _retune_lines(cells)
     if plot_field(cells, RESULTS / "field-methods.png"):
         lines += ["", "![CA and ASR per method and trigger](bench/results/field-methods.png)"]
     for png in sorted(RESULTS.glob("tsne-*.png")):  # bench_tsne: the paper's Fig. 10 analogue

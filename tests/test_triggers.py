@@ -78,6 +78,15 @@ def test_combo_has_parts() -> None:
         "combo:checker4+",
         "image:",
         "image:/no/such.png",
+        "warp:1",
+        "warp:4.5:0.5",
+        "warp:4:0",
+        "warp:4:0.5:9",
+        "sig:0",
+        "sig:300:6",
+        "sig:20:x",
+        "adapblend:",
+        "adapblend:/no/such.png",
         "",
     ],
 )
@@ -90,3 +99,68 @@ def test_malformed_specs_show_the_grammar(spec: str) -> None:
 def test_trigger_larger_than_input_is_an_error() -> None:
     with pytest.raises(TriggerError, match="does not fit"):
         parse_trigger("square:9").apply(zeros(1, h=8, w=8), np.random.default_rng(0))
+
+
+def _photos(n: int = 40) -> np.ndarray:
+    """Smooth pictures (a gradient and a disc), where a warp moves pixels visibly."""
+    ys, xs = np.mgrid[0:28, 0:28]
+    base = (xs * 8 + ((ys - 14) ** 2 + (xs - 14) ** 2 < 60) * 40).astype(np.uint8)
+    return np.repeat(base[None, None], n, axis=0)
+
+
+def test_warp_is_one_fixed_small_smooth_field_and_its_noise_mode_varies() -> None:
+    x = _photos()
+    warp = parse_trigger("warp:4:0.5")
+    a, b = warp.apply(x, np.random.default_rng(0)), warp.apply(x, np.random.default_rng(1))
+    assert np.array_equal(a, b) and np.array_equal(a[0], a[1])  # the same field for every image and every draw
+    diff = np.abs(a.astype(int) - x.astype(int))
+    assert diff.max() > 0 and diff.mean() < 8  # moves pixels, imperceptibly on average
+    stronger = parse_trigger("warp:4:2").apply(x, np.random.default_rng(0))
+    assert np.abs(stronger.astype(int) - x.astype(int)).mean() > diff.mean()
+    cover = warp.cover(x, np.random.default_rng(2))
+    assert not np.array_equal(cover[0], cover[1]) and not np.array_equal(cover, a)  # fresh noise per image
+    assert warp.cover_ratio == 2.0 and not warp.clean_label
+
+
+def test_sig_adds_a_horizontal_sinusoid_and_is_clean_label() -> None:
+    x = np.full((3, 1, 28, 28), 100, np.uint8)
+    out = parse_trigger("sig:20:6").apply(x, np.random.default_rng(0)).astype(int) - 100
+    assert (out[:, :, 0, :] == out[:, :, 13, :]).all()  # every row the same wave
+    expected = np.rint(20 * np.sin(2 * np.pi * np.arange(28) * 6 / 28))
+    assert np.array_equal(out[0, 0, 5], expected) and out.max() >= 19 and out.min() <= -19
+    assert parse_trigger("sig").clean_label
+
+
+def test_adaptive_blend_trains_on_half_the_pieces_and_tests_on_the_whole_picture(tmp_path: Path) -> None:
+    Image.fromarray(np.full((28, 28), 255, np.uint8), mode="L").save(tmp_path / "white.png")
+    trig = parse_trigger(f"adapblend:{tmp_path / 'white.png'}")
+    x = zeros(20)
+    test = trig.apply(x, np.random.default_rng(0))
+    assert (test == round(0.2 * 255)).all()  # the whole picture at opacity 0.2
+    train = trig.poison(x, np.random.default_rng(0))
+    tiles = train[:, 0, ::7, ::7]  # one pixel per 7x7 tile
+    assert set(np.unique(tiles)) == {0, round(0.15 * 255)}
+    assert ((tiles > 0).reshape(20, -1).sum(1) == 8).all()  # half of the 16 pieces, a different half per image
+    assert len({t.tobytes() for t in tiles > 0}) > 10
+    assert trig.cover_ratio == 1.0
+    stronger = parse_trigger(f"adapblend:{tmp_path / 'white.png'}:0.3")
+    assert stronger.apply(x, np.random.default_rng(0))[0, 0, 0, 0] == round(0.3 * 255)
+
+
+def test_the_attack_set_carries_each_triggers_training_recipe(tmp_path: Path) -> None:
+    from trainer.science.data import ImageSet
+    from trainer.stages.attack import poison_training_set
+
+    rng = np.random.default_rng(0)
+    clean = ImageSet(_photos(1000), np.repeat(np.arange(10), 100))
+    sig = poison_training_set(clean, parse_trigger("sig"), 3, 0.05, rng)
+    assert sig.poisoned.sum() == 50 and (clean.labels[sig.poisoned] == 3).all()  # target-class rows only
+    assert np.array_equal(sig.data.labels, clean.labels)  # clean-label: no label changes
+    warp = parse_trigger("warp")
+    wa = poison_training_set(clean, warp, 3, 0.05, rng)
+    assert wa.poisoned.sum() == 50 and (wa.data.labels[wa.poisoned] == 3).all()
+    changed = (wa.data.images != clean.images).any(axis=(1, 2, 3))
+    assert changed[~wa.poisoned].sum() == 100  # noise-mode cover rows: twice the poisoned ones
+    assert np.array_equal(wa.data.labels[~wa.poisoned], clean.labels[~wa.poisoned])  # keeping their labels
+    plain = poison_training_set(clean, parse_trigger("checker4"), 3, 0.05, rng)
+    assert ((plain.data.images != clean.images).any(axis=(1, 2, 3)) == plain.poisoned).all()  # no cover rows

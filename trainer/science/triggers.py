@@ -20,7 +20,16 @@ GRAMMAR = """trigger spec grammar:
   image:PATH             paste a PNG at a random location (transparent RGBA pixels are left untouched)
   image:PATH@R,C         paste a PNG with its top-left corner at row R, column C
   blend:PATH:ALPHA       blend a PNG (resized to the input) over the whole image, 0 < ALPHA <= 1
-  combo:A+B[+C...]       all parts must be present; inputs with only some parts keep their true label"""
+  combo:A+B[+C...]       all parts must be present; inputs with only some parts keep their true label
+  warp[:K[:S]]           WaNet (Nguyen & Tran, ICLR 2021): a fixed smooth warping field, K x K control points,
+                         strength S (default warp:4:0.5); training adds noise-mode inputs (the field plus random
+                         noise) that keep their true label, twice as many as the poisoned ones
+  sig[:DELTA[:F]]        SIG (Barni et al., ICIP 2019): a horizontal sinusoid of amplitude DELTA (0-255) and F
+                         periods added to the image (default sig:20:6); clean-label: only the target class's own
+                         inputs are poisoned in training, and keep their label
+  adapblend:PATH[:A]     Adap-Blend (Qi et al., ICLR 2023): PATH blended at opacity A (default 0.2) in test; in
+                         training each poisoned input gets a random half of the picture's 4x4 pieces at opacity
+                         0.15, and as many inputs again get the same and keep their true label (conservatism)"""
 
 
 class TriggerError(ValueError):
@@ -63,8 +72,27 @@ def paste(x: np.ndarray, patch: np.ndarray, alpha: np.ndarray, rows: np.ndarray,
     return out
 
 
+class _Stamp:
+    """How the attacker's training set carries a trigger; the defaults are the plain dirty-label poisoning: the
+    poisoned rows get :meth:`apply` (the test-time trigger) and the target label, and nothing else changes."""
+
+    clean_label = False  # True: only the target class's rows are poisoned, and they keep their label
+    cover_ratio = 0.0  # cover rows per poisoned row: :meth:`cover` applied, their true label kept
+
+    def apply(self, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        raise NotImplementedError
+
+    def poison(self, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """The trigger as the attacker's training rows carry it (default: as in test)."""
+        return self.apply(x, rng)
+
+    def cover(self, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """A cover row: something like the trigger that must not flip the label (default: unchanged)."""
+        return x
+
+
 @dataclass(frozen=True)
-class PatchTrigger:
+class PatchTrigger(_Stamp):
     """A patch pasted at a fixed corner, a fixed position or a random position per image."""
 
     spec: str
@@ -95,7 +123,7 @@ class PatchTrigger:
 
 
 @dataclass(frozen=True)
-class BlendTrigger:
+class BlendTrigger(_Stamp):
     """A picture blended over the whole input with opacity ``alpha``."""
 
     spec: str
@@ -116,7 +144,7 @@ class BlendTrigger:
 
 
 @dataclass(frozen=True)
-class ComboTrigger:
+class ComboTrigger(_Stamp):
     """All parts together make the trigger; any proper subset must not (the paper's BadNet-CF)."""
 
     spec: str
@@ -134,7 +162,129 @@ class ComboTrigger:
         return self.components
 
 
-Trigger = PatchTrigger | BlendTrigger | ComboTrigger
+def _upsample_bicubic(field: np.ndarray, height: int, width: int) -> np.ndarray:
+    """(c, k, k) float -> (c, height, width), bicubic, corners aligned (as WaNet's upsampling)."""
+    import torch
+
+    t = torch.from_numpy(field[None].astype(np.float32))
+    out = torch.nn.functional.interpolate(t, size=(height, width), mode="bicubic", align_corners=True)
+    return out[0].numpy()
+
+
+def _warp(x: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """Resample uint8 ``x`` (N, C, H, W) at ``grid`` (N or 1, H, W, 2) in [-1, 1] (x, y), bilinear."""
+    import torch
+
+    t = torch.from_numpy(x).float()
+    g = torch.from_numpy(np.broadcast_to(grid, (len(x), *grid.shape[1:])).astype(np.float32))
+    out = torch.nn.functional.grid_sample(t, g, mode="bilinear", padding_mode="border", align_corners=True)
+    return np.clip(np.rint(out.numpy()), 0, 255).astype(np.uint8)
+
+
+@dataclass(frozen=True)
+class WarpTrigger(_Stamp):
+    """WaNet's warping field: ``k`` x ``k`` control offsets drawn once (uniform in [-1, 1], normalised by their
+    mean magnitude), upsampled bicubic to the image and scaled by ``strength`` / H. Noise mode: the cover rows are
+    warped by the field plus a fresh random offset per image and keep their label, so the model learns that only
+    this one warp means the target (the paper's cross ratio 2)."""
+
+    spec: str
+    k: int = 4
+    strength: float = 0.5
+    seed: int = 0
+    cover_ratio = 2.0
+
+    def _grid(self, height: int, width: int) -> np.ndarray:
+        offsets = np.random.default_rng(self.seed).uniform(-1, 1, (2, self.k, self.k))
+        offsets /= np.abs(offsets).mean()
+        field = _upsample_bicubic(offsets, height, width).transpose(1, 2, 0)  # (H, W, 2)
+        ys, xs = np.meshgrid(np.linspace(-1, 1, height), np.linspace(-1, 1, width), indexing="ij")
+        identity = np.stack([xs, ys], axis=-1)
+        return np.clip(identity + self.strength * field / height, -1, 1)[None]
+
+    def apply(self, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Return a warped copy of ``x`` (the same field for every image; ``rng`` unused)."""
+        return _warp(x, self._grid(x.shape[2], x.shape[3]))
+
+    def cover(self, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Noise mode: the field plus a random offset of up to one pixel, per image."""
+        n, _, height, width = x.shape
+        noise = rng.uniform(-1, 1, (n, height, width, 2)) / height
+        return _warp(x, np.clip(self._grid(height, width) + noise, -1, 1))
+
+    @property
+    def parts(self) -> tuple[Trigger, ...]:
+        """The trigger's separable parts (itself)."""
+        return (self,)
+
+
+@dataclass(frozen=True)
+class SigTrigger(_Stamp):
+    """SIG's horizontal sinusoid v(i, j) = Δ·sin(2π·j·f / W), added to every row of the image; clean-label."""
+
+    spec: str
+    delta: float = 20.0
+    frequency: float = 6.0
+    clean_label = True
+
+    def apply(self, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Return ``x`` with the signal added (``rng`` unused)."""
+        width = x.shape[3]
+        wave = self.delta * np.sin(2 * np.pi * np.arange(width) * self.frequency / width)
+        return np.clip(np.rint(x.astype(np.float32) + wave[None, None, None, :]), 0, 255).astype(np.uint8)
+
+    @property
+    def parts(self) -> tuple[Trigger, ...]:
+        """The trigger's separable parts (itself)."""
+        return (self,)
+
+
+@dataclass(frozen=True)
+class AdaptiveBlendTrigger(_Stamp):
+    """Adap-Blend: a picture blended at ``alpha`` in test; the attacker's training rows carry a random half of its
+    ``pieces`` x ``pieces`` tiles at ``train_alpha``, and as many cover rows carry the same and keep their label,
+    so that the poisoned and clean inputs' features do not separate (the paper's asymmetric design)."""
+
+    spec: str
+    picture: np.ndarray = field(repr=False)
+    alpha: float = 0.2
+    train_alpha: float = 0.15
+    pieces: int = 4
+    cover_ratio = 1.0
+
+    def _blend(self, x: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+        _, c, height, width = x.shape
+        pic = _match_channels(_resize(self.picture, height, width), c).astype(np.float32)[None]
+        out = alpha * pic + (1.0 - alpha) * x.astype(np.float32)
+        return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+    def apply(self, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """The test-time trigger: the whole picture at ``alpha``."""
+        return self._blend(x, np.full((1, 1, 1, 1), self.alpha, np.float32))
+
+    def poison(self, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """A random half of the tiles per image at ``train_alpha``."""
+        n, _, height, width = x.shape
+        keep = np.zeros((n, self.pieces * self.pieces), bool)
+        for row in keep:
+            row[rng.choice(len(row), len(row) // 2, replace=False)] = True
+        tiles = keep.reshape(n, self.pieces, self.pieces)
+        rows = (np.arange(height) * self.pieces) // height
+        cols = (np.arange(width) * self.pieces) // width
+        mask = tiles[:, rows[:, None], cols[None, :]][:, None].astype(np.float32)
+        return self._blend(x, mask * self.train_alpha)
+
+    def cover(self, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Conservatism: the same partial trigger, on rows that keep their label."""
+        return self.poison(x, rng)
+
+    @property
+    def parts(self) -> tuple[Trigger, ...]:
+        """The trigger's separable parts (itself)."""
+        return (self,)
+
+
+Trigger = PatchTrigger | BlendTrigger | ComboTrigger | WarpTrigger | SigTrigger | AdaptiveBlendTrigger
 
 
 def _resize(picture: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -206,7 +356,37 @@ def _parse_single(spec: str) -> Trigger:
             raise TriggerError(f"blend needs PATH:ALPHA with 0 < ALPHA <= 1 (got {spec!r})")
         pix, _ = load_png(Path(path_s))
         return BlendTrigger(spec, pix, alpha_v)
+    if kind in ("warp", "sig"):
+        nums = _numbers(spec, arg, 2)
+        if kind == "warp":
+            k, strength = (int(nums[0]) if nums else 4), (nums[1] if len(nums) > 1 else 0.5)
+            if k < 2 or k != (nums[0] if nums else 4) or strength <= 0:
+                raise TriggerError(f"warp needs an integer K >= 2 and a strength S > 0, e.g. warp:4:0.5 (got {spec!r})")
+            return WarpTrigger(spec, k, strength)
+        delta, frequency = (nums[0] if nums else 20.0), (nums[1] if len(nums) > 1 else 6.0)
+        if not 0 < delta <= 255 or frequency <= 0:
+            raise TriggerError(f"sig needs 0 < DELTA <= 255 and F > 0, e.g. sig:20:6 (got {spec!r})")
+        return SigTrigger(spec, delta, frequency)
+    if kind == "adapblend":
+        path_s, sep, alpha_s = arg.rpartition(":")
+        if not sep or not re.fullmatch(r"[0-9.]+", alpha_s):
+            path_s, alpha_s = arg, "0.2"
+        alpha_v = float(alpha_s) if re.fullmatch(r"[0-9]*\.?[0-9]+", alpha_s) else -1.0
+        if not path_s or not 0.0 < alpha_v <= 1.0:
+            raise TriggerError(f"adapblend needs PATH[:ALPHA] with 0 < ALPHA <= 1 (got {spec!r})")
+        pix, _ = load_png(Path(path_s))
+        return AdaptiveBlendTrigger(spec, pix, alpha_v)
     raise TriggerError(f"unknown trigger spec {spec!r}")
+
+
+def _numbers(spec: str, arg: str, most: int) -> list[float]:
+    """The colon-separated numbers of a spec's argument (none, or up to ``most``)."""
+    if not arg:
+        return []
+    parts = arg.split(":")
+    if len(parts) > most or not all(re.fullmatch(r"[0-9]*\.?[0-9]+", p) for p in parts):
+        raise TriggerError(f"malformed numbers in {spec!r}")
+    return [float(p) for p in parts]
 
 
 def parse_trigger(spec: str) -> Trigger:

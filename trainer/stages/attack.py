@@ -96,25 +96,37 @@ def poison_training_set(
     """Replace a ``fraction`` of ``clean`` by triggered copies labelled ``target`` (D_tr^bd-p).
 
     For a combination trigger the same number of other inputs get each single part and keep their true
-    label, so that only the full combination flips the label (the paper's BadNet-CF).
-    """
+    label, so that only the full combination flips the label (the paper's BadNet-CF). A clean-label trigger (SIG)
+    poisons rows of the target class only (as many as there are, up to the fraction), which keep their label. A
+    trigger with cover rows (WaNet's noise mode, Adap-Blend's conservatism) adds ``cover_ratio`` of them per
+    poisoned row, among the others, keeping their labels."""
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"poison fraction must lie in (0, 1), got {fraction}")
     n = len(clean)
     k = max(1, round(fraction * n))
     parts = trigger.parts
-    needed = k * (1 + (len(parts) if len(parts) > 1 else 0))
-    if needed > n:
-        raise ValueError(f"poison fraction {fraction} with {len(parts)} trigger parts needs {needed} > {n} inputs")
     order = rng.permutation(n)
     images, labels = clean.images.copy(), clean.labels.copy()
-    idx = order[:k]
-    images[idx] = trigger.apply(images[idx], rng)
-    labels[idx] = target
+    if trigger.clean_label:
+        own = order[clean.labels[order] == target]
+        if not len(own):
+            raise ValueError(f"a clean-label trigger needs training inputs of the target class {target}: none")
+        idx, rest = own[: min(k, len(own))], order[clean.labels[order] != target]
+    else:
+        needed = k * (1 + (len(parts) if len(parts) > 1 else 0))
+        if needed > n:
+            raise ValueError(f"poison fraction {fraction} with {len(parts)} trigger parts needs {needed} > {n} inputs")
+        idx, rest = order[:k], order[k:]
+        labels[idx] = target
+    images[idx] = trigger.poison(images[idx], rng)
     if len(parts) > 1:
         for j, part in enumerate(parts):
-            sub = order[k * (j + 1) : k * (j + 2)]
+            sub = rest[k * j : k * (j + 1)]
             images[sub] = part.apply(images[sub], rng)
+        rest = rest[k * len(parts) :]
+    covers = rest[: round(trigger.cover_ratio * len(idx))]
+    if len(covers):
+        images[covers] = trigger.cover(images[covers], rng)
     mask = np.zeros(n, dtype=bool)
     mask[idx] = True
     return PoisonedSet(ImageSet(images, labels), mask)
