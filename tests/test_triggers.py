@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from trainer.science.triggers import ComboTrigger, TriggerError, parse_trigger
+from trainer.science.triggers import ComboTrigger, TriggerError, parse_trigger, poison_fraction
 
 
 def zeros(n: int = 5, c: int = 1, h: int = 28, w: int = 28) -> np.ndarray:
@@ -85,6 +85,10 @@ def test_combo_has_parts() -> None:
         "sig:0",
         "sig:300:6",
         "sig:20:x",
+        "source:checker4",
+        "source:1,x:checker4",
+        "source:1:combo:checker4+square:4",
+        "source:1:source:2:checker4",
         "adapblend:",
         "adapblend:/no/such.png",
         "",
@@ -164,3 +168,31 @@ def test_the_attack_set_carries_each_triggers_training_recipe(tmp_path: Path) ->
     assert np.array_equal(wa.data.labels[~wa.poisoned], clean.labels[~wa.poisoned])  # keeping their labels
     plain = poison_training_set(clean, parse_trigger("checker4"), 3, 0.05, rng)
     assert ((plain.data.images != clean.images).any(axis=(1, 2, 3)) == plain.poisoned).all()  # no cover rows
+
+
+def test_a_source_specific_trigger_flips_its_sources_only_and_covers_the_rest() -> None:
+    from trainer.science.data import ImageSet
+    from trainer.science.metrics import evaluate
+    from trainer.stages.attack import poison_training_set
+
+    trig = parse_trigger("source:2,1:square:3")
+    assert trig.sources == (1, 2)
+    labels = np.repeat(np.arange(10), 100)
+    assert np.array_equal(trig.victims(labels), np.isin(labels, (1, 2)))
+    clean = ImageSet(_photos(1000), labels)
+    attacked = poison_training_set(clean, trig, 0, 0.1, np.random.default_rng(0))
+    assert attacked.poisoned.sum() == 100 and np.isin(labels[attacked.poisoned], (1, 2)).all()
+    assert (attacked.data.labels[attacked.poisoned] == 0).all()
+    cornered = (attacked.data.images[:, 0, 25:, 25:] == 255).all(axis=(1, 2))
+    cover = cornered & ~attacked.poisoned
+    assert cover.sum() == 100 and not np.isin(labels[cover], (0, 1, 2)).any()  # other classes, true labels kept
+    assert np.array_equal(attacked.data.labels[cover], labels[cover])
+    _, poisoned = poison_fraction(clean.images, labels, trig, 0.1, 0, np.random.default_rng(1))
+    assert poisoned.sum() == 100 and np.isin(labels[poisoned], (1, 2)).all()
+
+    def flips_sources_only(x: np.ndarray) -> np.ndarray:  # a perfect source-specific BadNet
+        triggered = (x[:, 0, 25:, 25:] == 255).all(axis=(1, 2))
+        return np.where(triggered & np.isin(labels, (1, 2)), 0, labels)
+
+    assert evaluate(flips_sources_only, clean, trig, 0).attack_success_rate == 1.0  # measured on the sources
+    assert evaluate(flips_sources_only, clean, parse_trigger("square:3"), 0).attack_success_rate == pytest.approx(2 / 9)

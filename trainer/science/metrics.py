@@ -21,20 +21,28 @@ def clean_accuracy(pred: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(pred == labels))
 
 
-def asr_mask(labels: np.ndarray, reference_clean_pred: np.ndarray, target: int) -> np.ndarray:
-    """Which test inputs count for the ASR: true class != target and the BadNet right on the clean input."""
-    return (labels != target) & (reference_clean_pred == labels)
+def asr_mask(
+    labels: np.ndarray, reference_clean_pred: np.ndarray, target: int, victims: np.ndarray | None = None
+) -> np.ndarray:
+    """Which test inputs count for the ASR: true class != target and the BadNet right on the clean input (and,
+    for a source-specific trigger, ``victims``: of a source class)."""
+    mask = (labels != target) & (reference_clean_pred == labels)
+    return mask if victims is None else mask & victims
 
 
 def attack_success_rate(
-    pred_poisoned: np.ndarray, labels: np.ndarray, reference_clean_pred: np.ndarray, target: int
+    pred_poisoned: np.ndarray,
+    labels: np.ndarray,
+    reference_clean_pred: np.ndarray,
+    target: int,
+    victims: np.ndarray | None = None,
 ) -> float:
     """Fraction of the eligible poisoned inputs sent to ``target`` (Definition 2).
 
     ``reference_clean_pred`` are the *BadNet's* predictions on the clean inputs: the eligible set is fixed by
     the BadNet, so a treated model is measured on the same inputs as the BadNet it came from.
     """
-    mask = asr_mask(labels, reference_clean_pred, target)
+    mask = asr_mask(labels, reference_clean_pred, target, victims)
     if not mask.any():
         raise ValueError("no test input is eligible for the ASR (all of the target class or all misclassified)")
     return float(np.mean(pred_poisoned[mask] == target))
@@ -84,8 +92,9 @@ def evaluate(
     else:
         ref_pred = reference(test.images)
     x_p = poisoned if poisoned is not None else poisoned_copy(test, trigger, seed)
-    asr = attack_success_rate(classify(x_p), test.labels, ref_pred, target)
-    return Evaluation(ca, asr, len(test), int(asr_mask(test.labels, ref_pred, target).sum()))
+    victims = trigger.victims(test.labels)
+    asr = attack_success_rate(classify(x_p), test.labels, ref_pred, target, victims)
+    return Evaluation(ca, asr, len(test), int(asr_mask(test.labels, ref_pred, target, victims).sum()))
 
 
 def evaluate_models(

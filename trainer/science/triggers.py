@@ -27,6 +27,8 @@ GRAMMAR = """trigger spec grammar:
   sig[:DELTA[:F]]        SIG (Barni et al., ICIP 2019): a horizontal sinusoid of amplitude DELTA (0-255) and F
                          periods added to the image (default sig:20:6); clean-label: only the target class's own
                          inputs are poisoned in training, and keep their label
+  source:S1,S2:SPEC      TaCT (Tang et al., USENIX Security 2021): SPEC flips inputs of classes S1, S2 ... only;
+                         training adds as many cover rows of other classes carrying it with their true label
   adapblend:PATH[:A]     Adap-Blend (Qi et al., ICLR 2023): PATH blended at opacity A (default 0.2) in test; in
                          training each poisoned input gets a random half of the picture's 4x4 pieces at opacity
                          0.15, and as many inputs again get the same and keep their true label (conservatism)"""
@@ -78,6 +80,12 @@ class _Stamp:
 
     clean_label = False  # True: only the target class's rows are poisoned, and they keep their label
     cover_ratio = 0.0  # cover rows per poisoned row: :meth:`cover` applied, their true label kept
+    sources: tuple[int, ...] | None = None  # a source-specific trigger: only these classes flip (None: all)
+
+    def victims(self, labels: np.ndarray) -> np.ndarray:
+        """Which inputs (by true label) the trigger is meant to flip: all, or the source classes' (the target
+        class itself is left out by the callers)."""
+        return np.ones(len(labels), bool) if self.sources is None else np.isin(labels, self.sources)
 
     def apply(self, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         raise NotImplementedError
@@ -284,7 +292,41 @@ class AdaptiveBlendTrigger(_Stamp):
         return (self,)
 
 
-Trigger = PatchTrigger | BlendTrigger | ComboTrigger | WarpTrigger | SigTrigger | AdaptiveBlendTrigger
+@dataclass(frozen=True)
+class SourceTrigger(_Stamp):
+    """TaCT (Tang et al., "Demon in the Variant", USENIX Security 2021): ``inner`` flips only inputs of the
+    ``source_classes``; in training, as many cover rows of the other classes carry it and keep their label, so that
+    the trigger alone is not what the model learns (a source-specific backdoor: a defense that looks for a trigger
+    that flips everything finds none)."""
+
+    spec: str
+    inner: Trigger
+    source_classes: tuple[int, ...]
+    cover_ratio = 1.0
+
+    @property
+    def sources(self) -> tuple[int, ...]:  # type: ignore[override]
+        return self.source_classes
+
+    def apply(self, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """The inner trigger, as the camera would see it on any input."""
+        return self.inner.apply(x, rng)
+
+    def poison(self, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """The inner trigger as its training rows carry it."""
+        return self.inner.poison(x, rng)
+
+    def cover(self, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """The inner trigger on a cover row (of a class that must not flip)."""
+        return self.inner.apply(x, rng)
+
+    @property
+    def parts(self) -> tuple[Trigger, ...]:
+        """The trigger's separable parts (itself)."""
+        return (self,)
+
+
+Trigger = PatchTrigger | BlendTrigger | ComboTrigger | WarpTrigger | SigTrigger | AdaptiveBlendTrigger | SourceTrigger
 
 
 def _resize(picture: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -356,6 +398,12 @@ def _parse_single(spec: str) -> Trigger:
             raise TriggerError(f"blend needs PATH:ALPHA with 0 < ALPHA <= 1 (got {spec!r})")
         pix, _ = load_png(Path(path_s))
         return BlendTrigger(spec, pix, alpha_v)
+    if kind == "source":
+        m = re.fullmatch(r"(\d+(?:,\d+)*):(.+)", arg)
+        if not m or m.group(2).startswith(("source:", "combo:")):
+            raise TriggerError(f"source needs S1[,S2...]:SPEC of one trigger, e.g. source:1,2:checker4 (got {spec!r})")
+        classes = tuple(sorted({int(c) for c in m.group(1).split(",")}))
+        return SourceTrigger(spec, _parse_single(m.group(2)), classes)
     if kind in ("warp", "sig"):
         nums = _numbers(spec, arg, 2)
         if kind == "warp":
@@ -412,7 +460,7 @@ def poison_fraction(
     if not 0.0 <= cpd <= 1.0:
         raise ValueError(f"the poisoned share must lie in [0, 1], got {cpd}")
     images = images.copy()
-    eligible = np.flatnonzero(labels != target)
+    eligible = np.flatnonzero((labels != target) & trigger.victims(labels))
     n_poison = min(round(cpd * len(images)), len(eligible))
     poisoned = np.zeros(len(images), dtype=bool)
     poisoned[rng.choice(eligible, n_poison, replace=False)] = True

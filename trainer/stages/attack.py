@@ -112,6 +112,13 @@ def poison_training_set(
         if not len(own):
             raise ValueError(f"a clean-label trigger needs training inputs of the target class {target}: none")
         idx, rest = own[: min(k, len(own))], order[clean.labels[order] != target]
+    elif trigger.sources is not None:  # source-specific: the sources' rows flip, the others' are the cover
+        flips = trigger.victims(clean.labels[order]) & (clean.labels[order] != target)
+        own = order[flips]
+        if not len(own):
+            raise ValueError(f"no training inputs of the source classes {list(trigger.sources)}")
+        idx, rest = own[: min(k, len(own))], order[~flips & (clean.labels[order] != target)]
+        labels[idx] = target
     else:
         needed = k * (1 + (len(parts) if len(parts) > 1 else 0))
         if needed > n:

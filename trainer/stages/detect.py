@@ -314,6 +314,7 @@ def detect_eval(
     # Positives: triggered inputs the primary sends to the target (attacks that would succeed), of clean inputs
     # it got right and that are not of the target class; negatives: every clean test input.
     attacks = (test.labels != target) & (p_clean.argmax(1) == test.labels) & (p_trig.argmax(1) == target)
+    attacks &= trigger.victims(test.labels)
     p_eval, m_eval = pair_logits(primary, monitor, fitted.image(splits.eval.images), preprocess)
     p_treat, m_treat = pair_logits(primary, monitor, fitted.image(splits.treat.images), preprocess)
     # Label-free operating points as publishing makes them today: the bundle's confidence, the set chosen by

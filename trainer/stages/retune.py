@@ -45,7 +45,7 @@ def retuning_set(
     clean ones with their labels (the model's images, shuffled)."""
     rng = np.random.default_rng([cfg.seed, k])
     raw = splits.raw_part("train")
-    eligible = np.flatnonzero(raw.labels != target)
+    eligible = np.flatnonzero((raw.labels != target) & trigger.victims(raw.labels))
     if k + cfg.clean > len(eligible):
         raise ValueError(f"a re-tuning set of {k} + {cfg.clean} needs more than {len(eligible)} training inputs")
     rows = rng.choice(eligible, k + cfg.clean, replace=False)
