@@ -1048,7 +1048,7 @@ def _pair(ca: Any, asr: Any) -> str:
     return f"{_fmt(ca, 3)} / {_fmt(asr, 3)}"
 
 
-FIELD_METHODS = ("BadNet", "θ_aug", "θ_repair", "clean-ft", "fine-pruning", "neural-cleanse")
+FIELD_METHODS = ("BadNet", "θ_aug", "θ_repair", "clean-ft", "fine-pruning", "neural-cleanse", "ft-sam")
 
 
 def _field_methods(c: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
@@ -1061,6 +1061,7 @@ def _field_methods(c: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
         "clean-ft": _test(c.get("clean-ft"), "repaired"),
         "fine-pruning": _test(c.get("fine-pruning"), "defended"),
         "neural-cleanse": _test(c.get("neural-cleanse"), "defended"),
+        "ft-sam": _test(c.get("ft-sam"), "defended"),
     }
 
 
@@ -1281,7 +1282,9 @@ def _v2_gap(d: dict[str, Any] | None) -> str:
     )
 
 
-RETUNED = ("badnet", "theta_aug", "theta_repair", "clean-ft", "fine-pruning", "neural-cleanse", "never-poisoned")
+RETUNED = (
+    "badnet", "theta_aug", "theta_repair", "clean-ft", "fine-pruning", "neural-cleanse", "ft-sam", "never-poisoned",
+)  # fmt: skip
 
 
 def _retune_lines(cells: list[dict[str, Any]]) -> list[str]:

@@ -92,6 +92,15 @@ def test_neural_cleanse_finds_the_target(badnet: tuple[Path, dict[str, Any]], tm
     assert (tmp_path / "reversed.png").stat().st_size > 1000
 
 
+def test_ft_sam_lowers_the_asr(badnet: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
+    report = _defend(badnet, tmp_path, "--method", "ft-sam", "--epochs", "2")
+    train = report["details"]["train"]
+    assert train["sam_rho"] == 2.0 and train["sam_adaptive"] and train["schedule"] == "cosine"
+    test = report["test"]
+    assert test["defended"]["attack_success_rate"] < test["badnet"]["attack_success_rate"]
+    assert test["defended"]["clean_accuracy"] > test["badnet"]["clean_accuracy"] - 0.1
+
+
 def test_defend_bad_input_is_one_line(tmp_path: Path) -> None:
     code, _, err = run_cli("trainer", "defend", "--model", str(tmp_path / "none.pt"), "--out", str(tmp_path / "o"),
                            check=False)  # fmt: skip

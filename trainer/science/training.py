@@ -47,6 +47,9 @@ class TrainConfig:
     # sharpness-aware minimization (Foret et al., ICLR 2021): each step takes the gradient at the weights moved by
     # ρ along the normalised gradient (the worst nearby point), so training ends in a flat region; 0: plain steps
     sam_rho: float = 0.0
+    # adaptive SAM (ASAM, Kwon et al., ICML 2021): the neighbourhood scaled per weight by its magnitude, so ρ is
+    # relative (FT-SAM's ρ = 2 is this kind)
+    sam_adaptive: bool = False
 
     def __post_init__(self) -> None:
         if self.sam_rho < 0:
@@ -144,16 +147,17 @@ def fisher_diagonal(
                   {n: f.cpu() for n, f in fisher.items()}, 1.0)  # fmt: skip
 
 
-def sam_ascent(model: nn.Module, rho: float) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def sam_ascent(model: nn.Module, rho: float, adaptive: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Move ``model``'s parameters by ρ along their normalised gradient (SAM's first step), in place; returns the
-    moves, for :func:`sam_descent` to take back once the gradient at the moved point is known."""
+    moves, for :func:`sam_descent` to take back once the gradient at the moved point is known. ``adaptive``: ASAM's
+    step, e = ρ·T²g / ‖Tg‖ with T = |w| per weight."""
     grads = [(p, p.grad) for p in model.parameters() if p.grad is not None]
-    norm = torch.norm(torch.stack([g.detach().float().norm(2) for _, g in grads]), 2)
-    scale = rho / (norm + 1e-12)
+    scales = [p.detach().float().abs() if adaptive else torch.ones((), device=p.device) for p, _ in grads]
+    norm = torch.norm(torch.stack([(t * g.detach().float()).norm(2) for t, (_, g) in zip(scales, grads, strict=True)]))
     moves: list[tuple[torch.Tensor, torch.Tensor]] = []
     with torch.no_grad():
-        for p, g in grads:
-            e = (g.float() * scale).to(p.dtype)
+        for t, (p, g) in zip(scales, grads, strict=True):
+            e = (t * t * g.float() * rho / (norm + 1e-12)).to(p.dtype)
             p.add_(e)
             moves.append((p, e))
     return moves
@@ -420,7 +424,7 @@ class Run:
                 loss = self._loss(model, x, y, eps, extra, device)
                 loss.backward()
                 if cfg.sam_rho > 0:  # the step's gradient is the one at the worst point within ρ
-                    moves = sam_ascent(model, cfg.sam_rho)
+                    moves = sam_ascent(model, cfg.sam_rho, cfg.sam_adaptive)
                     opt.zero_grad(set_to_none=True)
                     self._loss(model, x, y, eps, extra, device).backward()
                     sam_descent(moves)

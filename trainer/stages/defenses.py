@@ -17,6 +17,10 @@ the defender's clean data only (D_treat to fine-tune, D_eval to stop), the same 
   paper's defender would ship it (``--nc-flag smallest`` unlearns the smallest norm's label instead). Budget
   here: 300 steps of 64 clean images per label (the authors ran more; a 28x28 checker's mask converged to its
   16 pixels well within it on the project's BadNet).
+- **FT-SAM** (Zhu et al., ICCV 2023): fine-tune on clean data with adaptive sharpness-aware minimization at a large
+  radius (ρ 2, label smoothing 0.1, the learning rate annealed along a cosine: BackdoorBench's settings), which
+  shrinks the large-norm neurons a backdoor lives in where plain fine-tuning barely moves them. Budget: the
+  repair's epochs at the BadNet's learning rate and optimizer.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ from trainer.stages.publish import train_config_of, write_report
 
 log = logging.getLogger(__name__)
 
-DEFENSES = ("fine-pruning", "neural-cleanse")
+DEFENSES = ("fine-pruning", "neural-cleanse", "ft-sam")
 Classify = Callable[[np.ndarray], np.ndarray]
 
 
@@ -64,6 +68,7 @@ class DefenseConfig:
     # (a variant: it always unlearns something, also from a clean model)
     nc_flag: str = flag("anomaly", "neural-cleanse: which labels are unlearned", choices=("anomaly", "smallest"))
     nc_unlearn_share: float = flag(0.2, "neural-cleanse: share of clean images stamped for unlearning", type=fraction)
+    sam_rho: float = flag(2.0, "ft-sam: radius of the adaptive SAM neighbourhood", type=positive_float)
     seed: int = flag(0, "seed of the optimisation and the fine-tuning", type=int)
 
     def __post_init__(self) -> None:
@@ -348,6 +353,23 @@ def _plot_reversed(path: Path, found: list[Reversed], index: np.ndarray, flagged
     plt.close(fig)
 
 
+# --- FT-SAM ---------------------------------------------------------------------------------------------------
+
+FT_SAM_SMOOTHING = 0.1
+
+
+def ft_sam(
+    suspect: Checkpoint, splits: Splits, cfg: DefenseConfig, out_dir: Path, quiet: bool
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Fine-tune on D_treat with adaptive SAM at radius ``cfg.sam_rho`` (see the module's text)."""
+    device = default_device()
+    model = suspect.build().to(device)
+    ft = replace(_fine_tune_config(suspect, cfg), sam_rho=cfg.sam_rho, sam_adaptive=True, schedule="cosine")
+    smoothing = np.full(len(splits.treat.labels), FT_SAM_SMOOTHING, np.float32)
+    train(model, splits.treat.images, splits.treat.labels, ft, cfg.seed, device, "ft-sam", quiet, smoothing)
+    return model, {"label_smoothing": FT_SAM_SMOOTHING, "train": ft.to_dict()}
+
+
 # --- the command ------------------------------------------------------------------------------------------------
 
 
@@ -359,6 +381,7 @@ def _fine_tune_config(suspect: Checkpoint, cfg: DefenseConfig) -> TrainConfig:
 METHODS: dict[str, Callable[..., tuple[nn.Module, dict[str, Any]]]] = {
     "fine-pruning": fine_pruning,
     "neural-cleanse": neural_cleanse,
+    "ft-sam": ft_sam,
 }
 
 
