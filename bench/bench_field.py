@@ -13,9 +13,9 @@ resumes where it stopped):
 5. ``repair``: the default repair (quick profile); ``detect-v2``: ``detect-eval`` on v2 (served CA and clean rejects
    of every score at its label-free point); ``clean-ft``: θ_aug fine-tuned on clean D_treat alone (``--learner
    none --repair-base aug``: the stronger clean-only control; θ_bd's is in bench_recipe);
-6. ``fine-pruning``, ``neural-cleanse`` and ``ft-sam``: ``nnoc-trainer defend`` on the BadNet;
+6. ``fine-pruning``, ``neural-cleanse``, ``ft-sam`` and ``fst``: ``nnoc-trainer defend`` on the BadNet;
 7. ``retune``: the retuning attack (Min et al., NeurIPS 2024; ``trainer.stages.retune``): each model of the cell
-   (the BadNet, θ_aug, θ_repair, clean fine-tuning, fine-pruning, Neural Cleanse, FT-SAM, and a model of the same
+   (the BadNet, θ_aug, θ_repair, clean fine-tuning, fine-pruning, Neural Cleanse, FT-SAM, FST, and a model of the same
    recipe that never saw the trigger) fine-tuned on 5 or 20 of the attacker's poisoned samples among 500 clean ones;
    the ASR it returns to.
 
@@ -48,7 +48,7 @@ from bench.common import RESULTS, ROOT, machine, run_cli, save
 WORK = ROOT / "runs" / "bench-field"
 STAGES = (
     "attack", "predeploy", "detect", "stream", "repair", "detect-v2", "clean-ft", "fine-pruning", "neural-cleanse",
-    "ft-sam", "retune",
+    "ft-sam", "fst", "retune",
 )  # fmt: skip
 ATTACKERS = {"noise-robust": ("--noise-robust",), "resilient": ("--resilient",),
              "noise-robust+resilient": ("--noise-robust", "--resilient")}  # fmt: skip
@@ -137,7 +137,7 @@ def cell(name: str, spec: str, seed: int, stages: set[str], attack_args: tuple[s
         res["clean-ft"] = stage(w / "clean-ft.json", lambda: run_cli(
             "repair", *base, "--learner", "none", "--unlearn-quarantine", "0", "--repair-base", "aug", "--out",
             str(w / "clean-ft")))  # fmt: skip
-    for method in ("fine-pruning", "neural-cleanse", "ft-sam"):
+    for method in ("fine-pruning", "neural-cleanse", "ft-sam", "fst"):
         if method in stages:
             res[method] = stage(w / f"{method}.json", lambda m=method: run_cli(
                 "defend", "--method", m, "--model", str(w / "badnet" / "model.pt"), "--out", str(w / m),
@@ -184,6 +184,7 @@ def retune_cell(w: Path, spec: str, seed: int) -> dict[str, Any]:
         "fine-pruning": w / "fine-pruning" / "model.pt",
         "neural-cleanse": w / "neural-cleanse" / "model.pt",
         "ft-sam": w / "ft-sam" / "model.pt",
+        "fst": w / "fst" / "model.pt",
     }
     models = {name: Checkpoint.load(p) for name, p in paths.items() if p.is_file()}
     models["never-poisoned"] = clean_model(seed, splits)

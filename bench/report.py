@@ -1048,7 +1048,7 @@ def _pair(ca: Any, asr: Any) -> str:
     return f"{_fmt(ca, 3)} / {_fmt(asr, 3)}"
 
 
-FIELD_METHODS = ("BadNet", "θ_aug", "θ_repair", "clean-ft", "fine-pruning", "neural-cleanse", "ft-sam")
+FIELD_METHODS = ("BadNet", "θ_aug", "θ_repair", "clean-ft", "fine-pruning", "neural-cleanse", "ft-sam", "fst")
 
 
 def _field_methods(c: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
@@ -1062,6 +1062,7 @@ def _field_methods(c: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
         "fine-pruning": _test(c.get("fine-pruning"), "defended"),
         "neural-cleanse": _test(c.get("neural-cleanse"), "defended"),
         "ft-sam": _test(c.get("ft-sam"), "defended"),
+        "fst": _test(c.get("fst"), "defended"),
     }
 
 
@@ -1283,7 +1284,8 @@ def _v2_gap(d: dict[str, Any] | None) -> str:
 
 
 RETUNED = (
-    "badnet", "theta_aug", "theta_repair", "clean-ft", "fine-pruning", "neural-cleanse", "ft-sam", "never-poisoned",
+    "badnet", "theta_aug", "theta_repair", "clean-ft", "fine-pruning", "neural-cleanse", "ft-sam", "fst",
+    "never-poisoned",
 )  # fmt: skip
 
 

@@ -101,6 +101,16 @@ def test_ft_sam_lowers_the_asr(badnet: tuple[Path, dict[str, Any]], tmp_path: Pa
     assert test["defended"]["clean_accuracy"] > test["badnet"]["clean_accuracy"] - 0.1
 
 
+def test_fst_reinitialises_the_head_and_shifts_it_away(badnet: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
+    report = _defend(badnet, tmp_path, "--method", "fst", "--epochs", "2")
+    d = report["details"]
+    assert d["head"]  # the last Linear, named
+    assert d["head_cosine_to_badnet"] < 0.5  # a new head, not the BadNet's fine-tuned
+    test = report["test"]
+    assert test["defended"]["attack_success_rate"] < test["badnet"]["attack_success_rate"]
+    assert test["defended"]["clean_accuracy"] > test["badnet"]["clean_accuracy"] - 0.1
+
+
 def test_defend_bad_input_is_one_line(tmp_path: Path) -> None:
     code, _, err = run_cli("trainer", "defend", "--model", str(tmp_path / "none.pt"), "--out", str(tmp_path / "o"),
                            check=False)  # fmt: skip

@@ -230,7 +230,7 @@ def cmd_detect_eval(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_defend(args: argparse.Namespace) -> dict[str, Any]:
-    """A post-training defense of the field on the suspect model (evaluation harness: fine-pruning, NC, FT-SAM)."""
+    """A post-training defense of the field on the suspect model (evaluation harness: fine-pruning, NC, FT-SAM, FST)."""
     from trainer.stages.defenses import DefenseConfig, run_defense
     from trainer.stages.predeploy import load_suspect
 
@@ -695,7 +695,7 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], str]] 
         "product",
     ),
     "defend": (
-        "a defense of the field on the suspect model, to compare with the repair: fine-pruning, neural-cleanse, ft-sam",
+        "a defense of the field on the suspect model, to compare with the repair (fine-pruning, NC, FT-SAM, FST)",
         _args_defend,
         "harness",
     ),

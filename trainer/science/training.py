@@ -6,7 +6,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -94,6 +94,15 @@ class Unlearn:
     labels: np.ndarray
     weight: float
     batch_size: int = 32
+
+
+class Penalty(Protocol):
+    """A term on the model's weights added to every step's loss (``weight`` 0: off)."""
+
+    @property
+    def weight(self) -> float: ...
+
+    def penalty(self, model: nn.Module) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -195,15 +204,16 @@ def train(
     smoothing: np.ndarray | None = None,
     unlearn: Unlearn | Sequence[Unlearn] | None = None,
     channels_last: bool = True,
-    anchor: Anchor | None = None,
+    anchor: Penalty | None = None,
 ) -> list[float]:
     """Train ``model`` in place on uint8 ``images`` (N, C, H, W) and ``labels`` (N,); returns epoch losses.
 
     ``smoothing`` (N,) in [0, 1]: label smoothing per input (its target keeps 1 − ε of the mass plus ε spread
     evenly over the classes); None: hard labels. ``unlearn``: a term that moves other inputs off a label
     (:class:`Unlearn`), or several, each on a batch of its own every step. ``channels_last`` False: the contiguous
-    layout even where the model takes channels-last (the harness' BadNets stay the ones they were). ``anchor``: an
-    EWC term (:class:`Anchor`). One uninterrupted :class:`Run`."""
+    layout even where the model takes channels-last (the harness' BadNets stay the ones they were). ``anchor``: a
+    term on the weights added to every step's loss (:class:`Penalty`: EWC's :class:`Anchor`, FST's head shift).
+    One uninterrupted :class:`Run`."""
     run = Run(model, images, labels, cfg, seed, smoothing=smoothing, unlearn=unlearn, channels_last=channels_last,
               anchor=anchor)  # fmt: skip
     run.advance(None, device, desc, quiet)
@@ -315,7 +325,7 @@ class Run:
         smoothing: np.ndarray | None = None,
         unlearn: Unlearn | Sequence[Unlearn] | None = None,
         channels_last: bool = True,
-        anchor: Anchor | None = None,
+        anchor: Penalty | None = None,
     ) -> None:
         self.anchor = anchor if anchor is not None and anchor.weight > 0 else None
         self.model, self.images, self.labels, self.cfg, self.seed = model, images, labels, cfg, seed

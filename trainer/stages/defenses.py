@@ -21,6 +21,11 @@ the defender's clean data only (D_treat to fine-tune, D_eval to stop), the same 
   radius (ρ 2, label smoothing 0.1, the learning rate annealed along a cosine: BackdoorBench's settings), which
   shrinks the large-norm neurons a backdoor lives in where plain fine-tuning barely moves them. Budget: the
   repair's epochs at the BadNet's learning rate and optimizer.
+- **FST**, feature shift tuning (Min et al., NeurIPS 2023): re-initialise the linear head and fine-tune the whole
+  model on clean data with a penalty α·⟨W, W₀⟩ on the head's inner product with the BadNet's head W₀ (α 0.2, the
+  paper's), so the features have to shift away from the ones the old head read, the backdoor's among them. The
+  paper also projects W back to ‖W₀‖ after each step; here the penalty alone (its minimum is bounded by the
+  cross-entropy). Budget: the repair's epochs at the BadNet's learning rate.
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ from trainer.stages.publish import train_config_of, write_report
 
 log = logging.getLogger(__name__)
 
-DEFENSES = ("fine-pruning", "neural-cleanse", "ft-sam")
+DEFENSES = ("fine-pruning", "neural-cleanse", "ft-sam", "fst")
 Classify = Callable[[np.ndarray], np.ndarray]
 
 
@@ -69,6 +74,7 @@ class DefenseConfig:
     nc_flag: str = flag("anomaly", "neural-cleanse: which labels are unlearned", choices=("anomaly", "smallest"))
     nc_unlearn_share: float = flag(0.2, "neural-cleanse: share of clean images stamped for unlearning", type=fraction)
     sam_rho: float = flag(2.0, "ft-sam: radius of the adaptive SAM neighbourhood", type=positive_float)
+    fst_alpha: float = flag(0.2, "fst: weight of the head's inner product with the BadNet's", type=positive_float)
     seed: int = flag(0, "seed of the optimisation and the fine-tuning", type=int)
 
     def __post_init__(self) -> None:
@@ -370,6 +376,49 @@ def ft_sam(
     return model, {"label_smoothing": FT_SAM_SMOOTHING, "train": ft.to_dict()}
 
 
+# --- FST ------------------------------------------------------------------------------------------------------
+
+
+def last_linear(model: nn.Module) -> tuple[str, nn.Linear]:
+    """The last Linear of ``model`` (module order): the classifier head."""
+    heads = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not heads:
+        raise ValueError("FST needs a linear classifier head; this model has none (try --method ft-sam)")
+    return heads[-1]
+
+
+@dataclass(frozen=True)
+class HeadShift:
+    """FST's term: ``weight`` × ⟨W, W₀⟩ over the head's weights (the parameter named ``name``)."""
+
+    name: str
+    original: torch.Tensor
+    weight: float
+
+    def penalty(self, model: nn.Module) -> torch.Tensor:
+        """The term for ``model``'s current head."""
+        w = dict(model.named_parameters())[self.name]
+        return self.weight * (w.float() * self.original.to(w.device)).sum()
+
+
+def fst(
+    suspect: Checkpoint, splits: Splits, cfg: DefenseConfig, out_dir: Path, quiet: bool
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Re-initialise the head, then fine-tune on D_treat under the head-shift penalty (see the module's text)."""
+    device = default_device()
+    model = suspect.build().to(device)
+    name, head = last_linear(model)
+    original = head.weight.detach().float().cpu().clone()
+    torch.manual_seed(cfg.seed)
+    head.reset_parameters()
+    ft = _fine_tune_config(suspect, cfg)
+    train(model, splits.treat.images, splits.treat.labels, ft, cfg.seed, device, "fst", quiet,
+          anchor=HeadShift(name + ".weight", original, cfg.fst_alpha))  # fmt: skip
+    cosine = float(torch.nn.functional.cosine_similarity(head.weight.detach().float().cpu().flatten(),
+                                                         original.flatten(), dim=0))  # fmt: skip
+    return model, {"head": name, "alpha": cfg.fst_alpha, "head_cosine_to_badnet": cosine, "train": ft.to_dict()}
+
+
 # --- the command ------------------------------------------------------------------------------------------------
 
 
@@ -382,6 +431,7 @@ METHODS: dict[str, Callable[..., tuple[nn.Module, dict[str, Any]]]] = {
     "fine-pruning": fine_pruning,
     "neural-cleanse": neural_cleanse,
     "ft-sam": ft_sam,
+    "fst": fst,
 }
 
 
