@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from conftest import SMALL_SPLIT, run_cli
-from trainer.stages.defenses import _prune_channels, anomaly_index, channel_activity, last_conv
+from trainer.science.pruning import channel_activity, last_conv, prune_channels
+from trainer.stages.defenses import anomaly_index
 
 
 def test_last_conv_prunes_the_batch_norm_after_it() -> None:
@@ -29,7 +30,7 @@ def test_pruned_channels_output_zero_and_stay_zero_while_training() -> None:
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
     keep = torch.tensor([1.0, 0.0, 1.0, 0.0])
-    _prune_channels(net[1], keep)
+    prune_channels(net[1], keep)
     opt = torch.optim.SGD(net.parameters(), lr=0.5)
     x = torch.rand(8, 1, 5, 5)
     for _ in range(3):

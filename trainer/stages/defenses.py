@@ -40,12 +40,20 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.utils import prune
 
 from edge_agent.options import flag, fraction, positive, positive_float
 from trainer.science.data import Splits
 from trainer.science.metrics import evaluate, evaluate_models
 from trainer.science.models import Checkpoint
+from trainer.science.pruning import (
+    channel_activity,
+    head_cosine,
+    last_conv,
+    masked,
+    prune_channels,
+    reset_head,
+    unprune,
+)
 from trainer.science.training import TrainConfig, default_device, predict, to_input, train
 from trainer.science.triggers import Trigger
 from trainer.stages.publish import train_config_of, write_report
@@ -89,54 +97,6 @@ class DefenseConfig:
 # --- fine-pruning ---------------------------------------------------------------------------------------------
 
 
-def last_conv(model: nn.Module) -> tuple[str, nn.Conv2d, nn.Module]:
-    """The last Conv2d of ``model`` (module order), and the module whose output channels are pruned: the
-    BatchNorm2d right after it when there is one (its output is what the next layer sees), else the conv."""
-    named = list(model.named_modules())
-    for i in range(len(named) - 1, -1, -1):
-        name, mod = named[i]
-        if isinstance(mod, nn.Conv2d):
-            after = named[i + 1][1] if i + 1 < len(named) else None
-            if isinstance(after, nn.BatchNorm2d) and after.num_features == mod.out_channels:
-                return name, mod, after
-            return name, mod, mod
-    raise ValueError("fine-pruning needs a convolutional layer; this model has none (try --method neural-cleanse)")
-
-
-@torch.no_grad()
-def channel_activity(model: nn.Module, layer: nn.Module, images: np.ndarray, device: torch.device) -> np.ndarray:
-    """Mean activation (after ReLU) of each output channel of ``layer`` over ``images``."""
-    total: list[torch.Tensor] = []
-
-    def hook(_m: nn.Module, _i: Any, out: torch.Tensor) -> None:
-        total.append(torch.relu(out).mean(dim=(0, 2, 3)) * len(out))
-
-    handle = layer.register_forward_hook(hook)
-    try:
-        model.to(device).eval()
-        for start in range(0, len(images), 512):
-            model(to_input(images[start : start + 512], device))
-    finally:
-        handle.remove()
-    return (torch.stack(total).sum(0) / len(images)).cpu().numpy()
-
-
-def _masked(layer: nn.Module, keep: torch.Tensor) -> torch.utils.hooks.RemovableHandle:
-    """Zero the output channels of ``layer`` where ``keep`` is 0 (a forward hook, for the search)."""
-    view = keep.view(1, -1, 1, 1)
-    return layer.register_forward_hook(lambda _m, _i, out: out * view.to(out.device))
-
-
-def _prune_channels(layer: nn.Module, keep: torch.Tensor) -> None:
-    """Hold the pruned output channels of ``layer`` (conv or batch norm) at zero while it trains."""
-    for pname in ("weight", "bias"):
-        param = getattr(layer, pname, None)
-        if param is None:
-            continue
-        mask = keep.view(-1, *([1] * (param.dim() - 1))).expand_as(param).to(param.device)
-        prune.custom_from_mask(layer, pname, mask)
-
-
 def fine_pruning(
     suspect: Checkpoint, splits: Splits, cfg: DefenseConfig, out_dir: Path, quiet: bool
 ) -> tuple[nn.Module, dict[str, Any]]:
@@ -155,7 +115,7 @@ def fine_pruning(
     for n in range(step, channels, step):
         keep = torch.ones(channels)
         keep[torch.from_numpy(order[:n].copy())] = 0
-        handle = _masked(layer, keep)
+        handle = masked(layer, keep)
         try:
             ca = evaluate(lambda x: predict(model, x, device=device), splits.eval).clean_accuracy
         finally:
@@ -167,13 +127,11 @@ def fine_pruning(
     log.info("fine-pruning: %s, pruned %d of %d channels (D_eval CA floor %.4f)", name, pruned, channels, floor)
     keep = torch.ones(channels)
     keep[torch.from_numpy(order[:pruned].copy())] = 0
-    _prune_channels(layer, keep)
+    prune_channels(layer, keep)
     ca_pruned = evaluate(lambda x: predict(model, x, device=device), splits.eval).clean_accuracy
     ft = _fine_tune_config(suspect, cfg)
     train(model, splits.treat.images, splits.treat.labels, ft, cfg.seed, device, "fine-pruning: fine-tune", quiet)
-    for pname in ("weight", "bias"):
-        if prune.is_pruned(layer) and hasattr(layer, pname + "_mask"):
-            prune.remove(layer, pname)
+    unprune(layer)
     _plot_pruning(out_dir / "pruning.png", curve, pruned, floor)
     return model, {
         "layer": name,
@@ -379,44 +337,17 @@ def ft_sam(
 # --- FST ------------------------------------------------------------------------------------------------------
 
 
-def last_linear(model: nn.Module) -> tuple[str, nn.Linear]:
-    """The last Linear of ``model`` (module order): the classifier head."""
-    heads = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    if not heads:
-        raise ValueError("FST needs a linear classifier head; this model has none (try --method ft-sam)")
-    return heads[-1]
-
-
-@dataclass(frozen=True)
-class HeadShift:
-    """FST's term: ``weight`` × ⟨W, W₀⟩ over the head's weights (the parameter named ``name``)."""
-
-    name: str
-    original: torch.Tensor
-    weight: float
-
-    def penalty(self, model: nn.Module) -> torch.Tensor:
-        """The term for ``model``'s current head."""
-        w = dict(model.named_parameters())[self.name]
-        return self.weight * (w.float() * self.original.to(w.device)).sum()
-
-
 def fst(
     suspect: Checkpoint, splits: Splits, cfg: DefenseConfig, out_dir: Path, quiet: bool
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Re-initialise the head, then fine-tune on D_treat under the head-shift penalty (see the module's text)."""
     device = default_device()
     model = suspect.build().to(device)
-    name, head = last_linear(model)
-    original = head.weight.detach().float().cpu().clone()
-    torch.manual_seed(cfg.seed)
-    head.reset_parameters()
+    shift = reset_head(model, cfg.fst_alpha, cfg.seed)
     ft = _fine_tune_config(suspect, cfg)
-    train(model, splits.treat.images, splits.treat.labels, ft, cfg.seed, device, "fst", quiet,
-          anchor=HeadShift(name + ".weight", original, cfg.fst_alpha))  # fmt: skip
-    cosine = float(torch.nn.functional.cosine_similarity(head.weight.detach().float().cpu().flatten(),
-                                                         original.flatten(), dim=0))  # fmt: skip
-    return model, {"head": name, "alpha": cfg.fst_alpha, "head_cosine_to_badnet": cosine, "train": ft.to_dict()}
+    train(model, splits.treat.images, splits.treat.labels, ft, cfg.seed, device, "fst", quiet, anchor=shift)
+    return model, {"head": shift.name, "alpha": cfg.fst_alpha, "head_cosine_to_badnet": head_cosine(model, shift),
+                   "train": ft.to_dict()}  # fmt: skip
 
 
 # --- the command ------------------------------------------------------------------------------------------------

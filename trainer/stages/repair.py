@@ -39,6 +39,7 @@ from trainer.science.data import DataParts, ImageSet, Splits
 from trainer.science.metrics import evaluate, evaluate_models
 from trainer.science.models import Checkpoint
 from trainer.science.noise import NoiseConfig, augment
+from trainer.science.pruning import HeadShift, cut_while, head_cosine, reset_head, trigger_channels, unprune
 from trainer.science.training import (
     PRECISIONS,
     SCHEDULES,
@@ -75,6 +76,9 @@ LEARNERS = ("cyclegan", "none")
 # still caught the backdoor θ_repair kept (AUROC 0.97 against 0.06 for the kept θ_aug, which keeps it too), at a
 # served CA within 0.01 of θ_repair's like keep's; where both backdoors were gone, refresh and keep served the same.
 NEXT_MONITORS = ("auto", "keep", "refresh", "none")
+# what the repair cuts from its base before fine-tuning (see RepairConfig.reset)
+RESETS = ("none", "trigger-channels", "head")
+FST_ALPHA = 0.2  # the head-shift weight of FST (Min et al., NeurIPS 2023)
 GAINS = (1.0, 1.5, 2.0, 3.0)  # the learned trigger's strengths tried when --trigger-gain is not given
 FOLLOWED = 0.9  # ... the first that θ_bd follows on this share of the generated images is taken
 
@@ -145,6 +149,17 @@ class RepairConfig:
     )  # fmt: skip
     # extra copies of the generated images that flip θ_bd (see run_repair)
     emphasis: int = flag(0, "extra copies of generated images that flip θ_bd", type=nonnegative)
+    # A repaired model that a handful of the attacker's samples turn back into a BadNet is not repaired (the
+    # retuning attack, Min et al., NeurIPS 2024; bench_field's retune stage). What the fine-tuning starts from:
+    # none (the base as it is); trigger-channels (the last conv layer's output channels that the purified
+    # quarantine excites more than clean D_treat, most first, held at zero while D_eval CA stays within
+    # max_ca_drop of the base's: label-free, the quarantine is the attacker's trigger as it arrived); head (the
+    # classifier head re-initialised and held away from the old one, FST's shift)
+    reset: str = flag(
+        "none", "what the fine-tuning starts without: none, trigger-channels (the last conv channels the "
+        "quarantine excites over clean data, cut while D_eval CA holds), head (a new classifier head, FST)",
+        choices=RESETS,
+    )  # fmt: skip
     # gate: θ_repair's D_eval CA >= θ_bd's D_eval CA - this
     max_ca_drop: float = flag(0.03, "gate: D_eval CA floor below the BadNet's", type=float)
     seed: int = flag(0, "seed of the CycleGAN and the fine-tuning", type=int)
@@ -165,6 +180,8 @@ class RepairConfig:
             raise ValueError(f"unknown monitor choice {self.next_monitor!r}; choose one of: {', '.join(NEXT_MONITORS)}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown lr schedule {self.schedule!r}; choose one of: {', '.join(SCHEDULES)}")
+        if self.reset not in RESETS:
+            raise ValueError(f"unknown reset {self.reset!r}; choose one of: {', '.join(RESETS)}")
         if self.purify not in PURIFIERS:
             raise ValueError(f"unknown purifier {self.purify!r}; choose one of: {', '.join(PURIFIERS)}")
 
@@ -508,15 +525,45 @@ def fine_tune(
     models: dict[str, Any] = {}
     for base in ("bd", "aug") if cfg.base == "auto" else (cfg.base,):
         models[base] = (loaded.bd_ckpt if base == "bd" else loaded.aug_ckpt).build()
+        cut, finish = reset_base(models[base], loaded, pur, splits, cfg)
         train(models[base], repair_set.images, repair_set.labels, ft, cfg.seed, loaded.device,
-              f"repair: fine-tune θ_{base}", quiet, unlearn=unlearn)  # fmt: skip
-        tried[base] = base_check(models[base], loaded, pur, splits)
+              f"repair: fine-tune θ_{base}", quiet, unlearn=unlearn, anchor=cut)  # fmt: skip
+        tried[base] = {**base_check(models[base], loaded, pur, splits), "reset": finish()}
     chosen = choose_base(tried)
     info = {"size": len(repair_set), "generated": len(generated), "flipping_generated": n_flipping,
             "trigger_gain": gain, "bd_follows": followed, "base": chosen, "bases": tried,
             "unlearned": sum(len(u.images) for u in unlearn[:1]),
             "unlearned_earlier": sum(len(u.images) for u in unlearn[1:])}  # fmt: skip
     return models[chosen], ft, info
+
+
+def reset_base(
+    model: Any, loaded: _Loaded, pur: Purified, splits: Splits, cfg: RepairConfig
+) -> tuple[HeadShift | None, Callable[[], dict[str, Any]]]:
+    """Cut ``cfg.reset`` from ``model`` before its fine-tuning (see :class:`RepairConfig`): returns the term the
+    fine-tuning adds (FST's head shift, or None) and what to call after it (makes a cut permanent; what was cut)."""
+    if cfg.reset == "none":
+        return None, dict
+    if cfg.reset == "head":
+        shift = reset_head(model, FST_ALPHA, cfg.seed)
+        return shift, lambda: {"kind": "head", "layer": shift.name, "cosine_to_base": head_cosine(model, shift)}
+    device = loaded.device
+    name, layer, ranked = trigger_channels(model, loaded.quarantine.images[pur.keep], splits.treat.images, device)
+
+    def eval_ca() -> float:
+        return evaluate(lambda x: predict(model, x, device=device), splits.eval).clean_accuracy
+
+    floor = eval_ca() - cfg.max_ca_drop
+    _, cut = cut_while(layer, ranked, lambda: eval_ca() >= floor)
+    log.info("repair: cut %d of %d channels of %s (the quarantine excites them over clean data)", cut, len(ranked),
+             name)  # fmt: skip
+
+    def pruned() -> dict[str, Any]:
+        unprune(layer)
+        return {"kind": "trigger-channels", "layer": name, "channels": len(ranked), "cut": cut,
+                "excess": [round(float(e), 4) for _, e in ranked[:cut]]}  # fmt: skip
+
+    return None, pruned
 
 
 def base_check(model: Any, loaded: _Loaded, pur: Purified, splits: Splits) -> dict[str, Any]:
