@@ -10,14 +10,15 @@ resumes where it stopped):
 3. ``detect``: ``detect-eval`` on the v1 bundle (AUROC, recall at 1% clean rejects, label-free point, STRIP and
    SCALE-UP on 500 + 500 inputs);
 4. ``stream``: N = 1000 at CPD 0.1 through the bundle (quarantine);
-5. ``repair``: the default repair (quick profile); ``detect-v2``: ``detect-eval`` on v2 (served CA and clean rejects
+5. ``repair``: the default repair (quick profile); ``reset-channels`` / ``reset-head``: the same with ``--reset
+   trigger-channels`` / ``--reset head``; ``detect-v2``: ``detect-eval`` on v2 (served CA and clean rejects
    of every score at its label-free point); ``clean-ft``: θ_aug fine-tuned on clean D_treat alone (``--learner
    none --repair-base aug``: the stronger clean-only control; θ_bd's is in bench_recipe);
 6. ``fine-pruning``, ``neural-cleanse``, ``ft-sam`` and ``fst``: ``nnoc-trainer defend`` on the BadNet;
 7. ``retune``: the retuning attack (Min et al., NeurIPS 2024; ``trainer.stages.retune``): each model of the cell
-   (the BadNet, θ_aug, θ_repair, clean fine-tuning, fine-pruning, Neural Cleanse, FT-SAM, FST, and a model of the same
-   recipe that never saw the trigger) fine-tuned on 5 or 20 of the attacker's poisoned samples among 500 clean ones;
-   the ASR it returns to.
+   (the BadNet, θ_aug, θ_repair and its two resets, clean fine-tuning, fine-pruning, Neural Cleanse, FT-SAM, FST,
+   and a model of the same recipe that never saw the trigger) fine-tuned on 5 or 20 of the attacker's poisoned
+   samples among 500 clean ones; the ASR it returns to.
 
 Triggers: ``checker4``, ``square:4``, an ``image:`` paste of a glyph made here and a ``blend:`` of a noise picture
 made here at opacity 0.15 (none of the defaults was tuned on the last two).
@@ -48,7 +49,7 @@ from bench.common import RESULTS, ROOT, machine, run_cli, save
 WORK = ROOT / "runs" / "bench-field"
 STAGES = (
     "attack", "predeploy", "detect", "stream", "repair", "detect-v2", "clean-ft", "fine-pruning", "neural-cleanse",
-    "ft-sam", "fst", "retune",
+    "ft-sam", "fst", "reset-channels", "reset-head", "retune",
 )  # fmt: skip
 ATTACKERS = {"noise-robust": ("--noise-robust",), "resilient": ("--resilient",),
              "noise-robust+resilient": ("--noise-robust", "--resilient")}  # fmt: skip
@@ -129,6 +130,10 @@ def cell(name: str, spec: str, seed: int, stages: set[str], attack_args: tuple[s
             from bench.bench_repair import purity
 
             res["purity"] = purity(q, res["repair"])
+    for reset, name in (("trigger-channels", "reset-channels"), ("head", "reset-head")):
+        if name in stages:
+            res[name] = stage(w / f"{name}.json", lambda r=reset, n=name: run_cli(
+                "repair", *base, "--reset", r, "--out", str(w / n)))  # fmt: skip
     if "detect-v2" in stages and (w / "repair" / "bundle" / "manifest.pb").is_file():
         res["detect-v2"] = stage(w / "detect-v2.json", lambda: run_cli(
             "detect-eval", "--bundle", str(w / "repair" / "bundle"), "--trigger", spec, "--target", "0", "--out",
@@ -185,6 +190,8 @@ def retune_cell(w: Path, spec: str, seed: int) -> dict[str, Any]:
         "neural-cleanse": w / "neural-cleanse" / "model.pt",
         "ft-sam": w / "ft-sam" / "model.pt",
         "fst": w / "fst" / "model.pt",
+        "reset-channels": w / "reset-channels" / "primary.pt",
+        "reset-head": w / "reset-head" / "primary.pt",
     }
     models = {name: Checkpoint.load(p) for name, p in paths.items() if p.is_file()}
     models["never-poisoned"] = clean_model(seed, splits)

@@ -1284,8 +1284,8 @@ def _v2_gap(d: dict[str, Any] | None) -> str:
 
 
 RETUNED = (
-    "badnet", "theta_aug", "theta_repair", "clean-ft", "fine-pruning", "neural-cleanse", "ft-sam", "fst",
-    "never-poisoned",
+    "badnet", "theta_aug", "theta_repair", "reset-channels", "reset-head", "clean-ft", "fine-pruning",
+    "neural-cleanse", "ft-sam", "fst", "never-poisoned",
 )  # fmt: skip
 
 

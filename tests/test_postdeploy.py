@@ -375,6 +375,36 @@ def test_repair_chooses_what_monitors_the_new_version(
         assert 0 < served["clean_reject_rate"] < 0.5
 
 
+@pytest.mark.parametrize("reset", ["trigger-channels", "head"])
+def test_repair_resets_cut_the_trigger_channels_or_the_head(
+    predeployed: tuple[Path, dict[str, Any]], splits: Any, tmp_path: Path, reset: str
+) -> None:
+    import torch
+
+    from trainer.science.models import Checkpoint
+    from trainer.science.pruning import channel_activity, last_conv
+
+    bundle = predeployed[0] / "bundle"
+    run_cli("trainer", "stream", *SMALL_SPLIT, "--bundle", str(bundle), "--trigger", "checker4", "--target", "0",
+            "--cpd", "0.2", "--n", "300", "--out", str(tmp_path / "q"), "--quiet")  # fmt: skip
+    _, out, _ = run_cli(
+        "trainer", "repair", *SMALL_SPLIT, "--bundle", str(bundle), "--quarantine", str(tmp_path / "q"),
+        "--out", str(tmp_path / "r"), "--epochs", "1", "--max-ca-drop", "0.2", "--min-quarantine", "5",
+        "--reset", reset, "--next-monitor", "keep", "--quiet",
+    )  # fmt: skip
+    assert out is not None and out["published"]
+    done = out["repair_set"]["bases"]["bd"]["reset"]
+    assert done["kind"] == reset and out["config"]["reset"] == reset
+    if reset == "head":
+        assert done["cosine_to_base"] < 0.5  # a new head, held away from the BadNet's
+        return
+    assert 1 <= done["cut"] < done["channels"] and all(e > 0 for e in done["excess"])
+    model = Checkpoint.load(tmp_path / "r" / "primary.pt").build()
+    _, _, layer = last_conv(model)
+    quiet = channel_activity(model, layer, splits.test.images[:200], torch.device("cpu"))
+    assert int((quiet == 0).sum()) >= done["cut"]  # the cut channels stay cut in the published model
+
+
 def test_the_learned_trigger_is_strengthened_until_the_badnet_follows_it() -> None:
     from trainer.science.data import ImageSet
     from trainer.stages.repair import GAINS, choose_gain, strengthen
