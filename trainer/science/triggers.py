@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 
@@ -98,6 +99,11 @@ class _Stamp:
         """A cover row: something like the trigger that must not flip the label (default: unchanged)."""
         return x
 
+    @property
+    def parts(self) -> tuple[Trigger, ...]:
+        """The trigger's separable parts (itself; a combination's are its components)."""
+        return (cast("Trigger", self),)
+
 
 @dataclass(frozen=True)
 class PatchTrigger(_Stamp):
@@ -124,11 +130,6 @@ class PatchTrigger(_Stamp):
             raise TriggerError(f"unknown trigger position {self.position!r}")
         return paste(x, self.patch, self.alpha, rows, cols)
 
-    @property
-    def parts(self) -> tuple[Trigger, ...]:
-        """The trigger's separable parts (itself)."""
-        return (self,)
-
 
 @dataclass(frozen=True)
 class BlendTrigger(_Stamp):
@@ -144,11 +145,6 @@ class BlendTrigger(_Stamp):
         pic = _match_channels(_resize(self.picture, height, width), c).astype(np.float32)[None]
         out = self.alpha * pic + (1.0 - self.alpha) * x.astype(np.float32)
         return np.clip(np.rint(out), 0, 255).astype(np.uint8)
-
-    @property
-    def parts(self) -> tuple[Trigger, ...]:
-        """The trigger's separable parts (itself)."""
-        return (self,)
 
 
 @dataclass(frozen=True)
@@ -220,11 +216,6 @@ class WarpTrigger(_Stamp):
         noise = rng.uniform(-1, 1, (n, height, width, 2)) / height
         return _warp(x, np.clip(self._grid(height, width) + noise, -1, 1))
 
-    @property
-    def parts(self) -> tuple[Trigger, ...]:
-        """The trigger's separable parts (itself)."""
-        return (self,)
-
 
 @dataclass(frozen=True)
 class SigTrigger(_Stamp):
@@ -240,11 +231,6 @@ class SigTrigger(_Stamp):
         width = x.shape[3]
         wave = self.delta * np.sin(2 * np.pi * np.arange(width) * self.frequency / width)
         return np.clip(np.rint(x.astype(np.float32) + wave[None, None, None, :]), 0, 255).astype(np.uint8)
-
-    @property
-    def parts(self) -> tuple[Trigger, ...]:
-        """The trigger's separable parts (itself)."""
-        return (self,)
 
 
 @dataclass(frozen=True)
@@ -286,11 +272,6 @@ class AdaptiveBlendTrigger(_Stamp):
         """Conservatism: the same partial trigger, on rows that keep their label."""
         return self.poison(x, rng)
 
-    @property
-    def parts(self) -> tuple[Trigger, ...]:
-        """The trigger's separable parts (itself)."""
-        return (self,)
-
 
 @dataclass(frozen=True)
 class SourceTrigger(_Stamp):
@@ -319,11 +300,6 @@ class SourceTrigger(_Stamp):
     def cover(self, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """The inner trigger on a cover row (of a class that must not flip)."""
         return self.inner.apply(x, rng)
-
-    @property
-    def parts(self) -> tuple[Trigger, ...]:
-        """The trigger's separable parts (itself)."""
-        return (self,)
 
 
 Trigger = PatchTrigger | BlendTrigger | ComboTrigger | WarpTrigger | SigTrigger | AdaptiveBlendTrigger | SourceTrigger
