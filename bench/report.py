@@ -38,7 +38,8 @@ REPRODUCE = {
     "cameras": "python -m bench.bench_cameras",
     "fleet": "python -m bench.bench_fleet",
     "ray": "python -m bench.bench_ray",
-    "field": "python -m bench.bench_field --seeds 0 1",
+    "field": "python -m bench.bench_field --seeds 0 1 (and --triggers checker4 --attacker noise-robust / resilient)",
+    "premise": "python -m bench.bench_premise",
     "rounds": "python -m bench.bench_rounds",
     "weak": "python -m bench.bench_weak --trigger checker4",
     "recipe": "python -m bench.bench_recipe",
@@ -613,6 +614,40 @@ def demo_section(data: dict[str, Any]) -> str:
     )
 
 
+def premise_section(data: dict[str, Any]) -> str:
+    """The premise-aimed attackers' BadNets through the whole service loop (bench/bench_premise.py)."""
+    lines = [
+        "## Attackers aimed at the premise, end to end through the service (issue 39)",
+        "",
+        _machine(data["machine"]),
+        "",
+        "`python -m bench.bench_premise`: the BadNet of each premise-aimed attacker's `bench_field` cell (checker4, "
+        "target 0; `noise-robust`: trained on Algorithm 1's own noise; `resilient`: SBL-style, sharpness-aware and "
+        "continual-learning) defended by `nnoc-trainer demo --model` (quick profile): predeploy, `serve`, two agents "
+        "fed 1,000 inputs each with 10% triggered, the quarantine, the service's repair job, v2 on both agents, "
+        "measured through their inference endpoints (a rejected input is neither answered right nor attacked). "
+        "Goals as the demo's: after ASR ≤ 0.02 with CA at most 0.02 below before.",
+        "",
+        "| attacker | BadNet CA / ASR | θ_aug test CA / ASR | v1 served CA / ASR | v1 clean / triggered rejects "
+        "| job | v2 served CA / ASR | v2 clean rejects | θ_repair CA / ASR | seconds |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, run in data["runs"].items():
+        r = run["report"]
+        b, a, sel = r["before"], r["after"], (r.get("predeploy") or {}).get("selected") or {}
+        lines.append(
+            f"| `{name}` | {_pair(b['primary']['clean_accuracy'], b['primary']['attack_success_rate'])} "
+            f"| {_pair(sel.get('test_ca'), sel.get('test_asr'))} "
+            f"| {_pair(b['clean_accuracy'], b['attack_success_rate'])} "
+            f"| {_fmt(b['clean_reject_rate'])} / {_fmt(b['triggered_reject_rate'])} "
+            f"| {r['job']['reason']}, {r['job']['state']} "
+            f"| {_pair(a['clean_accuracy'], a['attack_success_rate'])} | {_fmt(a['clean_reject_rate'])} "
+            f"| {_pair(a['primary']['clean_accuracy'], a['primary']['attack_success_rate'])} "
+            f"| {r['seconds'].get('total')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def foreign_section(data: dict[str, Any]) -> str:
     lines = [
         "## Foreign models (bring your own model)",
@@ -1029,6 +1064,7 @@ def main() -> None:
     section("fleet", fleet_section)
     section("ray", ray_section)
     section("field", field_section)
+    section("premise", premise_section)
     section("rounds", rounds_section)
     section("weak", weak_section)
     section("recipe", recipe_section)
