@@ -1336,8 +1336,9 @@ def _retune_lines(cells: list[dict[str, Any]]) -> list[str]:
         "**After the retuning attack** (Min et al., NeurIPS 2024; goal: θ_repair ASR ≤ 0.10 after 5 poisoned samples): "
         "each model fine-tuned for 5 epochs (its own optimizer and learning rate, batch 32) on "
         + " or ".join(str(k) for k in counts)
-        + " of the attacker's poisoned training samples among 500 clean ones, the same set for every model; test ASR "
-        "before → after each count. *never-poisoned*: a cnn3 of the attack's recipe that never saw the trigger (what "
+        + " of the attacker's poisoned training samples among 500 clean ones, the same set for every model; test CA / "
+        "ASR before → ASR after each count. reset-channels / reset-head: `repair --reset trigger-channels` / "
+        "`--reset head`. *never-poisoned*: a cnn3 of the attack's recipe that never saw the trigger (what "
         "the few samples teach from scratch).",
         "",
         "| cell | seed | " + " | ".join(RETUNED) + " |",
@@ -1349,7 +1350,10 @@ def _retune_lines(cells: list[dict[str, Any]]) -> list[str]:
         def asr(block: str, model: str, r: dict[str, Any] = r) -> str:
             return _fmt(((r.get(block) or {}).get(model) or {}).get("attack_success_rate"), 3)
 
-        cols = [" → ".join([asr("before", m), *(asr(f"after_{k}", m) for k in counts)]) for m in RETUNED]
+        def ca(model: str, r: dict[str, Any] = r) -> str:
+            return _fmt(((r.get("before") or {}).get(model) or {}).get("clean_accuracy"), 3)
+
+        cols = [" → ".join([f"{ca(m)} / {asr('before', m)}", *(asr(f"after_{k}", m) for k in counts)]) for m in RETUNED]
         lines.append(f"| `{c['trigger']}` | {c['seed']} | " + " | ".join(cols) + " |")
     return lines
 
